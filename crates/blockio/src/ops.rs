@@ -1,0 +1,222 @@
+//! The block I/O operations themselves: plain functions over a file descriptor and raw memory,
+//! returning a byte count (or 0) on success and `-errno` on failure. They run either on the JS
+//! thread (the `*_nowait` fast paths, which never block: `RWF_NOWAIT` makes the kernel answer
+//! EAGAIN instead of waiting for the disk) or on a libuv pool thread inside a batch (lib.rs).
+
+use crate::sys::*;
+use std::os::raw::{c_int, c_void};
+
+/// `base:allocation` flags of NBD, used as the flag word of an extent.
+pub const EXTENT_DATA: f64 = 0.0;
+pub const EXTENT_HOLE_ZERO: f64 = 3.0;
+
+fn neg_errno() -> i64 {
+    -(errno() as i64)
+}
+
+/// One preadv2 with RWF_NOWAIT: the bytes the page cache could give at once, or -EAGAIN.
+pub fn read_nowait(fd: c_int, ptr: *mut u8, len: usize, offset: i64) -> i64 {
+    let iov = IoVec {
+        base: ptr as *mut c_void,
+        len,
+    };
+    loop {
+        let r = unsafe { preadv2(fd, &iov, 1, offset, RWF_NOWAIT) };
+        if r >= 0 {
+            return r as i64;
+        }
+        if errno() != EINTR {
+            return neg_errno();
+        }
+    }
+}
+
+/// One pwritev2 with RWF_NOWAIT: bytes written without blocking, or -EAGAIN.
+pub fn write_nowait(fd: c_int, ptr: *const u8, len: usize, offset: i64) -> i64 {
+    let iov = IoVec {
+        base: ptr as *mut c_void,
+        len,
+    };
+    loop {
+        let r = unsafe { pwritev2(fd, &iov, 1, offset, RWF_NOWAIT) };
+        if r >= 0 {
+            return r as i64;
+        }
+        if errno() != EINTR {
+            return neg_errno();
+        }
+    }
+}
+
+/// Read exactly `len` bytes (blocking). End of file before `len` is EIO: a volume never
+/// reads past its size, so a short file means someone truncated it under us.
+pub fn read_full(fd: c_int, ptr: *mut u8, len: usize, offset: i64) -> i64 {
+    let mut done = 0usize;
+    while done < len {
+        let r = unsafe {
+            pread64(
+                fd,
+                ptr.add(done) as *mut c_void,
+                len - done,
+                offset + done as i64,
+            )
+        };
+        if r < 0 {
+            if errno() == EINTR {
+                continue;
+            }
+            return neg_errno();
+        }
+        if r == 0 {
+            return -(EIO as i64);
+        }
+        done += r as usize;
+    }
+    done as i64
+}
+
+/// Write exactly `len` bytes (blocking); with `dsync` each write is durable when it returns
+/// (RWF_DSYNC, the per-write equivalent of O_DSYNC: how NBD FUA maps onto Linux).
+pub fn write_full(fd: c_int, ptr: *const u8, len: usize, offset: i64, dsync: bool) -> i64 {
+    let mut done = 0usize;
+    while done < len {
+        let r = unsafe {
+            if dsync {
+                let iov = IoVec {
+                    base: ptr.add(done) as *mut c_void,
+                    len: len - done,
+                };
+                pwritev2(fd, &iov, 1, offset + done as i64, RWF_DSYNC)
+            } else {
+                pwrite64(
+                    fd,
+                    ptr.add(done) as *const c_void,
+                    len - done,
+                    offset + done as i64,
+                )
+            }
+        };
+        if r < 0 {
+            if errno() == EINTR {
+                continue;
+            }
+            return neg_errno();
+        }
+        done += r as usize;
+    }
+    done as i64
+}
+
+/// fdatasync, or fsync when `full` (metadata too: used after a file was created or resized).
+pub fn sync(fd: c_int, full: bool) -> i64 {
+    loop {
+        let r = unsafe {
+            if full {
+                fsync(fd)
+            } else {
+                fdatasync(fd)
+            }
+        };
+        if r == 0 {
+            return 0;
+        }
+        if errno() != EINTR {
+            return neg_errno();
+        }
+    }
+}
+
+/// fallocate with the given mode (punch hole / zero range, always with KEEP_SIZE from the caller).
+pub fn allocate(fd: c_int, mode: c_int, offset: i64, len: i64) -> i64 {
+    loop {
+        let r = unsafe { fallocate64(fd, mode, offset, len) };
+        if r == 0 {
+            return 0;
+        }
+        if errno() != EINTR {
+            return neg_errno();
+        }
+    }
+}
+
+/// posix_fadvise(WILLNEED): start readahead of a range (NBD_CMD_CACHE). Returns the error number
+/// directly (posix_fadvise does not use errno).
+pub fn advise_willneed(fd: c_int, offset: i64, len: i64) -> i64 {
+    let r = unsafe { posix_fadvise64(fd, offset, len, POSIX_FADV_WILLNEED) };
+    -(r as i64)
+}
+
+static ZEROES: [u8; 1 << 20] = [0u8; 1 << 20];
+
+/// Write zeroes the slow way, for storage where fallocate cannot make zeroes.
+pub fn write_zeroes(fd: c_int, offset: i64, len: i64, dsync: bool) -> i64 {
+    let mut done: i64 = 0;
+    while done < len {
+        let n = std::cmp::min(len - done, ZEROES.len() as i64) as usize;
+        let r = write_full(fd, ZEROES.as_ptr(), n, offset + done, dsync);
+        if r < 0 {
+            return r;
+        }
+        done += n as i64;
+    }
+    0
+}
+
+/// Map [offset, offset+len) into runs of data and holes with SEEK_DATA/SEEK_HOLE, writing
+/// (length, flags) pairs of f64 into `out` (room for `max` pairs). Returns the number of pairs.
+/// Where the file system cannot tell (EINVAL, e.g. block devices), everything is data.
+pub fn extents(fd: c_int, offset: i64, len: i64, out: *mut f64, max: usize) -> i64 {
+    let end = offset + len;
+    let mut pos = offset;
+    let mut n = 0usize;
+    let emit = |length: i64, flags: f64, n: &mut usize| unsafe {
+        *out.add(2 * *n) = length as f64;
+        *out.add(2 * *n + 1) = flags;
+        *n += 1;
+    };
+    while pos < end && n < max {
+        let data = unsafe { lseek64(fd, pos, SEEK_DATA) };
+        if data < 0 {
+            let e = errno();
+            if e == ENXIO {
+                // No data at or after pos: the rest is a hole (also beyond end of file).
+                emit(end - pos, EXTENT_HOLE_ZERO, &mut n);
+                break;
+            }
+            if e == EINVAL && n == 0 {
+                emit(end - pos, EXTENT_DATA, &mut n);
+                break;
+            }
+            return -(e as i64);
+        }
+        if data > pos {
+            let stop = std::cmp::min(data, end);
+            emit(stop - pos, EXTENT_HOLE_ZERO, &mut n);
+            pos = stop;
+            continue;
+        }
+        let hole = unsafe { lseek64(fd, pos, SEEK_HOLE) };
+        if hole < 0 {
+            return neg_errno();
+        }
+        // A concurrent write may have filled the hole between the two lseeks; report data.
+        let stop = if hole <= pos {
+            end
+        } else {
+            std::cmp::min(hole, end)
+        };
+        emit(stop - pos, EXTENT_DATA, &mut n);
+        pos = stop;
+    }
+    n as i64
+}
+
+/// Size of a block device (BLKGETSIZE64), or -errno.
+pub fn device_size(fd: c_int) -> i64 {
+    let mut size: u64 = 0;
+    let r = unsafe { ioctl(fd, BLKGETSIZE64, &mut size as *mut u64) };
+    if r < 0 {
+        return neg_errno();
+    }
+    size as i64
+}

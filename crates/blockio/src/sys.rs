@@ -1,0 +1,51 @@
+//! The few Linux system calls std does not wrap, declared by hand (glibc, x86_64/aarch64 LP64).
+
+use std::os::raw::{c_int, c_long, c_void};
+
+#[repr(C)]
+pub struct IoVec {
+    pub base: *mut c_void,
+    pub len: usize,
+}
+
+pub const RWF_DSYNC: c_int = 0x02;
+pub const RWF_NOWAIT: c_int = 0x08;
+
+pub const SEEK_DATA: c_int = 3;
+pub const SEEK_HOLE: c_int = 4;
+
+pub const POSIX_FADV_WILLNEED: c_int = 3;
+
+/// _IOR(0x12, 114, size_t): size of a block device in bytes.
+pub const BLKGETSIZE64: c_long = 0x8008_1272;
+
+pub const EINTR: i32 = 4;
+pub const EINVAL: i32 = 22;
+pub const ENXIO: i32 = 6;
+pub const EIO: i32 = 5;
+
+extern "C" {
+    pub fn preadv2(fd: c_int, iov: *const IoVec, iovcnt: c_int, offset: i64, flags: c_int)
+        -> isize;
+    pub fn pwritev2(
+        fd: c_int,
+        iov: *const IoVec,
+        iovcnt: c_int,
+        offset: i64,
+        flags: c_int,
+    ) -> isize;
+    pub fn pread64(fd: c_int, buf: *mut c_void, count: usize, offset: i64) -> isize;
+    pub fn pwrite64(fd: c_int, buf: *const c_void, count: usize, offset: i64) -> isize;
+    pub fn fdatasync(fd: c_int) -> c_int;
+    pub fn fsync(fd: c_int) -> c_int;
+    pub fn fallocate64(fd: c_int, mode: c_int, offset: i64, len: i64) -> c_int;
+    pub fn lseek64(fd: c_int, offset: i64, whence: c_int) -> i64;
+    pub fn posix_fadvise64(fd: c_int, offset: i64, len: i64, advice: c_int) -> c_int;
+    pub fn ioctl(fd: c_int, request: c_long, ...) -> c_int;
+    fn __errno_location() -> *mut c_int;
+}
+
+/// The calling thread's errno.
+pub fn errno() -> i32 {
+    unsafe { *__errno_location() }
+}

@@ -1,0 +1,292 @@
+// Typed, promise-based block I/O over the native addon: the one API the rest of blockfork uses for
+// files and block devices.
+//
+// Notes on the design
+// - Reads first try the page cache on the JS thread (preadv2 RWF_NOWAIT, ~0.6 µs for 4 KiB here);
+//   only what is not cached goes to the thread pool. RWF_NOWAIT never blocks: the kernel answers
+//   EAGAIN instead of going to the disk.
+// - Writes: ext4 (like most file systems) answers EOPNOTSUPP to RWF_NOWAIT buffered writes, so a
+//   write is done inline (a plain pwrite on the JS thread) only when it is judged not to wait for
+//   the disk: not FUA, and no partial page whose old contents would have to be read from disk
+//   (probed with a 1-byte RWF_NOWAIT read). A buffered write can still be slowed by dirty-page
+//   throttling; an inline write that takes longer than INLINE_SLOW_MS switches inline writes off
+//   for a while (everything goes to the pool), so a throttled disk costs one slow write, not a
+//   stalled event loop. `inlineWrites: false` turns the inline path off entirely.
+// - Everything else (cache misses, FUA writes, fdatasync, fallocate, readahead) is queued and sent
+//   to the native side as batches: all operations queued in one tick go in one crossing per pool
+//   thread (IoQueue). No ordering is promised between operations queued in the same tick; callers
+//   that need an order await the first before issuing the second.
+
+import { closeSync, existsSync, fstatSync, fsyncSync, ftruncateSync, openSync, constants as fsc } from "node:fs";
+import { dirname } from "node:path";
+import { performance } from "node:perf_hooks";
+import { constants as osc } from "node:os";
+import { binding } from "./native.js";
+import { IoError, UsageError } from "../errors.js";
+import { DONE, noop } from "../util/done.js";
+
+const E = osc.errno;
+const PAGE = 4096;
+/** An inline write slower than this (ms) means the page cache is throttling us. */
+const INLINE_SLOW_MS = 2;
+/** How long inline writes stay off after a slow one (ms). */
+const INLINE_BACKOFF_MS = 1000;
+
+const enum Op {
+  Read = 0,
+  Write = 1,
+  Sync = 2,
+  Fallocate = 3,
+  Extents = 4,
+  Advise = 5,
+  WriteZeroes = 6,
+}
+const SYSCALL = ["pread", "pwrite", "fdatasync", "fallocate", "lseek", "posix_fadvise", "pwrite(zeroes)"];
+
+/** fallocate modes (linux/falloc.h). */
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+/** A run of the volume: `flags` are NBD base:allocation flags (1 = hole, 2 = reads as zero). */
+export interface Extent {
+  length: number;
+  flags: number;
+}
+
+interface Pending {
+  kind: Op;
+  fd: number;
+  offset: number;
+  length: number;
+  flags: number;
+  buf: Uint8Array | undefined;
+  resolve: (n: number) => void;
+  reject: (e: Error) => void;
+}
+
+/** Collects the operations of one tick and submits them as batches, one per pool thread. */
+class IoQueue {
+  private queue: Pending[] = [];
+  private scheduled = false;
+  constructor(private readonly workers: number) {}
+
+  run(kind: Op, fd: number, offset: number, length: number, flags: number, buf?: Uint8Array): Promise<number> {
+    return new Promise<number>((resolve, reject) => {
+      this.queue.push({ kind, fd, offset, length, flags, buf, resolve, reject });
+      if (!this.scheduled) {
+        this.scheduled = true;
+        process.nextTick(this.dispatch);
+      }
+    });
+  }
+
+  private readonly dispatch = (): void => {
+    this.scheduled = false;
+    const ops = this.queue;
+    this.queue = [];
+    const groups = Math.min(this.workers, ops.length);
+    const per = Math.ceil(ops.length / groups);
+    for (let start = 0; start < ops.length; start += per) submit(ops.slice(start, start + per));
+  };
+}
+
+function submit(ops: Pending[]): void {
+  const n = ops.length;
+  const desc = new Float64Array(n * 5);
+  const bufs = new Array<Uint8Array | undefined>(n);
+  const results = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    const op = ops[i]!;
+    desc[i * 5] = op.kind;
+    desc[i * 5 + 1] = op.fd;
+    desc[i * 5 + 2] = op.offset;
+    desc[i * 5 + 3] = op.length;
+    desc[i * 5 + 4] = op.flags;
+    bufs[i] = op.buf;
+  }
+  binding.submit(desc, bufs, results, () => {
+    // desc/bufs/results are referenced by this closure until here: the pool thread is done with them.
+    for (let i = 0; i < n; i++) {
+      const r = results[i]!;
+      const op = ops[i]!;
+      if (r < 0) op.reject(new IoError(-r, SYSCALL[op.kind]!, `offset ${op.offset}, length ${op.length}`));
+      else op.resolve(r);
+    }
+  });
+}
+
+const poolSize = Math.max(1, Number(process.env.UV_THREADPOOL_SIZE ?? 4) || 4);
+const queue = new IoQueue(poolSize);
+const probe = Buffer.alloc(1);
+
+/** How to open a BlockFile. */
+export interface BlockFileOptions {
+  readOnly?: boolean;
+  /** Create a sparse regular file of `size` bytes if the path does not exist. */
+  create?: boolean;
+  /** Expected size in bytes; a mismatch with an existing file or device is an error. */
+  size?: number;
+  /** Allow blocking page-cache writes on the JS thread (default true). */
+  inlineWrites?: boolean;
+}
+
+/** An open regular file or block device with positional, batched, mostly non-blocking I/O. */
+export class BlockFile {
+  readonly path: string;
+  readonly fd: number;
+  readonly size: number;
+  readonly isBlockDevice: boolean;
+  readonly readOnly: boolean;
+  private fastReads = true;
+  private inlineWrites: boolean;
+  private inlineOffUntil = 0;
+  private closed = false;
+  private readonly extentsOut = new Float64Array(2 * 1024);
+
+  private constructor(path: string, fd: number, size: number, isBlockDevice: boolean, opts: BlockFileOptions) {
+    this.path = path;
+    this.fd = fd;
+    this.size = size;
+    this.isBlockDevice = isBlockDevice;
+    this.readOnly = opts.readOnly === true;
+    this.inlineWrites = opts.inlineWrites !== false;
+  }
+
+  /** Open (or create, sparse) a file or block device. Throws UsageError with what to do. */
+  static open(path: string, opts: BlockFileOptions = {}): BlockFile {
+    const readOnly = opts.readOnly === true;
+    if (!existsSync(path)) {
+      if (!opts.create || opts.size === undefined) {
+        throw new UsageError(`${path} does not exist; give --size to create it as a sparse file`);
+      }
+      if (readOnly) throw new UsageError(`${path} does not exist and --read-only cannot create it`);
+      if (!Number.isSafeInteger(opts.size) || opts.size <= 0) {
+        throw new UsageError(`cannot create ${path}: size must be a positive number of bytes`);
+      }
+      const fd = openSync(path, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, 0o644);
+      try {
+        ftruncateSync(fd, opts.size);
+        fsyncSync(fd);
+        const dir = openSync(dirname(path), fsc.O_RDONLY);
+        try {
+          fsyncSync(dir);
+        } finally {
+          closeSync(dir);
+        }
+      } catch (e) {
+        closeSync(fd);
+        throw e;
+      }
+      return new BlockFile(path, fd, opts.size, false, opts);
+    }
+    const fd = openSync(path, readOnly ? fsc.O_RDONLY : fsc.O_RDWR);
+    try {
+      const st = fstatSync(fd);
+      let size: number;
+      if (st.isBlockDevice()) {
+        size = binding.deviceSize(fd);
+        if (size < 0) throw new IoError(-size, "ioctl(BLKGETSIZE64)", path);
+      } else if (st.isFile()) {
+        size = st.size;
+      } else {
+        throw new UsageError(`${path} is neither a regular file nor a block device`);
+      }
+      if (opts.size !== undefined && opts.size !== size) {
+        throw new UsageError(
+          `${path} is ${size} bytes but --size asks for ${opts.size}; ` +
+            `omit --size to serve it as it is (blockfork never truncates or grows an existing volume)`,
+        );
+      }
+      if (size === 0) throw new UsageError(`${path} is empty (0 bytes); nothing to serve`);
+      return new BlockFile(path, fd, size, st.isBlockDevice(), opts);
+    } catch (e) {
+      closeSync(fd);
+      throw e;
+    }
+  }
+
+  /** Fill `buf` from `offset`: page cache inline, the rest on the pool. */
+  read(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    if (this.fastReads) {
+      const r = binding.readNowait(this.fd, buf, offset);
+      if (r === buf.length) return DONE;
+      if (r > 0) done = r;
+      else if (r === -E.EOPNOTSUPP || r === -E.EINVAL) this.fastReads = false;
+      else if (r !== -E.EAGAIN && r !== 0) return Promise.reject(new IoError(-r, "pread", `offset ${offset}`));
+    }
+    const rest = done === 0 ? buf : buf.subarray(done);
+    return queue.run(Op.Read, this.fd, offset + done, rest.length, 0, rest).then(noop);
+  }
+
+  /** Write `buf` at `offset`; with `fua` it is durable when the promise settles. */
+  write(buf: Uint8Array, offset: number, fua = false): Promise<void> {
+    if (!fua && this.inlineWrites && this.inlineSafe(offset, buf.length)) {
+      const t0 = performance.now();
+      const r = binding.writeInline(this.fd, buf, offset);
+      const dt = performance.now() - t0;
+      if (dt > INLINE_SLOW_MS) this.inlineOffUntil = t0 + dt + INLINE_BACKOFF_MS;
+      if (r === buf.length) return DONE;
+      return Promise.reject(new IoError(r < 0 ? -r : E.EIO, "pwrite", `offset ${offset}`));
+    }
+    return queue.run(Op.Write, this.fd, offset, buf.length, fua ? 1 : 0, buf).then(noop);
+  }
+
+  private inlineSafe(offset: number, length: number): boolean {
+    if (this.inlineOffUntil !== 0) {
+      if (performance.now() < this.inlineOffUntil) return false;
+      this.inlineOffUntil = 0;
+    }
+    // A partial page must be read before it is modified: only inline if it is already cached.
+    const head = offset % PAGE;
+    if (head !== 0 && binding.readNowait(this.fd, probe, offset - head) < 0) return false;
+    const end = offset + length;
+    const tail = end % PAGE;
+    if (tail !== 0 && end < this.size && (head === 0 || Math.floor(end / PAGE) !== Math.floor(offset / PAGE))) {
+      if (binding.readNowait(this.fd, probe, end - tail) < 0) return false;
+    }
+    return true;
+  }
+
+  /** fdatasync (or fsync with `full`). */
+  sync(full = false): Promise<void> {
+    return queue.run(Op.Sync, this.fd, 0, 0, full ? 1 : 0).then(noop);
+  }
+
+  /** fallocate(mode) over a range; rejects with IoError (EOPNOTSUPP where unsupported). */
+  fallocate(mode: number, offset: number, length: number): Promise<void> {
+    return queue.run(Op.Fallocate, this.fd, offset, length, mode).then(noop);
+  }
+
+  /** Write zeroes the slow way (for storage where fallocate cannot). */
+  writeZeroes(offset: number, length: number, fua = false): Promise<void> {
+    return queue.run(Op.WriteZeroes, this.fd, offset, length, fua ? 1 : 0).then(noop);
+  }
+
+  /** Start readahead of a range (posix_fadvise WILLNEED). */
+  advise(offset: number, length: number): Promise<void> {
+    return queue.run(Op.Advise, this.fd, offset, length, 0).then(noop);
+  }
+
+  /**
+   * Data and holes in [offset, offset+length), at most `max` runs, summing to at most `length`.
+   * lseek(SEEK_DATA/SEEK_HOLE) on the JS thread: it reads the file system's extent tree, which is
+   * in memory for a file in use (qemu's file-posix does the same on its I/O thread).
+   */
+  extents(offset: number, length: number, max = 1024): Extent[] {
+    const out = this.extentsOut;
+    const n = binding.extentsSync(this.fd, offset, length, out.subarray(0, 2 * Math.min(max, 1024)));
+    if (n < 0) throw new IoError(-n, "lseek(SEEK_DATA)", `offset ${offset}`);
+    const list: Extent[] = [];
+    for (let i = 0; i < n; i++) list.push({ length: out[2 * i]!, flags: out[2 * i + 1]! });
+    return list;
+  }
+
+  /** Close the descriptor (idempotent). In-flight operations must have settled. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    closeSync(this.fd);
+  }
+}

@@ -1,0 +1,61 @@
+// The `blockfork` command: dispatches to subcommands and turns errors into exit statuses
+// (2 for usage errors, 1 for runtime failures) with a message that says what to do.
+
+import { readFileSync } from "node:fs";
+import { serve, SERVE_HELP } from "./commands/serve.js";
+import { BlockforkError } from "./errors.js";
+
+const HELP = `Usage: blockfork COMMAND [options]
+
+Commands:
+  serve      serve a primary volume over NBD (blockfork serve --help)
+
+Options:
+  --help     this text
+  --version  print the version
+`;
+
+type Command = { run: (argv: string[]) => Promise<number>; help: string };
+const COMMANDS: Record<string, Command> = {
+  serve: { run: serve, help: SERVE_HELP },
+};
+
+function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as {
+    version: string;
+  };
+  return pkg.version;
+}
+
+/** Run the CLI with argv (without node and script); resolves with the exit status. */
+export async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+    process.stdout.write(HELP);
+    return name === undefined ? 2 : 0;
+  }
+  if (name === "--version" || name === "-V") {
+    process.stdout.write(`blockfork ${version()}\n`);
+    return 0;
+  }
+  const cmd = COMMANDS[name];
+  if (!cmd) {
+    process.stderr.write(`blockfork: unknown command "${name}"\n\n${HELP}`);
+    return 2;
+  }
+  if (rest.includes("--help") || rest.includes("-h")) {
+    process.stdout.write(cmd.help);
+    return 0;
+  }
+  try {
+    return await cmd.run(rest);
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    const usage =
+      (e instanceof BlockforkError && e.code === "ERR_USAGE") ||
+      (typeof err.code === "string" && err.code.startsWith("ERR_PARSE_ARGS"));
+    process.stderr.write(`blockfork ${name}: ${err.message}\n`);
+    if (usage) process.stderr.write(`(see "blockfork ${name} --help")\n`);
+    return usage ? 2 : 1;
+  }
+}

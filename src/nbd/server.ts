@@ -1,0 +1,242 @@
+// The NBD server: listeners (TCP and unix sockets), connection lifecycle, limits, and graceful
+// shutdown. Each accepted connection runs the handshake (handshake.ts) under a deadline, then a
+// Transmission (transmission.ts) until it closes.
+//
+// Shutdown (SIGINT/SIGTERM in `blockfork serve`): stop accepting; drop connections still in the
+// handshake (nothing of theirs is at stake); answer new requests with ESHUTDOWN while in-flight
+// requests finish; the caller flushes the volumes; then every connection is closed gracefully.
+
+import { createServer, connect, type Server, type Socket } from "node:net";
+import { existsSync, unlinkSync, statSync } from "node:fs";
+import type { Logger } from "../log.js";
+import { StreamClosedError } from "./reader.js";
+import { HandshakeAbort, negotiate, type TlsSettings } from "./handshake.js";
+import type { ExportRegistry } from "./exports.js";
+import { Transmission } from "./transmission.js";
+import { UsageError } from "../errors.js";
+
+/** Where to listen. */
+export type Endpoint = { host: string; port: number } | { path: string };
+
+/** Server settings. */
+export interface ServerOptions {
+  registry: ExportRegistry;
+  tls: TlsSettings;
+  log: Logger;
+  handshakeTimeoutMs: number;
+  maxConnections: number;
+}
+
+interface Conn {
+  id: number;
+  socket: Socket;
+  tx: Transmission | null;
+}
+
+/** Parse "HOST:PORT" / "[v6]:PORT" for --listen. */
+export function parseListen(text: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(text);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || !Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new UsageError(`--listen "${text}" is not HOST:PORT (for example 127.0.0.1:10809)`);
+  }
+  return { host: m[1] ?? (m[2] || "127.0.0.1"), port };
+}
+
+/** An NBD server over an export registry. */
+export class NbdServer {
+  private readonly servers: Server[] = [];
+  private readonly conns = new Set<Conn>();
+  private nextId = 1;
+  private stopping = false;
+  private readonly log: Logger;
+  private unixPaths: string[] = [];
+
+  constructor(private readonly opts: ServerOptions) {
+    this.log = opts.log;
+  }
+
+  /** Number of open connections (any phase). */
+  get connectionCount(): number {
+    return this.conns.size;
+  }
+
+  /** Start listening; resolves with a printable address. */
+  async listen(ep: Endpoint): Promise<string> {
+    const server = createServer({ pauseOnConnect: false, noDelay: true }, (s) => this.accept(s));
+    server.maxConnections = this.opts.maxConnections + 64; // we refuse politely before the hard cap
+    if ("path" in ep) await this.clearStaleSocket(ep.path);
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      if ("path" in ep) server.listen(ep.path, resolve);
+      else server.listen(ep.port, ep.host, resolve);
+    });
+    server.on("error", (e) => this.log.error(`listener error: ${e.message}`));
+    this.servers.push(server);
+    if ("path" in ep) {
+      this.unixPaths.push(ep.path);
+      return ep.path;
+    }
+    const a = server.address();
+    const port = typeof a === "object" && a !== null ? a.port : ep.port;
+    return `${ep.host.includes(":") ? `[${ep.host}]` : ep.host}:${port}`;
+  }
+
+  private async clearStaleSocket(path: string): Promise<void> {
+    if (!existsSync(path)) return;
+    if (!statSync(path).isSocket()) throw new UsageError(`${path} exists and is not a socket; choose another --socket`);
+    const alive = await new Promise<boolean>((resolve) => {
+      const c = connect(path);
+      c.once("connect", () => {
+        c.destroy();
+        resolve(true);
+      });
+      c.once("error", () => resolve(false));
+    });
+    if (alive) throw new UsageError(`another server is listening on ${path}; stop it or choose another --socket`);
+    unlinkSync(path);
+  }
+
+  private accept(socket: Socket): void {
+    const id = this.nextId++;
+    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : "unix";
+    const log = this.log.child(`conn ${id}`);
+    socket.on("error", (e) => log.debug(`socket error: ${e.message}`));
+    if (this.stopping) {
+      socket.destroy();
+      return;
+    }
+    if (this.conns.size >= this.opts.maxConnections) {
+      this.log.limited(
+        "warn",
+        "connection limit",
+        `refusing connection from ${peer}: ${this.conns.size} connections open (--max-connections ${this.opts.maxConnections})`,
+      );
+      socket.destroy();
+      return;
+    }
+    const conn: Conn = { id, socket, tx: null };
+    this.conns.add(conn);
+    socket.once("close", () => {
+      if (conn.tx === null) this.conns.delete(conn);
+    });
+    log.debug(`connected from ${peer}`);
+    this.run(conn, log).catch((e: unknown) => {
+      log.error(`connection failed: ${e instanceof Error ? e.message : String(e)}`);
+      socket.destroy();
+    });
+  }
+
+  private async run(conn: Conn, log: Logger): Promise<void> {
+    const { socket } = conn;
+    const timer = setTimeout(() => {
+      log.limited(
+        "warn",
+        "handshake timeout",
+        `handshake not finished after ${this.opts.handshakeTimeoutMs / 1000} s; disconnecting`,
+      );
+      socket.destroy();
+    }, this.opts.handshakeTimeoutMs);
+    let neg;
+    try {
+      neg = await negotiate(socket, {
+        registry: this.opts.registry,
+        tls: this.opts.tls,
+        log,
+        shuttingDown: () => this.stopping,
+      });
+    } catch (e) {
+      if (e instanceof HandshakeAbort) log.limited("warn", "handshake abort", `handshake ended: ${e.message}`);
+      else if (e instanceof StreamClosedError) log.debug(`closed during handshake: ${e.message}`);
+      else throw e;
+      socket.destroy();
+      return;
+    } finally {
+      clearTimeout(timer);
+    }
+    if (neg === null) {
+      log.debug("client aborted the handshake");
+      socket.end();
+      return;
+    }
+    if (this.stopping) {
+      neg.export.release();
+      socket.destroy();
+      return;
+    }
+    const exp = neg.export;
+    neg.stream.on("error", (e) => log.debug(`stream error: ${e.message}`));
+    log.info(
+      `export "${exp.name}" (${exp.volume.size} bytes, flags 0x${neg.flags.toString(16)}` +
+        `${neg.structured ? ", structured replies" : ""}${neg.blockStatus ? ", base:allocation" : ""}` +
+        `${neg.tls ? ", TLS" : ""})`,
+    );
+    const tx = new Transmission(
+      neg.stream,
+      {
+        volume: exp.volume,
+        flags: neg.flags,
+        structured: neg.structured,
+        blockStatus: neg.blockStatus,
+        minBlock: exp.blockSizes.minimum,
+        maxBlock: exp.blockSizes.maximum,
+        log,
+      },
+      neg.leftover,
+    );
+    conn.tx = tx;
+    await tx.finished;
+    exp.release();
+    this.conns.delete(conn);
+    const s = tx.stats;
+    log.info(
+      `closed: ${tx.reason || "connection closed"} (${s.requests} requests, ${s.errors} errors, ` +
+        `${s.bytesRead} bytes read, ${s.bytesWritten} bytes written)`,
+    );
+  }
+
+  /**
+   * First half of a graceful shutdown: stop accepting, drop handshakes, refuse new requests with
+   * ESHUTDOWN, and wait (at most `timeoutMs`) for in-flight requests. Returns true when quiet.
+   */
+  async quiesce(timeoutMs = 30_000): Promise<boolean> {
+    this.stopping = true;
+    for (const s of this.servers) s.close();
+    for (const c of this.conns) if (c.tx === null) c.socket.destroy();
+    const waits = [...this.conns].filter((c) => c.tx !== null).map((c) => c.tx!.quiesce());
+    return withTimeout(Promise.all(waits).then(() => true), timeoutMs, false);
+  }
+
+  /** Second half: close every connection gracefully, then force what remains after `timeoutMs`. */
+  async closeAll(timeoutMs = 5_000): Promise<void> {
+    const txs = [...this.conns].map((c) => c.tx).filter((t): t is Transmission => t !== null);
+    for (const t of txs) t.close("server shutdown");
+    const ok = await withTimeout(Promise.all(txs.map((t) => t.finished)).then(() => true), timeoutMs, false);
+    if (!ok) for (const t of txs) t.destroy("server shutdown (grace period over)");
+    for (const c of this.conns) c.socket.destroy();
+    for (const p of this.unixPaths) {
+      try {
+        unlinkSync(p);
+      } catch {
+        // already gone
+      }
+    }
+  }
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, fallback: T): Promise<T> {
+  return new Promise<T>((resolve) => {
+    const t = setTimeout(() => resolve(fallback), ms);
+    t.unref();
+    p.then(
+      (v) => {
+        clearTimeout(t);
+        resolve(v);
+      },
+      () => {
+        clearTimeout(t);
+        resolve(fallback);
+      },
+    );
+  });
+}

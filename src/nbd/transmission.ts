@@ -1,0 +1,622 @@
+// The transmission phase: the request loop of one connection (after nbdkit server/protocol.c and
+// libnbd generator/states-reply*.c).
+//
+// Notes on the design
+// - Parse, validate, dispatch, reply. Requests are parsed straight out of each received chunk; a
+//   WRITE payload wholly inside the chunk is passed to the volume as a view (no copy), one that
+//   spans chunks is assembled. A rejected WRITE has its payload drained so the stream stays in step.
+// - Two grades of error: a bad request gets an error reply (EINVAL, EPERM, ENOSPC, ...) and the
+//   connection carries on; a protocol violation (bad magic) ends the connection, after the requests
+//   already in flight have completed.
+// - Many requests in flight, replies in completion order. A volume call that finished synchronously
+//   (it returned DONE: a page-cache hit) is answered inline, with no promise reaction; the replies
+//   of one received chunk leave in one socket write (OutputQueue).
+// - Backpressure: at most MAX_INFLIGHT requests wait on the volume, and reply slabs are bounded;
+//   past either limit the connection stops reading until replies drain.
+// - Structured replies (when negotiated): OFFSET_DATA for reads, with holes as OFFSET_HOLE for large
+//   reads without DF; errors as NBD_REPLY_TYPE_ERROR chunks carrying a message; BLOCK_STATUS.
+// - DISC: stop reading, finish what is in flight, send the replies, close (TLS close_notify via end).
+
+import type { Duplex } from "node:stream";
+import type { Logger } from "../log.js";
+import { errnoName, BlockforkError } from "../errors.js";
+import { DONE } from "../util/done.js";
+import type { Volume } from "../volume/volume.js";
+import { commandName } from "./commands.js";
+import { nbdErrorOf } from "./errors.js";
+import { OutputQueue, type Slab } from "./output.js";
+import { validateRequest, type Rejection, type ValidationContext } from "./validate.js";
+import { BASE_ALLOCATION_ID } from "./handshake.js";
+import {
+  CMD,
+  CMD_FLAG,
+  decodeRequest,
+  encodeErrorChunk,
+  NBD_ERR,
+  REPLY_FLAG_DONE,
+  REPLY_TYPE,
+  REQUEST_SIZE,
+  SIMPLE_REPLY_SIZE,
+  STATE_ZERO,
+  STRUCTURED_REPLY_SIZE,
+  writeSimpleReply,
+  writeStructuredHeader,
+  writeU64,
+  type Request,
+} from "./wire.js";
+
+const MAX_INFLIGHT = 512;
+/** Reads up to this size are built in a reply slab; larger ones get their own buffer. */
+const MAX_SLAB_READ = 64 * 1024;
+/** Structured reads at least this large look for holes to send as OFFSET_HOLE. */
+const SPARSE_READ_MIN = 64 * 1024;
+/** Holes smaller than this are sent as data (a chunk header is not worth it). */
+const MIN_HOLE = 4096;
+/** Stop reading while this much reply data waits in the socket (large reads). */
+const MAX_QUEUED_BYTES = 64 * 1024 * 1024;
+/** After DISC or shutdown, how long the peer gets to close before we destroy the socket. */
+const CLOSE_GRACE_MS = 5000;
+
+/** What a transmission needs to know about its negotiated session. */
+export interface TransmissionSettings {
+  volume: Volume;
+  flags: number;
+  structured: boolean;
+  blockStatus: boolean;
+  minBlock: number;
+  maxBlock: number;
+  log: Logger;
+}
+
+/** Counters kept per connection (for logs and status). */
+export interface TransmissionStats {
+  requests: number;
+  errors: number;
+  bytesRead: number;
+  bytesWritten: number;
+}
+
+type State = "open" | "closing" | "closed";
+
+/** The request loop of one connection. */
+export class Transmission {
+  readonly stats: TransmissionStats = { requests: 0, errors: 0, bytesRead: 0, bytesWritten: 0 };
+  /** Settles when the connection is closed and nothing is in flight. */
+  readonly finished: Promise<void>;
+
+  private readonly vol: Volume;
+  private readonly ctx: ValidationContext;
+  private readonly structured: boolean;
+  private readonly sparseReads: boolean;
+  private readonly out: OutputQueue;
+  private readonly log: Logger;
+  private readonly hdr = Buffer.allocUnsafe(REQUEST_SIZE);
+  private hdrFill = 0;
+  private payloadReq: Request | null = null;
+  private payloadBuf: Buffer | null = null;
+  private payloadFill = 0;
+  private drainLeft = 0;
+  private stash: Buffer | null = null;
+  private stashPos = 0;
+  private inflight = 0;
+  private blocked = false;
+  private flushScheduled = false;
+  private state: State = "open";
+  private shuttingDown = false;
+  private closeReason = "";
+  private peerGone = false;
+  private resolveFinished!: () => void;
+  private quiesceWaiters: (() => void)[] = [];
+  private graceTimer: NodeJS.Timeout | null = null;
+
+  constructor(
+    private readonly stream: Duplex,
+    settings: TransmissionSettings,
+    leftover: Buffer,
+  ) {
+    this.vol = settings.volume;
+    this.log = settings.log;
+    this.structured = settings.structured;
+    this.sparseReads = settings.structured && settings.volume.caps().extents;
+    this.ctx = {
+      size: settings.volume.size,
+      flags: settings.flags,
+      blockStatus: settings.blockStatus,
+      minBlock: settings.minBlock,
+      maxBlock: settings.maxBlock,
+    };
+    this.out = new OutputQueue(stream);
+    this.out.onSpace = this.onSpace;
+    this.finished = new Promise<void>((resolve) => (this.resolveFinished = resolve));
+    stream.on("data", this.onData);
+    stream.on("end", this.onPeerEnd);
+    stream.on("close", this.onPeerClose);
+    stream.on("error", this.onStreamError);
+    stream.on("drain", this.onSpace);
+    if (leftover.length > 0) this.process(leftover, 0);
+    stream.resume();
+  }
+
+  /** Requests accepted but not yet answered. */
+  get inFlight(): number {
+    return this.inflight;
+  }
+
+  /** Server shutdown: answer new requests with ESHUTDOWN; resolves when nothing is in flight. */
+  quiesce(): Promise<void> {
+    this.shuttingDown = true;
+    if (this.inflight === 0) return Promise.resolve();
+    return new Promise<void>((resolve) => this.quiesceWaiters.push(resolve));
+  }
+
+  /** Close the connection gracefully (after in-flight requests). */
+  close(reason: string): void {
+    this.beginClose(reason);
+  }
+
+  /** Drop the connection now. */
+  destroy(reason: string): void {
+    if (!this.closeReason) this.closeReason = reason;
+    this.stream.destroy();
+  }
+
+  // ---- input
+
+  private readonly onData = (chunk: Buffer): void => {
+    if (this.stash !== null) {
+      this.stash = Buffer.concat([this.stash.subarray(this.stashPos), chunk]);
+      this.stashPos = 0;
+      return;
+    }
+    this.process(chunk, 0);
+  };
+
+  private process(chunk: Buffer, pos: number): void {
+    const len = chunk.length;
+    while (pos < len && this.state === "open") {
+      if (this.drainLeft > 0) {
+        const n = Math.min(this.drainLeft, len - pos);
+        this.drainLeft -= n;
+        pos += n;
+        continue;
+      }
+      if (this.payloadReq !== null) {
+        const buf = this.payloadBuf!;
+        const n = Math.min(buf.length - this.payloadFill, len - pos);
+        chunk.copy(buf, this.payloadFill, pos, pos + n);
+        this.payloadFill += n;
+        pos += n;
+        if (this.payloadFill === buf.length) {
+          const req = this.payloadReq;
+          this.payloadReq = null;
+          this.payloadBuf = null;
+          this.write(req, buf);
+        }
+        continue;
+      }
+      if (this.mustWait()) {
+        this.stash = chunk;
+        this.stashPos = pos;
+        this.blocked = true;
+        this.stream.pause();
+        break;
+      }
+      let req: Request | null;
+      if (this.hdrFill > 0 || len - pos < REQUEST_SIZE) {
+        const n = Math.min(REQUEST_SIZE - this.hdrFill, len - pos);
+        chunk.copy(this.hdr, this.hdrFill, pos, pos + n);
+        this.hdrFill += n;
+        pos += n;
+        if (this.hdrFill < REQUEST_SIZE) break;
+        this.hdrFill = 0;
+        req = decodeRequest(this.hdr, 0);
+      } else {
+        req = decodeRequest(chunk, pos);
+        pos += REQUEST_SIZE;
+      }
+      if (req === null) {
+        this.log.warn("bad request magic: protocol violation, closing the connection");
+        this.beginClose("protocol violation (bad request magic)", true);
+        break;
+      }
+      this.stats.requests++;
+      if (req.type === CMD.WRITE) {
+        const rejection = this.check(req);
+        if (rejection !== null) {
+          this.drainLeft = req.length;
+          this.reject(req, rejection);
+          continue;
+        }
+        if (len - pos >= req.length) {
+          this.write(req, chunk.subarray(pos, pos + req.length));
+          pos += req.length;
+        } else {
+          this.payloadReq = req;
+          this.payloadBuf = Buffer.allocUnsafe(req.length);
+          this.payloadFill = 0;
+        }
+        continue;
+      }
+      this.dispatch(req);
+    }
+    this.out.flush();
+  }
+
+  private mustWait(): boolean {
+    return (
+      this.inflight >= MAX_INFLIGHT ||
+      !this.out.canReserve(MAX_SLAB_READ + 64) ||
+      this.stream.writableLength > MAX_QUEUED_BYTES
+    );
+  }
+
+  private readonly onSpace = (): void => {
+    if (!this.blocked || this.state !== "open" || this.mustWait()) return;
+    this.blocked = false;
+    const stash = this.stash!;
+    const pos = this.stashPos;
+    this.stash = null;
+    this.process(stash, pos);
+    if (!this.blocked && this.state === "open") this.stream.resume();
+  };
+
+  private check(req: Request): Rejection | null {
+    if (this.shuttingDown) return { error: NBD_ERR.ESHUTDOWN, message: "the server is shutting down" };
+    return validateRequest(req, this.ctx);
+  }
+
+  // ---- dispatch
+
+  private dispatch(req: Request): void {
+    if (req.type === CMD.DISC) {
+      this.beginClose("client sent DISC");
+      return;
+    }
+    const rejection = this.check(req);
+    if (rejection !== null) {
+      this.reject(req, rejection);
+      return;
+    }
+    const fua = (req.flags & CMD_FLAG.FUA) !== 0;
+    switch (req.type) {
+      case CMD.READ:
+        this.read(req);
+        return;
+      case CMD.FLUSH:
+        this.complete(req, this.vol.flush());
+        return;
+      case CMD.TRIM:
+        this.complete(req, this.vol.trim(req.offset, req.length, fua));
+        return;
+      case CMD.WRITE_ZEROES:
+        this.complete(
+          req,
+          this.vol.zero(req.offset, req.length, {
+            fua,
+            mayTrim: (req.flags & CMD_FLAG.NO_HOLE) === 0,
+            fast: (req.flags & CMD_FLAG.FAST_ZERO) !== 0,
+          }),
+        );
+        return;
+      case CMD.CACHE:
+        this.complete(req, this.vol.cache(req.offset, req.length));
+        return;
+      case CMD.BLOCK_STATUS:
+        this.blockStatus(req);
+        return;
+    }
+  }
+
+  private write(req: Request, data: Buffer): void {
+    this.stats.bytesWritten += data.length;
+    this.complete(req, this.vol.write(data, req.offset, (req.flags & CMD_FLAG.FUA) !== 0));
+  }
+
+  /** Answer a request without payload when `p` settles (inline when it is DONE). */
+  private complete(req: Request, p: Promise<void>): void {
+    if (p === DONE) {
+      this.replyOk(req);
+      return;
+    }
+    this.inflight++;
+    p.then(
+      () => {
+        this.replyOk(req);
+        this.settled();
+      },
+      (e: unknown) => {
+        this.replyFailure(req, e);
+        this.settled();
+      },
+    );
+  }
+
+  private read(req: Request): void {
+    const len = req.length;
+    this.stats.bytesRead += len;
+    if (this.sparseReads && len >= SPARSE_READ_MIN && (req.flags & CMD_FLAG.DF) === 0) {
+      this.inflight++;
+      this.sparseRead(req).then(
+        () => this.settled(),
+        (e: unknown) => {
+          this.replyFailure(req, e);
+          this.settled();
+        },
+      );
+      return;
+    }
+    const hdr = this.structured ? STRUCTURED_REPLY_SIZE + 8 : SIMPLE_REPLY_SIZE;
+    if (len <= MAX_SLAB_READ) {
+      const out = this.out;
+      const at = out.reserve(hdr + len); // room was checked by mustWait()
+      const slab = out.cur;
+      const buf = slab.buf;
+      const p = this.vol.read(buf.subarray(at + hdr, at + hdr + len), req.offset);
+      if (p === DONE) {
+        this.readHeader(buf, at, req);
+        out.commit(slab, at, at + hdr + len);
+        return;
+      }
+      this.inflight++;
+      p.then(
+        () => {
+          this.readHeader(buf, at, req);
+          out.commit(slab, at, at + hdr + len);
+          this.settled();
+        },
+        (e: unknown) => {
+          out.cancel(slab as Slab);
+          this.replyFailure(req, e);
+          this.settled();
+        },
+      );
+      return;
+    }
+    const buf = Buffer.allocUnsafe(hdr + len);
+    const p = this.vol.read(buf.subarray(hdr), req.offset);
+    const send = (): void => {
+      this.readHeader(buf, 0, req);
+      this.out.pushExternal(buf);
+    };
+    if (p === DONE) {
+      send();
+      return;
+    }
+    this.inflight++;
+    p.then(
+      () => {
+        send();
+        this.settled();
+      },
+      (e: unknown) => {
+        this.replyFailure(req, e);
+        this.settled();
+      },
+    );
+  }
+
+  private readHeader(buf: Buffer, at: number, req: Request): void {
+    if (this.structured) {
+      writeStructuredHeader(buf, at, REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + req.length);
+      writeU64(buf, at + STRUCTURED_REPLY_SIZE, req.offset);
+    } else {
+      writeSimpleReply(buf, at, 0, req.cookieHi, req.cookieLo);
+    }
+  }
+
+  /** A structured read that sends zero runs as OFFSET_HOLE chunks. */
+  private async sparseRead(req: Request): Promise<void> {
+    const end = req.offset + req.length;
+    const extents = await this.vol.extents(req.offset, req.length);
+    const pieces: { offset: number; length: number; hole: boolean }[] = [];
+    let pos = req.offset;
+    for (const e of extents) {
+      if (pos >= end) break;
+      const length = Math.min(e.length, end - pos);
+      const hole = (e.flags & STATE_ZERO) !== 0 && length >= MIN_HOLE;
+      const last = pieces[pieces.length - 1];
+      if (last !== undefined && last.hole === hole) last.length += length;
+      else pieces.push({ offset: pos, length, hole });
+      pos += length;
+    }
+    if (pos < end) {
+      const last = pieces[pieces.length - 1];
+      if (last !== undefined && !last.hole) last.length += end - pos;
+      else pieces.push({ offset: pos, length: end - pos, hole: false });
+    }
+    let size = 0;
+    for (const p of pieces) size += p.hole ? STRUCTURED_REPLY_SIZE + 12 : STRUCTURED_REPLY_SIZE + 8 + p.length;
+    const buf = Buffer.allocUnsafe(size);
+    const reads: Promise<void>[] = [];
+    let at = 0;
+    for (let i = 0; i < pieces.length; i++) {
+      const p = pieces[i]!;
+      const flags = i === pieces.length - 1 ? REPLY_FLAG_DONE : 0;
+      if (p.hole) {
+        writeStructuredHeader(buf, at, flags, REPLY_TYPE.OFFSET_HOLE, req.cookieHi, req.cookieLo, 12);
+        writeU64(buf, at + STRUCTURED_REPLY_SIZE, p.offset);
+        buf.writeUInt32BE(p.length, at + STRUCTURED_REPLY_SIZE + 8);
+        at += STRUCTURED_REPLY_SIZE + 12;
+      } else {
+        writeStructuredHeader(buf, at, flags, REPLY_TYPE.OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + p.length);
+        writeU64(buf, at + STRUCTURED_REPLY_SIZE, p.offset);
+        const data = buf.subarray(at + STRUCTURED_REPLY_SIZE + 8, at + STRUCTURED_REPLY_SIZE + 8 + p.length);
+        const r = this.vol.read(data, p.offset);
+        if (r !== DONE) reads.push(r);
+        at += STRUCTURED_REPLY_SIZE + 8 + p.length;
+      }
+    }
+    if (reads.length > 0) await Promise.all(reads);
+    this.out.pushExternal(buf);
+  }
+
+  private blockStatus(req: Request): void {
+    this.inflight++;
+    this.vol.extents(req.offset, req.length).then(
+      (extents) => {
+        const one = (req.flags & CMD_FLAG.REQ_ONE) !== 0;
+        const pairs: number[] = [];
+        let total = 0;
+        for (const e of extents) {
+          const length = Math.min(e.length, req.length - total);
+          if (length <= 0) break;
+          pairs.push(length, e.flags);
+          total += length;
+          if (one) break;
+        }
+        if (pairs.length === 0) pairs.push(req.length, 0); // "a server MAY always report status 0"
+        const n = pairs.length / 2;
+        const buf = Buffer.allocUnsafe(STRUCTURED_REPLY_SIZE + 4 + 8 * n);
+        writeStructuredHeader(buf, 0, REPLY_FLAG_DONE, REPLY_TYPE.BLOCK_STATUS, req.cookieHi, req.cookieLo, 4 + 8 * n);
+        buf.writeUInt32BE(BASE_ALLOCATION_ID, STRUCTURED_REPLY_SIZE);
+        for (let i = 0; i < n; i++) {
+          buf.writeUInt32BE(pairs[2 * i]!, STRUCTURED_REPLY_SIZE + 4 + 8 * i);
+          buf.writeUInt32BE(pairs[2 * i + 1]!, STRUCTURED_REPLY_SIZE + 8 + 8 * i);
+        }
+        this.out.pushExternal(buf);
+        this.settled();
+      },
+      (e: unknown) => {
+        this.replyFailure(req, e);
+        this.settled();
+      },
+    );
+  }
+
+  // ---- replies
+
+  private replyOk(req: Request): void {
+    const out = this.out;
+    const at = out.reserve(SIMPLE_REPLY_SIZE);
+    if (at < 0) {
+      const b = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
+      writeSimpleReply(b, 0, 0, req.cookieHi, req.cookieLo);
+      out.pushExternal(b);
+      return;
+    }
+    writeSimpleReply(out.cur.buf, at, 0, req.cookieHi, req.cookieLo);
+    out.commit(out.cur, at, at + SIMPLE_REPLY_SIZE);
+  }
+
+  private replyError(req: Request, error: number, message: string): void {
+    this.stats.errors++;
+    if (this.structured) {
+      this.out.pushSmall(encodeErrorChunk(req.cookieHi, req.cookieLo, error, message));
+    } else {
+      const b = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
+      writeSimpleReply(b, 0, error, req.cookieHi, req.cookieLo);
+      this.out.pushSmall(b);
+    }
+  }
+
+  private reject(req: Request, r: Rejection): void {
+    this.log.limited(
+      r.error === NBD_ERR.ESHUTDOWN ? "debug" : "warn",
+      "rejected request",
+      `${commandName(req.type)} offset=${req.offset} length=${req.length} flags=0x${req.flags.toString(16)}: ${r.message}`,
+    );
+    this.replyError(req, r.error, r.message);
+  }
+
+  private replyFailure(req: Request, e: unknown): void {
+    const error = nbdErrorOf(e);
+    const message = e instanceof Error ? e.message : String(e);
+    const expected = e instanceof BlockforkError && (e.code === "ERR_READ_ONLY" || e.code === "ERR_NOT_SUPPORTED");
+    this.log.limited(
+      expected ? "debug" : "error",
+      "request failed",
+      `${commandName(req.type)} offset=${req.offset} length=${req.length} failed: ${message} (NBD error ${errnoName(error)})`,
+    );
+    this.replyError(req, error, message);
+  }
+
+  /** An asynchronous request finished: flush soon, maybe unblock, maybe finish closing. */
+  private settled(): void {
+    this.inflight--;
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      process.nextTick(this.flushNow);
+    }
+    if (this.inflight === 0) {
+      const waiters = this.quiesceWaiters;
+      this.quiesceWaiters = [];
+      for (const w of waiters) w();
+    }
+    if (this.blocked) this.onSpace();
+  }
+
+  private readonly flushNow = (): void => {
+    this.flushScheduled = false;
+    if (!this.peerGone) this.out.flush();
+    this.maybeFinish();
+  };
+
+  // ---- closing
+
+  private beginClose(reason: string, hard = false): void {
+    if (this.state !== "open") return;
+    this.state = "closing";
+    this.closeReason = reason;
+    this.hardClose = hard;
+    this.stream.pause();
+    this.stash = null;
+    this.maybeFinish();
+  }
+
+  private hardClose = false;
+
+  private maybeFinish(): void {
+    if (this.inflight > 0) return;
+    if (this.state === "closing") {
+      this.state = "closed";
+      if (this.peerGone) {
+        this.done();
+        return;
+      }
+      this.out.flush();
+      if (this.hardClose) {
+        this.stream.destroy();
+        return;
+      }
+      this.stream.end();
+      this.graceTimer = setTimeout(() => this.stream.destroy(), CLOSE_GRACE_MS);
+      this.graceTimer.unref();
+    } else if (this.state === "closed" && this.peerGone) {
+      this.done();
+    }
+  }
+
+  private readonly onPeerEnd = (): void => {
+    // The client half-closed: no more requests; answer what is in flight, then close.
+    if (this.state === "open") this.beginClose(this.closeReason || "client closed the connection");
+  };
+
+  private readonly onStreamError = (e: Error): void => {
+    this.log.debug(`connection error: ${e.message}`);
+  };
+
+  private readonly onPeerClose = (): void => {
+    this.peerGone = true;
+    if (this.graceTimer) clearTimeout(this.graceTimer);
+    if (this.state === "open") {
+      this.state = "closing";
+      this.closeReason = this.closeReason || "connection closed";
+    }
+    if (this.state === "closing") this.state = "closed";
+    if (this.inflight === 0) this.done();
+  };
+
+  private finishedOnce = false;
+
+  private done(): void {
+    if (this.finishedOnce) return;
+    this.finishedOnce = true;
+    this.stream.off("data", this.onData);
+    this.resolveFinished();
+  }
+
+  /** Why the connection closed (for the log). */
+  get reason(): string {
+    return this.closeReason;
+  }
+}

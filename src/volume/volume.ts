@@ -1,0 +1,85 @@
+// The Volume interface: the one callback table every layer of the stack implements (after
+// nbdkit's `struct backend`, server/internal.h). Plugins (FileVolume, MemoryVolume) do the I/O;
+// filters (`(next: Volume, opts) => Volume`) override what they change and pass the rest on.
+//
+// Contract
+// - Inputs are trusted: the NBD layer (src/nbd/validate.ts) checks ranges, alignment and flags
+//   once, at the top. A volume may assume 0 <= offset, offset + length <= size, length > 0.
+// - Every data call returns a promise; one that finished synchronously returns DONE
+//   (src/util/done.ts) so hot paths can complete inline. Errors reject with a BlockforkError or
+//   IoError whose `errno` says what went wrong (mapped to NBD errors in src/nbd/errors.ts).
+// - No ordering between calls still in flight: a caller that needs "A before B" awaits A.
+// - flush(): every write that completed (settled) before flush() was called is durable when the
+//   flush settles. `fua` on a call: that call's effect is durable when it settles.
+
+import type { Extent } from "../blockio/index.js";
+
+export type { Extent };
+
+/** NBD base:allocation flags. */
+export const EXTENT_HOLE = 1;
+export const EXTENT_ZERO = 2;
+
+/** What a volume can do; the NBD layer turns this into transmission flags. */
+export interface VolumeCaps {
+  readOnly: boolean;
+  /** flush() is meaningful (the volume has a volatile write cache). */
+  flush: boolean;
+  /** Per-call FUA is supported (natively or by flushing). */
+  fua: boolean;
+  trim: boolean;
+  zero: boolean;
+  /** zero() with `fast` either is fast or fails at once with NotSupportedError. */
+  fastZero: boolean;
+  /** extents() reports real allocation (holes); otherwise all data. */
+  extents: boolean;
+  cache: boolean;
+  /** A flush through any handle covers writes completed through every handle (NBD CAN_MULTI_CONN). */
+  multiConn: boolean;
+  rotational: boolean;
+}
+
+/** Options of Volume.zero (NBD_CMD_WRITE_ZEROES flags). */
+export interface ZeroOptions {
+  fua?: boolean;
+  /** The range may become a hole (NBD: NO_HOLE not set). */
+  mayTrim?: boolean;
+  /** Fail with NotSupportedError rather than be slower than writing zeroes (NBD FAST_ZERO). */
+  fast?: boolean;
+}
+
+/** A block volume: the unit every layer of the stack implements. */
+export interface Volume {
+  /** Size in bytes (fixed for the life of the volume). */
+  readonly size: number;
+  /** Short description for logs and NBD_INFO_DESCRIPTION. */
+  readonly description: string;
+  caps(): VolumeCaps;
+  read(buf: Buffer, offset: number): Promise<void>;
+  write(buf: Buffer, offset: number, fua: boolean): Promise<void>;
+  flush(): Promise<void>;
+  trim(offset: number, length: number, fua: boolean): Promise<void>;
+  zero(offset: number, length: number, opts: ZeroOptions): Promise<void>;
+  /** Runs covering a prefix of [offset, offset+length), at least one, summing to <= length. */
+  extents(offset: number, length: number): Promise<Extent[]>;
+  /** Hint: bring a range into cache (NBD_CMD_CACHE). */
+  cache(offset: number, length: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Capabilities of a plain read-write volume with everything supported. */
+export function fullCaps(overrides: Partial<VolumeCaps> = {}): VolumeCaps {
+  return {
+    readOnly: false,
+    flush: true,
+    fua: true,
+    trim: true,
+    zero: true,
+    fastZero: true,
+    extents: true,
+    cache: true,
+    multiConn: true,
+    rotational: false,
+    ...overrides,
+  };
+}
