@@ -13,6 +13,7 @@
 //   itself, never the server's memory.
 
 import type { Duplex } from "node:stream";
+import { release } from "../util/buffer-pool.js";
 
 /** A reusable reply buffer. */
 export class Slab {
@@ -31,6 +32,8 @@ interface Segment {
   end: number;
   slab: Slab | null;
   count: number;
+  /** A pooled buffer to give back once written. */
+  pooled: Buffer | null;
 }
 
 /** Builds and sends replies for one connection. */
@@ -43,6 +46,8 @@ export class OutputQueue {
   private slabs = 1;
   private segments: Segment[] = [];
   private writes = 0;
+  /** Bytes of external buffers queued but not yet handed to the socket. */
+  unflushed = 0;
 
   constructor(
     private readonly stream: Duplex,
@@ -94,7 +99,7 @@ export class OutputQueue {
       last.count++;
       return;
     }
-    this.segments.push({ buf: slab.buf, start, end, slab, count: 1 });
+    this.segments.push({ buf: slab.buf, start, end, slab, count: 1, pooled: null });
   }
 
   /** Give back a reserved region without sending it. */
@@ -102,9 +107,13 @@ export class OutputQueue {
     this.unref(slab, 1);
   }
 
-  /** Queue a buffer that lives outside the slabs (large reads, variable-size replies). */
-  pushExternal(buf: Buffer): void {
-    this.segments.push({ buf, start: 0, end: buf.length, slab: null, count: 0 });
+  /**
+   * Queue a buffer that lives outside the slabs (large reads, variable-size replies). With
+   * `pooled` (from util/buffer-pool acquire()), that buffer is released once `buf` is written.
+   */
+  pushExternal(buf: Buffer, pooled: Buffer | null = null): void {
+    this.segments.push({ buf, start: 0, end: buf.length, slab: null, count: 0, pooled });
+    this.unflushed += buf.length;
   }
 
   /** Queue a small reply: in a slab when there is room, else in its own buffer. */
@@ -123,6 +132,7 @@ export class OutputQueue {
     const segs = this.segments;
     if (segs.length === 0) return;
     this.segments = [];
+    this.unflushed = 0;
     const many = segs.length > 1;
     if (many) this.stream.cork();
     for (const s of segs) {
@@ -141,6 +151,7 @@ export class OutputQueue {
   private written(s: Segment): void {
     this.writes--;
     if (s.slab !== null) this.unref(s.slab, s.count);
+    if (s.pooled !== null) release(s.pooled);
     this.onSpace?.();
   }
 

@@ -9,6 +9,9 @@
 //   (src/util/done.ts) so hot paths can complete inline. Errors reject with a BlockforkError or
 //   IoError whose `errno` says what went wrong (mapped to NBD errors in src/nbd/errors.ts).
 // - No ordering between calls still in flight: a caller that needs "A before B" awaits A.
+// - Buffers belong to the caller: write(buf) may use buf only until its promise settles, and
+//   read(buf) fills buf before it settles. A layer that needs the data later (a queue to a
+//   gateway, a journal) copies it. The NBD layer recycles payload buffers as soon as a call settles.
 // - flush(): every write that completed (settled) before flush() was called is durable when the
 //   flush settles. `fua` on a call: that call's effect is durable when it settles.
 
