@@ -1,0 +1,561 @@
+// Small pieces: sizes, --listen parsing, block size rules, the export registry, the errno -> NBD
+// error mapping, error classes, the buffer pool and the reply OutputQueue.
+
+import { describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { Duplex } from "node:stream";
+import { constants } from "node:os";
+import { formatSize, parseSize } from "../../src/util/size.js";
+import { parseListen } from "../../src/nbd/server.js";
+import {
+  checkBlockSizes,
+  DEFAULT_BLOCK_SIZES,
+  ExportRegistry,
+  isOpen,
+  type ExportProvider,
+  type OpenExport,
+} from "../../src/nbd/exports.js";
+import { nbdErrorForErrno, nbdErrorOf } from "../../src/nbd/errors.js";
+import {
+  BlockforkError,
+  errnoName,
+  errnoOf,
+  IoError,
+  NotSupportedError,
+  OutOfRangeError,
+  ReadOnlyError,
+  ShutdownError,
+  UsageError,
+} from "../../src/errors.js";
+import { acquire, release } from "../../src/util/buffer-pool.js";
+import { OutputQueue } from "../../src/nbd/output.js";
+import { MemoryVolume } from "../../src/volume/memory.js";
+
+const E = constants.errno;
+const KiB = 1024;
+const MiB = 1024 * 1024;
+
+function code(e: unknown): unknown {
+  return (e as { code?: unknown }).code;
+}
+
+void describe("parseSize / formatSize", () => {
+  void test("plain bytes and binary suffixes", () => {
+    const cases: [string, number][] = [
+      ["4096", 4096],
+      ["1", 1],
+      ["1K", 1024],
+      ["1k", 1024],
+      ["2KB", 2048],
+      ["2KiB", 2048],
+      ["512M", 512 * MiB],
+      ["1G", 2 ** 30],
+      ["1.5GiB", 1.5 * 2 ** 30],
+      ["1.5K", 1536],
+      ["3T", 3 * 2 ** 40],
+      ["1P", 2 ** 50],
+      [" 8 M ", 8 * MiB],
+      ["64m", 64 * MiB],
+    ];
+    for (const [text, bytes] of cases) assert.equal(parseSize(text), bytes, text);
+  });
+
+  void test("bad sizes are ERR_USAGE", () => {
+    for (const text of [
+      "",
+      "abc",
+      "0",
+      "0K",
+      "-1",
+      "1.5",
+      "1.0001K",
+      "1e3",
+      "1X",
+      "8192P",
+      "K",
+      "1 G B",
+      "0x10",
+    ]) {
+      assert.throws(
+        () => parseSize(text, "--size"),
+        (e: unknown) => e instanceof UsageError && code(e) === "ERR_USAGE",
+        text,
+      );
+    }
+  });
+
+  void test("formatSize uses the largest exact binary unit", () => {
+    const cases: [number, string][] = [
+      [0, "0 bytes"],
+      [512, "512 bytes"],
+      [1024, "1 KiB"],
+      [1536, "1.5 KiB"],
+      [64 * MiB, "64 MiB"],
+      [2 ** 30, "1 GiB"],
+      [3 * 2 ** 40, "3 TiB"],
+      [2 ** 50, "1 PiB"],
+      [2 ** 60, "1024 PiB"],
+    ];
+    for (const [n, text] of cases) assert.equal(formatSize(n), text, `${n}`);
+  });
+
+  void test("formatSize and parseSize round trip for exact units", () => {
+    for (const n of [1, 4096, 64 * MiB, 2 ** 30, 5 * 2 ** 40]) {
+      const text = formatSize(n).replace(" bytes", "").replace(" ", "");
+      assert.equal(parseSize(text), n, text);
+    }
+  });
+});
+
+void describe("parseListen", () => {
+  void test("HOST:PORT forms", () => {
+    assert.deepEqual(parseListen("127.0.0.1:10809"), { host: "127.0.0.1", port: 10809 });
+    assert.deepEqual(parseListen("0.0.0.0:0"), { host: "0.0.0.0", port: 0 });
+    assert.deepEqual(parseListen("localhost:65535"), { host: "localhost", port: 65535 });
+    assert.deepEqual(parseListen("[::1]:10809"), { host: "::1", port: 10809 });
+    assert.deepEqual(parseListen("[fe80::1%eth0]:1"), { host: "fe80::1%eth0", port: 1 });
+    assert.deepEqual(parseListen(":10809"), { host: "127.0.0.1", port: 10809 });
+  });
+
+  void test("anything else is ERR_USAGE", () => {
+    for (const t of [
+      "10809",
+      "host",
+      "host:",
+      "host:65536",
+      "host:-1",
+      "::1:10809",
+      "[::1]",
+      "host:12ab",
+      "a:b:1",
+      "",
+    ]) {
+      assert.throws(
+        () => parseListen(t),
+        (e: unknown) => code(e) === "ERR_USAGE",
+        t,
+      );
+    }
+  });
+});
+
+void describe("checkBlockSizes", () => {
+  const ok = (min: number, pref: number, max: number, size = 64 * MiB): void =>
+    checkBlockSizes({ minimum: min, preferred: pref, maximum: max }, size);
+  const bad = (min: number, pref: number, max: number, size = 64 * MiB): void => {
+    assert.throws(
+      () => ok(min, pref, max, size),
+      (e: unknown) => code(e) === "ERR_USAGE",
+      `${min},${pref},${max} size ${size}`,
+    );
+  };
+
+  void test("valid combinations", () => {
+    checkBlockSizes(DEFAULT_BLOCK_SIZES, 64 * MiB);
+    ok(512, 4096, MiB);
+    ok(1, 512, 512);
+    ok(65536, 65536, 65536);
+    ok(4096, 4096, 32 * MiB);
+    // A tiny export: the maximum need only reach the export size.
+    ok(1, 4096, 1024, 1024);
+    ok(1, 4096, 0xffffffff);
+  });
+
+  void test("minimum must be a power of two up to 64 KiB", () => {
+    bad(0, 4096, MiB);
+    bad(3, 4096, MiB);
+    bad(1.5, 4096, MiB);
+    bad(131072, 131072, MiB);
+  });
+
+  void test("preferred must be a power of two, at least max(minimum, 512)", () => {
+    bad(1, 256, MiB);
+    bad(1, 3000, MiB);
+    bad(8192, 4096, MiB);
+    bad(1, 0, MiB);
+  });
+
+  void test("maximum: a multiple of the minimum, at least min(preferred, size), 32 bits", () => {
+    bad(512, 4096, 1000);
+    bad(512, 4096, 2048);
+    bad(1, 4096, 2 ** 32);
+    bad(1, 4096, 4096.5);
+  });
+
+  void test("the export size must be a multiple of the minimum", () => {
+    bad(512, 4096, MiB, 64 * MiB + 100);
+    ok(512, 4096, MiB, 64 * MiB + 512);
+  });
+});
+
+void describe("ExportRegistry", () => {
+  const vol = (n: number): MemoryVolume => new MemoryVolume(n * 4096);
+  const bs = DEFAULT_BLOCK_SIZES;
+
+  void test('the first static export is the default export ""', async () => {
+    const r = new ExportRegistry();
+    const a = vol(1);
+    r.addStatic({ name: "a", description: "first", volume: a, blockSizes: bs });
+    r.addStatic({ name: "b", description: "second", volume: vol(2), blockSizes: bs });
+    const d = await r.open("");
+    assert.ok(isOpen(d));
+    assert.equal(d.name, "a", "canonical name, not the empty alias");
+    assert.equal(d.volume, a);
+    assert.equal(d.description, "first");
+    d.release();
+    const b = await r.open("b");
+    assert.ok(isOpen(b));
+    assert.equal(b.volume.size, 2 * 4096);
+    assert.deepEqual(r.list(), [
+      { name: "a", description: "first" },
+      { name: "b", description: "second" },
+    ]);
+  });
+
+  void test("isDefault picks another default", async () => {
+    const r = new ExportRegistry();
+    r.addStatic({ name: "a", description: "", volume: vol(1), blockSizes: bs });
+    r.addStatic({ name: "b", description: "", volume: vol(2), blockSizes: bs }, true);
+    const d = await r.open("");
+    assert.ok(isOpen(d));
+    assert.equal(d.name, "b");
+  });
+
+  void test("an unknown name is refused with a message naming it and the exports there are", async () => {
+    const r = new ExportRegistry();
+    r.addStatic({ name: "disk", description: "", volume: vol(1), blockSizes: bs });
+    const x = await r.open("nope");
+    assert.ok(!isOpen(x));
+    assert.ok(x.message.includes('"nope"'));
+    assert.ok(x.message.includes('"disk"'));
+    const empty = await new ExportRegistry().open("");
+    assert.ok(!isOpen(empty));
+    assert.ok(empty.message.length > 0);
+  });
+
+  void test("names are exact: case and whitespace matter", async () => {
+    const r = new ExportRegistry();
+    r.addStatic({ name: "disk", description: "", volume: vol(1), blockSizes: bs });
+    for (const n of ["Disk", "disk ", " disk", "disk\0"])
+      assert.ok(!isOpen(await r.open(n)), JSON.stringify(n));
+  });
+
+  void test("duplicate names and names over 4096 bytes are ERR_USAGE", () => {
+    const r = new ExportRegistry();
+    r.addStatic({ name: "a", description: "", volume: vol(1), blockSizes: bs });
+    assert.throws(
+      () => r.addStatic({ name: "a", description: "", volume: vol(1), blockSizes: bs }),
+      (e: unknown) => code(e) === "ERR_USAGE",
+    );
+    assert.throws(
+      () => r.addStatic({ name: "é".repeat(2049), description: "", volume: vol(1), blockSizes: bs }),
+      (e: unknown) => code(e) === "ERR_USAGE",
+    );
+    r.addStatic({ name: "x".repeat(4096), description: "", volume: vol(1), blockSizes: bs });
+  });
+
+  void test("providers answer for the names they own, and list after the statics", async () => {
+    const r = new ExportRegistry();
+    r.addStatic({ name: "disk", description: "primary", volume: vol(1), blockSizes: bs });
+    const opened: string[] = [];
+    const released: string[] = [];
+    const provider: ExportProvider = {
+      owns: (n) => n.startsWith("snap@"),
+      open(n): Promise<OpenExport | { message: string }> {
+        if (n === "snap@bad") return Promise.resolve({ message: "no such snapshot" });
+        opened.push(n);
+        return Promise.resolve({
+          name: n,
+          description: "snapshot",
+          volume: vol(3),
+          blockSizes: bs,
+          release: () => released.push(n),
+        });
+      },
+      list: () => [{ name: "snap@1", description: "snapshot" }],
+    };
+    r.addProvider(provider);
+    assert.deepEqual(
+      r.list().map((e) => e.name),
+      ["disk", "snap@1"],
+    );
+    const s = await r.open("snap@2024-01-01T00:00:00Z");
+    assert.ok(isOpen(s));
+    assert.equal(s.volume.size, 3 * 4096);
+    s.release();
+    assert.deepEqual(released, ["snap@2024-01-01T00:00:00Z"]);
+    const bad = await r.open("snap@bad");
+    assert.ok(!isOpen(bad));
+    assert.equal(bad.message, "no such snapshot");
+    // Names no provider owns fall through to the usual refusal; the default is still the static.
+    assert.ok(!isOpen(await r.open("other")));
+    const d = await r.open("");
+    assert.ok(isOpen(d));
+    assert.equal(d.name, "disk");
+    assert.deepEqual(opened, ["snap@2024-01-01T00:00:00Z"]);
+  });
+});
+
+void describe("errno -> NBD error mapping", () => {
+  void test("system errnos", () => {
+    const cases: [number, number][] = [
+      [E.EPERM, 1],
+      [E.EACCES, 1],
+      [E.EROFS, 1],
+      [E.EIO, 5],
+      [E.ENOMEM, 12],
+      [E.EINVAL, 22],
+      [E.ENOSPC, 28],
+      [E.EDQUOT, 28],
+      [E.EFBIG, 28],
+      [E.EOVERFLOW, 75],
+      [E.EOPNOTSUPP, 95],
+      [E.ENOSYS, 95],
+      [108, 108], // ESHUTDOWN
+      [E.EBADF, 5],
+      [E.ENOENT, 5],
+      [E.EAGAIN, 5],
+      [0, 5],
+      [99999, 5],
+    ];
+    for (const [errno, nbd] of cases) assert.equal(nbdErrorForErrno(errno), nbd, errnoName(errno));
+  });
+
+  void test("thrown errors of every kind", () => {
+    assert.equal(nbdErrorOf(new IoError(E.ENOSPC, "pwrite")), 28);
+    assert.equal(nbdErrorOf(new IoError(E.EDQUOT, "pwrite")), 28);
+    assert.equal(nbdErrorOf(new ReadOnlyError()), 1);
+    assert.equal(nbdErrorOf(new NotSupportedError("x")), 95);
+    assert.equal(nbdErrorOf(new ShutdownError()), 108);
+    assert.equal(nbdErrorOf(new UsageError("x")), 22);
+    assert.equal(nbdErrorOf(new OutOfRangeError("x")), 22);
+    assert.equal(nbdErrorOf(new OutOfRangeError("x", E.ENOSPC)), 28);
+    // Node system errors carry a negative errno (libuv).
+    assert.equal(nbdErrorOf(Object.assign(new Error("x"), { errno: -E.EROFS, code: "EROFS" })), 1);
+    assert.equal(nbdErrorOf(Object.assign(new Error("x"), { errno: E.EFBIG })), 28);
+    assert.equal(nbdErrorOf(new Error("plain")), 5);
+    assert.equal(nbdErrorOf("a string"), 5);
+    assert.equal(nbdErrorOf(null), 5);
+    assert.equal(nbdErrorOf(undefined), 5);
+    assert.equal(nbdErrorOf({ errno: "EIO" }), 5);
+  });
+});
+
+void describe("error classes", () => {
+  void test("stable codes, errno, name and cause", () => {
+    const cause = new Error("inner");
+    const e = new BlockforkError("ERR_X", E.EIO, "outer", { cause });
+    assert.equal(e.code, "ERR_X");
+    assert.equal(e.errno, E.EIO);
+    assert.equal(e.name, "BlockforkError");
+    assert.equal(e.cause, cause);
+    const io = new IoError(E.ENOSPC, "pwrite", "offset 0");
+    assert.equal(io.code, "ENOSPC");
+    assert.equal(io.syscall, "pwrite");
+    assert.equal(io.name, "IoError");
+    assert.ok(io instanceof BlockforkError);
+    assert.equal(new ReadOnlyError().code, "ERR_READ_ONLY");
+    assert.equal(new ReadOnlyError().errno, E.EPERM);
+    assert.equal(new ShutdownError().code, "ERR_SHUTDOWN");
+    assert.equal(new NotSupportedError("x").code, "ERR_NOT_SUPPORTED");
+    assert.equal(new OutOfRangeError("x").code, "ERR_OUT_OF_RANGE");
+    assert.equal(new UsageError("x").code, "ERR_USAGE");
+  });
+
+  void test("errnoName and errnoOf", () => {
+    assert.equal(errnoName(E.EIO), "EIO");
+    assert.equal(errnoName(E.ENOSPC), "ENOSPC");
+    assert.equal(errnoName(99999), "E99999");
+    assert.equal(errnoOf(new ReadOnlyError()), E.EPERM);
+    assert.equal(errnoOf({ errno: -E.EINVAL }), E.EINVAL);
+    assert.equal(errnoOf({ errno: 0 }), E.EIO);
+    assert.equal(errnoOf(42), E.EIO);
+  });
+});
+
+void describe("buffer pool", () => {
+  void test("small sizes are plain buffers of the exact size", () => {
+    for (const n of [1, 4096, 128 * KiB - 1]) assert.equal(acquire(n).length, n);
+  });
+
+  void test("large sizes round up to a power of two and are recycled", () => {
+    const a = acquire(128 * KiB);
+    assert.equal(a.length, 128 * KiB);
+    const b = acquire(128 * KiB + 1);
+    assert.equal(b.length, 256 * KiB);
+    const c = acquire(3 * MiB);
+    assert.equal(c.length, 4 * MiB);
+    release(b);
+    const d = acquire(200 * KiB);
+    assert.equal(d, b, "the released buffer of the same class comes back");
+    const e = acquire(200 * KiB);
+    assert.notEqual(e, b, "a buffer is handed out once");
+    release(a);
+    release(c);
+    release(d);
+    release(e);
+    // Drain what this test pooled so later tests start from an empty pool.
+    const back = [acquire(128 * KiB), acquire(4 * MiB), acquire(256 * KiB), acquire(256 * KiB)];
+    assert.ok(back.includes(a) && back.includes(c) && back.includes(d) && back.includes(e));
+  });
+
+  void test("buffers outside the classes are not pooled", () => {
+    const odd = Buffer.allocUnsafe(300 * KiB);
+    release(odd);
+    const small = Buffer.allocUnsafe(4096);
+    release(small);
+    assert.notEqual(acquire(300 * KiB), odd);
+    const huge = acquire(65 * MiB);
+    assert.equal(huge.length, 65 * MiB);
+    release(huge);
+    assert.notEqual(acquire(65 * MiB), huge);
+  });
+
+  void test("at most 128 MiB is kept idle", () => {
+    const bufs = [acquire(64 * MiB), acquire(64 * MiB), acquire(64 * MiB)];
+    for (const b of bufs) release(b);
+    const again = [acquire(64 * MiB), acquire(64 * MiB), acquire(64 * MiB)];
+    const reused = again.filter((b) => bufs.includes(b)).length;
+    assert.equal(reused, 2);
+  });
+});
+
+/** A Duplex that records writes and can hold their completion. */
+class FakeStream extends Duplex {
+  readonly chunks: Buffer[] = [];
+  hold = false;
+  private readonly held: (() => void)[] = [];
+  override _write(chunk: Buffer, _enc: BufferEncoding, cb: (e?: Error | null) => void): void {
+    this.chunks.push(Buffer.from(chunk));
+    if (this.hold) this.held.push(() => cb());
+    else cb();
+  }
+  override _read(): void {}
+  /** Complete every held write. */
+  releaseAll(): void {
+    this.hold = false;
+    for (const cb of this.held.splice(0)) cb();
+  }
+  get output(): Buffer {
+    return Buffer.concat(this.chunks);
+  }
+}
+
+const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
+
+// The default geometry of OutputQueue (constructed with the stream only, as transmission does).
+const SLAB = 256 * KiB;
+const MAX_SLABS = 16;
+
+void describe("OutputQueue", () => {
+  void test("adjacent committed regions go out as one write", async () => {
+    const s = new FakeStream();
+    const q = new OutputQueue(s);
+    const a = q.reserve(3);
+    const slab = q.cur;
+    slab.buf.write("abc", a, "latin1");
+    const b = q.reserve(2);
+    assert.equal(q.cur, slab);
+    slab.buf.write("de", b, "latin1");
+    q.commit(slab, a, a + 3);
+    q.commit(slab, b, b + 2);
+    q.flush();
+    assert.equal(s.chunks.length, 1);
+    assert.equal(s.output.toString("latin1"), "abcde");
+    await tick();
+    assert.ok(q.idle);
+  });
+
+  void test("regions committed out of order go out in commit order", async () => {
+    const s = new FakeStream();
+    const q = new OutputQueue(s);
+    const a = q.reserve(2);
+    const b = q.reserve(2);
+    const slab = q.cur;
+    slab.buf.write("AA", a, "latin1");
+    slab.buf.write("BB", b, "latin1");
+    q.commit(slab, b, b + 2);
+    q.commit(slab, a, a + 2);
+    q.pushExternal(Buffer.from("CC"));
+    assert.equal(q.unflushed, 2);
+    q.flush();
+    assert.equal(q.unflushed, 0);
+    assert.equal(s.output.toString("latin1"), "BBAACC");
+    await tick();
+    assert.ok(q.idle);
+    assert.equal(q.pendingWrites, 0);
+  });
+
+  void test("a slab is reused from the top once everything in it was written", async () => {
+    const s = new FakeStream();
+    const q = new OutputQueue(s);
+    const a = q.reserve(100);
+    q.commit(q.cur, a, a + 100);
+    q.flush();
+    await tick();
+    assert.equal(q.reserve(10), 0);
+  });
+
+  void test("when every slab is busy reserve fails until writes complete, then onSpace fires", async () => {
+    const s = new FakeStream();
+    s.hold = true;
+    const q = new OutputQueue(s);
+    let space = 0;
+    q.onSpace = () => space++;
+    const big = SLAB - 1000;
+    const slabs = new Set<unknown>();
+    for (let i = 0; i < MAX_SLABS; i++) {
+      assert.ok(q.canReserve(big), `slab ${i}`);
+      const at = q.reserve(big);
+      assert.ok(at >= 0);
+      slabs.add(q.cur);
+      q.cur.buf.fill(i, at, at + big);
+      q.commit(q.cur, at, at + big);
+      q.flush();
+    }
+    assert.equal(slabs.size, MAX_SLABS, "one slab per large region");
+    assert.equal(q.canReserve(big), false);
+    assert.equal(q.reserve(big), -1);
+    // A small reply still gets out, in its own buffer when no slab has room.
+    q.pushSmall(Buffer.alloc(2000, 0xab));
+    q.flush();
+    assert.equal(space, 0);
+    s.releaseAll();
+    await tick();
+    assert.ok(space >= 1);
+    assert.ok(q.idle);
+    assert.ok(q.canReserve(big));
+    assert.ok(q.reserve(big) >= 0);
+    const expected = [];
+    for (let i = 0; i < MAX_SLABS; i++) expected.push(Buffer.alloc(big, i));
+    expected.push(Buffer.alloc(2000, 0xab));
+    assert.ok(s.output.equals(Buffer.concat(expected)));
+  });
+
+  void test("cancel gives a reserved region back", async () => {
+    const s = new FakeStream();
+    const q = new OutputQueue(s);
+    const slab = q.cur;
+    assert.equal(q.reserve(1000), 0);
+    q.cancel(slab);
+    // Nothing in the slab is pending any more: reserve starts at its top again.
+    assert.equal(q.reserve(1000), 0);
+    assert.equal(q.cur, slab);
+    q.cancel(slab);
+    q.flush();
+    await tick();
+    assert.equal(s.chunks.length, 0);
+  });
+
+  void test("a pooled external buffer goes back to the pool once written", async () => {
+    const s = new FakeStream();
+    const q = new OutputQueue(s);
+    const pooled = acquire(200 * KiB);
+    pooled.fill(7);
+    q.pushExternal(pooled.subarray(0, 10), pooled);
+    q.flush();
+    await tick();
+    assert.deepEqual(s.output, Buffer.alloc(10, 7));
+    assert.equal(acquire(200 * KiB), pooled);
+  });
+});
