@@ -268,9 +268,21 @@ export class RawClient {
   }
 
   private take(n: number): Buffer {
-    const all = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks);
-    const out = all.subarray(0, n);
-    this.chunks = all.length > n ? [all.subarray(n)] : [];
+    const first = this.chunks[0];
+    let out: Buffer;
+    if (first.length >= n) {
+      out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+    } else {
+      // Join only as many chunks as the read needs (replies can pile up to megabytes).
+      let k = 0;
+      let have = 0;
+      while (have < n) have += this.chunks[k++].length;
+      const joined = Buffer.concat(this.chunks.slice(0, k), have);
+      out = joined.subarray(0, n);
+      this.chunks.splice(0, k, ...(have > n ? [joined.subarray(n)] : []));
+    }
     this.buffered -= n;
     return out;
   }
@@ -296,7 +308,7 @@ export class RawClient {
   /** Everything the server sends until it closes; RawTimeoutError if it does not close in time. */
   async readToEnd(timeoutMs = DEFAULT_TIMEOUT): Promise<Buffer> {
     await this.waitFor(() => this.eof, timeoutMs, "the server to close the connection");
-    return this.take(this.buffered);
+    return this.buffered === 0 ? Buffer.alloc(0) : this.take(this.buffered);
   }
 
   /** Resolve when the server has closed the connection (unread bytes are discarded). */
