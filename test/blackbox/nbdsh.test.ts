@@ -516,6 +516,117 @@ void describe("nbdsh against a read-write export", () => {
     );
   });
 
+  void test("reads and block status over 2048 extents (more than one extents call returns)", async () => {
+    await py(
+      srv,
+      `
+      R = int(os.environ["REGION"])
+      h = connect()
+      want = bytearray(8 * MiB)
+      for i in range(0, 8 * MiB, 8192):
+          d = os.urandom(4096)
+          h.pwrite(d, R + i)
+          want[i:i + 4096] = d
+      assert sha(h.pread(8 * MiB, R)) == sha(want)
+      img = bytearray(8 * MiB)
+      def cb(sub, off, status, err):
+          img[off - R:off - R + len(sub)] = sub
+          return 0
+      assert sha(h.pread_structured(8 * MiB, R, cb)) == sha(want)
+      assert sha(img) == sha(want)
+      expect_map(h, [(R + i, 4096, 0 if i % 8192 == 0 else 3) for i in range(0, 8 * MiB, 4096)], 8 * MiB, R)
+      h.shutdown()
+      `,
+      { REGION: region(28) }, // 8 MiB: regions 28..29
+    );
+  });
+
+  void test("FUA is accepted on every command once SEND_FUA is advertised", async () => {
+    // proto.md: with NBD_FLAG_SEND_FUA the server MUST accept the bit on all commands.
+    await py(
+      srv,
+      `
+      W = int(os.environ["REGION"])
+      h = connect(strict=False)
+      F = nbd.CMD_FLAG_FUA
+      data = os.urandom(8192)
+      h.pwrite(data, W, F)
+      assert h.pread(8192, W, F) == data
+      assert h.pread(8192, W, F | nbd.CMD_FLAG_DF) == data
+      h.cache(8192, W, F)
+      h.flush(F)
+      assert extents(h, 8192, W, F) == [(W, 8192, 0)]
+      h.zero(4096, W, F | nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO)
+      h.trim(4096, W + 4096, F)
+      assert h.pread(8192, W) == bytes(8192)
+      h.shutdown()
+      `,
+      { REGION: region(26) },
+    );
+  });
+
+  void test("old handshakes (newstyle without FIXED, with and without NO_ZEROES) reach the export", async () => {
+    await py(
+      srv,
+      `
+      R = int(os.environ["REGION"])
+      for flags in (0, nbd.HANDSHAKE_FLAG_NO_ZEROES, nbd.HANDSHAKE_FLAG_FIXED_NEWSTYLE):
+          h = nbd.NBD()
+          h.set_handshake_flags(flags)
+          h.connect_uri(os.environ["URI"])
+          want = "newstyle-fixed" if flags & nbd.HANDSHAKE_FLAG_FIXED_NEWSTYLE else "newstyle"
+          assert h.get_protocol() == want, (flags, h.get_protocol())
+          assert h.get_size() == int(os.environ["SIZE"])
+          assert h.can_trim() and h.can_flush() and h.can_multi_conn() and not h.is_read_only()
+          d = os.urandom(5000)
+          h.pwrite(d, R + 12345 + flags)
+          assert h.pread(5000, R + 12345 + flags) == d
+          h.shutdown()
+      # EXPORT_NAME with the export's own name works too.
+      h = nbd.NBD()
+      h.set_handshake_flags(0)
+      h.connect_uri(os.environ["URI_NAMED"])
+      assert h.get_size() == int(os.environ["SIZE"])
+      h.shutdown()
+      `,
+      { REGION: region(27), SIZE: String(SIZE), URI_NAMED: srv.uriFor("disk") },
+    );
+  });
+
+  void test("option mode: LIST, INFO, LIST_META_CONTEXT, then GO", async () => {
+    await py(
+      srv,
+      `
+      h = nbd.NBD()
+      h.set_opt_mode(True)
+      h.connect_uri(os.environ["URI"])
+      listed = []
+      n = h.opt_list(lambda name, desc: listed.append((name, desc)) or 0)
+      assert n == 1 and listed == [("disk", "file " + os.environ["VOL"])], listed
+      ctxs = []
+      h.opt_list_meta_context(lambda name: ctxs.append(name) or 0)
+      assert ctxs == ["base:allocation"], ctxs
+      h.set_export_name("no-such-export")
+      try:
+          h.opt_info()
+          raise AssertionError("INFO for an unknown export succeeded")
+      except nbd.Error:
+          pass
+      h.set_export_name("disk")
+      h.set_full_info(True)
+      h.opt_info()
+      assert h.get_size() == int(os.environ["SIZE"])
+      assert h.get_canonical_export_name() == "disk"
+      assert h.get_export_description() == "file " + os.environ["VOL"]
+      h.opt_go()
+      assert h.aio_is_ready()
+      h.pread(512, 0)
+      h.shutdown()
+      `,
+      { SIZE: String(SIZE) },
+    );
+  });
+
   void test("export size and canonical name over the wire", async () => {
     const r = await py(
       srv,
