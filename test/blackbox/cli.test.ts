@@ -1,0 +1,311 @@
+// The `blockfork` command line as a user meets it: help and version, usage errors (exit 2 with a
+// message naming what is wrong, nothing on disk touched), the startup banner, TCP listening, and a
+// second server on a socket that is in use.
+
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { BIN, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
+import { run } from "../helpers/run.js";
+
+const dirs: string[] = [];
+const servers: ServerHandle[] = [];
+after(async () => {
+  for (const s of servers) await s.stop("SIGKILL");
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+function tmp(): string {
+  const d = scratchDir("blockfork-cli-");
+  dirs.push(d);
+  return d;
+}
+
+interface Exit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run `blockfork ARGS` that is expected to exit by itself (kill it after timeoutMs). */
+function blockfork(args: string[], timeoutMs = 15_000): Promise<Exit> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [BIN, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    p.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+    p.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    const timer = setTimeout(() => {
+      p.kill("SIGKILL");
+      reject(
+        new Error(`blockfork ${args.join(" ")} still running after ${timeoutMs} ms\n${stdout}\n${stderr}`),
+      );
+    }, timeoutMs);
+    p.on("error", reject);
+    p.on("close", (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}
+
+/** Expect a usage error: exit 2, a message that matches `msg`, and the pointer to --help. */
+async function usageError(args: string[], msg: RegExp): Promise<Exit> {
+  const r = await blockfork(args);
+  assert.equal(r.code, 2, `blockfork ${args.join(" ")}: exit ${r.code}, want 2\nstderr: ${r.stderr}`);
+  assert.match(r.stderr, msg, `blockfork ${args.join(" ")}: stderr does not say what is wrong`);
+  return r;
+}
+
+function sha256(path: string): string {
+  return createHash("sha256").update(readFileSync(path)).digest("hex");
+}
+
+/** `serve` arguments that would work if nothing else were wrong. */
+function serveArgs(dir: string, extra: string[]): string[] {
+  return ["serve", "--listen", "none", "--socket", join(dir, "nbd.sock"), ...extra];
+}
+
+void test("blockfork --help and no command", async () => {
+  const r = await blockfork(["--help"]);
+  assert.equal(r.code, 0);
+  assert.match(r.stdout, /Usage: blockfork COMMAND/);
+  assert.match(r.stdout, /\bserve\b/);
+  assert.match(r.stdout, /--version/);
+  const none = await blockfork([]);
+  assert.equal(none.code, 2, "no command is a usage error");
+  assert.match(none.stdout + none.stderr, /Usage: blockfork COMMAND/);
+});
+
+void test("blockfork --version prints the package version", async () => {
+  const pkg = JSON.parse(readFileSync(join(BIN, "../../package.json"), "utf8")) as { version: string };
+  const r = await blockfork(["--version"]);
+  assert.equal(r.code, 0);
+  assert.equal(r.stdout.trim(), `blockfork ${pkg.version}`);
+});
+
+void test("serve --help mentions every option", async () => {
+  const r = await blockfork(["serve", "--help"]);
+  assert.equal(r.code, 0);
+  const options = [
+    "--volume",
+    "--size",
+    "--name",
+    "--description",
+    "--read-only",
+    "--block-size",
+    "--listen",
+    "--socket",
+    "--max-connections",
+    "--handshake-timeout",
+    "--tls",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-ca",
+    "--tls-psk",
+    "--threads",
+    "--no-inline-writes",
+    "--log-level",
+  ];
+  for (const o of options)
+    assert.match(r.stdout, new RegExp(`(^|\\s)${o}(\\s|$)`, "m"), `serve --help lacks ${o}`);
+  assert.match(r.stdout, /Exit status/);
+  // Every option the help names is accepted by the parser (no option documented but refused):
+  // an unknown one is refused with "Unknown option", so --help's list must not trigger that.
+  const dir = tmp();
+  for (const o of options.filter((x) => !["--volume", "--read-only", "--no-inline-writes"].includes(x))) {
+    const e = await blockfork(["serve", "--volume", join(dir, "none.img"), o, "1x/bad"]);
+    assert.notEqual(e.code, 0, `${o} with a bad value and a missing volume: exit 0\n${e.stderr}`);
+    assert.doesNotMatch(e.stderr, /Unknown option/, `${o} is documented but not accepted`);
+  }
+});
+
+void test("unknown command and unknown option exit 2 naming them", async () => {
+  const c = await blockfork(["frobnicate"]);
+  assert.equal(c.code, 2);
+  assert.match(c.stderr, /unknown command "frobnicate"/);
+  const dir = tmp();
+  await usageError(
+    serveArgs(dir, ["--volume", join(dir, "a.img"), "--size", "1M", "--frobnicate"]),
+    /--frobnicate/,
+  );
+  assert.equal(existsSync(join(dir, "a.img")), false, "a rejected command line must not create the volume");
+});
+
+void test("missing --volume exits 2", async () => {
+  const dir = tmp();
+  await usageError(serveArgs(dir, ["--size", "1M"]), /--volume/);
+});
+
+void test("size mismatch with an existing file exits 2 and leaves the file untouched", async () => {
+  const dir = tmp();
+  const vol = join(dir, "existing.img");
+  writeFileSync(vol, randomBytes(3 * 1024 * 1024));
+  const before = sha256(vol);
+  for (const size of ["4M", "2M", "3145727"]) {
+    await usageError(serveArgs(dir, ["--volume", vol, "--size", size]), /3145728 bytes but --size asks for/);
+    assert.equal(statSync(vol).size, 3 * 1024 * 1024, `--size ${size} changed the size`);
+    assert.equal(sha256(vol), before, `--size ${size} changed the contents`);
+  }
+});
+
+void test("a missing file without --size exits 2 and is not created", async () => {
+  const dir = tmp();
+  const vol = join(dir, "missing.img");
+  await usageError(serveArgs(dir, ["--volume", vol]), /does not exist; give --size/);
+  assert.equal(existsSync(vol), false);
+});
+
+void test("an empty existing file exits 2", async () => {
+  const dir = tmp();
+  const vol = join(dir, "empty.img");
+  writeFileSync(vol, "");
+  await usageError(serveArgs(dir, ["--volume", vol]), /empty/);
+});
+
+void test("bad --size values exit 2", async () => {
+  const dir = tmp();
+  const vol = join(dir, "v.img");
+  for (const bad of ["12Q", "0", "lots", "1.5", "9999999P"]) {
+    await usageError(serveArgs(dir, ["--volume", vol, "--size", bad]), /--size/);
+    assert.equal(existsSync(vol), false, `--size ${bad} created the volume`);
+  }
+});
+
+void test("bad --block-size values exit 2", async () => {
+  const dir = tmp();
+  const vol = join(dir, "v.img");
+  for (const bad of ["512,4096", "3,4096,1M", "4096,512,1M", "a,b,c", "512,4096,33554432,1"]) {
+    await usageError(
+      serveArgs(dir, ["--volume", vol, "--size", "1M", "--block-size", bad]),
+      /block size|--block-size/,
+    );
+  }
+});
+
+void test("bad --listen values exit 2", async () => {
+  const dir = tmp();
+  const vol = join(dir, "v.img");
+  for (const bad of ["127.0.0.1:99999", "localhost", "127.0.0.1:port", ":-1"]) {
+    await usageError(["serve", "--volume", vol, "--size", "1M", "--listen", bad], /--listen/);
+  }
+  await usageError(["serve", "--volume", vol, "--size", "1M", "--listen", "none"], /--socket/);
+});
+
+void test("other bad option values exit 2", async () => {
+  const dir = tmp();
+  const base = serveArgs(dir, ["--volume", join(dir, "v.img"), "--size", "1M"]);
+  await usageError([...base, "--max-connections", "0"], /--max-connections/);
+  await usageError([...base, "--handshake-timeout", "1.5"], /--handshake-timeout/);
+  await usageError([...base, "--log-level", "loud"], /--log-level/);
+  await usageError([...base, "--tls", "maybe"], /--tls/);
+});
+
+void test("a directory as the volume exits 2 with a message", async () => {
+  const dir = tmp();
+  const d = join(dir, "adir");
+  mkdirSync(d);
+  // Read-only takes another open path; both must be configuration errors, not crashes.
+  await usageError(
+    serveArgs(dir, ["--volume", d, "--read-only"]),
+    /neither a regular file nor a block device/,
+  );
+  await usageError(serveArgs(dir, ["--volume", d]), /adir/);
+});
+
+void test("the banner prints nbd URIs and client command lines; TCP listening works", async () => {
+  const srv = await startServer({ args: ["--listen", "127.0.0.1:0", "--name", "bannerdisk"], size: "8M" });
+  servers.push(srv);
+  const deadline = Date.now() + 10_000;
+  while (!/nbd-client 127\.0\.0\.1 \d+/.test(srv.stdout()) && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const out = srv.stdout();
+  const m = /nbd:\/\/127\.0\.0\.1:(\d+)\/bannerdisk/.exec(out);
+  assert.ok(m, `no TCP URI in the banner:\n${out}`);
+  const port = Number(m[1]);
+  assert.ok(port > 0 && port < 65536);
+  assert.ok(out.includes(`nbd+unix:///bannerdisk?socket=${srv.sock}`), `no unix URI in the banner:\n${out}`);
+  assert.match(out, /^\s+nbdinfo '.+'$/m);
+  assert.match(out, /^\s+qemu-img info '.+'$/m);
+  assert.ok(
+    out.includes(`nbd-client -u ${srv.sock} /dev/nbd0 -N bannerdisk`),
+    `no unix nbd-client line:\n${out}`,
+  );
+  assert.ok(
+    out.includes(`nbd-client 127.0.0.1 ${port} /dev/nbd0 -N bannerdisk`),
+    `no TCP nbd-client line:\n${out}`,
+  );
+
+  // The URIs it prints work with a real client.
+  const tcp = await run("nbdinfo", ["--json", `nbd://127.0.0.1:${port}/bannerdisk`]);
+  const info = JSON.parse(tcp.stdout) as { exports: { "export-name": string; "export-size": number }[] };
+  assert.equal(info.exports[0]["export-name"], "bannerdisk");
+  assert.equal(info.exports[0]["export-size"], 8 * 1024 * 1024);
+  const byDefault = await run("nbdinfo", ["--size", `nbd://127.0.0.1:${port}`]);
+  assert.equal(byDefault.stdout.trim(), String(8 * 1024 * 1024));
+  const unix = await run("nbdinfo", ["--size", `nbd+unix:///bannerdisk?socket=${srv.sock}`]);
+  assert.equal(unix.stdout.trim(), String(8 * 1024 * 1024));
+  const r = await srv.stop();
+  assert.equal(r.code, 0);
+});
+
+void test("a TCP port already in use is a configuration error (exit 2)", async () => {
+  const holder = await startServer({ args: ["--listen", "127.0.0.1:0"], size: "1M" });
+  servers.push(holder);
+  const deadline = Date.now() + 10_000;
+  while (!/nbd:\/\/127\.0\.0\.1:\d+/.test(holder.stdout()) && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const port = /nbd:\/\/127\.0\.0\.1:(\d+)/.exec(holder.stdout())?.[1];
+  assert.ok(port, holder.stdout());
+  const dir = tmp();
+  await usageError(
+    ["serve", "--volume", join(dir, "v.img"), "--size", "1M", "--listen", `127.0.0.1:${port}`],
+    new RegExp(`127\\.0\\.0\\.1:${port}`),
+  );
+  await holder.stop();
+});
+
+void test("a second server on the same --socket exits 2 and the first keeps serving", async () => {
+  const first = await startServer({ size: "4M" });
+  servers.push(first);
+  const dir = tmp();
+  const r = await usageError(
+    ["serve", "--volume", join(dir, "other.img"), "--size", "4M", "--listen", "none", "--socket", first.sock],
+    /another server is listening/,
+  );
+  assert.ok(r.stderr.includes(first.sock));
+  assert.equal(existsSync(first.sock), true, "the losing server removed the winner's socket");
+  const info = await run("nbdinfo", ["--size", first.uri]);
+  assert.equal(info.stdout.trim(), String(4 * 1024 * 1024));
+  assert.equal((await first.stop()).code, 0);
+});
+
+void test("a stale socket file from a killed server is replaced", async () => {
+  const dir = tmp();
+  const first = await startServer({ dir, size: "4M" });
+  assert.equal((await first.stop("SIGKILL")).signal, "SIGKILL");
+  assert.equal(existsSync(first.sock), true, "a killed server leaves its socket file behind");
+  const second = await startServer({ dir, size: "4M" });
+  servers.push(second);
+  const info = await run("nbdinfo", ["--size", second.uri]);
+  assert.equal(info.stdout.trim(), String(4 * 1024 * 1024));
+  assert.equal((await second.stop()).code, 0);
+  assert.equal(existsSync(second.sock), false);
+});
+
+void test("a path that is not a socket is not taken over", async () => {
+  const dir = tmp();
+  const notSock = join(dir, "not-a-socket");
+  writeFileSync(notSock, "precious");
+  await usageError(
+    ["serve", "--volume", join(dir, "v.img"), "--size", "1M", "--listen", "none", "--socket", notSock],
+    /not a socket/,
+  );
+  assert.equal(readFileSync(notSock, "utf8"), "precious");
+});
