@@ -295,3 +295,34 @@ export class BlockFile {
     closeSync(this.fd);
   }
 }
+
+let cachestatWorks = true;
+
+/**
+ * True when every page of [offset, offset+length) of `fd` is in the page cache (cachestat(2),
+ * Linux 6.5+; false on older kernels), so that sending it cannot block on the disk.
+ */
+export function isCached(fd: number, offset: number, length: number): boolean {
+  if (!cachestatWorks) return false;
+  const n = binding.cachedBytes(fd, offset, length);
+  if (n < 0) {
+    if (n === -E.ENOSYS) cachestatWorks = false;
+    return false;
+  }
+  const pages = Math.ceil((offset + length) / PAGE) - Math.floor(offset / PAGE);
+  return n >= pages * PAGE;
+}
+
+/**
+ * Send `header` and then `length` bytes of `fd` at `offset` on the non-blocking socket `sock`
+ * (sendfile: no copy through user space). Returns the bytes sent, header included, stopping early
+ * when the socket is full; negative errno when the connection failed before anything was sent.
+ */
+export function sendHeaderAndFile(sock: number, header: Uint8Array, fd: number, offset: number, length: number): number {
+  return binding.sendFile(sock, header, fd, offset, length);
+}
+
+/** Read without blocking (page cache only): bytes read, or negative errno (-EAGAIN if not cached). */
+export function readNowait(fd: number, buf: Uint8Array, offset: number): number {
+  return binding.readNowait(fd, buf, offset);
+}

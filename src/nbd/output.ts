@@ -1,19 +1,26 @@
-// The reply side of a connection: slabs that replies are built in, and a queue of ready ranges
-// sent with as few socket writes as possible (after undici's reuse of buffers in client-h1.js).
+// The reply side of a connection: slabs that replies are built in, and an ordered queue of ready
+// replies sent with as few socket writes as possible (after undici's reuse of buffers in client-h1.js).
 //
 // Notes on the design
-// - A read reply is built in place: the header and the data are reserved together in a slab and
-//   the volume reads straight into it, so a 4 KiB read costs no allocation and no copy in JS.
+// - A small read reply is built in place: header and data are reserved together in a slab and the
+//   volume reads straight into it, so a 4 KiB read costs no allocation and no copy in JS.
 // - Replies become ready out of order (async completions). `commit` appends a ready range to the
-//   send queue, extending the previous range when they touch (the common case: a burst of cached
-//   reads completes in order), and `flush` writes the queue with one write, or a corked writev.
+//   queue, extending the previous range when they touch (the common case: a burst of cached reads
+//   completes in order), and `flush` writes runs of ranges with one write, or a corked writev.
+// - Zero-copy file segments (`pushFile`): a reply whose data is sent with sendfile(2) straight
+//   from the page cache. It must reach the socket exactly where it stands in the queue, so it is
+//   sent only when every earlier byte has left libuv's write queue; later segments wait behind it.
+//   When the socket fills up mid-send, the rest of that reply is read from the (cached) file and
+//   written the ordinary way, still ahead of everything queued after it.
 // - A slab is reused only when nothing in it is pending (`refs` counts regions reserved but not
 //   yet written out). When every slab is busy, reserve() fails and the connection stops reading
 //   requests until writes complete (`onSpace`): a client that does not read its replies stalls
 //   itself, never the server's memory.
 
+import { readSync } from "node:fs";
 import type { Duplex } from "node:stream";
-import { release } from "../util/buffer-pool.js";
+import { acquire, release } from "../util/buffer-pool.js";
+import { readNowait, sendHeaderAndFile } from "../blockio/index.js";
 
 /** A reusable reply buffer. */
 export class Slab {
@@ -34,6 +41,10 @@ interface Segment {
   count: number;
   /** A pooled buffer to give back once written. */
   pooled: Buffer | null;
+  /** For a zero-copy segment: `buf` is the header, then `length` bytes of `fd` at `offset`. */
+  fd: number;
+  offset: number;
+  length: number;
 }
 
 /** Builds and sends replies for one connection. */
@@ -42,15 +53,20 @@ export class OutputQueue {
   cur: Slab;
   /** Called after a socket write completed (room may have become available). */
   onSpace: (() => void) | null = null;
+  /** Bytes of external buffers and file segments queued but not yet handed to the socket. */
+  unflushed = 0;
+  /** Bytes sent with sendfile (for stats). */
+  zeroCopyBytes = 0;
   private readonly free: Slab[] = [];
   private slabs = 1;
   private segments: Segment[] = [];
   private writes = 0;
-  /** Bytes of external buffers queued but not yet handed to the socket. */
-  unflushed = 0;
+  private flushing = false;
 
   constructor(
     private readonly stream: Duplex,
+    /** The socket's descriptor for zero-copy segments (-1: none will be queued). */
+    private readonly sockFd = -1,
     private readonly slabSize = 256 * 1024,
     private readonly maxSlabs = 16,
   ) {
@@ -99,7 +115,7 @@ export class OutputQueue {
       last.count++;
       return;
     }
-    this.segments.push({ buf: slab.buf, start, end, slab, count: 1, pooled: null });
+    this.segments.push({ buf: slab.buf, start, end, slab, count: 1, pooled: null, fd: -1, offset: 0, length: 0 });
   }
 
   /** Give back a reserved region without sending it. */
@@ -112,7 +128,7 @@ export class OutputQueue {
    * `pooled` (from util/buffer-pool acquire()), that buffer is released once `buf` is written.
    */
   pushExternal(buf: Buffer, pooled: Buffer | null = null): void {
-    this.segments.push({ buf, start: 0, end: buf.length, slab: null, count: 0, pooled });
+    this.segments.push({ buf, start: 0, end: buf.length, slab: null, count: 0, pooled, fd: -1, offset: 0, length: 0 });
     this.unflushed += buf.length;
   }
 
@@ -127,20 +143,77 @@ export class OutputQueue {
     this.commit(this.cur, at, at + bytes.length);
   }
 
-  /** Write everything queued. */
+  /** Queue `header` followed by `length` bytes of file `fd` at `offset`, sent with sendfile. */
+  pushFile(header: Buffer, fd: number, offset: number, length: number): void {
+    if (this.sockFd < 0) throw new Error("zero-copy segment on a connection without a socket descriptor");
+    this.segments.push({ buf: header, start: 0, end: header.length, slab: null, count: 0, pooled: null, fd, offset, length });
+    this.unflushed += header.length + length;
+  }
+
+  /** Write everything queued (zero-copy segments as soon as what precedes them has left). */
   flush(): void {
-    const segs = this.segments;
-    if (segs.length === 0) return;
-    this.segments = [];
-    this.unflushed = 0;
-    const many = segs.length > 1;
-    if (many) this.stream.cork();
-    for (const s of segs) {
-      this.writes++;
-      const view = s.start === 0 && s.end === s.buf.length ? s.buf : s.buf.subarray(s.start, s.end);
-      this.stream.write(view, () => this.written(s));
+    if (this.flushing) return;
+    this.flushing = true;
+    try {
+      this.pump();
+    } finally {
+      this.flushing = false;
     }
-    if (many) this.stream.uncork();
+  }
+
+  private pump(): void {
+    const segs = this.segments;
+    let i = 0;
+    while (i < segs.length) {
+      if (segs[i]!.fd >= 0) {
+        // A zero-copy segment: only when nothing sits in libuv's queue ahead of it.
+        if (this.writes > 0 || this.stream.writableLength > 0) break;
+        this.sendFileSegment(segs[i]!);
+        i++;
+        continue;
+      }
+      let j = i;
+      while (j < segs.length && segs[j]!.fd < 0) j++;
+      const many = j - i > 1;
+      if (many) this.stream.cork();
+      for (let k = i; k < j; k++) this.write(segs[k]!);
+      if (many) this.stream.uncork();
+      i = j;
+    }
+    if (i === segs.length) this.segments = [];
+    else this.segments = segs.slice(i);
+    this.unflushed = 0;
+    for (const s of this.segments) if (s.slab === null) this.unflushed += s.end - s.start + s.length;
+  }
+
+  private write(s: Segment): void {
+    this.writes++;
+    const view = s.start === 0 && s.end === s.buf.length ? s.buf : s.buf.subarray(s.start, s.end);
+    this.stream.write(view, () => this.written(s));
+  }
+
+  private sendFileSegment(s: Segment): void {
+    const hlen = s.buf.length;
+    const total = hlen + s.length;
+    const sent = sendHeaderAndFile(this.sockFd, s.buf, s.fd, s.offset, s.length);
+    if (sent < 0) {
+      // The connection failed; the stream reports it (error/close). Nothing more to send here.
+      return;
+    }
+    this.zeroCopyBytes += Math.max(0, sent - hlen);
+    if (sent === total) return;
+    // The socket filled up: the rest of this reply goes through libuv, ahead of everything after it.
+    const rest = total - sent;
+    const pooled = acquire(rest);
+    const buf = pooled.subarray(0, rest);
+    let at = 0;
+    if (sent < hlen) {
+      s.buf.copy(buf, 0, sent);
+      at = hlen - sent;
+    }
+    const dataStart = Math.max(0, sent - hlen);
+    readFully(s.fd, buf.subarray(at), s.offset + dataStart);
+    this.write({ buf, start: 0, end: rest, slab: null, count: 0, pooled, fd: -1, offset: 0, length: 0 });
   }
 
   /** Nothing queued and no write in flight. */
@@ -152,6 +225,8 @@ export class OutputQueue {
     this.writes--;
     if (s.slab !== null) this.unref(s.slab, s.count);
     if (s.pooled !== null) release(s.pooled);
+    // A zero-copy segment may be waiting for the queue ahead of it to empty.
+    if (this.writes === 0 && this.segments.length > 0 && this.segments[0]!.fd >= 0) this.flush();
     this.onSpace?.();
   }
 
@@ -161,5 +236,27 @@ export class OutputQueue {
       slab.retired = false;
       this.free.push(slab);
     }
+  }
+}
+
+/**
+ * Fill `buf` from `fd` at `offset`. The range was in the page cache a moment ago (cachestat), so
+ * the non-blocking read nearly always succeeds; if pages were evicted since, a blocking read on the
+ * event loop is the price of keeping the reply stream in order (rare, bounded by one reply).
+ */
+function readFully(fd: number, buf: Buffer, offset: number): void {
+  let done = 0;
+  while (done < buf.length) {
+    const r = readNowait(fd, buf.subarray(done), offset + done);
+    if (r > 0) {
+      done += r;
+      continue;
+    }
+    const n = readSync(fd, buf, done, buf.length - done, offset + done);
+    if (n <= 0) {
+      buf.fill(0, done); // file shorter than the volume: cannot happen for a volume we opened
+      return;
+    }
+    done += n;
   }
 }

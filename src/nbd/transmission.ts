@@ -22,7 +22,10 @@ import type { Logger } from "../log.js";
 import { errnoName, BlockforkError } from "../errors.js";
 import { DONE } from "../util/done.js";
 import { acquire, release } from "../util/buffer-pool.js";
-import type { Volume } from "../volume/volume.js";
+import type { Extent, Volume } from "../volume/volume.js";
+import { isCached } from "../blockio/index.js";
+import { Socket } from "node:net";
+import { TLSSocket } from "node:tls";
 import { commandName } from "./commands.js";
 import { nbdErrorOf } from "./errors.js";
 import { OutputQueue, type Slab } from "./output.js";
@@ -62,6 +65,34 @@ const MAX_QUEUED_BYTES = Number(process.env.BF_MAX_QUEUED ?? 2 * 1024 * 1024);
 /** After DISC or shutdown, how long the peer gets to close before we destroy the socket. */
 const CLOSE_GRACE_MS = 5000;
 
+interface Piece {
+  offset: number;
+  length: number;
+  hole: boolean;
+}
+
+/** Cut [offset, offset+length) into data and hole pieces; holes under MIN_HOLE count as data. */
+function piecesOf(extents: Extent[], offset: number, length: number): Piece[] {
+  const end = offset + length;
+  const pieces: Piece[] = [];
+  let pos = offset;
+  for (const e of extents) {
+    if (pos >= end) break;
+    const n = Math.min(e.length, end - pos);
+    const hole = (e.flags & STATE_ZERO) !== 0 && n >= MIN_HOLE;
+    const last = pieces[pieces.length - 1];
+    if (last !== undefined && last.hole === hole) last.length += n;
+    else pieces.push({ offset: pos, length: n, hole });
+    pos += n;
+  }
+  if (pos < end) {
+    const last = pieces[pieces.length - 1];
+    if (last !== undefined && !last.hole) last.length += end - pos;
+    else pieces.push({ offset: pos, length: end - pos, hole: false });
+  }
+  return pieces;
+}
+
 /** What a transmission needs to know about its negotiated session. */
 export interface TransmissionSettings {
   volume: Volume;
@@ -71,6 +102,8 @@ export interface TransmissionSettings {
   minBlock: number;
   maxBlock: number;
   log: Logger;
+  /** Send large cached reads with sendfile when the stream is a plain socket (default true). */
+  zeroCopy?: boolean;
 }
 
 /** Counters kept per connection (for logs and status). */
@@ -83,6 +116,16 @@ export interface TransmissionStats {
 
 type State = "open" | "closing" | "closed";
 
+/**
+ * The file descriptor under a plain (non-TLS) net.Socket, or -1. Node keeps it on the socket's
+ * libuv handle; reading it is the one use of a Node internal here, guarded to fail safe.
+ */
+function socketFd(stream: Duplex): number {
+  if (!(stream instanceof Socket) || stream instanceof TLSSocket) return -1;
+  const fd = (stream as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  return typeof fd === "number" && fd >= 0 ? fd : -1;
+}
+
 /** The request loop of one connection. */
 export class Transmission {
   readonly stats: TransmissionStats = { requests: 0, errors: 0, bytesRead: 0, bytesWritten: 0 };
@@ -93,6 +136,8 @@ export class Transmission {
   private readonly ctx: ValidationContext;
   private readonly structured: boolean;
   private readonly sparseReads: boolean;
+  /** The socket's file descriptor for zero-copy sends, or -1 (TLS, disabled, unknown). */
+  private readonly zeroCopyFd: number;
   private readonly out: OutputQueue;
   private readonly log: Logger;
   private readonly hdr = Buffer.allocUnsafe(REQUEST_SIZE);
@@ -133,7 +178,8 @@ export class Transmission {
       minBlock: settings.minBlock,
       maxBlock: settings.maxBlock,
     };
-    this.out = new OutputQueue(stream);
+    this.zeroCopyFd = settings.zeroCopy === false ? -1 : socketFd(stream);
+    this.out = new OutputQueue(stream, this.zeroCopyFd);
     this.out.onSpace = this.onSpace;
     this.finished = new Promise<void>((resolve) => (this.resolveFinished = resolve));
     stream.on("data", this.onData);
@@ -351,10 +397,10 @@ export class Transmission {
   private read(req: Request): void {
     const len = req.length;
     this.stats.bytesRead += len;
-    if (this.sparseReads && len >= SPARSE_READ_MIN && (req.flags & CMD_FLAG.DF) === 0) {
+    if (len > MAX_SLAB_READ || (this.sparseReads && len >= SPARSE_READ_MIN && (req.flags & CMD_FLAG.DF) === 0)) {
       this.inflight++;
       this.readBytes += len;
-      this.sparseRead(req).then(
+      this.largeRead(req).then(
         () => {
           this.readBytes -= len;
           this.settled();
@@ -367,59 +413,69 @@ export class Transmission {
       );
       return;
     }
+    // Small read: header and data built in place in a reply slab.
     const hdr = this.structured ? STRUCTURED_REPLY_SIZE + 8 : SIMPLE_REPLY_SIZE;
-    if (len <= MAX_SLAB_READ) {
-      const out = this.out;
-      const at = out.reserve(hdr + len); // room was checked by mustWait()
-      const slab = out.cur;
-      const buf = slab.buf;
-      const p = this.vol.read(buf.subarray(at + hdr, at + hdr + len), req.offset);
-      if (p === DONE) {
-        this.readHeader(buf, at, req);
-        out.commit(slab, at, at + hdr + len);
-        return;
-      }
-      this.inflight++;
-      p.then(
-        () => {
-          this.readHeader(buf, at, req);
-          out.commit(slab, at, at + hdr + len);
-          this.settled();
-        },
-        (e: unknown) => {
-          out.cancel(slab as Slab);
-          this.replyFailure(req, e);
-          this.settled();
-        },
-      );
-      return;
-    }
-    const pooled = acquire(hdr + len);
-    const buf = pooled.subarray(0, hdr + len);
-    const p = this.vol.read(buf.subarray(hdr), req.offset);
-    const send = (): void => {
-      this.readHeader(buf, 0, req);
-      this.out.pushExternal(buf, pooled);
-    };
+    const out = this.out;
+    const at = out.reserve(hdr + len); // room was checked by mustWait()
+    const slab = out.cur;
+    const buf = slab.buf;
+    const p = this.vol.read(buf.subarray(at + hdr, at + hdr + len), req.offset);
     if (p === DONE) {
-      send();
+      this.readHeader(buf, at, req);
+      out.commit(slab, at, at + hdr + len);
       return;
     }
     this.inflight++;
-    this.readBytes += len;
     p.then(
       () => {
-        this.readBytes -= len;
-        send();
+        this.readHeader(buf, at, req);
+        out.commit(slab, at, at + hdr + len);
         this.settled();
       },
       (e: unknown) => {
-        this.readBytes -= len;
-        release(pooled);
+        out.cancel(slab as Slab);
         this.replyFailure(req, e);
         this.settled();
       },
     );
+  }
+
+  /**
+   * A large read: zero runs as OFFSET_HOLE chunks (structured, no DF); else straight from the page
+   * cache to the socket (zero-copy) when the volume is a plain file range that is fully cached;
+   * else read into a pooled buffer.
+   */
+  private async largeRead(req: Request): Promise<void> {
+    if (this.sparseReads && req.length >= SPARSE_READ_MIN && (req.flags & CMD_FLAG.DF) === 0) {
+      const pieces = piecesOf(await this.vol.extents(req.offset, req.length), req.offset, req.length);
+      if (pieces.length > 1 || pieces[0]!.hole) {
+        await this.sparseRead(req, pieces);
+        return;
+      }
+    }
+    if (this.zeroCopyFd >= 0 && this.zeroCopy(req)) return;
+    const hdr = this.structured ? STRUCTURED_REPLY_SIZE + 8 : SIMPLE_REPLY_SIZE;
+    const pooled = acquire(hdr + req.length);
+    const buf = pooled.subarray(0, hdr + req.length);
+    try {
+      const p = this.vol.read(buf.subarray(hdr), req.offset);
+      if (p !== DONE) await p;
+    } catch (e) {
+      release(pooled);
+      throw e;
+    }
+    this.readHeader(buf, 0, req);
+    this.out.pushExternal(buf, pooled);
+  }
+
+  /** Queue the reply as header + file range for sendfile; false when that cannot be done. */
+  private zeroCopy(req: Request): boolean {
+    const range = this.vol.fileRange?.(req.offset, req.length);
+    if (!range || !isCached(range.fd, range.offset, req.length)) return false;
+    const header = Buffer.allocUnsafe(this.structured ? STRUCTURED_REPLY_SIZE + 8 : SIMPLE_REPLY_SIZE);
+    this.readHeader(header, 0, req);
+    this.out.pushFile(header, range.fd, range.offset, req.length);
+    return true;
   }
 
   private readHeader(buf: Buffer, at: number, req: Request): void {
@@ -431,26 +487,8 @@ export class Transmission {
     }
   }
 
-  /** A structured read that sends zero runs as OFFSET_HOLE chunks. */
-  private async sparseRead(req: Request): Promise<void> {
-    const end = req.offset + req.length;
-    const extents = await this.vol.extents(req.offset, req.length);
-    const pieces: { offset: number; length: number; hole: boolean }[] = [];
-    let pos = req.offset;
-    for (const e of extents) {
-      if (pos >= end) break;
-      const length = Math.min(e.length, end - pos);
-      const hole = (e.flags & STATE_ZERO) !== 0 && length >= MIN_HOLE;
-      const last = pieces[pieces.length - 1];
-      if (last !== undefined && last.hole === hole) last.length += length;
-      else pieces.push({ offset: pos, length, hole });
-      pos += length;
-    }
-    if (pos < end) {
-      const last = pieces[pieces.length - 1];
-      if (last !== undefined && !last.hole) last.length += end - pos;
-      else pieces.push({ offset: pos, length: end - pos, hole: false });
-    }
+  /** A structured read sent as OFFSET_DATA and OFFSET_HOLE chunks, in order, DONE on the last. */
+  private async sparseRead(req: Request, pieces: Piece[]): Promise<void> {
     let size = 0;
     for (const p of pieces) size += p.hole ? STRUCTURED_REPLY_SIZE + 12 : STRUCTURED_REPLY_SIZE + 8 + p.length;
     const pooled = acquire(size);
@@ -580,7 +618,11 @@ export class Transmission {
 
   private readonly flushNow = (): void => {
     this.flushScheduled = false;
-    if (!this.peerGone) this.out.flush();
+    if (!this.peerGone) {
+      this.out.flush();
+      // Zero-copy sends finish inside flush() without a write callback: re-check the brakes here.
+      if (this.blocked) this.onSpace();
+    }
     this.maybeFinish();
   };
 

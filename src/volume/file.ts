@@ -18,7 +18,14 @@ import {
 import { errnoOf, NotSupportedError } from "../errors.js";
 import { constants } from "node:os";
 import { DONE, noop } from "../util/done.js";
-import { fullCaps, type Extent, type Volume, type VolumeCaps, type ZeroOptions } from "./volume.js";
+import {
+  fullCaps,
+  type Extent,
+  type FileRange,
+  type Volume,
+  type VolumeCaps,
+  type ZeroOptions,
+} from "./volume.js";
 
 const E = constants.errno;
 
@@ -141,6 +148,10 @@ export class FileVolume implements Volume {
     } catch (e) {
       return Promise.reject(e);
     }
+  }
+
+  fileRange(offset: number, _length: number): FileRange {
+    return { fd: this.file.fd, offset };
   }
 
   cache(offset: number, length: number): Promise<void> {

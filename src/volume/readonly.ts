@@ -27,6 +27,7 @@ export function readOnly(next: Volume): Volume {
     trim: refuse,
     zero: (_o: number, _l: number, _z: ZeroOptions) => refuse(),
     extents: (offset: number, length: number): Promise<Extent[]> => next.extents(offset, length),
+    ...(next.fileRange ? { fileRange: next.fileRange.bind(next) } : {}),
     cache: (offset: number, length: number) => next.cache(offset, length),
     close: () => next.close(),
   };

@@ -51,6 +51,12 @@ export interface ZeroOptions {
   fast?: boolean;
 }
 
+/** A range of a volume that is plain bytes of a file descriptor (the zero-copy hint). */
+export interface FileRange {
+  fd: number;
+  offset: number;
+}
+
 /** A block volume: the unit every layer of the stack implements. */
 export interface Volume {
   /** Size in bytes (fixed for the life of the volume). */
@@ -65,6 +71,12 @@ export interface Volume {
   zero(offset: number, length: number, opts: ZeroOptions): Promise<void>;
   /** Runs covering a prefix of [offset, offset+length), at least one, summing to <= length. */
   extents(offset: number, length: number): Promise<Extent[]>;
+  /**
+   * Optional zero-copy hint: when [offset, offset+length) reads as exactly these bytes of a file
+   * descriptor, say where, so the NBD layer may sendfile() them. A layer that changes what reads
+   * return must not pass this through; leaving it undefined is always correct.
+   */
+  fileRange?(offset: number, length: number): FileRange | null;
   /** Hint: bring a range into cache (NBD_CMD_CACHE). */
   cache(offset: number, length: number): Promise<void>;
   close(): Promise<void>;

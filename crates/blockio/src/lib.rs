@@ -156,6 +156,46 @@ unsafe extern "C" fn extents_sync(env: napi_env, info: napi_callback_info) -> na
     }
 }
 
+/// cachedBytes(fd, offset, length): bytes of the range in the page cache, or -errno.
+unsafe extern "C" fn cached_bytes(env: napi_env, info: napi_callback_info) -> napi_value {
+    let parsed = (|| {
+        let a = args::<3>(env, info)?;
+        Some((
+            num(env, a[0])? as i32,
+            num(env, a[1])? as i64,
+            num(env, a[2])? as i64,
+        ))
+    })();
+    match parsed {
+        Some((fd, off, len)) => number(env, ops::cached_bytes(fd, off, len) as f64),
+        None => throw(env, "cachedBytes(fd, offset, length): bad arguments"),
+    }
+}
+
+/// sendFile(sock, header, fileFd, offset, length): bytes sent (header first), stopping at EAGAIN;
+/// -errno when the connection failed before anything was sent.
+unsafe extern "C" fn send_file(env: napi_env, info: napi_callback_info) -> napi_value {
+    let parsed = (|| {
+        let a = args::<5>(env, info)?;
+        let sock = num(env, a[0])? as i32;
+        let (hp, hl) = bytes(env, a[1])?;
+        let fd = num(env, a[2])? as i32;
+        let off = num(env, a[3])? as i64;
+        let len = num(env, a[4])? as usize;
+        Some((sock, hp, hl, fd, off, len))
+    })();
+    match parsed {
+        Some((sock, hp, hl, fd, off, len)) => number(
+            env,
+            ops::send_header_and_file(sock, hp, hl, fd, off, len) as f64,
+        ),
+        None => throw(
+            env,
+            "sendFile(sock, header, fd, offset, length): bad arguments",
+        ),
+    }
+}
+
 /// deviceSize(fd): size in bytes of a block device (BLKGETSIZE64), or -errno.
 unsafe extern "C" fn device_size(env: napi_env, info: napi_callback_info) -> napi_value {
     match args::<1>(env, info).and_then(|a| num(env, a[0])) {
@@ -320,6 +360,8 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"writeInline\0", write_inline);
     export(env, exports, b"extentsSync\0", extents_sync);
     export(env, exports, b"deviceSize\0", device_size);
+    export(env, exports, b"cachedBytes\0", cached_bytes);
+    export(env, exports, b"sendFile\0", send_file);
     export(env, exports, b"submit\0", submit);
     exports
 }

@@ -220,3 +220,86 @@ pub fn device_size(fd: c_int) -> i64 {
     }
     size as i64
 }
+
+/// Bytes of [offset, offset+len) in the page cache (cachestat, whole pages), or -errno
+/// (-ENOSYS before Linux 6.5).
+pub fn cached_bytes(fd: c_int, offset: i64, len: i64) -> i64 {
+    let range = CachestatRange {
+        off: offset as u64,
+        len: len as u64,
+    };
+    let mut cs = Cachestat::default();
+    let r = unsafe {
+        syscall(
+            SYS_CACHESTAT,
+            fd,
+            &range as *const CachestatRange,
+            &mut cs as *mut Cachestat,
+            0,
+        )
+    };
+    if r < 0 {
+        return neg_errno();
+    }
+    (cs.nr_cache * 4096) as i64
+}
+
+/// Send `header` then `len` bytes of `file_fd` at `offset` on a non-blocking socket, without
+/// copying the file data through user space (sendfile; zero-copy into TCP and, since Linux 6.5,
+/// AF_UNIX). Stops at the first EAGAIN. Returns the bytes sent (header included), or -errno
+/// when nothing could be sent because the connection failed.
+pub fn send_header_and_file(
+    sock: c_int,
+    header: *const u8,
+    hlen: usize,
+    file_fd: c_int,
+    offset: i64,
+    len: usize,
+) -> i64 {
+    let mut sent = 0usize;
+    while sent < hlen {
+        let r = unsafe {
+            send(
+                sock,
+                header.add(sent) as *const c_void,
+                hlen - sent,
+                MSG_DONTWAIT | MSG_NOSIGNAL | MSG_MORE,
+            )
+        };
+        if r < 0 {
+            let e = errno();
+            if e == EINTR {
+                continue;
+            }
+            if e == EAGAIN {
+                return sent as i64;
+            }
+            return if sent > 0 { sent as i64 } else { -(e as i64) };
+        }
+        sent += r as usize;
+    }
+    let mut off = offset;
+    let mut done = 0usize;
+    while done < len {
+        let r = unsafe { sendfile64(sock, file_fd, &mut off, len - done) };
+        if r < 0 {
+            let e = errno();
+            if e == EINTR {
+                continue;
+            }
+            if e == EAGAIN {
+                break;
+            }
+            return if sent + done > 0 {
+                (sent + done) as i64
+            } else {
+                -(e as i64)
+            };
+        }
+        if r == 0 {
+            break; // end of file: the caller sends the rest another way
+        }
+        done += r as usize;
+    }
+    (sent + done) as i64
+}

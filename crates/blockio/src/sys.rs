@@ -19,10 +19,33 @@ pub const POSIX_FADV_WILLNEED: c_int = 3;
 /// _IOR(0x12, 114, size_t): size of a block device in bytes.
 pub const BLKGETSIZE64: c_long = 0x8008_1272;
 
+/// cachestat(2), Linux 6.5+: page-cache residency of a file range (same number on x86_64 and aarch64).
+pub const SYS_CACHESTAT: c_long = 451;
+pub const MSG_DONTWAIT: c_int = 0x40;
+pub const MSG_NOSIGNAL: c_int = 0x4000;
+pub const MSG_MORE: c_int = 0x8000;
+
+#[repr(C)]
+pub struct CachestatRange {
+    pub off: u64,
+    pub len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+pub struct Cachestat {
+    pub nr_cache: u64,
+    pub nr_dirty: u64,
+    pub nr_writeback: u64,
+    pub nr_evicted: u64,
+    pub nr_recently_evicted: u64,
+}
+
 pub const EINTR: i32 = 4;
 pub const EINVAL: i32 = 22;
 pub const ENXIO: i32 = 6;
 pub const EIO: i32 = 5;
+pub const EAGAIN: i32 = 11;
 
 extern "C" {
     pub fn preadv2(fd: c_int, iov: *const IoVec, iovcnt: c_int, offset: i64, flags: c_int)
@@ -42,6 +65,9 @@ extern "C" {
     pub fn lseek64(fd: c_int, offset: i64, whence: c_int) -> i64;
     pub fn posix_fadvise64(fd: c_int, offset: i64, len: i64, advice: c_int) -> c_int;
     pub fn ioctl(fd: c_int, request: c_long, ...) -> c_int;
+    pub fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut i64, count: usize) -> isize;
+    pub fn send(fd: c_int, buf: *const c_void, len: usize, flags: c_int) -> isize;
+    pub fn syscall(number: c_long, ...) -> c_long;
     fn __errno_location() -> *mut c_int;
 }
 
