@@ -22,6 +22,8 @@ export interface TestCerts {
   clientDir: string;
   /** Like clientDir, but the client certificate comes from another CA the server does not trust. */
   rogueClientDir: string;
+  /** libnbd certificates directory whose ca-cert.pem is the other CA: it cannot verify the server. */
+  untrustingDir: string;
   /** PSK file ("identity:hexkey" lines) and the identity in it. */
   pskFile: string;
   pskIdentity: string;
@@ -107,6 +109,9 @@ export async function makeTestCerts(dir: string): Promise<TestCerts> {
   const clientNoCertDir = join(dir, "client-nocert");
   const clientDir = join(dir, "client");
   const rogueClientDir = join(dir, "client-rogue");
+  const untrustingDir = join(dir, "client-untrusting");
+  mkdirSync(untrustingDir);
+  copyFileSync(join(dir, "rogue-ca-cert.pem"), join(untrustingDir, "ca-cert.pem"));
   for (const d of [clientNoCertDir, clientDir, rogueClientDir]) {
     mkdirSync(d);
     copyFileSync(join(dir, "ca-cert.pem"), join(d, "ca-cert.pem"));
@@ -130,6 +135,7 @@ export async function makeTestCerts(dir: string): Promise<TestCerts> {
     clientNoCertDir,
     clientDir,
     rogueClientDir,
+    untrustingDir,
     pskFile,
     pskIdentity,
     wrongPskFile,
