@@ -155,6 +155,9 @@ export class RawClient {
   readonly socket: Socket;
   /** Settles when the socket is closed (by either side). */
   readonly closed: Promise<void>;
+  /** Settles when the server has closed its side (EOF) or the socket is closed. */
+  readonly serverEnded: Promise<void>;
+  private resolveEnded!: () => void;
   /** The first socket error seen (ECONNRESET, EPIPE, ...), if any. */
   error: Error | null = null;
   private chunks: Buffer[] = [];
@@ -164,6 +167,7 @@ export class RawClient {
 
   private constructor(socket: Socket) {
     this.socket = socket;
+    this.serverEnded = new Promise<void>((resolve) => (this.resolveEnded = resolve));
     socket.on("data", (d: Buffer) => {
       this.chunks.push(d);
       this.buffered += d.length;
@@ -171,6 +175,7 @@ export class RawClient {
     });
     socket.on("end", () => {
       this.eof = true;
+      this.resolveEnded();
       this.poke();
     });
     socket.on("error", (e) => {
@@ -179,6 +184,7 @@ export class RawClient {
     this.closed = new Promise<void>((resolve) =>
       socket.once("close", () => {
         this.eof = true;
+        this.resolveEnded();
         this.poke();
         resolve();
       }),
@@ -232,6 +238,16 @@ export class RawClient {
   async send(b: Uint8Array): Promise<void> {
     if (this.socket.destroyed || this.socket.writableEnded) return;
     await new Promise<void>((resolve) => this.socket.write(b, () => resolve()));
+  }
+
+  /**
+   * Send bytes; resolves true once they are handed to the kernel, or false as soon as the server
+   * has closed its side (a server that stopped reading must not hang the test in a write).
+   */
+  async sendUnlessEnded(b: Uint8Array): Promise<boolean> {
+    if (this.eof || this.socket.destroyed || this.socket.writableEnded) return false;
+    const written = new Promise<boolean>((resolve) => this.socket.write(b, (e) => resolve(!e)));
+    return Promise.race([written, this.serverEnded.then(() => false)]);
   }
 
   /** Send bytes in pieces of `piece` bytes, yielding to the event loop between them. */

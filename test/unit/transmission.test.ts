@@ -709,6 +709,33 @@ void describe("protocol violations and disconnects", () => {
     );
   });
 
+  void test("bad request magic after large READs: their replies arrive whole before the close", async () => {
+    const c = await session("mem");
+    const data = pattern(MiB, 12);
+    assert.equal(await c.writeAt(0, data, 1n), 0);
+    c.write(
+      Buffer.concat([
+        requestBytes({ type: CMD.READ, cookie: 2n, offset: 0, length: MiB }),
+        requestBytes({ type: CMD.READ, cookie: 3n, offset: 0, length: 64 * KiB }),
+        requestBytes({ type: CMD.READ, cookie: 4n, offset: 0, length: 1000, magic: 0 }),
+      ]),
+    );
+    const rest = await c.readToEnd(5000);
+    assert.equal(rest.length, 16 + MiB + 16 + 64 * KiB, "every byte of both replies");
+    assert.ok(
+      rest.equals(
+        Buffer.concat([
+          hex("67446698 00000000"),
+          u64(2),
+          data,
+          hex("67446698 00000000"),
+          u64(3),
+          data.subarray(0, 64 * KiB),
+        ]),
+      ),
+    );
+  });
+
   void test("bad request magic while a request is in flight: its reply still comes first", async () => {
     const c = await session("slow");
     c.write(
