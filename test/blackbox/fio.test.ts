@@ -13,6 +13,12 @@ import { run } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
 
+/** Stop a server and fail unless it exited cleanly (status 0): a crash during the tests shows up here. */
+async function stopClean(srv: ServerHandle): Promise<void> {
+  const r = await srv.stop();
+  assert.deepEqual(r, { code: 0, signal: null }, `the server did not exit cleanly; its log:\n${srv.log()}`);
+}
+
 interface FioJob {
   jobname: string;
   error: number;
@@ -58,7 +64,7 @@ void describe("fio (nbd engine) against blockfork", () => {
     srv = await startServer({ dir, size: "256M" });
   });
   after(async () => {
-    await srv.stop();
+    await stopClean(srv);
     rmSync(dir, { recursive: true, force: true });
   });
 
@@ -89,8 +95,7 @@ void describe("fio (nbd engine) against blockfork", () => {
   });
 
   void test("verify_only after a server restart finds every block intact", async () => {
-    const code = await srv.stop();
-    assert.equal(code.code, 0, "the server did not stop cleanly");
+    await stopClean(srv);
     srv = await startServer({ dir, volume: volume(), size: null });
     const r = await fio(srv.uri, dir, [...randJob, "--verify_only=1"]);
     assertClean(r);

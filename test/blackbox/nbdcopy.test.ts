@@ -11,6 +11,12 @@ import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js
 import { run } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
+
+/** Stop a server and fail unless it exited cleanly (status 0): a crash during the tests shows up here. */
+async function stopClean(srv: ServerHandle): Promise<void> {
+  const r = await srv.stop();
+  assert.deepEqual(r, { code: 0, signal: null }, `the server did not exit cleanly; its log:\n${srv.log()}`);
+}
 const SIZE = 128 * MiB;
 
 function sha256(b: Buffer): string {
@@ -56,7 +62,7 @@ void describe("nbdcopy against blockfork", () => {
     imageSha = sha256(readFileSync(image));
   });
   after(async () => {
-    await Promise.all(servers.map((s) => s.stop()));
+    await Promise.all(servers.map(stopClean));
     rmSync(dir, { recursive: true, force: true });
   });
 
@@ -115,7 +121,7 @@ void describe("nbdcopy against blockfork", () => {
       if (pos < SIZE) want.push([pos, SIZE - pos, 3]);
       assert.deepEqual(await map(c.uri), want);
     } finally {
-      await c.stop();
+      await stopClean(c);
       rmSync(ddir, { recursive: true, force: true });
     }
   });

@@ -12,6 +12,12 @@ import { nbdsh, run } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
 
+/** Stop a server and fail unless it exited cleanly (status 0): a crash during the tests shows up here. */
+async function stopClean(srv: ServerHandle): Promise<void> {
+  const r = await srv.stop();
+  assert.deepEqual(r, { code: 0, signal: null }, `the server did not exit cleanly; its log:\n${srv.log()}`);
+}
+
 /** One export as `nbdinfo --json` prints it (the fields these tests read). */
 interface NbdinfoExport {
   "export-name": string;
@@ -88,7 +94,7 @@ void describe("nbdinfo against a read-write export", () => {
     srv = await startServer({ size: "64M", args: ["--description", "primary test disk"] });
   });
   after(async () => {
-    await srv.stop();
+    await stopClean(srv);
   });
 
   void test("--json reports the size, every capability flag and the default block sizes", async () => {
@@ -197,7 +203,7 @@ void describe("nbdinfo against --read-only and --block-size exports", () => {
   const servers: ServerHandle[] = [];
   const dirs: string[] = [];
   after(async () => {
-    await Promise.all(servers.map((s) => s.stop()));
+    await Promise.all(servers.map(stopClean));
     for (const d of dirs) rmSync(d, { recursive: true, force: true });
   });
 
@@ -247,7 +253,7 @@ void describe("nbdinfo: export names and existing volumes", () => {
   const servers: ServerHandle[] = [];
   const dirs: string[] = [];
   after(async () => {
-    await Promise.all(servers.map((s) => s.stop()));
+    await Promise.all(servers.map(stopClean));
     for (const d of dirs) rmSync(d, { recursive: true, force: true });
   });
 

@@ -13,6 +13,12 @@ import { ROOT, scratchDir, startServer, type ServerHandle } from "../helpers/ser
 import { nbdsh, type RunResult } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
+
+/** Stop a server and fail unless it exited cleanly (status 0): a crash during the tests shows up here. */
+async function stopClean(srv: ServerHandle): Promise<void> {
+  const r = await srv.stop();
+  assert.deepEqual(r, { code: 0, signal: null }, `the server did not exit cleanly; its log:\n${srv.log()}`);
+}
 const PYLIB = join(ROOT, "test", "python");
 const PRELUDE =
   'import os, sys, errno, random\nsys.path.insert(0, os.environ["PYLIB"])\nfrom nbdcheck import *\n';
@@ -52,7 +58,7 @@ void describe("nbdsh against a read-write export", () => {
     srv = await startServer({ size: "128M" });
   });
   after(async () => {
-    await srv.stop();
+    await stopClean(srv);
   });
 
   void test("pread and pwrite at unaligned offsets land at the right place in the volume", async () => {
@@ -657,7 +663,7 @@ void describe("nbdsh against a --read-only export", () => {
     srv = await startServer({ dir, volume, size: null, args: ["--read-only"] });
   });
   after(async () => {
-    await srv.stop();
+    await stopClean(srv);
     rmSync(dir, { recursive: true, force: true });
   });
 
@@ -721,7 +727,7 @@ void describe("nbdsh against --block-size 512,4096,1048576", () => {
     srv = await startServer({ size: "64M", args: ["--block-size", "512,4096,1048576"] });
   });
   after(async () => {
-    await srv.stop();
+    await stopClean(srv);
   });
 
   void test("advertises the block sizes", async () => {

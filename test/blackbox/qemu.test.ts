@@ -22,6 +22,12 @@ import { run, type RunResult } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
 
+/** Stop a server and fail unless it exited cleanly (status 0): a crash during the tests shows up here. */
+async function stopClean(srv: ServerHandle): Promise<void> {
+  const r = await srv.stop();
+  assert.deepEqual(r, { code: 0, signal: null }, `the server did not exit cleanly; its log:\n${srv.log()}`);
+}
+
 function sha256(b: Buffer): string {
   return createHash("sha256").update(b).digest("hex");
 }
@@ -113,7 +119,7 @@ void describe("qemu-img against blockfork", () => {
     srv = await startServer({ size: "64M" });
   });
   after(async () => {
-    await srv.stop();
+    await stopClean(srv);
     rmSync(dir, { recursive: true, force: true });
   });
 
@@ -180,7 +186,7 @@ void describe("qemu-io against blockfork", () => {
     srv = await startServer({ size: "64M" });
   });
   after(async () => {
-    await srv.stop();
+    await stopClean(srv);
   });
 
   // 48 writes of 32-55 KiB at offsets that are 512-aligned but not 4 KiB-aligned.
