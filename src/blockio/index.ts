@@ -17,7 +17,15 @@
 //   thread (IoQueue). No ordering is promised between operations queued in the same tick; callers
 //   that need an order await the first before issuing the second.
 
-import { closeSync, existsSync, fstatSync, fsyncSync, ftruncateSync, openSync, constants as fsc } from "node:fs";
+import {
+  closeSync,
+  existsSync,
+  fstatSync,
+  fsyncSync,
+  ftruncateSync,
+  openSync,
+  constants as fsc,
+} from "node:fs";
 import { dirname } from "node:path";
 import { performance } from "node:perf_hooks";
 import { constants as osc } from "node:os";
@@ -76,7 +84,14 @@ class IoQueue {
   private scheduled = false;
   constructor(private readonly workers: number) {}
 
-  run(kind: Op, fd: number, offset: number, length: number, flags: number, buf?: Uint8Array): Promise<number> {
+  run(
+    kind: Op,
+    fd: number,
+    offset: number,
+    length: number,
+    flags: number,
+    buf?: Uint8Array,
+  ): Promise<number> {
     return new Promise<number>((resolve, reject) => {
       this.queue.push({ kind, fd, offset, length, flags, buf, resolve, reject });
       if (!this.scheduled) {
@@ -102,7 +117,7 @@ function submit(ops: Pending[]): void {
   const bufs = new Array<Uint8Array | undefined>(n);
   const results = new Float64Array(n);
   for (let i = 0; i < n; i++) {
-    const op = ops[i]!;
+    const op = ops[i];
     desc[i * 5] = op.kind;
     desc[i * 5 + 1] = op.fd;
     desc[i * 5 + 2] = op.offset;
@@ -113,9 +128,9 @@ function submit(ops: Pending[]): void {
   binding.submit(desc, bufs, results, () => {
     // desc/bufs/results are referenced by this closure until here: the pool thread is done with them.
     for (let i = 0; i < n; i++) {
-      const r = results[i]!;
-      const op = ops[i]!;
-      if (r < 0) op.reject(new IoError(-r, SYSCALL[op.kind]!, `offset ${op.offset}, length ${op.length}`));
+      const r = results[i];
+      const op = ops[i];
+      if (r < 0) op.reject(new IoError(-r, SYSCALL[op.kind], `offset ${op.offset}, length ${op.length}`));
       else op.resolve(r);
     }
   });
@@ -149,7 +164,13 @@ export class BlockFile {
   private closed = false;
   private readonly extentsOut = new Float64Array(2 * 1024);
 
-  private constructor(path: string, fd: number, size: number, isBlockDevice: boolean, opts: BlockFileOptions) {
+  private constructor(
+    path: string,
+    fd: number,
+    size: number,
+    isBlockDevice: boolean,
+    opts: BlockFileOptions,
+  ) {
     this.path = path;
     this.fd = fd;
     this.size = size;
@@ -219,7 +240,8 @@ export class BlockFile {
       if (r === buf.length) return DONE;
       if (r > 0) done = r;
       else if (r === -E.EOPNOTSUPP || r === -E.EINVAL) this.fastReads = false;
-      else if (r !== -E.EAGAIN && r !== 0) return Promise.reject(new IoError(-r, "pread", `offset ${offset}`));
+      else if (r !== -E.EAGAIN && r !== 0)
+        return Promise.reject(new IoError(-r, "pread", `offset ${offset}`));
     }
     const rest = done === 0 ? buf : buf.subarray(done);
     return queue.run(Op.Read, this.fd, offset + done, rest.length, 0, rest).then(noop);
@@ -248,7 +270,11 @@ export class BlockFile {
     if (head !== 0 && binding.readNowait(this.fd, probe, offset - head) < 0) return false;
     const end = offset + length;
     const tail = end % PAGE;
-    if (tail !== 0 && end < this.size && (head === 0 || Math.floor(end / PAGE) !== Math.floor(offset / PAGE))) {
+    if (
+      tail !== 0 &&
+      end < this.size &&
+      (head === 0 || Math.floor(end / PAGE) !== Math.floor(offset / PAGE))
+    ) {
       if (binding.readNowait(this.fd, probe, end - tail) < 0) return false;
     }
     return true;
@@ -284,7 +310,7 @@ export class BlockFile {
     const n = binding.extentsSync(this.fd, offset, length, out.subarray(0, 2 * Math.min(max, 1024)));
     if (n < 0) throw new IoError(-n, "lseek(SEEK_DATA)", `offset ${offset}`);
     const list: Extent[] = [];
-    for (let i = 0; i < n; i++) list.push({ length: out[2 * i]!, flags: out[2 * i + 1]! });
+    for (let i = 0; i < n; i++) list.push({ length: out[2 * i], flags: out[2 * i + 1] });
     return list;
   }
 
@@ -318,11 +344,24 @@ export function isCached(fd: number, offset: number, length: number): boolean {
  * (sendfile: no copy through user space). Returns the bytes sent, header included, stopping early
  * when the socket is full; negative errno when the connection failed before anything was sent.
  */
-export function sendHeaderAndFile(sock: number, header: Uint8Array, fd: number, offset: number, length: number): number {
+export function sendHeaderAndFile(
+  sock: number,
+  header: Uint8Array,
+  fd: number,
+  offset: number,
+  length: number,
+): number {
   return binding.sendFile(sock, header, fd, offset, length);
 }
 
 /** Read without blocking (page cache only): bytes read, or negative errno (-EAGAIN if not cached). */
 export function readNowait(fd: number, buf: Uint8Array, offset: number): number {
   return binding.readNowait(fd, buf, offset);
+}
+
+/** A close-on-exec duplicate of a file descriptor; throws IoError. */
+export function dupFd(fd: number): number {
+  const r = binding.dupFd(fd);
+  if (r < 0) throw new IoError(-r, "fcntl(F_DUPFD_CLOEXEC)");
+  return r;
 }

@@ -14,6 +14,7 @@ export interface BlockioBinding {
   extentsSync(fd: number, offset: number, length: number, out: Float64Array): number;
   deviceSize(fd: number): number;
   cachedBytes(fd: number, offset: number, length: number): number;
+  dupFd(fd: number): number;
   sendFile(sock: number, header: Uint8Array, fd: number, offset: number, length: number): number;
   submit(desc: Float64Array, bufs: (Uint8Array | undefined)[], results: Float64Array, cb: () => void): void;
 }

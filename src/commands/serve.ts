@@ -70,7 +70,8 @@ interface ServeConfig {
 
 function positiveInt(v: string, what: string): number {
   const n = Number(v);
-  if (!Number.isSafeInteger(n) || n <= 0) throw new UsageError(`${what} must be a positive integer, got "${v}"`);
+  if (!Number.isSafeInteger(n) || n <= 0)
+    throw new UsageError(`${what} must be a positive integer, got "${v}"`);
   return n;
 }
 
@@ -80,8 +81,8 @@ function loadPsk(file: string): Map<string, Buffer> {
     const line = raw.trim();
     if (!line || line.startsWith("#")) continue;
     const m = /^([^:]+):([0-9a-fA-F]+)$/.exec(line);
-    if (!m || m[2]!.length % 2 !== 0) throw new UsageError(`${file}:${i + 1}: expected "identity:hexkey"`);
-    keys.set(m[1]!, Buffer.from(m[2]!, "hex"));
+    if (!m || m[2].length % 2 !== 0) throw new UsageError(`${file}:${i + 1}: expected "identity:hexkey"`);
+    keys.set(m[1], Buffer.from(m[2], "hex"));
   }
   if (keys.size === 0) throw new UsageError(`${file} holds no PSK keys`);
   return keys;
@@ -123,8 +124,13 @@ export function parseServeArgs(argv: string[]): ServeConfig {
   let blockSizes = DEFAULT_BLOCK_SIZES;
   if (values["block-size"] !== undefined) {
     const parts = values["block-size"].split(",");
-    if (parts.length !== 3) throw new UsageError("--block-size takes MIN,PREF,MAX (for example 512,4096,33554432)");
-    const [minimum, preferred, maximum] = parts.map((p) => parseSize(p, "--block-size")) as [number, number, number];
+    if (parts.length !== 3)
+      throw new UsageError("--block-size takes MIN,PREF,MAX (for example 512,4096,33554432)");
+    const [minimum, preferred, maximum] = parts.map((p) => parseSize(p, "--block-size")) as [
+      number,
+      number,
+      number,
+    ];
     blockSizes = { minimum, preferred, maximum };
   }
 
@@ -161,8 +167,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
     throw new UsageError("--tls off contradicts --tls-cert/--tls-psk; drop one of them");
   }
 
-  const listen =
-    values.listen === "none" ? null : parseListen(values.listen ?? "127.0.0.1:10809");
+  const listen = values.listen === "none" ? null : parseListen(values.listen ?? "127.0.0.1:10809");
   if (listen === null && values.socket === undefined) {
     throw new UsageError("--listen none needs --socket PATH (otherwise nothing could connect)");
   }
@@ -176,9 +181,12 @@ export function parseServeArgs(argv: string[]): ServeConfig {
     blockSizes,
     listen,
     socket: values.socket,
-    maxConnections: values["max-connections"] ? positiveInt(values["max-connections"], "--max-connections") : 1024,
+    maxConnections: values["max-connections"]
+      ? positiveInt(values["max-connections"], "--max-connections")
+      : 1024,
     handshakeTimeoutMs:
-      1000 * (values["handshake-timeout"] ? positiveInt(values["handshake-timeout"], "--handshake-timeout") : 10),
+      1000 *
+      (values["handshake-timeout"] ? positiveInt(values["handshake-timeout"], "--handshake-timeout") : 10),
     tls,
     inlineWrites: values["no-inline-writes"] !== true,
     log,
@@ -224,7 +232,9 @@ export async function serve(argv: string[]): Promise<number> {
     urls.push(`${scheme}+unix:///${encodeURIComponent(cfg.name)}?socket=${unix}`);
   }
   printBanner(cfg, base.size, base.description, urls, tcp, unix);
-  log.info(`serving ${base.description} (${base.size} bytes) as "${cfg.name}"${cfg.readOnly ? " read-only" : ""}`);
+  log.info(
+    `serving ${base.description} (${base.size} bytes) as "${cfg.name}"${cfg.readOnly ? " read-only" : ""}`,
+  );
 
   return new Promise<number>((resolveExit) => {
     let stopping = false;
@@ -270,10 +280,11 @@ function printBanner(
   const lines = [`blockfork: serving ${description} (${formatSize(size)}) as export "${cfg.name}"`];
   for (const u of urls) lines.push(`  ${u}`);
   lines.push("attach it with:");
-  const first = urls[0]!;
+  const first = urls[0];
   lines.push(`  nbdinfo '${first}'`);
   lines.push(`  qemu-img info '${first}'`);
-  if (unix) lines.push(`  nbd-client -u ${unix} /dev/nbd0 -N ${cfg.name}        (as root; -b 4096 for 4K sectors)`);
+  if (unix)
+    lines.push(`  nbd-client -u ${unix} /dev/nbd0 -N ${cfg.name}        (as root; -b 4096 for 4K sectors)`);
   if (tcp) {
     const [host, port] = [tcp.slice(0, tcp.lastIndexOf(":")), tcp.slice(tcp.lastIndexOf(":") + 1)];
     lines.push(`  nbd-client ${host} ${port} /dev/nbd0 -N ${cfg.name}`);

@@ -21,7 +21,15 @@ export interface CommandInfo {
 }
 
 const rows: CommandInfo[] = [
-  { name: "READ", code: CMD.READ, flags: CMD_FLAG.DF, payload: false, writes: false, advertisedBy: 0, ranged: true },
+  {
+    name: "READ",
+    code: CMD.READ,
+    flags: CMD_FLAG.DF,
+    payload: false,
+    writes: false,
+    advertisedBy: 0,
+    ranged: true,
+  },
   { name: "WRITE", code: CMD.WRITE, flags: 0, payload: true, writes: true, advertisedBy: 0, ranged: true },
   { name: "DISC", code: CMD.DISC, flags: 0, payload: false, writes: false, advertisedBy: 0, ranged: false },
   {

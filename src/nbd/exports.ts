@@ -63,16 +63,24 @@ export function checkBlockSizes(b: BlockSizes, exportSize: number): void {
     throw new UsageError(`minimum block size ${b.minimum} must be a power of 2 between 1 and 65536`);
   }
   if (!pow2(b.preferred) || b.preferred < Math.max(b.minimum, 512)) {
-    throw new UsageError(`preferred block size ${b.preferred} must be a power of 2, at least max(minimum, 512)`);
+    throw new UsageError(
+      `preferred block size ${b.preferred} must be a power of 2, at least max(minimum, 512)`,
+    );
   }
-  if (!Number.isInteger(b.maximum) || b.maximum % b.minimum !== 0 || b.maximum < Math.min(b.preferred, exportSize)) {
+  if (
+    !Number.isInteger(b.maximum) ||
+    b.maximum % b.minimum !== 0 ||
+    b.maximum < Math.min(b.preferred, exportSize)
+  ) {
     throw new UsageError(
       `maximum block size ${b.maximum} must be a multiple of the minimum and at least min(preferred, export size)`,
     );
   }
   if (b.maximum > 0xffffffff) throw new UsageError(`maximum block size ${b.maximum} does not fit in 32 bits`);
   if (exportSize % b.minimum !== 0) {
-    throw new UsageError(`export size ${exportSize} is not a multiple of the minimum block size ${b.minimum}`);
+    throw new UsageError(
+      `export size ${exportSize} is not a multiple of the minimum block size ${b.minimum}`,
+    );
   }
 }
 
@@ -84,7 +92,8 @@ export class ExportRegistry {
 
   /** Add a fixed export; the first one added (or one with `isDefault`) also answers to "". */
   addStatic(e: StaticExport, isDefault = false): void {
-    if (Buffer.byteLength(e.name) > MAX_STRING) throw new UsageError(`export name longer than ${MAX_STRING} bytes`);
+    if (Buffer.byteLength(e.name) > MAX_STRING)
+      throw new UsageError(`export name longer than ${MAX_STRING} bytes`);
     if (this.statics.has(e.name)) throw new UsageError(`export "${e.name}" is defined twice`);
     this.statics.set(e.name, e);
     if (isDefault || this.defaultName === undefined) this.defaultName = e.name;
@@ -108,11 +117,19 @@ export class ExportRegistry {
     const key = name === "" ? this.defaultName : name;
     const s = key === undefined ? undefined : this.statics.get(key);
     if (s) {
-      return { name: s.name, description: s.description, volume: s.volume, blockSizes: s.blockSizes, release() {} };
+      return {
+        name: s.name,
+        description: s.description,
+        volume: s.volume,
+        blockSizes: s.blockSizes,
+        release() {},
+      };
     }
     for (const p of this.providers) if (p.owns(name)) return p.open(name);
     const names = [...this.statics.keys()].map((n) => `"${n}"`).join(", ");
-    return { message: `no export named "${name}" (this server has ${names || "none"}; NBD_OPT_LIST lists them)` };
+    return {
+      message: `no export named "${name}" (this server has ${names || "none"}; NBD_OPT_LIST lists them)`,
+    };
   }
 }
 

@@ -154,9 +154,11 @@ class Negotiation {
     this.noZeroes = (cflags & FLAG_C_NO_ZEROES) !== 0;
 
     for (let count = 1; ; count++) {
-      if (count > MAX_OPTIONS) throw new HandshakeAbort(`more than ${MAX_OPTIONS} options; giving up on this client`);
+      if (count > MAX_OPTIONS)
+        throw new HandshakeAbort(`more than ${MAX_OPTIONS} options; giving up on this client`);
       const head = await this.reader.read(16);
-      if (!head.subarray(0, 8).equals(IHAVEOPT)) throw new HandshakeAbort("bad option magic (expected IHAVEOPT)");
+      if (!head.subarray(0, 8).equals(IHAVEOPT))
+        throw new HandshakeAbort("bad option magic (expected IHAVEOPT)");
       const option = head.readUInt32BE(8);
       const length = head.readUInt32BE(12);
       if (length > HARD_OPTION_DATA) {
@@ -197,7 +199,8 @@ class Negotiation {
     }
     const tlsRequired = this.ctx.tls.mode === "require" && !this.tlsActive;
     if (tlsRequired && option !== OPT.STARTTLS) {
-      if (option === OPT.EXPORT_NAME) throw new HandshakeAbort("EXPORT_NAME without TLS on a server that requires TLS");
+      if (option === OPT.EXPORT_NAME)
+        throw new HandshakeAbort("EXPORT_NAME without TLS on a server that requires TLS");
       throw new OptionError(REP.ERR_TLS_REQD, "this server requires TLS: use STARTTLS first");
     }
     switch (option) {
@@ -252,7 +255,9 @@ class Negotiation {
     }
     const leftover = this.reader.detach();
     if (leftover.length > 0) throw new HandshakeAbort("data sent after STARTTLS before its reply");
-    await new Promise<void>((resolve) => this.socket.write(encodeOptionReply(OPT.STARTTLS, REP.ACK), () => resolve()));
+    await new Promise<void>((resolve) =>
+      this.socket.write(encodeOptionReply(OPT.STARTTLS, REP.ACK), () => resolve()),
+    );
     const secure = new TLSSocket(this.socket, {
       isServer: true,
       ...(tls.context ? { secureContext: tls.context } : {}),
@@ -260,7 +265,7 @@ class Negotiation {
       rejectUnauthorized: tls.verifyClients === true,
       ...(tls.pskCallback ? { pskCallback: tls.pskCallback } : {}),
       ...(tls.pskCiphers ? { ciphers: tls.pskCiphers } : {}),
-    } as ConstructorParameters<typeof TLSSocket>[1]);
+    });
     await new Promise<void>((resolve, reject) => {
       const onError = (e: Error): void => {
         secure.off("secure", onSecure);
@@ -287,7 +292,8 @@ class Negotiation {
   private async infoOrGo(option: number, data: Buffer): Promise<Negotiated | undefined> {
     if (data.length < 6) throw new OptionError(REP.ERR_INVALID, "INFO/GO data too short");
     const nameLen = data.readUInt32BE(0);
-    if (nameLen > data.length - 6) throw new OptionError(REP.ERR_INVALID, "INFO/GO name length exceeds the data");
+    if (nameLen > data.length - 6)
+      throw new OptionError(REP.ERR_INVALID, "INFO/GO name length exceeds the data");
     if (nameLen > MAX_STRING) throw new OptionError(REP.ERR_INVALID, "export name longer than 4096 bytes");
     const name = data.toString("utf8", 4, 4 + nameLen);
     const nInfo = data.readUInt16BE(4 + nameLen);
@@ -332,7 +338,8 @@ class Negotiation {
     at += 4;
     const queries: string[] = [];
     for (let i = 0; i < nQueries; i++) {
-      if (at + 4 > data.length) throw new OptionError(REP.ERR_INVALID, "query list runs past the option data");
+      if (at + 4 > data.length)
+        throw new OptionError(REP.ERR_INVALID, "query list runs past the option data");
       const qLen = data.readUInt32BE(at);
       at += 4;
       if (qLen > MAX_STRING || at + qLen > data.length) {
@@ -354,7 +361,8 @@ class Negotiation {
     const match = set
       ? queries.includes(BASE_ALLOCATION)
       : queries.length === 0 || queries.includes("base:") || queries.includes(BASE_ALLOCATION);
-    if (match) this.reply(option, REP.META_CONTEXT, encodeMetaContext(set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION));
+    if (match)
+      this.reply(option, REP.META_CONTEXT, encodeMetaContext(set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION));
     if (set) {
       this.metaExport = name;
       this.metaSelected = match;

@@ -115,7 +115,17 @@ export class OutputQueue {
       last.count++;
       return;
     }
-    this.segments.push({ buf: slab.buf, start, end, slab, count: 1, pooled: null, fd: -1, offset: 0, length: 0 });
+    this.segments.push({
+      buf: slab.buf,
+      start,
+      end,
+      slab,
+      count: 1,
+      pooled: null,
+      fd: -1,
+      offset: 0,
+      length: 0,
+    });
   }
 
   /** Give back a reserved region without sending it. */
@@ -128,7 +138,17 @@ export class OutputQueue {
    * `pooled` (from util/buffer-pool acquire()), that buffer is released once `buf` is written.
    */
   pushExternal(buf: Buffer, pooled: Buffer | null = null): void {
-    this.segments.push({ buf, start: 0, end: buf.length, slab: null, count: 0, pooled, fd: -1, offset: 0, length: 0 });
+    this.segments.push({
+      buf,
+      start: 0,
+      end: buf.length,
+      slab: null,
+      count: 0,
+      pooled,
+      fd: -1,
+      offset: 0,
+      length: 0,
+    });
     this.unflushed += buf.length;
   }
 
@@ -146,7 +166,17 @@ export class OutputQueue {
   /** Queue `header` followed by `length` bytes of file `fd` at `offset`, sent with sendfile. */
   pushFile(header: Buffer, fd: number, offset: number, length: number): void {
     if (this.sockFd < 0) throw new Error("zero-copy segment on a connection without a socket descriptor");
-    this.segments.push({ buf: header, start: 0, end: header.length, slab: null, count: 0, pooled: null, fd, offset, length });
+    this.segments.push({
+      buf: header,
+      start: 0,
+      end: header.length,
+      slab: null,
+      count: 0,
+      pooled: null,
+      fd,
+      offset,
+      length,
+    });
     this.unflushed += header.length + length;
   }
 
@@ -165,18 +195,18 @@ export class OutputQueue {
     const segs = this.segments;
     let i = 0;
     while (i < segs.length) {
-      if (segs[i]!.fd >= 0) {
+      if (segs[i].fd >= 0) {
         // A zero-copy segment: only when nothing sits in libuv's queue ahead of it.
         if (this.writes > 0 || this.stream.writableLength > 0) break;
-        this.sendFileSegment(segs[i]!);
+        this.sendFileSegment(segs[i]);
         i++;
         continue;
       }
       let j = i;
-      while (j < segs.length && segs[j]!.fd < 0) j++;
+      while (j < segs.length && segs[j].fd < 0) j++;
       const many = j - i > 1;
       if (many) this.stream.cork();
-      for (let k = i; k < j; k++) this.write(segs[k]!);
+      for (let k = i; k < j; k++) this.write(segs[k]);
       if (many) this.stream.uncork();
       i = j;
     }
@@ -226,7 +256,7 @@ export class OutputQueue {
     if (s.slab !== null) this.unref(s.slab, s.count);
     if (s.pooled !== null) release(s.pooled);
     // A zero-copy segment may be waiting for the queue ahead of it to empty.
-    if (this.writes === 0 && this.segments.length > 0 && this.segments[0]!.fd >= 0) this.flush();
+    if (this.writes === 0 && this.segments.length > 0 && this.segments[0].fd >= 0) this.flush();
     this.onSpace?.();
   }
 

@@ -49,7 +49,7 @@ export class StreamReader {
       this.stream.off("error", this.onError);
       this.stream.pause();
     }
-    const rest = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
+    const rest = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks);
     this.chunks = [];
     this.buffered = 0;
     return rest;
@@ -57,7 +57,7 @@ export class StreamReader {
 
   private take(n: number): Buffer {
     let out: Buffer;
-    const first = this.chunks[0]!;
+    const first = this.chunks[0];
     if (first.length >= n) {
       out = first.subarray(0, n);
       if (first.length === n) this.chunks.shift();

@@ -8,6 +8,7 @@
 
 import { createServer, connect, type Server, type Socket } from "node:net";
 import { existsSync, unlinkSync, statSync } from "node:fs";
+import type { Duplex } from "node:stream";
 import type { Logger } from "../log.js";
 import { StreamClosedError } from "./reader.js";
 import { HandshakeAbort, negotiate, type TlsSettings } from "./handshake.js";
@@ -29,7 +30,8 @@ export interface ServerOptions {
 
 interface Conn {
   id: number;
-  socket: Socket;
+  /** The connection's stream (the transmission's own socket once it has taken the descriptor over). */
+  socket: Duplex;
   tx: Transmission | null;
 }
 
@@ -84,7 +86,8 @@ export class NbdServer {
 
   private async clearStaleSocket(path: string): Promise<void> {
     if (!existsSync(path)) return;
-    if (!statSync(path).isSocket()) throw new UsageError(`${path} exists and is not a socket; choose another --socket`);
+    if (!statSync(path).isSocket())
+      throw new UsageError(`${path} exists and is not a socket; choose another --socket`);
     const alive = await new Promise<boolean>((resolve) => {
       const c = connect(path);
       c.once("connect", () => {
@@ -93,7 +96,8 @@ export class NbdServer {
       });
       c.once("error", () => resolve(false));
     });
-    if (alive) throw new UsageError(`another server is listening on ${path}; stop it or choose another --socket`);
+    if (alive)
+      throw new UsageError(`another server is listening on ${path}; stop it or choose another --socket`);
     unlinkSync(path);
   }
 
@@ -128,7 +132,7 @@ export class NbdServer {
   }
 
   private async run(conn: Conn, log: Logger): Promise<void> {
-    const { socket } = conn;
+    const socket = conn.socket as Socket;
     const timer = setTimeout(() => {
       log.limited(
         "warn",
@@ -146,7 +150,8 @@ export class NbdServer {
         shuttingDown: () => this.stopping,
       });
     } catch (e) {
-      if (e instanceof HandshakeAbort) log.limited("warn", "handshake abort", `handshake ended: ${e.message}`);
+      if (e instanceof HandshakeAbort)
+        log.limited("warn", "handshake abort", `handshake ended: ${e.message}`);
       else if (e instanceof StreamClosedError) log.debug(`closed during handshake: ${e.message}`);
       else throw e;
       socket.destroy();
@@ -185,6 +190,7 @@ export class NbdServer {
       neg.leftover,
     );
     conn.tx = tx;
+    conn.socket = tx.socket;
     await tx.finished;
     exp.release();
     this.conns.delete(conn);
@@ -204,14 +210,22 @@ export class NbdServer {
     for (const s of this.servers) s.close();
     for (const c of this.conns) if (c.tx === null) c.socket.destroy();
     const waits = [...this.conns].filter((c) => c.tx !== null).map((c) => c.tx!.quiesce());
-    return withTimeout(Promise.all(waits).then(() => true), timeoutMs, false);
+    return withTimeout(
+      Promise.all(waits).then(() => true),
+      timeoutMs,
+      false,
+    );
   }
 
   /** Second half: close every connection gracefully, then force what remains after `timeoutMs`. */
   async closeAll(timeoutMs = 5_000): Promise<void> {
     const txs = [...this.conns].map((c) => c.tx).filter((t): t is Transmission => t !== null);
     for (const t of txs) t.close("server shutdown");
-    const ok = await withTimeout(Promise.all(txs.map((t) => t.finished)).then(() => true), timeoutMs, false);
+    const ok = await withTimeout(
+      Promise.all(txs.map((t) => t.finished)).then(() => true),
+      timeoutMs,
+      false,
+    );
     if (!ok) for (const t of txs) t.destroy("server shutdown (grace period over)");
     for (const c of this.conns) c.socket.destroy();
     for (const p of this.unixPaths) {

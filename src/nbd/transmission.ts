@@ -24,22 +24,19 @@ import { DONE } from "../util/done.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import type { Extent, Volume } from "../volume/volume.js";
 import { isCached } from "../blockio/index.js";
-import { Socket } from "node:net";
-import { TLSSocket } from "node:tls";
+import { plainSocketFd, RequestReceiver, type PayloadHold, type RequestSink } from "./receiver.js";
 import { commandName } from "./commands.js";
 import { nbdErrorOf } from "./errors.js";
-import { OutputQueue, type Slab } from "./output.js";
+import { OutputQueue } from "./output.js";
 import { validateRequest, type Rejection, type ValidationContext } from "./validate.js";
 import { BASE_ALLOCATION_ID } from "./handshake.js";
 import {
   CMD,
   CMD_FLAG,
-  decodeRequest,
   encodeErrorChunk,
   NBD_ERR,
   REPLY_FLAG_DONE,
   REPLY_TYPE,
-  REQUEST_SIZE,
   SIMPLE_REPLY_SIZE,
   STATE_ZERO,
   STRUCTURED_REPLY_SIZE,
@@ -104,6 +101,8 @@ export interface TransmissionSettings {
   log: Logger;
   /** Send large cached reads with sendfile when the stream is a plain socket (default true). */
   zeroCopy?: boolean;
+  /** Read plain sockets straight into our buffers (onread) (default true). */
+  directInput?: boolean;
 }
 
 /** Counters kept per connection (for logs and status). */
@@ -116,18 +115,8 @@ export interface TransmissionStats {
 
 type State = "open" | "closing" | "closed";
 
-/**
- * The file descriptor under a plain (non-TLS) net.Socket, or -1. Node keeps it on the socket's
- * libuv handle; reading it is the one use of a Node internal here, guarded to fail safe.
- */
-function socketFd(stream: Duplex): number {
-  if (!(stream instanceof Socket) || stream instanceof TLSSocket) return -1;
-  const fd = (stream as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  return typeof fd === "number" && fd >= 0 ? fd : -1;
-}
-
 /** The request loop of one connection. */
-export class Transmission {
+export class Transmission implements RequestSink {
   readonly stats: TransmissionStats = { requests: 0, errors: 0, bytesRead: 0, bytesWritten: 0 };
   /** Settles when the connection is closed and nothing is in flight. */
   readonly finished: Promise<void>;
@@ -140,15 +129,8 @@ export class Transmission {
   private readonly zeroCopyFd: number;
   private readonly out: OutputQueue;
   private readonly log: Logger;
-  private readonly hdr = Buffer.allocUnsafe(REQUEST_SIZE);
-  private hdrFill = 0;
-  private payloadReq: Request | null = null;
-  private payloadBuf: Buffer | null = null;
-  private payloadPooled: Buffer | null = null;
-  private payloadFill = 0;
-  private drainLeft = 0;
-  private stash: Buffer | null = null;
-  private stashPos = 0;
+  private readonly receiver: RequestReceiver;
+  private readonly stream: Duplex;
   private inflight = 0;
   /** Bytes of READ replies dispatched whose data is not yet handed to the socket. */
   private readBytes = 0;
@@ -162,11 +144,7 @@ export class Transmission {
   private quiesceWaiters: (() => void)[] = [];
   private graceTimer: NodeJS.Timeout | null = null;
 
-  constructor(
-    private readonly stream: Duplex,
-    settings: TransmissionSettings,
-    leftover: Buffer,
-  ) {
+  constructor(source: Duplex, settings: TransmissionSettings, leftover: Buffer) {
     this.vol = settings.volume;
     this.log = settings.log;
     this.structured = settings.structured;
@@ -178,17 +156,22 @@ export class Transmission {
       minBlock: settings.minBlock,
       maxBlock: settings.maxBlock,
     };
-    this.zeroCopyFd = settings.zeroCopy === false ? -1 : socketFd(stream);
+    this.receiver = new RequestReceiver(this, source, leftover, settings.directInput !== false);
+    const stream = (this.stream = this.receiver.stream);
+    this.zeroCopyFd = settings.zeroCopy === false ? -1 : plainSocketFd(stream);
     this.out = new OutputQueue(stream, this.zeroCopyFd);
     this.out.onSpace = this.onSpace;
     this.finished = new Promise<void>((resolve) => (this.resolveFinished = resolve));
-    stream.on("data", this.onData);
     stream.on("end", this.onPeerEnd);
     stream.on("close", this.onPeerClose);
     stream.on("error", this.onStreamError);
     stream.on("drain", this.onSpace);
-    if (leftover.length > 0) this.process(leftover, 0);
-    stream.resume();
+    this.receiver.start();
+  }
+
+  /** The stream replies go to (the connection's socket after the receiver took it over). */
+  get socket(): Duplex {
+    return this.stream;
   }
 
   /** Requests accepted but not yet answered. */
@@ -214,107 +197,48 @@ export class Transmission {
     this.stream.destroy();
   }
 
-  // ---- input
+  // ---- input (RequestSink: called by the receiver)
 
-  private readonly onData = (chunk: Buffer): void => {
-    if (this.stash !== null) {
-      this.stash = Buffer.concat([this.stash.subarray(this.stashPos), chunk]);
-      this.stashPos = 0;
-      return;
-    }
-    this.process(chunk, 0);
-  };
+  /** A request without payload. */
+  request(req: Request): void {
+    this.stats.requests++;
+    this.dispatch(req);
+  }
 
-  private process(chunk: Buffer, pos: number): void {
-    const len = chunk.length;
-    while (pos < len && this.state === "open") {
-      if (this.drainLeft > 0) {
-        const n = Math.min(this.drainLeft, len - pos);
-        this.drainLeft -= n;
-        pos += n;
-        continue;
-      }
-      if (this.payloadReq !== null) {
-        const buf = this.payloadBuf!;
-        const n = Math.min(buf.length - this.payloadFill, len - pos);
-        chunk.copy(buf, this.payloadFill, pos, pos + n);
-        this.payloadFill += n;
-        pos += n;
-        if (this.payloadFill === buf.length) {
-          const req = this.payloadReq;
-          const pooled = this.payloadPooled!;
-          this.payloadReq = null;
-          this.payloadBuf = null;
-          this.payloadPooled = null;
-          this.write(req, buf, pooled);
-        }
-        continue;
-      }
-      if (this.mustWait()) {
-        this.stash = chunk;
-        this.stashPos = pos;
-        this.blocked = true;
-        this.stream.pause();
-        break;
-      }
-      let req: Request | null;
-      if (this.hdrFill > 0 || len - pos < REQUEST_SIZE) {
-        const n = Math.min(REQUEST_SIZE - this.hdrFill, len - pos);
-        chunk.copy(this.hdr, this.hdrFill, pos, pos + n);
-        this.hdrFill += n;
-        pos += n;
-        if (this.hdrFill < REQUEST_SIZE) break;
-        this.hdrFill = 0;
-        req = decodeRequest(this.hdr, 0);
-      } else {
-        req = decodeRequest(chunk, pos);
-        pos += REQUEST_SIZE;
-      }
-      if (req === null) {
-        this.log.warn("bad request magic: protocol violation, closing the connection");
-        this.beginClose("protocol violation (bad request magic)", true);
-        break;
-      }
-      this.stats.requests++;
-      if (req.type === CMD.WRITE) {
-        const rejection = this.check(req);
-        if (rejection !== null) {
-          this.drainLeft = req.length;
-          this.reject(req, rejection);
-          continue;
-        }
-        if (len - pos >= req.length) {
-          this.write(req, chunk.subarray(pos, pos + req.length));
-          pos += req.length;
-        } else {
-          this.payloadReq = req;
-          this.payloadPooled = acquire(req.length);
-          this.payloadBuf = this.payloadPooled.subarray(0, req.length);
-          this.payloadFill = 0;
-        }
-        continue;
-      }
-      this.dispatch(req);
-    }
+  checkWrite(req: Request): Rejection | null {
+    this.stats.requests++;
+    return this.check(req);
+  }
+
+  rejected(req: Request, r: Rejection): void {
+    this.reject(req, r);
+  }
+
+  violation(message: string): void {
+    this.log.warn(`${message}: protocol violation, closing the connection`);
+    this.beginClose(`protocol violation (${message})`, true);
+  }
+
+  /** End of a burst of input: send the replies it produced. */
+  flush(): void {
     this.out.flush();
   }
 
-  private mustWait(): boolean {
-    return (
+  mustWait(): boolean {
+    const wait =
       this.inflight >= MAX_INFLIGHT ||
       !this.out.canReserve(MAX_SLAB_READ + 64) ||
-      this.readBytes + this.out.unflushed + this.stream.writableLength > MAX_QUEUED_BYTES
-    );
+      this.readBytes + this.out.unflushed + this.stream.writableLength > MAX_QUEUED_BYTES ||
+      this.receiver.saturated;
+    if (wait) this.blocked = true;
+    return wait;
   }
 
   private readonly onSpace = (): void => {
-    if (!this.blocked || this.state !== "open" || this.mustWait()) return;
+    if (!this.blocked || this.state !== "open") return;
+    if (this.mustWait()) return;
     this.blocked = false;
-    const stash = this.stash!;
-    const pos = this.stashPos;
-    this.stash = null;
-    this.process(stash, pos);
-    if (!this.blocked && this.state === "open") this.stream.resume();
+    this.receiver.resume();
   };
 
   private check(req: Request): Rejection | null {
@@ -364,15 +288,28 @@ export class Transmission {
     }
   }
 
-  /** WRITE with its payload; `pooled` (the payload's pool buffer) is released when it settles. */
-  private write(req: Request, data: Buffer, pooled: Buffer | null = null): void {
+  /** A WRITE with its payload; `hold` keeps the payload's memory until the volume is done with it. */
+  write(req: Request, data: Buffer, hold: PayloadHold): void {
     this.stats.bytesWritten += data.length;
     const p = this.vol.write(data, req.offset, (req.flags & CMD_FLAG.FUA) !== 0);
-    if (pooled !== null) {
-      if (p === DONE) release(pooled);
-      else p.then(() => release(pooled), () => release(pooled));
+    if (p === DONE) {
+      hold.release();
+      this.replyOk(req);
+      return;
     }
-    this.complete(req, p);
+    this.inflight++;
+    p.then(
+      () => {
+        hold.release();
+        this.replyOk(req);
+        this.settled();
+      },
+      (e: unknown) => {
+        hold.release();
+        this.replyFailure(req, e);
+        this.settled();
+      },
+    );
   }
 
   /** Answer a request without payload when `p` settles (inline when it is DONE). */
@@ -397,7 +334,10 @@ export class Transmission {
   private read(req: Request): void {
     const len = req.length;
     this.stats.bytesRead += len;
-    if (len > MAX_SLAB_READ || (this.sparseReads && len >= SPARSE_READ_MIN && (req.flags & CMD_FLAG.DF) === 0)) {
+    if (
+      len > MAX_SLAB_READ ||
+      (this.sparseReads && len >= SPARSE_READ_MIN && (req.flags & CMD_FLAG.DF) === 0)
+    ) {
       this.inflight++;
       this.readBytes += len;
       this.largeRead(req).then(
@@ -433,7 +373,7 @@ export class Transmission {
         this.settled();
       },
       (e: unknown) => {
-        out.cancel(slab as Slab);
+        out.cancel(slab);
         this.replyFailure(req, e);
         this.settled();
       },
@@ -448,7 +388,7 @@ export class Transmission {
   private async largeRead(req: Request): Promise<void> {
     if (this.sparseReads && req.length >= SPARSE_READ_MIN && (req.flags & CMD_FLAG.DF) === 0) {
       const pieces = piecesOf(await this.vol.extents(req.offset, req.length), req.offset, req.length);
-      if (pieces.length > 1 || pieces[0]!.hole) {
+      if (pieces.length > 1 || pieces[0].hole) {
         await this.sparseRead(req, pieces);
         return;
       }
@@ -480,7 +420,15 @@ export class Transmission {
 
   private readHeader(buf: Buffer, at: number, req: Request): void {
     if (this.structured) {
-      writeStructuredHeader(buf, at, REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + req.length);
+      writeStructuredHeader(
+        buf,
+        at,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE.OFFSET_DATA,
+        req.cookieHi,
+        req.cookieLo,
+        8 + req.length,
+      );
       writeU64(buf, at + STRUCTURED_REPLY_SIZE, req.offset);
     } else {
       writeSimpleReply(buf, at, 0, req.cookieHi, req.cookieLo);
@@ -490,13 +438,14 @@ export class Transmission {
   /** A structured read sent as OFFSET_DATA and OFFSET_HOLE chunks, in order, DONE on the last. */
   private async sparseRead(req: Request, pieces: Piece[]): Promise<void> {
     let size = 0;
-    for (const p of pieces) size += p.hole ? STRUCTURED_REPLY_SIZE + 12 : STRUCTURED_REPLY_SIZE + 8 + p.length;
+    for (const p of pieces)
+      size += p.hole ? STRUCTURED_REPLY_SIZE + 12 : STRUCTURED_REPLY_SIZE + 8 + p.length;
     const pooled = acquire(size);
     const buf = pooled.subarray(0, size);
     const reads: Promise<void>[] = [];
     let at = 0;
     for (let i = 0; i < pieces.length; i++) {
-      const p = pieces[i]!;
+      const p = pieces[i];
       const flags = i === pieces.length - 1 ? REPLY_FLAG_DONE : 0;
       if (p.hole) {
         writeStructuredHeader(buf, at, flags, REPLY_TYPE.OFFSET_HOLE, req.cookieHi, req.cookieLo, 12);
@@ -504,7 +453,15 @@ export class Transmission {
         buf.writeUInt32BE(p.length, at + STRUCTURED_REPLY_SIZE + 8);
         at += STRUCTURED_REPLY_SIZE + 12;
       } else {
-        writeStructuredHeader(buf, at, flags, REPLY_TYPE.OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + p.length);
+        writeStructuredHeader(
+          buf,
+          at,
+          flags,
+          REPLY_TYPE.OFFSET_DATA,
+          req.cookieHi,
+          req.cookieLo,
+          8 + p.length,
+        );
         writeU64(buf, at + STRUCTURED_REPLY_SIZE, p.offset);
         const data = buf.subarray(at + STRUCTURED_REPLY_SIZE + 8, at + STRUCTURED_REPLY_SIZE + 8 + p.length);
         const r = this.vol.read(data, p.offset);
@@ -538,11 +495,19 @@ export class Transmission {
         if (pairs.length === 0) pairs.push(req.length, 0); // "a server MAY always report status 0"
         const n = pairs.length / 2;
         const buf = Buffer.allocUnsafe(STRUCTURED_REPLY_SIZE + 4 + 8 * n);
-        writeStructuredHeader(buf, 0, REPLY_FLAG_DONE, REPLY_TYPE.BLOCK_STATUS, req.cookieHi, req.cookieLo, 4 + 8 * n);
+        writeStructuredHeader(
+          buf,
+          0,
+          REPLY_FLAG_DONE,
+          REPLY_TYPE.BLOCK_STATUS,
+          req.cookieHi,
+          req.cookieLo,
+          4 + 8 * n,
+        );
         buf.writeUInt32BE(BASE_ALLOCATION_ID, STRUCTURED_REPLY_SIZE);
         for (let i = 0; i < n; i++) {
-          buf.writeUInt32BE(pairs[2 * i]!, STRUCTURED_REPLY_SIZE + 4 + 8 * i);
-          buf.writeUInt32BE(pairs[2 * i + 1]!, STRUCTURED_REPLY_SIZE + 8 + 8 * i);
+          buf.writeUInt32BE(pairs[2 * i], STRUCTURED_REPLY_SIZE + 4 + 8 * i);
+          buf.writeUInt32BE(pairs[2 * i + 1], STRUCTURED_REPLY_SIZE + 8 + 8 * i);
         }
         this.out.pushExternal(buf);
         this.settled();
@@ -592,7 +557,8 @@ export class Transmission {
   private replyFailure(req: Request, e: unknown): void {
     const error = nbdErrorOf(e);
     const message = e instanceof Error ? e.message : String(e);
-    const expected = e instanceof BlockforkError && (e.code === "ERR_READ_ONLY" || e.code === "ERR_NOT_SUPPORTED");
+    const expected =
+      e instanceof BlockforkError && (e.code === "ERR_READ_ONLY" || e.code === "ERR_NOT_SUPPORTED");
     this.log.limited(
       expected ? "debug" : "error",
       "request failed",
@@ -633,8 +599,7 @@ export class Transmission {
     this.state = "closing";
     this.closeReason = reason;
     this.hardClose = hard;
-    this.stream.pause();
-    this.stash = null;
+    this.receiver.stop();
     this.maybeFinish();
   }
 
@@ -686,7 +651,6 @@ export class Transmission {
   private done(): void {
     if (this.finishedOnce) return;
     this.finishedOnce = true;
-    this.stream.off("data", this.onData);
     this.resolveFinished();
   }
 

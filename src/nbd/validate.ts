@@ -48,7 +48,8 @@ export function validateRequest(req: Request, ctx: ValidationContext): Rejection
   if (info.writes && ctx.flags & TF.READ_ONLY) return reject(NBD_ERR.EPERM, "the export is read-only");
 
   if (req.type === CMD.FLUSH) {
-    if (req.offset !== 0 || req.length !== 0) return reject(NBD_ERR.EINVAL, "FLUSH with nonzero offset or length");
+    if (req.offset !== 0 || req.length !== 0)
+      return reject(NBD_ERR.EINVAL, "FLUSH with nonzero offset or length");
     return null;
   }
   if (!info.ranged) return null;
@@ -57,13 +58,22 @@ export function validateRequest(req: Request, ctx: ValidationContext): Rejection
   const end = req.offset + req.length;
   if (!Number.isSafeInteger(end) || end > ctx.size) {
     const error = info.writes ? NBD_ERR.ENOSPC : NBD_ERR.EINVAL;
-    return reject(error, `${info.name} [${req.offset}, +${req.length}) is past the end of the export (${ctx.size})`);
+    return reject(
+      error,
+      `${info.name} [${req.offset}, +${req.length}) is past the end of the export (${ctx.size})`,
+    );
   }
   if (ctx.minBlock > 1 && (req.offset % ctx.minBlock !== 0 || req.length % ctx.minBlock !== 0)) {
     return reject(NBD_ERR.EINVAL, `${info.name} not aligned to the minimum block size ${ctx.minBlock}`);
   }
-  if ((req.type === CMD.READ || req.type === CMD.WRITE || req.type === CMD.CACHE) && req.length > ctx.maxBlock) {
-    return reject(NBD_ERR.EINVAL, `${info.name} of ${req.length} bytes exceeds the maximum block size ${ctx.maxBlock}`);
+  if (
+    (req.type === CMD.READ || req.type === CMD.WRITE || req.type === CMD.CACHE) &&
+    req.length > ctx.maxBlock
+  ) {
+    return reject(
+      NBD_ERR.EINVAL,
+      `${info.name} of ${req.length} bytes exceeds the maximum block size ${ctx.maxBlock}`,
+    );
   }
   return null;
 }

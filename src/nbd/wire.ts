@@ -249,7 +249,13 @@ export function encodeRequest(r: Request): Buffer {
 }
 
 /** Simple reply header at `at`: magic, error, cookie (16 bytes). */
-export function writeSimpleReply(b: Buffer, at: number, error: number, cookieHi: number, cookieLo: number): void {
+export function writeSimpleReply(
+  b: Buffer,
+  at: number,
+  error: number,
+  cookieHi: number,
+  cookieLo: number,
+): void {
   b.writeUInt32BE(SIMPLE_REPLY_MAGIC, at);
   b.writeUInt32BE(error, at + 4);
   b.writeUInt32BE(cookieHi, at + 8);

@@ -24,7 +24,7 @@ function classOf(n: number): number {
 export function acquire(n: number): Buffer {
   if (n < 1 << MIN_CLASS || n > 1 << MAX_CLASS) return Buffer.allocUnsafe(n);
   const c = classOf(n);
-  const b = classes[c]!.pop();
+  const b = classes[c].pop();
   if (b !== undefined) {
     pooledBytes -= b.length;
     return b;
@@ -37,6 +37,6 @@ export function release(b: Buffer): void {
   const n = b.length;
   if (n < 1 << MIN_CLASS || n > 1 << MAX_CLASS || (n & (n - 1)) !== 0) return;
   if (pooledBytes + n > MAX_POOLED_BYTES) return;
-  classes[classOf(n)]!.push(b);
+  classes[classOf(n)].push(b);
   pooledBytes += n;
 }

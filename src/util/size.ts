@@ -9,7 +9,7 @@ const UNITS: Record<string, number> = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 3
 export function parseSize(text: string, what = "size"): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpP]?)(?:i?[bB])?\s*$/.exec(text);
   if (!m) throw new UsageError(`${what} "${text}" is not a size (examples: 1G, 512M, 4096)`);
-  const bytes = Number(m[1]) * UNITS[m[2]!.toUpperCase()]!;
+  const bytes = Number(m[1]) * UNITS[m[2].toUpperCase()];
   if (!Number.isSafeInteger(bytes) || bytes <= 0) {
     throw new UsageError(`${what} "${text}" must be a whole, positive number of bytes below 2^53`);
   }

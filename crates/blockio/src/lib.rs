@@ -196,6 +196,14 @@ unsafe extern "C" fn send_file(env: napi_env, info: napi_callback_info) -> napi_
     }
 }
 
+/// dupFd(fd): a close-on-exec duplicate of a descriptor, or -errno.
+unsafe extern "C" fn dup_fd(env: napi_env, info: napi_callback_info) -> napi_value {
+    match args::<1>(env, info).and_then(|a| num(env, a[0])) {
+        Some(fd) => number(env, ops::dup_fd(fd as i32) as f64),
+        None => throw(env, "dupFd(fd): bad arguments"),
+    }
+}
+
 /// deviceSize(fd): size in bytes of a block device (BLKGETSIZE64), or -errno.
 unsafe extern "C" fn device_size(env: napi_env, info: napi_callback_info) -> napi_value {
     match args::<1>(env, info).and_then(|a| num(env, a[0])) {
@@ -362,6 +370,7 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"deviceSize\0", device_size);
     export(env, exports, b"cachedBytes\0", cached_bytes);
     export(env, exports, b"sendFile\0", send_file);
+    export(env, exports, b"dupFd\0", dup_fd);
     export(env, exports, b"submit\0", submit);
     exports
 }

@@ -303,3 +303,12 @@ pub fn send_header_and_file(
     }
     (sent + done) as i64
 }
+
+/// A close-on-exec duplicate of `fd`, or -errno.
+pub fn dup_fd(fd: c_int) -> i64 {
+    let r = unsafe { fcntl(fd, F_DUPFD_CLOEXEC, 0) };
+    if r < 0 {
+        return neg_errno();
+    }
+    r as i64
+}

@@ -41,6 +41,8 @@ pub struct Cachestat {
     pub nr_recently_evicted: u64,
 }
 
+pub const F_DUPFD_CLOEXEC: c_int = 1030;
+
 pub const EINTR: i32 = 4;
 pub const EINVAL: i32 = 22;
 pub const ENXIO: i32 = 6;
@@ -68,6 +70,7 @@ extern "C" {
     pub fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut i64, count: usize) -> isize;
     pub fn send(fd: c_int, buf: *const c_void, len: usize, flags: c_int) -> isize;
     pub fn syscall(number: c_long, ...) -> c_long;
+    pub fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     fn __errno_location() -> *mut c_int;
 }
 

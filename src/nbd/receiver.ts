@@ -1,0 +1,336 @@
+// The receive side of a connection in transmission: bytes in, requests (and WRITE payloads) out.
+//
+// Notes on the design
+// - Plain sockets (TCP or unix, no TLS) are re-opened on a duplicate of their descriptor with
+//   Node's documented `onread` option, so the kernel reads straight into buffers we choose: a
+//   reusable receive buffer for request headers and small payloads, and, for the rest of a large
+//   WRITE payload, the payload's own buffer (one copy, as nbdkit's recv into its request buffer).
+//   This also skips the Readable-stream machinery and the 64 KiB allocation per read of 'data'
+//   events. TLS streams (and anything else) use ordinary 'data' events.
+// - A receive buffer is reused only when nothing refers into it: a WRITE payload handed to the
+//   volume as a view holds a reference until its call settles (PayloadHold.release()), and so does
+//   a stash of unparsed bytes while the connection is blocked. A busy buffer is swapped for a
+//   spare one before the next read.
+// - Backpressure: before each request the sink is asked mustWait(); if so, the rest of the bytes
+//   are stashed and the socket paused until resume().
+
+import { Socket } from "node:net";
+import type { Duplex } from "node:stream";
+import { TLSSocket } from "node:tls";
+import { dupFd } from "../blockio/index.js";
+import { acquire, release } from "../util/buffer-pool.js";
+import type { Rejection } from "./validate.js";
+import { CMD, decodeRequest, REQUEST_SIZE, type Request } from "./wire.js";
+
+/** Size of a receive buffer. */
+const RX_SIZE = 256 * 1024;
+/** Receive buffers per connection before the connection pauses (each busy one is held by a write). */
+const RX_MAX = 32;
+/** WRITE payloads at least this large are read directly into their own buffer. */
+const DIRECT_MIN = 64 * 1024;
+
+/** Keeps a WRITE payload's memory valid until released (exactly once). */
+export interface PayloadHold {
+  release(): void;
+}
+
+/** Where requests go. */
+export interface RequestSink {
+  /** A request without payload (not WRITE). */
+  request(req: Request): void;
+  /** Check a WRITE before its payload is read; a rejection means the payload is discarded. */
+  checkWrite(req: Request): Rejection | null;
+  rejected(req: Request, r: Rejection): void;
+  /** A WRITE and its payload; `hold.release()` when the payload is no longer needed. */
+  write(req: Request, data: Buffer, hold: PayloadHold): void;
+  /** Bad request magic: the connection must end. */
+  violation(message: string): void;
+  /** True while the connection must not take more requests. */
+  mustWait(): boolean;
+  /** The end of a burst of input: a good moment to send replies. */
+  flush(): void;
+}
+
+const NO_HOLD: PayloadHold = { release() {} };
+
+class RxBuffer implements PayloadHold {
+  readonly buf = Buffer.allocUnsafe(RX_SIZE);
+  refs = 0;
+  constructor(private readonly owner: RequestReceiver) {}
+  release(): void {
+    if (--this.refs === 0) this.owner.recycle(this);
+  }
+}
+
+class PooledHold implements PayloadHold {
+  constructor(private readonly pooled: Buffer) {}
+  release(): void {
+    release(this.pooled);
+  }
+}
+
+/** The file descriptor of a plain (non-TLS) net.Socket, or -1 (reads a Node internal, fail-safe). */
+export function plainSocketFd(stream: Duplex): number {
+  if (!(stream instanceof Socket) || stream instanceof TLSSocket) return -1;
+  const fd = (stream as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  return typeof fd === "number" && fd >= 0 ? fd : -1;
+}
+
+/** Parses requests from a stream and hands them to a sink. */
+export class RequestReceiver {
+  /** The stream replies must be written to (a new socket when the descriptor was re-opened). */
+  readonly stream: Duplex;
+  /** True when reads go straight into our buffers (onread). */
+  readonly direct: boolean;
+
+  private readonly hdr = Buffer.allocUnsafe(REQUEST_SIZE);
+  private hdrFill = 0;
+  private payloadReq: Request | null = null;
+  private payloadBuf: Buffer | null = null;
+  private payloadPooled: Buffer | null = null;
+  private payloadFill = 0;
+  /** The rest of the current payload is read directly into payloadBuf. */
+  private payloadDirect = false;
+  private drainLeft = 0;
+  private stash: { rx: RxBuffer | null; data: Buffer; pos: number } | null = null;
+  private stopped = false;
+  private cur: RxBuffer;
+  private readonly spare: RxBuffer[] = [];
+  private rxCount = 1;
+  /** What the last read was made into: the current rx buffer, or the payload (null). */
+  private target: RxBuffer | null;
+
+  constructor(
+    private readonly sink: RequestSink,
+    source: Duplex,
+    leftover: Buffer,
+    allowDirect = true,
+  ) {
+    this.cur = new RxBuffer(this);
+    this.target = this.cur;
+    const fd = allowDirect ? plainSocketFd(source) : -1;
+    if (fd >= 0 && source.writableLength === 0) {
+      // Take over the descriptor: a duplicate under a socket that reads into our buffers. Bytes the
+      // old socket already buffered are parsed first; then the old socket is closed (the duplicate
+      // keeps the connection open).
+      const chunks = [leftover];
+      for (let c = source.read() as Buffer | null; c !== null; c = source.read() as Buffer | null)
+        chunks.push(c);
+      leftover = chunks.length === 1 ? leftover : Buffer.concat(chunks);
+      // `onread` is documented for new net.Socket() but missing from @types/node 20's constructor type.
+      const opts = {
+        fd: dupFd(fd),
+        readable: true,
+        writable: true,
+        onread: { buffer: this.nextBuffer, callback: this.onRead },
+      };
+      const sock = new Socket(opts);
+      if (source instanceof Socket && source.remotePort !== undefined) {
+        sock.setNoDelay(true);
+        sock.setKeepAlive(true, 60_000);
+      }
+      source.removeAllListeners("data");
+      source.destroy();
+      this.stream = sock;
+      this.direct = true;
+    } else {
+      source.on("data", (chunk: Buffer) => this.onChunk(chunk));
+      this.stream = source;
+      this.direct = false;
+    }
+    this.leftover = leftover;
+  }
+
+  private leftover: Buffer;
+
+  /** Parse what arrived with the handshake, then start reading. */
+  start(): void {
+    const rest = this.leftover;
+    this.leftover = Buffer.alloc(0);
+    if (rest.length > 0) this.feed(null, rest, 0);
+    if (this.stash === null && !this.stopped) this.stream.resume();
+  }
+
+  /** Stop parsing (DISC, violation, close): later bytes are ignored. */
+  stop(): void {
+    this.stopped = true;
+    this.dropStash();
+    this.stream.pause();
+  }
+
+  /** Continue after mustWait() turned false. */
+  resume(): void {
+    if (this.stopped) return;
+    const s = this.stash;
+    if (s !== null) {
+      this.stash = null;
+      this.feed(s.rx, s.data, s.pos);
+      s.rx?.release();
+    }
+    if (this.stash === null && !this.stopped) this.stream.resume();
+  }
+
+  /** True when bytes are waiting for resume(). */
+  get waiting(): boolean {
+    return this.stash !== null;
+  }
+
+  /** A buffer with no references left: reuse it. */
+  recycle(rx: RxBuffer): void {
+    if (rx !== this.cur && this.spare.length < RX_MAX) this.spare.push(rx);
+  }
+
+  /** Too many receive buffers are held by payloads in flight. */
+  get saturated(): boolean {
+    return this.rxCount > RX_MAX;
+  }
+
+  // ---- onread mode
+
+  /** onread's buffer generator: where the next read goes. */
+  private readonly nextBuffer = (): Buffer => {
+    if (this.payloadDirect) {
+      this.target = null;
+      return this.payloadBuf!.subarray(this.payloadFill);
+    }
+    if (this.cur.refs > 0) {
+      const next = this.spare.pop();
+      if (next !== undefined) this.cur = next;
+      else {
+        this.rxCount++;
+        this.cur = new RxBuffer(this);
+      }
+    }
+    this.target = this.cur;
+    return this.cur.buf;
+  };
+
+  private readonly onRead = (nread: number, buf: Buffer): boolean => {
+    if (this.stopped) return true;
+    if (this.stash !== null && this.target !== null) {
+      // Paused while this read was already done: keep the bytes behind the stash.
+      this.onChunk(Buffer.from(buf.subarray(0, nread)));
+      return true;
+    }
+    if (this.target === null) {
+      this.payloadFill += nread;
+      if (this.payloadFill === this.payloadBuf!.length) this.completePayload();
+      return true;
+    }
+    const rx = this.target;
+    this.feed(rx, rx.buf.subarray(0, nread), 0);
+    return true;
+  };
+
+  // ---- 'data' mode
+
+  private onChunk(chunk: Buffer): void {
+    if (this.stopped) return;
+    if (this.stash !== null) {
+      // Paused, but a chunk was already on its way: append it to the stash.
+      const s = this.stash;
+      this.stash = { rx: null, data: Buffer.concat([s.data.subarray(s.pos), chunk]), pos: 0 };
+      s.rx?.release();
+      return;
+    }
+    this.feed(null, chunk, 0);
+  }
+
+  // ---- parsing
+
+  private feed(rx: RxBuffer | null, data: Buffer, pos: number): void {
+    this.parse(rx, data, pos);
+    this.sink.flush();
+  }
+
+  private parse(rx: RxBuffer | null, data: Buffer, pos: number): void {
+    const len = data.length;
+    while (pos < len && !this.stopped) {
+      if (this.drainLeft > 0) {
+        const n = Math.min(this.drainLeft, len - pos);
+        this.drainLeft -= n;
+        pos += n;
+        continue;
+      }
+      if (this.payloadReq !== null) {
+        const buf = this.payloadBuf!;
+        const n = Math.min(buf.length - this.payloadFill, len - pos);
+        data.copy(buf, this.payloadFill, pos, pos + n);
+        this.payloadFill += n;
+        pos += n;
+        if (this.payloadFill === buf.length) this.completePayload();
+        continue;
+      }
+      if (this.sink.mustWait()) {
+        if (rx !== null) rx.refs++;
+        this.stash = { rx, data, pos };
+        this.stream.pause();
+        return;
+      }
+      let req: Request | null;
+      if (this.hdrFill > 0 || len - pos < REQUEST_SIZE) {
+        const n = Math.min(REQUEST_SIZE - this.hdrFill, len - pos);
+        data.copy(this.hdr, this.hdrFill, pos, pos + n);
+        this.hdrFill += n;
+        pos += n;
+        if (this.hdrFill < REQUEST_SIZE) break;
+        this.hdrFill = 0;
+        req = decodeRequest(this.hdr, 0);
+      } else {
+        req = decodeRequest(data, pos);
+        pos += REQUEST_SIZE;
+      }
+      if (req === null) {
+        this.stop();
+        this.sink.violation("bad request magic");
+        return;
+      }
+      if (req.type !== CMD.WRITE) {
+        this.sink.request(req);
+        continue;
+      }
+      const rejection = this.sink.checkWrite(req);
+      if (rejection !== null) {
+        this.drainLeft = req.length;
+        this.sink.rejected(req, rejection);
+        continue;
+      }
+      if (len - pos >= req.length) {
+        const view = data.subarray(pos, pos + req.length);
+        pos += req.length;
+        if (rx !== null) {
+          rx.refs++;
+          this.sink.write(req, view, rx);
+        } else this.sink.write(req, view, NO_HOLD);
+        continue;
+      }
+      // The payload continues beyond these bytes: give it a buffer of its own.
+      this.payloadReq = req;
+      this.payloadPooled = acquire(req.length);
+      this.payloadBuf = this.payloadPooled.subarray(0, req.length);
+      const n = len - pos;
+      data.copy(this.payloadBuf, 0, pos, len);
+      this.payloadFill = n;
+      pos = len;
+      this.payloadDirect = this.direct && req.length - n >= DIRECT_MIN;
+    }
+  }
+
+  private completePayload(): void {
+    const req = this.payloadReq!;
+    const buf = this.payloadBuf!;
+    const hold = new PooledHold(this.payloadPooled!);
+    this.payloadReq = null;
+    this.payloadBuf = null;
+    this.payloadPooled = null;
+    this.payloadDirect = false;
+    this.sink.write(req, buf, hold);
+    if (this.target === null) this.sink.flush(); // completed by a direct read, outside feed()
+  }
+
+  private dropStash(): void {
+    const s = this.stash;
+    this.stash = null;
+    s?.rx?.release();
+  }
+}
