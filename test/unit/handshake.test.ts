@@ -581,6 +581,25 @@ void describe("handshake deadline", () => {
     await c.expectClosed(3000);
   });
 
+  void test("after ABORT the server lets go of the connection even if the client never closes it", async () => {
+    const c = await slow.connect();
+    await c.greeting();
+    c.sendClientFlags(3);
+    const ack = await c.option(OPT.ABORT);
+    assert.equal(ack[0].type, REP.ACK);
+    await c.serverEnded;
+    // The client keeps its side open. A connection slot must not stay taken for ever: the
+    // handshake deadline (300 ms here) or a close grace period (5 s) ends it.
+    try {
+      const deadline = Date.now() + 7000;
+      while (slow.server.connectionCount > 0 && Date.now() < deadline)
+        await new Promise((r) => setTimeout(r, 50));
+      assert.equal(slow.server.connectionCount, 0, "connection still held after ABORT");
+    } finally {
+      c.destroy();
+    }
+  });
+
   void test("the deadline ends with the handshake: an idle session in transmission stays open", async () => {
     const c = await slow.connect();
     await c.handshake();
