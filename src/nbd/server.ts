@@ -162,6 +162,8 @@ export class NbdServer {
     if (neg === null) {
       log.debug("client aborted the handshake");
       socket.end();
+      // The client should close after our ACK; one that keeps the socket open must not hold a slot.
+      setTimeout(() => socket.destroy(), 2000).unref();
       return;
     }
     if (this.stopping) {
