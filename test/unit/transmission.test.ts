@@ -774,6 +774,29 @@ void describe("protocol violations and disconnects", () => {
     assert.equal((await c.readToEnd(2000)).length, 0);
   });
 
+  void test("after DISC and the client's close, the server lets go of the connection at once", async () => {
+    const own = await startTestServer({
+      exports: [{ name: "d", volume: new MemoryVolume(MiB) }],
+      logLevel: "info",
+    });
+    try {
+      const c = await own.connect();
+      await c.handshake();
+      assert.equal(own.server.connectionCount, 1);
+      await c.disconnect();
+      c.destroy();
+      const t0 = Date.now();
+      while (own.server.connectionCount > 0 && Date.now() - t0 < 3000) await sleep(20);
+      assert.equal(own.server.connectionCount, 0, `still held ${Date.now() - t0} ms after the client closed`);
+      assert.ok(
+        own.log.some((l) => l.includes("closed:")),
+        "the close is logged",
+      );
+    } finally {
+      await own.stop();
+    }
+  });
+
   void test("a client that half-closes after a request still gets the reply", async () => {
     const c = await session("slow");
     c.request({ type: CMD.READ, cookie: 1n, offset: 0, length: 10 });
