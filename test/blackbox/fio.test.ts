@@ -64,8 +64,11 @@ void describe("fio (nbd engine) against blockfork", () => {
     srv = await startServer({ dir, size: "256M" });
   });
   after(async () => {
-    await stopClean(srv);
-    rmSync(dir, { recursive: true, force: true });
+    try {
+      await stopClean(srv);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   // Random 4 KiB writes over [0, 64M): the same job with verify_only regenerates the same offsets

@@ -62,8 +62,9 @@ void describe("nbdcopy against blockfork", () => {
     imageSha = sha256(readFileSync(image));
   });
   after(async () => {
-    await Promise.all(servers.map(stopClean));
+    const stopped = await Promise.allSettled(servers.map(stopClean));
     rmSync(dir, { recursive: true, force: true });
+    for (const r of stopped) if (r.status === "rejected") throw r.reason;
   });
 
   let a: ServerHandle;
@@ -121,8 +122,11 @@ void describe("nbdcopy against blockfork", () => {
       if (pos < SIZE) want.push([pos, SIZE - pos, 3]);
       assert.deepEqual(await map(c.uri), want);
     } finally {
-      await stopClean(c);
-      rmSync(ddir, { recursive: true, force: true });
+      try {
+        await stopClean(c);
+      } finally {
+        rmSync(ddir, { recursive: true, force: true });
+      }
     }
   });
 });

@@ -203,8 +203,9 @@ void describe("nbdinfo against --read-only and --block-size exports", () => {
   const servers: ServerHandle[] = [];
   const dirs: string[] = [];
   after(async () => {
-    await Promise.all(servers.map(stopClean));
+    const stopped = await Promise.allSettled(servers.map(stopClean));
     for (const d of dirs) rmSync(d, { recursive: true, force: true });
+    for (const r of stopped) if (r.status === "rejected") throw r.reason;
   });
 
   void test("--read-only advertises read-only, no trim, zero or FUA", async () => {
@@ -253,8 +254,9 @@ void describe("nbdinfo: export names and existing volumes", () => {
   const servers: ServerHandle[] = [];
   const dirs: string[] = [];
   after(async () => {
-    await Promise.all(servers.map(stopClean));
+    const stopped = await Promise.allSettled(servers.map(stopClean));
     for (const d of dirs) rmSync(d, { recursive: true, force: true });
+    for (const r of stopped) if (r.status === "rejected") throw r.reason;
   });
 
   void test("the default name is the file name without extension, and '' reaches it", async () => {

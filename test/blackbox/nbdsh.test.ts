@@ -663,8 +663,11 @@ void describe("nbdsh against a --read-only export", () => {
     srv = await startServer({ dir, volume, size: null, args: ["--read-only"] });
   });
   after(async () => {
-    await stopClean(srv);
-    rmSync(dir, { recursive: true, force: true });
+    try {
+      await stopClean(srv);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   void test("advertises read-only without trim, zero or FUA, and serves the file's data", async () => {
@@ -817,5 +820,49 @@ void describe("nbdsh against --block-size 512,4096,1048576", () => {
       h.shutdown()
       `,
     );
+  });
+});
+
+void describe("nbdsh: a connection ends when the client ends it", () => {
+  // With --max-connections 1 the next client is admitted only once the server has let go of the
+  // previous connection. A close races with the next connect, so each attempt gets 2 s of retries;
+  // a server that holds the connection until some grace timer expires fails here.
+  const admitNext = (disc: boolean): string => `
+      import time
+      for i in range(4):
+          deadline = time.monotonic() + 2
+          while True:
+              try:
+                  h = connect()
+                  break
+              except nbd.Error as e:
+                  assert time.monotonic() < deadline, "connection %d not admitted within 2 s: %s" % (i, e.string)
+                  time.sleep(0.05)
+          d = os.urandom(4096)
+          h.pwrite(d, i * 4096)
+          assert h.pread(4096, i * 4096) == d
+          ${disc ? "h.shutdown()  # NBD_CMD_DISC" : "pass  # no DISC: deleting the handle closes the socket"}
+          del h
+      `;
+
+  /** Run `fn` against a fresh server; a failure of `fn` is reported before any failure to stop. */
+  async function withServer(args: string[], fn: (srv: ServerHandle) => Promise<unknown>): Promise<void> {
+    const srv = await startServer({ size: "16M", args });
+    let ok = false;
+    try {
+      await fn(srv);
+      ok = true;
+    } finally {
+      if (ok) await stopClean(srv);
+      else await srv.stop();
+    }
+  }
+
+  void test("after NBD_CMD_DISC", async () => {
+    await withServer(["--max-connections", "1"], (srv) => py(srv, admitNext(true)));
+  });
+
+  void test("after a close without DISC", async () => {
+    await withServer(["--max-connections", "1"], (srv) => py(srv, admitNext(false)));
   });
 });

@@ -119,8 +119,11 @@ void describe("qemu-img against blockfork", () => {
     srv = await startServer({ size: "64M" });
   });
   after(async () => {
-    await stopClean(srv);
-    rmSync(dir, { recursive: true, force: true });
+    try {
+      await stopClean(srv);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   void test("qemu-img info sees a 64 MiB raw image", async () => {
