@@ -247,13 +247,15 @@ interface Framed {
  * The requests the server can frame from `b`: up to a bad magic, DISC, or the end. `closes`: the
  * server ends the connection before reading everything (so it may close while we still send).
  */
-function frameRequests(b: Buffer): { requests: Framed[]; closes: boolean } {
+function frameRequests(b: Buffer): { requests: Framed[]; closes: boolean; end: string } {
   const out: Framed[] = [];
   let pos = 0;
   let closes = false;
+  let end = "the client's close";
   while (pos + 28 <= b.length) {
     if (b.readUInt32BE(pos) !== REQUEST_MAGIC) {
       closes = true;
+      end = "a bad request magic";
       break;
     }
     const r: Framed = {
@@ -267,6 +269,7 @@ function frameRequests(b: Buffer): { requests: Framed[]; closes: boolean } {
     pos += 28;
     if (r.type === 2) {
       closes = true; // DISC: nothing after it is read
+      end = "DISC";
       break;
     }
     if (r.type === 1) {
@@ -277,8 +280,9 @@ function frameRequests(b: Buffer): { requests: Framed[]; closes: boolean } {
   }
   if (pos < b.length && pos + 28 > b.length && b.length - pos >= 4 && b.readUInt32BE(pos) !== REQUEST_MAGIC) {
     closes = true; // a partial header with a bad magic: the server may not wait for the rest
+    end = "a bad request magic";
   }
-  return { requests: out, closes };
+  return { requests: out, closes, end };
 }
 
 /**
@@ -506,7 +510,8 @@ async function runCase(srv: TestServer, index: number): Promise<void> {
         );
       }
       const problem = checkReplies(got, framed.requests, structured, !writeFailed);
-      if (problem) throw new Error(`transmission on ${ex.name}: ${problem}`);
+      if (problem)
+        throw new Error(`transmission on ${ex.name}, stream ending with ${framed.end}: ${problem}`);
     } else {
       // Garbage from the first byte.
       await c.greeting(CASE_TIMEOUT_MS);
@@ -582,7 +587,7 @@ void test(
           const message = (e as Error).message;
           const kind = message
             .split("\n")[0]
-            .replace(/ on \w+:/, ":")
+            .replace(/ on \w+,/, ",")
             .replace(/\d+/g, "N");
           if (!failures.has(kind)) {
             failures.set(
