@@ -2,7 +2,7 @@
 // Build the Rust addon (crates/blockio) offline with plain cargo and install it as build/blockio.node,
 // the one file src/blockio/native.ts loads. No crates.io access is needed: the crate has no dependencies.
 import { spawnSync } from "node:child_process";
-import { copyFileSync, mkdirSync } from "node:fs";
+import { copyFileSync, mkdirSync, renameSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -22,8 +22,9 @@ if (r.status !== 0) {
   process.exit(r.status ?? 1);
 }
 mkdirSync(join(root, "build"), { recursive: true });
-copyFileSync(
-  join(root, "crates", "blockio", "target", profile, "libblockio.so"),
-  join(root, "build", "blockio.node"),
-);
+// Copy then rename: a server running from this tree keeps its mapping of the old file (an in-place
+// overwrite would change the code under it and crash it).
+const dest = join(root, "build", "blockio.node");
+copyFileSync(join(root, "crates", "blockio", "target", profile, "libblockio.so"), `${dest}.tmp`);
+renameSync(`${dest}.tmp`, dest);
 console.log(`build-addon: build/blockio.node (${profile})`);

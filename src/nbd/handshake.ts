@@ -39,6 +39,7 @@ import {
   OPT,
   REP,
   TF,
+  utf8Capped,
 } from "./wire.js";
 
 export const MAX_OPTIONS = 256;
@@ -177,7 +178,7 @@ class Negotiation {
       } catch (e) {
         if (!(e instanceof OptionError)) throw e;
         this.log.debug(`option ${optionName(option)} refused: ${e.message}`);
-        this.reply(option, e.reply, Buffer.from(e.message.slice(0, MAX_STRING), "utf8"));
+        this.reply(option, e.reply, utf8Capped(e.message));
       }
     }
   }

@@ -92,6 +92,8 @@ export class RequestReceiver {
   /** The rest of the current payload is read directly into payloadBuf. */
   private payloadDirect = false;
   private drainLeft = 0;
+  private drainReq: Request | null = null;
+  private drainRejection: Rejection | null = null;
   private stash: { rx: RxBuffer | null; data: Buffer; pos: number } | null = null;
   private stopped = false;
   private cur: RxBuffer;
@@ -122,6 +124,7 @@ export class RequestReceiver {
         fd: dupFd(fd),
         readable: true,
         writable: true,
+        allowHalfOpen: true,
         onread: { buffer: this.nextBuffer, callback: this.onRead },
       };
       const sock = new Socket(opts);
@@ -151,11 +154,15 @@ export class RequestReceiver {
     if (this.stash === null && !this.stopped) this.stream.resume();
   }
 
-  /** Stop parsing (DISC, violation, close): later bytes are ignored. */
+  /**
+   * Stop parsing (DISC, violation, shutdown): later bytes are read and ignored, so that the
+   * client's end of the stream is still seen and the connection can close as soon as it does.
+   */
   stop(): void {
     this.stopped = true;
     this.dropStash();
-    this.stream.pause();
+    this.payloadDirect = false;
+    this.stream.resume();
   }
 
   /** Continue after mustWait() turned false. */
@@ -250,6 +257,7 @@ export class RequestReceiver {
         const n = Math.min(this.drainLeft, len - pos);
         this.drainLeft -= n;
         pos += n;
+        if (this.drainLeft === 0) this.drained();
         continue;
       }
       if (this.payloadReq !== null) {
@@ -291,8 +299,12 @@ export class RequestReceiver {
       }
       const rejection = this.sink.checkWrite(req);
       if (rejection !== null) {
+        // Answer only after the payload is read: a client (libnbd) counts a command as in flight
+        // once its whole payload is sent, and a reply before that is a reply to nothing.
         this.drainLeft = req.length;
-        this.sink.rejected(req, rejection);
+        this.drainReq = req;
+        this.drainRejection = rejection;
+        if (req.length === 0) this.drained();
         continue;
       }
       if (len - pos >= req.length) {
@@ -314,6 +326,14 @@ export class RequestReceiver {
       pos = len;
       this.payloadDirect = this.direct && req.length - n >= DIRECT_MIN;
     }
+  }
+
+  private drained(): void {
+    const req = this.drainReq!;
+    const r = this.drainRejection!;
+    this.drainReq = null;
+    this.drainRejection = null;
+    this.sink.rejected(req, r);
   }
 
   private completePayload(): void {

@@ -65,7 +65,8 @@ export class NbdServer {
 
   /** Start listening; resolves with a printable address. */
   async listen(ep: Endpoint): Promise<string> {
-    const server = createServer({ pauseOnConnect: false, noDelay: true }, (s) => this.accept(s));
+    // allowHalfOpen: a client may shut down its sending side and still wait for its replies.
+    const server = createServer({ allowHalfOpen: true, noDelay: true }, (s) => this.accept(s));
     server.maxConnections = this.opts.maxConnections + 64; // we refuse politely before the hard cap
     if ("path" in ep) await this.clearStaleSocket(ep.path);
     await new Promise<void>((resolve, reject) => {
@@ -240,10 +241,10 @@ export class NbdServer {
   }
 }
 
+/** `p`, or `fallback` after `ms`. The timer is not unref'd: it keeps the process alive while it waits. */
 function withTimeout<T>(p: Promise<T>, ms: number, fallback: T): Promise<T> {
   return new Promise<T>((resolve) => {
     const t = setTimeout(() => resolve(fallback), ms);
-    t.unref();
     p.then(
       (v) => {
         clearTimeout(t);

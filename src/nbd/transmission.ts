@@ -614,12 +614,11 @@ export class Transmission implements RequestSink {
         return;
       }
       this.out.flush();
-      if (this.hardClose) {
-        this.stream.destroy();
-        return;
-      }
+      // end() sends what is queued, then FIN (TLS close_notify first). The replies already owed
+      // are delivered even after a protocol violation; a peer that never reads them is dropped
+      // after the grace period.
       this.stream.end();
-      this.graceTimer = setTimeout(() => this.stream.destroy(), CLOSE_GRACE_MS);
+      this.graceTimer = setTimeout(() => this.stream.destroy(), this.hardClose ? 1000 : CLOSE_GRACE_MS);
       this.graceTimer.unref();
     } else if (this.state === "closed" && this.peerGone) {
       this.done();

@@ -280,9 +280,18 @@ export function writeStructuredHeader(
   b.writeUInt32BE(length, at + 16);
 }
 
+/** UTF-8 bytes of `text`, cut to at most `max` bytes at a character boundary. */
+export function utf8Capped(text: string, max = MAX_STRING): Buffer {
+  const b = Buffer.from(text, "utf8");
+  if (b.length <= max) return b;
+  let end = max;
+  while (end > 0 && (b[end]! & 0xc0) === 0x80) end--; // do not split a multi-byte character
+  return b.subarray(0, end);
+}
+
 /** A complete NBD_REPLY_TYPE_ERROR chunk (with DONE) carrying a message. */
 export function encodeErrorChunk(cookieHi: number, cookieLo: number, error: number, message: string): Buffer {
-  const m = Buffer.from(message.slice(0, MAX_STRING), "utf8").subarray(0, MAX_STRING);
+  const m = utf8Capped(message);
   const b = Buffer.allocUnsafe(STRUCTURED_REPLY_SIZE + 6 + m.length);
   writeStructuredHeader(b, 0, REPLY_FLAG_DONE, REPLY_TYPE.ERROR, cookieHi, cookieLo, 6 + m.length);
   b.writeUInt32BE(error, 20);
