@@ -24,6 +24,7 @@ import {
   fsyncSync,
   ftruncateSync,
   openSync,
+  statSync,
   constants as fsc,
 } from "node:fs";
 import { dirname } from "node:path";
@@ -206,6 +207,8 @@ export class BlockFile {
       }
       return new BlockFile(path, fd, opts.size, false, opts);
     }
+    if (statSync(path).isDirectory())
+      throw new UsageError(`${path} is a directory; give a file or a block device`);
     const fd = openSync(path, readOnly ? fsc.O_RDONLY : fsc.O_RDWR);
     try {
       const st = fstatSync(fd);

@@ -3,7 +3,7 @@
 import { parseArgs } from "node:util";
 import { readFileSync, mkdirSync } from "node:fs";
 import { basename, dirname, extname, resolve } from "node:path";
-import { createSecureContext, type TLSSocket } from "node:tls";
+import { createSecureContext, DEFAULT_CIPHERS, type TLSSocket } from "node:tls";
 import { Logger, parseLogLevel } from "../log.js";
 import { UsageError } from "../errors.js";
 import { parseSize, formatSize } from "../util/size.js";
@@ -75,9 +75,17 @@ function positiveInt(v: string, what: string): number {
   return n;
 }
 
+function readConfigFile(file: string, what: string): Buffer {
+  try {
+    return readFileSync(file);
+  } catch (e) {
+    throw new UsageError(`cannot read the ${what} ${file}: ${(e as Error).message}`);
+  }
+}
+
 function loadPsk(file: string): Map<string, Buffer> {
   const keys = new Map<string, Buffer>();
-  for (const [i, raw] of readFileSync(file, "utf8").split("\n").entries()) {
+  for (const [i, raw] of readConfigFile(file, "PSK file").toString("utf8").split("\n").entries()) {
     const line = raw.trim();
     if (!line || line.startsWith("#")) continue;
     const m = /^([^:]+):([0-9a-fA-F]+)$/.exec(line);
@@ -86,6 +94,70 @@ function loadPsk(file: string): Map<string, Buffer> {
   }
   if (keys.size === 0) throw new UsageError(`${file} holds no PSK keys`);
   return keys;
+}
+
+/**
+ * TLS 1.3 suites usable with a PSK: gnutls (libnbd) binds its PSK to SHA-256, so a server that
+ * picked TLS_AES_256_GCM_SHA384 would ignore the key. TLS 1.2 PSK suites follow for old clients.
+ */
+const PSK_TLS13 = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256";
+const PSK_TLS12 = "PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305";
+
+type TlsArgs = {
+  tls?: string | undefined;
+  "tls-cert"?: string | undefined;
+  "tls-key"?: string | undefined;
+  "tls-ca"?: string | undefined;
+  "tls-psk"?: string | undefined;
+};
+
+/** TLS settings from the command line; throws UsageError for contradictory or incomplete options. */
+export function parseTls(values: TlsArgs): TlsSettings {
+  const cert = values["tls-cert"];
+  const key = values["tls-key"];
+  const ca = values["tls-ca"];
+  const psk = values["tls-psk"];
+  if ((cert === undefined) !== (key === undefined))
+    throw new UsageError("--tls-cert and --tls-key go together");
+  if (ca !== undefined && cert === undefined) {
+    throw new UsageError(
+      "--tls-ca verifies client certificates and needs a server certificate (--tls-cert, --tls-key)",
+    );
+  }
+  const any = cert !== undefined || psk !== undefined;
+  const mode = values.tls ?? (any ? "on" : "off");
+  if (mode !== "off" && mode !== "on" && mode !== "require") {
+    throw new UsageError(`--tls must be off, on or require, not "${mode}"`);
+  }
+  if (mode === "off") {
+    if (any || ca !== undefined)
+      throw new UsageError("--tls off contradicts --tls-cert/--tls-psk/--tls-ca; drop one of them");
+    return { mode };
+  }
+  if (!any) throw new UsageError(`--tls ${mode} needs --tls-cert and --tls-key (or --tls-psk)`);
+  const settings: TlsSettings = { mode };
+  // With a PSK, only SHA-256 TLS 1.3 suites (the default list would let TLS_AES_256_GCM_SHA384 win).
+  const tls12 = DEFAULT_CIPHERS.split(":").filter((c) => !c.startsWith("TLS_"));
+  const ciphers = psk === undefined ? undefined : [PSK_TLS13, ...tls12, PSK_TLS12].join(":");
+  try {
+    settings.context = createSecureContext({
+      ...(cert !== undefined
+        ? { cert: readConfigFile(cert, "certificate"), key: readConfigFile(key!, "key") }
+        : {}),
+      ...(ca !== undefined ? { ca: readConfigFile(ca, "CA file") } : {}),
+      ...(ciphers !== undefined ? { ciphers } : {}),
+      minVersion: "TLSv1.2",
+    });
+  } catch (e) {
+    if (e instanceof UsageError) throw e;
+    throw new UsageError(`cannot load the TLS certificate or key: ${(e as Error).message}`);
+  }
+  settings.verifyClients = ca !== undefined;
+  if (psk !== undefined) {
+    const keys = loadPsk(psk);
+    settings.pskCallback = (_s: TLSSocket, identity: string) => keys.get(identity) ?? null;
+  }
+  return settings;
 }
 
 /** Parse `serve` arguments into a configuration; throws UsageError. */
@@ -134,39 +206,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
     blockSizes = { minimum, preferred, maximum };
   }
 
-  const certOrPsk = values["tls-cert"] !== undefined || values["tls-psk"] !== undefined;
-  const mode = values.tls ?? (certOrPsk ? "on" : "off");
-  if (mode !== "off" && mode !== "on" && mode !== "require") {
-    throw new UsageError(`--tls must be off, on or require, not "${mode}"`);
-  }
-  const tls: TlsSettings = { mode };
-  if (mode !== "off") {
-    if (!certOrPsk) throw new UsageError(`--tls ${mode} needs --tls-cert and --tls-key (or --tls-psk)`);
-    if ((values["tls-cert"] === undefined) !== (values["tls-key"] === undefined)) {
-      throw new UsageError("--tls-cert and --tls-key go together");
-    }
-    if (values["tls-cert"] !== undefined) {
-      try {
-        tls.context = createSecureContext({
-          cert: readFileSync(values["tls-cert"]),
-          key: readFileSync(values["tls-key"]!),
-          ...(values["tls-ca"] ? { ca: readFileSync(values["tls-ca"]) } : {}),
-          minVersion: "TLSv1.2",
-        });
-      } catch (e) {
-        throw new UsageError(`cannot load the TLS certificate or key: ${(e as Error).message}`);
-      }
-      tls.verifyClients = values["tls-ca"] !== undefined;
-    }
-    if (values["tls-psk"] !== undefined) {
-      const keys = loadPsk(values["tls-psk"]);
-      tls.pskCallback = (_s: TLSSocket, identity: string) => keys.get(identity) ?? null;
-      if (!tls.context) tls.pskCiphers = "PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305";
-    }
-  } else if (certOrPsk) {
-    throw new UsageError("--tls off contradicts --tls-cert/--tls-psk; drop one of them");
-  }
-
+  const tls = parseTls(values);
   const listen = values.listen === "none" ? null : parseListen(values.listen ?? "127.0.0.1:10809");
   if (listen === null && values.socket === undefined) {
     throw new UsageError("--listen none needs --socket PATH (otherwise nothing could connect)");

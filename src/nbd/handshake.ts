@@ -64,7 +64,6 @@ export interface TlsSettings {
   verifyClients?: boolean;
   /** TLS-PSK: identity -> key. */
   pskCallback?: (socket: TLSSocket, identity: string) => Buffer | null;
-  pskCiphers?: string;
 }
 
 /** What the handshake needs from the server. */
@@ -251,7 +250,7 @@ class Negotiation {
     if (data.length !== 0) throw new OptionError(REP.ERR_INVALID, "STARTTLS takes no data");
     if (this.tlsActive) throw new OptionError(REP.ERR_INVALID, "TLS is already active");
     const tls = this.ctx.tls;
-    if (tls.mode === "off" || (!tls.context && !tls.pskCallback)) {
+    if (tls.mode === "off" || !tls.context) {
       throw new OptionError(REP.ERR_POLICY, "TLS is not enabled on this server (see --tls)");
     }
     const leftover = this.reader.detach();
@@ -265,7 +264,6 @@ class Negotiation {
       requestCert: tls.verifyClients === true,
       rejectUnauthorized: tls.verifyClients === true,
       ...(tls.pskCallback ? { pskCallback: tls.pskCallback } : {}),
-      ...(tls.pskCiphers ? { ciphers: tls.pskCiphers } : {}),
     });
     await new Promise<void>((resolve, reject) => {
       const onError = (e: Error): void => {

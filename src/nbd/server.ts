@@ -70,7 +70,14 @@ export class NbdServer {
     server.maxConnections = this.opts.maxConnections + 64; // we refuse politely before the hard cap
     if ("path" in ep) await this.clearStaleSocket(ep.path);
     await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
+      server.once("error", (e: NodeJS.ErrnoException) => {
+        const where = "path" in ep ? ep.path : `${ep.host}:${ep.port}`;
+        if (e.code === "EADDRINUSE")
+          reject(new UsageError(`${where} is in use; stop the other server or listen elsewhere`));
+        else if (e.code === "EADDRNOTAVAIL" || e.code === "EACCES" || e.code === "ENOTFOUND") {
+          reject(new UsageError(`cannot listen on ${where}: ${e.code}`));
+        } else reject(e);
+      });
       if ("path" in ep) server.listen(ep.path, resolve);
       else server.listen(ep.port, ep.host, resolve);
     });

@@ -86,6 +86,8 @@ export async function startServer(opts: StartOptions = {}): Promise<ServerHandle
   );
   try {
     await waitForSocket(sock, 15_000, proc);
+    // The banner is printed once every listener is up, just after the socket starts accepting.
+    for (let i = 0; i < 200 && !out.includes("blockfork: serving"); i++) await new Promise((r) => setTimeout(r, 25));
   } catch (e) {
     proc.kill("SIGKILL");
     throw new Error(`${(e as Error).message}\nserver stderr:\n${err}`);

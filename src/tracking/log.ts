@@ -1,0 +1,356 @@
+// TrackingLog: the persistent, crash-safe side of a DirtyMap, in LevelDB under the state directory,
+// with an activity log in the manner of DRBD's.
+//
+// Notes on the design (the on-disk format is in docs/tracking-log.md)
+// - The rule (DESIGN.md "dirty before sent"): after a crash of the proxy at any moment, every block
+//   whose latest update the gateway had not durably acknowledged must be dirty. Persisting a bit
+//   for every write would cost an fsync per write. Instead:
+// - Activity log (AL): a set of "hot" regions (4 MiB each by default, up to `alExtents` of them).
+//   Before a write to a region outside the AL may touch the primary or leave for a gateway, the
+//   region is added to the AL and the AL is made durable (one LevelDB batch with sync). Inside
+//   active regions, bits change in memory only. After a crash, every region in the stored AL is
+//   taken as wholly dirty. So a crash costs a resync of at most the hot regions, and never misses
+//   a block (the price DRBD pays too; `alExtents` trades that cost against fsyncs).
+// - Leaving the AL: when it is full, the least recently used region is evicted; its chunk of the
+//   bitmap is written in the same synced batch as the new AL, so its dirty bits are durable before
+//   the AL stops covering them.
+// - Everything else is lazy: changed bitmap chunks are written every few seconds (no sync) and at
+//   close; losing those writes in a crash only means blocks that were already clean are resynced.
+// - Concurrent activations share one batch (group commit); a batch in flight makes later ones wait.
+// - A clean close writes every chunk and an empty AL, and records cleanShutdown.
+// - Generations: each open bumps `generation` (the gateway API's X-Blockfork-Generation); sequence
+//   numbers restart at 1 in each generation, so nothing about them needs persisting.
+
+import { randomBytes } from "node:crypto";
+import { mkdirSync } from "node:fs";
+import { Level } from "level";
+import type { Logger } from "../log.js";
+import { UsageError } from "../errors.js";
+import { DONE } from "../util/done.js";
+import { DirtyMap, type DirtyGeometry } from "./dirty-map.js";
+
+export const TRACKING_FORMAT = 1;
+/** Default bytes per dirty bit. */
+export const DEFAULT_GRANULARITY = 64 * 1024;
+/** Default activity-log region. */
+export const DEFAULT_REGION = 4 * 1024 * 1024;
+/** Default number of active regions (4 GiB hot at 4 MiB). */
+export const DEFAULT_AL_EXTENTS = 1024;
+const PERSIST_INTERVAL_MS = 5000;
+
+/** What the log records about itself. */
+export interface TrackingMeta {
+  format: number;
+  volumeSize: number;
+  granularity: number;
+  regionSize: number;
+  /** Identity of this proxy's sequence space (X-Blockfork-Source). */
+  source: string;
+  generation: number;
+  /** The gateway the map is relative to. */
+  gateway: string;
+  created: string;
+  cleanShutdown: boolean;
+}
+
+/** How to open a tracking log. */
+export interface TrackingOptions {
+  dir: string;
+  volumeSize: number;
+  gateway: string;
+  granularity?: number;
+  regionSize?: number;
+  alExtents?: number;
+  log: Logger;
+  /** For inspection: do not bump the generation, do not write anything. */
+  readOnly?: boolean;
+}
+
+/** Why the log marked blocks dirty when it opened. */
+export interface RecoveryReport {
+  newLog: boolean;
+  crashed: boolean;
+  /** Regions marked dirty because they were in the activity log at the crash. */
+  alRegions: number;
+  gatewayChanged: boolean;
+}
+
+type Db = Level<string, Buffer>;
+
+function chunkKey(c: number): string {
+  return `c:${c.toString(16).padStart(8, "0")}`;
+}
+
+/** The persistent dirty map of one volume relative to one gateway. */
+export class TrackingLog {
+  readonly map: DirtyMap;
+  readonly meta: TrackingMeta;
+  readonly recovery: RecoveryReport;
+  private readonly db: Db;
+  private readonly log: Logger;
+  private readonly capacity: number;
+  /** Active regions -> last use (a counter, for LRU). */
+  private readonly active = new Map<number, number>();
+  private useClock = 0;
+  private pending = new Set<number>();
+  private pendingWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  private committing: Promise<void> | null = null;
+  private timer: NodeJS.Timeout | null = null;
+  private closed = false;
+  private failure: Error | null = null;
+  private readonly readOnly: boolean;
+
+  private constructor(db: Db, map: DirtyMap, meta: TrackingMeta, recovery: RecoveryReport, opts: TrackingOptions) {
+    this.db = db;
+    this.map = map;
+    this.meta = meta;
+    this.recovery = recovery;
+    this.log = opts.log;
+    this.capacity = opts.alExtents ?? DEFAULT_AL_EXTENTS;
+    this.readOnly = opts.readOnly === true;
+  }
+
+  /** Open (or create) the log; recover after a crash. Throws UsageError on a geometry mismatch. */
+  static async open(opts: TrackingOptions): Promise<TrackingLog> {
+    mkdirSync(opts.dir, { recursive: true });
+    const db: Db = new Level<string, Buffer>(opts.dir, { valueEncoding: "buffer" });
+    try {
+      await db.open();
+    } catch (e) {
+      const cause = (e as { cause?: { code?: string } }).cause;
+      if ((e as { code?: string }).code === "LEVEL_DATABASE_NOT_OPEN" && cause?.code === "LEVEL_LOCKED") {
+        throw new UsageError(`the tracking log in ${opts.dir} is in use by another process (a running proxy?)`);
+      }
+      throw e;
+    }
+    try {
+      return await TrackingLog.load(db, opts);
+    } catch (e) {
+      await db.close();
+      throw e;
+    }
+  }
+
+  private static async load(db: Db, opts: TrackingOptions): Promise<TrackingLog> {
+    const stored = await db.get("meta");
+    const now = Date.now();
+    let meta: TrackingMeta;
+    const recovery: RecoveryReport = { newLog: false, crashed: false, alRegions: 0, gatewayChanged: false };
+    if (stored === undefined) {
+      meta = {
+        format: TRACKING_FORMAT,
+        volumeSize: opts.volumeSize,
+        granularity: opts.granularity ?? DEFAULT_GRANULARITY,
+        regionSize: opts.regionSize ?? DEFAULT_REGION,
+        source: randomBytes(8).toString("hex"),
+        generation: 0,
+        gateway: opts.gateway,
+        created: new Date(now).toISOString(),
+        cleanShutdown: true,
+      };
+      recovery.newLog = true;
+    } else {
+      meta = JSON.parse(stored.toString("utf8")) as TrackingMeta;
+      if (meta.format !== TRACKING_FORMAT) {
+        throw new UsageError(`the tracking log in ${opts.dir} has format ${meta.format}; this blockfork reads ${TRACKING_FORMAT}`);
+      }
+      if (meta.volumeSize !== opts.volumeSize) {
+        throw new UsageError(
+          `the tracking log in ${opts.dir} belongs to a volume of ${meta.volumeSize} bytes, not ${opts.volumeSize}; ` +
+            `use another --state-dir (or remove this one to start over with a full resync)`,
+        );
+      }
+      if (opts.granularity !== undefined && opts.granularity !== meta.granularity) {
+        throw new UsageError(
+          `the tracking log in ${opts.dir} uses a granularity of ${meta.granularity} bytes; ` +
+            `drop --track-granularity or use another --state-dir`,
+        );
+      }
+    }
+    const geometry: DirtyGeometry = {
+      volumeSize: meta.volumeSize,
+      granularity: meta.granularity,
+      regionSize: meta.regionSize,
+    };
+    const map = new DirtyMap(geometry);
+    for await (const [key, value] of db.iterator({ gte: "c:", lt: "c;" })) {
+      map.decodeChunk(parseInt(key.slice(2), 16), value);
+    }
+    const al = await db.get("al");
+    if (al !== undefined && al.length >= 4) {
+      const n = al.readUInt32BE(0);
+      for (let i = 0; i < n; i++) {
+        const r = al.readUInt32BE(4 + 12 * i);
+        const t = al.readDoubleBE(8 + 12 * i);
+        map.markBlocks(r * map.blocksPerRegion, map.blocksPerRegion, t || now);
+      }
+      recovery.alRegions = n;
+      recovery.crashed = n > 0 || !meta.cleanShutdown;
+    } else if (!meta.cleanShutdown) {
+      recovery.crashed = true;
+    }
+    if (recovery.newLog) {
+      // A new log knows nothing about the secondary: everything must be copied once.
+      map.markAll(now);
+    } else if (meta.gateway !== opts.gateway) {
+      map.markAll(now);
+      recovery.gatewayChanged = true;
+    }
+    const t = new TrackingLog(db, map, meta, recovery, opts);
+    if (!opts.readOnly) {
+      meta.generation += 1;
+      meta.gateway = opts.gateway;
+      meta.cleanShutdown = false;
+      const batch = db.batch();
+      batch.put("meta", Buffer.from(JSON.stringify(meta)));
+      batch.put("al", encodeAl([]));
+      for (const c of map.changed) batch.put(chunkKey(c), map.encodeChunk(c));
+      await batch.write({ sync: true });
+      map.changed.clear();
+      t.timer = setInterval(() => void t.persist().catch((e: Error) => t.fail(e)), PERSIST_INTERVAL_MS);
+      t.timer.unref();
+    }
+    return t;
+  }
+
+  /** Regions currently in the activity log. */
+  get activeRegions(): number {
+    return this.active.size;
+  }
+
+  /** A failure of the log's storage (writes depending on the log fail while it stands). */
+  get error(): Error | null {
+    return this.failure;
+  }
+
+  /**
+   * Make the activity log cover [offset, offset+length) durably. DONE when it already does (the
+   * common case: no I/O); otherwise the promise of the next AL transaction.
+   */
+  activate(offset: number, length: number): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    const rs = this.map.regionSize;
+    const r0 = Math.floor(offset / rs);
+    const r1 = Math.floor((offset + length - 1) / rs);
+    let missing = false;
+    const use = ++this.useClock;
+    for (let r = r0; r <= r1; r++) {
+      if (this.active.has(r)) this.active.set(r, use);
+      else {
+        this.pending.add(r);
+        missing = true;
+      }
+    }
+    if (!missing) return DONE;
+    return new Promise<void>((resolve, reject) => {
+      this.pendingWaiters.push({ resolve, reject });
+      if (this.committing === null) this.committing = this.commitSoon();
+    });
+  }
+
+  private async commitSoon(): Promise<void> {
+    // Let every write of this tick join the batch.
+    await new Promise<void>((r) => setImmediate(r));
+    while (this.pending.size > 0) {
+      const adding = this.pending;
+      const waiters = this.pendingWaiters;
+      this.pending = new Set();
+      this.pendingWaiters = [];
+      try {
+        await this.commit(adding);
+        for (const w of waiters) w.resolve();
+      } catch (e) {
+        this.fail(e as Error);
+        for (const w of waiters) w.reject(this.failure!);
+      }
+    }
+    this.committing = null;
+  }
+
+  private async commit(adding: Set<number>): Promise<void> {
+    const use = ++this.useClock;
+    const next = new Map(this.active);
+    for (const r of adding) next.set(r, use);
+    const evicted: number[] = [];
+    if (next.size > this.capacity) {
+      const victims = [...next.entries()].filter(([r]) => !adding.has(r)).sort((a, b) => a[1] - b[1]);
+      for (const [r] of victims) {
+        if (next.size <= this.capacity) break;
+        next.delete(r);
+        evicted.push(r);
+      }
+    }
+    const batch = this.db.batch();
+    const now = Date.now();
+    batch.put("al", encodeAl([...next.keys()].map((r) => [r, this.map.regionTimes(r)[0] || now])));
+    const chunks = new Set<number>();
+    for (const r of evicted) {
+      const b0 = r * this.map.blocksPerRegion;
+      const [c0, c1] = [chunkOf(b0), chunkOf(Math.min(b0 + this.map.blocksPerRegion, this.map.blocks) - 1)];
+      for (let c = c0; c <= c1; c++) chunks.add(c);
+    }
+    for (const c of chunks) {
+      batch.put(chunkKey(c), this.map.encodeChunk(c));
+      this.map.changed.delete(c);
+    }
+    await batch.write({ sync: true });
+    this.active.clear();
+    for (const [r, u] of next) this.active.set(r, u);
+    if (evicted.length > 0) this.log.debug(`activity log: ${adding.size} in, ${evicted.length} out`);
+  }
+
+  /** Write the bitmap chunks changed since the last persist (no sync: the AL covers a crash). */
+  async persist(sync = false): Promise<void> {
+    if (this.readOnly || this.closed || this.map.changed.size === 0) return;
+    const batch = this.db.batch();
+    const chunks = [...this.map.changed];
+    this.map.changed.clear();
+    for (const c of chunks) batch.put(chunkKey(c), this.map.encodeChunk(c));
+    try {
+      await batch.write({ sync });
+    } catch (e) {
+      for (const c of chunks) this.map.changed.add(c);
+      throw e;
+    }
+  }
+
+  private fail(e: Error): void {
+    if (this.failure) return;
+    this.failure = e;
+    this.log.error(
+      `tracking log failed: ${e.message}; writes are refused until the proxy restarts (check the state directory's disk)`,
+    );
+  }
+
+  /** Persist everything, empty the activity log, mark a clean shutdown, close. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    if (this.timer) clearInterval(this.timer);
+    if (this.committing) await this.committing.catch(() => {});
+    if (!this.readOnly && !this.failure) {
+      const batch = this.db.batch();
+      for (let c = 0; c < this.map.chunks; c++) batch.put(chunkKey(c), this.map.encodeChunk(c));
+      batch.put("al", encodeAl([]));
+      this.meta.cleanShutdown = true;
+      batch.put("meta", Buffer.from(JSON.stringify(this.meta)));
+      await batch.write({ sync: true });
+      this.active.clear();
+    }
+    this.closed = true;
+    await this.db.close();
+  }
+}
+
+function chunkOf(block: number): number {
+  return Math.floor(block / 32768);
+}
+
+function encodeAl(entries: [number, number][]): Buffer {
+  const b = Buffer.allocUnsafe(4 + 12 * entries.length);
+  b.writeUInt32BE(entries.length, 0);
+  entries.forEach(([r, t], i) => {
+    b.writeUInt32BE(r, 4 + 12 * i);
+    b.writeDoubleBE(t, 8 + 12 * i);
+  });
+  return b;
+}
