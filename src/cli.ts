@@ -3,12 +3,14 @@
 
 import { readFileSync } from "node:fs";
 import { serve, SERVE_HELP } from "./commands/serve.js";
+import { gateway, GATEWAY_HELP } from "./commands/gateway.js";
 import { BlockforkError } from "./errors.js";
 
 const HELP = `Usage: blockfork COMMAND [options]
 
 Commands:
   serve      serve a primary volume over NBD (blockfork serve --help)
+  gateway    apply forwarded writes to a secondary volume over HTTP (blockfork gateway --help)
 
 Options:
   --help     this text
@@ -18,6 +20,7 @@ Options:
 type Command = { run: (argv: string[]) => Promise<number>; help: string };
 const COMMANDS: Record<string, Command> = {
   serve: { run: serve, help: SERVE_HELP },
+  gateway: { run: gateway, help: GATEWAY_HELP },
 };
 
 function version(): string {

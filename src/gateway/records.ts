@@ -72,7 +72,8 @@ export function encodeUpdates(records: readonly UpdateRecord[]): Buffer {
       ["period", r.period],
       ["offset", r.offset],
     ] as const) {
-      if (!Number.isSafeInteger(v) || v < 0) throw new RangeError(`record ${name} ${v} is not a u64 below 2^53`);
+      if (!Number.isSafeInteger(v) || v < 0)
+        throw new RangeError(`record ${name} ${v} is not a u64 below 2^53`);
     }
     if (!Number.isInteger(r.length) || r.length < 0 || r.length > 0xffffffff) {
       throw new RangeError(`record length ${r.length} is not a u32`);
@@ -169,7 +170,7 @@ export function parseUpdates(buf: Buffer, volumeSize: number): UpdateRecord[] {
       data = buf.subarray(at, at + length);
       at += length;
     }
-    records.push({ kind: kind as UpdateKind, seq, period, offset, length, data });
+    records.push({ kind, seq, period, offset, length, data });
   }
   return records;
 }

@@ -234,7 +234,7 @@ export class Sequencer {
     }
     points.sort();
 
-    const pieces: Piece[][] = fresh.map(() => []);
+    const pieces: Piece[][] = fresh.map((): Piece[] => []);
     const heap = new MaxHeap(seqs);
     let k = 0;
     for (let p = 0; p < points.length - 1; p++) {

@@ -1,0 +1,323 @@
+// The gateway's work on its secondary volume, apart from HTTP: applying batches of updates under the
+// idempotency rules of each source (sequencer.ts), group-committed flushes that advance
+// durableThrough and persist it (state.ts), reads and checksums for verification, and the counters
+// that status reports.
+//
+// Notes on the design
+// - Batches of one source run one at a time (a promise chain per source), so the sequencer's plan
+//   and its commit see the same state; batches of different sources run concurrently.
+// - A batch's pieces are disjoint (the sequencer subtracted newer ranges, including those of the
+//   batch itself), so all its writes are issued at once and may complete in any order. The reply
+//   waits until every one has settled: on any failure nothing is committed (the proxy resends the
+//   batch; writing the same bytes again is harmless, and a retried older update can never clobber
+//   a newer one because the subtraction is repeated).
+// - Flush: capture every source's appliedThrough, then FileVolume.flush() (group commit: the
+//   fdatasync it waits for starts after the call), then durableThrough = the captured values, then
+//   sources.json (group-committed too). Every update counted in appliedThrough had completed its
+//   write before the capture, so the fdatasync covers it.
+
+import { createHash } from "node:crypto";
+import { constants } from "node:os";
+import { errnoName, errnoOf } from "../errors.js";
+import type { Logger } from "../log.js";
+import { DONE } from "../util/done.js";
+import type { Volume } from "../volume/volume.js";
+import { HttpError } from "./http.js";
+import { KIND, type UpdateRecord } from "./records.js";
+import { Sequencer, type BatchPlan, type SourceSnapshot } from "./sequencer.js";
+import type { StateWriter } from "./state.js";
+
+const E = constants.errno;
+/** After an I/O failure, health says "cannot apply" for this long unless an operation succeeds. */
+export const FAILING_HOLD_MS = 5000;
+/** Checksums read the volume in chunks of this size (two buffers: one read ahead while hashing). */
+const CHECKSUM_CHUNK = 1024 * 1024;
+
+/** Who sends a request (the identity headers). */
+export interface Identity {
+  source: string;
+  generation: number;
+  /** X-Blockfork-Floor, when given. */
+  floor: number | null;
+}
+
+/** The answer to a batch. `stale`: the batch came from an older generation and was not applied. */
+export interface BatchResult {
+  applied: number;
+  duplicates: number;
+  appliedThrough: number;
+  durableThrough: number;
+  stale?: true;
+  generation?: number;
+}
+
+/** Counters reported by status. */
+export interface Counters {
+  updates: number;
+  bytes: number;
+  duplicates: number;
+  stale: number;
+  flushes: number;
+  errors: number;
+}
+
+class Source {
+  private tail: Promise<unknown> = Promise.resolve();
+  constructor(
+    readonly id: string,
+    readonly seq: Sequencer,
+  ) {}
+
+  /** Run `fn` after every earlier call of this source has settled. */
+  serialize<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.tail.then(fn, fn);
+    this.tail = p.then(
+      () => {},
+      () => {},
+    );
+    return p;
+  }
+}
+
+/** The secondary volume and the state of every source that writes to it. */
+export class Gateway {
+  readonly counters: Counters = { updates: 0, bytes: 0, duplicates: 0, stale: 0, flushes: 0, errors: 0 };
+  private readonly sources = new Map<string, Source>();
+  private lastFailure: { at: number; message: string } | null = null;
+  private state: StateWriter | null = null;
+
+  constructor(
+    readonly volume: Volume,
+    private readonly log: Logger,
+    persisted: Map<string, SourceSnapshot> = new Map(),
+  ) {
+    for (const [id, snap] of persisted) this.sources.set(id, new Source(id, new Sequencer(snap)));
+  }
+
+  /** Where flushes persist the state (set once, by the command). */
+  attachState(writer: StateWriter): void {
+    this.state = writer;
+  }
+
+  /** The persistent state of every source, for the state writer. */
+  *snapshots(): Iterable<[string, SourceSnapshot]> {
+    for (const [id, s] of this.sources) yield [id, s.seq.snapshot()];
+  }
+
+  private source(id: Identity): Source {
+    let s = this.sources.get(id.source);
+    if (!s) {
+      s = new Source(id.source, new Sequencer({ generation: id.generation, durableThrough: 0, floor: 0 }));
+      this.sources.set(id.source, s);
+      this.log.info(`new source ${id.source} (generation ${id.generation})`);
+    }
+    return s;
+  }
+
+  /** Bring the source to the request's generation; false when the request's generation is stale. */
+  private admit(s: Source, id: Identity): boolean {
+    const before = s.seq.generation;
+    const g = s.seq.checkGeneration(id.generation);
+    if (g === "stale") return false;
+    if (g === "reset") {
+      this.log.info(`source ${s.id}: generation ${before} -> ${id.generation}, idempotency state reset`);
+    }
+    if (id.floor !== null) s.seq.raiseFloor(id.floor);
+    return true;
+  }
+
+  /** Apply a parsed, checked batch. Rejects with HttpError 500/507 when a write fails. */
+  applyBatch(id: Identity, records: UpdateRecord[]): Promise<BatchResult> {
+    const s = this.source(id);
+    return s.serialize(async () => {
+      if (!this.admit(s, id)) {
+        this.counters.stale += records.length;
+        return {
+          applied: 0,
+          duplicates: records.length,
+          appliedThrough: 0,
+          durableThrough: 0,
+          stale: true,
+          generation: s.seq.generation,
+        };
+      }
+      const plan = s.seq.plan(records);
+      await this.write(plan);
+      s.seq.commit(plan);
+      const c = this.counters;
+      c.updates += plan.updates.length;
+      for (const u of plan.updates) c.bytes += u.record.length;
+      c.duplicates += plan.duplicates;
+      return {
+        applied: plan.updates.length,
+        duplicates: plan.duplicates,
+        appliedThrough: s.seq.appliedThrough,
+        durableThrough: s.seq.durableThrough,
+      };
+    });
+  }
+
+  private write(plan: BatchPlan): Promise<void> {
+    const v = this.volume;
+    let pending: Promise<void>[] | null = null;
+    const issue = (r: UpdateRecord, offset: number, length: number, dataStart: number): void => {
+      let p: Promise<void>;
+      try {
+        if (r.kind === KIND.WRITE) {
+          const data =
+            dataStart === 0 && length === r.length
+              ? r.data!
+              : r.data!.subarray(dataStart, dataStart + length);
+          p = v.write(data, offset, false);
+        } else {
+          p = v.zero(offset, length, { mayTrim: true });
+        }
+      } catch (e) {
+        p = Promise.reject(e);
+      }
+      if (p !== DONE) (pending ??= []).push(p);
+    };
+    for (const u of plan.updates) {
+      const r = u.record;
+      if (u.pieces === null) issue(r, r.offset, r.length, 0);
+      else for (const piece of u.pieces) issue(r, piece.offset, piece.length, piece.dataStart);
+    }
+    if (pending === null) {
+      this.lastFailure = null;
+      return DONE;
+    }
+    return Promise.allSettled(pending as Promise<void>[]).then((results) => {
+      for (const r of results) if (r.status === "rejected") throw this.ioFailure(r.reason, "write");
+      this.lastFailure = null;
+    });
+  }
+
+  /** Turn an I/O error into the API error (507 for a full disk, else 500) and remember it for health. */
+  private ioFailure(err: unknown, what: string): HttpError {
+    const errno = errnoOf(err);
+    const detail = err instanceof Error ? err.message : String(err);
+    this.counters.errors++;
+    this.lastFailure = { at: Date.now(), message: `${what} failed: ${detail}` };
+    this.log.limited("error", `io ${what}`, `${what} on the secondary failed: ${detail}`);
+    if (errno === E.ENOSPC || errno === E.EDQUOT) {
+      return new HttpError(
+        507,
+        "ERR_NO_SPACE",
+        `the secondary's storage is full (${errnoName(errno)}: ${detail}); nothing of this request ` +
+          `was acknowledged; free space on the gateway's volume`,
+        { cause: err },
+      );
+    }
+    return new HttpError(
+      500,
+      "ERR_IO",
+      `${what} on the secondary failed (${detail}); nothing of this request was acknowledged`,
+      { cause: err },
+    );
+  }
+
+  /**
+   * FLUSH for one source: fdatasync (shared with concurrent flushes), then durableThrough and
+   * sources.json. Resolves with the source's durableThrough.
+   */
+  async flush(id: Identity): Promise<{ durableThrough: number; stale?: true; generation?: number }> {
+    const s = this.source(id);
+    if (id.generation !== s.seq.generation || id.floor !== null) {
+      // A generation change or a floor changes state that batches in flight rely on: in line.
+      const ok = await s.serialize(() => Promise.resolve(this.admit(s, id)));
+      if (!ok) return { durableThrough: 0, stale: true, generation: s.seq.generation };
+    }
+    await this.syncAll();
+    return { durableThrough: s.seq.durableThrough };
+  }
+
+  /** fdatasync the secondary and persist every source's new durableThrough. */
+  async syncAll(): Promise<void> {
+    const captured: [Sequencer, number, number][] = [];
+    for (const s of this.sources.values()) {
+      captured.push([s.seq, s.seq.generation, s.seq.appliedThrough]);
+    }
+    this.counters.flushes++;
+    try {
+      await this.volume.flush();
+    } catch (e) {
+      throw this.ioFailure(e, "fdatasync");
+    }
+    for (const [seq, generation, through] of captured) {
+      if (seq.generation === generation) seq.markDurable(through);
+    }
+    if (this.state) {
+      try {
+        await this.state.save();
+      } catch (e) {
+        throw this.ioFailure(e, "writing the state file");
+      }
+    }
+    this.lastFailure = null;
+  }
+
+  /** Read [offset, offset+length) of the secondary into `buf` (checked by the caller). */
+  read(buf: Buffer, offset: number): Promise<void> {
+    return this.volume.read(buf, offset).catch((e: unknown) => {
+      throw this.ioFailure(e, "read");
+    });
+  }
+
+  /** SHA-256 (hex) of each `block`-byte block of [offset, offset+length); the last may be short. */
+  async checksums(offset: number, length: number, block: number): Promise<string[]> {
+    // Read in windows of about CHECKSUM_CHUNK (whole blocks when blocks are smaller), two buffers:
+    // the next window is read while this one is hashed. Memory stays 2 MiB whatever the length.
+    const window = block >= CHECKSUM_CHUNK ? CHECKSUM_CHUNK : Math.floor(CHECKSUM_CHUNK / block) * block;
+    const size = Math.min(window, length);
+    const bufs = [Buffer.allocUnsafe(size), Buffer.allocUnsafe(size)];
+    const end = offset + length;
+    const sums: string[] = [];
+    let hash = createHash("sha256");
+    const readWindow = (i: number): Promise<void> => {
+      const at = offset + i * window;
+      return this.read(bufs[i % 2].subarray(0, Math.min(window, end - at)), at);
+    };
+    const count = Math.ceil(length / window);
+    let ahead = readWindow(0);
+    for (let i = 0; i < count; i++) {
+      await ahead;
+      if (i + 1 < count) ahead = readWindow(i + 1);
+      const at = offset + i * window;
+      const wEnd = Math.min(at + window, end);
+      const buf = bufs[i % 2];
+      for (let pos = at; pos < wEnd;) {
+        const blockEnd = offset + (Math.floor((pos - offset) / block) + 1) * block;
+        const segEnd = Math.min(blockEnd, wEnd);
+        hash.update(buf.subarray(pos - at, segEnd - at));
+        if (segEnd === blockEnd || segEnd === end) {
+          sums.push(hash.digest("hex"));
+          hash = createHash("sha256");
+        }
+        pos = segEnd;
+      }
+    }
+    return sums;
+  }
+
+  /** Whether updates can be applied now (health); `reason` when not. */
+  health(): { ok: boolean; reason?: string } {
+    const f = this.lastFailure;
+    if (f && Date.now() - f.at < FAILING_HOLD_MS) {
+      return { ok: false, reason: `the secondary is failing: ${f.message}` };
+    }
+    return { ok: true };
+  }
+
+  /** Per-source state for status. */
+  sourceStatus(): Record<string, unknown>[] {
+    return [...this.sources.values()].map((s) => ({
+      source: s.id,
+      generation: s.seq.generation,
+      appliedThrough: s.seq.appliedThrough,
+      durableThrough: s.seq.durableThrough,
+      floor: s.seq.floor,
+      outOfOrder: s.seq.outOfOrder,
+      lastPeriod: s.seq.lastPeriod,
+    }));
+  }
+}

@@ -1,0 +1,157 @@
+// The gateway's state directory: `sources.json` (the idempotency state of every source, written at
+// each flush and at shutdown), the fault trigger file `fault`, and the tracking-mirror documents
+// under `mirror/`.
+//
+// Crash safety: every document is replaced atomically (write a temporary file, fsync it, rename
+// it over the old one, fsync the directory), so a crash leaves either the old or the new version.
+// sources.json is written only after the fdatasync of the secondary that its durableThrough values
+// describe, so it never claims more than the disk holds. Losing the latest version is harmless:
+// durableThrough only moves back, and the proxy resends what it has not seen acknowledged durable.
+//
+// sources.json:
+//   {"version": 1, "volume": {"name": "...", "size": N}, "savedAt": "ISO time",
+//    "sources": [{"source": "hex", "generation": G, "durableThrough": D, "floor": F}, ...]}
+
+import { mkdirSync, readFileSync } from "node:fs";
+import { open, rename, unlink } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import { UsageError } from "../errors.js";
+import type { SourceSnapshot } from "./sequencer.js";
+
+export const STATE_FILE = "sources.json";
+export const FAULT_FILE = "fault";
+export const MIRROR_DIR = "mirror";
+
+/** Create the state directory (and mirror/) if needed. Throws UsageError with what to do. */
+export function prepareStateDir(dir: string): void {
+  try {
+    mkdirSync(join(dir, MIRROR_DIR), { recursive: true });
+  } catch (e) {
+    throw new UsageError(
+      `cannot create the state directory ${dir}: ${(e as Error).message}; give --state-dir`,
+    );
+  }
+}
+
+let tmpCounter = 0;
+
+/** Replace `path` with `data` atomically and durably (tmp file, fsync, rename, fsync of the dir). */
+export async function writeFileAtomic(path: string, data: string | Buffer): Promise<void> {
+  const tmp = `${path}.tmp-${process.pid}-${tmpCounter++}`;
+  const fh = await open(tmp, "w", 0o644);
+  try {
+    await fh.writeFile(data);
+    await fh.sync();
+  } catch (e) {
+    await fh.close();
+    await unlink(tmp).catch(() => {});
+    throw e;
+  }
+  await fh.close();
+  try {
+    await rename(tmp, path);
+  } catch (e) {
+    await unlink(tmp).catch(() => {});
+    throw e;
+  }
+  const dir = await open(dirname(path), "r");
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
+}
+
+/** What sources.json holds about the volume it belongs to. */
+export interface VolumeIdentity {
+  name: string;
+  size: number;
+}
+
+function isCount(v: unknown): v is number {
+  return typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
+}
+
+/**
+ * Load the persisted sources of `dir` (empty when there is no sources.json yet). A file that is
+ * not ours, or was written for a volume of another size, is a UsageError that says what to do.
+ */
+export function loadSources(dir: string, volume: VolumeIdentity): Map<string, SourceSnapshot> {
+  const path = join(dir, STATE_FILE);
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "ENOENT") return new Map();
+    throw new UsageError(`cannot read ${path}: ${(e as Error).message}`);
+  }
+  const fix = `move it away to start with empty idempotency state (proxies then resend what is not durable)`;
+  let doc: unknown;
+  try {
+    doc = JSON.parse(text);
+  } catch (e) {
+    throw new UsageError(`${path} is not valid JSON (${(e as Error).message}); ${fix}`);
+  }
+  const d = doc as { version?: unknown; volume?: { size?: unknown }; sources?: unknown };
+  if (typeof doc !== "object" || doc === null || d.version !== 1 || !Array.isArray(d.sources)) {
+    throw new UsageError(`${path} is not a blockfork gateway state file (version 1); ${fix}`);
+  }
+  if (d.volume?.size !== volume.size) {
+    throw new UsageError(
+      `${path} was written for a volume of ${String(d.volume?.size)} bytes, but the volume is ` +
+        `${volume.size} bytes; use another --state-dir for this volume, or ${fix}`,
+    );
+  }
+  const out = new Map<string, SourceSnapshot>();
+  for (const s of d.sources as unknown[]) {
+    const e = s as { source?: unknown; generation?: unknown; durableThrough?: unknown; floor?: unknown };
+    if (
+      typeof e.source !== "string" ||
+      !isCount(e.generation) ||
+      !isCount(e.durableThrough) ||
+      !isCount(e.floor)
+    ) {
+      throw new UsageError(`${path} has a malformed source entry ${JSON.stringify(s)}; ${fix}`);
+    }
+    out.set(e.source, { generation: e.generation, durableThrough: e.durableThrough, floor: e.floor });
+  }
+  return out;
+}
+
+/**
+ * Writes sources.json with group commit: save() resolves after a write that started at or after
+ * the call; calls made while a write runs share the one write that follows it.
+ */
+export class StateWriter {
+  private running: Promise<void> | null = null;
+  private next: Promise<void> | null = null;
+
+  constructor(
+    private readonly dir: string,
+    private readonly volume: VolumeIdentity,
+    private readonly sources: () => Iterable<[string, SourceSnapshot]>,
+  ) {}
+
+  save(): Promise<void> {
+    if (this.next) return this.next;
+    if (!this.running) return this.start();
+    const after = (): Promise<void> => {
+      this.next = null;
+      return this.start();
+    };
+    this.next = this.running.then(after, after);
+    return this.next;
+  }
+
+  private start(): Promise<void> {
+    const list = [...this.sources()].map(([source, s]) => ({ source, ...s }));
+    const doc = { version: 1, volume: this.volume, savedAt: new Date().toISOString(), sources: list };
+    const p = writeFileAtomic(join(this.dir, STATE_FILE), JSON.stringify(doc, null, 1) + "\n");
+    this.running = p;
+    const clear = (): void => {
+      if (this.running === p) this.running = null;
+    };
+    p.then(clear, clear);
+    return p;
+  }
+}
