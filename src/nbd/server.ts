@@ -6,8 +6,9 @@
 // handshake (nothing of theirs is at stake); answer new requests with ESHUTDOWN while in-flight
 // requests finish; the caller flushes the volumes; then every connection is closed gracefully.
 
-import { createServer, connect, type Server, type Socket } from "node:net";
-import { existsSync, unlinkSync, statSync } from "node:fs";
+import { createServer, type Server, type Socket } from "node:net";
+import { unlinkSync } from "node:fs";
+import { clearStaleSocket } from "../util/unix-socket.js";
 import type { Duplex } from "node:stream";
 import type { Logger } from "../log.js";
 import { StreamClosedError } from "./reader.js";
@@ -68,7 +69,7 @@ export class NbdServer {
     // allowHalfOpen: a client may shut down its sending side and still wait for its replies.
     const server = createServer({ allowHalfOpen: true, noDelay: true }, (s) => this.accept(s));
     server.maxConnections = this.opts.maxConnections + 64; // we refuse politely before the hard cap
-    if ("path" in ep) await this.clearStaleSocket(ep.path);
+    if ("path" in ep) await clearStaleSocket(ep.path);
     await new Promise<void>((resolve, reject) => {
       server.once("error", (e: NodeJS.ErrnoException) => {
         const where = "path" in ep ? ep.path : `${ep.host}:${ep.port}`;
@@ -90,23 +91,6 @@ export class NbdServer {
     const a = server.address();
     const port = typeof a === "object" && a !== null ? a.port : ep.port;
     return `${ep.host.includes(":") ? `[${ep.host}]` : ep.host}:${port}`;
-  }
-
-  private async clearStaleSocket(path: string): Promise<void> {
-    if (!existsSync(path)) return;
-    if (!statSync(path).isSocket())
-      throw new UsageError(`${path} exists and is not a socket; choose another --socket`);
-    const alive = await new Promise<boolean>((resolve) => {
-      const c = connect(path);
-      c.once("connect", () => {
-        c.destroy();
-        resolve(true);
-      });
-      c.once("error", () => resolve(false));
-    });
-    if (alive)
-      throw new UsageError(`another server is listening on ${path}; stop it or choose another --socket`);
-    unlinkSync(path);
   }
 
   private accept(socket: Socket): void {

@@ -285,7 +285,7 @@ export function utf8Capped(text: string, max = MAX_STRING): Buffer {
   const b = Buffer.from(text, "utf8");
   if (b.length <= max) return b;
   let end = max;
-  while (end > 0 && (b[end]! & 0xc0) === 0x80) end--; // do not split a multi-byte character
+  while (end > 0 && (b[end] & 0xc0) === 0x80) end--; // do not split a multi-byte character
   return b.subarray(0, end);
 }
 

@@ -79,8 +79,8 @@ export async function startServer(opts: StartOptions = {}): Promise<ServerHandle
   const proc = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...opts.env } });
   let err = "";
   let out = "";
-  proc.stderr!.setEncoding("utf8").on("data", (d: string) => (err += d));
-  proc.stdout!.setEncoding("utf8").on("data", (d: string) => (out += d));
+  proc.stderr.setEncoding("utf8").on("data", (d: string) => (err += d));
+  proc.stdout.setEncoding("utf8").on("data", (d: string) => (out += d));
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) =>
     proc.once("exit", (code, signal) => res({ code, signal })),
   );
