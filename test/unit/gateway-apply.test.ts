@@ -1,0 +1,233 @@
+// src/gateway/gateway.ts and state.ts without HTTP: batches applied to a MemoryVolume (higher seq
+// wins in the data, zero/trim, stale generations), a failing volume (507 for ENOSPC, 500 for EIO,
+// nothing committed, a retry applies), flushes sharing one fdatasync on a FileVolume with
+// durableThrough persisted in sources.json and read back, state files that are refused, and
+// checksums over every way blocks and read windows can split.
+
+import { after, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { createHash, randomBytes } from "node:crypto";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { constants, tmpdir } from "node:os";
+import { join } from "node:path";
+import { Gateway, type Identity } from "../../src/gateway/gateway.js";
+import { HttpError } from "../../src/gateway/http.js";
+import { KIND, type UpdateRecord } from "../../src/gateway/records.js";
+import { loadSources, StateWriter, STATE_FILE } from "../../src/gateway/state.js";
+import { IoError, UsageError } from "../../src/errors.js";
+import { Logger } from "../../src/log.js";
+import { MemoryVolume } from "../../src/volume/memory.js";
+import { FileVolume } from "../../src/volume/file.js";
+import type { Volume } from "../../src/volume/volume.js";
+
+const E = constants.errno;
+const log = Logger.create("error", () => {});
+const dirs: string[] = [];
+function scratch(): string {
+  const d = mkdtempSync(join(tmpdir(), "bf-gw-apply-"));
+  dirs.push(d);
+  return d;
+}
+after(() => {
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+const ID: Identity = { source: "ab12", generation: 1, floor: null };
+
+function w(seq: number, offset: number, data: Buffer): UpdateRecord {
+  return { kind: KIND.WRITE, seq, period: 1, offset, length: data.length, data };
+}
+
+async function readBack(v: Volume, offset: number, length: number): Promise<Buffer> {
+  const b = Buffer.alloc(length);
+  await v.read(b, offset);
+  return b;
+}
+
+/** A MemoryVolume whose writes fail with `errno` while `failing` is set. */
+class FailingVolume extends MemoryVolume {
+  failing: number | null = null;
+  override write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+    if (this.failing !== null && offset >= 65536) {
+      return Promise.reject(new IoError(this.failing, "pwrite", `offset ${offset}`));
+    }
+    return super.write(buf, offset, fua);
+  }
+}
+
+void describe("Gateway.applyBatch", () => {
+  void test("applies, answers the watermarks, and the higher seq wins in the data", async () => {
+    const v = new MemoryVolume(1 << 20);
+    const gw = new Gateway(v, log);
+    const A = Buffer.alloc(4096, 0xaa);
+    const B = Buffer.alloc(4096, 0xbb);
+    let r = await gw.applyBatch(ID, [w(2, 0, B)]);
+    assert.deepEqual(r, { applied: 1, duplicates: 0, appliedThrough: 0, durableThrough: 0 });
+    r = await gw.applyBatch(ID, [w(1, 0, A), w(3, 8192, A)]);
+    assert.deepEqual(r, { applied: 2, duplicates: 0, appliedThrough: 3, durableThrough: 0 });
+    assert.deepEqual(await readBack(v, 0, 4096), B, "seq 2 must survive the late seq 1");
+    r = await gw.applyBatch(ID, [w(1, 0, A)]);
+    assert.deepEqual(r, { applied: 0, duplicates: 1, appliedThrough: 3, durableThrough: 0 });
+    assert.deepEqual(await readBack(v, 0, 4096), B);
+    assert.deepEqual(gw.counters, {
+      updates: 3,
+      bytes: 12288,
+      duplicates: 1,
+      stale: 0,
+      flushes: 0,
+      errors: 0,
+    });
+  });
+
+  void test("ZERO and TRIM read back as zeroes; a partly covered ZERO spares the newer bytes", async () => {
+    const v = new MemoryVolume(1 << 20);
+    const gw = new Gateway(v, log);
+    await gw.applyBatch(ID, [w(1, 0, randomBytes(65536)), w(3, 4096, Buffer.alloc(4096, 3))]);
+    await gw.applyBatch(ID, [
+      { kind: KIND.ZERO, seq: 2, period: 1, offset: 0, length: 16384, data: null },
+      { kind: KIND.TRIM, seq: 4, period: 1, offset: 32768, length: 8192, data: null },
+    ]);
+    const b = await readBack(v, 0, 65536);
+    assert.ok(b.subarray(0, 4096).every((x) => x === 0));
+    assert.ok(
+      b.subarray(4096, 8192).every((x) => x === 3),
+      "seq 3 is newer than the ZERO",
+    );
+    assert.ok(b.subarray(8192, 16384).every((x) => x === 0));
+    assert.ok(b.subarray(32768, 40960).every((x) => x === 0));
+  });
+
+  void test("a stale generation is answered as duplicates and applies nothing", async () => {
+    const v = new MemoryVolume(1 << 20);
+    const gw = new Gateway(v, log);
+    await gw.applyBatch({ ...ID, generation: 5 }, [w(1, 0, Buffer.alloc(512, 5))]);
+    const r = await gw.applyBatch({ ...ID, generation: 4 }, [
+      w(1, 0, Buffer.alloc(512, 4)),
+      w(2, 0, Buffer.alloc(1)),
+    ]);
+    assert.deepEqual(r, {
+      applied: 0,
+      duplicates: 2,
+      appliedThrough: 0,
+      durableThrough: 0,
+      stale: true,
+      generation: 5,
+    });
+    assert.equal((await readBack(v, 0, 1))[0], 5);
+    assert.equal(gw.counters.stale, 2);
+    // A newer generation starts over at seq 1.
+    const n = await gw.applyBatch({ ...ID, generation: 6 }, [w(1, 0, Buffer.alloc(512, 6))]);
+    assert.equal(n.applied, 1);
+    assert.equal((await readBack(v, 0, 1))[0], 6);
+  });
+
+  void test("the floor header counts abandoned seqs as done", async () => {
+    const gw = new Gateway(new MemoryVolume(1 << 20), log);
+    const r = await gw.applyBatch({ ...ID, floor: 10 }, [
+      w(3, 0, Buffer.alloc(1)),
+      w(10, 0, Buffer.alloc(1)),
+    ]);
+    assert.deepEqual(r, { applied: 1, duplicates: 1, appliedThrough: 10, durableThrough: 0 });
+  });
+
+  for (const [errno, status, code] of [
+    [E.ENOSPC, 507, "ERR_NO_SPACE"],
+    [E.EIO, 500, "ERR_IO"],
+  ] as const) {
+    void test(`a write failing with ${errno === E.ENOSPC ? "ENOSPC" : "EIO"}: ${status} ${code}, nothing acknowledged`, async () => {
+      const v = new FailingVolume(1 << 20);
+      const gw = new Gateway(v, log);
+      await gw.applyBatch(ID, [w(1, 0, Buffer.alloc(512, 1))]);
+      v.failing = errno;
+      await assert.rejects(
+        gw.applyBatch(ID, [w(2, 0, Buffer.alloc(512, 2)), w(3, 65536, Buffer.alloc(512, 3))]),
+        (e: unknown) => e instanceof HttpError && e.status === status && e.code === code,
+      );
+      assert.equal(gw.sourceStatus()[0].appliedThrough, 1, "nothing of the failed batch is committed");
+      assert.equal(gw.counters.errors, 1);
+      assert.equal(gw.health().ok, false);
+      v.failing = null;
+      const r = await gw.applyBatch(ID, [w(2, 0, Buffer.alloc(512, 2)), w(3, 65536, Buffer.alloc(512, 3))]);
+      assert.equal(r.applied, 2, "the retried batch applies");
+      assert.equal(r.appliedThrough, 3);
+      assert.equal(gw.health().ok, true);
+    });
+  }
+});
+
+void describe("flush and the state file", () => {
+  void test("concurrent flushes share fdatasyncs; durableThrough persisted and loaded back", async () => {
+    const dir = scratch();
+    const v = FileVolume.open(join(dir, "sec.img"), { create: true, size: 1 << 20 });
+    let syncs = 0;
+    const sync = v.file.sync.bind(v.file);
+    v.file.sync = (full?: boolean) => {
+      syncs++;
+      return sync(full);
+    };
+    const gw = new Gateway(v, log);
+    const ident = { name: "sec", size: 1 << 20 };
+    gw.attachState(new StateWriter(dir, ident, () => gw.snapshots()));
+    await gw.applyBatch(ID, [w(1, 0, Buffer.alloc(4096, 1)), w(2, 4096, Buffer.alloc(4096, 2))]);
+    await gw.applyBatch({ ...ID, source: "cd" }, [w(1, 0, Buffer.alloc(1))]);
+    const results = await Promise.all(Array.from({ length: 20 }, () => gw.flush(ID)));
+    assert.ok(results.every((r) => r.durableThrough === 2));
+    assert.ok(syncs <= 2, `20 concurrent flushes took ${syncs} fdatasyncs`);
+    const doc = JSON.parse(readFileSync(join(dir, STATE_FILE), "utf8")) as { sources: unknown[] };
+    assert.deepEqual(doc.sources, [
+      { source: "ab12", generation: 1, durableThrough: 2, floor: 0 },
+      { source: "cd", generation: 1, durableThrough: 1, floor: 0 },
+    ]);
+    await v.close();
+
+    const loaded = loadSources(dir, ident);
+    assert.deepEqual(loaded.get("ab12"), { generation: 1, durableThrough: 2, floor: 0 });
+    const again = new Gateway(new MemoryVolume(1 << 20), log, loaded);
+    const r = await again.applyBatch(ID, [w(2, 0, Buffer.alloc(1)), w(3, 0, Buffer.alloc(1))]);
+    assert.deepEqual(r, { applied: 1, duplicates: 1, appliedThrough: 3, durableThrough: 2 });
+  });
+
+  void test("state files that are refused (exit 2 with what to do)", () => {
+    const dir = scratch();
+    const ident = { name: "sec", size: 4096 };
+    assert.equal(loadSources(dir, ident).size, 0, "no file: empty state");
+    for (const text of [
+      "{",
+      "[]",
+      '{"version": 2, "sources": []}',
+      '{"version": 1, "volume": {"size": 8192}, "sources": []}',
+      '{"version": 1, "volume": {"size": 4096}, "sources": [{"source": "ab", "generation": -1, "durableThrough": 0, "floor": 0}]}',
+    ]) {
+      writeFileSync(join(dir, STATE_FILE), text);
+      assert.throws(() => loadSources(dir, ident), UsageError, text);
+    }
+  });
+});
+
+void describe("checksums", () => {
+  const SIZE = 3 * 1024 * 1024 + 8192;
+  const data = randomBytes(SIZE);
+  const v = new MemoryVolume(SIZE);
+  void v.write(data, 0, false);
+  const gw = new Gateway(v, log);
+  const expect = (offset: number, length: number, block: number): string[] => {
+    const out: string[] = [];
+    for (let at = offset; at < offset + length; at += block) {
+      const end = Math.min(at + block, offset + length);
+      out.push(createHash("sha256").update(data.subarray(at, end)).digest("hex"));
+    }
+    return out;
+  };
+  for (const [offset, length, block] of [
+    [0, 8192, 4096],
+    [0, SIZE, 4096], // many windows of whole blocks
+    [4096, SIZE - 4096, 65536], // short last block
+    [0, SIZE, 1536 * 1024], // blocks larger than a window, not a multiple of it
+    [0, SIZE, 4 * 1024 * 1024], // one block, the whole volume
+    [12288, 4096 * 3 + 100, 4096],
+  ]) {
+    void test(`offset ${offset}, length ${length}, block ${block}`, async () => {
+      assert.deepEqual(await gw.checksums(offset, length, block), expect(offset, length, block));
+    });
+  }
+});
