@@ -4,6 +4,16 @@
 import { readFileSync } from "node:fs";
 import { serve, SERVE_HELP } from "./commands/serve.js";
 import { gateway, GATEWAY_HELP } from "./commands/gateway.js";
+import {
+  resyncCommand,
+  RESYNC_HELP,
+  status,
+  STATUS_HELP,
+  tracking,
+  TRACKING_HELP,
+  verifyCommand,
+  VERIFY_HELP,
+} from "./commands/admin.js";
 import { BlockforkError } from "./errors.js";
 
 const HELP = `Usage: blockfork COMMAND [options]
@@ -11,6 +21,10 @@ const HELP = `Usage: blockfork COMMAND [options]
 Commands:
   serve      serve a primary volume over NBD (blockfork serve --help)
   gateway    apply forwarded writes to a secondary volume over HTTP (blockfork gateway --help)
+  status     a running proxy's replication state (blockfork status --state-dir DIR)
+  tracking   show a running proxy's tracking log (blockfork tracking show --state-dir DIR)
+  verify     compare primary and secondary by checksums, --repair to resync what differs
+  resync     resync now, with a progress bar (blockfork resync --state-dir DIR [--full])
 
 Options:
   --help     this text
@@ -21,6 +35,10 @@ type Command = { run: (argv: string[]) => Promise<number>; help: string };
 const COMMANDS: Record<string, Command> = {
   serve: { run: serve, help: SERVE_HELP },
   gateway: { run: gateway, help: GATEWAY_HELP },
+  status: { run: status, help: STATUS_HELP },
+  tracking: { run: tracking, help: TRACKING_HELP },
+  verify: { run: verifyCommand, help: VERIFY_HELP },
+  resync: { run: resyncCommand, help: RESYNC_HELP },
 };
 
 function version(): string {

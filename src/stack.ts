@@ -2,22 +2,28 @@
 // (nbdkit's filter chain). Bottom to top:
 //
 //   FileVolume (src/volume/file.ts)        the primary file or block device
+//   fork (src/forks/fork.ts)               with --gateway: dirty marks (activity log) first, then
+//                                          the primary write and the update to the gateway
 //   read-only guard (src/volume/readonly)  with --read-only
 //
-// Later layers slot in between: the PIT journal filter (before-images first), then the write fork
-// to the gateways (dirty marks before sending), then the guard.
+// The PIT journal filter (before-images first) will slot in between the primary and the fork.
 
+import { forkVolume } from "./forks/fork.js";
+import type { GatewayLink } from "./forks/link.js";
+import type { TrackingLog } from "./tracking/log.js";
 import { readOnly } from "./volume/readonly.js";
 import type { Volume } from "./volume/volume.js";
 
 /** Options that shape the primary stack. */
 export interface PrimaryStackOptions {
   readOnly: boolean;
+  fork?: { tracking: TrackingLog; link: GatewayLink; mode: "async" | "sync" };
 }
 
 /** Build the primary export's stack over its base volume. */
 export function buildPrimaryStack(base: Volume, opts: PrimaryStackOptions): Volume {
   let v = base;
+  if (opts.fork) v = forkVolume(v, opts.fork.tracking, opts.fork.link, opts.fork.mode);
   if (opts.readOnly) v = readOnly(v);
   return v;
 }

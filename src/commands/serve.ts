@@ -8,7 +8,12 @@ import { Logger, parseLogLevel } from "../log.js";
 import { UsageError } from "../errors.js";
 import { parseSize, formatSize } from "../util/size.js";
 import { FileVolume } from "../volume/file.js";
-import { buildPrimaryStack } from "../stack.js";
+import { buildPrimaryStack, type PrimaryStackOptions } from "../stack.js";
+import { TrackingLog } from "../tracking/log.js";
+import { GatewayLink, LINK_DEFAULTS } from "../forks/link.js";
+import { verify } from "../forks/verify.js";
+import { AdminServer, type AdminHandlers } from "../admin/server.js";
+import { adminSocket } from "../admin/client.js";
 import { checkBlockSizes, DEFAULT_BLOCK_SIZES, ExportRegistry, type BlockSizes } from "../nbd/exports.js";
 import { NbdServer, parseListen } from "../nbd/server.js";
 import type { TlsSettings } from "../nbd/handshake.js";
@@ -42,6 +47,25 @@ TLS
   --tls-ca FILE            CA (PEM) to verify client certificates (clients must present one)
   --tls-psk FILE           TLS-PSK keys, lines "identity:hexkey" (the nbdkit/qemu format)
 
+Replication (forked writes to a gateway; see docs/gateway-api.md)
+  --gateway URL            send every write, trim and zero to this gateway (http(s)://host:port)
+  --gateway-token-file F   bearer token for the gateway
+  --gateway-ca FILE        CA (PEM) that signed an https gateway's certificate
+  --replication MODE       async (default): answer after the primary write, queue to the gateway;
+                           sync: answer after the gateway applied it too (falls back to tracking
+                           after --sync-timeout)
+  --state-dir DIR          tracking log and admin socket (default: PATH.blockfork for files;
+                           required for block devices)
+  --tracking-mirror URL    while the gateway is down, send the dirty extents to this gateway too
+  --sync-timeout MS        sync mode: give up on the gateway after MS (default 5000)
+  --queue-size SIZE        async mode: queue bound before the link tracks (default 64M)
+  --queue-age MS           async mode: oldest queued update before the link tracks (default 5000)
+  --resync-rate SIZE       resync bandwidth per second (default: unlimited)
+  --resync-concurrency N   ranges read and sent in parallel during resync (default 4)
+  --track-granularity SIZE bytes per dirty bit in a new tracking log (default 64K)
+  --al-extents N           activity-log regions of 4 MiB kept hot (default 1024): after a crash
+                           at most N x 4 MiB are resynced
+
 Performance and logs
   --threads N              I/O thread pool size (default 8; UV_THREADPOOL_SIZE)
   --no-inline-writes       never write on the event-loop thread (always use the pool)
@@ -66,6 +90,36 @@ interface ServeConfig {
   tls: TlsSettings;
   inlineWrites: boolean;
   log: Logger;
+  replication: ReplicationConfig | null;
+  stateDir: string | undefined;
+}
+
+/** The gateway side of `serve`. */
+interface ReplicationConfig {
+  url: string;
+  token: string | undefined;
+  ca: Buffer | undefined;
+  mode: "async" | "sync";
+  mirror: string | undefined;
+  syncTimeoutMs: number;
+  queueBytes: number;
+  queueAgeMs: number;
+  resyncRate: number;
+  resyncConcurrency: number;
+  granularity: number | undefined;
+  alExtents: number;
+}
+
+function gatewayUrl(text: string, what: string): string {
+  let u: URL;
+  try {
+    u = new URL(text);
+  } catch {
+    throw new UsageError(`${what} "${text}" is not a URL (for example http://127.0.0.1:7070)`);
+  }
+  if (u.protocol !== "http:" && u.protocol !== "https:")
+    throw new UsageError(`${what} must be http:// or https://`);
+  return u.origin;
 }
 
 function positiveInt(v: string, what: string): number {
@@ -184,6 +238,19 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       "tls-psk": { type: "string" },
       threads: { type: "string" },
       "no-inline-writes": { type: "boolean", default: false },
+      gateway: { type: "string" },
+      "gateway-token-file": { type: "string" },
+      "gateway-ca": { type: "string" },
+      replication: { type: "string" },
+      "state-dir": { type: "string" },
+      "tracking-mirror": { type: "string" },
+      "sync-timeout": { type: "string" },
+      "queue-size": { type: "string" },
+      "queue-age": { type: "string" },
+      "resync-rate": { type: "string" },
+      "resync-concurrency": { type: "string" },
+      "track-granularity": { type: "string" },
+      "al-extents": { type: "string" },
       "log-level": { type: "string" },
     },
   });
@@ -212,7 +279,51 @@ export function parseServeArgs(argv: string[]): ServeConfig {
     throw new UsageError("--listen none needs --socket PATH (otherwise nothing could connect)");
   }
   const volume = values.volume;
+  let replication: ReplicationConfig | null = null;
+  if (values.gateway !== undefined) {
+    const mode = values.replication ?? "async";
+    if (mode !== "async" && mode !== "sync")
+      throw new UsageError(`--replication must be async or sync, not "${mode}"`);
+    const granularity = values["track-granularity"]
+      ? parseSize(values["track-granularity"], "--track-granularity")
+      : undefined;
+    if (granularity !== undefined && (granularity < 4096 || (granularity & (granularity - 1)) !== 0)) {
+      throw new UsageError("--track-granularity must be a power of two of at least 4K");
+    }
+    replication = {
+      url: gatewayUrl(values.gateway, "--gateway"),
+      token: values["gateway-token-file"]
+        ? readConfigFile(values["gateway-token-file"], "gateway token file").toString("utf8").trim()
+        : undefined,
+      ca: values["gateway-ca"] ? readConfigFile(values["gateway-ca"], "gateway CA file") : undefined,
+      mode,
+      mirror: values["tracking-mirror"]
+        ? gatewayUrl(values["tracking-mirror"], "--tracking-mirror")
+        : undefined,
+      syncTimeoutMs: values["sync-timeout"] ? positiveInt(values["sync-timeout"], "--sync-timeout") : 5000,
+      queueBytes: values["queue-size"] ? parseSize(values["queue-size"], "--queue-size") : 64 * 1024 * 1024,
+      queueAgeMs: values["queue-age"] ? positiveInt(values["queue-age"], "--queue-age") : 5000,
+      resyncRate: values["resync-rate"] ? parseSize(values["resync-rate"], "--resync-rate") : 0,
+      resyncConcurrency: values["resync-concurrency"]
+        ? positiveInt(values["resync-concurrency"], "--resync-concurrency")
+        : 4,
+      granularity,
+      alExtents: values["al-extents"] ? positiveInt(values["al-extents"], "--al-extents") : 1024,
+    };
+  } else {
+    for (const o of [
+      "gateway-token-file",
+      "gateway-ca",
+      "replication",
+      "tracking-mirror",
+      "sync-timeout",
+    ] as const) {
+      if (values[o] !== undefined) throw new UsageError(`--${o} needs --gateway URL`);
+    }
+  }
   return {
+    replication,
+    stateDir: values["state-dir"],
     volume,
     size: values.size !== undefined ? parseSize(values.size, "--size") : undefined,
     name: values.name ?? basename(volume, extname(volume)),
@@ -236,7 +347,6 @@ export function parseServeArgs(argv: string[]): ServeConfig {
 /** Run `blockfork serve`; resolves with the exit status. */
 export async function serve(argv: string[]): Promise<number> {
   const cfg = parseServeArgs(argv);
-  const log = cfg.log;
   if (cfg.size !== undefined) mkdirSync(dirname(resolve(cfg.volume)), { recursive: true });
   const base = FileVolume.open(cfg.volume, {
     readOnly: cfg.readOnly,
@@ -244,8 +354,67 @@ export async function serve(argv: string[]): Promise<number> {
     ...(cfg.size !== undefined ? { size: cfg.size } : {}),
     inlineWrites: cfg.inlineWrites,
   });
+  const parts: Parts = { base, tracking: null, link: null, admin: null, server: null };
+  try {
+    return await run(cfg, parts);
+  } catch (e) {
+    await parts.link?.stop(0).catch(() => {});
+    await parts.tracking?.close().catch(() => {});
+    await parts.admin?.close().catch(() => {});
+    await base.close();
+    throw e;
+  }
+}
+
+interface Parts {
+  base: FileVolume;
+  tracking: TrackingLog | null;
+  link: GatewayLink | null;
+  admin: AdminServer | null;
+  server: NbdServer | null;
+}
+
+async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
+  const { base } = parts;
+  const log = cfg.log;
   checkBlockSizes(cfg.blockSizes, base.size);
-  const volume = buildPrimaryStack(base, { readOnly: cfg.readOnly });
+  const rep = cfg.replication;
+  let stateDir = cfg.stateDir;
+  if (stateDir === undefined && rep !== null) {
+    if (base.file.isBlockDevice)
+      throw new UsageError("a block device needs --state-dir DIR for its tracking log");
+    stateDir = `${resolve(cfg.volume)}.blockfork`;
+  }
+  let fork: PrimaryStackOptions["fork"];
+  if (rep !== null) {
+    const tracking = await TrackingLog.open({
+      dir: stateDir!,
+      volumeSize: base.size,
+      gateway: rep.url,
+      ...(rep.granularity !== undefined ? { granularity: rep.granularity } : {}),
+      alExtents: rep.alExtents,
+      log: log.child("tracking"),
+    });
+    parts.tracking = tracking;
+    describeRecovery(tracking, log);
+    const link = new GatewayLink(tracking, base, {
+      ...LINK_DEFAULTS,
+      url: rep.url,
+      ...(rep.token !== undefined ? { token: rep.token } : {}),
+      ...(rep.ca !== undefined ? { ca: rep.ca } : {}),
+      mode: rep.mode,
+      queueBytes: rep.queueBytes,
+      queueAgeMs: rep.queueAgeMs,
+      syncTimeoutMs: rep.syncTimeoutMs,
+      resyncRate: rep.resyncRate,
+      resyncConcurrency: rep.resyncConcurrency,
+      ...(rep.mirror !== undefined ? { mirror: rep.mirror } : {}),
+      log: log.child("link"),
+    });
+    parts.link = link;
+    fork = { tracking, link, mode: rep.mode };
+  }
+  const volume = buildPrimaryStack(base, { readOnly: cfg.readOnly, ...(fork ? { fork } : {}) });
   const registry = new ExportRegistry();
   registry.addStatic(
     { name: cfg.name, description: cfg.description ?? base.description, volume, blockSizes: cfg.blockSizes },
@@ -258,6 +427,13 @@ export async function serve(argv: string[]): Promise<number> {
     handshakeTimeoutMs: cfg.handshakeTimeoutMs,
     maxConnections: cfg.maxConnections,
   });
+  parts.server = server;
+
+  if (stateDir !== undefined) {
+    mkdirSync(stateDir, { recursive: true });
+    parts.admin = new AdminServer(adminHandlers(cfg, parts), log.child("admin"));
+    await parts.admin.listen(adminSocket(stateDir));
+  }
 
   const urls: string[] = [];
   let tcp: string | null = null;
@@ -271,9 +447,11 @@ export async function serve(argv: string[]): Promise<number> {
     unix = resolve(await server.listen({ path: cfg.socket }));
     urls.push(`${scheme}+unix:///${encodeURIComponent(cfg.name)}?socket=${unix}`);
   }
+  parts.link?.start();
   printBanner(cfg, base.size, base.description, urls, tcp, unix);
   log.info(
-    `serving ${base.description} (${base.size} bytes) as "${cfg.name}"${cfg.readOnly ? " read-only" : ""}`,
+    `serving ${base.description} (${base.size} bytes) as "${cfg.name}"${cfg.readOnly ? " read-only" : ""}` +
+      (rep ? `, ${rep.mode} replication to ${rep.url}, state in ${stateDir}` : ""),
   );
 
   return new Promise<number>((resolveExit) => {
@@ -285,26 +463,116 @@ export async function serve(argv: string[]): Promise<number> {
       }
       stopping = true;
       log.info(`${sig}: shutting down (finishing in-flight requests; ${sig} again to exit at once)`);
-      void shutdown(server, base, log).then(resolveExit);
+      void shutdown(parts, log).then(resolveExit);
     };
     process.on("SIGINT", onSignal);
     process.on("SIGTERM", onSignal);
   });
 }
 
-async function shutdown(server: NbdServer, base: FileVolume, log: Logger): Promise<number> {
+function describeRecovery(t: TrackingLog, log: Logger): void {
+  const r = t.recovery;
+  const dirty = t.map.dirtyBytes;
+  if (r.newLog)
+    log.info(`tracking: new log (generation ${t.meta.generation}); the first resync copies ${dirty} bytes`);
+  else if (r.gatewayChanged)
+    log.warn(`tracking: the gateway changed; everything (${dirty} bytes) will be resynced`);
+  else if (r.crashed) {
+    log.warn(
+      `tracking: the proxy did not shut down cleanly; ${r.alRegions} activity-log regions taken as dirty, ` +
+        `${dirty} bytes to resync`,
+    );
+  } else log.info(`tracking: generation ${t.meta.generation}, ${dirty} bytes dirty`);
+}
+
+function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
+  const needLink = (): { tracking: TrackingLog; link: GatewayLink } => {
+    if (!parts.tracking || !parts.link) throw new UsageError("this proxy has no --gateway");
+    return { tracking: parts.tracking, link: parts.link };
+  };
+  return {
+    status: () => {
+      const t = parts.tracking;
+      const [first, last] = t ? t.map.timeSpan() : [0, 0];
+      return {
+        volume: { path: resolve(cfg.volume), name: cfg.name, size: parts.base.size, readOnly: cfg.readOnly },
+        nbd: { connections: parts.server?.connectionCount ?? 0 },
+        link: parts.link?.status() ?? null,
+        tracking: t
+          ? {
+              dirtyBytes: t.map.dirtyBytes,
+              dirtyBlocks: t.map.dirtyBlocks,
+              granularity: t.map.granularity,
+              regionSize: t.map.regionSize,
+              activeRegions: t.activeRegions,
+              generation: t.meta.generation,
+              source: t.meta.source,
+              firstDirtied: first ? new Date(first).toISOString() : null,
+              lastDirtied: last ? new Date(last).toISOString() : null,
+              recovery: t.recovery,
+            }
+          : null,
+      };
+    },
+    tracking: (limit: number) => {
+      const { tracking } = needLink();
+      const { extents, truncated } = tracking.map.extents(limit);
+      return {
+        dirtyBytes: tracking.map.dirtyBytes,
+        granularity: tracking.map.granularity,
+        truncated,
+        extents: extents.map((x) => ({
+          offset: x.offset,
+          length: x.length,
+          firstDirtied: new Date(x.firstDirtied).toISOString(),
+          lastDirtied: new Date(x.lastDirtied).toISOString(),
+        })),
+      };
+    },
+    verify: async (repair, progress) => {
+      const { tracking, link } = needLink();
+      return verify(parts.base, tracking, link, repair, progress);
+    },
+    resync: async (full) => {
+      const { tracking, link } = needLink();
+      if (full) {
+        tracking.map.markAll();
+        await tracking.persist(true);
+      }
+      link.requestResync();
+      return { started: true, dirtyBytes: tracking.map.dirtyBytes, state: link.state };
+    },
+  };
+}
+
+async function shutdown(parts: Parts, log: Logger): Promise<number> {
   let status = 0;
+  const server = parts.server!;
   const quiet = await server.quiesce();
   if (!quiet) log.warn("some requests were still in flight after 30 s; closing anyway");
   try {
-    await base.flush();
+    await parts.base.flush();
     log.info("volume flushed (fdatasync)");
   } catch (e) {
     log.error(`final flush failed: ${(e as Error).message}`);
     status = 1;
   }
+  if (parts.link) {
+    await parts.link.stop();
+    log.info(`gateway link stopped (${parts.link.status().state})`);
+  }
+  if (parts.tracking) {
+    try {
+      await parts.tracking.close();
+      log.info(`tracking log saved (${parts.tracking.map.dirtyBytes} bytes dirty)`);
+    } catch (e) {
+      log.error(`saving the tracking log failed: ${(e as Error).message}`);
+      status = 1;
+    }
+  }
   await server.closeAll();
-  await base.close();
+  await parts.admin?.close();
+  await parts.base.close();
   log.info("stopped");
   return status;
 }

@@ -28,6 +28,8 @@ export type LinkEvent =
   | { type: "overflow"; reason: string }
   | { type: "syncTimeout"; reason: string }
   | { type: "resyncDone" }
+  /** Blocks were marked dirty out of band (verify --repair, a manual resync). */
+  | { type: "resyncRequested" }
   | { type: "stop" };
 
 /** What the driver must do. */
@@ -62,7 +64,12 @@ export function sends(state: LinkStateName): boolean {
   return state === "streaming" || state === "resyncing";
 }
 
-function toTracking(s: LinkState, now: number, reason: string, extra: LinkAction[]): [LinkState, LinkAction[]] {
+function toTracking(
+  s: LinkState,
+  now: number,
+  reason: string,
+  extra: LinkAction[],
+): [LinkState, LinkAction[]] {
   return [
     { name: "tracking", since: now, reason, outages: s.outages + 1 },
     [
@@ -90,20 +97,39 @@ export function step(s: LinkState, e: LinkEvent, now: number): [LinkState, LinkA
           [
             { type: "stopProbe" },
             { type: "startResync" },
-            { type: "log", level: "info", message: "gateway link: gateway reachable, resyncing dirty blocks" },
+            {
+              type: "log",
+              level: "info",
+              message: "gateway link: gateway reachable, resyncing dirty blocks",
+            },
           ],
         ];
       }
       if (e.type === "unhealthy") {
         return [
           { ...s, name: "tracking", since: now, reason: e.reason },
-          [{ type: "log", level: "warn", message: `gateway link: gateway not reachable (${e.reason}); tracking` }],
+          [
+            {
+              type: "log",
+              level: "warn",
+              message: `gateway link: gateway not reachable (${e.reason}); tracking`,
+            },
+          ],
         ];
       }
       return [s, []];
     case "streaming":
       if (e.type === "failure" || e.type === "overflow" || e.type === "syncTimeout") {
         return toTracking(s, now, e.reason, []);
+      }
+      if (e.type === "resyncRequested") {
+        return [
+          { ...s, name: "resyncing", since: now },
+          [
+            { type: "startResync" },
+            { type: "log", level: "info", message: "gateway link: resync requested" },
+          ],
+        ];
       }
       return [s, []];
     case "tracking":

@@ -57,7 +57,8 @@ export class DirtyMap {
 
   constructor(g: DirtyGeometry) {
     const { volumeSize, granularity, regionSize } = g;
-    if (!Number.isSafeInteger(volumeSize) || volumeSize <= 0) throw new RangeError(`bad volume size ${volumeSize}`);
+    if (!Number.isSafeInteger(volumeSize) || volumeSize <= 0)
+      throw new RangeError(`bad volume size ${volumeSize}`);
     if (granularity < 4096 || (granularity & (granularity - 1)) !== 0) {
       throw new RangeError(`granularity ${granularity} must be a power of two >= 4096`);
     }
@@ -95,7 +96,7 @@ export class DirtyMap {
   }
 
   isDirty(block: number): boolean {
-    return (this.bits[block >>> 5]! & (1 << (block & 31))) !== 0;
+    return (this.bits[block >>> 5] & (1 << (block & 31))) !== 0;
   }
 
   /** Mark every block touching [offset, offset+length) dirty at time `now`. */
@@ -111,14 +112,14 @@ export class DirtyMap {
       const w = blk >>> 5;
       const m = 1 << (blk & 31);
       const r = Math.floor(blk / this.blocksPerRegion);
-      if ((this.bits[w]! & m) === 0) {
-        this.bits[w] = this.bits[w]! | m;
+      if ((this.bits[w] & m) === 0) {
+        this.bits[w] = this.bits[w] | m;
         this.dirty++;
-        this.regionCount[r]!++;
+        this.regionCount[r]++;
         this.changed.add(Math.floor(blk / CHUNK_BLOCKS));
         if (this.first[r] === 0) this.first[r] = now;
       }
-      if (this.last[r]! < now) this.last[r] = now;
+      if (this.last[r] < now) this.last[r] = now;
     }
   }
 
@@ -126,11 +127,11 @@ export class DirtyMap {
   clearBlock(block: number): void {
     const w = block >>> 5;
     const m = 1 << (block & 31);
-    if ((this.bits[w]! & m) === 0) return;
-    this.bits[w] = this.bits[w]! & ~m;
+    if ((this.bits[w] & m) === 0) return;
+    this.bits[w] = this.bits[w] & ~m;
     this.dirty--;
     const r = Math.floor(block / this.blocksPerRegion);
-    if (--this.regionCount[r]! === 0) {
+    if (--this.regionCount[r] === 0) {
       this.first[r] = 0;
       this.last[r] = 0;
     }
@@ -152,7 +153,7 @@ export class DirtyMap {
   nextDirty(from: number): number {
     if (from >= this.blocks) return -1;
     let w = from >>> 5;
-    let word = this.bits[w]! & (~0 << (from & 31));
+    let word = this.bits[w] & (~0 << (from & 31));
     const words = this.bits.length;
     while (word === 0) {
       if (++w >= words) return -1;
@@ -186,8 +187,8 @@ export class DirtyMap {
       const r1 = Math.floor((run.start + run.count - 1) / this.blocksPerRegion);
       for (let r = r0; r <= r1; r++) {
         if (this.regionCount[r] === 0) continue;
-        firstDirtied = Math.min(firstDirtied, this.first[r]!);
-        lastDirtied = Math.max(lastDirtied, this.last[r]!);
+        firstDirtied = Math.min(firstDirtied, this.first[r]);
+        lastDirtied = Math.max(lastDirtied, this.last[r]);
       }
       out.push({ offset, length: end - offset, firstDirtied, lastDirtied });
     }
@@ -196,12 +197,12 @@ export class DirtyMap {
 
   /** Dirty blocks in region `r`. */
   regionDirty(r: number): number {
-    return this.regionCount[r]!;
+    return this.regionCount[r];
   }
 
   /** Times of region `r` ([first, last], 0 = clean). */
   regionTimes(r: number): [number, number] {
-    return [this.first[r]!, this.last[r]!];
+    return [this.first[r], this.last[r]];
   }
 
   /** Earliest and latest dirtied time over all regions (0 when clean). */
@@ -210,8 +211,8 @@ export class DirtyMap {
     let hi = 0;
     for (let r = 0; r < this.regions; r++) {
       if (this.regionCount[r] === 0) continue;
-      if (lo === 0 || this.first[r]! < lo) lo = this.first[r]!;
-      if (this.last[r]! > hi) hi = this.last[r]!;
+      if (lo === 0 || this.first[r] < lo) lo = this.first[r]!;
+      if (this.last[r] > hi) hi = this.last[r]!;
     }
     return [lo, hi];
   }
@@ -222,7 +223,10 @@ export class DirtyMap {
   chunkRegions(c: number): [number, number] {
     const b0 = c * CHUNK_BLOCKS;
     const r0 = Math.floor(b0 / this.blocksPerRegion);
-    const r1 = Math.min(this.regions, Math.ceil(Math.min(b0 + CHUNK_BLOCKS, this.blocks) / this.blocksPerRegion));
+    const r1 = Math.min(
+      this.regions,
+      Math.ceil(Math.min(b0 + CHUNK_BLOCKS, this.blocks) / this.blocksPerRegion),
+    );
     return [r0, r1];
   }
 
@@ -235,8 +239,8 @@ export class DirtyMap {
     Buffer.from(words.buffer, words.byteOffset, words.byteLength).copy(out, 0);
     let at = wordsPerChunk * 4;
     for (let r = r0; r < r1; r++) {
-      out.writeDoubleLE(this.first[r]!, at);
-      out.writeDoubleLE(this.last[r]!, at + 8);
+      out.writeDoubleLE(this.first[r], at);
+      out.writeDoubleLE(this.last[r], at + 8);
       at += 16;
     }
     return out;
@@ -247,7 +251,9 @@ export class DirtyMap {
     const wordsPerChunk = CHUNK_BLOCKS / 32;
     const [r0, r1] = this.chunkRegions(c);
     if (data.length !== wordsPerChunk * 4 + (r1 - r0) * 16) {
-      throw new Error(`tracking chunk ${c} has ${data.length} bytes, expected ${wordsPerChunk * 4 + (r1 - r0) * 16}`);
+      throw new Error(
+        `tracking chunk ${c} has ${data.length} bytes, expected ${wordsPerChunk * 4 + (r1 - r0) * 16}`,
+      );
     }
     const b0 = c * CHUNK_BLOCKS;
     const b1 = Math.min(b0 + CHUNK_BLOCKS, this.blocks);
@@ -265,9 +271,9 @@ export class DirtyMap {
     }
     let at = wordsPerChunk * 4;
     for (let r = r0; r < r1; r++) {
-      if (this.regionCount[r]! > 0) {
-        this.first[r] = data.readDoubleLE(at) || this.first[r]!;
-        this.last[r] = data.readDoubleLE(at + 8) || this.last[r]!;
+      if (this.regionCount[r] > 0) {
+        this.first[r] = data.readDoubleLE(at) || this.first[r];
+        this.last[r] = data.readDoubleLE(at + 8) || this.last[r];
       }
       at += 16;
     }

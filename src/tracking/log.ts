@@ -100,7 +100,13 @@ export class TrackingLog {
   private failure: Error | null = null;
   private readonly readOnly: boolean;
 
-  private constructor(db: Db, map: DirtyMap, meta: TrackingMeta, recovery: RecoveryReport, opts: TrackingOptions) {
+  private constructor(
+    db: Db,
+    map: DirtyMap,
+    meta: TrackingMeta,
+    recovery: RecoveryReport,
+    opts: TrackingOptions,
+  ) {
     this.db = db;
     this.map = map;
     this.meta = meta;
@@ -119,7 +125,9 @@ export class TrackingLog {
     } catch (e) {
       const cause = (e as { cause?: { code?: string } }).cause;
       if ((e as { code?: string }).code === "LEVEL_DATABASE_NOT_OPEN" && cause?.code === "LEVEL_LOCKED") {
-        throw new UsageError(`the tracking log in ${opts.dir} is in use by another process (a running proxy?)`);
+        throw new UsageError(
+          `the tracking log in ${opts.dir} is in use by another process (a running proxy?)`,
+        );
       }
       throw e;
     }
@@ -152,7 +160,9 @@ export class TrackingLog {
     } else {
       meta = JSON.parse(stored.toString("utf8")) as TrackingMeta;
       if (meta.format !== TRACKING_FORMAT) {
-        throw new UsageError(`the tracking log in ${opts.dir} has format ${meta.format}; this blockfork reads ${TRACKING_FORMAT}`);
+        throw new UsageError(
+          `the tracking log in ${opts.dir} has format ${meta.format}; this blockfork reads ${TRACKING_FORMAT}`,
+        );
       }
       if (meta.volumeSize !== opts.volumeSize) {
         throw new UsageError(

@@ -1,0 +1,72 @@
+// Talking to a running proxy's admin socket (see server.ts), for the status/tracking/verify/resync
+// commands.
+
+import { request } from "node:http";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { UsageError } from "../errors.js";
+
+/** Path of the admin socket in a state directory. */
+export function adminSocket(stateDir: string): string {
+  return join(stateDir, "admin.sock");
+}
+
+/** True when a proxy is listening on the state directory's admin socket. */
+export function proxyRunning(stateDir: string): boolean {
+  return existsSync(adminSocket(stateDir));
+}
+
+/**
+ * Call the admin endpoint; `onLine` receives each NDJSON line of a streamed answer. Resolves with
+ * the parsed body (or the last line). Throws UsageError when no proxy answers.
+ */
+export function adminCall(
+  stateDir: string,
+  method: "GET" | "POST",
+  path: string,
+  onLine?: (value: unknown) => void,
+): Promise<unknown> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath: adminSocket(stateDir), method, path }, (res) => {
+      let buf = "";
+      let last: unknown = undefined;
+      res.setEncoding("utf8");
+      res.on("data", (d: string) => {
+        buf += d;
+        if (!onLine) return;
+        let nl: number;
+        while ((nl = buf.indexOf("\n")) >= 0) {
+          const line = buf.slice(0, nl);
+          buf = buf.slice(nl + 1);
+          if (line.trim()) {
+            last = JSON.parse(line) as unknown;
+            onLine(last);
+          }
+        }
+      });
+      res.on("end", () => {
+        try {
+          const body = buf.trim() ? (JSON.parse(buf) as unknown) : last;
+          if ((res.statusCode ?? 500) >= 400) {
+            const msg =
+              (body as { error?: { message?: string } } | undefined)?.error?.message ??
+              `status ${res.statusCode}`;
+            reject(new Error(msg));
+          } else resolve(body);
+        } catch (e) {
+          reject(e);
+        }
+      });
+    });
+    req.on("error", (e: NodeJS.ErrnoException) => {
+      if (e.code === "ENOENT" || e.code === "ECONNREFUSED") {
+        reject(
+          new UsageError(
+            `no proxy is running with --state-dir ${stateDir} (nothing answers on ${adminSocket(stateDir)})`,
+          ),
+        );
+      } else reject(e);
+    });
+    req.end();
+  });
+}

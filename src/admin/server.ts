@@ -1,0 +1,94 @@
+// The proxy's admin endpoint: a small HTTP server on a unix socket in the state directory
+// (`<state-dir>/admin.sock`, reachable only by users who can reach that directory). It serves
+// `blockfork status`, `tracking show`, `verify` and `resync`:
+//
+//   GET  /status             link, tracking and NBD state as JSON
+//   GET  /tracking?limit=N   dirty extents with timestamps
+//   POST /verify?repair=1    compare primary and secondary; NDJSON progress lines, then the result
+//   POST /resync?full=1      start a resync now (full: mark every block dirty first)
+
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { unlinkSync } from "node:fs";
+import type { Logger } from "../log.js";
+import { clearStaleSocket } from "../util/unix-socket.js";
+
+/** What the admin endpoint can do; the serve command provides it. */
+export interface AdminHandlers {
+  status(): unknown;
+  tracking(limit: number): unknown;
+  verify(repair: boolean, progress: (done: number, total: number) => void): Promise<unknown>;
+  resync(full: boolean): Promise<unknown>;
+}
+
+/** The admin endpoint of a running proxy. */
+export class AdminServer {
+  private server: Server | null = null;
+  private path = "";
+
+  constructor(
+    private readonly handlers: AdminHandlers,
+    private readonly log: Logger,
+  ) {}
+
+  /** Listen on a unix socket path. */
+  async listen(path: string): Promise<void> {
+    await clearStaleSocket(path);
+    const server = createServer((req, res) => void this.handle(req, res));
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(path, resolve);
+    });
+    this.server = server;
+    this.path = path;
+  }
+
+  private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const url = new URL(req.url ?? "/", "http://admin");
+    const send = (status: number, body: unknown): void => {
+      res.writeHead(status, { "content-type": "application/json" });
+      res.end(JSON.stringify(body));
+    };
+    try {
+      if (req.method === "GET" && url.pathname === "/status") return send(200, this.handlers.status());
+      if (req.method === "GET" && url.pathname === "/tracking") {
+        return send(200, this.handlers.tracking(Number(url.searchParams.get("limit") ?? 1000)));
+      }
+      if (req.method === "POST" && url.pathname === "/verify") {
+        res.writeHead(200, { "content-type": "application/x-ndjson" });
+        let last = 0;
+        const result = await this.handlers.verify(url.searchParams.get("repair") === "1", (done, total) => {
+          const now = Date.now();
+          if (now - last < 200 && done < total) return;
+          last = now;
+          res.write(JSON.stringify({ progress: { done, total } }) + "\n");
+        });
+        res.end(JSON.stringify({ result }) + "\n");
+        return;
+      }
+      if (req.method === "POST" && url.pathname === "/resync") {
+        return send(200, await this.handlers.resync(url.searchParams.get("full") === "1"));
+      }
+      send(404, {
+        error: { code: "ERR_NOT_FOUND", message: `no admin route ${req.method} ${url.pathname}` },
+      });
+    } catch (e) {
+      this.log.warn(`admin ${req.method} ${url.pathname}: ${(e as Error).message}`);
+      if (!res.headersSent) send(500, { error: { code: "ERR_ADMIN", message: (e as Error).message } });
+      else res.end(JSON.stringify({ error: { code: "ERR_ADMIN", message: (e as Error).message } }) + "\n");
+    }
+  }
+
+  /** Stop listening and remove the socket. */
+  async close(): Promise<void> {
+    const s = this.server;
+    if (!s) return;
+    this.server = null;
+    s.closeAllConnections();
+    await new Promise<void>((r) => s.close(() => r()));
+    try {
+      unlinkSync(this.path);
+    } catch {
+      // already gone
+    }
+  }
+}

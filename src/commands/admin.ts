@@ -1,0 +1,248 @@
+// `blockfork status`, `blockfork tracking show`, `blockfork verify`, `blockfork resync`: ask a
+// running proxy (through the admin socket in its state directory) what it knows, or make it act.
+
+import { parseArgs } from "node:util";
+import { UsageError } from "../errors.js";
+import { adminCall } from "../admin/client.js";
+import { formatSize } from "../util/size.js";
+
+export const STATUS_HELP = `Usage: blockfork status --state-dir DIR [--json]
+
+Show a running proxy's replication state: the gateway link (streaming, tracking, resyncing), its
+queue, the dirty bytes of the tracking log with their time span, and resync progress.
+DIR is the proxy's --state-dir (default for a file volume: VOLUME.blockfork).
+Exit status: 0; 1 when no proxy answers on DIR/admin.sock; 2 on a usage error.
+`;
+
+export const TRACKING_HELP = `Usage: blockfork tracking show --state-dir DIR [--limit N] [--json]
+
+Print the tracking log of a running proxy: every dirty extent with the time its region was first
+and last dirtied, and the totals.
+Exit status: 0; 1 when no proxy answers; 2 on a usage error.
+`;
+
+export const VERIFY_HELP = `Usage: blockfork verify --state-dir DIR [--repair] [--json]
+
+Compare the primary and the secondary of a running proxy block by block (SHA-256 per tracking
+block, computed on the gateway for its side), like DRBD's online verify. Blocks still dirty are
+expected to differ and are skipped. With --repair, blocks that differ are marked dirty and resynced.
+Exit status: 0 when both sides agree (or were repaired); 3 when mismatches were found without
+--repair; 1 on failure; 2 on a usage error.
+`;
+
+export const RESYNC_HELP = `Usage: blockfork resync --state-dir DIR [--full] [--no-wait]
+
+Make a running proxy resync now and show a progress bar until it streams again. --full marks every
+block dirty first (a complete copy to the secondary).
+Exit status: 0 when the link streams again; 1 on failure; 2 on a usage error.
+`;
+
+function stateDirArg(argv: string[], extra: Record<string, { type: "string" | "boolean" }>) {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: true,
+    options: { "state-dir": { type: "string" }, json: { type: "boolean" }, ...extra },
+  });
+  const dir = values["state-dir"];
+  if (typeof dir !== "string")
+    throw new UsageError("--state-dir DIR is required (the proxy's state directory)");
+  return { dir, values: values as Record<string, string | boolean | undefined>, positionals };
+}
+
+interface Status {
+  volume: { path: string; name: string; size: number };
+  nbd: { connections: number };
+  link: {
+    gateway: string;
+    mode: string;
+    state: string;
+    since: string;
+    reason: string;
+    outages: number;
+    queue: { updates: number; bytes: number; oldestMs: number };
+    lastError: string;
+    seq: number;
+    durableThrough: number;
+    resync: {
+      running: boolean;
+      totalBytes: number;
+      doneBytes: number;
+      bytesPerSecond: number;
+      etaSeconds: number | null;
+    };
+  } | null;
+  tracking: {
+    dirtyBytes: number;
+    granularity: number;
+    firstDirtied: string | null;
+    lastDirtied: string | null;
+  } | null;
+}
+
+/** blockfork status */
+export async function status(argv: string[]): Promise<number> {
+  const { dir, values } = stateDirArg(argv, {});
+  const s = (await adminCall(dir, "GET", "/status")) as Status;
+  if (values.json) {
+    process.stdout.write(JSON.stringify(s, null, 2) + "\n");
+    return 0;
+  }
+  const lines = [
+    `volume    ${s.volume.path} (${formatSize(s.volume.size)}), export "${s.volume.name}", ${s.nbd.connections} NBD connections`,
+  ];
+  if (s.link) {
+    const l = s.link;
+    lines.push(`gateway   ${l.gateway} (${l.mode})`);
+    lines.push(
+      `link      ${l.state} since ${l.since}${l.reason ? ` (${l.reason})` : ""}; ${l.outages} outages`,
+    );
+    lines.push(
+      `queue     ${l.queue.updates} updates, ${formatSize(l.queue.bytes)}, oldest ${l.queue.oldestMs} ms; seq ${l.seq}, durable through ${l.durableThrough}`,
+    );
+    if (l.lastError) lines.push(`error     ${l.lastError}`);
+    if (l.resync.running || l.state === "resyncing") {
+      lines.push(
+        `resync    ${progressText(l.resync.doneBytes, l.resync.totalBytes, l.resync.bytesPerSecond, l.resync.etaSeconds)}`,
+      );
+    }
+  }
+  if (s.tracking) {
+    const t = s.tracking;
+    lines.push(
+      `dirty     ${formatSize(t.dirtyBytes)} at ${formatSize(t.granularity)} granularity` +
+        (t.firstDirtied ? `, first ${t.firstDirtied}, last ${t.lastDirtied}` : ""),
+    );
+  }
+  process.stdout.write(lines.join("\n") + "\n");
+  return 0;
+}
+
+function progressText(done: number, total: number, rate: number, eta: number | null): string {
+  const pct = total > 0 ? Math.min(100, (100 * done) / total) : 100;
+  return `${formatBytes(done)} of ${formatBytes(total)} (${pct.toFixed(1)}%), ${formatBytes(rate)}/s, ETA ${eta === null ? "?" : `${eta} s`}`;
+}
+
+function formatBytes(n: number): string {
+  const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(i === 0 ? 0 : 1)} ${u[i]}`;
+}
+
+function bar(done: number, total: number, suffix: string): void {
+  if (!process.stderr.isTTY) return;
+  const width = 30;
+  const f = total > 0 ? Math.min(1, done / total) : 1;
+  const full = Math.round(f * width);
+  process.stderr.write(`\r[${"#".repeat(full)}${"-".repeat(width - full)}] ${suffix}\x1b[K`);
+}
+
+/** blockfork tracking show */
+export async function tracking(argv: string[]): Promise<number> {
+  const [sub, ...rest] = argv;
+  if (sub !== "show")
+    throw new UsageError(`blockfork tracking takes the subcommand "show", not "${sub ?? ""}"`);
+  const { dir, values } = stateDirArg(rest, { limit: { type: "string" } });
+  const limit = values.limit ? Number(values.limit) : 1000;
+  if (!Number.isSafeInteger(limit) || limit <= 0) throw new UsageError("--limit must be a positive integer");
+  const t = (await adminCall(dir, "GET", `/tracking?limit=${limit}`)) as {
+    dirtyBytes: number;
+    granularity: number;
+    truncated: boolean;
+    extents: { offset: number; length: number; firstDirtied: string; lastDirtied: string }[];
+  };
+  if (values.json) {
+    process.stdout.write(JSON.stringify(t, null, 2) + "\n");
+    return 0;
+  }
+  const out = [`${"offset".padStart(16)} ${"length".padStart(14)}  first dirtied              last dirtied`];
+  for (const x of t.extents) {
+    out.push(
+      `${String(x.offset).padStart(16)} ${String(x.length).padStart(14)}  ${x.firstDirtied}  ${x.lastDirtied}`,
+    );
+  }
+  out.push(
+    `${t.extents.length}${t.truncated ? "+" : ""} extents, ${t.dirtyBytes} bytes dirty (${formatSize(t.granularity)} blocks)` +
+      (t.truncated ? `; more than --limit ${limit}` : ""),
+  );
+  process.stdout.write(out.join("\n") + "\n");
+  return 0;
+}
+
+/** blockfork verify */
+export async function verifyCommand(argv: string[]): Promise<number> {
+  const { dir, values } = stateDirArg(argv, { repair: { type: "boolean" } });
+  const repair = values.repair === true;
+  const started = Date.now();
+  const r = (await adminCall(dir, "POST", `/verify${repair ? "?repair=1" : ""}`, (line) => {
+    const p = (line as { progress?: { done: number; total: number } }).progress;
+    if (p) {
+      const secs = (Date.now() - started) / 1000;
+      bar(p.done, p.total, progressText(p.done, p.total, secs > 0 ? p.done / secs : 0, null));
+    }
+  })) as {
+    result?: {
+      mismatchedBlocks: number;
+      skippedBlocks: number;
+      blocks: number;
+      checkedBytes: number;
+      mismatches: { offset: number; length: number }[];
+      repaired: boolean;
+      seconds: number;
+    };
+    error?: { message: string };
+  };
+  if (process.stderr.isTTY) process.stderr.write("\n");
+  if (r.error || !r.result) throw new Error(r.error?.message ?? "verify gave no result");
+  const res = r.result;
+  if (values.json) process.stdout.write(JSON.stringify(res, null, 2) + "\n");
+  else {
+    const lines = [
+      `verified ${formatBytes(res.checkedBytes)} in ${res.seconds.toFixed(1)} s: ${res.blocks} blocks, ` +
+        `${res.mismatchedBlocks} differ, ${res.skippedBlocks} dirty (skipped)`,
+    ];
+    for (const m of res.mismatches.slice(0, 50))
+      lines.push(`  differs: offset ${m.offset}, length ${m.length}`);
+    if (res.mismatches.length > 50) lines.push(`  ... ${res.mismatches.length - 50} more extents`);
+    if (res.repaired)
+      lines.push("repair: the differing blocks are marked dirty and resyncing (see blockfork status)");
+    process.stdout.write(lines.join("\n") + "\n");
+  }
+  return res.mismatchedBlocks > 0 && !res.repaired ? 3 : 0;
+}
+
+/** blockfork resync */
+export async function resyncCommand(argv: string[]): Promise<number> {
+  const { dir, values } = stateDirArg(argv, { full: { type: "boolean" }, "no-wait": { type: "boolean" } });
+  const started = (await adminCall(dir, "POST", `/resync${values.full ? "?full=1" : ""}`)) as {
+    dirtyBytes: number;
+  };
+  process.stdout.write(`resync started: ${formatBytes(started.dirtyBytes)} dirty\n`);
+  if (values["no-wait"]) return 0;
+  for (;;) {
+    await new Promise((r) => setTimeout(r, 250));
+    const s = (await adminCall(dir, "GET", "/status")) as Status;
+    const l = s.link!;
+    bar(
+      l.resync.doneBytes,
+      l.resync.totalBytes,
+      progressText(l.resync.doneBytes, l.resync.totalBytes, l.resync.bytesPerSecond, l.resync.etaSeconds),
+    );
+    if (l.state === "streaming") {
+      if (process.stderr.isTTY) process.stderr.write("\n");
+      process.stdout.write(`resync complete: ${formatBytes(l.resync.doneBytes)} copied; streaming\n`);
+      return 0;
+    }
+    if (l.state === "tracking") {
+      if (process.stderr.isTTY) process.stderr.write("\n");
+      process.stdout.write(
+        `the gateway is not reachable (${l.lastError || l.reason}); the proxy keeps tracking and resyncs when it returns\n`,
+      );
+      return 1;
+    }
+  }
+}

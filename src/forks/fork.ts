@@ -1,0 +1,141 @@
+// The fork filter: every write, trim and zero that reaches the primary also goes to the gateway.
+//
+// Order of one write (DESIGN.md "dirty before sent"):
+//   0. tell the link a write begins (resync leaves the blocks alone; partly-covered dirty blocks
+//      become stale);
+//   1. mark its blocks dirty in memory (before the activity log can evict their region, so an
+//      eviction persists these bits);
+//   2. make sure the activity log covers them durably (no I/O when the region is already hot);
+//   3. write the primary and hand a copy of the data to the link (sent when the link streams,
+//      recorded only while it tracks);
+//   4. async mode: settle with the primary write; sync mode: also wait for the gateway to apply
+//      it (bounded by --sync-timeout, after which the link tracks and the write settles anyway).
+// A primary write that fails "poisons" its blocks: they stay dirty whatever the gateway
+// acknowledges, and the next resync copies the primary's actual contents.
+// Reads, extents, cache and the zero-copy hint pass through untouched.
+
+import { constants } from "node:os";
+import { IoError } from "../errors.js";
+import { DONE } from "../util/done.js";
+import type { TrackingLog } from "../tracking/log.js";
+import type { Extent, FileRange, Volume, VolumeCaps, ZeroOptions } from "../volume/volume.js";
+import { KIND, type UpdateKind } from "../gateway/records.js";
+import type { GatewayLink, WriteTicket } from "./link.js";
+
+/** Wrap `next` so that every change is forked to `link`, tracked in `tracking`. */
+export function forkVolume(
+  next: Volume,
+  tracking: TrackingLog,
+  link: GatewayLink,
+  mode: "async" | "sync",
+): Volume {
+  return new ForkVolume(next, tracking, link, mode);
+}
+
+class ForkVolume implements Volume {
+  readonly size: number;
+  readonly description: string;
+  constructor(
+    private readonly next: Volume,
+    private readonly tracking: TrackingLog,
+    private readonly link: GatewayLink,
+    private readonly mode: "async" | "sync",
+  ) {
+    this.size = next.size;
+    this.description = next.description;
+  }
+
+  caps(): VolumeCaps {
+    return this.next.caps();
+  }
+
+  read(buf: Buffer, offset: number): Promise<void> {
+    return this.next.read(buf, offset);
+  }
+
+  write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+    return this.change(KIND.WRITE, offset, buf.length, buf, () => this.next.write(buf, offset, fua));
+  }
+
+  trim(offset: number, length: number, fua: boolean): Promise<void> {
+    return this.change(KIND.TRIM, offset, length, null, () => this.next.trim(offset, length, fua));
+  }
+
+  zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    return this.change(KIND.ZERO, offset, length, null, () => this.next.zero(offset, length, opts));
+  }
+
+  private change(
+    kind: UpdateKind,
+    offset: number,
+    length: number,
+    data: Buffer | null,
+    apply: () => Promise<void>,
+  ): Promise<void> {
+    const failure = this.tracking.error;
+    if (failure) return Promise.reject(new IoError(constants.errno.EIO, "tracking log", failure.message));
+    const ticket = this.link.beginWrite(offset, length); // before marking: it looks at what was dirty
+    this.tracking.map.mark(offset, length);
+    const active = this.tracking.activate(offset, length);
+    if (active === DONE) return this.forward(kind, offset, length, data, apply, ticket);
+    return active.then(
+      () => this.forward(kind, offset, length, data, apply, ticket),
+      (e: unknown) => {
+        this.link.endWrite(offset, length);
+        throw new IoError(constants.errno.EIO, "tracking log", (e as Error).message);
+      },
+    );
+  }
+
+  private forward(
+    kind: UpdateKind,
+    offset: number,
+    length: number,
+    data: Buffer | null,
+    apply: () => Promise<void>,
+    ticket: WriteTicket,
+  ): Promise<void> {
+    let p: Promise<void>;
+    try {
+      p = apply();
+    } catch (e) {
+      p = Promise.reject(e);
+    }
+    const sent = this.link.submit(kind, offset, length, data, ticket);
+    if (p === DONE) {
+      this.link.endWrite(offset, length);
+      return sent === null || this.mode === "async" ? DONE : sent;
+    }
+    const primary = p.then(
+      () => this.link.endWrite(offset, length),
+      (e: unknown) => {
+        this.link.endWrite(offset, length);
+        this.link.poison(offset, length);
+        throw e;
+      },
+    );
+    if (sent === null || this.mode === "async") return primary;
+    return Promise.all([primary, sent]).then(() => undefined);
+  }
+
+  async flush(): Promise<void> {
+    await this.next.flush();
+    if (this.mode === "sync") await this.link.flushGateway();
+  }
+
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.next.extents(offset, length);
+  }
+
+  fileRange(offset: number, length: number): FileRange | null {
+    return this.next.fileRange?.(offset, length) ?? null;
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.next.cache(offset, length);
+  }
+
+  close(): Promise<void> {
+    return this.next.close();
+  }
+}

@@ -1,0 +1,851 @@
+// GatewayLink: the driver of one gateway link. It performs the actions of the pure state machine
+// (link-state.ts): sends updates, probes health, resyncs, mirrors the tracking log.
+//
+// Notes on the design
+// - Sequence numbers: every update gets the next seq of this generation (TrackingLog bumps the
+//   generation at each start). `lastSeq` remembers, per dirty block, the seq of the newest update
+//   sent for it. A block is cleared only when the gateway says `durableThrough >= lastSeq[block]`:
+//   an older update's acknowledgement never clears a block a newer one touched.
+// - Dirty bits are coarser than writes (64 KiB vs 4 KiB). A write to a block that was clean covers
+//   all of its dirtiness; a write to a block that was already dirty (an outage, a failure) covers
+//   only part: such a block is STALE and only a whole-block resync copy makes it clearable.
+// - Updates are batched (up to batchBytes per POST) and pipelined (maxBatches in flight on an undici
+//   Pool). A 200 means applied; a periodic flush turns applied into durable and clears blocks.
+// - Any failure (network, timeout, non-200) is one event for the machine: the link drops to
+//   tracking, every queued and in-flight update is forgotten (`epoch` changes, so late answers are
+//   ignored) and `lastSeq` is emptied: those blocks stay dirty until a resync copies them again.
+// - Resync reads the primary (the bottom of the stack, not this fork) in runs of dirty blocks,
+//   skipping blocks a client write is changing right now (they stream on their own and a later seq
+//   wins at the gateway), sends holes as ZERO updates, and repeats passes until every dirty block
+//   has an update in flight; then the link streams. Before the first resync update the floor moves
+//   to the next seq, telling the gateway that older, abandoned seqs will never come.
+// - Sync mode: a client write completes when the gateway has applied it, or after syncTimeoutMs
+//   when the link gives up (the write stays dirty and the link tracks: sync mode degrades, it never
+//   fails a write the primary accepted).
+
+import { Pool } from "undici";
+import type { Logger } from "../log.js";
+import type { TrackingLog } from "../tracking/log.js";
+import type { Volume } from "../volume/volume.js";
+import { encodeUpdates, KIND, type UpdateKind, type UpdateRecord } from "../gateway/records.js";
+import {
+  initialLinkState,
+  sends,
+  startActions,
+  step,
+  type LinkAction,
+  type LinkEvent,
+  type LinkState,
+} from "./link-state.js";
+
+/** How a link behaves. */
+export interface LinkOptions {
+  /** Gateway base URL, e.g. http://127.0.0.1:7070 */
+  url: string;
+  token?: string;
+  ca?: Buffer;
+  mode: "async" | "sync";
+  /** Async mode: queue bound in bytes before the link drops to tracking. */
+  queueBytes: number;
+  /** Async mode: age bound of the oldest queued update. */
+  queueAgeMs: number;
+  /** Sync mode: how long a write waits for the gateway before the link gives up. */
+  syncTimeoutMs: number;
+  flushIntervalMs: number;
+  periodMs: number;
+  batchBytes: number;
+  maxBatches: number;
+  requestTimeoutMs: number;
+  resyncConcurrency: number;
+  /** Bytes per second for resync (0: unlimited). */
+  resyncRate: number;
+  resyncChunkBytes: number;
+  /** Base URL of a tracking mirror (a gateway): PUT /v1/tracking/{volumeId}. */
+  mirror?: string;
+  mirrorIntervalMs: number;
+  log: Logger;
+}
+
+/** Defaults for every option but url, mode and log. */
+export const LINK_DEFAULTS = {
+  queueBytes: 64 * 1024 * 1024,
+  queueAgeMs: 5000,
+  syncTimeoutMs: 5000,
+  flushIntervalMs: 200,
+  periodMs: 1000,
+  batchBytes: 4 * 1024 * 1024,
+  maxBatches: 4,
+  requestTimeoutMs: 10_000,
+  resyncConcurrency: 4,
+  resyncRate: 0,
+  resyncChunkBytes: 1024 * 1024,
+  mirrorIntervalMs: 1000,
+};
+
+interface Pending {
+  rec: UpdateRecord;
+  b0: number;
+  b1: number;
+  at: number;
+  waiter: (() => void) | null;
+  resync: boolean;
+}
+
+/** Progress of a resync, for status and the CLI's progress bar. */
+export interface ResyncProgress {
+  running: boolean;
+  pass: number;
+  totalBytes: number;
+  doneBytes: number;
+  bytesPerSecond: number;
+  etaSeconds: number | null;
+  startedAt: string | null;
+  finishedAt: string | null;
+}
+
+/** What `blockfork status` shows about a link. */
+export interface LinkStatus {
+  gateway: string;
+  mode: "async" | "sync";
+  state: string;
+  since: string;
+  reason: string;
+  outages: number;
+  generation: number;
+  seq: number;
+  floor: number;
+  durableThrough: number;
+  queue: { updates: number; bytes: number; oldestMs: number };
+  inflightBatches: number;
+  lastError: string;
+  resync: ResyncProgress;
+  mirror: string | null;
+}
+
+class HttpError extends Error {}
+
+/** lastSeq value of a block that needs a whole-block copy before it may be cleared. */
+const STALE = Number.MAX_SAFE_INTEGER;
+
+/** What beginWrite() learned, for submit(). */
+export interface WriteTicket {
+  epoch: number;
+  /** Blocks that were dirty with no update covering them. */
+  stale: number[] | null;
+}
+
+/** One gateway link. */
+export class GatewayLink {
+  private s: LinkState;
+  private readonly o: LinkOptions;
+  private readonly log: Logger;
+  private readonly pool: Pool;
+  private readonly mirrorPool: Pool | null;
+  private volumeName: string | null = null;
+  private seq = 1;
+  private floor = 1;
+  private period = 1;
+  private epoch = 0;
+  private queue: Pending[] = [];
+  private queued = 0;
+  private batches = 0;
+  /** Batches sent and not yet answered (their oldest update bounds sync-mode waiting). */
+  private readonly sending = new Set<Pending[]>();
+  /** Applied but not yet durable (seq and blocks), for clearing after a flush. */
+  private unflushed: { seq: number; b0: number; b1: number }[] = [];
+  private readonly lastSeq = new Map<number, number>();
+  /** Blocks a client write is changing right now (resync leaves them alone). */
+  private readonly writing = new Map<number, number>();
+  private durableThrough = 0;
+  private flushing: Promise<void> | null = null;
+  private lastError = "";
+  private probing = false;
+  private probeTimer: NodeJS.Timeout | null = null;
+  private timers: NodeJS.Timeout[] = [];
+  private resyncRunning = false;
+  private resyncToken = 0;
+  private progress: ResyncProgress = {
+    running: false,
+    pass: 0,
+    totalBytes: 0,
+    doneBytes: 0,
+    bytesPerSecond: 0,
+    etaSeconds: null,
+    startedAt: null,
+    finishedAt: null,
+  };
+  private mirrorDirty = true;
+  private mirrorBusy = false;
+  private stopped = false;
+  private readonly drainWaiters: (() => void)[] = [];
+
+  constructor(
+    private readonly tracking: TrackingLog,
+    private readonly primary: Volume,
+    opts: LinkOptions,
+  ) {
+    this.o = opts;
+    this.log = opts.log;
+    this.s = initialLinkState(Date.now());
+    const connect = opts.ca ? { ca: opts.ca } : undefined;
+    this.pool = new Pool(opts.url, {
+      connections: 2,
+      pipelining: Math.max(1, opts.maxBatches),
+      headersTimeout: opts.requestTimeoutMs,
+      bodyTimeout: opts.requestTimeoutMs,
+      connectTimeout: Math.min(5000, opts.requestTimeoutMs),
+      ...(connect ? { connect } : {}),
+    });
+    this.mirrorPool = opts.mirror
+      ? new Pool(opts.mirror, {
+          connections: 1,
+          headersTimeout: 5000,
+          bodyTimeout: 5000,
+          connectTimeout: 3000,
+        })
+      : null;
+  }
+
+  /** The machine's state name. */
+  get state(): string {
+    return this.s.name;
+  }
+
+  /** Start probing the gateway and the periodic work. */
+  start(): void {
+    this.perform(startActions);
+    this.timers.push(setInterval(() => this.tick(), Math.min(100, this.o.flushIntervalMs)));
+    this.timers.push(setInterval(() => this.period++, this.o.periodMs));
+    if (this.mirrorPool) this.timers.push(setInterval(() => void this.mirrorNow(), this.o.mirrorIntervalMs));
+    for (const t of this.timers) t.unref();
+  }
+
+  private dispatch(e: LinkEvent): void {
+    const [next, actions] = step(this.s, e, Date.now());
+    this.s = next;
+    this.perform(actions);
+  }
+
+  private perform(actions: LinkAction[]): void {
+    for (const a of actions) {
+      switch (a.type) {
+        case "probe":
+          this.startProbe();
+          break;
+        case "stopProbe":
+          this.stopProbe();
+          break;
+        case "dropQueue":
+          this.dropQueue();
+          break;
+        case "startResync":
+          void this.resync();
+          break;
+        case "stopResync":
+          this.resyncToken++;
+          break;
+        case "log":
+          if (a.level === "warn") this.log.warn(a.message);
+          else this.log.info(a.message);
+          this.mirrorDirty = true;
+          break;
+      }
+    }
+  }
+
+  // ---- the fork's side
+
+  /**
+   * A client write to [offset, offset+length) begins (call before marking it dirty): resync leaves
+   * these blocks alone until endWrite(). The ticket remembers which blocks were dirty already with
+   * no update in flight covering them: this write covers only part of such a block, so submit()
+   * makes it STALE (its acknowledgement must not clear the block; only a whole-block resync copy
+   * can). If the link was reset between the two calls, every block counts as such.
+   */
+  beginWrite(offset: number, length: number): WriteTicket {
+    const map = this.tracking.map;
+    const [b0, b1] = map.blockRange(offset, length);
+    let stale: number[] | null = null;
+    for (let b = b0; b <= b1; b++) {
+      this.writing.set(b, (this.writing.get(b) ?? 0) + 1);
+      if (map.isDirty(b)) {
+        const last = this.lastSeq.get(b);
+        if (last === undefined || last === STALE) (stale ??= []).push(b);
+      }
+    }
+    return { epoch: this.epoch, stale };
+  }
+
+  /** The client write to [offset, offset+length) reached the primary (or failed). */
+  endWrite(offset: number, length: number): void {
+    const [b0, b1] = this.tracking.map.blockRange(offset, length);
+    for (let b = b0; b <= b1; b++) {
+      const n = this.writing.get(b)! - 1;
+      if (n === 0) this.writing.delete(b);
+      else this.writing.set(b, n);
+    }
+  }
+
+  /**
+   * Send an update (the caller marked its blocks dirty and activated them first). `data` is
+   * copied. Returns null when nothing is sent (tracking) or, in sync mode, a promise settled when
+   * the gateway applied it (or the link gave up on it).
+   */
+  submit(
+    kind: UpdateKind,
+    offset: number,
+    length: number,
+    data: Buffer | null,
+    ticket: WriteTicket,
+  ): Promise<void> | null {
+    if (!sends(this.s.name)) return null;
+    const seq = this.reserve(offset, length);
+    if (ticket.epoch !== this.epoch) {
+      const [b0, b1] = this.tracking.map.blockRange(offset, length);
+      for (let b = b0; b <= b1; b++) this.lastSeq.set(b, STALE);
+    } else if (ticket.stale !== null) {
+      for (const b of ticket.stale) this.lastSeq.set(b, STALE);
+    }
+    const p = this.enqueue(kind, offset, length, data === null ? null : Buffer.from(data), false, seq);
+    if (this.o.mode === "async" && this.queued > this.o.queueBytes) {
+      this.dispatch({ type: "overflow", reason: `queue over ${this.o.queueBytes} bytes (gateway too slow)` });
+    }
+    return p;
+  }
+
+  /** A primary write failed: its blocks must stay dirty whatever the gateway acknowledges. */
+  poison(offset: number, length: number): void {
+    const [b0, b1] = this.tracking.map.blockRange(offset, length);
+    for (let b = b0; b <= b1; b++) this.lastSeq.set(b, STALE);
+  }
+
+  /** Sync mode FLUSH: everything sent so far is durable on the secondary (unless the link fails). */
+  async flushGateway(): Promise<void> {
+    if (!sends(this.s.name)) return;
+    await this.drained();
+    if (!sends(this.s.name)) return;
+    await this.flushNow();
+  }
+
+  /**
+   * Take the next seq for [offset, offset+length) and make it the newest update of its blocks.
+   * A client update leaves STALE blocks stale; a resync copy (`whole`: it covers whole blocks with
+   * the primary's contents) makes them clearable again.
+   */
+  private reserve(offset: number, length: number, whole = false): number {
+    const seq = this.seq++;
+    const [b0, b1] = this.tracking.map.blockRange(offset, length);
+    for (let b = b0; b <= b1; b++) if (whole || this.lastSeq.get(b) !== STALE) this.lastSeq.set(b, seq);
+    return seq;
+  }
+
+  private enqueue(
+    kind: UpdateKind,
+    offset: number,
+    length: number,
+    data: Buffer | null,
+    resync: boolean,
+    seq = this.reserve(offset, length),
+  ): Promise<void> | null {
+    const [b0, b1] = this.tracking.map.blockRange(offset, length);
+    const pending: Pending = {
+      rec: { kind, seq, period: this.period, offset, length, data },
+      b0,
+      b1,
+      at: Date.now(),
+      waiter: null,
+      resync,
+    };
+    let promise: Promise<void> | null = null;
+    if (this.o.mode === "sync" && !resync)
+      promise = new Promise<void>((resolve) => (pending.waiter = resolve));
+    this.queue.push(pending);
+    this.queued += 40 + (data ? data.length : 0);
+    this.pump();
+    return promise;
+  }
+
+  private pump(): void {
+    while (
+      this.batches < this.o.maxBatches &&
+      this.queue.length > 0 &&
+      sends(this.s.name) &&
+      this.volumeName
+    ) {
+      let bytes = 0;
+      let n = 0;
+      while (n < this.queue.length && n < 4096) {
+        const size = 40 + (this.queue[n].rec.data?.length ?? 0);
+        if (n > 0 && bytes + size > this.o.batchBytes) break;
+        bytes += size;
+        n++;
+      }
+      const batch = this.queue.splice(0, n);
+      this.queued -= bytes;
+      this.batches++;
+      this.sending.add(batch);
+      void this.send(batch, this.epoch);
+    }
+    if (this.queue.length === 0 && this.batches === 0) {
+      const w = this.drainWaiters.splice(0);
+      for (const f of w) f();
+    }
+  }
+
+  private drained(): Promise<void> {
+    if (this.queue.length === 0 && this.batches === 0) return Promise.resolve();
+    return new Promise<void>((r) => this.drainWaiters.push(r));
+  }
+
+  private headers(): Record<string, string> {
+    const h: Record<string, string> = {
+      "x-blockfork-source": this.tracking.meta.source,
+      "x-blockfork-generation": String(this.tracking.meta.generation),
+      "x-blockfork-volume-size": String(this.tracking.meta.volumeSize),
+      "x-blockfork-floor": String(this.floor),
+    };
+    if (this.o.token) h.authorization = `Bearer ${this.o.token}`;
+    return h;
+  }
+
+  private async call(
+    method: "GET" | "POST" | "PUT",
+    path: string,
+    body?: Buffer,
+    type?: string,
+  ): Promise<unknown> {
+    const headers = this.headers();
+    if (type) headers["content-type"] = type;
+    const res = await this.pool.request({ method, path, headers, ...(body ? { body } : {}) });
+    const text = await res.body.text();
+    if (res.statusCode !== 200) {
+      let detail = text.slice(0, 300);
+      try {
+        const j = JSON.parse(text) as { error?: { code?: string; message?: string } };
+        if (j.error) detail = `${j.error.code ?? ""}: ${j.error.message ?? ""}`;
+      } catch {
+        // not JSON: keep the text
+      }
+      const hint = res.statusCode === 401 ? " (check --gateway-token-file)" : "";
+      throw new HttpError(`${method} ${path} answered ${res.statusCode} ${detail}${hint}`);
+    }
+    return text ? (JSON.parse(text) as unknown) : {};
+  }
+
+  private async send(batch: Pending[], epoch: number): Promise<void> {
+    try {
+      const body = encodeUpdates(batch.map((p) => p.rec));
+      await this.call(
+        "POST",
+        `/v1/volumes/${this.volumeName}/updates`,
+        body,
+        "application/vnd.blockfork.updates",
+      );
+      if (epoch !== this.epoch) return; // the link was reset meanwhile: this answer means nothing now
+      for (const p of batch) {
+        this.unflushed.push({ seq: p.rec.seq, b0: p.b0, b1: p.b1 });
+        if (p.resync) this.progress.doneBytes += p.rec.length;
+        p.waiter?.();
+      }
+    } catch (e) {
+      if (epoch !== this.epoch) return;
+      this.failed(`sending updates failed: ${(e as Error).message}`);
+      for (const p of batch) p.waiter?.();
+    } finally {
+      this.sending.delete(batch);
+      if (epoch === this.epoch) {
+        this.batches--;
+        this.pump();
+      }
+    }
+  }
+
+  private failed(reason: string): void {
+    this.lastError = reason;
+    this.dispatch({ type: "failure", reason });
+  }
+
+  /** Forget every queued and in-flight update; their blocks stay dirty for the next resync. */
+  private dropQueue(): void {
+    this.epoch++;
+    for (const p of this.queue) p.waiter?.();
+    this.queue = [];
+    this.queued = 0;
+    this.batches = 0;
+    for (const b of this.sending) for (const p of b) p.waiter?.();
+    this.sending.clear();
+    this.unflushed = [];
+    this.lastSeq.clear();
+    const w = this.drainWaiters.splice(0);
+    for (const f of w) f();
+  }
+
+  private flushNow(): Promise<void> {
+    if (this.flushing) return this.flushing.then(() => this.flushNow());
+    const epoch = this.epoch;
+    const covered = this.unflushed.length;
+    this.flushing = (async () => {
+      try {
+        const r = (await this.call("POST", `/v1/volumes/${this.volumeName}/flush`)) as {
+          durableThrough?: number;
+        };
+        if (epoch !== this.epoch) return;
+        const d = Number(r.durableThrough ?? 0);
+        this.durableThrough = d;
+        this.clearDurable(d, covered);
+      } catch (e) {
+        if (epoch === this.epoch) this.failed(`flush failed: ${(e as Error).message}`);
+      } finally {
+        this.flushing = null;
+      }
+    })();
+    return this.flushing;
+  }
+
+  /** Clear blocks whose newest update is durable (looking at the first `count` applied entries). */
+  private clearDurable(d: number, count: number): void {
+    const map = this.tracking.map;
+    const keep: { seq: number; b0: number; b1: number }[] = [];
+    for (let i = 0; i < this.unflushed.length; i++) {
+      const u = this.unflushed[i];
+      if (i >= count || u.seq > d) {
+        keep.push(u);
+        continue;
+      }
+      for (let b = u.b0; b <= u.b1; b++) {
+        const last = this.lastSeq.get(b);
+        if (last !== undefined && last <= d) {
+          this.lastSeq.delete(b);
+          map.clearBlock(b);
+        }
+      }
+    }
+    this.unflushed = keep;
+    this.mirrorDirty = true;
+  }
+
+  /** Periodic: flush applied updates, enforce bounds. */
+  private tick(): void {
+    if (!sends(this.s.name)) return;
+    const now = Date.now();
+    const oldest = this.queue[0];
+    if (this.o.mode === "sync") {
+      let first = oldest?.at ?? now;
+      for (const b of this.sending) if (b[0] !== undefined && b[0].at < first) first = b[0].at;
+      if (now - first > this.o.syncTimeoutMs) {
+        this.dispatch({
+          type: "syncTimeout",
+          reason: `a sync write waited ${now - first} ms for the gateway (--sync-timeout ${this.o.syncTimeoutMs} ms)`,
+        });
+        return;
+      }
+    }
+    if (oldest !== undefined) {
+      if (this.o.mode === "async" && now - oldest.at > this.o.queueAgeMs) {
+        this.dispatch({
+          type: "overflow",
+          reason: `oldest queued update is ${now - oldest.at} ms old (gateway too slow)`,
+        });
+        return;
+      }
+    }
+    if (this.unflushed.length > 0 && !this.flushing && now - this.lastFlush >= this.o.flushIntervalMs) {
+      this.lastFlush = now;
+      void this.flushNow();
+    }
+  }
+  private lastFlush = 0;
+
+  // ---- health
+
+  private startProbe(): void {
+    if (this.probing) return;
+    this.probing = true;
+    let delay = 200;
+    const once = async (): Promise<void> => {
+      if (!this.probing || this.stopped) return;
+      try {
+        const h = (await this.call("GET", "/v1/health")) as { ok?: boolean; volume?: string; size?: number };
+        if (!h.ok || typeof h.volume !== "string") throw new Error("health check answered without a volume");
+        if (h.size !== undefined && h.size !== this.tracking.meta.volumeSize) {
+          throw new Error(`the secondary is ${h.size} bytes, the primary ${this.tracking.meta.volumeSize}`);
+        }
+        this.volumeName = encodeURIComponent(h.volume);
+        if (!this.probing) return;
+        this.dispatch({ type: "healthy" });
+        return;
+      } catch (e) {
+        this.lastError = `health check: ${(e as Error).message}`;
+        if (this.s.name === "starting") this.dispatch({ type: "unhealthy", reason: this.lastError });
+      }
+      if (!this.probing) return;
+      delay = Math.min(delay * 2, 5000);
+      this.probeTimer = setTimeout(() => void once(), delay);
+      this.probeTimer.unref();
+    };
+    void once();
+  }
+
+  private stopProbe(): void {
+    this.probing = false;
+    if (this.probeTimer) clearTimeout(this.probeTimer);
+    this.probeTimer = null;
+  }
+
+  // ---- resync
+
+  private async resync(): Promise<void> {
+    const token = ++this.resyncToken;
+    this.floor = this.seq;
+    const map = this.tracking.map;
+    const g = map.granularity;
+    const started = Date.now();
+    this.resyncRunning = true;
+    this.progress = {
+      running: true,
+      pass: 0,
+      totalBytes: map.dirtyBytes,
+      doneBytes: 0,
+      bytesPerSecond: 0,
+      etaSeconds: null,
+      startedAt: new Date(started).toISOString(),
+      finishedAt: null,
+    };
+    if (this.progress.totalBytes > 0) this.log.info(`resync: ${this.progress.totalBytes} bytes dirty`);
+    const alive = (): boolean => token === this.resyncToken && !this.stopped && this.s.name === "resyncing";
+    let bucket = 0;
+    let bucketAt = Date.now();
+    try {
+      for (;;) {
+        this.progress.pass++;
+        let sentAny = false;
+        const inflight = new Set<Promise<void>>();
+        for (const run of map.runs(0, Math.max(1, Math.floor(this.o.resyncChunkBytes / g)))) {
+          if (!alive()) return;
+          // Skip blocks with a client write in progress or an update already in flight.
+          let start = run.start;
+          const end = run.start + run.count;
+          while (start < end) {
+            while (start < end && !this.needsCopy(start)) start++;
+            let stop = start;
+            while (stop < end && this.needsCopy(stop)) stop++;
+            if (stop > start) {
+              while (inflight.size >= this.o.resyncConcurrency || this.queued > this.o.queueBytes / 2) {
+                if (inflight.size > 0) await Promise.race(inflight);
+                else await new Promise((r) => setTimeout(r, 5));
+                if (!alive()) return;
+              }
+              const offset = start * g;
+              const length = Math.min(stop * g, map.volumeSize) - offset;
+              if (this.o.resyncRate > 0) {
+                const now = Date.now();
+                bucket = Math.max(0, bucket - ((now - bucketAt) / 1000) * this.o.resyncRate);
+                bucketAt = now;
+                if (bucket > this.o.resyncRate / 10)
+                  await new Promise((r) => setTimeout(r, (bucket / this.o.resyncRate) * 1000));
+                bucket += length;
+              }
+              const p = this.resyncRange(offset, length);
+              inflight.add(p);
+              void p.finally(() => inflight.delete(p));
+              sentAny = true;
+            }
+            start = stop;
+          }
+          this.updateRate(started);
+        }
+        await Promise.all(inflight);
+        if (!alive()) return;
+        await this.drained();
+        if (!alive()) return;
+        if (this.unflushed.length > 0) await this.flushNow();
+        if (!alive()) return;
+        // Done when every dirty block has an update in flight (streaming clears it) or none is left.
+        let left = false;
+        for (const run of map.runs()) {
+          for (let b = run.start; b < run.start + run.count; b++) {
+            const last = this.lastSeq.get(b);
+            if (last === undefined || last === STALE) {
+              left = true;
+              break;
+            }
+          }
+          if (left) break;
+        }
+        if (!left) break;
+        if (!sentAny) await new Promise((r) => setTimeout(r, 50)); // only busy blocks left: let writes finish
+      }
+      this.updateRate(started);
+      this.progress.running = false;
+      this.progress.finishedAt = new Date().toISOString();
+      this.log.info(
+        `resync: done, ${this.progress.doneBytes} bytes in ${((Date.now() - started) / 1000).toFixed(1)} s, ` +
+          `${this.progress.pass} pass(es)`,
+      );
+      this.dispatch({ type: "resyncDone" });
+    } catch (e) {
+      if (alive()) this.failed(`resync failed: ${(e as Error).message}`);
+    } finally {
+      if (token === this.resyncToken) {
+        this.resyncRunning = false;
+        this.progress.running = false;
+      }
+    }
+  }
+
+  /** A dirty block that no update in flight covers and no client write is changing. */
+  private needsCopy(b: number): boolean {
+    if (!this.tracking.map.isDirty(b) || this.writing.has(b)) return false;
+    const last = this.lastSeq.get(b);
+    return last === undefined || last === STALE;
+  }
+
+  private updateRate(started: number): void {
+    const secs = (Date.now() - started) / 1000;
+    const p = this.progress;
+    p.bytesPerSecond = secs > 0 ? Math.round(p.doneBytes / secs) : 0;
+    const left = Math.max(0, p.totalBytes - p.doneBytes);
+    p.etaSeconds = p.bytesPerSecond > 0 ? Math.round(left / p.bytesPerSecond) : null;
+  }
+
+  /** Copy one dirty range from the primary: holes as ZERO, data as WRITE. */
+  private async resyncRange(offset: number, length: number): Promise<void> {
+    const extents = await this.primary.extents(offset, length);
+    let pos = offset;
+    const end = offset + length;
+    for (const e of extents) {
+      if (pos >= end) break;
+      const n = Math.min(e.length, end - pos);
+      await this.resyncPiece(pos, n, (e.flags & 2) !== 0);
+      pos += n;
+    }
+    if (pos < end) await this.resyncPiece(pos, end - pos, false);
+  }
+
+  private async resyncPiece(offset: number, length: number, zero: boolean): Promise<void> {
+    if (!sends(this.s.name)) return;
+    // The seq is reserved before the primary is read: a client write that starts later gets a
+    // higher seq and wins at the gateway whatever our read saw; one already in progress made the
+    // caller skip these blocks.
+    const seq = this.reserve(offset, length, true);
+    if (zero) {
+      void this.enqueue(KIND.ZERO, offset, length, null, true, seq);
+      return;
+    }
+    const buf = Buffer.allocUnsafe(length);
+    await this.primary.read(buf, offset);
+    if (!sends(this.s.name)) return;
+    void this.enqueue(KIND.WRITE, offset, length, buf, true, seq);
+  }
+
+  // ---- tracking mirror
+
+  private async mirrorNow(): Promise<void> {
+    if (!this.mirrorPool || this.mirrorBusy || !this.mirrorDirty) return;
+    if (this.s.name === "streaming" && this.mirrorSentClean) return;
+    this.mirrorBusy = true;
+    this.mirrorDirty = false;
+    try {
+      const { extents, truncated } = this.tracking.map.extents(10_000);
+      const doc = {
+        volumeId: this.tracking.meta.source,
+        source: this.tracking.meta.source,
+        generation: this.tracking.meta.generation,
+        updatedAt: new Date().toISOString(),
+        linkState: this.s.name,
+        dirtyBytes: this.tracking.map.dirtyBytes,
+        extentCount: extents.length,
+        truncated,
+        extents: extents.map((x) => ({
+          offset: x.offset,
+          length: x.length,
+          firstDirtied: new Date(x.firstDirtied).toISOString(),
+          lastDirtied: new Date(x.lastDirtied).toISOString(),
+        })),
+      };
+      const headers: Record<string, string> = { "content-type": "application/json" };
+      if (this.o.token) headers.authorization = `Bearer ${this.o.token}`;
+      const res = await this.mirrorPool.request({
+        method: "PUT",
+        path: `/v1/tracking/${this.tracking.meta.source}`,
+        headers,
+        body: JSON.stringify(doc),
+      });
+      await res.body.text();
+      if (res.statusCode !== 200) throw new Error(`answered ${res.statusCode}`);
+      this.mirrorSentClean = this.s.name === "streaming";
+    } catch (e) {
+      this.mirrorDirty = true;
+      this.log.limited(
+        "warn",
+        "tracking mirror",
+        `tracking mirror ${this.o.mirror}: ${(e as Error).message}`,
+      );
+    } finally {
+      this.mirrorBusy = false;
+    }
+  }
+  private mirrorSentClean = false;
+
+  /** Blocks were marked dirty out of band (verify --repair): copy them now if the link streams. */
+  requestResync(): void {
+    this.dispatch({ type: "resyncRequested" });
+  }
+
+  /** SHA-256 of each `block`-byte block of the secondary in [offset, offset+length). */
+  async checksums(offset: number, length: number, block: number): Promise<string[]> {
+    if (!this.volumeName) throw new Error("the gateway has not been reached yet (see blockfork status)");
+    const r = (await this.call(
+      "GET",
+      `/v1/volumes/${this.volumeName}/checksums?offset=${offset}&length=${length}&block=${block}`,
+    )) as { sums?: string[] };
+    if (!Array.isArray(r.sums)) throw new Error("the gateway's checksum answer has no sums");
+    return r.sums;
+  }
+
+  // ---- status and shutdown
+
+  status(): LinkStatus {
+    const oldest = this.queue[0];
+    return {
+      gateway: this.o.url,
+      mode: this.o.mode,
+      state: this.s.name,
+      since: new Date(this.s.since).toISOString(),
+      reason: this.s.reason,
+      outages: this.s.outages,
+      generation: this.tracking.meta.generation,
+      seq: this.seq - 1,
+      floor: this.floor,
+      durableThrough: this.durableThrough,
+      queue: {
+        updates: this.queue.length,
+        bytes: this.queued,
+        oldestMs: oldest ? Date.now() - oldest.at : 0,
+      },
+      inflightBatches: this.batches,
+      lastError: this.lastError,
+      resync: { ...this.progress, running: this.resyncRunning },
+      mirror: this.o.mirror ?? null,
+    };
+  }
+
+  /** Stop: finish what is in flight (best effort, bounded), flush the gateway, stop timers. */
+  async stop(timeoutMs = 5000): Promise<void> {
+    if (this.stopped) return;
+    const finish = async (): Promise<void> => {
+      if (sends(this.s.name)) {
+        await this.drained();
+        if (sends(this.s.name) && this.unflushed.length > 0) await this.flushNow();
+      }
+    };
+    await Promise.race([finish(), new Promise((r) => setTimeout(r, timeoutMs))]);
+    await this.mirrorNow().catch(() => {});
+    this.stopped = true;
+    this.dispatch({ type: "stop" });
+    for (const t of this.timers) clearInterval(t);
+    this.stopProbe();
+    await this.pool.close().catch(() => {});
+    await this.mirrorPool?.close().catch(() => {});
+  }
+}
