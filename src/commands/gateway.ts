@@ -198,6 +198,9 @@ export async function gateway(argv: string[]): Promise<number> {
       void shutdown(server, gw, mirror, volume, log).then((status) => {
         process.off("SIGINT", onSignal);
         process.off("SIGTERM", onSignal);
+        // Everything is closed, so the process ends by itself; should anything still hold the
+        // event loop (a client's half-dead socket), end it anyway.
+        setTimeout(() => process.exit(status), 2000).unref();
         resolveExit(status);
       });
     };

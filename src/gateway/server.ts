@@ -63,8 +63,9 @@ function sha256(s: string | Buffer): Buffer {
   return createHash("sha256").update(s).digest();
 }
 
+/** Wait `ms`; the timer does not keep the process alive (a request's connection does). */
 function delay(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
+  return new Promise((r) => setTimeout(r, ms).unref());
 }
 
 /** A decimal integer parameter (query or header), or undefined when absent. */
