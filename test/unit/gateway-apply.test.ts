@@ -115,6 +115,12 @@ void describe("Gateway.applyBatch", () => {
     });
     assert.equal((await readBack(v, 0, 1))[0], 5);
     assert.equal(gw.counters.stale, 2);
+    assert.deepEqual(await gw.flush({ ...ID, generation: 4 }), {
+      durableThrough: 0,
+      stale: true,
+      generation: 5,
+    });
+    assert.deepEqual(await gw.flush({ ...ID, generation: 5 }), { durableThrough: 1 });
     // A newer generation starts over at seq 1.
     const n = await gw.applyBatch({ ...ID, generation: 6 }, [w(1, 0, Buffer.alloc(512, 6))]);
     assert.equal(n.applied, 1);
