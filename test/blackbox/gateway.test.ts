@@ -400,7 +400,7 @@ void describe("gateway: state across restarts and shutdown", () => {
     const data = randomBytes(8192);
     let gw = await start({ dir });
     await ok(gw.client.updates(NAME, id, [w(1, 0, data), w(2, 8192, data), w(3, 16384, data)]), "apply");
-    const stop = await gw.stop("SIGTERM");
+    const stop = await gw.stop("SIGINT"); // Ctrl-C: the same clean shutdown as SIGTERM
     assert.deepEqual(stop, { code: 0, signal: null }, gw.log());
     assert.match(gw.log(), /volume flushed \(fdatasync\) and state written/);
 
