@@ -5,6 +5,10 @@ import { readFileSync } from "node:fs";
 import { serve, SERVE_HELP } from "./commands/serve.js";
 import { gateway, GATEWAY_HELP } from "./commands/gateway.js";
 import {
+  mark,
+  MARK_HELP,
+  snapshots,
+  SNAPSHOTS_HELP,
   resyncCommand,
   RESYNC_HELP,
   status,
@@ -25,6 +29,8 @@ Commands:
   tracking   show a running proxy's tracking log (blockfork tracking show --state-dir DIR)
   verify     compare primary and secondary by checksums, --repair to resync what differs
   resync     resync now, with a progress bar (blockfork resync --state-dir DIR [--full])
+  mark       bookmark a point in time, served as snap@NAME (blockfork mark NAME --state-dir DIR)
+  snapshots  the available points in time and bookmarks (blockfork snapshots --state-dir DIR)
 
 Options:
   --help     this text
@@ -39,6 +45,8 @@ const COMMANDS: Record<string, Command> = {
   tracking: { run: tracking, help: TRACKING_HELP },
   verify: { run: verifyCommand, help: VERIFY_HELP },
   resync: { run: resyncCommand, help: RESYNC_HELP },
+  mark: { run: mark, help: MARK_HELP },
+  snapshots: { run: snapshots, help: SNAPSHOTS_HELP },
 };
 
 function version(): string {

@@ -6,6 +6,8 @@
 //   GET  /tracking?limit=N   dirty extents with timestamps
 //   POST /verify?repair=1    compare primary and secondary; NDJSON progress lines, then the result
 //   POST /resync?full=1      start a resync now (full: mark every block dirty first)
+//   POST /mark?name=NAME     bookmark the current point in time (PIT journal)
+//   GET  /snapshots          the journal's window, size and bookmarks
 
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { unlinkSync } from "node:fs";
@@ -18,6 +20,8 @@ export interface AdminHandlers {
   tracking(limit: number): unknown;
   verify(repair: boolean, progress: (done: number, total: number) => void): Promise<unknown>;
   resync(full: boolean): Promise<unknown>;
+  mark(name: string): unknown;
+  snapshots(): unknown;
 }
 
 /** The admin endpoint of a running proxy. */
@@ -65,6 +69,10 @@ export class AdminServer {
         res.end(JSON.stringify({ result }) + "\n");
         return;
       }
+      if (req.method === "POST" && url.pathname === "/mark") {
+        return send(200, this.handlers.mark(url.searchParams.get("name") ?? ""));
+      }
+      if (req.method === "GET" && url.pathname === "/snapshots") return send(200, this.handlers.snapshots());
       if (req.method === "POST" && url.pathname === "/resync") {
         return send(200, await this.handlers.resync(url.searchParams.get("full") === "1"));
       }

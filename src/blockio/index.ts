@@ -368,3 +368,8 @@ export function dupFd(fd: number): number {
   if (r < 0) throw new IoError(-r, "fcntl(F_DUPFD_CLOEXEC)");
   return r;
 }
+
+/** CRC32C (Castagnoli) of `buf`, continuing from `seed` (0 to start). Hardware-accelerated. */
+export function crc32c(buf: Uint8Array, seed = 0): number {
+  return binding.crc32c(buf, seed);
+}

@@ -246,3 +246,60 @@ export async function resyncCommand(argv: string[]): Promise<number> {
     }
   }
 }
+
+export const MARK_HELP = `Usage: blockfork mark NAME --state-dir DIR
+
+Bookmark the current point in time of a running proxy with a PIT journal (--pit). The bookmark is
+served as the read-only export snap@NAME and listed by NBD_OPT_LIST (nbdinfo --list).
+NAME: 1-64 letters, digits, '.', '_', ':' or '-'.
+Exit status: 0; 1 when no proxy answers or the journal is stopped; 2 on a usage error.
+`;
+
+export const SNAPSHOTS_HELP = `Usage: blockfork snapshots --state-dir DIR [--json]
+
+Show the points in time a running proxy can serve (snap@<ISO-8601 time> within the window, in steps
+of the merge window), its bookmarks (snap@NAME), and the journal's size.
+Exit status: 0; 1 when no proxy answers; 2 on a usage error.
+`;
+
+/** blockfork mark NAME */
+export async function mark(argv: string[]): Promise<number> {
+  const { dir, positionals } = stateDirArg(argv, {});
+  if (positionals.length !== 1) throw new UsageError("blockfork mark takes one NAME");
+  const r = (await adminCall(dir, "POST", `/mark?name=${encodeURIComponent(positionals[0])}`)) as {
+    name: string;
+    time: string;
+    export: string;
+  };
+  process.stdout.write(`bookmark "${r.name}" at ${r.time}: export ${r.export}\n`);
+  return 0;
+}
+
+/** blockfork snapshots */
+export async function snapshots(argv: string[]): Promise<number> {
+  const { dir, values } = stateDirArg(argv, {});
+  const s = (await adminCall(dir, "GET", "/snapshots")) as {
+    earliest: string | null;
+    latest: string;
+    windowMs: number;
+    stopped: { at: string; reason: string } | null;
+    journalBytes: number;
+    segments: number;
+    entries: number;
+    bookmarks: { name: string; time: string; export: string }[];
+  };
+  if (values.json) {
+    process.stdout.write(JSON.stringify(s, null, 2) + "\n");
+    return 0;
+  }
+  const lines = [
+    s.earliest === null
+      ? `window    none${s.stopped ? ` (journal stopped at ${s.stopped.at}: ${s.stopped.reason})` : ""}`
+      : `window    ${s.earliest} .. ${s.latest} (snap@<time>, in steps of ${s.windowMs} ms)`,
+    `journal   ${formatBytes(s.journalBytes)} in ${s.segments} segments, ${s.entries} before-images`,
+  ];
+  if (s.bookmarks.length === 0) lines.push("bookmarks none (blockfork mark NAME)");
+  for (const b of s.bookmarks) lines.push(`bookmark  ${b.export.padEnd(24)} ${b.time}`);
+  process.stdout.write(lines.join("\n") + "\n");
+  return 0;
+}

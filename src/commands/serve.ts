@@ -14,6 +14,10 @@ import { GatewayLink, LINK_DEFAULTS } from "../forks/link.js";
 import { verify } from "../forks/verify.js";
 import { AdminServer, type AdminHandlers } from "../admin/server.js";
 import { adminSocket } from "../admin/client.js";
+import { Journal } from "../pit/journal.js";
+import { SnapshotProvider } from "../pit/provider.js";
+import { parseDuration } from "../util/duration.js";
+import { join } from "node:path";
 import { checkBlockSizes, DEFAULT_BLOCK_SIZES, ExportRegistry, type BlockSizes } from "../nbd/exports.js";
 import { NbdServer, parseListen } from "../nbd/server.js";
 import type { TlsSettings } from "../nbd/handshake.js";
@@ -66,6 +70,13 @@ Replication (forked writes to a gateway; see docs/gateway-api.md)
   --al-extents N           activity-log regions of 4 MiB kept hot (default 1024): after a crash
                            at most N x 4 MiB are resynced
 
+Point-in-time snapshots (before-images journaled under --state-dir; see docs/pit-journal.md)
+  --pit                    journal before-images; serve read-only exports snap@<ISO-8601 time>
+                           and snap@<bookmark> (blockfork mark NAME)
+  --pit-retention DURATION keep points in time this long (default 24h; 90s, 30m, 7d ...)
+  --pit-max-bytes SIZE     and at most this much journal (default 10G)
+  --pit-window MS          merge window: snapshots exist at its boundaries (default 1000)
+
 Performance and logs
   --threads N              I/O thread pool size (default 8; UV_THREADPOOL_SIZE)
   --no-inline-writes       never write on the event-loop thread (always use the pool)
@@ -92,6 +103,7 @@ interface ServeConfig {
   log: Logger;
   replication: ReplicationConfig | null;
   stateDir: string | undefined;
+  pit: { retentionMs: number; maxBytes: number; windowMs: number } | null;
 }
 
 /** The gateway side of `serve`. */
@@ -251,6 +263,10 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       "resync-concurrency": { type: "string" },
       "track-granularity": { type: "string" },
       "al-extents": { type: "string" },
+      pit: { type: "boolean", default: false },
+      "pit-retention": { type: "string" },
+      "pit-max-bytes": { type: "string" },
+      "pit-window": { type: "string" },
       "log-level": { type: "string" },
     },
   });
@@ -321,8 +337,27 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       if (values[o] !== undefined) throw new UsageError(`--${o} needs --gateway URL`);
     }
   }
+  const pitOn =
+    values.pit === true ||
+    values["pit-retention"] !== undefined ||
+    values["pit-max-bytes"] !== undefined ||
+    values["pit-window"] !== undefined;
+  const pit = pitOn
+    ? {
+        retentionMs: values["pit-retention"]
+          ? parseDuration(values["pit-retention"], "--pit-retention")
+          : 24 * 3600_000,
+        maxBytes: values["pit-max-bytes"]
+          ? parseSize(values["pit-max-bytes"], "--pit-max-bytes")
+          : 10 * 1024 ** 3,
+        windowMs: values["pit-window"] ? positiveInt(values["pit-window"], "--pit-window") : 1000,
+      }
+    : null;
+  if (pit && values["read-only"])
+    throw new UsageError("--pit journals changes; a --read-only server makes none");
   return {
     replication,
+    pit,
     stateDir: values["state-dir"],
     volume,
     size: values.size !== undefined ? parseSize(values.size, "--size") : undefined,
@@ -354,12 +389,13 @@ export async function serve(argv: string[]): Promise<number> {
     ...(cfg.size !== undefined ? { size: cfg.size } : {}),
     inlineWrites: cfg.inlineWrites,
   });
-  const parts: Parts = { base, tracking: null, link: null, admin: null, server: null };
+  const parts: Parts = { base, tracking: null, link: null, admin: null, server: null, journal: null };
   try {
     return await run(cfg, parts);
   } catch (e) {
     await parts.link?.stop(0).catch(() => {});
     await parts.tracking?.close().catch(() => {});
+    await parts.journal?.close().catch(() => {});
     await parts.admin?.close().catch(() => {});
     await base.close();
     throw e;
@@ -372,6 +408,7 @@ interface Parts {
   link: GatewayLink | null;
   admin: AdminServer | null;
   server: NbdServer | null;
+  journal: Journal | null;
 }
 
 async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
@@ -380,10 +417,21 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
   checkBlockSizes(cfg.blockSizes, base.size);
   const rep = cfg.replication;
   let stateDir = cfg.stateDir;
-  if (stateDir === undefined && rep !== null) {
-    if (base.file.isBlockDevice)
-      throw new UsageError("a block device needs --state-dir DIR for its tracking log");
+  if (stateDir === undefined && (rep !== null || cfg.pit !== null)) {
+    if (base.file.isBlockDevice) {
+      throw new UsageError("a block device needs --state-dir DIR for its tracking log and journal");
+    }
     stateDir = `${resolve(cfg.volume)}.blockfork`;
+  }
+  if (cfg.pit !== null) {
+    parts.journal = await Journal.open({
+      dir: join(stateDir!, "journal"),
+      volumeSize: base.size,
+      windowMs: cfg.pit.windowMs,
+      retentionMs: cfg.pit.retentionMs,
+      maxBytes: cfg.pit.maxBytes,
+      log: log.child("journal"),
+    });
   }
   let fork: PrimaryStackOptions["fork"];
   if (rep !== null) {
@@ -414,12 +462,17 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
     parts.link = link;
     fork = { tracking, link, mode: rep.mode };
   }
-  const volume = buildPrimaryStack(base, { readOnly: cfg.readOnly, ...(fork ? { fork } : {}) });
+  const volume = buildPrimaryStack(base, {
+    readOnly: cfg.readOnly,
+    ...(fork ? { fork } : {}),
+    ...(parts.journal ? { journal: parts.journal } : {}),
+  });
   const registry = new ExportRegistry();
   registry.addStatic(
     { name: cfg.name, description: cfg.description ?? base.description, volume, blockSizes: cfg.blockSizes },
     true,
   );
+  if (parts.journal) registry.addProvider(new SnapshotProvider(parts.journal, base, cfg.blockSizes));
   const server = new NbdServer({
     registry,
     tls: cfg.tls,
@@ -451,7 +504,9 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
   printBanner(cfg, base.size, base.description, urls, tcp, unix);
   log.info(
     `serving ${base.description} (${base.size} bytes) as "${cfg.name}"${cfg.readOnly ? " read-only" : ""}` +
-      (rep ? `, ${rep.mode} replication to ${rep.url}, state in ${stateDir}` : ""),
+      (rep ? `, ${rep.mode} replication to ${rep.url}` : "") +
+      (cfg.pit ? ", PIT journal on" : "") +
+      (stateDir !== undefined ? `, state in ${stateDir}` : ""),
   );
 
   return new Promise<number>((resolveExit) => {
@@ -533,6 +588,30 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
       const { tracking, link } = needLink();
       return verify(parts.base, tracking, link, repair, progress);
     },
+    mark: (name) => {
+      if (!parts.journal) throw new UsageError("this proxy has no --pit journal");
+      const ts = parts.journal.mark(name);
+      return { name, time: new Date(ts).toISOString(), export: `snap@${name}` };
+    },
+    snapshots: () => {
+      const j = parts.journal;
+      if (!j) throw new UsageError("this proxy has no --pit journal");
+      const w = j.window();
+      return {
+        earliest: w.earliest === null ? null : new Date(w.earliest).toISOString(),
+        latest: new Date(w.latest).toISOString(),
+        windowMs: w.windowMs,
+        stopped: w.stopped,
+        journalBytes: j.bytes,
+        segments: j.segmentCount,
+        entries: j.index.length - j.index.first,
+        bookmarks: [...j.listBookmarks()].map(([name, ts]) => ({
+          name,
+          time: new Date(ts).toISOString(),
+          export: `snap@${name}`,
+        })),
+      };
+    },
     resync: async (full) => {
       const { tracking, link } = needLink();
       if (full) {
@@ -560,6 +639,10 @@ async function shutdown(parts: Parts, log: Logger): Promise<number> {
   if (parts.link) {
     await parts.link.stop();
     log.info(`gateway link stopped (${parts.link.status().state})`);
+  }
+  if (parts.journal) {
+    await parts.journal.close();
+    log.info("journal closed");
   }
   if (parts.tracking) {
     try {

@@ -18,7 +18,7 @@ import { constants } from "node:os";
 import { IoError } from "../errors.js";
 import { DONE } from "../util/done.js";
 import type { TrackingLog } from "../tracking/log.js";
-import type { Extent, FileRange, Volume, VolumeCaps, ZeroOptions } from "../volume/volume.js";
+import type { Extent, FileRange, Volume, VolumeCaps, VolumeSession, ZeroOptions } from "../volume/volume.js";
 import { KIND, type UpdateKind } from "../gateway/records.js";
 import type { GatewayLink, WriteTicket } from "./link.js";
 
@@ -43,6 +43,15 @@ class ForkVolume implements Volume {
   ) {
     this.size = next.size;
     this.description = next.description;
+  }
+
+  openSession(label: string): VolumeSession {
+    const inner = this.next.openSession?.(label);
+    if (!inner) return { volume: this, close: () => {} };
+    return {
+      volume: new ForkVolume(inner.volume, this.tracking, this.link, this.mode),
+      close: () => inner.close(),
+    };
   }
 
   caps(): VolumeCaps {

@@ -112,17 +112,21 @@ export class ExportRegistry {
     return out;
   }
 
-  /** Open an export by name ("" = the default). */
-  async open(name: string): Promise<OpenExport | ExportRefusal> {
+  /**
+   * Open an export by name ("" = the default) for a client session `client` (a label for logs and
+   * per-session state such as the PIT journal's partial journals).
+   */
+  async open(name: string, client = "client"): Promise<OpenExport | ExportRefusal> {
     const key = name === "" ? this.defaultName : name;
     const s = key === undefined ? undefined : this.statics.get(key);
     if (s) {
+      const session = s.volume.openSession?.(client);
       return {
         name: s.name,
         description: s.description,
-        volume: s.volume,
+        volume: session?.volume ?? s.volume,
         blockSizes: s.blockSizes,
-        release() {},
+        release: () => session?.close(),
       };
     }
     for (const p of this.providers) if (p.owns(name)) return p.open(name);

@@ -69,6 +69,8 @@ export interface TlsSettings {
 /** What the handshake needs from the server. */
 export interface HandshakeContext {
   registry: ExportRegistry;
+  /** Label of this client session (for per-session state and logs). */
+  client: string;
   tls: TlsSettings;
   log: Logger;
   shuttingDown(): boolean;
@@ -229,7 +231,7 @@ class Negotiation {
   private async exportName(data: Buffer): Promise<Negotiated> {
     if (data.length > MAX_STRING) throw new HandshakeAbort("EXPORT_NAME longer than 4096 bytes");
     const name = data.toString("utf8");
-    const opened = await this.ctx.registry.open(name);
+    const opened = await this.ctx.registry.open(name, this.ctx.client);
     if (!isOpen(opened)) throw new HandshakeAbort(`EXPORT_NAME "${name}": ${opened.message}`);
     const blockStatus = this.metaSelected && this.metaExport === name;
     const flags = transmissionFlags(opened.volume.caps(), this.structured);
@@ -302,7 +304,7 @@ class Negotiation {
     const requested = new Set<number>();
     for (let i = 0; i < nInfo; i++) requested.add(data.readUInt16BE(6 + nameLen + 2 * i));
 
-    const opened = await this.ctx.registry.open(name);
+    const opened = await this.ctx.registry.open(name, this.ctx.client);
     if (!isOpen(opened)) throw new OptionError(REP.ERR_UNKNOWN, opened.message);
     const flags = transmissionFlags(opened.volume.caps(), this.structured);
     this.reply(option, REP.INFO, encodeInfoExport(opened.volume.size, flags));
@@ -351,7 +353,7 @@ class Negotiation {
     for (const q of queries) {
       if (!q.includes(":")) throw new OptionError(REP.ERR_INVALID, `query "${q}" has no namespace`);
     }
-    const opened = await this.ctx.registry.open(name);
+    const opened = await this.ctx.registry.open(name, this.ctx.client);
     if (!isOpen(opened)) throw new OptionError(REP.ERR_UNKNOWN, opened.message);
     opened.release();
 

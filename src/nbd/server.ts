@@ -137,6 +137,7 @@ export class NbdServer {
     try {
       neg = await negotiate(socket, {
         registry: this.opts.registry,
+        client: `conn ${conn.id}`,
         tls: this.opts.tls,
         log,
         shuttingDown: () => this.stopping,

@@ -7,6 +7,17 @@ import type { Extent, Volume, VolumeCaps, ZeroOptions } from "./volume.js";
 
 /** Wrap `next` so that nothing can change it through this handle. */
 export function readOnly(next: Volume): Volume {
+  const v = guard(next);
+  if (next.openSession) {
+    v.openSession = (label: string) => {
+      const inner = next.openSession!(label);
+      return { volume: guard(inner.volume), close: () => inner.close() };
+    };
+  }
+  return v;
+}
+
+function guard(next: Volume): Volume {
   const caps: VolumeCaps = {
     ...next.caps(),
     readOnly: true,

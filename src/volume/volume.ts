@@ -57,6 +57,12 @@ export interface FileRange {
   offset: number;
 }
 
+/** A volume handle for one client session (see Volume.openSession). */
+export interface VolumeSession {
+  volume: Volume;
+  close(): void;
+}
+
 /** A block volume: the unit every layer of the stack implements. */
 export interface Volume {
   /** Size in bytes (fixed for the life of the volume). */
@@ -77,6 +83,12 @@ export interface Volume {
    * return must not pass this through; leaving it undefined is always correct.
    */
   fileRange?(offset: number, length: number): FileRange | null;
+  /**
+   * Optional: a handle for one client session (an NBD connection). Filters with per-session state
+   * (the PIT journal's partial journals) implement it; pass-through filters forward it. Leaving it
+   * undefined means every session shares this handle.
+   */
+  openSession?(label: string): VolumeSession;
   /** Hint: bring a range into cache (NBD_CMD_CACHE). */
   cache(offset: number, length: number): Promise<void>;
   close(): Promise<void>;

@@ -16,6 +16,7 @@
 //! - No third-party crates: crates.io is unreachable here. N-API and the few libc calls std does
 //!   not wrap are declared by hand (napi.rs, sys.rs).
 
+mod crc;
 mod napi;
 mod ops;
 mod sys;
@@ -204,6 +205,27 @@ unsafe extern "C" fn dup_fd(env: napi_env, info: napi_callback_info) -> napi_val
     }
 }
 
+/// crc32c(buf, seed): CRC32C of a buffer, continuing from `seed` (0 to start).
+unsafe extern "C" fn crc32c(env: napi_env, info: napi_callback_info) -> napi_value {
+    let parsed = (|| {
+        let a = args::<2>(env, info)?;
+        let (p, len) = bytes(env, a[0])?;
+        let seed = num(env, a[1])? as u32;
+        Some((p, len, seed))
+    })();
+    match parsed {
+        Some((p, len, seed)) => {
+            let data = if len == 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(p as *const u8, len)
+            };
+            number(env, crc::crc32c(seed, data) as f64)
+        }
+        None => throw(env, "crc32c(buffer, seed): bad arguments"),
+    }
+}
+
 /// deviceSize(fd): size in bytes of a block device (BLKGETSIZE64), or -errno.
 unsafe extern "C" fn device_size(env: napi_env, info: napi_callback_info) -> napi_value {
     match args::<1>(env, info).and_then(|a| num(env, a[0])) {
@@ -371,6 +393,7 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"cachedBytes\0", cached_bytes);
     export(env, exports, b"sendFile\0", send_file);
     export(env, exports, b"dupFd\0", dup_fd);
+    export(env, exports, b"crc32c\0", crc32c);
     export(env, exports, b"submit\0", submit);
     exports
 }

@@ -1,0 +1,206 @@
+// The journal filter: before a write, trim or zero changes blocks of the primary, their
+// before-images go into the PIT journal and are made durable; then the change proceeds.
+//
+// - Per-block locks serialize "read the old contents, journal them, write the new" for a block,
+//   so two overlapping writes cannot journal each other's data as a before-image.
+// - Only the first change of a block in each merge window needs an image (Journal.needsImage);
+//   a write whose blocks are all imaged already in this window goes straight to the primary (and
+//   keeps the inline fast path).
+// - Blocks that are holes (or read as zeroes per the primary's extents) get zero images: no data.
+// - Sessions: every client session (NBD connection) gets its own partial journal (openSession).
+// - With the journal stopped (disk full), changes pass straight through: primary writes never fail
+//   because of the journal.
+
+import { DONE } from "../util/done.js";
+import type { Extent, FileRange, Volume, VolumeCaps, VolumeSession, ZeroOptions } from "../volume/volume.js";
+import { journalNow } from "./clock.js";
+import type { Journal, JournalSession } from "./journal.js";
+
+/** Per-block locks shared by every session of one journal. */
+class BlockLocks {
+  private readonly held = new Map<number, Promise<void>>();
+
+  /** Lock blocks [b0, b1]; resolves with the unlock function (synchronously-resolved when free). */
+  lock(b0: number, b1: number): Promise<() => void> | (() => void) {
+    const waits: Promise<void>[] = [];
+    for (let b = b0; b <= b1; b++) {
+      const h = this.held.get(b);
+      if (h !== undefined) waits.push(h);
+    }
+    if (waits.length > 0) return Promise.all(waits).then(() => this.lock(b0, b1));
+    let release!: () => void;
+    const p = new Promise<void>((r) => (release = r));
+    for (let b = b0; b <= b1; b++) this.held.set(b, p);
+    return () => {
+      for (let b = b0; b <= b1; b++) if (this.held.get(b) === p) this.held.delete(b);
+      release();
+    };
+  }
+}
+
+/** Wrap `next` (the primary) so that every change is journaled first. */
+export function journalVolume(next: Volume, journal: Journal): Volume {
+  const locks = new BlockLocks();
+  const shared = new JournalVolume(next, journal, locks, journal.openSession("internal"));
+  return shared;
+}
+
+class JournalVolume implements Volume {
+  readonly size: number;
+  readonly description: string;
+  private readonly j: number;
+
+  constructor(
+    private readonly next: Volume,
+    private readonly journal: Journal,
+    private readonly locks: BlockLocks,
+    private readonly session: JournalSession,
+  ) {
+    this.size = next.size;
+    this.description = next.description;
+    this.j = journal.blockSize;
+  }
+
+  openSession(label: string): VolumeSession {
+    const s = this.journal.openSession(label);
+    const inner = this.next.openSession?.(label);
+    const volume = new JournalVolume(inner?.volume ?? this.next, this.journal, this.locks, s);
+    return {
+      volume,
+      close: () => {
+        this.journal.closeSession(s);
+        inner?.close();
+      },
+    };
+  }
+
+  caps(): VolumeCaps {
+    return this.next.caps();
+  }
+
+  read(buf: Buffer, offset: number): Promise<void> {
+    return this.next.read(buf, offset);
+  }
+
+  write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+    return this.change(offset, buf.length, () => this.next.write(buf, offset, fua));
+  }
+
+  trim(offset: number, length: number, fua: boolean): Promise<void> {
+    return this.change(offset, length, () => this.next.trim(offset, length, fua));
+  }
+
+  zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    return this.change(offset, length, () => this.next.zero(offset, length, opts));
+  }
+
+  private change(offset: number, length: number, apply: () => Promise<void>): Promise<void> {
+    if (!this.journal.running) return apply();
+    const b0 = Math.floor(offset / this.j);
+    const b1 = Math.floor((offset + length - 1) / this.j);
+    const locked = this.locks.lock(b0, b1);
+    if (typeof locked === "function") return this.locked(b0, b1, apply, locked);
+    return locked.then((unlock) => this.locked(b0, b1, apply, unlock));
+  }
+
+  private locked(b0: number, b1: number, apply: () => Promise<void>, unlock: () => void): Promise<void> {
+    const ts = journalNow();
+    let need: number[] | null = null;
+    for (let b = b0; b <= b1; b++) if (this.journal.needsImage(b, ts, this.session)) (need ??= []).push(b);
+    if (need === null) return settle(apply, unlock);
+    return this.capture(need, ts)
+      .then(() => this.journal.commit())
+      .then(
+        () => settle(apply, unlock),
+        (e: unknown) => {
+          unlock();
+          throw e;
+        },
+      );
+  }
+
+  /** Read the current contents of `blocks` (sorted) and stage them as before-images. */
+  private async capture(blocks: number[], ts: number): Promise<void> {
+    const j = this.j;
+    for (let i = 0; i < blocks.length;) {
+      let k = i + 1;
+      while (k < blocks.length && blocks[k] === blocks[k - 1] + 1) k++;
+      const first = blocks[i];
+      const count = k - i;
+      const offset = first * j;
+      const length = Math.min(count * j, this.size - offset);
+      // Blocks wholly inside a hole (or a run that reads as zeroes) need no data.
+      const zero = new Uint8Array(count);
+      let pos = offset;
+      for (const e of await this.next.extents(offset, length)) {
+        const end = pos + e.length;
+        if (e.flags & 2) {
+          for (let x = Math.ceil((pos - offset) / j); x < count; x++) {
+            const bs = offset + x * j;
+            const be = Math.min(bs + j, this.size);
+            if (be > end) break;
+            zero[x] = 1;
+          }
+        }
+        pos = end;
+        if (pos >= offset + length) break;
+      }
+      const data = Buffer.allocUnsafe(count * j);
+      if (length < count * j) data.fill(0, length);
+      let r = 0;
+      while (r < count) {
+        if (zero[r]) {
+          r++;
+          continue;
+        }
+        let s = r + 1;
+        while (s < count && !zero[s]) s++;
+        const from = offset + r * j;
+        const to = Math.min(offset + s * j, this.size);
+        const p = this.next.read(data.subarray(r * j, r * j + (to - from)), from);
+        if (p !== DONE) await p;
+        r = s;
+      }
+      for (let x = 0; x < count; x++) {
+        this.journal.stage(this.session, first + x, ts, zero[x] ? null : data.subarray(x * j, (x + 1) * j));
+      }
+      i = k;
+    }
+  }
+
+  flush(): Promise<void> {
+    return this.next.flush();
+  }
+
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.next.extents(offset, length);
+  }
+
+  fileRange(offset: number, length: number): FileRange | null {
+    return this.next.fileRange?.(offset, length) ?? null;
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.next.cache(offset, length);
+  }
+
+  close(): Promise<void> {
+    return this.next.close();
+  }
+}
+
+/** Run `apply`, unlocking when it settles; DONE stays DONE. */
+function settle(apply: () => Promise<void>, unlock: () => void): Promise<void> {
+  let p: Promise<void>;
+  try {
+    p = apply();
+  } catch (e) {
+    unlock();
+    return Promise.reject(e);
+  }
+  if (p === DONE) {
+    unlock();
+    return DONE;
+  }
+  return p.finally(unlock);
+}

@@ -1,0 +1,764 @@
+// The point-in-time journal: before-images of the primary's blocks, in append-only segment files
+// under <state-dir>/journal, with an in-memory index for building snapshot pointer maps.
+//
+// Notes on the design (the on-disk format is in docs/pit-journal.md)
+// - Write-ahead: a write that changes a block first stages the block's before-image, then waits
+//   for a group commit (one record appended, one fdatasync, shared by every write staged in the
+//   meantime) and only then writes the primary. So a before-image is durable before the write that
+//   replaces it is even issued: after a crash (kill -9 or power loss) every change to the primary
+//   has its before-image in the journal, and every advertised point in time stays exact. The cost
+//   is one fdatasync of the journal per group, not per write.
+// - Sources: each client session (an NBD connection) stages into its own partial journal, so
+//   sessions do not contend; a commit flushes every partial journal into the primary journal (the
+//   segment files), ordering entries by timestamp. Timestamps come from one monotonic clock.
+// - Merging: time is cut into merge windows (1 s by default). Within a window only the first
+//   before-image of a block is kept; other sessions writing the block in the same window are
+//   recorded as contributing sources (a bitmask of session slots; merge notes for images already
+//   committed). Snapshots therefore exist at window boundaries: snap@T shows the volume as it was
+//   at the start of T's window.
+// - Pointer map for time T (window start Tw): for each block, the first entry with ts >= Tw holds
+//   its contents at Tw; blocks without one read from the primary. Entries are appended in
+//   timestamp order, so the index is a set of append-only typed arrays and "first entry at or
+//   after Tw" is a binary search followed by one forward scan.
+// - Zero images: a block that is a hole or reads as zeroes in the primary gets an entry without
+//   data (trimming a fresh volume costs 24 bytes per block, not 4 KiB).
+// - Retention by age and by size drops the oldest sealed segments (never one an open snapshot
+//   still reads); the earliest available point moves to the first window after the newest dropped
+//   entry. A full disk (or any journal I/O error) never fails a primary write: the journal stops,
+//   logs it loudly, and reports no available point in time (open snapshots fail their reads) until
+//   it restarts by itself once space returns; points from the restart on are exact again.
+
+import {
+  closeSync,
+  fsyncSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
+import { readFileSync, existsSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { join } from "node:path";
+import { BlockFile } from "../blockio/index.js";
+import { errnoName, errnoOf } from "../errors.js";
+import type { Logger } from "../log.js";
+import { journalNow, seedJournalClock } from "./clock.js";
+import {
+  decodeRecord,
+  decodeSegmentHeader,
+  encodeRecord,
+  encodeSegmentHeader,
+  ENTRY_ZERO,
+  peekRecord,
+  REC,
+  RECORD_HEADER,
+  recordSize,
+  SEGMENT_HEADER,
+  type EntryToWrite,
+} from "./records.js";
+
+/** How to open a journal. */
+export interface JournalOptions {
+  dir: string;
+  volumeSize: number;
+  blockSize?: number;
+  windowMs?: number;
+  segmentBytes?: number;
+  retentionMs?: number;
+  maxBytes?: number;
+  log: Logger;
+}
+
+export const JOURNAL_DEFAULTS = {
+  blockSize: 4096,
+  windowMs: 1000,
+  segmentBytes: 64 * 1024 * 1024,
+  retentionMs: 24 * 3600 * 1000,
+  maxBytes: 10 * 1024 * 1024 * 1024,
+};
+
+const RETENTION_INTERVAL_MS = 2000;
+const RESTART_INTERVAL_MS = 5000;
+
+interface Segment {
+  number: number;
+  path: string;
+  file: BlockFile;
+  /** Next write position (bytes used). */
+  size: number;
+  /** Index of its first entry. */
+  firstEntry: number;
+  lastTs: number;
+}
+
+/** Append-only entry index in typed arrays (grows by doubling). */
+class EntryIndex {
+  ts = new Float64Array(1024);
+  block = new Float64Array(1024);
+  seg = new Uint32Array(1024);
+  off = new Float64Array(1024); // -1: zero image
+  sources = new Uint32Array(1024);
+  length = 0;
+  /** Entries below this were dropped by retention. */
+  first = 0;
+
+  push(ts: number, block: number, seg: number, off: number, sources: number): number {
+    if (this.length === this.ts.length) this.grow();
+    const i = this.length++;
+    this.ts[i] = ts;
+    this.block[i] = block;
+    this.seg[i] = seg;
+    this.off[i] = off;
+    this.sources[i] = sources;
+    return i;
+  }
+
+  private grow(): void {
+    const n = this.ts.length * 2;
+    const g = <T extends Float64Array | Uint32Array>(a: T, make: (n: number) => T): T => {
+      const b = make(n);
+      b.set(a);
+      return b;
+    };
+    this.ts = g(this.ts, (k) => new Float64Array(k));
+    this.block = g(this.block, (k) => new Float64Array(k));
+    this.seg = g(this.seg, (k) => new Uint32Array(k));
+    this.off = g(this.off, (k) => new Float64Array(k));
+    this.sources = g(this.sources, (k) => new Uint32Array(k));
+  }
+
+  /** First index >= first with ts >= t (length when none). */
+  firstAtOrAfter(t: number): number {
+    let lo = this.first;
+    let hi = this.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.ts[mid] < t) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+}
+
+interface Staged {
+  block: number;
+  ts: number;
+  slot: number;
+  data: Buffer | null;
+}
+
+/** A client session's partial journal. */
+export class JournalSession {
+  staged: Staged[] = [];
+  merges: { block: number; ts: number; slot: number }[] = [];
+  constructor(
+    readonly slot: number,
+    readonly label: string,
+  ) {}
+}
+
+/** Something that wants to hear about new entries (open snapshot views). */
+export type AppendListener = (from: number, to: number) => void;
+
+/** Where the available points in time are. */
+export interface JournalWindow {
+  /** Earliest window start with an exact snapshot, or null when none (journal stopped). */
+  earliest: number | null;
+  latest: number;
+  windowMs: number;
+  stopped: { at: string; reason: string } | null;
+}
+
+/** The PIT journal of one volume. */
+export class Journal {
+  readonly blockSize: number;
+  readonly windowMs: number;
+  readonly volumeSize: number;
+  readonly blocks: number;
+  readonly index = new EntryIndex();
+  private readonly o: Required<Omit<JournalOptions, "log" | "dir" | "volumeSize">>;
+  private readonly dir: string;
+  private readonly log: Logger;
+  private readonly segments = new Map<number, Segment>();
+  private order: number[] = [];
+  private journalId = "";
+  private recordSeq = 0;
+  private readonly sessions = new Set<JournalSession>();
+  private slots = 0;
+  /** Blocks imaged in the current window -> their entry (or -1 while staged). */
+  private windowStart = 0;
+  private readonly inWindow = new Map<number, number>();
+  private committing: Promise<void> | null = null;
+  private commitWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  private readonly listeners = new Set<AppendListener>();
+  private readonly pins = new Map<object, number>();
+  private stoppedAt: { ts: number; reason: string } | null = null;
+  /** Exact points in time exist from this window start on (moved by retention and restarts). */
+  private earliestTs: number;
+  private bookmarks = new Map<string, number>();
+  private timers: NodeJS.Timeout[] = [];
+  private closed = false;
+  private droppedBytes = 0;
+
+  private constructor(opts: JournalOptions) {
+    this.o = {
+      blockSize: opts.blockSize ?? JOURNAL_DEFAULTS.blockSize,
+      windowMs: opts.windowMs ?? JOURNAL_DEFAULTS.windowMs,
+      segmentBytes: opts.segmentBytes ?? JOURNAL_DEFAULTS.segmentBytes,
+      retentionMs: opts.retentionMs ?? JOURNAL_DEFAULTS.retentionMs,
+      maxBytes: opts.maxBytes ?? JOURNAL_DEFAULTS.maxBytes,
+    };
+    this.dir = opts.dir;
+    this.log = opts.log;
+    this.blockSize = this.o.blockSize;
+    this.windowMs = this.o.windowMs;
+    this.volumeSize = opts.volumeSize;
+    this.blocks = Math.ceil(opts.volumeSize / this.blockSize);
+    this.earliestTs = 0;
+  }
+
+  /** Open (or create) the journal in `dir`, recovering its index from the segments. */
+  static async open(opts: JournalOptions): Promise<Journal> {
+    const j = new Journal(opts);
+    mkdirSync(j.dir, { recursive: true });
+    j.recover();
+    j.loadBookmarks();
+    if (j.order.length === 0) await j.newSegment();
+    j.timers.push(setInterval(() => j.enforceRetention(), RETENTION_INTERVAL_MS));
+    for (const t of j.timers) t.unref();
+    return j;
+  }
+
+  // ---- recovery
+
+  private segmentPath(n: number): string {
+    return join(this.dir, `${String(n).padStart(10, "0")}.seg`);
+  }
+
+  private recover(): void {
+    const names = readdirSync(this.dir)
+      .filter((f) => /^\d{10}\.seg$/.test(f))
+      .sort();
+    let lastTs = 0;
+    let created = 0;
+    for (const [k, name] of names.entries()) {
+      const path = join(this.dir, name);
+      const fd = openSync(path, "r");
+      let valid = 0;
+      try {
+        const head = Buffer.alloc(SEGMENT_HEADER);
+        readSync(fd, head, 0, SEGMENT_HEADER, 0);
+        const h = decodeSegmentHeader(head);
+        if (h === null) throw new Error(`${path} has no valid segment header`);
+        if (h.blockSize !== this.blockSize) {
+          throw new Error(`${path} uses ${h.blockSize}-byte blocks, this journal ${this.blockSize}`);
+        }
+        if (created === 0) created = h.created;
+        this.journalId = h.journalId;
+        const last = k === names.length - 1;
+        const seg = h.segment;
+        const firstEntry = this.index.length;
+        let pos = SEGMENT_HEADER;
+        const hb = Buffer.alloc(RECORD_HEADER);
+        for (;;) {
+          if (readSync(fd, hb, 0, RECORD_HEADER, pos) < RECORD_HEADER) break;
+          const peek = peekRecord(hb, 0);
+          if (peek === null || peek.size > this.o.segmentBytes) break;
+          // Only the last segment can end in a torn record; older ones were fsynced before the
+          // next began. Check every record of the last segment in full.
+          const rec = Buffer.alloc(last ? peek.size : RECORD_HEADER + 24 * peek.count);
+          const want = rec.length;
+          if (readSync(fd, rec, 0, want, pos) < want) break;
+          const info = last
+            ? decodeRecord(rec, 0, this.blockSize)
+            : decodeTable(rec, this.blockSize, peek.size);
+          if (info === null) break;
+          this.applyRecord(info.type, info.entries, seg, pos + info.dataStart, info.recordSeq);
+          if (info.entries.length) lastTs = Math.max(lastTs, info.entries[info.entries.length - 1].ts);
+          pos += peek.size;
+          valid = pos;
+        }
+        const file = BlockFile.open(path, { inlineWrites: true });
+        this.segments.set(seg, {
+          number: seg,
+          path,
+          file,
+          size: Math.max(valid, SEGMENT_HEADER),
+          firstEntry,
+          lastTs: this.index.length > firstEntry ? this.index.ts[this.index.length - 1] : 0,
+        });
+        this.order.push(seg);
+      } finally {
+        closeSync(fd);
+      }
+    }
+    seedJournalClock(lastTs);
+    // Exact points exist from the first window that began after the journal did.
+    this.earliestTs = this.windowCeil(created || journalNow());
+    if (names.length > 0) {
+      this.log.info(
+        `journal: ${this.order.length} segments, ${this.index.length} entries, ` +
+          `points in time from ${new Date(this.earliestTs).toISOString()}`,
+      );
+    }
+  }
+
+  private applyRecord(
+    type: number,
+    entries: { block: number; ts: number; sources: number; flags: number }[],
+    seg: number,
+    dataAt: number,
+    recordSeq: number,
+  ): void {
+    this.recordSeq = Math.max(this.recordSeq, recordSeq);
+    let d = dataAt;
+    if (type === REC.IMAGES) {
+      for (const e of entries) {
+        const zero = (e.flags & ENTRY_ZERO) !== 0;
+        this.index.push(e.ts, e.block, seg, zero ? -1 : d, e.sources);
+        if (!zero) d += this.blockSize;
+      }
+    } else if (type === REC.MERGES) {
+      for (const e of entries) {
+        // Find the image of this block in the merge's window (scanning back is short: same window).
+        const w0 = this.windowFloor(e.ts);
+        for (let i = this.index.length - 1; i >= this.index.first && this.index.ts[i] >= w0; i--) {
+          if (this.index.block[i] === e.block) {
+            this.index.sources[i] = this.index.sources[i] | e.sources;
+            break;
+          }
+        }
+      }
+    }
+  }
+
+  private windowFloor(ts: number): number {
+    return Math.floor(ts / this.windowMs) * this.windowMs;
+  }
+
+  private windowCeil(ts: number): number {
+    return Math.ceil(ts / this.windowMs) * this.windowMs;
+  }
+
+  private async newSegment(): Promise<Segment> {
+    const number = (this.order.length ? this.order[this.order.length - 1] : 0) + 1;
+    if (!this.journalId) this.journalId = randomBytes(8).toString("hex");
+    const path = this.segmentPath(number);
+    const file = BlockFile.open(path, { create: true, size: this.o.segmentBytes, inlineWrites: true });
+    try {
+      await file.write(
+        encodeSegmentHeader({
+          segment: number,
+          journalId: this.journalId,
+          blockSize: this.blockSize,
+          windowMs: this.windowMs,
+          created: journalNow(),
+        }),
+        0,
+      );
+      await file.sync();
+    } catch (e) {
+      file.close();
+      rmSync(path, { force: true });
+      throw e;
+    }
+    const seg: Segment = {
+      number,
+      path,
+      file,
+      size: SEGMENT_HEADER,
+      firstEntry: this.index.length,
+      lastTs: 0,
+    };
+    this.segments.set(number, seg);
+    this.order.push(number);
+    return seg;
+  }
+
+  // ---- sessions and the write path
+
+  /** A partial journal for one client session (NBD connection). */
+  openSession(label: string): JournalSession {
+    const s = new JournalSession(this.slots++ % 32, label);
+    this.sessions.add(s);
+    return s;
+  }
+
+  /** The session is gone (what it staged still commits). */
+  closeSession(s: JournalSession): void {
+    if (s.staged.length === 0 && s.merges.length === 0) this.sessions.delete(s);
+    else void this.commit().finally(() => this.sessions.delete(s));
+  }
+
+  /** True when the journal is taking images. */
+  get running(): boolean {
+    return this.stoppedAt === null && !this.closed;
+  }
+
+  /**
+   * Does `block`, changed at `ts`, need a before-image? Not if it already has one in ts's merge
+   * window (then `session` is recorded as a contributing source).
+   */
+  needsImage(block: number, ts: number, session: JournalSession): boolean {
+    const w = this.windowFloor(ts);
+    if (w !== this.windowStart) {
+      this.windowStart = w;
+      this.inWindow.clear();
+    }
+    const have = this.inWindow.get(block);
+    if (have === undefined) {
+      this.inWindow.set(block, session.slot);
+      return true;
+    }
+    if (have !== session.slot) session.merges.push({ block, ts, slot: session.slot });
+    return false;
+  }
+
+  /** Stage a before-image (null: the block reads as zeroes) in a session's partial journal. */
+  stage(session: JournalSession, block: number, ts: number, data: Buffer | null): void {
+    session.staged.push({ block, ts, slot: session.slot, data });
+  }
+
+  /** Make everything staged so far durable (group commit). */
+  commit(): Promise<void> {
+    if (this.stoppedAt !== null) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => {
+      this.commitWaiters.push({ resolve, reject });
+      if (this.committing === null) this.committing = this.commitLoop();
+    });
+  }
+
+  private async commitLoop(): Promise<void> {
+    await new Promise<void>((r) => setImmediate(r)); // let the whole tick stage first
+    while (this.commitWaiters.length > 0) {
+      const waiters = this.commitWaiters;
+      this.commitWaiters = [];
+      const images: Staged[] = [];
+      const merges: { block: number; ts: number; slot: number }[] = [];
+      for (const s of this.sessions) {
+        if (s.staged.length) images.push(...s.staged);
+        if (s.merges.length) merges.push(...s.merges);
+        s.staged = [];
+        s.merges = [];
+      }
+      try {
+        if (this.stoppedAt === null) await this.append(images, merges);
+      } catch (e) {
+        this.stop(e as Error);
+      }
+      // A stopped journal does not fail primary writes: they go on, unjournaled.
+      for (const w of waiters) w.resolve();
+    }
+    this.committing = null;
+  }
+
+  /** Append images (and merge notes) as records in the active segment(s), then fdatasync. */
+  private async append(
+    images: Staged[],
+    merges: { block: number; ts: number; slot: number }[],
+  ): Promise<void> {
+    if (images.length === 0 && merges.length === 0) return;
+    images.sort((a, b) => a.ts - b.ts);
+    merges.sort((a, b) => a.ts - b.ts);
+    const toWrite = (xs: Staged[]): EntryToWrite[] =>
+      xs.map((x) => ({ block: x.block, ts: x.ts, sources: 1 << x.slot, flags: 0, data: x.data }));
+    const mergeEntries: EntryToWrite[] = merges.map((m) => ({
+      block: m.block,
+      ts: m.ts,
+      sources: 1 << m.slot,
+      flags: ENTRY_ZERO,
+      data: null,
+    }));
+    // Cut into records that fit a segment.
+    const room = this.o.segmentBytes - SEGMENT_HEADER - RECORD_HEADER;
+    const chunks: { type: number; entries: EntryToWrite[] }[] = [];
+    let cur: EntryToWrite[] = [];
+    let curSize = 0;
+    for (const e of toWrite(images)) {
+      const n = 24 + (e.data ? this.blockSize : 0);
+      if (curSize + n > room && cur.length) {
+        chunks.push({ type: REC.IMAGES, entries: cur });
+        cur = [];
+        curSize = 0;
+      }
+      cur.push(e);
+      curSize += n;
+    }
+    if (cur.length) chunks.push({ type: REC.IMAGES, entries: cur });
+    if (mergeEntries.length) chunks.push({ type: REC.MERGES, entries: mergeEntries });
+
+    let seg = this.segments.get(this.order[this.order.length - 1])!;
+    const synced = new Set<Segment>();
+    for (const chunk of chunks) {
+      const size = recordSize(chunk.entries, this.blockSize);
+      if (seg.size + size > this.o.segmentBytes) {
+        await seg.file.sync();
+        synced.add(seg);
+        seg = await this.newSegment();
+      }
+      const buf = Buffer.allocUnsafe(size);
+      const recordSeq = ++this.recordSeq;
+      encodeRecord(buf, 0, chunk.type, recordSeq, chunk.entries, this.blockSize);
+      const at = seg.size;
+      await seg.file.write(buf, at);
+      seg.size += size;
+      // Index only once the bytes are in the file; listeners hear after the fdatasync below.
+      this.applyRecord(
+        chunk.type,
+        chunk.entries,
+        seg.number,
+        at + RECORD_HEADER + 24 * chunk.entries.length,
+        recordSeq,
+      );
+      seg.lastTs = Math.max(seg.lastTs, chunk.entries[chunk.entries.length - 1].ts);
+    }
+    const before = this.notified;
+    await seg.file.sync();
+    this.notified = this.index.length;
+    if (this.notified > before) for (const l of this.listeners) l(before, this.notified);
+  }
+  private notified = 0;
+
+  private stop(e: Error): void {
+    if (this.stoppedAt !== null) return;
+    const code = errnoName(errnoOf(e));
+    this.stoppedAt = { ts: journalNow(), reason: `${code}: ${e.message}` };
+    this.inWindow.clear();
+    this.log.error(
+      `JOURNAL STOPPED: ${e.message}. Primary writes continue WITHOUT before-images: no point in time is ` +
+        `available until the journal restarts (free space in ${this.dir}, or raise --pit-max-bytes; ` +
+        `it retries every ${RESTART_INTERVAL_MS / 1000} s)`,
+    );
+    for (const l of this.listeners) l(-1, -1);
+    const t = setInterval(() => void this.tryRestart(t), RESTART_INTERVAL_MS);
+    t.unref();
+    this.timers.push(t);
+  }
+
+  private async tryRestart(timer: NodeJS.Timeout): Promise<void> {
+    if (this.stoppedAt === null || this.closed) return;
+    this.enforceRetention();
+    try {
+      await this.newSegment();
+    } catch {
+      return; // still no room
+    }
+    clearInterval(timer);
+    const now = journalNow();
+    this.earliestTs = this.windowCeil(now);
+    this.log.warn(
+      `journal restarted; points in time from ${new Date(this.earliestTs).toISOString()} on ` +
+        `(the journal was stopped since ${new Date(this.stoppedAt.ts).toISOString()})`,
+    );
+    this.stoppedAt = null;
+  }
+
+  // ---- reading
+
+  /** The available points in time. */
+  window(): JournalWindow {
+    const now = journalNow();
+    if (this.stoppedAt !== null) {
+      return {
+        earliest: null,
+        latest: now,
+        windowMs: this.windowMs,
+        stopped: { at: new Date(this.stoppedAt.ts).toISOString(), reason: this.stoppedAt.reason },
+      };
+    }
+    return {
+      earliest: this.earliestTs <= now ? this.earliestTs : null,
+      latest: now,
+      windowMs: this.windowMs,
+      stopped: null,
+    };
+  }
+
+  /** The start of the merge window containing `ts` (what snap@ts shows). */
+  pointOf(ts: number): number {
+    return this.windowFloor(ts);
+  }
+
+  /** Read entry i's before-image (or part of it) into buf. */
+  readImage(i: number, buf: Buffer, within = 0): Promise<void> {
+    const off = this.index.off[i];
+    if (off < 0) {
+      buf.fill(0);
+      return Promise.resolve();
+    }
+    const seg = this.segments.get(this.index.seg[i]);
+    if (!seg) return Promise.reject(new Error(`journal segment ${this.index.seg[i]} was dropped`));
+    return seg.file.read(buf, off + within);
+  }
+
+  /** Hear about entries appended (from, to); (-1, -1) when the journal stops. */
+  subscribe(l: AppendListener): () => void {
+    this.listeners.add(l);
+    return () => this.listeners.delete(l);
+  }
+
+  /** Keep segments holding entries from index `from` on (an open snapshot). */
+  pin(owner: object, from: number): void {
+    const seg = from < this.index.length ? this.index.seg[from] : (this.order[this.order.length - 1] ?? 0);
+    this.pins.set(owner, seg);
+  }
+
+  unpin(owner: object): void {
+    this.pins.delete(owner);
+  }
+
+  // ---- retention and bookmarks
+
+  /** Bytes in segment files. */
+  get bytes(): number {
+    let n = 0;
+    for (const s of this.segments.values()) n += s.size;
+    return n;
+  }
+
+  get segmentCount(): number {
+    return this.order.length;
+  }
+
+  /** Drop the oldest sealed segments beyond the age or size limit. */
+  enforceRetention(): void {
+    const now = journalNow();
+    let minPinned = Infinity;
+    for (const s of this.pins.values()) minPinned = Math.min(minPinned, s);
+    while (this.order.length > 1) {
+      const oldest = this.segments.get(this.order[0])!;
+      const tooOld = oldest.lastTs > 0 && oldest.lastTs < now - this.o.retentionMs;
+      const tooBig = this.bytes > this.o.maxBytes;
+      if (!tooOld && !tooBig) break;
+      if (oldest.number >= minPinned) {
+        this.log.limited(
+          "warn",
+          "retention pinned",
+          `journal: retention waits for an open snapshot (segment ${oldest.number})`,
+        );
+        break;
+      }
+      this.dropOldest();
+    }
+  }
+
+  private dropOldest(): void {
+    const n = this.order.shift()!;
+    const seg = this.segments.get(n)!;
+    this.segments.delete(n);
+    const next = this.order.length ? this.segments.get(this.order[0])!.firstEntry : this.index.length;
+    let newest = 0;
+    for (let i = this.index.first; i < next; i++) newest = Math.max(newest, this.index.ts[i]);
+    this.index.first = next;
+    if (newest > 0) this.earliestTs = Math.max(this.earliestTs, this.windowFloor(newest) + this.windowMs);
+    seg.file.close();
+    rmSync(seg.path, { force: true });
+    this.droppedBytes += seg.size;
+    for (const [name, ts] of this.bookmarks) {
+      if (ts < this.earliestTs) {
+        this.bookmarks.delete(name);
+        this.log.info(`journal: bookmark "${name}" expired with the oldest segment`);
+      }
+    }
+    this.saveBookmarks();
+    this.log.info(
+      `journal: dropped segment ${n}; points in time from ${new Date(this.earliestTs).toISOString()}`,
+    );
+  }
+
+  private bookmarksPath(): string {
+    return join(this.dir, "bookmarks.json");
+  }
+
+  private loadBookmarks(): void {
+    const p = this.bookmarksPath();
+    if (!existsSync(p)) return;
+    const o = JSON.parse(readFileSync(p, "utf8")) as Record<string, number>;
+    for (const [k, v] of Object.entries(o))
+      if (typeof v === "number" && v >= this.earliestTs) this.bookmarks.set(k, v);
+  }
+
+  private saveBookmarks(): void {
+    const p = this.bookmarksPath();
+    const tmp = `${p}.tmp`;
+    writeFileSync(tmp, JSON.stringify(Object.fromEntries(this.bookmarks), null, 1));
+    const fd = openSync(tmp, "r+");
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, p);
+    const d = openSync(this.dir, "r");
+    try {
+      fsyncSync(d);
+    } finally {
+      closeSync(d);
+    }
+  }
+
+  /** Record a named point in time (now by default); durable when it returns. */
+  mark(name: string, ts = journalNow()): number {
+    if (!/^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$/.test(name)) {
+      throw new Error(`bookmark name "${name}" must be 1-64 letters, digits, '.', '_', ':' or '-'`);
+    }
+    const w = this.window();
+    if (w.earliest === null) throw new Error("the journal is stopped: no point in time can be marked");
+    this.bookmarks.set(name, ts);
+    this.saveBookmarks();
+    return ts;
+  }
+
+  /** Bookmarks: name -> time. */
+  listBookmarks(): Map<string, number> {
+    return new Map(this.bookmarks);
+  }
+
+  /** Flush what is staged and close the segments. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.commit().catch(() => {});
+    if (this.committing) await this.committing;
+    this.closed = true;
+    for (const t of this.timers) clearInterval(t);
+    for (const s of this.segments.values()) s.file.close();
+  }
+}
+
+/** Decode only a record's entry table (sealed segments: their records were fsynced whole). */
+function decodeTable(
+  rec: Buffer,
+  blockSize: number,
+  size: number,
+): {
+  type: number;
+  entries: { block: number; ts: number; sources: number; flags: number }[];
+  dataStart: number;
+  recordSeq: number;
+} | null {
+  const head = peekRecord(rec, 0);
+  if (head === null) return null;
+  const entries = [];
+  let withData = 0;
+  for (let i = 0; i < head.count; i++) {
+    const e = RECORD_HEADER + 24 * i;
+    const flags = rec.readUInt32LE(e + 20);
+    entries.push({
+      block: rec.readUInt32LE(e) + rec.readUInt32LE(e + 4) * 0x100000000,
+      ts: rec.readDoubleLE(e + 8),
+      sources: rec.readUInt32LE(e + 16),
+      flags,
+    });
+    if (!(flags & ENTRY_ZERO)) withData++;
+  }
+  if (size !== RECORD_HEADER + 24 * head.count + withData * blockSize) return null;
+  return {
+    type: head.type,
+    entries,
+    dataStart: RECORD_HEADER + 24 * head.count,
+    recordSeq: rec.readUInt32LE(32) + rec.readUInt32LE(36) * 0x100000000,
+  };
+}

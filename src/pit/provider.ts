@@ -1,0 +1,81 @@
+// Snapshot exports: `snap@<ISO-8601 time>` and `snap@<bookmark>`, opened on demand by the NBD
+// handshake through the exports registry. NBD_OPT_LIST lists the bookmarks.
+
+import type { BlockSizes, ExportListing, ExportProvider, ExportRefusal, OpenExport } from "../nbd/exports.js";
+import type { Volume } from "../volume/volume.js";
+import type { Journal } from "./journal.js";
+import { SnapshotView } from "./snapshot.js";
+
+const PREFIX = "snap@";
+
+/** Parse what follows "snap@": an ISO-8601 time, or a bookmark name. */
+function parseTime(text: string): number | null {
+  if (!/^\d{4}-\d{2}-\d{2}/.test(text)) return null;
+  const t = Date.parse(text);
+  return Number.isNaN(t) ? null : t;
+}
+
+/** Serves snap@... names from a journal over the primary. */
+export class SnapshotProvider implements ExportProvider {
+  constructor(
+    private readonly journal: Journal,
+    private readonly primary: Volume,
+    private readonly blockSizes: BlockSizes,
+  ) {}
+
+  owns(name: string): boolean {
+    return name.startsWith(PREFIX);
+  }
+
+  list(): ExportListing[] {
+    const out: ExportListing[] = [];
+    for (const [name, ts] of this.journal.listBookmarks()) {
+      out.push({
+        name: `${PREFIX}${name}`,
+        description: `bookmark: the primary at ${new Date(ts).toISOString()}`,
+      });
+    }
+    return out;
+  }
+
+  private range(): string {
+    const w = this.journal.window();
+    if (w.earliest === null) {
+      return w.stopped
+        ? `no point in time is available: the journal stopped at ${w.stopped.at} (${w.stopped.reason})`
+        : "no point in time is available yet";
+    }
+    return (
+      `available: ${new Date(w.earliest).toISOString()} to ${new Date(w.latest).toISOString()}` +
+      ` (in steps of ${w.windowMs} ms)`
+    );
+  }
+
+  open(name: string): Promise<OpenExport | ExportRefusal> {
+    const target = name.slice(PREFIX.length);
+    let t = parseTime(target);
+    if (t === null) {
+      const b = this.journal.listBookmarks().get(target);
+      if (b === undefined) {
+        return Promise.resolve({
+          message: `${name}: no bookmark "${target}" and not an ISO-8601 time; ${this.range()}`,
+        });
+      }
+      t = b;
+    }
+    const w = this.journal.window();
+    const point = this.journal.pointOf(t);
+    if (w.earliest === null || point < w.earliest || t > w.latest) {
+      return Promise.resolve({ message: `${name} is outside the journal's window; ${this.range()}` });
+    }
+    const view = new SnapshotView(this.journal, this.primary, point, name);
+    view.open();
+    return Promise.resolve({
+      name,
+      description: view.description,
+      volume: view,
+      blockSizes: this.blockSizes,
+      release: () => void view.close(),
+    });
+  }
+}
