@@ -39,7 +39,7 @@ import {
   rmSync,
   writeFileSync,
 } from "node:fs";
-import { readFileSync, existsSync } from "node:fs";
+import { existsSync, fdatasyncSync, readFileSync, writeSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { BlockFile } from "../blockio/index.js";
@@ -225,6 +225,7 @@ export class Journal {
     const j = new Journal(opts);
     mkdirSync(j.dir, { recursive: true });
     j.recover();
+    j.openStateFile();
     j.loadBookmarks();
     if (j.order.length === 0) await j.newSegment();
     j.timers.push(setInterval(() => j.enforceRetention(), RETENTION_INTERVAL_MS));
@@ -332,6 +333,52 @@ export class Journal {
           }
         }
       }
+    }
+  }
+
+  /**
+   * The state file records a stop (disk full) so that a restart after a crash knows that the
+   * points before it are not exact. It is allocated once (4 KiB) and overwritten in place, so
+   * recording a stop needs no free space.
+   */
+  private openStateFile(): void {
+    const path = join(this.dir, "state");
+    if (!existsSync(path)) {
+      writeFileSync(path, Buffer.alloc(4096, 0x20));
+      const fd = openSync(path, "r+");
+      try {
+        fsyncSync(fd);
+      } finally {
+        closeSync(fd);
+      }
+    }
+    const text = readFileSync(path, "utf8").trim();
+    const st = text ? (JSON.parse(text) as { stoppedAt?: number }) : {};
+    if (typeof st.stoppedAt === "number") {
+      // It stopped and the process ended before it restarted: nothing before now is exact.
+      this.earliestTs = Math.max(this.earliestTs, this.windowCeil(journalNow()));
+      this.log.warn(
+        `journal: it was stopped at ${new Date(st.stoppedAt).toISOString()}; points in time from ` +
+          `${new Date(this.earliestTs).toISOString()} on`,
+      );
+      this.writeState({});
+    }
+  }
+
+  private writeState(st: { stoppedAt?: number }): boolean {
+    try {
+      const text = Buffer.alloc(4096, 0x20);
+      text.write(JSON.stringify(st));
+      const fd = openSync(join(this.dir, "state"), "r+");
+      try {
+        writeSync(fd, text, 0, text.length, 0);
+        fdatasyncSync(fd);
+      } finally {
+        closeSync(fd);
+      }
+      return true;
+    } catch {
+      return false;
     }
   }
 
@@ -527,6 +574,9 @@ export class Journal {
     const code = errnoName(errnoOf(e));
     this.stoppedAt = { ts: journalNow(), reason: `${code}: ${e.message}` };
     this.inWindow.clear();
+    if (!this.writeState({ stoppedAt: this.stoppedAt.ts })) {
+      this.log.error("journal: could not record the stop in its state file either");
+    }
     this.log.error(
       `JOURNAL STOPPED: ${e.message}. Primary writes continue WITHOUT before-images: no point in time is ` +
         `available until the journal restarts (free space in ${this.dir}, or raise --pit-max-bytes; ` +
@@ -554,6 +604,7 @@ export class Journal {
         `(the journal was stopped since ${new Date(this.stoppedAt.ts).toISOString()})`,
     );
     this.stoppedAt = null;
+    this.writeState({});
   }
 
   // ---- reading
