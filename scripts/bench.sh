@@ -1,52 +1,93 @@
 #!/usr/bin/env bash
-# npm run bench: blockfork beside its peers in one run of ../shared/bench/nbd-bench.sh, then the
-# table goes into docs/BENCHMARKS.md (between the bench:begin/bench:end markers) with the date and
-# the machine. Speed is measured here, never asserted in tests. The machine is shared and noisy:
-# read the ratios of one run, not lone absolute numbers.
+# npm run bench: blockfork beside its peers, with ../shared/bench/nbd-bench.sh, one section of
+# docs/BENCHMARKS.md per part (between its bench:PART:begin/end markers), with date and machine.
+# Speed is measured here, never asserted in tests. The machine is shared and noisy: read the
+# ratios of one run, not lone absolute numbers.
 #
-#   scripts/bench.sh [nbd-bench options...]     e.g. -R 5 -n 1 -w seqread,nbdcopy
-#   BENCH_NO_DOC=1 scripts/bench.sh ...         do not touch docs/BENCHMARKS.md
-#   BENCH_PEERS="nbdkit-file qemu-nbd"          override the peer list
+#   scripts/bench.sh [core|fork|pit|all] [nbd-bench options...]    e.g. core -R 5 -n 1
+#     core  blockfork vs nbdkit-file, nbdkit --threads 2, qemu-nbd, nbd-server, ceilings: every workload
+#     fork  plain blockfork vs blockfork + gateway (async) vs nbdkit-file: randwrite 4K QD32, seqwrite 1M;
+#           then resync of a fully dirty 1 GiB volume vs nbdcopy of the same volume
+#     pit   journal off vs on vs on + async fork vs nbdkit-file: randwrite 4K QD32, seqwrite 1M;
+#           then snapshot reads vs primary reads, and the time to open snap@T over 1M entries
+#   BENCH_NO_DOC=1   do not touch docs/BENCHMARKS.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 BENCH=${NBD_BENCH:-$ROOT/../shared/bench/nbd-bench.sh}
 [ -x "$BENCH" ] || { echo "bench: $BENCH not found (set NBD_BENCH)" >&2; exit 1; }
+part=core
+case ${1:-} in core|fork|pit|all) part=$1; shift ;; esac
 bash scripts/ensure-test-deps.sh
 [ -e build/blockio.node ] && [ -e dist/src/cli.js ] || npm run --silent build
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+OUTBASE=${BENCH_OUT:-$ROOT/bench-results/$STAMP}
+mkdir -p "$OUTBASE"
+BF="node $ROOT/bin/blockfork.js serve --volume {FILE} --socket {SOCK} --listen none --log-level warn"
 
-OUT=${BENCH_OUT:-$ROOT/bench-results/$(date -u +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT"
-peers=(${BENCH_PEERS:-nbdkit-file nbdkit-file-threads qemu-nbd nbd-server nbdkit-memory raw-file})
-targets=(-t "blockfork=node $ROOT/bin/blockfork.js serve --volume {FILE} --socket {SOCK} --listen none --log-level warn")
-for p in "${peers[@]}"; do targets+=(-t "$p"); done
-
-"$BENCH" "${targets[@]}" -o "$OUT/nbd" "$@" | tee "$OUT/bench.log"
-
-[ "${BENCH_NO_DOC:-0}" = 1 ] && exit 0
-table="$OUT/nbd/table.txt"
-[ -s "$table" ] || { echo "bench: no table at $table" >&2; exit 1; }
-doc=docs/BENCHMARKS.md
-cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
-{
-  echo "<!-- bench:begin (written by scripts/bench.sh; do not edit by hand) -->"
-  echo
+machine() {
+  local cpu
+  cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
   echo "Run of $(date -u '+%Y-%m-%d %H:%M UTC') on $(nproc) x ${cpu}, $(free -g | awk '/Mem:/{print $2}') GiB RAM,"
   echo "Linux $(uname -r), Node $(node --version), $(nbdkit --version 2>/dev/null | head -1), $(qemu-nbd --version | head -1)."
-  echo "Command: \`npm run bench -- $*\`. Ratios are against nbdkit-file in the same run (>1 is faster)."
-  echo
-  echo '```'
-  cat "$table"
-  echo '```'
-  echo
-  echo "<!-- bench:end -->"
-} > "$OUT/section.md"
-if [ -f "$doc" ] && grep -q '<!-- bench:begin' "$doc"; then
-  awk -v sec="$OUT/section.md" '
-    /<!-- bench:begin/ { while ((getline l < sec) > 0) print l; skip=1; next }
-    /<!-- bench:end -->/ { skip=0; next }
-    !skip { print }' "$doc" > "$doc.tmp" && mv "$doc.tmp" "$doc"
-else
-  { echo "# Benchmarks"; echo; cat "$OUT/section.md"; } > "$doc"
-fi
-echo "bench: results in $OUT; table written to $doc"
+}
+
+# write_section PART FILE: replace the PART section of docs/BENCHMARKS.md with FILE's contents
+write_section() {
+  [ "${BENCH_NO_DOC:-0}" = 1 ] && return 0
+  local name=$1 body=$2 doc=docs/BENCHMARKS.md
+  { echo "<!-- bench:$name:begin (written by scripts/bench.sh $name; do not edit by hand) -->"; echo; cat "$body"; echo; echo "<!-- bench:$name:end -->"; } > "$OUTBASE/$name.section"
+  [ -f "$doc" ] || echo "# Benchmarks" > "$doc"
+  if grep -q "<!-- bench:$name:begin" "$doc"; then
+    awk -v sec="$OUTBASE/$name.section" -v b="<!-- bench:$name:begin" -v e="<!-- bench:$name:end -->" '
+      index($0, b) == 1 { while ((getline l < sec) > 0) print l; skip=1; next }
+      index($0, e) == 1 { skip=0; next }
+      !skip { print }' "$doc" > "$doc.tmp" && mv "$doc.tmp" "$doc"
+  else
+    { echo; cat "$OUTBASE/$name.section"; } >> "$doc"
+  fi
+  echo "bench: section $name written to $doc"
+}
+
+table_section() { # OUT ARGS...
+  local out=$1; shift
+  { machine; echo "Command: \`npm run bench -- $part $*\`. Ratios against nbdkit-file in the same run (>1 is faster)."; echo; echo '```'; cat "$out/table.txt"; echo '```'; } > "$out/section.md"
+}
+
+run_core() {
+  local out=$OUTBASE/core
+  local targets=(-t "blockfork=$BF")
+  for p in ${BENCH_PEERS:-nbdkit-file nbdkit-file-threads qemu-nbd nbd-server nbdkit-memory raw-file}; do targets+=(-t "$p"); done
+  "$BENCH" "${targets[@]}" -o "$out" "$@" | tee "$out.log"
+  table_section "$out" "$@"
+  write_section core "$out/section.md"
+}
+
+run_fork() {
+  local out=$OUTBASE/fork
+  "$BENCH" -t "blockfork=$BF" -t "blockfork+gateway=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR}" -t nbdkit-file \
+    -w randwrite-qd32,seqwrite -o "$out" "$@" | tee "$out.log"
+  table_section "$out" "$@"
+  bash scripts/bench-resync.sh "$OUTBASE/resync" | tee "$OUTBASE/resync.log"
+  { cat "$out/section.md"; echo; cat "$OUTBASE/resync/section.md"; } > "$OUTBASE/fork.md"
+  write_section fork "$OUTBASE/fork.md"
+}
+
+run_pit() {
+  local out=$OUTBASE/pit
+  "$BENCH" -t "blockfork=$BF" -t "blockfork+pit=$BF --pit --state-dir {DIR}/state" \
+    -t "blockfork+pit+gateway=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR} --pit" -t nbdkit-file \
+    -w randwrite-qd32,seqwrite -o "$out" "$@" | tee "$out.log"
+  table_section "$out" "$@"
+  bash scripts/bench-snapshot.sh "$OUTBASE/snapshot" | tee "$OUTBASE/snapshot.log"
+  { cat "$out/section.md"; echo; cat "$OUTBASE/snapshot/section.md"; } > "$OUTBASE/pit.md"
+  write_section pit "$OUTBASE/pit.md"
+}
+
+case $part in
+  core) run_core "$@" ;;
+  fork) run_fork "$@" ;;
+  pit) run_pit "$@" ;;
+  all) run_core "$@"; run_fork "$@"; run_pit "$@" ;;
+esac
+echo "bench: results in $OUTBASE"

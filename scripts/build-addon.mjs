@@ -14,7 +14,9 @@ if (profile === "release") args.push("--release");
 
 const r = spawnSync("cargo", args, { stdio: "inherit" });
 if (r.error) {
-  console.error(`build-addon: cannot run cargo (${r.error.message}). Install Rust (cargo, rustc >= 1.70) and retry.`);
+  console.error(
+    `build-addon: cannot run cargo (${r.error.message}). Install Rust (cargo, rustc >= 1.70) and retry.`,
+  );
   process.exit(1);
 }
 if (r.status !== 0) {

@@ -67,6 +67,8 @@ Replication (forked writes to a gateway; see docs/gateway-api.md)
   --resync-rate SIZE       resync bandwidth per second (default: unlimited)
   --resync-concurrency N   ranges read and sent in parallel during resync (default 4)
   --track-granularity SIZE bytes per dirty bit in a new tracking log (default 64K)
+  --assume-clean           a NEW tracking log starts clean (no initial full copy): only when the
+                           secondary is known to equal the primary (both new, or copied)
   --al-extents N           activity-log regions of 4 MiB kept hot (default 1024): after a crash
                            at most N x 4 MiB are resynced
 
@@ -120,6 +122,7 @@ interface ReplicationConfig {
   resyncConcurrency: number;
   granularity: number | undefined;
   alExtents: number;
+  assumeClean: boolean;
 }
 
 function gatewayUrl(text: string, what: string): string {
@@ -263,6 +266,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       "resync-concurrency": { type: "string" },
       "track-granularity": { type: "string" },
       "al-extents": { type: "string" },
+      "assume-clean": { type: "boolean", default: false },
       pit: { type: "boolean", default: false },
       "pit-retention": { type: "string" },
       "pit-max-bytes": { type: "string" },
@@ -325,6 +329,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
         : 4,
       granularity,
       alExtents: values["al-extents"] ? positiveInt(values["al-extents"], "--al-extents") : 1024,
+      assumeClean: values["assume-clean"] === true,
     };
   } else {
     for (const o of [
@@ -336,6 +341,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
     ] as const) {
       if (values[o] !== undefined) throw new UsageError(`--${o} needs --gateway URL`);
     }
+    if (values["assume-clean"] === true) throw new UsageError("--assume-clean needs --gateway URL");
   }
   const pitOn =
     values.pit === true ||
@@ -441,6 +447,7 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
       gateway: rep.url,
       ...(rep.granularity !== undefined ? { granularity: rep.granularity } : {}),
       alExtents: rep.alExtents,
+      assumeClean: rep.assumeClean,
       log: log.child("tracking"),
     });
     parts.tracking = tracking;

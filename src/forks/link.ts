@@ -27,7 +27,14 @@ import { Pool } from "undici";
 import type { Logger } from "../log.js";
 import type { TrackingLog } from "../tracking/log.js";
 import type { Volume } from "../volume/volume.js";
-import { encodeUpdates, KIND, type UpdateKind, type UpdateRecord } from "../gateway/records.js";
+import {
+  encodeUpdateChunks,
+  encodedSize,
+  KIND,
+  type UpdateKind,
+  type UpdateRecord,
+} from "../gateway/records.js";
+import { acquire, release } from "../util/buffer-pool.js";
 import {
   initialLinkState,
   sends,
@@ -89,6 +96,8 @@ interface Pending {
   at: number;
   waiter: (() => void) | null;
   resync: boolean;
+  /** A pooled buffer holding `rec.data`, given back once the update is sent or dropped. */
+  pooled: Buffer | null;
 }
 
 /** Progress of a resync, for status and the CLI's progress bar. */
@@ -306,7 +315,14 @@ export class GatewayLink {
     } else if (ticket.stale !== null) {
       for (const b of ticket.stale) this.lastSeq.set(b, STALE);
     }
-    const p = this.enqueue(kind, offset, length, data === null ? null : Buffer.from(data), false, seq);
+    let copy: Buffer | null = null;
+    let pooled: Buffer | null = null;
+    if (data !== null) {
+      pooled = acquire(data.length);
+      copy = pooled.subarray(0, data.length);
+      data.copy(copy);
+    }
+    const p = this.enqueue(kind, offset, length, copy, false, seq, pooled);
     if (this.o.mode === "async" && this.queued > this.o.queueBytes) {
       this.dispatch({ type: "overflow", reason: `queue over ${this.o.queueBytes} bytes (gateway too slow)` });
     }
@@ -346,6 +362,7 @@ export class GatewayLink {
     data: Buffer | null,
     resync: boolean,
     seq = this.reserve(offset, length),
+    pooled: Buffer | null = null,
   ): Promise<void> | null {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
     const pending: Pending = {
@@ -355,6 +372,7 @@ export class GatewayLink {
       at: Date.now(),
       waiter: null,
       resync,
+      pooled,
     };
     let promise: Promise<void> | null = null;
     if (this.o.mode === "sync" && !resync)
@@ -411,12 +429,16 @@ export class GatewayLink {
   private async call(
     method: "GET" | "POST" | "PUT",
     path: string,
-    body?: Buffer,
+    body?: Buffer | Buffer[],
     type?: string,
+    length?: number,
   ): Promise<unknown> {
     const headers = this.headers();
     if (type) headers["content-type"] = type;
-    const res = await this.pool.request({ method, path, headers, ...(body ? { body } : {}) });
+    if (length !== undefined) headers["content-length"] = String(length);
+    // undici writes an iterable body chunk by chunk (its type declarations only list single buffers).
+    const payload = body as Buffer | undefined;
+    const res = await this.pool.request({ method, path, headers, ...(payload ? { body: payload } : {}) });
     const text = await res.body.text();
     if (res.statusCode !== 200) {
       let detail = text.slice(0, 300);
@@ -434,12 +456,13 @@ export class GatewayLink {
 
   private async send(batch: Pending[], epoch: number): Promise<void> {
     try {
-      const body = encodeUpdates(batch.map((p) => p.rec));
+      const recs = batch.map((p) => p.rec);
       await this.call(
         "POST",
         `/v1/volumes/${this.volumeName}/updates`,
-        body,
+        encodeUpdateChunks(recs),
         "application/vnd.blockfork.updates",
+        encodedSize(recs),
       );
       if (epoch !== this.epoch) return; // the link was reset meanwhile: this answer means nothing now
       for (const p of batch) {
@@ -452,6 +475,7 @@ export class GatewayLink {
       this.failed(`sending updates failed: ${(e as Error).message}`);
       for (const p of batch) p.waiter?.();
     } finally {
+      for (const p of batch) if (p.pooled) release(p.pooled);
       this.sending.delete(batch);
       if (epoch === this.epoch) {
         this.batches--;
@@ -468,7 +492,10 @@ export class GatewayLink {
   /** Forget every queued and in-flight update; their blocks stay dirty for the next resync. */
   private dropQueue(): void {
     this.epoch++;
-    for (const p of this.queue) p.waiter?.();
+    for (const p of this.queue) {
+      p.waiter?.();
+      if (p.pooled) release(p.pooled);
+    }
     this.queue = [];
     this.queued = 0;
     this.batches = 0;
@@ -732,10 +759,19 @@ export class GatewayLink {
       void this.enqueue(KIND.ZERO, offset, length, null, true, seq);
       return;
     }
-    const buf = Buffer.allocUnsafe(length);
-    await this.primary.read(buf, offset);
-    if (!sends(this.s.name)) return;
-    void this.enqueue(KIND.WRITE, offset, length, buf, true, seq);
+    const pooled = acquire(length);
+    const buf = pooled.subarray(0, length);
+    try {
+      await this.primary.read(buf, offset);
+    } catch (e) {
+      release(pooled);
+      throw e;
+    }
+    if (!sends(this.s.name)) {
+      release(pooled);
+      return;
+    }
+    void this.enqueue(KIND.WRITE, offset, length, buf, true, seq, pooled);
   }
 
   // ---- tracking mirror

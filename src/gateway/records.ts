@@ -174,3 +174,28 @@ export function parseUpdates(buf: Buffer, volumeSize: number): UpdateRecord[] {
   }
   return records;
 }
+
+/**
+ * Encode records as a list of buffers for a scatter-gather request body: headers and small
+ * payloads are packed together; payloads of at least `copyMax` bytes go out as they are, without
+ * being copied. The concatenation equals encodeUpdates(records).
+ */
+export function encodeUpdateChunks(records: readonly UpdateRecord[], copyMax = 64 * 1024): Buffer[] {
+  const chunks: Buffer[] = [];
+  let group: UpdateRecord[] = [];
+  const flushGroup = (): void => {
+    if (group.length > 0) chunks.push(encodeUpdates(group));
+    group = [];
+  };
+  for (const r of records) {
+    if (r.kind === KIND.WRITE && r.data && r.length >= copyMax) {
+      flushGroup();
+      // The header alone (encoded as a zero-length record, then given its real length).
+      const head = encodeUpdates([{ ...r, kind: KIND.ZERO, data: null }]);
+      head[4] = KIND.WRITE;
+      chunks.push(head, r.data);
+    } else group.push(r);
+  }
+  flushGroup();
+  return chunks;
+}

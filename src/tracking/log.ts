@@ -61,6 +61,8 @@ export interface TrackingOptions {
   granularity?: number;
   regionSize?: number;
   alExtents?: number;
+  /** A new log starts clean instead of all dirty: the secondary is known to equal the primary. */
+  assumeClean?: boolean;
   log: Logger;
   /** For inspection: do not bump the generation, do not write anything. */
   readOnly?: boolean;
@@ -199,7 +201,9 @@ export class TrackingLog {
     } else if (!meta.cleanShutdown) {
       recovery.crashed = true;
     }
-    if (recovery.newLog) {
+    if (recovery.newLog && opts.assumeClean) {
+      opts.log.warn("tracking: new log with --assume-clean: the secondary is taken to equal the primary");
+    } else if (recovery.newLog) {
       // A new log knows nothing about the secondary: everything must be copied once.
       map.markAll(now);
     } else if (meta.gateway !== opts.gateway) {
