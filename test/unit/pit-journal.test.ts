@@ -1,0 +1,774 @@
+// src/pit/journal.ts driven directly (no NBD): Journal.open on a scratch directory, client sessions
+// with needsImage/stage/commit, group commit (one record for everything staged in a tick), merge
+// notes from other sessions, zero images, the index (timestamp order, firstAtOrAfter against a
+// linear scan), window() and pointOf(), segment roll-over with small segments, retention by size
+// and by age (files removed, the earliest point moved past the newest dropped entry), pinning by an
+// open SnapshotView, bookmarks (validation, persistence, expiry), reopen (the same index, entry for
+// entry, and the same data), a torn or corrupted tail of the last segment ignored on reopen, a stop
+// recorded in the state file, and a journal of another block size refused.
+
+import { after, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import {
+  closeSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Journal, type JournalOptions } from "../../src/pit/journal.js";
+import { journalNow } from "../../src/pit/clock.js";
+import {
+  decodeRecord,
+  decodeSegmentHeader,
+  REC,
+  RECORD_HEADER,
+  SEGMENT_HEADER,
+} from "../../src/pit/records.js";
+import { SnapshotView } from "../../src/pit/snapshot.js";
+import { MemoryVolume } from "../../src/volume/memory.js";
+import { Logger } from "../../src/log.js";
+
+const BS = 4096;
+const MiB = 1024 * 1024;
+const VOLUME = 64 * MiB;
+const SMALL_SEG = 64 * 1024; // room for one record of up to 14 data images
+
+const dirs: string[] = [];
+const open: Journal[] = [];
+after(async () => {
+  for (const j of open) await j.close().catch(() => {});
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+function scratch(): string {
+  const d = mkdtempSync(join(tmpdir(), "bf-pit-journal-"));
+  dirs.push(d);
+  return d;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Sleep until `margin` ms after the next window boundary of the journal clock. */
+async function nextWindow(windowMs: number, margin = 5): Promise<void> {
+  const now = journalNow();
+  await sleep(Math.ceil(windowMs - (now % windowMs)) + margin);
+}
+
+interface Opened {
+  j: Journal;
+  dir: string;
+  lines: string[];
+}
+
+async function openJournal(opts: Partial<JournalOptions> & { dir?: string } = {}): Promise<Opened> {
+  const lines: string[] = [];
+  const dir = opts.dir ?? scratch();
+  const j = await Journal.open({
+    volumeSize: VOLUME,
+    log: Logger.create("debug", (l) => lines.push(l)),
+    ...opts,
+    dir,
+  });
+  open.push(j);
+  return { j, dir, lines };
+}
+
+/** Every record of a segment file: type, count, and where it starts. */
+function recordsOf(path: string): { type: number; count: number; at: number; size: number }[] {
+  const b = readFileSync(path);
+  const out: { type: number; count: number; at: number; size: number }[] = [];
+  let at = SEGMENT_HEADER;
+  for (;;) {
+    const r = decodeRecord(b, at, BS);
+    if (r === null) break;
+    out.push({ type: r.type, count: r.count, at, size: r.size });
+    at += r.size;
+  }
+  return out;
+}
+
+function segmentFiles(dir: string): string[] {
+  return readdirSync(dir)
+    .filter((f) => f.endsWith(".seg"))
+    .sort();
+}
+
+/** Stage `blocks` (fresh data each) in `s` at the current time, remember the data, commit. */
+async function commitImages(
+  j: Journal,
+  blocks: number[],
+  opts: { zero?: boolean; label?: string } = {},
+): Promise<Map<number, Buffer | null>> {
+  const s = j.openSession(opts.label ?? "t");
+  const data = new Map<number, Buffer | null>();
+  for (const b of blocks) {
+    const ts = journalNow();
+    assert.ok(j.needsImage(b, ts, s), `block ${b} already imaged in this window`);
+    const d = opts.zero ? null : randomBytes(BS);
+    j.stage(s, b, ts, d);
+    data.set(b, d);
+  }
+  await j.commit();
+  j.closeSession(s);
+  return data;
+}
+
+interface IndexCopy {
+  ts: number[];
+  block: number[];
+  seg: number[];
+  off: number[];
+  sources: number[];
+  first: number;
+  length: number;
+}
+
+function copyIndex(j: Journal): IndexCopy {
+  const x = j.index;
+  const slice = (a: Float64Array | Uint32Array): number[] => Array.from(a.subarray(x.first, x.length));
+  return {
+    ts: slice(x.ts),
+    block: slice(x.block),
+    seg: slice(x.seg),
+    off: slice(x.off),
+    sources: slice(x.sources),
+    first: x.first,
+    length: x.length,
+  };
+}
+
+async function image(j: Journal, i: number): Promise<Buffer> {
+  const b = Buffer.alloc(BS, 0xa5);
+  await j.readImage(i, b);
+  return b;
+}
+
+void describe("Journal: opening, windows and points", () => {
+  void test("a new journal has one segment with a valid header; points exist from the next window", async () => {
+    const W = 300;
+    const before = journalNow();
+    const { j, dir } = await openJournal({ windowMs: W, segmentBytes: SMALL_SEG });
+    const after_ = journalNow();
+    assert.deepEqual(segmentFiles(dir), ["0000000001.seg"]);
+    const path = join(dir, "0000000001.seg");
+    assert.equal(statSync(path).size, SMALL_SEG, "segments are pre-allocated to segmentBytes");
+    const h = decodeSegmentHeader(readFileSync(path).subarray(0, SEGMENT_HEADER));
+    assert.ok(h, "the segment header does not decode");
+    assert.equal(h.segment, 1);
+    assert.equal(h.blockSize, BS);
+    assert.equal(h.windowMs, W);
+    assert.match(h.journalId, /^[0-9a-f]{16}$/);
+    assert.ok(
+      h.created >= before && h.created <= after_,
+      `created ${h.created} not in [${before}, ${after_}]`,
+    );
+    assert.equal(j.segmentCount, 1);
+    assert.equal(j.bytes, SEGMENT_HEADER);
+    assert.equal(j.index.length, 0);
+    assert.ok(j.running);
+
+    const first = Math.ceil(h.created / W) * W;
+    const w = j.window();
+    assert.equal(w.windowMs, W);
+    assert.equal(w.stopped, null);
+    const now = journalNow();
+    assert.ok(Math.abs(w.latest - now) < 50, `latest ${w.latest} is not now (${now})`);
+    if (now < first) assert.equal(w.earliest, null, "no point exists before the first window boundary");
+    await sleep(first - journalNow() + 10);
+    assert.equal(j.window().earliest, first, "the first point is the first window start after creation");
+    await j.close();
+    assert.ok(existsSync(join(dir, "state")), "the state file is created at open");
+    assert.equal(statSync(join(dir, "state")).size, 4096, "the state file is pre-allocated (4 KiB)");
+  });
+
+  void test("pointOf is the start of the merge window", async () => {
+    const { j } = await openJournal({ windowMs: 250 });
+    for (const [t, p] of [
+      [0, 0],
+      [249.999, 0],
+      [250, 250],
+      [1_763_000_000_123.5, 1_763_000_000_000],
+      [1_763_000_000_250, 1_763_000_000_250],
+      [1_763_000_000_499.999, 1_763_000_000_250],
+    ]) {
+      assert.equal(j.pointOf(t), p, `pointOf(${t})`);
+    }
+    const { j: j2 } = await openJournal();
+    assert.equal(j2.windowMs, 1000, "the default merge window is 1 s");
+    assert.equal(j2.pointOf(1_763_000_000_999), 1_763_000_000_000);
+    await j.close();
+    await j2.close();
+  });
+});
+
+void describe("Journal: sessions, images and commits", () => {
+  void test("needsImage: the first change of a block per window; other sessions become merge sources", async () => {
+    const W = 1000;
+    const { j, dir } = await openJournal({ windowMs: W });
+    await nextWindow(W);
+    const a = j.openSession("a");
+    const b = j.openSession("b");
+    assert.notEqual(a.slot, b.slot, "two live sessions share a slot");
+    const t0 = journalNow();
+    assert.equal(j.needsImage(5, t0, a), true, "the first change of block 5");
+    assert.equal(j.needsImage(5, journalNow(), a), false, "block 5 again, same session, same window");
+    assert.equal(a.merges.length, 0, "the same session is not a merge source of its own image");
+    assert.equal(j.needsImage(5, journalNow(), b), false, "block 5 from another session, same window");
+    assert.equal(b.merges.length, 1);
+    assert.equal(b.merges[0].block, 5);
+    assert.equal(b.merges[0].slot, b.slot);
+    assert.equal(j.needsImage(6, journalNow(), b), true, "another block needs its own image");
+    const old5 = randomBytes(BS);
+    j.stage(a, 5, t0, old5);
+    j.stage(b, 6, journalNow(), null);
+    await j.commit();
+    assert.equal(j.index.length, 2);
+    const i5 = j.index.block[0] === 5 ? 0 : 1;
+    const i6 = 1 - i5;
+    assert.equal(j.index.block[i6], 6);
+    assert.equal(
+      j.index.sources[i5],
+      (1 << a.slot) | (1 << b.slot),
+      "block 5: both sessions are its sources",
+    );
+    assert.equal(j.index.sources[i6], 1 << b.slot);
+    assert.ok(j.index.off[i5] >= SEGMENT_HEADER + RECORD_HEADER, "block 5 has data in the segment");
+    assert.equal(j.index.off[i6], -1, "block 6 is a zero image");
+    assert.deepEqual(await image(j, i5), old5);
+    assert.deepEqual(await image(j, i6), Buffer.alloc(BS), "a zero image reads as zeroes");
+    // The merge note is its own record after the images.
+    const recs = recordsOf(join(dir, "0000000001.seg"));
+    assert.deepEqual(
+      recs.map((r) => [r.type, r.count]),
+      [
+        [REC.IMAGES, 2],
+        [REC.MERGES, 1],
+      ],
+    );
+    // The next window: block 5 needs a new image (its contents at that window's start).
+    await nextWindow(W);
+    assert.equal(j.needsImage(5, journalNow(), b), true, "a new window needs a new image of block 5");
+    assert.equal(j.needsImage(5, journalNow(), a), false);
+    j.closeSession(a);
+    j.closeSession(b);
+    await j.close();
+  });
+
+  void test("group commit: everything staged in one tick by several sessions is one record", async () => {
+    const { j, dir } = await openJournal({ windowMs: 60_000 });
+    const sessions = [j.openSession("s0"), j.openSession("s1"), j.openSession("s2")];
+    const data = new Map<number, Buffer>();
+    const commits: Promise<void>[] = [];
+    for (let k = 0; k < 30; k++) {
+      const s = sessions[k % 3];
+      const block = 100 + k;
+      const ts = journalNow();
+      assert.ok(j.needsImage(block, ts, s));
+      const d = randomBytes(BS);
+      data.set(block, d);
+      j.stage(s, block, ts, d);
+      commits.push(j.commit());
+    }
+    await Promise.all(commits);
+    const recs = recordsOf(join(dir, "0000000001.seg"));
+    assert.deepEqual(
+      recs.map((r) => [r.type, r.count]),
+      [[REC.IMAGES, 30]],
+      "30 commits in one tick should share one record",
+    );
+    assert.equal(j.index.length, 30);
+    for (let i = 1; i < 30; i++) assert.ok(j.index.ts[i] > j.index.ts[i - 1], "entries in timestamp order");
+    for (let i = 0; i < 30; i++) assert.deepEqual(await image(j, i), data.get(j.index.block[i]));
+    // Part of an image, at an offset within the block.
+    const part = Buffer.alloc(1000);
+    await j.readImage(3, part, 1234);
+    assert.deepEqual(part, data.get(j.index.block[3])!.subarray(1234, 2234));
+    // A commit with nothing staged resolves and writes nothing.
+    await j.commit();
+    assert.equal(recordsOf(join(dir, "0000000001.seg")).length, 1);
+    await j.close();
+  });
+
+  void test("zero images cost one table entry (24 bytes), no data", async () => {
+    const { j } = await openJournal({ windowMs: 60_000 });
+    const before = j.bytes;
+    await commitImages(
+      j,
+      Array.from({ length: 1000 }, (_, i) => i * 3),
+      { zero: true },
+    );
+    assert.equal(j.bytes - before, RECORD_HEADER + 24 * 1000);
+    for (let i = 0; i < 1000; i++) assert.equal(j.index.off[i], -1);
+    await j.close();
+  });
+
+  void test("subscribers hear the appended range after the commit", async () => {
+    const { j } = await openJournal({ windowMs: 60_000 });
+    const heard: [number, number][] = [];
+    const unsubscribe = j.subscribe((a, b) => heard.push([a, b]));
+    await commitImages(j, [1, 2, 3]);
+    await commitImages(j, [4, 5]);
+    unsubscribe();
+    await commitImages(j, [6]);
+    assert.deepEqual(heard, [
+      [0, 3],
+      [3, 5],
+    ]);
+    await j.close();
+  });
+
+  void test("index.firstAtOrAfter agrees with a linear scan", async () => {
+    const { j } = await openJournal({ windowMs: 10 });
+    // Timestamps in bursts with gaps (several windows), over four commits.
+    for (let k = 0; k < 4; k++) {
+      await commitImages(
+        j,
+        Array.from({ length: 50 }, (_, i) => k * 1000 + i),
+        { zero: true },
+      );
+      await sleep(15);
+    }
+    const x = j.index;
+    const ts = Array.from(x.ts.subarray(0, x.length));
+    const linear = (t: number): number => {
+      const i = ts.findIndex((v) => v >= t);
+      return i < 0 ? ts.length : i;
+    };
+    const probes = [0, ts[0], ts[0] - 0.0005, ts[ts.length - 1], ts[ts.length - 1] + 1, Infinity];
+    for (const v of ts) probes.push(v, v + 0.0005, j.pointOf(v), j.pointOf(v) + j.windowMs);
+    for (const t of probes) assert.equal(x.firstAtOrAfter(t), linear(t), `firstAtOrAfter(${t})`);
+    await j.close();
+  });
+
+  void test("segments roll over at segmentBytes; records never cross a segment", async () => {
+    const { j, dir } = await openJournal({ windowMs: 60_000, segmentBytes: SMALL_SEG });
+    // 10 images of 4 KiB per commit: one commit fills most of a 64 KiB segment.
+    for (let k = 0; k < 5; k++) {
+      await commitImages(
+        j,
+        Array.from({ length: 10 }, (_, i) => k * 10 + i),
+      );
+    }
+    // One commit with more images than a segment holds is cut into records.
+    await commitImages(
+      j,
+      Array.from({ length: 40 }, (_, i) => 500 + i),
+    );
+    const files = segmentFiles(dir);
+    assert.equal(files.length, j.segmentCount);
+    assert.ok(files.length >= 8, `expected at least 8 segments, found ${files.length}`);
+    let entries = 0;
+    for (const [k, f] of files.entries()) {
+      const path = join(dir, f);
+      const h = decodeSegmentHeader(readFileSync(path).subarray(0, SEGMENT_HEADER));
+      assert.equal(h?.segment, k + 1, `${f} has a wrong segment number`);
+      let end = SEGMENT_HEADER;
+      for (const r of recordsOf(path)) {
+        entries += r.count;
+        end = r.at + r.size;
+      }
+      assert.ok(end <= SMALL_SEG, `${f}: records end at ${end}, past the segment size`);
+    }
+    assert.equal(entries, 90);
+    assert.equal(j.index.length, 90);
+    await j.close();
+  });
+});
+
+void describe("Journal: reopen and torn tails", () => {
+  async function buildJournal(dir: string): Promise<{ data: Map<number, Buffer>; copy: IndexCopy }> {
+    const W = 50;
+    const { j } = await openJournal({ dir, windowMs: W, segmentBytes: SMALL_SEG });
+    // Images with data, zero images and merge notes over several windows and segments.
+    for (let k = 0; k < 6; k++) {
+      const a = j.openSession("a");
+      const b = j.openSession("b");
+      for (let i = 0; i < 8; i++) {
+        const block = (k * 7 + i) % 40;
+        const ts = journalNow();
+        if (j.needsImage(block, ts, a)) j.stage(a, block, ts, i % 3 === 0 ? null : randomBytes(BS));
+        j.needsImage(block, journalNow(), b); // a merge source for the same block
+      }
+      await j.commit();
+      j.closeSession(a);
+      j.closeSession(b);
+      await sleep(W + 5);
+    }
+    // The last record: images only (no merge notes after it).
+    await commitImages(j, [41, 42, 43], { label: "last" });
+    const data = new Map<number, Buffer>();
+    for (let i = 0; i < j.index.length; i++) data.set(i, await image(j, i));
+    const copy = copyIndex(j);
+    assert.ok(
+      copy.sources.some((s) => s !== 0 && (s & (s - 1)) !== 0),
+      "some entries have two sources",
+    );
+    await j.close();
+    return { data, copy };
+  }
+
+  void test("reopening rebuilds the same index, entry for entry, and the same images", async () => {
+    const dir = scratch();
+    const { data, copy } = await buildJournal(dir);
+    const { j, lines } = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
+    const reopened = copyIndex(j);
+    for (const k of ["first", "length", "ts", "block", "seg", "sources", "off"] as const) {
+      assert.deepEqual(reopened[k], copy[k], `index.${k} differs between the live journal and its reopen`);
+    }
+    for (const [i, d] of data) assert.deepEqual(await image(j, i), d, `entry ${i} reads differently`);
+    assert.ok(
+      lines.some((l) => /journal: \d+ segments, \d+ entries, points in time from /.test(l)),
+      `the reopen is not logged:\n${lines.join("")}`,
+    );
+    // New entries go on after the old ones, and the timestamps keep increasing.
+    const more = await commitImages(j, [900, 901]);
+    assert.equal(j.index.length, copy.length + 2);
+    assert.ok(j.index.ts[copy.length] > j.index.ts[copy.length - 1]);
+    const all = copyIndex(j);
+    await j.close();
+    const { j: j2 } = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
+    assert.deepEqual(copyIndex(j2), all);
+    assert.deepEqual(await image(j2, copy.length), more.get(j2.index.block[copy.length]));
+    await j2.close();
+  });
+
+  /** The last record of the last segment: its path, offset and size. */
+  function lastRecord(dir: string): { path: string; at: number; size: number; count: number } {
+    const files = segmentFiles(dir);
+    for (let k = files.length - 1; k >= 0; k--) {
+      const path = join(dir, files[k]);
+      const recs = recordsOf(path);
+      if (recs.length > 0) {
+        assert.equal(k, files.length - 1, "the last segment holds records");
+        const r = recs[recs.length - 1];
+        return { path, at: r.at, size: r.size, count: r.count };
+      }
+    }
+    throw new Error("no records");
+  }
+
+  for (const damage of ["truncated mid-record", "zeroed from mid-record", "a flipped byte"] as const) {
+    void test(`a torn tail of the last segment (${damage}) is ignored on reopen`, async () => {
+      const dir = scratch();
+      await buildJournal(dir);
+      // The reference is what a reopen of the intact journal finds on disk.
+      const ref = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
+      const copy = copyIndex(ref.j);
+      const data = new Map<number, Buffer>();
+      for (let i = 0; i < copy.length; i++) data.set(i, await image(ref.j, i));
+      await ref.j.close();
+      const last = lastRecord(dir);
+      assert.equal(last.count, 3, "the last record is the final commit of three images");
+      assert.ok(last.size > 100);
+      const cut = last.at + Math.floor(last.size / 2);
+      if (damage === "truncated mid-record") truncateSync(last.path, cut);
+      else {
+        const fd = openSync(last.path, "r+");
+        try {
+          if (damage === "zeroed from mid-record")
+            writeSync(fd, Buffer.alloc(last.at + last.size - cut), 0, undefined, cut);
+          else {
+            const one = Buffer.alloc(1);
+            readSync(fd, one, 0, 1, cut);
+            one[0] ^= 0x40;
+            writeSync(fd, one, 0, 1, cut);
+          }
+        } finally {
+          closeSync(fd);
+        }
+      }
+      const keep = copy.length - last.count;
+      const { j } = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
+      assert.equal(j.index.length, keep, "the torn record's entries must not be indexed");
+      const c = copyIndex(j);
+      for (const k of ["ts", "block", "seg", "off", "sources"] as const) {
+        assert.deepEqual(c[k], copy[k].slice(0, keep), k);
+      }
+      for (let i = 0; i < keep; i++) assert.deepEqual(await image(j, i), data.get(i));
+      // New commits overwrite the torn bytes; a second reopen sees old and new entries, intact.
+      const more = await commitImages(j, [700, 701, 702]);
+      const all = copyIndex(j);
+      await j.close();
+      const { j: j2 } = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
+      assert.deepEqual(copyIndex(j2), all);
+      for (let i = keep; i < keep + 3; i++) assert.deepEqual(await image(j2, i), more.get(j2.index.block[i]));
+      await j2.close();
+    });
+  }
+
+  void test("a journal written with another block size is refused", async () => {
+    const dir = scratch();
+    const { j } = await openJournal({ dir });
+    await commitImages(j, [1]);
+    await j.close();
+    await assert.rejects(openJournal({ dir, blockSize: 512 }), /uses 4096-byte blocks, this journal 512/);
+  });
+
+  void test("a segment with a damaged header is refused, not silently dropped", async () => {
+    const dir = scratch();
+    const { j } = await openJournal({ dir });
+    await commitImages(j, [1]);
+    await j.close();
+    const fd = openSync(join(dir, "0000000001.seg"), "r+");
+    writeSync(fd, Buffer.from("X"), 0, 1, 3);
+    closeSync(fd);
+    await assert.rejects(openJournal({ dir }), /no valid segment header/);
+  });
+
+  void test("a stop recorded in the state file: no point before the reopen is offered", async () => {
+    const W = 100;
+    const dir = scratch();
+    const { j } = await openJournal({ dir, windowMs: W });
+    await nextWindow(W);
+    await commitImages(j, [1, 2, 3]);
+    await j.close();
+    // What the journal writes when it stops (disk full) and the process then dies.
+    const st = Buffer.alloc(4096, 0x20);
+    st.write(JSON.stringify({ stoppedAt: journalNow() - 5 }));
+    writeFileSync(join(dir, "state"), st);
+    await sleep(2 * W);
+    const reopened = journalNow();
+    const { j: j2, lines } = await openJournal({ dir, windowMs: W });
+    const w = j2.window();
+    const expected = Math.ceil(reopened / W) * W;
+    if (w.earliest !== null) assert.ok(w.earliest >= expected, `earliest ${w.earliest} is before the reopen`);
+    await sleep(expected + W - journalNow());
+    assert.ok((j2.window().earliest ?? 0) >= expected, "points from before the reopen are offered");
+    assert.ok(
+      lines.some((l) => /warn .*it was stopped at/.test(l)),
+      `the earlier stop is not logged:\n${lines.join("")}`,
+    );
+    await j2.close();
+    const text = readFileSync(join(dir, "state"), "utf8").trim();
+    assert.equal(statSync(join(dir, "state")).size, 4096);
+    assert.ok(!/stoppedAt/.test(text), `the stop is still recorded after the reopen: ${text}`);
+  });
+});
+
+void describe("Journal: retention", () => {
+  /** Commit `n` single-segment batches (10 data images each), each in its own window. */
+  async function fill(j: Journal, n: number, W: number, base = 0): Promise<void> {
+    for (let k = 0; k < n; k++) {
+      await commitImages(
+        j,
+        Array.from({ length: 10 }, (_, i) => base + k * 10 + i),
+      );
+      await sleep(W + 2);
+    }
+  }
+
+  void test("by size: the oldest segments go, files and all; the earliest point moves past them", async () => {
+    const W = 20;
+    const maxBytes = 200 * 1024;
+    const { j, dir, lines } = await openJournal({ windowMs: W, segmentBytes: SMALL_SEG, maxBytes });
+    await fill(j, 12, W);
+    const before = copyIndex(j);
+    const earliestBefore = j.window().earliest!;
+    assert.ok(j.bytes > maxBytes, "the test must overfill the journal");
+    j.enforceRetention();
+    assert.ok(j.bytes <= maxBytes, `${j.bytes} bytes left, over ${maxBytes}`);
+    assert.ok(j.bytes > maxBytes - SMALL_SEG, `retention dropped more than needed (${j.bytes} bytes left)`);
+    assert.equal(segmentFiles(dir).length, j.segmentCount, "dropped segment files are removed");
+    const first = j.index.first;
+    assert.ok(first > 0, "nothing dropped");
+    assert.equal(
+      j.index.seg[first],
+      Number(segmentFiles(dir)[0].slice(0, 10)),
+      "index.first is the oldest segment's first entry",
+    );
+    let newestDropped = 0;
+    for (let i = 0; i < first; i++) newestDropped = Math.max(newestDropped, before.ts[i]);
+    const expected = Math.max(earliestBefore, Math.floor(newestDropped / W) * W + W);
+    assert.equal(j.window().earliest, expected, "earliest point after dropping");
+    for (let i = first; i < j.index.length; i++) assert.ok(j.index.ts[i] >= newestDropped);
+    assert.ok(j.index.firstAtOrAfter(0) >= first, "searches never return dropped entries");
+    await assert.rejects(j.readImage(0, Buffer.alloc(BS)), /dropped/);
+    assert.ok(
+      lines.some((l) => /journal: dropped segment 1; points in time from /.test(l)),
+      lines.join(""),
+    );
+    await j.close();
+  });
+
+  void test("by age: segments whose newest entry is older than the retention go", async () => {
+    const W = 20;
+    const R = 600;
+    const { j, dir } = await openJournal({ windowMs: W, segmentBytes: SMALL_SEG, retentionMs: R });
+    await fill(j, 4, W);
+    const oldCount = j.index.length;
+    await sleep(R + 200);
+    await fill(j, 3, W, 1000);
+    // Which segments are too old, from the index: newest entry per segment.
+    const newest = new Map<number, number>();
+    for (let i = 0; i < j.index.length; i++) {
+      const s = j.index.seg[i];
+      newest.set(s, Math.max(newest.get(s) ?? 0, j.index.ts[i]));
+    }
+    const cutoff = journalNow() - R;
+    const segs = [...newest.keys()].sort((a, b) => a - b);
+    const old = segs.filter((s) => newest.get(s)! < cutoff - 100);
+    const recent = segs.filter((s) => newest.get(s)! > cutoff + 100);
+    assert.equal(old.length + recent.length, segs.length, "a segment's age is too close to the cutoff");
+    assert.ok(old.length >= 3, `only ${old.length} old segments`);
+    j.enforceRetention();
+    const files = segmentFiles(dir).map((f) => Number(f.slice(0, 10)));
+    for (const s of old) assert.ok(!files.includes(s), `segment ${s} is older than the retention but kept`);
+    for (const s of recent) assert.ok(files.includes(s), `segment ${s} is recent but dropped`);
+    assert.equal(j.index.first, oldCount, "the first kept entry is the first of the recent batches");
+    await j.close();
+  });
+
+  void test("an open snapshot view pins its segments; closing it lets retention go on", async () => {
+    const W = 20;
+    const { j, dir, lines } = await openJournal({
+      windowMs: W,
+      segmentBytes: SMALL_SEG,
+      maxBytes: 100 * 1024,
+    });
+    const primary = new MemoryVolume(VOLUME);
+    await sleep(W + 5);
+    await fill(j, 3, W);
+    // A view at a point inside the fourth batch's window: it needs segments 4.. only.
+    const pointTs = journalNow();
+    const point = j.pointOf(pointTs);
+    await sleep(W - (pointTs % W) + 2);
+    await fill(j, 5, W, 100);
+    const late = new SnapshotView(j, primary, point, "late");
+    late.open();
+    const from = j.index.firstAtOrAfter(point);
+    const pinnedSeg = j.index.seg[from];
+    assert.ok(pinnedSeg >= 4, `pinned segment ${pinnedSeg}`);
+    const early = new SnapshotView(j, primary, j.window().earliest!, "early");
+    early.open();
+    assert.ok(j.bytes > 100 * 1024);
+    j.enforceRetention();
+    assert.equal(segmentFiles(dir)[0], "0000000001.seg", "a segment the early view reads was dropped");
+    assert.ok(
+      lines.some((l) => /retention waits for an open snapshot \(segment 1\)/.test(l)),
+      lines.join(""),
+    );
+    await early.close();
+    j.enforceRetention();
+    const files = segmentFiles(dir).map((f) => Number(f.slice(0, 10)));
+    assert.equal(files[0], pinnedSeg, "retention should stop exactly at the late view's first segment");
+    // The late view still reads its images: block 100 was first overwritten after its point.
+    const b = Buffer.alloc(BS);
+    await late.read(b, 100 * BS);
+    const i = j.index.firstAtOrAfter(point);
+    const want = Buffer.alloc(BS);
+    for (let k = i; k < j.index.length; k++) {
+      if (j.index.block[k] === 100) {
+        await j.readImage(k, want);
+        break;
+      }
+    }
+    assert.deepEqual(b, want);
+    await late.close();
+    j.enforceRetention();
+    assert.ok(j.bytes <= 100 * 1024);
+    await j.close();
+  });
+});
+
+void describe("Journal: bookmarks", () => {
+  void test("names are validated", async () => {
+    const W = 50;
+    const { j } = await openJournal({ windowMs: W });
+    await sleep(2 * W);
+    for (const bad of ["", "-x", ".x", "a b", "a/b", "snap@x", "x".repeat(65), "é", "a\n"]) {
+      assert.throws(() => j.mark(bad), /must be 1-64 letters/, `"${bad}" accepted`);
+    }
+    for (const good of ["a", "before", "A.b_c:d-9", "9", "x".repeat(64), "2026-01-01T00:00:00Z"]) {
+      assert.ok(j.mark(good) > 0, `"${good}" refused`);
+    }
+    assert.equal(j.listBookmarks().size, 6);
+    await j.close();
+  });
+
+  void test("marking records now (or a given time) durably; bookmarks survive a reopen", async () => {
+    const W = 50;
+    const dir = scratch();
+    const { j } = await openJournal({ dir, windowMs: W });
+    await sleep(2 * W);
+    const t0 = journalNow();
+    const t = j.mark("before");
+    assert.ok(t >= t0 && t <= journalNow());
+    const given = journalNow() - 1;
+    assert.equal(j.mark("given", given), given);
+    assert.equal(j.mark("before", t + 1), t + 1, "marking a name again moves it");
+    const file = JSON.parse(readFileSync(join(dir, "bookmarks.json"), "utf8")) as Record<string, number>;
+    assert.deepEqual(file, { before: t + 1, given });
+    await j.close();
+    const { j: j2 } = await openJournal({ dir, windowMs: W });
+    assert.deepEqual(
+      [...j2.listBookmarks()],
+      [
+        ["before", t + 1],
+        ["given", given],
+      ],
+    );
+    await j2.close();
+  });
+
+  void test("a bookmark expires when retention drops the window it needs", async () => {
+    const W = 20;
+    const dir = scratch();
+    const { j, lines } = await openJournal({
+      dir,
+      windowMs: W,
+      segmentBytes: SMALL_SEG,
+      maxBytes: 100 * 1024,
+    });
+    await sleep(W + 5);
+    j.mark("old");
+    await sleep(W + 2);
+    for (let k = 0; k < 6; k++) {
+      await commitImages(
+        j,
+        Array.from({ length: 10 }, (_, i) => k * 10 + i),
+      );
+      await sleep(W + 2);
+    }
+    j.mark("new");
+    j.enforceRetention();
+    assert.deepEqual([...j.listBookmarks().keys()], ["new"]);
+    assert.deepEqual(Object.keys(JSON.parse(readFileSync(join(dir, "bookmarks.json"), "utf8")) as object), [
+      "new",
+    ]);
+    assert.ok(
+      lines.some((l) => /bookmark "old" expired/.test(l)),
+      lines.join(""),
+    );
+    await j.close();
+  });
+
+  void test("marking before the first point exists is refused with the reason", async () => {
+    const W = 60_000;
+    const { j } = await openJournal({ windowMs: W });
+    // The first exact point is the next minute boundary: nothing can be marked before it.
+    assert.equal(j.window().earliest, null);
+    assert.throws(
+      () => j.mark("early"),
+      (e: Error) => {
+        assert.doesNotMatch(
+          e.message,
+          /stopped/,
+          "the journal is running; the refusal should say that no point exists yet, not that it stopped",
+        );
+        return true;
+      },
+    );
+    await j.close();
+  });
+});
