@@ -3,7 +3,11 @@
 
 import { parseArgs } from "node:util";
 import { UsageError } from "../errors.js";
-import { adminCall } from "../admin/client.js";
+import { adminCall, proxyRunning } from "../admin/client.js";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { Journal } from "../pit/journal.js";
+import { Logger } from "../log.js";
 import { formatSize } from "../util/size.js";
 
 export const STATUS_HELP = `Usage: blockfork status --state-dir DIR [--json]
@@ -257,10 +261,31 @@ Exit status: 0; 1 when no proxy answers or the journal is stopped; 2 on a usage 
 
 export const SNAPSHOTS_HELP = `Usage: blockfork snapshots --state-dir DIR [--json]
 
-Show the points in time a running proxy can serve (snap@<ISO-8601 time> within the window, in steps
-of the merge window), its bookmarks (snap@NAME), and the journal's size.
+Show the points in time a proxy can serve (snap@<ISO-8601 time> within the window, in steps of the
+merge window), its bookmarks (snap@NAME), and the journal's size. With no proxy running, the journal
+in DIR/journal is read directly (the window then ends at the last journaled change).
 Exit status: 0; 1 when no proxy answers; 2 on a usage error.
 `;
+
+/** The same summary read from the journal directory itself, when no proxy runs. */
+function offlineSnapshots(dir: string): unknown {
+  const jdir = join(dir, "journal");
+  if (!existsSync(jdir))
+    throw new UsageError(`no proxy is running with --state-dir ${dir} and it holds no journal`);
+  const s = Journal.inspect({ dir: jdir, volumeSize: 1, log: Logger.create("error") });
+  const iso = (t: number | null): string | null => (t === null ? null : new Date(t).toISOString());
+  return {
+    earliest: s.entries > 0 || s.earliest !== null ? iso(s.earliest) : null,
+    latest: iso(s.latest) ?? iso(Date.now()),
+    windowMs: s.windowMs,
+    stopped: s.stopped ? { at: "?", reason: "the journal was stopped when the proxy ended" } : null,
+    journalBytes: s.bytes,
+    segments: s.segments,
+    entries: s.entries,
+    bookmarks: [...s.bookmarks].map(([name, ts]) => ({ name, time: iso(ts), export: `snap@${name}` })),
+    offline: true,
+  };
+}
 
 /** blockfork mark NAME */
 export async function mark(argv: string[]): Promise<number> {
@@ -278,7 +303,15 @@ export async function mark(argv: string[]): Promise<number> {
 /** blockfork snapshots */
 export async function snapshots(argv: string[]): Promise<number> {
   const { dir, values } = stateDirArg(argv, {});
-  const s = (await adminCall(dir, "GET", "/snapshots")) as {
+  let answer: unknown;
+  try {
+    answer = proxyRunning(dir) ? await adminCall(dir, "GET", "/snapshots") : offlineSnapshots(dir);
+  } catch (e) {
+    // A socket left behind by a killed proxy: nobody answers, read the journal itself.
+    if (!(e instanceof UsageError) || !/no proxy is running/.test(e.message)) throw e;
+    answer = offlineSnapshots(dir);
+  }
+  const s = answer as {
     earliest: string | null;
     latest: string;
     windowMs: number;

@@ -72,6 +72,18 @@ export interface JournalOptions {
   log: Logger;
 }
 
+/** What an offline look at a journal directory shows (no proxy running). */
+export interface JournalSummary {
+  earliest: number | null;
+  latest: number | null;
+  windowMs: number;
+  stopped: boolean;
+  bytes: number;
+  segments: number;
+  entries: number;
+  bookmarks: Map<string, number>;
+}
+
 export const JOURNAL_DEFAULTS = {
   blockSize: 4096,
   windowMs: 1000,
@@ -175,7 +187,8 @@ export interface JournalWindow {
 /** The PIT journal of one volume. */
 export class Journal {
   readonly blockSize: number;
-  readonly windowMs: number;
+  /** The merge window; a journal keeps the one it was created with. */
+  windowMs: number;
   readonly volumeSize: number;
   readonly blocks: number;
   readonly index = new EntryIndex();
@@ -221,6 +234,29 @@ export class Journal {
   }
 
   /** Open (or create) the journal in `dir`, recovering its index from the segments. */
+  /** Read a journal directory without changing it (for `blockfork snapshots` with no proxy). */
+  static inspect(opts: JournalOptions): JournalSummary {
+    const j = new Journal(opts);
+    j.recover();
+    const statePath = join(j.dir, "state");
+    const text = existsSync(statePath) ? readFileSync(statePath, "utf8").trim() : "";
+    const stopped = text ? typeof (JSON.parse(text) as { stoppedAt?: number }).stoppedAt === "number" : false;
+    j.loadBookmarks();
+    const last = j.index.length > j.index.first ? j.index.ts[j.index.length - 1]! : null;
+    const summary: JournalSummary = {
+      earliest: stopped ? null : j.earliestTs,
+      latest: last,
+      windowMs: j.windowMs,
+      stopped,
+      bytes: j.bytes,
+      segments: j.order.length,
+      entries: j.index.length - j.index.first,
+      bookmarks: j.listBookmarks(),
+    };
+    for (const s of j.segments.values()) s.file.close();
+    return summary;
+  }
+
   static async open(opts: JournalOptions): Promise<Journal> {
     const j = new Journal(opts);
     mkdirSync(j.dir, { recursive: true });
@@ -258,6 +294,14 @@ export class Journal {
           throw new Error(`${path} uses ${h.blockSize}-byte blocks, this journal ${this.blockSize}`);
         }
         if (created === 0) created = h.created;
+        if (h.windowMs !== this.windowMs) {
+          if (k === 0) {
+            this.log.warn(
+              `journal: keeps its merge window of ${h.windowMs} ms (--pit-window ${this.windowMs} applies to new journals)`,
+            );
+          }
+          this.windowMs = h.windowMs;
+        }
         this.journalId = h.journalId;
         const last = k === names.length - 1;
         const seg = h.segment;
