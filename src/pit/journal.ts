@@ -242,7 +242,7 @@ export class Journal {
     const text = existsSync(statePath) ? readFileSync(statePath, "utf8").trim() : "";
     const stopped = text ? typeof (JSON.parse(text) as { stoppedAt?: number }).stoppedAt === "number" : false;
     j.loadBookmarks();
-    const last = j.index.length > j.index.first ? j.index.ts[j.index.length - 1]! : null;
+    const last = j.index.length > j.index.first ? j.index.ts[j.index.length - 1] : null;
     const summary: JournalSummary = {
       earliest: stopped ? null : j.earliestTs,
       latest: last,
