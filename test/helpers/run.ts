@@ -40,7 +40,9 @@ export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise
     child.stderr!.setEncoding("utf8").on("data", (d: string) => (stderr += d));
     const timer = setTimeout(() => {
       child.kill("SIGKILL");
-      reject(new Error(`${cmd} ${args.join(" ")}: timed out after ${opts.timeoutMs ?? 120_000} ms\n${stderr}`));
+      reject(
+        new Error(`${cmd} ${args.join(" ")}: timed out after ${opts.timeoutMs ?? 120_000} ms\n${stderr}`),
+      );
     }, opts.timeoutMs ?? 120_000);
     child.on("error", (e) => {
       clearTimeout(timer);
@@ -50,7 +52,11 @@ export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise
       clearTimeout(timer);
       const r = { code, signal, stdout, stderr };
       if (code !== 0 && !opts.allowFailure) {
-        reject(new Error(`${cmd} ${args.join(" ")} exited with ${code ?? signal}\nstdout: ${stdout}\nstderr: ${stderr}`));
+        reject(
+          new Error(
+            `${cmd} ${args.join(" ")} exited with ${code ?? signal}\nstdout: ${stdout}\nstderr: ${stderr}`,
+          ),
+        );
       } else resolve(r);
     });
     child.stdin!.on("error", () => {});

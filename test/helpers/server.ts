@@ -61,7 +61,8 @@ export async function waitForSocket(path: string, timeoutMs = 15_000, proc?: Chi
       c.once("error", () => res(false));
     });
     if (ok) return;
-    if (proc && proc.exitCode !== null) throw new Error(`server exited with ${proc.exitCode} before listening`);
+    if (proc && proc.exitCode !== null)
+      throw new Error(`server exited with ${proc.exitCode} before listening`);
     if (Date.now() > deadline) throw new Error(`nothing listening on ${path} after ${timeoutMs} ms`);
     await new Promise((r) => setTimeout(r, 50));
   }
@@ -76,7 +77,10 @@ export async function startServer(opts: StartOptions = {}): Promise<ServerHandle
   const size = opts.size === undefined ? "64M" : opts.size;
   if (size !== null) args.push("--size", size);
   args.push(...(opts.args ?? []));
-  const proc = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...opts.env } });
+  const proc = spawn(process.execPath, args, {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...opts.env },
+  });
   let err = "";
   let out = "";
   proc.stderr.setEncoding("utf8").on("data", (d: string) => (err += d));
@@ -87,7 +91,8 @@ export async function startServer(opts: StartOptions = {}): Promise<ServerHandle
   try {
     await waitForSocket(sock, 15_000, proc);
     // The banner is printed once every listener is up, just after the socket starts accepting.
-    for (let i = 0; i < 200 && !out.includes("blockfork: serving"); i++) await new Promise((r) => setTimeout(r, 25));
+    for (let i = 0; i < 200 && !out.includes("blockfork: serving"); i++)
+      await new Promise((r) => setTimeout(r, 25));
   } catch (e) {
     proc.kill("SIGKILL");
     throw new Error(`${(e as Error).message}\nserver stderr:\n${err}`);
