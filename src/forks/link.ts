@@ -139,6 +139,9 @@ const STALE = Number.MAX_SAFE_INTEGER;
 /** What beginWrite() learned, for submit(). */
 export interface WriteTicket {
   epoch: number;
+  /** The link was sending when the write began (a write that began while it tracked may have
+   * raced other, unsent writes into the same blocks: all its blocks become STALE). */
+  sending: boolean;
   /** Blocks that were dirty with no update covering them. */
   stale: number[] | null;
 }
@@ -230,10 +233,16 @@ export class GatewayLink {
   }
 
   private dispatch(e: LinkEvent): void {
+    const before = this.s.name;
     const [next, actions] = step(this.s, e, Date.now());
     this.s = next;
+    // Consecutive outages back the probing off: a gateway that answers health checks but fails
+    // every update (a wrong token, a full disk) must not make the link flap in a tight loop.
+    if (sends(before) && next.name === "tracking") this.failures++;
+    if (next.name === "streaming") this.failures = 0;
     this.perform(actions);
   }
+  private failures = 0;
 
   private perform(actions: LinkAction[]): void {
     for (const a of actions) {
@@ -282,7 +291,7 @@ export class GatewayLink {
         if (last === undefined || last === STALE) (stale ??= []).push(b);
       }
     }
-    return { epoch: this.epoch, stale };
+    return { epoch: this.epoch, sending: sends(this.s.name), stale };
   }
 
   /** The client write to [offset, offset+length) reached the primary (or failed). */
@@ -309,7 +318,7 @@ export class GatewayLink {
   ): Promise<void> | null {
     if (!sends(this.s.name)) return null;
     const seq = this.reserve(offset, length);
-    if (ticket.epoch !== this.epoch) {
+    if (ticket.epoch !== this.epoch || !ticket.sending) {
       const [b0, b1] = this.tracking.map.blockRange(offset, length);
       for (let b = b0; b <= b1; b++) this.lastSeq.set(b, STALE);
     } else if (ticket.stale !== null) {
@@ -589,6 +598,7 @@ export class GatewayLink {
     if (this.probing) return;
     this.probing = true;
     let delay = 200;
+    const first = this.failures === 0 ? 0 : Math.min(250 * 2 ** (this.failures - 1), 30_000);
     const once = async (): Promise<void> => {
       if (!this.probing || this.stopped) return;
       try {
@@ -610,7 +620,11 @@ export class GatewayLink {
       this.probeTimer = setTimeout(() => void once(), delay);
       this.probeTimer.unref();
     };
-    void once();
+    if (first === 0) void once();
+    else {
+      this.probeTimer = setTimeout(() => void once(), first);
+      this.probeTimer.unref();
+    }
   }
 
   private stopProbe(): void {
@@ -735,27 +749,37 @@ export class GatewayLink {
     p.etaSeconds = p.bytesPerSecond > 0 ? Math.round(left / p.bytesPerSecond) : null;
   }
 
-  /** Copy one dirty range from the primary: holes as ZERO, data as WRITE. */
+  /**
+   * Copy one dirty range from the primary. For each run of blocks that no client write is changing
+   * at this moment, the seq is reserved first (synchronously, so the check and the reservation see
+   * the same state), and only then are the primary's extents and data read: a write that begins
+   * later gets a higher seq and wins at the gateway whatever our read saw; a write in progress makes
+   * us skip its blocks, which stay dirty for the next pass. A run that is all hole (or zeroes) goes
+   * as one ZERO update, anything else as one WRITE (one seq each: the gateway needs them gap-free).
+   */
   private async resyncRange(offset: number, length: number): Promise<void> {
-    const extents = await this.primary.extents(offset, length);
-    let pos = offset;
+    const g = this.tracking.map.granularity;
     const end = offset + length;
-    for (const e of extents) {
+    let pos = offset;
+    while (pos < end) {
+      if (!sends(this.s.name)) return;
+      while (pos < end && this.writing.has(Math.floor(pos / g)))
+        pos = Math.min((Math.floor(pos / g) + 1) * g, end);
       if (pos >= end) break;
-      const n = Math.min(e.length, end - pos);
-      await this.resyncPiece(pos, n, (e.flags & 2) !== 0);
-      pos += n;
+      let stop = pos;
+      while (stop < end && !this.writing.has(Math.floor(stop / g)))
+        stop = Math.min((Math.floor(stop / g) + 1) * g, end);
+      const seq = this.reserve(pos, stop - pos, true);
+      await this.copyRange(pos, stop - pos, seq);
+      pos = stop;
     }
-    if (pos < end) await this.resyncPiece(pos, end - pos, false);
   }
 
-  private async resyncPiece(offset: number, length: number, zero: boolean): Promise<void> {
-    if (!sends(this.s.name)) return;
-    // The seq is reserved before the primary is read: a client write that starts later gets a
-    // higher seq and wins at the gateway whatever our read saw; one already in progress made the
-    // caller skip these blocks.
-    const seq = this.reserve(offset, length, true);
-    if (zero) {
+  private async copyRange(offset: number, length: number, seq: number): Promise<void> {
+    const extents = await this.primary.extents(offset, length);
+    let zeroBytes = 0;
+    for (const e of extents) if (e.flags & 2) zeroBytes += e.length;
+    if (zeroBytes >= length) {
       void this.enqueue(KIND.ZERO, offset, length, null, true, seq);
       return;
     }
@@ -777,10 +801,13 @@ export class GatewayLink {
   // ---- tracking mirror
 
   private async mirrorNow(): Promise<void> {
-    if (!this.mirrorPool || this.mirrorBusy || !this.mirrorDirty) return;
-    if (this.s.name === "streaming" && this.mirrorSentClean) return;
+    if (!this.mirrorPool || this.mirrorBusy) return;
+    const version = this.tracking.map.version;
+    if (!this.mirrorDirty && version === this.mirrorVersion) return;
+    if (this.s.name === "streaming" && this.mirrorSentClean && this.tracking.map.dirtyBlocks === 0) return;
     this.mirrorBusy = true;
     this.mirrorDirty = false;
+    this.mirrorVersion = version;
     try {
       const { extents, truncated } = this.tracking.map.extents(10_000);
       const doc = {
@@ -809,7 +836,7 @@ export class GatewayLink {
       });
       await res.body.text();
       if (res.statusCode !== 200) throw new Error(`answered ${res.statusCode}`);
-      this.mirrorSentClean = this.s.name === "streaming";
+      this.mirrorSentClean = this.s.name === "streaming" && doc.dirtyBytes === 0;
     } catch (e) {
       this.mirrorDirty = true;
       this.log.limited(
@@ -822,6 +849,7 @@ export class GatewayLink {
     }
   }
   private mirrorSentClean = false;
+  private mirrorVersion = -1;
 
   /** Blocks were marked dirty out of band (verify --repair): copy them now if the link streams. */
   requestResync(): void {

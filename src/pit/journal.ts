@@ -555,7 +555,13 @@ export class Journal {
     images.sort((a, b) => a.ts - b.ts);
     merges.sort((a, b) => a.ts - b.ts);
     const toWrite = (xs: Staged[]): EntryToWrite[] =>
-      xs.map((x) => ({ block: x.block, ts: x.ts, sources: 1 << x.slot, flags: 0, data: x.data }));
+      xs.map((x) => ({
+        block: x.block,
+        ts: x.ts,
+        sources: 1 << x.slot,
+        flags: x.data === null ? ENTRY_ZERO : 0,
+        data: x.data,
+      }));
     const mergeEntries: EntryToWrite[] = merges.map((m) => ({
       block: m.block,
       ts: m.ts,
@@ -801,7 +807,14 @@ export class Journal {
       throw new Error(`bookmark name "${name}" must be 1-64 letters, digits, '.', '_', ':' or '-'`);
     }
     const w = this.window();
-    if (w.earliest === null) throw new Error("the journal is stopped: no point in time can be marked");
+    if (w.stopped)
+      throw new Error(`the journal is stopped (${w.stopped.reason}): no point in time can be marked`);
+    if (w.earliest === null) {
+      throw new Error(
+        `no point in time exists yet: the first one is ${new Date(this.earliestTs).toISOString()} ` +
+          `(the journal began inside a merge window)`,
+      );
+    }
     this.bookmarks.set(name, ts);
     this.saveBookmarks();
     return ts;

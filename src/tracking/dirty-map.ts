@@ -54,6 +54,8 @@ export class DirtyMap {
   private readonly last: Float64Array;
   private readonly regionCount: Uint32Array;
   private dirty = 0;
+  /** Bumped by every change of bits or times (cheap change detection for the tracking mirror). */
+  version = 0;
 
   constructor(g: DirtyGeometry) {
     const { volumeSize, granularity, regionSize } = g;
@@ -121,6 +123,7 @@ export class DirtyMap {
       }
       if (this.last[r] < now) this.last[r] = now;
     }
+    this.version++;
   }
 
   /** Clear one block. */
@@ -130,6 +133,7 @@ export class DirtyMap {
     if ((this.bits[w] & m) === 0) return;
     this.bits[w] = this.bits[w] & ~m;
     this.dirty--;
+    this.version++;
     const r = Math.floor(block / this.blocksPerRegion);
     if (--this.regionCount[r] === 0) {
       this.first[r] = 0;

@@ -294,6 +294,10 @@ export class TrackingLog {
         evicted.push(r);
       }
     }
+    // Evicted regions stop counting as active now, not when the batch lands: a write into one of
+    // them from this moment must wait for a later transaction that brings it back, because the
+    // batch below drops the region from the stored AL with a chunk that lacks that write's bit.
+    for (const r of evicted) this.active.delete(r);
     const batch = this.db.batch();
     const now = Date.now();
     batch.put("al", encodeAl([...next.keys()].map((r) => [r, this.map.regionTimes(r)[0] || now])));
