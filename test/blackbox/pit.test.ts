@@ -398,17 +398,18 @@ void describe("PIT snapshots against reference images", () => {
     assert.equal(lines.length, 3);
   });
 
-  void test("mark and snapshots without a proxy exit 1, as their help says", async () => {
+  void test("mark without a proxy exits 1, as its help says; snapshots without a journal says so", async () => {
     const nowhere = join(dir, "no-proxy");
     mkdirSync(nowhere);
-    for (const args of [["mark", "x"], ["snapshots"]]) {
-      const r = await blockfork([...args, "--state-dir", nowhere]);
-      assert.match(r.stderr, /no proxy is running with --state-dir/);
-      assert.equal(
-        r.code,
-        1,
-        `blockfork ${args[0]} with no proxy: exit ${r.code} (help: "1 when no proxy answers")`,
-      );
-    }
+    const r = await blockfork(["mark", "x", "--state-dir", nowhere]);
+    assert.match(r.stderr, /no proxy is running with --state-dir/);
+    assert.equal(
+      r.code,
+      1,
+      `blockfork mark with no proxy: exit ${r.code} (its help: "1 when no proxy answers")`,
+    );
+    const s = await blockfork(["snapshots", "--state-dir", nowhere]);
+    assert.notEqual(s.code, 0);
+    assert.match(s.stderr, /no proxy is running with --state-dir .* and it holds no journal/);
   });
 });
