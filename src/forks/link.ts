@@ -747,7 +747,17 @@ export class GatewayLink {
     p.bytesPerSecond = secs > 0 ? Math.round(p.doneBytes / secs) : 0;
     const left = Math.max(0, p.totalBytes - p.doneBytes);
     p.etaSeconds = p.bytesPerSecond > 0 ? Math.round(left / p.bytesPerSecond) : null;
+    const now = Date.now();
+    if (now - this.progressLogged >= 5000 && p.totalBytes > 0) {
+      this.progressLogged = now;
+      const pct = Math.min(100, (100 * p.doneBytes) / p.totalBytes).toFixed(1);
+      this.log.info(
+        `resync: ${p.doneBytes} of ${p.totalBytes} bytes (${pct}%), ${p.bytesPerSecond} bytes/s, ` +
+          `ETA ${p.etaSeconds === null ? "?" : `${p.etaSeconds} s`}`,
+      );
+    }
   }
+  private progressLogged = Date.now();
 
   /**
    * Copy one dirty range from the primary. For each run of blocks that no client write is changing
