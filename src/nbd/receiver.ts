@@ -28,6 +28,8 @@ const RX_SIZE = 256 * 1024;
 const RX_MAX = 32;
 /** WRITE payloads at least this large are read directly into their own buffer. */
 const DIRECT_MIN = 64 * 1024;
+/** Read size after a large WRITE: a request header and a little more. */
+const SMALL_READ = 4096;
 
 /** Keeps a WRITE payload's memory valid until released (exactly once). */
 export interface PayloadHold {
@@ -209,8 +211,12 @@ export class RequestReceiver {
       }
     }
     this.target = this.cur;
-    return this.cur.buf;
+    // Right after a large WRITE, read little: the next request is likely another one, and its
+    // payload should land in its own buffer rather than here (and be copied from here).
+    return this.afterLarge ? this.cur.buf.subarray(0, SMALL_READ) : this.cur.buf;
   };
+  /** The last request was a WRITE whose payload was read directly into its own buffer. */
+  private afterLarge = false;
 
   private readonly onRead = (nread: number, buf: Buffer): boolean => {
     if (this.stopped) return true;
@@ -294,6 +300,7 @@ export class RequestReceiver {
         return;
       }
       if (req.type !== CMD.WRITE) {
+        this.afterLarge = false;
         this.sink.request(req);
         continue;
       }
@@ -308,6 +315,7 @@ export class RequestReceiver {
         continue;
       }
       if (len - pos >= req.length) {
+        this.afterLarge = false;
         const view = data.subarray(pos, pos + req.length);
         pos += req.length;
         if (rx !== null) {
@@ -325,6 +333,7 @@ export class RequestReceiver {
       this.payloadFill = n;
       pos = len;
       this.payloadDirect = this.direct && req.length - n >= DIRECT_MIN;
+      this.afterLarge = this.payloadDirect;
     }
   }
 
