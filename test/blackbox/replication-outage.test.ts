@@ -8,13 +8,16 @@
 //   patterns then FLUSH, another nbdsh still writing): every pattern acknowledged before the
 //   completed FLUSH is in the primary file; the restarted proxy reports the crash recovery; the
 //   secondary converges to the primary.
+// - nbdcopy writes sparse images (data and holes, so zero requests too) over a volume full of
+//   data, once while the link streams and once while the gateway is down: each time the secondary
+//   ends byte for byte equal to the image.
 
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { closeSync, openSync, readSync, writeFileSync } from "node:fs";
+import { closeSync, ftruncateSync, openSync, readSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
-import { nbdsh } from "../helpers/run.js";
+import { nbdsh, run } from "../helpers/run.js";
 import {
   background,
   fioClean,
@@ -233,6 +236,54 @@ void describe("replication: the proxy killed mid-load", () => {
     } finally {
       await fio?.kill();
       await writer?.kill();
+      await pair.stop();
+    }
+  });
+});
+
+void describe("replication: nbdcopy of sparse images", () => {
+  /** A 64 MiB sparse image: random islands of data, the rest holes. */
+  function image(path: string, seed: number): void {
+    const fd = openSync(path, "w");
+    try {
+      for (let i = 0; i < 24; i++) {
+        const offset = ((seed * 7919 + i * 104729) % 60) * MiB + ((i * 13) % 16) * 4096;
+        writeSync(fd, randomBytes(64 * KiB * (1 + (i % 9))), 0, undefined, offset);
+      }
+      ftruncateSync(fd, 64 * MiB);
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  void test("streaming and during an outage: holes and data reach the secondary byte for byte", async () => {
+    const pair = await startPair({ size: "64M" });
+    try {
+      // Fill the whole volume with data first, so that holes must be written as zeroes.
+      const full = join(pair.dir, "full.img");
+      writeFileSync(full, randomBytes(64 * MiB));
+      await run("nbdcopy", [full, pair.proxy!.uri], { timeoutMs: 60_000 });
+      const a = join(pair.dir, "a.img");
+      image(a, 1);
+      await run("nbdcopy", [a, pair.proxy!.uri], { timeoutMs: 60_000 });
+      await pair.waitSynced();
+      const want = await sha256File(a);
+      assert.equal(await sha256File(pair.primary), want, "nbdcopy wrote the image to the primary");
+      assert.equal(await sha256File(pair.secondary), want, "the secondary equals the image (streaming)");
+
+      await pair.killGateway("SIGKILL");
+      const b = join(pair.dir, "b.img");
+      image(b, 2);
+      await run("nbdcopy", [b, pair.proxy!.uri], { timeoutMs: 60_000 });
+      const st = await pair.status();
+      assert.equal(st.link!.state, "tracking");
+      assert.ok(st.tracking!.dirtyBytes > 0);
+      await pair.restartGateway();
+      await pair.waitSynced();
+      const wantB = await sha256File(b);
+      assert.equal(await sha256File(pair.primary), wantB);
+      assert.equal(await sha256File(pair.secondary), wantB, "the secondary equals the image (after resync)");
+    } finally {
       await pair.stop();
     }
   });
