@@ -325,7 +325,8 @@ void describe("GatewayLink: outages", () => {
       while (r.link.state !== "tracking") {
         const w0 = Date.now();
         await r.fork.write(pattern(8192, i), ((i * 37) % 250) * G + 4096, false);
-        assert.ok(Date.now() - w0 < 1000, `a write took ${Date.now() - w0} ms during ${fault.mode}`);
+        // Never stall the client (its timeout is 30 s); generous for a loaded machine.
+        assert.ok(Date.now() - w0 < 3000, `a write took ${Date.now() - w0} ms during ${fault.mode}`);
         i++;
         if (Date.now() - t0 > 10_000) assert.fail(`still ${r.link.state} 10 s into ${fault.mode}`);
         await new Promise((res) => setTimeout(res, 5));
@@ -698,7 +699,7 @@ void describe("GatewayLink: verify, mirror, stop", () => {
       await waitFor("tracking", () => t.link.state === "tracking");
       const t0 = Date.now();
       await t.link.stop(5000);
-      assert.ok(Date.now() - t0 < 1000, `stop from tracking took ${Date.now() - t0} ms`);
+      assert.ok(Date.now() - t0 < 2000, `stop from tracking took ${Date.now() - t0} ms`);
       assert.equal(t.link.state, "stopped");
     } finally {
       await t.close();
