@@ -38,29 +38,51 @@ after(async () => {
   for (const c of cleanups.reverse()) await c();
 });
 
+interface Setup {
+  dir: string;
+  stateDir: string;
+  filler: string;
+  args: string[];
+  srv: ServerHandle;
+}
+
+/** A scratch dir, a 48 MiB tmpfs for --state-dir with a 24 MiB filler file, a --pit server. */
+async function fullDiskSetup(): Promise<Setup> {
+  const dir = scratchDir("blockfork-pit-full-");
+  cleanups.push(() => Promise.resolve(rmSync(dir, { recursive: true, force: true })));
+  const fs = join(dir, "statefs");
+  mkdirSync(fs);
+  await run("mount", ["-t", "tmpfs", "-o", "size=48M", "tmpfs", fs]);
+  cleanups.push(() => run("umount", [fs]));
+  const filler = join(fs, "filler");
+  await run("dd", ["if=/dev/zero", `of=${filler}`, "bs=1M", "count=24", "status=none"]);
+  const stateDir = join(fs, "state");
+  const args = ["--pit", "--state-dir", stateDir];
+  const srv = await startServer({ dir, size: "64M", args });
+  cleanups.push(() => srv.stop("SIGKILL"));
+  await pastBoundary(W);
+  return { dir, stateDir, filler, args, srv };
+}
+
+/** Python: write 1 MiB of fresh random data at each MiB of the volume; prints WRITTEN <sha256>. */
+const OVERWRITE = `
+import hashlib
+h = connect()
+digest = hashlib.sha256()
+for i in range(64):
+    d = os.urandom(MiB)
+    h.pwrite(d, i * MiB)
+    digest.update(d)
+h.flush()
+print("WRITTEN", digest.hexdigest())
+h.shutdown()
+`;
+
 void test(
   "a full disk stops the journal, never the primary; it restarts by itself when space returns",
   { timeout: 180_000 },
   async (t) => {
-    const dir = scratchDir("blockfork-pit-full-");
-    cleanups.push(() => Promise.resolve(rmSync(dir, { recursive: true, force: true })));
-    const fs = join(dir, "statefs");
-    mkdirSync(fs);
-    await run("mount", ["-t", "tmpfs", "-o", "size=48M", "tmpfs", fs]);
-    cleanups.push(() => run("umount", [fs]));
-    const filler = join(fs, "filler");
-    await run("dd", ["if=/dev/zero", `of=${filler}`, "bs=1M", "count=24", "status=none"]);
-    const stateDir = join(fs, "state");
-    const srv: ServerHandle = await startServer({
-      dir,
-      size: "64M",
-      args: ["--pit", "--state-dir", stateDir],
-    });
-    cleanups.push(async () => {
-      const r = await srv.stop();
-      assert.deepEqual(r, { code: 0, signal: null }, `server exit:\n${srv.log()}`);
-    });
-    await pastBoundary(W);
+    const { dir, stateDir, filler, srv } = await fullDiskSetup();
 
     // Data everywhere (before-images of holes are zero images: they fit), and a point.
     await py(
@@ -180,5 +202,57 @@ void test(
       (await snapshots(stateDir)).bookmarks.map((b) => b.name),
       ["after-restart"],
     );
+    const stopped = await srv.stop();
+    assert.deepEqual(stopped, { code: 0, signal: null }, `server exit:\n${srv.log()}`);
+  },
+);
+
+void test(
+  "a crash while the journal is stopped: after the restart no point from before it is offered",
+  { timeout: 120_000 },
+  async () => {
+    const { dir, stateDir, filler, args, srv } = await fullDiskSetup();
+    await py(srv.uri, OVERWRITE);
+    const p1 = await recordPoint(srv, "data", W);
+    assert.equal(await exportSha(snapUri(srv, p1.iso)), p1.sha);
+    const r = await py(srv.uri, OVERWRITE);
+    await waitForLog(srv, /JOURNAL STOPPED/, 5000);
+    const written = /WRITTEN ([0-9a-f]{64})/.exec(r.stdout)![1];
+    // Killed while stopped; the space comes back before the restart.
+    assert.equal((await srv.stop("SIGKILL")).signal, "SIGKILL");
+    rmSync(filler);
+    const restartedAt = Date.now();
+    const srv2 = await startServer({ dir, volume: join(dir, "disk.img"), size: "64M", args });
+    cleanups.push(() => srv2.stop("SIGKILL"));
+    const warn = await waitForLog(
+      srv2,
+      /journal: it was stopped at (\S+Z); points in time from (\S+Z) on/,
+      5000,
+    );
+    assert.match(warn, /^\S+ warn /);
+    const from = Date.parse(/points in time from (\S+Z) on/.exec(warn)![1]);
+    assert.ok(
+      from >= restartedAt - W,
+      `points are offered from ${new Date(from).toISOString()}, before the restart`,
+    );
+    assert.equal(
+      await exportSha(srv2.uri),
+      written,
+      "the primary lost writes made while the journal was stopped",
+    );
+    const old = await goReply(srv2.sock, `snap@${p1.iso}`);
+    assert.equal(
+      old.type,
+      REP_ERR_UNKNOWN,
+      `snap@${p1.iso} (inexact: its changes were not journaled) is offered`,
+    );
+    // New points are exact.
+    await pastBoundary(W);
+    const p2 = await recordPoint(srv2, "after", W);
+    await py(srv2.uri, OVERWRITE.replace("range(64)", "range(8)"));
+    assert.equal(await exportSha(snapUri(srv2, p2.iso)), p2.sha);
+    assert.equal((await snapshots(stateDir)).stopped, null);
+    const stopped = await srv2.stop();
+    assert.deepEqual(stopped, { code: 0, signal: null }, `server exit:\n${srv2.log()}`);
   },
 );

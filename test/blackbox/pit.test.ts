@@ -413,3 +413,69 @@ void describe("PIT snapshots against reference images", () => {
     assert.match(s.stderr, /no proxy is running with --state-dir .* and it holds no journal/);
   });
 });
+
+void describe("PIT command line and bookmark names", () => {
+  let dir: string;
+  let stateDir: string;
+  let srv: ServerHandle;
+
+  before(async () => {
+    dir = scratchDir("blockfork-pit-names-");
+    stateDir = join(dir, "state");
+    srv = await startServer({ dir, size: "64M", args: ["--pit", "--state-dir", stateDir] });
+    await pastBoundary(W);
+  });
+  after(async () => {
+    try {
+      await srv.stop();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  void test("PIT options that make no sense are usage errors (exit 2)", async () => {
+    const vol = join(dir, "other.img");
+    for (const [args, msg] of [
+      [["--pit", "--read-only"], /--pit journals changes; a --read-only server makes none/],
+      [["--pit-window", "0"], /--pit-window must be a positive integer/],
+      [["--pit-window", "abc"], /--pit-window must be a positive integer/],
+      [["--pit-retention", "soon"], /--pit-retention "soon" is not a duration/],
+      [["--pit-max-bytes", "lots"], /--pit-max-bytes/],
+    ] as [string[], RegExp][]) {
+      const r = await blockfork([
+        "serve",
+        "--volume",
+        vol,
+        "--size",
+        "64M",
+        "--listen",
+        "none",
+        "--socket",
+        join(dir, "x.sock"),
+        ...args,
+      ]);
+      assert.equal(r.code, 2, `serve ${args.join(" ")}: exit ${r.code}\n${r.stderr}`);
+      assert.match(r.stderr, msg);
+    }
+  });
+
+  void test("a bookmark whose name reads as a date is either refused or served as the bookmark", async () => {
+    const ref = await exportSha(srv.uri);
+    const r = await blockfork(["mark", "2020-01-01", "--state-dir", stateDir]);
+    if (r.code !== 0) {
+      // Refusing the name is fine, if it says why.
+      assert.match(r.stderr, /2020-01-01/);
+      return;
+    }
+    // Accepted: then snap@2020-01-01 must open (as the bookmark), and NBD_OPT_LIST must still work.
+    const go = await goReply(srv.sock, "snap@2020-01-01");
+    assert.equal(
+      go.type,
+      1,
+      `the bookmark "2020-01-01" was accepted and listed, but opening snap@2020-01-01 is refused: ${go.message}`,
+    );
+    assert.equal(await exportSha(snapUri(srv, "2020-01-01")), ref);
+    const list = await run("nbdinfo", ["--list", srv.uri], { allowFailure: true });
+    assert.equal(list.code, 0, `nbdinfo --list fails once such a bookmark exists:\n${list.stderr}`);
+  });
+});
