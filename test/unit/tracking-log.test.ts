@@ -64,6 +64,8 @@ type Step =
   | { op: "write"; offset: number; length: number; time: number }
   | { op: "markOnly"; offset: number; length: number; time: number }
   | { op: "persist" }
+  /** Several writes into different regions in the same tick (concurrent client requests). */
+  | { op: "concurrent"; offsets: number[]; time: number }
   /** Start activating `first` (a region that evicts `victim`), and while that AL write is in
    * flight, write into the victim region (which still counts as active). */
   | { op: "evictionRace"; first: number; victimWrite: number; time: number };
@@ -93,6 +95,13 @@ for (const s of a.steps) {
     await t.activate(s.offset, s.length);
   } else if (s.op === "markOnly") {
     t.map.mark(s.offset, s.length, s.time);
+  } else if (s.op === "concurrent") {
+    const ps = [];
+    for (const off of s.offsets) {
+      t.map.mark(off, 4096, s.time);
+      ps.push(t.activate(off, 4096));
+    }
+    await Promise.all(ps);
   } else if (s.op === "persist") {
     await t.persist(true);
   } else if (s.op === "evictionRace") {
@@ -301,6 +310,32 @@ void describe("TrackingLog: crashes (a child process that never closes the log)"
         ...range(4 * BPR, BPR),
       ]);
       assert.deepEqual(t.map.regionTimes(1), [T, T + 2]);
+    } finally {
+      await t.close();
+    }
+  });
+
+  void test("concurrent writes into more regions than --al-extents: the stored AL stays within its capacity", async () => {
+    // serve --help: "--al-extents N ... after a crash at most N x 4 MiB are resynced". Five writes
+    // into five regions arrive together (one AL transaction) with room for two.
+    const dir = await cleanLog();
+    const r = await child(
+      dir,
+      [{ op: "concurrent", offsets: [1, 3, 5, 7, 9].map((k) => k * R + 4096), time: 1_650_000_300_000 }],
+      "kill",
+      2,
+    );
+    const t = await open(dir);
+    try {
+      assert.equal(t.recovery.crashed, true);
+      // Every written block is dirty after the crash, whatever the AL did ...
+      for (const k of [1, 3, 5, 7, 9]) assert.ok(t.map.isDirty(k * BPR), `region ${k}'s block`);
+      // ... and the crash costs at most 2 regions of resync beyond them.
+      assert.ok(
+        t.recovery.alRegions <= 2,
+        `the activity log held ${t.recovery.alRegions} regions at the crash with --al-extents 2 ` +
+          `(${String(r.report.activeRegions)} active in the child); ${t.map.dirtyBlocks} blocks to resync`,
+      );
     } finally {
       await t.close();
     }
