@@ -806,6 +806,9 @@ export class Journal {
     if (!/^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$/.test(name)) {
       throw new Error(`bookmark name "${name}" must be 1-64 letters, digits, '.', '_', ':' or '-'`);
     }
+    if (/^\d{4}-\d{2}-\d{2}/.test(name)) {
+      throw new Error(`bookmark name "${name}" reads as a time (snap@${name} would mean that time); choose another`);
+    }
     const w = this.window();
     if (w.stopped)
       throw new Error(`the journal is stopped (${w.stopped.reason}): no point in time can be marked`);
