@@ -15,7 +15,15 @@ import { closeSync, openSync, rmSync, writeSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { nbdsh } from "../helpers/run.js";
 import { scratchDir, startServer } from "../helpers/server.js";
-import { cli, sha256File, startPair, type Pair } from "../helpers/replication.js";
+import {
+  cli,
+  fioClean,
+  fioStart,
+  sha256File,
+  startPair,
+  type FioRun,
+  type Pair,
+} from "../helpers/replication.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -188,6 +196,65 @@ void describe("replication admin: verify and resync", () => {
       }
     } finally {
       rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+void describe("replication admin: streaming under load", () => {
+  let pair: Pair;
+  before(async () => {
+    pair = await startPair({ size: "64M" });
+  });
+  after(async () => {
+    await pair.stop();
+  });
+
+  const load = (): FioRun =>
+    fioStart(pair.proxy!.uri, pair.dir, [
+      "--name=load",
+      "--rw=randwrite",
+      "--bsrange=4k-64k",
+      "--iodepth=32",
+      "--time_based",
+      "--runtime=6",
+    ]);
+
+  void test("fio while the link streams (no outage): afterwards 0 dirty bytes and identical files", async () => {
+    const fio = load();
+    try {
+      assert.equal(fioClean(await fio.done), null);
+    } finally {
+      await fio.kill();
+    }
+    const st = await pair.waitSynced(20_000).catch(async (e: Error) => {
+      const show = await pair.trackingShow();
+      throw new Error(
+        `${e.message.split("\n")[0]}: still dirty: ${JSON.stringify(show.extents)} ` +
+          `(the link streamed the whole time; its log: ${pair.proxyLog().slice(-800)})`,
+      );
+    });
+    assert.equal(st.link!.outages, 0);
+    await assertIdentical(pair, "after the load");
+  });
+
+  void test("verify while fio writes: blocks in flight are skipped, never reported as mismatches", async () => {
+    const fio = load();
+    try {
+      let skipped = 0;
+      let runs = 0;
+      while (fio.proc.exitCode === null && runs < 4) {
+        const r = await cli(["verify", "--state-dir", pair.stateDir, "--json"]);
+        const v = JSON.parse(r.stdout) as VerifyResult;
+        assert.equal(r.code, 0, `verify run ${runs} under load: ${JSON.stringify(v.mismatches.slice(0, 5))}`);
+        assert.equal(v.mismatchedBlocks, 0);
+        skipped += v.skippedBlocks;
+        runs++;
+      }
+      assert.ok(runs >= 2, `only ${runs} verify runs during the load`);
+      assert.ok(skipped > 0, "verify never met a block in flight: the load did not overlap it");
+      assert.equal(fioClean(await fio.done), null);
+    } finally {
+      await fio.kill();
     }
   });
 });

@@ -72,6 +72,7 @@ class PrimaryVolume implements Volume {
   readonly description = "test primary";
   writeGate: Gate | null = null;
   extentsGate: Gate | null = null;
+  readGate: Gate | null = null;
   failNextWrite = false;
   constructor(readonly mem: MemoryVolume) {
     this.size = mem.size;
@@ -79,8 +80,10 @@ class PrimaryVolume implements Volume {
   caps(): VolumeCaps {
     return this.mem.caps();
   }
-  read(buf: Buffer, offset: number): Promise<void> {
-    return this.mem.read(buf, offset);
+  async read(buf: Buffer, offset: number): Promise<void> {
+    const gate = this.readGate;
+    if (gate) await gate.pass();
+    await this.mem.read(buf, offset);
   }
   async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
     const gate = this.writeGate;
@@ -113,10 +116,19 @@ class PrimaryVolume implements Volume {
   }
 }
 
+/** The secondary: a MemoryVolume that counts the gateway's reads (checksums, data). */
+class SecondaryVolume extends MemoryVolume {
+  reads = 0;
+  override read(buf: Buffer, offset: number): Promise<void> {
+    this.reads++;
+    return super.read(buf, offset);
+  }
+}
+
 /** An in-process gateway on 127.0.0.1 with a MemoryVolume secondary. */
 interface TestGateway {
   url: string;
-  volume: MemoryVolume;
+  volume: SecondaryVolume;
   gateway: Gateway;
   faults: FaultSwitch;
   mirror: TrackingMirror;
@@ -127,7 +139,7 @@ interface TestGateway {
 async function startGateway(size = SIZE, token: string | null = null): Promise<TestGateway> {
   const stateDir = scratch();
   prepareStateDir(stateDir);
-  const volume = new MemoryVolume(size);
+  const volume = new SecondaryVolume(size);
   const identity = { name: "sec", size };
   const gateway = new Gateway(volume, quiet);
   gateway.attachState(new StateWriter(stateDir, identity, () => gateway.snapshots()));
@@ -535,6 +547,40 @@ void describe("GatewayLink: writes racing the link", () => {
     }
   });
 
+  void test("two writes into one block that wait together for their region's activation: both sent, the block clears", async () => {
+    // The first writes into a region wait for an activity-log transaction. Two client writes into
+    // different parts of one block arrive in the same tick: the second one's beginWrite() sees the
+    // block dirty (marked by the first, not yet submitted) with no update covering it. Both are
+    // then sent while the link streams; once both are durable on the gateway nothing about the
+    // block is unknown, so it must become clean (a block left dirty while streaming waits for the
+    // next outage, and verify skips it until then).
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      assert.equal(r.tracking.activeRegions, 0, "the first resync activates nothing");
+      const a = r.fork.write(pattern(4096, 1), 5 * G, false);
+      const b = r.fork.write(pattern(4096, 2), 5 * G + 8192, false);
+      await Promise.all([a, b]);
+      await waitFor("both writes durable on the gateway", () => {
+        const src = r.gw.gateway.sourceStatus()[0];
+        return Number(src.durableThrough) >= r.link.status().seq;
+      });
+      assertIdentical(r, "after two writes into one block");
+      const deadline = Date.now() + 3000;
+      while (r.tracking.map.dirtyBlocks > 0 && Date.now() < deadline)
+        await new Promise((res) => setTimeout(res, 20));
+      assert.deepEqual(
+        [...r.tracking.map.runs()],
+        [],
+        "both writes are durable on the gateway and the sides are equal, but the block is still dirty 3 s later",
+      );
+      assert.equal(r.link.state, "streaming");
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("a failed primary write: the update went out, but the block stays dirty until a resync copies the primary", async () => {
     const r = await startRig();
     try {
@@ -581,6 +627,38 @@ void describe("GatewayLink: verify, mirror, stop", () => {
       assertIdentical(r, "after verify --repair");
       const again = await verify(r.primary, r.tracking, r.link, false);
       assert.equal(again.mismatchedBlocks, 0);
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("verify: a block written, replicated and cleared while verify compares it is not a mismatch", async () => {
+    // verify asks the gateway for the checksums of a step, then reads the primary's side, then
+    // skips blocks that are dirty *now*. A client write that lands between the two reads, and is
+    // acknowledged, flushed and cleared before the comparison, makes the two sides' checksums differ
+    // for a block that is clean by then. Here the primary read is held (a slow disk) until that has
+    // happened. Expected: no mismatch (the block was written during the check, it never diverged).
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      const gate = new Gate();
+      r.primary.readGate = gate;
+      const reads0 = r.gw.volume.reads;
+      const running = verify(r.primary, r.tracking, r.link, false);
+      await waitFor("the gateway read the first step", () => r.gw.volume.reads > reads0);
+      await waitFor("verify reads the primary", () => gate.waiting > 0);
+      r.primary.readGate = null;
+      await r.fork.write(pattern(4096, 9), 3 * G, false);
+      await waitFor("the write durable and its block clean", () => r.tracking.map.dirtyBlocks === 0);
+      gate.release();
+      const res = await running;
+      assertIdentical(r, "after the write during verify");
+      assert.equal(
+        res.mismatchedBlocks,
+        0,
+        `verify reported ${JSON.stringify(res.mismatches)} although both sides are identical`,
+      );
     } finally {
       await r.close();
     }
