@@ -157,6 +157,10 @@ void describe("replication admin: verify and resync", () => {
       assert.equal(text.code, 0);
       assert.match(text.stdout, new RegExp(`${20 * MiB + G}\\s+${4 * G}\\s+${e.firstDirtied}`));
       assert.match(text.stdout, /1 extents, 262144 bytes dirty/);
+      // A resync cannot run without the gateway: the command says so and exits 1.
+      const rs = await cli(["resync", "--state-dir", pair.stateDir], 30_000);
+      assert.equal(rs.code, 1, rs.stdout + rs.stderr);
+      assert.match(rs.stdout, /the gateway is not reachable .*keeps tracking and resyncs when it returns/);
     } finally {
       await pair.restartGateway();
     }
@@ -336,6 +340,23 @@ void describe("replication configuration", () => {
     );
     assert.equal(other.code, 2, other.stderr);
     assert.match(other.stderr, /belongs to a volume of 67108864 bytes, not 134217728/);
+  });
+
+  void test("--resync-rate bounds the resync bandwidth", async () => {
+    // A new log resyncs all 64 MiB at 16 MiB/s: about 4 s instead of a fraction of one.
+    const t0 = Date.now();
+    const pair = await startPair({ size: "64M", proxyArgs: ["--resync-rate", "16M"] });
+    try {
+      const took = (Date.now() - t0) / 1000;
+      const st = await pair.status();
+      assert.equal(st.link!.resync.totalBytes, 64 * MiB);
+      assert.ok(took >= 2.5, `the first resync of 64 MiB at --resync-rate 16M took ${took.toFixed(1)} s`);
+      const rate = st.link!.resync.bytesPerSecond;
+      assert.ok(rate <= 16 * MiB * 1.5, `status reports ${rate} bytes/s with --resync-rate 16M`);
+      await assertIdentical(pair, "after a throttled resync");
+    } finally {
+      await pair.stop();
+    }
   });
 
   void test("a wrong token: NBD keeps working, status shows tracking with a 401 hint", async () => {

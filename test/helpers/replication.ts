@@ -30,7 +30,7 @@ export interface ProxyStatus {
     durableThrough: number;
     queue: { updates: number; bytes: number; oldestMs: number };
     lastError: string;
-    resync: { running: boolean; totalBytes: number; doneBytes: number; pass: number };
+    resync: { running: boolean; totalBytes: number; doneBytes: number; pass: number; bytesPerSecond: number };
     mirror: string | null;
   } | null;
   tracking: {
