@@ -108,7 +108,7 @@ export class ExportRegistry {
   list(): ExportListing[] {
     const out: ExportListing[] = [];
     for (const e of this.statics.values()) out.push({ name: e.name, description: e.description });
-    for (const p of this.providers) out.push(...p.list());
+    for (const p of this.providers) for (const e of p.list()) out.push(e);
     return out;
   }
 

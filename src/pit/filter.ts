@@ -16,6 +16,9 @@ import type { Extent, FileRange, Volume, VolumeCaps, VolumeSession, ZeroOptions 
 import { journalNow } from "./clock.js";
 import type { Journal, JournalSession } from "./journal.js";
 
+/** Before-images read and committed per round for one large change (32 MiB at 4 KiB). */
+const CAPTURE_BLOCKS = 8192;
+
 /** Per-block locks shared by every session of one journal. */
 class BlockLocks {
   private readonly held = new Map<number, Promise<void>>();
@@ -108,18 +111,27 @@ class JournalVolume implements Volume {
     let need: number[] | null = null;
     for (let b = b0; b <= b1; b++) if (this.journal.needsImage(b, ts, this.session)) (need ??= []).push(b);
     if (need === null) return settle(apply, unlock);
-    return this.capture(need, ts)
-      .then(() => this.journal.commit())
-      .then(
-        () => settle(apply, unlock),
-        (e: unknown) => {
-          unlock();
-          throw e;
-        },
-      );
+    return this.captureAll(need, ts).then(
+      () => settle(apply, unlock),
+      (e: unknown) => {
+        unlock();
+        throw e;
+      },
+    );
   }
 
   /** Read the current contents of `blocks` (sorted) and stage them as before-images. */
+  /**
+   * Journal the before-images of `blocks` (sorted) durably, at most CAPTURE_BLOCKS at a time: a
+   * trim of a whole large device must not hold its whole before-image in memory.
+   */
+  private async captureAll(blocks: number[], ts: number): Promise<void> {
+    for (let i = 0; i < blocks.length; i += CAPTURE_BLOCKS) {
+      await this.capture(blocks.slice(i, i + CAPTURE_BLOCKS), ts);
+      await this.journal.commit();
+    }
+  }
+
   private async capture(blocks: number[], ts: number): Promise<void> {
     const j = this.j;
     for (let i = 0; i < blocks.length;) {
