@@ -4,7 +4,10 @@
 // attaches snap@<time> read-only (nbd-client -R) and snap@<bookmark> over two connections (no -R:
 // the kernel must take the export's READ_ONLY flag), reads /dev/nbd0 whole and a region, and tries
 // a write. The checksums the guest prints must be the host's reference ones, the device must be
-// read-only, the write refused, and the primary untouched by the guest.
+// read-only, the write refused, and the primary untouched by the guest. Then the default guest
+// script (mkfs.ext4, which discards the whole device, mount, write, compare, e2fsck) on a 1 GiB --pit
+// volume: it must pass, snapshots from before and after it must be exact, and the one after it
+// must hold a clean ext4.
 
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
@@ -14,7 +17,16 @@ import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { ROOT, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 import { run, SYSTEM_PATH } from "../helpers/run.js";
-import { exportSha, mark, MiB, pastBoundary, py, recordPoint, type PitPoint } from "../helpers/pit.js";
+import {
+  exportSha,
+  mark,
+  MiB,
+  pastBoundary,
+  py,
+  recordPoint,
+  snapUri,
+  type PitPoint,
+} from "../helpers/pit.js";
 
 const VM_SCRIPT = resolve(ROOT, "..", "shared", "vm", "vm-nbd-client.sh");
 const VM_TIMEOUT_S = 540;
@@ -35,15 +47,27 @@ interface VmRun {
   guest: string;
 }
 
+/**
+ * Run the VM script against `srv` (export `exportName`, guest `script`, or the default guest script
+ * when undefined). If the server dies meanwhile, the VM is stopped at once instead of waiting for
+ * its timeout; a run directory the script keeps is removed.
+ */
 function runVm(
   dir: string,
-  sock: string,
+  srv: ServerHandle,
   exportName: string,
-  script: string,
+  script: string | undefined,
   extra: string[],
 ): Promise<VmRun> {
-  const logFile = join(dir, `guest-${createHash("sha1").update(exportName).digest("hex").slice(0, 8)}.log`);
-  const args = ["-q", "-l", logFile, "-t", String(VM_TIMEOUT_S), ...extra, sock, exportName, script];
+  const logFile = join(
+    dir,
+    `guest-${createHash("sha1")
+      .update(exportName + String(script))
+      .digest("hex")
+      .slice(0, 8)}.log`,
+  );
+  const args = ["-q", "-l", logFile, "-t", String(VM_TIMEOUT_S), ...extra, srv.sock, exportName];
+  if (script !== undefined) args.push(script);
   return new Promise((resolvePromise, reject) => {
     const p = spawn(VM_SCRIPT, args, {
       stdio: ["ignore", "pipe", "pipe"],
@@ -58,9 +82,18 @@ function runVm(
     };
     cleanups.push(kill);
     const backstop = setTimeout(kill, (VM_TIMEOUT_S + 30) * 1000);
+    const serverDied = (): void => {
+      stderr += "\n[test] the server exited during the VM run; stopping the VM\n";
+      kill();
+    };
+    srv.proc.once("exit", serverDied);
     p.on("error", reject);
     p.on("close", (code) => {
       clearTimeout(backstop);
+      srv.proc.off("exit", serverDied);
+      for (const m of (stdout + stderr).matchAll(/run directory kept: (\/tmp\/vm-nbd-run\.[A-Za-z0-9]+)/g)) {
+        rmSync(m[1], { recursive: true, force: true });
+      }
       const guest = existsSync(logFile) ? readFileSync(logFile, "utf8") : "(no guest log)";
       resolvePromise({ code, stdout, stderr, guest });
     });
@@ -157,7 +190,7 @@ void test(
       { exportName: "snap@vm", extra: ["-C", "2"], point: p2, ref: ref2, connections: 2 },
     ];
     for (const c of cases) {
-      const vm = await runVm(dir, srv.sock, c.exportName, script, c.extra);
+      const vm = await runVm(dir, srv, c.exportName, script, c.extra);
       assert.equal(vm.code, 0, explain(vm, srv));
       const line = (key: string): string => {
         const m = new RegExp(`^${key} (.*)$`, "m").exec(vm.guest);
@@ -183,6 +216,38 @@ void test(
       );
     }
     assert.equal(await exportSha(srv.uri), primary, "the guest changed the primary");
+    const r = await srv.stop();
+    assert.deepEqual(r, { code: 0, signal: null }, `server exit:\n${srv.log()}`);
+  },
+);
+
+void test(
+  "the default guest script (mkfs.ext4 with its discard, write, compare, e2fsck) on a 1 GiB --pit volume; snapshots before and after",
+  { timeout: 900_000 },
+  async () => {
+    assert.ok(existsSync(VM_SCRIPT), `${VM_SCRIPT} is missing`);
+    const dir = scratchDir("blockfork-pit-vm-");
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const srv = await startServer({ dir, size: "1G", args: ["--pit", "--state-dir", join(dir, "state")] });
+    cleanups.push(() => srv.stop("SIGKILL"));
+    await pastBoundary(1000);
+    const empty = await recordPoint(srv, "empty", 1000);
+    const vm = await runVm(dir, srv, "", undefined, []);
+    assert.equal(vm.code, 0, explain(vm, srv));
+    assert.match(vm.guest, /guest: read back OK/, explain(vm, srv));
+    const fsPoint = await recordPoint(srv, "after-guest", 1000);
+    // More writes on the host, then both points must still be exact.
+    await py(
+      srv.uri,
+      "h = connect()\nh.pwrite(os.urandom(32 * MiB), 0)\nh.trim(256 * MiB, 512 * MiB)\nh.shutdown()\n",
+    );
+    assert.equal(await exportSha(snapUri(srv, empty.iso)), empty.sha, "snap@ before the guest ran");
+    assert.equal(await exportSha(snapUri(srv, fsPoint.iso)), fsPoint.sha, "snap@ after the guest ran");
+    // The snapshot after the guest holds a clean ext4.
+    const img = join(dir, "snap.img");
+    await run("nbdcopy", [snapUri(srv, fsPoint.iso), img]);
+    const fsck = await run("e2fsck", ["-fn", img], { allowFailure: true, timeoutMs: 120_000 });
+    assert.equal(fsck.code, 0, `e2fsck -fn on the snapshot: ${fsck.stdout}${fsck.stderr}`);
     const r = await srv.stop();
     assert.deepEqual(r, { code: 0, signal: null }, `server exit:\n${srv.log()}`);
   },
