@@ -93,9 +93,9 @@ void describe("replication: the gateway killed and restarted under fio", () => {
       }[] = [];
       for (let k = 0; k < 3; k++) {
         // The link is back from the previous outage (probing backs off to at most 5 s) ...
-        await pair.waitStatus(
+        const up = await pair.waitStatus(
           `the link to leave tracking after restart ${k}`,
-          (s) => s.link!.state !== "tracking" && s.link!.outages === k,
+          (s) => s.link!.state !== "tracking",
           15_000,
         );
         await sleep(1000);
@@ -114,6 +114,7 @@ void describe("replication: the gateway killed and restarted under fio", () => {
         const status = await pair.status();
         const restartAt = Date.now();
         await pair.restartGateway();
+        assert.ok(status.link!.outages > up.link!.outages, `outage ${k}: the link did not fall`);
         outages.push({ killAt, restartAt, offset, length, show, status });
       }
       const r = await fio.done;
@@ -146,7 +147,8 @@ void describe("replication: the gateway killed and restarted under fio", () => {
       }
 
       const end = await pair.waitSynced(60_000);
-      assert.equal(end.link!.outages, 3);
+      // Three kills, three falls at least (a loaded machine may add a "too slow" one).
+      assert.ok(end.link!.outages >= 3, `outages ${end.link!.outages}`);
       assert.equal(end.tracking!.generation, gen, "the proxy kept its generation (it never restarted)");
       assert.equal(end.link!.queue.updates, 0);
       const [a, b] = await Promise.all([sha256File(pair.primary), sha256File(pair.secondary)]);
