@@ -4,9 +4,11 @@
 // verifying fio see no error and the data is on the primary (sha256 of what was written), the
 // server logs "JOURNAL STOPPED" at error level, `blockfork snapshots` reports no window and the
 // reason, snap@T is refused with that message, a snapshot opened before the stop fails its reads
-// with EIO, and `blockfork mark` is refused. Then the filler is removed: the journal restarts by
-// itself (within ~10 s), points from before the restart stay refused, and new points in time
-// after the restart are exact while more writes follow.
+// with EIO, `blockfork mark` is refused, and NBD_OPT_LIST no longer offers a bookmark taken
+// before the stop (nothing it lists may fail to open; nbdinfo --list opens them all). Then the
+// filler is removed: the journal restarts by itself (within ~10 s), points from before the
+// restart stay refused, and new points in time after the restart are exact while more writes
+// follow. Also: a crash while the journal is stopped offers no earlier point after the restart.
 
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
@@ -19,6 +21,7 @@ import {
   exportSha,
   fio,
   goReply,
+  listExports as rawList,
   mark,
   pastBoundary,
   py,
@@ -64,6 +67,27 @@ async function fullDiskSetup(): Promise<Setup> {
   return { dir, stateDir, filler, args, srv };
 }
 
+/**
+ * NBD_OPT_LIST (nbdinfo --list, which opens every export it lists) names exactly `want`, and every
+ * export it names opens. Returns what is wrong (the caller reports it at the end of the test, so
+ * that the rest of the scenario still runs).
+ */
+async function listedExportsOpen(srv: ServerHandle, want: string[], when: string): Promise<string[]> {
+  const problems: string[] = [];
+  const raw = await rawList(srv.sock);
+  for (const n of raw) {
+    const go = await goReply(srv.sock, n);
+    if (go.type !== 1)
+      problems.push(`${when}: NBD_OPT_LIST names "${n}", but it does not open: ${go.message}`);
+  }
+  if (JSON.stringify([...raw].sort()) !== JSON.stringify([...want].sort())) {
+    problems.push(`${when}: NBD_OPT_LIST names ${JSON.stringify(raw)}, expected ${JSON.stringify(want)}`);
+  }
+  const list = await run("nbdinfo", ["--list", srv.uri], { allowFailure: true });
+  if (list.code !== 0) problems.push(`${when}: nbdinfo --list exits ${list.code}: ${list.stderr.trim()}`);
+  return problems;
+}
+
 /** Python: write 1 MiB of fresh random data at each MiB of the volume; prints WRITTEN <sha256>. */
 const OVERWRITE = `
 import hashlib
@@ -96,6 +120,8 @@ void test(
     );
     const p1 = await recordPoint(srv, "data", W);
     assert.equal(await exportSha(snapUri(srv, p1.iso)), p1.sha);
+    await mark(stateDir, "before-stop");
+    const listing = await listedExportsOpen(srv, ["disk", "snap@before-stop"], "before the stop");
 
     // A snapshot held open across the stop, and an overwrite of the whole volume: 64 MiB of images
     // do not fit in the ~24 MiB left. Every primary write must succeed.
@@ -154,6 +180,7 @@ void test(
     const m = await blockfork(["mark", "during", "--state-dir", stateDir]);
     assert.equal(m.code, 1, `mark while stopped: exit ${m.code}\n${m.stderr}`);
     assert.match(m.stderr, /the journal is stopped/);
+    listing.push(...(await listedExportsOpen(srv, ["disk"], "while the journal is stopped")));
 
     // Free the space: the journal restarts by itself (it retries every 5 s).
     const freedAt = Date.now();
@@ -169,6 +196,9 @@ void test(
     const old = await goReply(srv.sock, `snap@${p1.iso}`);
     assert.equal(old.type, REP_ERR_UNKNOWN, "a point from before the stop is offered again");
     assert.match(old.message, /outside the journal's window; available: /);
+    listing.push(
+      ...(await listedExportsOpen(srv, ["disk"], "after the restart (the bookmark is before the stop)")),
+    );
 
     // New points after the restart are exact, while more writes follow.
     const points: PitPoint[] = [];
@@ -198,12 +228,11 @@ void test(
     for (const p of points)
       assert.equal(await exportSha(snapUri(srv, p.iso)), p.sha, `snap@${p.iso} (${p.label})`);
     await mark(stateDir, "after-restart");
-    assert.deepEqual(
-      (await snapshots(stateDir)).bookmarks.map((b) => b.name),
-      ["after-restart"],
-    );
+    assert.ok((await snapshots(stateDir)).bookmarks.some((b) => b.name === "after-restart"));
+    listing.push(...(await listedExportsOpen(srv, ["disk", "snap@after-restart"], "at the end")));
     const stopped = await srv.stop();
     assert.deepEqual(stopped, { code: 0, signal: null }, `server exit:\n${srv.log()}`);
+    assert.deepEqual(listing, [], "NBD_OPT_LIST offers bookmarks that can no longer be opened");
   },
 );
 

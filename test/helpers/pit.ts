@@ -140,6 +140,25 @@ export async function goReply(sock: string, name: string): Promise<{ type: numbe
   }
 }
 
+/** The export names NBD_OPT_LIST returns (NBD_REP_SERVER replies), with a raw client. */
+export async function listExports(sock: string): Promise<string[]> {
+  const c = await RawClient.connect(sock);
+  try {
+    await c.greeting();
+    c.sendClientFlags(3);
+    const replies = await c.option(3);
+    const last = replies[replies.length - 1];
+    if (last.type !== REP_ACK) throw new Error(`NBD_OPT_LIST refused: 0x${last.type.toString(16)}`);
+    c.sendOption(2); // NBD_OPT_ABORT
+    await c.optionReply().catch(() => undefined);
+    return replies
+      .filter((r) => r.type === 2)
+      .map((r) => r.data.toString("utf8", 4, 4 + r.data.readUInt32BE(0)));
+  } finally {
+    c.destroy();
+  }
+}
+
 /** Wait until the server's log matches `re`; returns the matching line. */
 export async function waitForLog(srv: ServerHandle, re: RegExp, timeoutMs = 15_000): Promise<string> {
   const deadline = Date.now() + timeoutMs;
