@@ -300,6 +300,32 @@ void describe("Journal: sessions, images and commits", () => {
     await j.close();
   });
 
+  void test(
+    "one commit of 300,000 staged images (a 1.2 GiB trim) goes through",
+    { timeout: 60_000 },
+    async () => {
+      const { j } = await openJournal({ windowMs: 60_000, volumeSize: 4 * 1024 * MiB });
+      const s = j.openSession("big-trim");
+      const N = 300_000;
+      for (let b = 0; b < N; b++) {
+        const ts = journalNow();
+        assert.ok(j.needsImage(b, ts, s));
+        j.stage(s, b, ts, null);
+      }
+      const crashed = new Promise<string>((resolve) =>
+        process.once("unhandledRejection", (e) => resolve(String(e))),
+      );
+      const outcome = await Promise.race([
+        j.commit().then(() => "committed"),
+        crashed,
+        sleep(20_000).then(() => "no answer in 20 s"),
+      ]);
+      assert.equal(outcome, "committed", "a commit of many staged images failed");
+      assert.equal(j.index.length, N);
+      await j.close();
+    },
+  );
+
   void test("zero images cost one table entry (24 bytes), no data", async () => {
     const { j } = await openJournal({ windowMs: 60_000 });
     const before = j.bytes;
