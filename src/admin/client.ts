@@ -4,7 +4,11 @@
 import { request } from "node:http";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { UsageError } from "../errors.js";
+
+/** Nothing answers on the admin socket (a runtime failure, exit status 1, not a usage error). */
+export class NoProxyError extends Error {
+  readonly code = "ERR_NO_PROXY";
+}
 
 /** Path of the admin socket in a state directory. */
 export function adminSocket(stateDir: string): string {
@@ -18,7 +22,7 @@ export function proxyRunning(stateDir: string): boolean {
 
 /**
  * Call the admin endpoint; `onLine` receives each NDJSON line of a streamed answer. Resolves with
- * the parsed body (or the last line). Throws UsageError when no proxy answers.
+ * the parsed body (or the last line). Throws NoProxyError when no proxy answers.
  */
 export function adminCall(
   stateDir: string,
@@ -61,7 +65,7 @@ export function adminCall(
     req.on("error", (e: NodeJS.ErrnoException) => {
       if (e.code === "ENOENT" || e.code === "ECONNREFUSED") {
         reject(
-          new UsageError(
+          new NoProxyError(
             `no proxy is running with --state-dir ${stateDir} (nothing answers on ${adminSocket(stateDir)})`,
           ),
         );

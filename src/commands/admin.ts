@@ -3,7 +3,7 @@
 
 import { parseArgs } from "node:util";
 import { UsageError } from "../errors.js";
-import { adminCall, proxyRunning } from "../admin/client.js";
+import { adminCall, NoProxyError, proxyRunning } from "../admin/client.js";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { Journal } from "../pit/journal.js";
@@ -308,7 +308,7 @@ export async function snapshots(argv: string[]): Promise<number> {
     answer = proxyRunning(dir) ? await adminCall(dir, "GET", "/snapshots") : offlineSnapshots(dir);
   } catch (e) {
     // A socket left behind by a killed proxy: nobody answers, read the journal itself.
-    if (!(e instanceof UsageError) || !/no proxy is running/.test(e.message)) throw e;
+    if (!(e instanceof NoProxyError)) throw e;
     answer = offlineSnapshots(dir);
   }
   const s = answer as {

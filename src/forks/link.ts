@@ -285,10 +285,13 @@ export class GatewayLink {
     const [b0, b1] = map.blockRange(offset, length);
     let stale: number[] | null = null;
     for (let b = b0; b <= b1; b++) {
-      this.writing.set(b, (this.writing.get(b) ?? 0) + 1);
+      const busy = this.writing.get(b) ?? 0;
+      this.writing.set(b, busy + 1);
       if (map.isDirty(b)) {
+        // Dirty with nothing covering it: not by an update in flight, nor by a write in progress
+        // (which began on a clean or covered block and will be sent, or will mark it STALE itself).
         const last = this.lastSeq.get(b);
-        if (last === undefined || last === STALE) (stale ??= []).push(b);
+        if (last === STALE || (last === undefined && busy === 0)) (stale ??= []).push(b);
       }
     }
     return { epoch: this.epoch, sending: sends(this.s.name), stale };

@@ -67,12 +67,29 @@ export async function verify(
         result.skippedBlocks++;
         continue;
       }
-      result.mismatchedBlocks++;
       bad.push(b);
     }
     result.checkedBytes += length;
     progress?.(result.checkedBytes, map.volumeSize);
   }
+  // A block written, replicated and cleared between the two checksums above differs without being
+  // out of sync: compare every candidate once more, and count it only if it still differs and is
+  // still clean (and was not written meanwhile: its dirty bit would be set until replicated).
+  const confirmed: number[] = [];
+  for (const b of bad) {
+    const offset = b * g;
+    const length = Math.min(g, map.volumeSize - offset);
+    const remote = link.checksums(offset, length, g);
+    const view = buf.subarray(0, length);
+    await primary.read(view, offset);
+    const [sum] = await remote;
+    const local = createHash("sha256").update(view).digest("hex");
+    if (local !== sum && !map.isDirty(b)) confirmed.push(b);
+    else if (local !== sum) result.skippedBlocks++;
+  }
+  bad.length = 0;
+  bad.push(...confirmed);
+  result.mismatchedBlocks = bad.length;
   // Coalesce the bad blocks into extents for the report.
   for (let i = 0; i < bad.length;) {
     let j = i + 1;

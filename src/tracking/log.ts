@@ -94,8 +94,7 @@ export class TrackingLog {
   /** Active regions -> last use (a counter, for LRU). */
   private readonly active = new Map<number, number>();
   private useClock = 0;
-  private pending = new Set<number>();
-  private pendingWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  private waiters: { r0: number; r1: number; resolve: () => void; reject: (e: Error) => void }[] = [];
   private committing: Promise<void> | null = null;
   private timer: NodeJS.Timeout | null = null;
   private closed = false;
@@ -250,33 +249,46 @@ export class TrackingLog {
     const use = ++this.useClock;
     for (let r = r0; r <= r1; r++) {
       if (this.active.has(r)) this.active.set(r, use);
-      else {
-        this.pending.add(r);
-        missing = true;
-      }
+      else missing = true;
     }
     if (!missing) return DONE;
     return new Promise<void>((resolve, reject) => {
-      this.pendingWaiters.push({ resolve, reject });
+      this.waiters.push({ r0, r1, resolve, reject });
       if (this.committing === null) this.committing = this.commitSoon();
     });
   }
 
+  /**
+   * Group commit of the activity log. Each round adds the regions of the waiting writes, first
+   * come first served, at most `alExtents` new regions (a single write spanning more regions than
+   * that gets them all: it could never proceed otherwise), evicting the least recently used.
+   */
   private async commitSoon(): Promise<void> {
-    // Let every write of this tick join the batch.
-    await new Promise<void>((r) => setImmediate(r));
-    while (this.pending.size > 0) {
-      const adding = this.pending;
-      const waiters = this.pendingWaiters;
-      this.pending = new Set();
-      this.pendingWaiters = [];
+    await new Promise<void>((r) => setImmediate(r)); // let every write of this tick join
+    while (this.waiters.length > 0) {
+      const chosen = new Set<number>();
+      for (const w of this.waiters) {
+        const need: number[] = [];
+        for (let r = w.r0; r <= w.r1; r++) if (!this.active.has(r) && !chosen.has(r)) need.push(r);
+        if (chosen.size > 0 && chosen.size + need.length > this.capacity) break;
+        for (const r of need) chosen.add(r);
+      }
       try {
-        await this.commit(adding);
-        for (const w of waiters) w.resolve();
+        if (chosen.size > 0) await this.commit(chosen);
       } catch (e) {
         this.fail(e as Error);
-        for (const w of waiters) w.reject(this.failure!);
+        for (const w of this.waiters) w.reject(this.failure!);
+        this.waiters = [];
+        break;
       }
+      const still: typeof this.waiters = [];
+      for (const w of this.waiters) {
+        let ok = true;
+        for (let r = w.r0; r <= w.r1 && ok; r++) ok = this.active.has(r);
+        if (ok) w.resolve();
+        else still.push(w);
+      }
+      this.waiters = still;
     }
     this.committing = null;
   }
