@@ -370,6 +370,90 @@ void describe("SnapshotView over the journal filter", () => {
   });
 });
 
+void describe("a large change journaled in pieces, with small writes going on", () => {
+  // A zero request of 64 MiB is captured and committed 32 MiB at a time; small writes on another
+  // session commit in between. Every window boundary that falls inside the large request must
+  // still show exactly the small writes completed before it (none begun after it), and the
+  // index must stay in timestamp order (firstAtOrAfter is a binary search).
+  void test(
+    "points inside a long capture stay exact for the other session's writes",
+    { timeout: 60_000 },
+    async () => {
+      const W = 20;
+      const SIZE = 96 * MiB;
+      const SMALL_AT = 80 * MiB; // the small writes go to [80 MiB, 96 MiB)
+      for (let attempt = 0; ; attempt++) {
+        const r = await rig("file", SIZE, W);
+        const a = r.stack.openSession!("large");
+        const b = r.stack.openSession!("small");
+        for (let at = 0; at < SIZE; at += 8 * MiB) await r.stack.write(randomBytes(8 * MiB), at, false);
+        const before = await readAll(r.primary);
+        await nextWindow(W);
+        // Small writes: block k of the region gets fresh data, one at a time, with their times.
+        const small: { block: number; data: Buffer; start: number; end: number }[] = [];
+        let largeDone = false;
+        const largeStart = journalNow();
+        const large = a.volume.zero(0, 64 * MiB, { mayTrim: true }).then(() => {
+          largeDone = true;
+        });
+        for (let k = 0; !largeDone && k < (SIZE - SMALL_AT) / BS; k++) {
+          const data = randomBytes(BS);
+          const start = journalNow();
+          await b.volume.write(data, SMALL_AT + k * BS, false);
+          small.push({ block: SMALL_AT / BS + k, data, start, end: journalNow() });
+          await sleep(1);
+        }
+        await large;
+        const largeEnd = journalNow();
+        const boundaries: number[] = [];
+        for (let p = Math.ceil(largeStart / W) * W; p < largeEnd; p += W) boundaries.push(p);
+        const x = r.journal.index;
+        const order: string[] = [];
+        for (let i = x.first + 1; i < x.length; i++) {
+          if (x.ts[i] < x.ts[i - 1])
+            order.push(
+              `entry ${i} (block ${x.block[i]}) is older than entry ${i - 1} (block ${x.block[i - 1]})`,
+            );
+        }
+        if (boundaries.length === 0 || small.length < 5) {
+          // The machine was too fast for a boundary to fall inside the large request: try again.
+          a.close();
+          b.close();
+          await r.close();
+          assert.ok(attempt < 5, "no window boundary fell inside a 64 MiB zero request in 5 attempts");
+          continue;
+        }
+        const wrong: string[] = [];
+        for (const p of boundaries) {
+          const view = new SnapshotView(r.journal, r.primary, p, `p${p}`);
+          view.open();
+          for (const w of small) {
+            if (w.start < p && w.end > p) continue; // in flight at p: either contents will do
+            const want = w.end < p ? w.data : before.subarray(w.block * BS, (w.block + 1) * BS);
+            const got = Buffer.alloc(BS);
+            await view.read(got, w.block * BS);
+            if (!got.equals(want)) {
+              wrong.push(
+                `point ${p}: block ${w.block} (written ${w.start.toFixed(3)}..${w.end.toFixed(3)}) reads ${w.end < p ? "old" : "new"} contents`,
+              );
+            }
+          }
+          await view.close();
+        }
+        a.close();
+        b.close();
+        await r.close();
+        assert.deepEqual(
+          { order: order.slice(0, 5), wrong: wrong.slice(0, 10) },
+          { order: [], wrong: [] },
+          `${boundaries.length} boundaries inside the large request, ${small.length} small writes; ${order.length} entries out of order, ${wrong.length} wrong reads`,
+        );
+        return;
+      }
+    },
+  );
+});
+
 void describe("SnapshotView: time to open over 1,000,000 journal entries", () => {
   void test("view.open() over 1,000,000 entries takes under 1 s", { timeout: 120_000 }, async (t) => {
     const N = 1_000_000;
