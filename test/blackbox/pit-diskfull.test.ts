@@ -249,6 +249,14 @@ void test(
     const written = /WRITTEN ([0-9a-f]{64})/.exec(r.stdout)![1];
     // Killed while stopped; the space comes back before the restart.
     assert.equal((await srv.stop("SIGKILL")).signal, "SIGKILL");
+    // With no proxy, blockfork snapshots reads the journal: it says the journal was stopped.
+    const offline = await snapshots(stateDir);
+    assert.equal(
+      offline.earliest,
+      null,
+      `offline, a stopped journal offers points: ${JSON.stringify(offline)}`,
+    );
+    assert.ok(offline.stopped !== null, JSON.stringify(offline));
     rmSync(filler);
     const restartedAt = Date.now();
     const srv2 = await startServer({ dir, volume: join(dir, "disk.img"), size: "64M", args });
