@@ -106,9 +106,19 @@ interface Segment {
   lastTs: number;
 }
 
-/** Append-only entry index in typed arrays (grows by doubling). */
+/**
+ * Append-only entry index in typed arrays (grows by doubling).
+ *
+ * Entries are appended in commit order, which is not quite timestamp order: a large change stamps
+ * its before-images when it takes its block locks and may commit them in several rounds, after
+ * other sessions committed newer entries. For one block the order is exact (its changes are
+ * serialized by the block lock). `runMax` (the running maximum of timestamps) is non-decreasing,
+ * so "where can the first entry at or after t be" is a binary search on it; callers skip the
+ * older entries they meet after that position.
+ */
 class EntryIndex {
   ts = new Float64Array(1024);
+  runMax = new Float64Array(1024);
   block = new Float64Array(1024);
   seg = new Uint32Array(1024);
   off = new Float64Array(1024); // -1: zero image
@@ -121,6 +131,7 @@ class EntryIndex {
     if (this.length === this.ts.length) this.grow();
     const i = this.length++;
     this.ts[i] = ts;
+    this.runMax[i] = i > 0 && this.runMax[i - 1] > ts ? this.runMax[i - 1] : ts;
     this.block[i] = block;
     this.seg[i] = seg;
     this.off[i] = off;
@@ -136,19 +147,23 @@ class EntryIndex {
       return b;
     };
     this.ts = g(this.ts, (k) => new Float64Array(k));
+    this.runMax = g(this.runMax, (k) => new Float64Array(k));
     this.block = g(this.block, (k) => new Float64Array(k));
     this.seg = g(this.seg, (k) => new Uint32Array(k));
     this.off = g(this.off, (k) => new Float64Array(k));
     this.sources = g(this.sources, (k) => new Uint32Array(k));
   }
 
-  /** First index >= first with ts >= t (length when none). */
+  /**
+   * First index >= first at which an entry with ts >= t can be (length when none): every entry with
+   * ts >= t is at or after it; entries after it with ts < t are to be skipped.
+   */
   firstAtOrAfter(t: number): number {
     let lo = this.first;
     let hi = this.length;
     while (lo < hi) {
       const mid = (lo + hi) >>> 1;
-      if (this.ts[mid] < t) lo = mid + 1;
+      if (this.runMax[mid] < t) lo = mid + 1;
       else hi = mid;
     }
     return lo;
@@ -650,6 +665,7 @@ export class Journal {
     clearInterval(timer);
     const now = journalNow();
     this.earliestTs = this.windowCeil(now);
+    this.expireBookmarks("with the stop of the journal");
     this.log.warn(
       `journal restarted; points in time from ${new Date(this.earliestTs).toISOString()} on ` +
         `(the journal was stopped since ${new Date(this.stoppedAt.ts).toISOString()})`,
@@ -759,16 +775,29 @@ export class Journal {
     seg.file.close();
     rmSync(seg.path, { force: true });
     this.droppedBytes += seg.size;
-    for (const [name, ts] of this.bookmarks) {
-      if (ts < this.earliestTs) {
-        this.bookmarks.delete(name);
-        this.log.info(`journal: bookmark "${name}" expired with the oldest segment`);
-      }
-    }
-    this.saveBookmarks();
+    this.expireBookmarks("with the oldest segment");
     this.log.info(
       `journal: dropped segment ${n}; points in time from ${new Date(this.earliestTs).toISOString()}`,
     );
+  }
+
+  /** Forget bookmarks older than the earliest point (they can no longer be opened). */
+  private expireBookmarks(why: string): void {
+    let changed = false;
+    for (const [name, ts] of this.bookmarks) {
+      if (ts < this.earliestTs) {
+        this.bookmarks.delete(name);
+        changed = true;
+        this.log.info(`journal: bookmark "${name}" expired ${why}`);
+      }
+    }
+    if (changed) {
+      try {
+        this.saveBookmarks();
+      } catch (e) {
+        this.log.warn(`journal: could not save the bookmarks: ${(e as Error).message}`);
+      }
+    }
   }
 
   private bookmarksPath(): string {

@@ -29,7 +29,10 @@ export class SnapshotProvider implements ExportProvider {
 
   list(): ExportListing[] {
     const out: ExportListing[] = [];
+    const w = this.journal.window();
+    if (w.earliest === null) return out; // nothing can be opened while the journal is stopped
     for (const [name, ts] of this.journal.listBookmarks()) {
+      if (ts < w.earliest) continue;
       out.push({
         name: `${PREFIX}${name}`,
         description: `bookmark: the primary at ${new Date(ts).toISOString()}`,

@@ -56,7 +56,9 @@ export class SnapshotView implements Volume {
   private addEntries(from: number, to: number): void {
     const idx = this.journal.index;
     const map = this.map;
+    const point = this.point;
     for (let i = from; i < to; i++) {
+      if (idx.ts[i] < point) continue; // a change from before the point, committed late
       const b = idx.block[i];
       if (!map.has(b)) map.set(b, i);
     }
