@@ -10,6 +10,7 @@ import { parseSize, formatSize } from "../util/size.js";
 import { FileVolume } from "../volume/file.js";
 import { buildPrimaryStack, type PrimaryStackOptions } from "../stack.js";
 import { TrackingLog } from "../tracking/log.js";
+import { extentsJson } from "../tracking/dirty-map.js";
 import { GatewayLink, LINK_DEFAULTS } from "../forks/link.js";
 import { verify } from "../forks/verify.js";
 import { AdminServer, type AdminHandlers } from "../admin/server.js";
@@ -583,12 +584,7 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
         dirtyBytes: tracking.map.dirtyBytes,
         granularity: tracking.map.granularity,
         truncated,
-        extents: extents.map((x) => ({
-          offset: x.offset,
-          length: x.length,
-          firstDirtied: new Date(x.firstDirtied).toISOString(),
-          lastDirtied: new Date(x.lastDirtied).toISOString(),
-        })),
+        extents: extentsJson(extents),
       };
     },
     verify: async (repair, progress) => {

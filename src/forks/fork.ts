@@ -18,7 +18,8 @@ import { constants } from "node:os";
 import { IoError } from "../errors.js";
 import { DONE } from "../util/done.js";
 import type { TrackingLog } from "../tracking/log.js";
-import type { Extent, FileRange, Volume, VolumeCaps, VolumeSession, ZeroOptions } from "../volume/volume.js";
+import type { Volume, VolumeSession, ZeroOptions } from "../volume/volume.js";
+import { FilterVolume } from "../volume/filter.js";
 import { KIND, type UpdateKind } from "../gateway/records.js";
 import type { GatewayLink, WriteTicket } from "./link.js";
 
@@ -32,17 +33,14 @@ export function forkVolume(
   return new ForkVolume(next, tracking, link, mode);
 }
 
-class ForkVolume implements Volume {
-  readonly size: number;
-  readonly description: string;
+class ForkVolume extends FilterVolume {
   constructor(
-    private readonly next: Volume,
+    next: Volume,
     private readonly tracking: TrackingLog,
     private readonly link: GatewayLink,
     private readonly mode: "async" | "sync",
   ) {
-    this.size = next.size;
-    this.description = next.description;
+    super(next);
   }
 
   openSession(label: string): VolumeSession {
@@ -54,23 +52,15 @@ class ForkVolume implements Volume {
     };
   }
 
-  caps(): VolumeCaps {
-    return this.next.caps();
-  }
-
-  read(buf: Buffer, offset: number): Promise<void> {
-    return this.next.read(buf, offset);
-  }
-
-  write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+  override write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
     return this.change(KIND.WRITE, offset, buf.length, buf, () => this.next.write(buf, offset, fua));
   }
 
-  trim(offset: number, length: number, fua: boolean): Promise<void> {
+  override trim(offset: number, length: number, fua: boolean): Promise<void> {
     return this.change(KIND.TRIM, offset, length, null, () => this.next.trim(offset, length, fua));
   }
 
-  zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+  override zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
     return this.change(KIND.ZERO, offset, length, null, () => this.next.zero(offset, length, opts));
   }
 
@@ -127,24 +117,8 @@ class ForkVolume implements Volume {
     return Promise.all([primary, sent]).then(() => undefined);
   }
 
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
     await this.next.flush();
     if (this.mode === "sync") await this.link.flushGateway();
-  }
-
-  extents(offset: number, length: number): Promise<Extent[]> {
-    return this.next.extents(offset, length);
-  }
-
-  fileRange(offset: number, length: number): FileRange | null {
-    return this.next.fileRange?.(offset, length) ?? null;
-  }
-
-  cache(offset: number, length: number): Promise<void> {
-    return this.next.cache(offset, length);
-  }
-
-  close(): Promise<void> {
-    return this.next.close();
   }
 }

@@ -26,6 +26,7 @@
 import { Pool } from "undici";
 import type { Logger } from "../log.js";
 import type { TrackingLog } from "../tracking/log.js";
+import { extentsJson } from "../tracking/dirty-map.js";
 import type { Volume } from "../volume/volume.js";
 import {
   encodeUpdateChunks,
@@ -832,12 +833,7 @@ export class GatewayLink {
         dirtyBytes: this.tracking.map.dirtyBytes,
         extentCount: extents.length,
         truncated,
-        extents: extents.map((x) => ({
-          offset: x.offset,
-          length: x.length,
-          firstDirtied: new Date(x.firstDirtied).toISOString(),
-          lastDirtied: new Date(x.lastDirtied).toISOString(),
-        })),
+        extents: extentsJson(extents),
       };
       const headers: Record<string, string> = { "content-type": "application/json" };
       if (this.o.token) headers.authorization = `Bearer ${this.o.token}`;

@@ -12,7 +12,8 @@
 //   because of the journal.
 
 import { DONE } from "../util/done.js";
-import type { Extent, FileRange, Volume, VolumeCaps, VolumeSession, ZeroOptions } from "../volume/volume.js";
+import type { Volume, VolumeSession, ZeroOptions } from "../volume/volume.js";
+import { FilterVolume } from "../volume/filter.js";
 import { journalNow } from "./clock.js";
 import type { Journal, JournalSession } from "./journal.js";
 
@@ -48,19 +49,16 @@ export function journalVolume(next: Volume, journal: Journal): Volume {
   return shared;
 }
 
-class JournalVolume implements Volume {
-  readonly size: number;
-  readonly description: string;
+class JournalVolume extends FilterVolume {
   private readonly j: number;
 
   constructor(
-    private readonly next: Volume,
+    next: Volume,
     private readonly journal: Journal,
     private readonly locks: BlockLocks,
     private readonly session: JournalSession,
   ) {
-    this.size = next.size;
-    this.description = next.description;
+    super(next);
     this.j = journal.blockSize;
   }
 
@@ -77,23 +75,15 @@ class JournalVolume implements Volume {
     };
   }
 
-  caps(): VolumeCaps {
-    return this.next.caps();
-  }
-
-  read(buf: Buffer, offset: number): Promise<void> {
-    return this.next.read(buf, offset);
-  }
-
-  write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+  override write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
     return this.change(offset, buf.length, () => this.next.write(buf, offset, fua));
   }
 
-  trim(offset: number, length: number, fua: boolean): Promise<void> {
+  override trim(offset: number, length: number, fua: boolean): Promise<void> {
     return this.change(offset, length, () => this.next.trim(offset, length, fua));
   }
 
-  zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+  override zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
     return this.change(offset, length, () => this.next.zero(offset, length, opts));
   }
 
@@ -178,26 +168,6 @@ class JournalVolume implements Volume {
       }
       i = k;
     }
-  }
-
-  flush(): Promise<void> {
-    return this.next.flush();
-  }
-
-  extents(offset: number, length: number): Promise<Extent[]> {
-    return this.next.extents(offset, length);
-  }
-
-  fileRange(offset: number, length: number): FileRange | null {
-    return this.next.fileRange?.(offset, length) ?? null;
-  }
-
-  cache(offset: number, length: number): Promise<void> {
-    return this.next.cache(offset, length);
-  }
-
-  close(): Promise<void> {
-    return this.next.close();
   }
 }
 

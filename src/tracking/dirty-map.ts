@@ -283,3 +283,15 @@ export class DirtyMap {
     }
   }
 }
+
+/** Dirty extents as JSON for the admin API and the tracking mirror (times as ISO-8601). */
+export function extentsJson(
+  extents: DirtyExtent[],
+): { offset: number; length: number; firstDirtied: string; lastDirtied: string }[] {
+  return extents.map((x) => ({
+    offset: x.offset,
+    length: x.length,
+    firstDirtied: new Date(x.firstDirtied).toISOString(),
+    lastDirtied: new Date(x.lastDirtied).toISOString(),
+  }));
+}
