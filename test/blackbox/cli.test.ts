@@ -212,7 +212,7 @@ void test("a directory as the volume exits 2 with a message", async () => {
   // Read-only takes another open path; both must be configuration errors, not crashes.
   await usageError(
     serveArgs(dir, ["--volume", d, "--read-only"]),
-    /neither a regular file nor a block device/,
+    /is a directory; give a file or a block device/,
   );
   await usageError(serveArgs(dir, ["--volume", d]), /adir/);
 });
