@@ -184,14 +184,20 @@ export class RequestReceiver {
     return this.stash !== null;
   }
 
-  /** A buffer with no references left: reuse it. */
+  /** A buffer with no references left: reuse it (or let it go, counted out). */
   recycle(rx: RxBuffer): void {
-    if (rx !== this.cur && this.spare.length < RX_MAX) this.spare.push(rx);
+    if (rx === this.cur) return;
+    if (this.spare.length < RX_MAX) this.spare.push(rx);
+    else this.rxCount--;
   }
 
-  /** Too many receive buffers are held by payloads in flight. */
+  /**
+   * Too many receive buffers are held by payloads in flight. Counts the busy ones (every buffer
+   * but the spares): a count of all buffers ever made would stay over the limit after they are
+   * freed, and the connection would never read again.
+   */
   get saturated(): boolean {
-    return this.rxCount > RX_MAX;
+    return this.rxCount - this.spare.length > RX_MAX;
   }
 
   // ---- onread mode

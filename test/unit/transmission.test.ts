@@ -95,6 +95,41 @@ function faulty(next: Volume): Volume {
   };
 }
 
+/** Writes wait until `open()` is called (then pass straight through until `close()`). */
+class Gate {
+  private waiting: (() => void)[] = [];
+  private isOpen = false;
+  held = 0;
+  wrap(next: Volume): Volume {
+    return {
+      ...next,
+      description: "gated",
+      caps: () => next.caps(),
+      read: (b, o) => next.read(b, o),
+      flush: () => next.flush(),
+      trim: (o, l, fua) => next.trim(o, l, fua),
+      zero: (o, l, z) => next.zero(o, l, z),
+      extents: (o, l) => next.extents(o, l),
+      cache: (o, l) => next.cache(o, l),
+      close: () => next.close(),
+      write: (b, o, fua) => {
+        if (this.isOpen) return next.write(b, o, fua);
+        this.held++;
+        return new Promise<void>((r) => this.waiting.push(r)).then(() => next.write(b, o, fua));
+      },
+    };
+  }
+  open(): void {
+    this.isOpen = true;
+    for (const w of this.waiting.splice(0)) w();
+  }
+  close(): void {
+    this.isOpen = false;
+    this.held = 0;
+  }
+}
+const gate = new Gate();
+
 let srv: TestServer;
 let fileDir: string;
 let fileVol: FileVolume;
@@ -117,6 +152,7 @@ before(async () => {
         volume: delayed(new MemoryVolume(MiB), (o) => 5 + Math.max(0, 60 - Math.floor(o / 4096))),
       },
       { name: "faulty", volume: faulty(new MemoryVolume(MiB)) },
+      { name: "gated", volume: gate.wrap(new MemoryVolume(MEM_SIZE)) },
       { name: "file", volume: fileVol },
     ],
   });
@@ -604,6 +640,44 @@ void describe("pipelining and framing", () => {
       assert.equal(a.error, 0);
       assert.equal(a.data!.length, 65536);
     }
+    await c.disconnect();
+  });
+});
+
+void describe("receive buffers held by slow writes", () => {
+  void test("writes that hold every receive buffer pause the connection; when they finish, it goes on", async () => {
+    // Each WRITE payload is handed to the volume as a view into a 256 KiB receive buffer, so slow
+    // writes keep buffers busy. Writes that arrive one per read each keep a buffer of their own;
+    // past 32 busy buffers the connection stops reading. When the writes finish, their buffers are
+    // free again and reading must resume (twice: the second round reuses the spares).
+    const c = await session("gated");
+    let cookie = 1n;
+    const n = 48;
+    for (let round = 0; round < 2; round++) {
+      gate.close();
+      const sent = new Map<bigint, RawRequest>();
+      for (let i = 0; i < n; i++) {
+        const r = { type: CMD.WRITE, cookie: cookie++, offset: i * 4096, length: 4096 };
+        sent.set(r.cookie, r);
+        c.write(Buffer.concat([requestBytes(r), pattern(4096, round * n + i + 1)]));
+        await sleep(3); // one read per request on the server
+      }
+      await sleep(100);
+      assert.ok(gate.held < n, `all ${n} writes were taken in while the volume held them: no backpressure`);
+      gate.open();
+      const answers = await Promise.race([
+        collect(c, sent, false),
+        sleep(10_000).then(() =>
+          assert.fail(`round ${round}: the connection never resumed after the writes finished`),
+        ),
+      ]);
+      assert.equal(answers.size, n);
+      for (const a of answers.values()) assert.equal(a.error, 0);
+    }
+    const r = { type: CMD.READ, cookie: cookie++, offset: (n - 1) * 4096, length: 4096 };
+    c.write(requestBytes(r));
+    const got = await collect(c, new Map([[r.cookie, r]]), false);
+    assert.ok(got.get(r.cookie)!.data!.equals(pattern(4096, 2 * n)), "the data of the last round");
     await c.disconnect();
   });
 });
