@@ -4,7 +4,7 @@
 # Speed is measured here, never asserted in tests. The machine is shared and noisy: read the
 # ratios of one run, not lone absolute numbers.
 #
-#   scripts/bench.sh [core|fork|pit|all] [nbd-bench options...]    e.g. core -R 5 -n 1
+#   scripts/bench.sh [all|core|fork|pit] [nbd-bench options...]    e.g. core -R 5 -n 1 (default: all)
 #     core  blockfork vs nbdkit-file, nbdkit --threads 2, qemu-nbd, nbd-server, ceilings: every workload
 #     fork  plain blockfork vs blockfork + gateway (async) vs nbdkit-file: randwrite 4K QD32, seqwrite 1M;
 #           then resync of a fully dirty 1 GiB volume vs nbdcopy of the same volume
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 BENCH=${NBD_BENCH:-$ROOT/../shared/bench/nbd-bench.sh}
 [ -x "$BENCH" ] || { echo "bench: $BENCH not found (set NBD_BENCH)" >&2; exit 1; }
-part=core
+part=all
 case ${1:-} in core|fork|pit|all) part=$1; shift ;; esac
 bash scripts/ensure-test-deps.sh
 [ -e build/blockio.node ] && [ -e dist/src/cli.js ] || npm run --silent build
@@ -65,7 +65,7 @@ run_core() {
 
 run_fork() {
   local out=$OUTBASE/fork
-  "$BENCH" -t "blockfork=$BF" -t "blockfork+gateway=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR}" -t nbdkit-file \
+  "$BENCH" -t "blockfork=$BF" -t "blockfork-gateway=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR}" -t nbdkit-file \
     -w randwrite-qd32,seqwrite -o "$out" "$@" | tee "$out.log"
   table_section "$out" "$@"
   bash scripts/bench-resync.sh "$OUTBASE/resync" | tee "$OUTBASE/resync.log"
@@ -75,8 +75,8 @@ run_fork() {
 
 run_pit() {
   local out=$OUTBASE/pit
-  "$BENCH" -t "blockfork=$BF" -t "blockfork+pit=$BF --pit --state-dir {DIR}/state" \
-    -t "blockfork+pit+gateway=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR} --pit" -t nbdkit-file \
+  "$BENCH" -t "blockfork=$BF" -t "blockfork-pit=$BF --pit --state-dir {DIR}/state" \
+    -t "blockfork-pit-gateway=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR} --pit" -t nbdkit-file \
     -w randwrite-qd32,seqwrite -o "$out" "$@" | tee "$out.log"
   table_section "$out" "$@"
   bash scripts/bench-snapshot.sh "$OUTBASE/snapshot" | tee "$OUTBASE/snapshot.log"

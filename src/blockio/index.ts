@@ -150,6 +150,25 @@ export interface BlockFileOptions {
   size?: number;
   /** Allow blocking page-cache writes on the JS thread (default true). */
   inlineWrites?: boolean;
+  /**
+   * Take a non-blocking flock on the volume (exclusive, shared when read-only) so that a second
+   * blockfork serve or gateway on the same file or device is refused instead of corrupting it.
+   * Held until close (or process death). Default false: the library itself locks nothing.
+   */
+  lock?: boolean;
+}
+
+/** flock the volume for `BlockFileOptions.lock`; throws UsageError naming the conflict. */
+function lockVolume(fd: number, path: string, readOnly: boolean): void {
+  const r = binding.lockFd(fd, readOnly ? 0 : 1);
+  if (r === 0) return;
+  if (r === -E.EAGAIN) {
+    throw new UsageError(
+      `${path} is in use: another blockfork serve or gateway holds its lock ` +
+        `(${readOnly ? "a writer" : "a writer or a reader"}); stop that process first, or give another volume`,
+    );
+  }
+  throw new IoError(-r, "flock", path);
 }
 
 /** An open regular file or block device with positional, batched, mostly non-blocking I/O. */
@@ -205,6 +224,14 @@ export class BlockFile {
         closeSync(fd);
         throw e;
       }
+      if (opts.lock === true) {
+        try {
+          lockVolume(fd, path, false);
+        } catch (e) {
+          closeSync(fd);
+          throw e;
+        }
+      }
       return new BlockFile(path, fd, opts.size, false, opts);
     }
     if (statSync(path).isDirectory())
@@ -228,6 +255,7 @@ export class BlockFile {
         );
       }
       if (size === 0) throw new UsageError(`${path} is empty (0 bytes); nothing to serve`);
+      if (opts.lock === true) lockVolume(fd, path, readOnly);
       return new BlockFile(path, fd, size, st.isBlockDevice(), opts);
     } catch (e) {
       closeSync(fd);

@@ -137,6 +137,7 @@ export async function gateway(argv: string[]): Promise<number> {
   if (cfg.size !== undefined) mkdirSync(dirname(resolve(cfg.volume)), { recursive: true });
   const volume = FileVolume.open(cfg.volume, {
     create: true,
+    lock: true,
     ...(cfg.size !== undefined ? { size: cfg.size } : {}),
   });
   let server: GatewayServer;

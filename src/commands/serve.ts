@@ -395,6 +395,7 @@ export async function serve(argv: string[]): Promise<number> {
     create: true,
     ...(cfg.size !== undefined ? { size: cfg.size } : {}),
     inlineWrites: cfg.inlineWrites,
+    lock: true,
   });
   const parts: Parts = { base, tracking: null, link: null, admin: null, server: null, journal: null };
   try {

@@ -61,6 +61,9 @@ export interface Counters {
   errors: number;
 }
 
+/** Sources (proxy identities) a gateway keeps state for; more are refused (503), not remembered. */
+export const MAX_SOURCES = 1024;
+
 class Source {
   private tail: Promise<unknown> = Promise.resolve();
   constructor(
@@ -107,6 +110,14 @@ export class Gateway {
   private source(id: Identity): Source {
     let s = this.sources.get(id.source);
     if (!s) {
+      if (this.sources.size >= MAX_SOURCES) {
+        throw new HttpError(
+          503,
+          "ERR_UNAVAILABLE",
+          `this gateway already keeps idempotency state for ${MAX_SOURCES} sources (its limit); ` +
+            `source ${id.source} is refused: stop the gateway and remove ${"sources.json"} from its state directory to forget old proxies`,
+        );
+      }
       s = new Source(id.source, new Sequencer({ generation: id.generation, durableThrough: 0, floor: 0 }));
       this.sources.set(id.source, s);
       this.log.info(`new source ${id.source} (generation ${id.generation})`);
@@ -128,7 +139,12 @@ export class Gateway {
 
   /** Apply a parsed, checked batch. Rejects with HttpError 500/507 when a write fails. */
   applyBatch(id: Identity, records: UpdateRecord[]): Promise<BatchResult> {
-    const s = this.source(id);
+    let s: Source;
+    try {
+      s = this.source(id);
+    } catch (e) {
+      return Promise.reject(e as Error);
+    }
     return s.serialize(async () => {
       if (!this.admit(s, id)) {
         this.counters.stale += records.length;

@@ -217,6 +217,30 @@ void test("a directory as the volume exits 2 with a message", async () => {
   await usageError(serveArgs(dir, ["--volume", d]), /adir/);
 });
 
+void test("a volume that another blockfork serves or gateways is refused (flock), and free again after it exits", async () => {
+  const srv = await startServer({ size: "8M", keepDir: true });
+  servers.push(srv);
+  dirs.push(srv.dir);
+  const dir = tmp();
+  const before = sha256(srv.volume);
+  // A second writer, a read-only server and a gateway on the same file: all refused, file untouched.
+  await usageError(serveArgs(dir, ["--volume", srv.volume]), /is in use: another blockfork serve or gateway/);
+  await usageError(serveArgs(dir, ["--volume", srv.volume, "--read-only"]), /is in use/);
+  await usageError(
+    ["gateway", "--volume", srv.volume, "--listen", "127.0.0.1:0", "--state-dir", join(dir, "gw")],
+    /is in use/,
+  );
+  assert.equal(sha256(srv.volume), before);
+  assert.equal(existsSync(join(dir, "nbd.sock")), false, "a refused server left its socket behind");
+  // kill -9 releases the lock with the process: a new server takes the volume at once.
+  const { code, signal } = await srv.stop("SIGKILL");
+  assert.ok(code !== null || signal === "SIGKILL");
+  const again = await startServer({ volume: srv.volume, size: null, dir });
+  servers.push(again);
+  const info = await run("nbdinfo", ["--size", again.uri]);
+  assert.equal(info.stdout.trim(), String(8 * 1024 * 1024));
+});
+
 void test("the banner prints nbd URIs and client command lines; TCP listening works", async () => {
   const srv = await startServer({ args: ["--listen", "127.0.0.1:0", "--name", "bannerdisk"], size: "8M" });
   servers.push(srv);

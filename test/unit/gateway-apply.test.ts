@@ -10,7 +10,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { constants, tmpdir } from "node:os";
 import { join } from "node:path";
-import { Gateway, type Identity } from "../../src/gateway/gateway.js";
+import { Gateway, MAX_SOURCES, type Identity } from "../../src/gateway/gateway.js";
 import { HttpError } from "../../src/gateway/http.js";
 import { KIND, type UpdateRecord } from "../../src/gateway/records.js";
 import { loadSources, StateWriter, STATE_FILE } from "../../src/gateway/state.js";
@@ -134,6 +134,23 @@ void describe("Gateway.applyBatch", () => {
       w(10, 0, Buffer.alloc(1)),
     ]);
     assert.deepEqual(r, { applied: 1, duplicates: 1, appliedThrough: 10, durableThrough: 0 });
+  });
+
+  void test("state is kept for at most MAX_SOURCES sources; one more is refused with 503, known ones go on", async () => {
+    const v = new MemoryVolume(1 << 20);
+    const gw = new Gateway(v, log);
+    for (let i = 0; i < MAX_SOURCES; i++) {
+      await gw.applyBatch({ ...ID, source: i.toString(16).padStart(4, "0") }, [w(1, 0, Buffer.alloc(1, i))]);
+    }
+    await assert.rejects(
+      () => gw.applyBatch({ ...ID, source: "ffffff" }, [w(1, 512, Buffer.alloc(1, 7))]),
+      (e: unknown) => e instanceof HttpError && e.status === 503 && /1024 sources/.test(e.message),
+    );
+    await assert.rejects(() => gw.flush({ ...ID, source: "ffffff" }), HttpError);
+    assert.equal((await readBack(v, 512, 1))[0], 0, "the refused source's write was applied");
+    assert.equal([...gw.snapshots()].length, MAX_SOURCES);
+    const r = await gw.applyBatch({ ...ID, source: "0001" }, [w(2, 4096, Buffer.alloc(1, 9))]);
+    assert.equal(r.applied, 1);
   });
 
   for (const [errno, status, code] of [

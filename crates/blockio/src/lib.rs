@@ -205,6 +205,19 @@ unsafe extern "C" fn dup_fd(env: napi_env, info: napi_callback_info) -> napi_val
     }
 }
 
+/// lockFd(fd, exclusive): a non-blocking flock, LOCK_EX when `exclusive` is non-zero, else
+/// LOCK_SH; 0 or -errno.
+unsafe extern "C" fn lock_fd(env: napi_env, info: napi_callback_info) -> napi_value {
+    let parsed = (|| {
+        let a = args::<2>(env, info)?;
+        Some((num(env, a[0])?, num(env, a[1])? != 0.0))
+    })();
+    match parsed {
+        Some((fd, ex)) => number(env, ops::lock_fd(fd as i32, ex) as f64),
+        None => throw(env, "lockFd(fd, exclusive): bad arguments"),
+    }
+}
+
 /// crc32c(buf, seed): CRC32C of a buffer, continuing from `seed` (0 to start).
 unsafe extern "C" fn crc32c(env: napi_env, info: napi_callback_info) -> napi_value {
     let parsed = (|| {
@@ -393,6 +406,7 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"cachedBytes\0", cached_bytes);
     export(env, exports, b"sendFile\0", send_file);
     export(env, exports, b"dupFd\0", dup_fd);
+    export(env, exports, b"lockFd\0", lock_fd);
     export(env, exports, b"crc32c\0", crc32c);
     export(env, exports, b"submit\0", submit);
     exports

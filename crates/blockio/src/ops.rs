@@ -305,6 +305,20 @@ pub fn send_header_and_file(
 }
 
 /// A close-on-exec duplicate of `fd`, or -errno.
+const LOCK_SH: c_int = 1;
+const LOCK_EX: c_int = 2;
+const LOCK_NB: c_int = 4;
+
+/// flock(fd, LOCK_EX or LOCK_SH | LOCK_NB): 0, or -errno (-EWOULDBLOCK when another open file
+/// description holds a conflicting lock).
+pub fn lock_fd(fd: c_int, exclusive: bool) -> i64 {
+    let op = if exclusive { LOCK_EX } else { LOCK_SH } | LOCK_NB;
+    if unsafe { flock(fd, op) } < 0 {
+        return neg_errno();
+    }
+    0
+}
+
 pub fn dup_fd(fd: c_int) -> i64 {
     let r = unsafe { fcntl(fd, F_DUPFD_CLOEXEC, 0) };
     if r < 0 {

@@ -71,6 +71,7 @@ extern "C" {
     pub fn send(fd: c_int, buf: *const c_void, len: usize, flags: c_int) -> isize;
     pub fn syscall(number: c_long, ...) -> c_long;
     pub fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
+    pub fn flock(fd: c_int, operation: c_int) -> c_int;
     fn __errno_location() -> *mut c_int;
 }
 
