@@ -143,7 +143,7 @@ export class Gateway {
     try {
       s = this.source(id);
     } catch (e) {
-      return Promise.reject(e as Error);
+      return Promise.reject(e);
     }
     return s.serialize(async () => {
       if (!this.admit(s, id)) {
