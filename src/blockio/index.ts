@@ -37,7 +37,7 @@ import { DONE, noop } from "../util/done.js";
 const E = osc.errno;
 const PAGE = 4096;
 /** An inline write slower than this (ms) means the page cache is throttling us. */
-const INLINE_SLOW_MS = 2;
+const INLINE_SLOW_MS = Number(process.env.BF_INLINE_SLOW_MS ?? 2);
 /** How long inline writes stay off after a slow one (ms). */
 const INLINE_BACKOFF_MS = 1000;
 /**
@@ -388,6 +388,19 @@ export function sendHeaderAndFile(
 /** Read without blocking (page cache only): bytes read, or negative errno (-EAGAIN if not cached). */
 export function readNowait(fd: number, buf: Uint8Array, offset: number): number {
   return binding.readNowait(fd, buf, offset);
+}
+
+/**
+ * Send a whole buffer on a socket without blocking: bytes sent (fewer, down to 0, when the socket
+ * is full), or a negative errno when the connection failed.
+ */
+export function sendNow(sock: number, buf: Uint8Array): number {
+  return binding.sendNow(sock, buf);
+}
+
+/** Receive into `buf` without blocking: bytes (0 at end of stream), or a negative errno (-EAGAIN). */
+export function recvNowait(sock: number, buf: Uint8Array): number {
+  return binding.recvNowait(sock, buf);
 }
 
 /** A close-on-exec duplicate of a file descriptor; throws IoError. */

@@ -17,7 +17,7 @@
 import { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import { TLSSocket } from "node:tls";
-import { dupFd } from "../blockio/index.js";
+import { dupFd, recvNowait } from "../blockio/index.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import type { Rejection } from "./validate.js";
 import { CMD, decodeRequest, REQUEST_SIZE, type Request } from "./wire.js";
@@ -122,8 +122,9 @@ export class RequestReceiver {
         chunks.push(c);
       leftover = chunks.length === 1 ? leftover : Buffer.concat(chunks);
       // `onread` is documented for new net.Socket() but missing from @types/node 20's constructor type.
+      this.fd = dupFd(fd);
       const opts = {
-        fd: dupFd(fd),
+        fd: this.fd,
         readable: true,
         writable: true,
         allowHalfOpen: true,
@@ -147,6 +148,8 @@ export class RequestReceiver {
   }
 
   private leftover: Buffer;
+  /** The descriptor reads come from in onread mode (owned by this.stream), else -1. */
+  private fd = -1;
 
   /** Parse what arrived with the handshake, then start reading. */
   start(): void {
@@ -340,6 +343,16 @@ export class RequestReceiver {
       pos = len;
       this.payloadDirect = this.direct && req.length - n >= DIRECT_MIN;
       this.afterLarge = this.payloadDirect;
+      if (this.fd >= 0) {
+        // The client sends the header and the payload back to back (libnbd: two send calls), so
+        // the rest is usually in the socket already: take it now rather than after another trip
+        // through epoll. Safe for ordering: these are the newest bytes read from the socket.
+        const r = recvNowait(this.fd, this.payloadBuf.subarray(n));
+        if (r > 0) {
+          this.payloadFill += r;
+          if (this.payloadFill === req.length) this.completePayload();
+        }
+      }
     }
   }
 

@@ -222,7 +222,19 @@ export class Transmission implements RequestSink {
   /** End of a burst of input: send the replies it produced. */
   flush(): void {
     this.out.flush();
+    // Replies sent synchronously freed room without a write callback: a connection that stopped
+    // reading for lack of room must look again (on the next tick: no recursion into the parser).
+    if (this.out.takeSentDirect() && this.blocked && !this.spaceTick) {
+      this.spaceTick = true;
+      process.nextTick(this.spaceCheck);
+    }
   }
+
+  private spaceTick = false;
+  private readonly spaceCheck = (): void => {
+    this.spaceTick = false;
+    this.onSpace();
+  };
 
   mustWait(): boolean {
     const wait =

@@ -205,6 +205,30 @@ unsafe extern "C" fn dup_fd(env: napi_env, info: napi_callback_info) -> napi_val
     }
 }
 
+/// sendNow(sock, buf): non-blocking send of a whole buffer; bytes sent (stops at EAGAIN), or -errno.
+unsafe extern "C" fn send_now(env: napi_env, info: napi_callback_info) -> napi_value {
+    let parsed = (|| {
+        let a = args::<2>(env, info)?;
+        Some((num(env, a[0])? as i32, bytes(env, a[1])?))
+    })();
+    match parsed {
+        Some((sock, (p, len))) => number(env, ops::send_now(sock, p, len) as f64),
+        None => throw(env, "sendNow(sock, buffer): bad arguments"),
+    }
+}
+
+/// recvNowait(sock, buf): non-blocking recv into a buffer; bytes (0 at end of stream) or -errno.
+unsafe extern "C" fn recv_nowait(env: napi_env, info: napi_callback_info) -> napi_value {
+    let parsed = (|| {
+        let a = args::<2>(env, info)?;
+        Some((num(env, a[0])? as i32, bytes(env, a[1])?))
+    })();
+    match parsed {
+        Some((sock, (p, len))) => number(env, ops::recv_nowait(sock, p, len) as f64),
+        None => throw(env, "recvNowait(sock, buffer): bad arguments"),
+    }
+}
+
 /// lockFd(fd, exclusive): a non-blocking flock, LOCK_EX when `exclusive` is non-zero, else
 /// LOCK_SH; 0 or -errno.
 unsafe extern "C" fn lock_fd(env: napi_env, info: napi_callback_info) -> napi_value {
@@ -407,6 +431,8 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"sendFile\0", send_file);
     export(env, exports, b"dupFd\0", dup_fd);
     export(env, exports, b"lockFd\0", lock_fd);
+    export(env, exports, b"sendNow\0", send_now);
+    export(env, exports, b"recvNowait\0", recv_nowait);
     export(env, exports, b"crc32c\0", crc32c);
     export(env, exports, b"submit\0", submit);
     exports

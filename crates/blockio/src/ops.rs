@@ -305,6 +305,49 @@ pub fn send_header_and_file(
 }
 
 /// A close-on-exec duplicate of `fd`, or -errno.
+/// send(MSG_DONTWAIT | MSG_NOSIGNAL) of a whole buffer: bytes sent, stopping at EAGAIN (0 when
+/// the socket is full); -errno when the connection failed before anything was sent.
+pub fn send_now(sock: c_int, buf: *const u8, len: usize) -> i64 {
+    let mut sent = 0usize;
+    while sent < len {
+        let r = unsafe {
+            send(
+                sock,
+                buf.add(sent) as *const c_void,
+                len - sent,
+                MSG_DONTWAIT | MSG_NOSIGNAL,
+            )
+        };
+        if r < 0 {
+            let e = errno();
+            if e == EINTR {
+                continue;
+            }
+            if e == EAGAIN {
+                break;
+            }
+            return if sent > 0 { sent as i64 } else { -(e as i64) };
+        }
+        sent += r as usize;
+    }
+    sent as i64
+}
+
+/// recv(MSG_DONTWAIT) into a buffer: bytes received (0 at end of stream), or -errno (-EAGAIN when
+/// nothing is waiting).
+pub fn recv_nowait(sock: c_int, buf: *mut u8, len: usize) -> i64 {
+    loop {
+        let r = unsafe { recv(sock, buf as *mut c_void, len, MSG_DONTWAIT) };
+        if r >= 0 {
+            return r as i64;
+        }
+        let e = errno();
+        if e != EINTR {
+            return -(e as i64);
+        }
+    }
+}
+
 const LOCK_SH: c_int = 1;
 const LOCK_EX: c_int = 2;
 const LOCK_NB: c_int = 4;

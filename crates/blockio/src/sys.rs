@@ -69,6 +69,7 @@ extern "C" {
     pub fn ioctl(fd: c_int, request: c_long, ...) -> c_int;
     pub fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut i64, count: usize) -> isize;
     pub fn send(fd: c_int, buf: *const c_void, len: usize, flags: c_int) -> isize;
+    pub fn recv(fd: c_int, buf: *mut c_void, len: usize, flags: c_int) -> isize;
     pub fn syscall(number: c_long, ...) -> c_long;
     pub fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     pub fn flock(fd: c_int, operation: c_int) -> c_int;
