@@ -14,7 +14,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 B="node $ROOT/bin/blockfork.js"
 SIZE=${RESYNC_SIZE:-1G}
 ROUNDS=${ROUNDS:-3}
-W=$(mktemp -d /tmp/blockfork-bench-resync.XXXXXX)
+W=$(mktemp -d "${TMPDIR:-/tmp}/blockfork-bench-resync.XXXXXX")
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$W"; }
 trap cleanup EXIT
@@ -66,7 +66,7 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[
 mr=$(median "${resync_times[@]}")
 mc=$(median "${copy_times[@]}")
 mn=$(median "${nf_times[@]}")
-ratio=$(echo "scale=2; $mc / $mr" | bc -l)
+ratio=$(printf "%.2f" "$(echo "$mc / $mr" | bc -l)")
 {
   echo "Resync of a fully dirty $SIZE volume (random data) vs nbdcopy of it, median of $ROUNDS rounds:"
   echo
@@ -74,7 +74,7 @@ ratio=$(echo "scale=2; $mc / $mr" | bc -l)
   echo "|---|---|---|---|"
   printf "| resync (proxy -> gateway) | %.2f | %.0f | %sx |\n" "$mr" "$(echo "$bytes / 1048576 / $mr" | bc -l)" "$ratio"
   printf "| nbdcopy --connections=4 --flush (blockfork -> nbdkit-file) | %.2f | %.0f | 1.00x |\n" "$mc" "$(echo "$bytes / 1048576 / $mc" | bc -l)"
-  printf "| nbdcopy --connections=4, no flush (data left in the page cache) | %.2f | %.0f | %sx |\n" "$mn" "$(echo "$bytes / 1048576 / $mn" | bc -l)" "$(echo "scale=2; $mc / $mn" | bc -l)"
+  printf "| nbdcopy --connections=4, no flush (data left in the page cache) | %.2f | %.0f | %sx |\n" "$mn" "$(echo "$bytes / 1048576 / $mn" | bc -l)" "$(printf "%.2f" "$(echo "$mc / $mn" | bc -l)")"
   echo
   echo "A resync is done when the gateway has made everything durable (fdatasync), so the like-for-like"
   echo "comparison is nbdcopy --flush. Rounds: resync ${resync_times[*]} s; nbdcopy --flush ${copy_times[*]} s;"

@@ -14,7 +14,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 B="node $ROOT/bin/blockfork.js"
 BENCH=${NBD_BENCH:-$ROOT/../shared/bench/nbd-bench.sh}
 SIZE=${SNAP_SIZE:-1G}
-W=$(mktemp -d /tmp/blockfork-bench-snap.XXXXXX)
+W=$(mktemp -d "${TMPDIR:-/tmp}/blockfork-bench-snap.XXXXXX")
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$W"; }
 trap cleanup EXIT

@@ -11,6 +11,8 @@
 #     pit   journal off vs on vs on + async fork vs nbdkit-file: randwrite 4K QD32, seqwrite 1M;
 #           then snapshot reads vs primary reads, and the time to open snap@T over 1M entries
 #   BENCH_NO_DOC=1   do not touch docs/BENCHMARKS.md
+#   BENCH_TMPFS=1    backing files, secondaries and journals on /dev/shm: takes this VM's slow disk
+#                    (write-back throttling) out, to measure the software; sections PART-tmpfs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -20,6 +22,16 @@ part=all
 case ${1:-} in core|fork|pit|all) part=$1; shift ;; esac
 bash scripts/ensure-test-deps.sh
 [ -e build/blockio.node ] && [ -e dist/src/cli.js ] || npm run --silent build
+SUFFIX=""
+TMPFS_NOTE=""
+if [ "${BENCH_TMPFS:-0}" = 1 ]; then
+  export TMPDIR=/dev/shm
+  WORKDIR=$(mktemp -d /dev/shm/blockfork-bench.XXXXXX)
+  trap 'rm -rf "$WORKDIR"' EXIT
+  set -- --workdir "$WORKDIR" "$@"
+  SUFFIX=-tmpfs
+  TMPFS_NOTE="Files on tmpfs (/dev/shm; BENCH_TMPFS=1): the disk is out of the picture, this measures the software."
+fi
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 OUTBASE=${BENCH_OUT:-$ROOT/bench-results/$STAMP}
 mkdir -p "$OUTBASE"
@@ -51,7 +63,7 @@ write_section() {
 
 table_section() { # OUT ARGS...
   local out=$1; shift
-  { machine; echo "Command: \`npm run bench -- $part $*\`. Ratios against nbdkit-file in the same run (>1 is faster)."; echo; echo '```'; cat "$out/table.txt"; echo '```'; } > "$out/section.md"
+  { machine; echo "Command: \`npm run bench -- $part $*\`. Ratios against nbdkit-file in the same run (>1 is faster). $TMPFS_NOTE"; echo; echo '```'; cat "$out/table.txt"; echo '```'; } > "$out/section.md"
 }
 
 run_core() {
@@ -60,7 +72,7 @@ run_core() {
   for p in ${BENCH_PEERS:-nbdkit-file nbdkit-file-threads qemu-nbd nbd-server nbdkit-memory raw-file}; do targets+=(-t "$p"); done
   "$BENCH" "${targets[@]}" -o "$out" "$@" | tee "$out.log"
   table_section "$out" "$@"
-  write_section core "$out/section.md"
+  write_section "core$SUFFIX" "$out/section.md"
 }
 
 run_fork() {
@@ -70,7 +82,7 @@ run_fork() {
   table_section "$out" "$@"
   bash scripts/bench-resync.sh "$OUTBASE/resync" | tee "$OUTBASE/resync.log"
   { cat "$out/section.md"; echo; cat "$OUTBASE/resync/section.md"; } > "$OUTBASE/fork.md"
-  write_section fork "$OUTBASE/fork.md"
+  write_section "fork$SUFFIX" "$OUTBASE/fork.md"
 }
 
 run_pit() {
@@ -81,7 +93,7 @@ run_pit() {
   table_section "$out" "$@"
   bash scripts/bench-snapshot.sh "$OUTBASE/snapshot" | tee "$OUTBASE/snapshot.log"
   { cat "$out/section.md"; echo; cat "$OUTBASE/snapshot/section.md"; } > "$OUTBASE/pit.md"
-  write_section pit "$OUTBASE/pit.md"
+  write_section "pit$SUFFIX" "$OUTBASE/pit.md"
 }
 
 case $part in

@@ -6,7 +6,7 @@
 // - Only the first change of a block in each merge window needs an image (Journal.needsImage);
 //   a write whose blocks are all imaged already in this window goes straight to the primary (and
 //   keeps the inline fast path).
-// - Blocks that are holes (or read as zeroes per the primary's extents) get zero images: no data.
+// - Blocks that read as zeroes get zero images: no data (large runs ask the extents first, so holes are not read).
 // - Sessions: every client session (NBD connection) gets its own partial journal (openSession).
 // - With the journal stopped (disk full), changes pass straight through: primary writes never fail
 //   because of the journal.
@@ -131,22 +131,11 @@ class JournalVolume extends FilterVolume {
       const count = k - i;
       const offset = first * j;
       const length = Math.min(count * j, this.size - offset);
-      // Blocks wholly inside a hole (or a run that reads as zeroes) need no data.
+      // Blocks that read as zeroes need no data. A large run asks the primary's extents first so
+      // holes are not read at all; a small one is just read and checked: SEEK_HOLE can cost time
+      // in proportion to the rest of the file (tmpfs walks every page to the next hole).
       const zero = new Uint8Array(count);
-      let pos = offset;
-      for (const e of await this.next.extents(offset, length)) {
-        const end = pos + e.length;
-        if (e.flags & 2) {
-          for (let x = Math.ceil((pos - offset) / j); x < count; x++) {
-            const bs = offset + x * j;
-            const be = Math.min(bs + j, this.size);
-            if (be > end) break;
-            zero[x] = 1;
-          }
-        }
-        pos = end;
-        if (pos >= offset + length) break;
-      }
+      if (count * j > EXTENTS_MIN) await this.holes(offset, length, zero);
       const data = Buffer.allocUnsafe(count * j);
       if (length < count * j) data.fill(0, length);
       let r = 0;
@@ -164,11 +153,45 @@ class JournalVolume extends FilterVolume {
         r = s;
       }
       for (let x = 0; x < count; x++) {
+        if (!zero[x] && isZero(data, x * j, j)) zero[x] = 1;
         this.journal.stage(this.session, first + x, ts, zero[x] ? null : data.subarray(x * j, (x + 1) * j));
       }
       i = k;
     }
   }
+
+  /** Mark in `zero` the blocks of [offset, offset+length) wholly inside a hole of the primary. */
+  private async holes(offset: number, length: number, zero: Uint8Array): Promise<void> {
+    const j = this.j;
+    const count = zero.length;
+    let pos = offset;
+    for (const e of await this.next.extents(offset, length)) {
+      const end = pos + e.length;
+      if (e.flags & 2) {
+        for (let x = Math.ceil((pos - offset) / j); x < count; x++) {
+          const bs = offset + x * j;
+          const be = Math.min(bs + j, this.size);
+          if (be > end) break;
+          zero[x] = 1;
+        }
+      }
+      pos = end;
+      if (pos >= offset + length) break;
+    }
+  }
+}
+
+/** Captures larger than this ask the primary's extents for holes before reading. */
+const EXTENTS_MIN = 1024 * 1024;
+const ZERO_BLOCK = Buffer.alloc(64 * 1024);
+
+/** True when buf[at, at+len) is all zero bytes (memcmp against a zero block). */
+function isZero(buf: Buffer, at: number, len: number): boolean {
+  for (let p = at; p < at + len; p += ZERO_BLOCK.length) {
+    const n = Math.min(ZERO_BLOCK.length, at + len - p);
+    if (buf.compare(ZERO_BLOCK, 0, n, p, p + n) !== 0) return false;
+  }
+  return true;
 }
 
 /** Run `apply`, unlocking when it settles; DONE stays DONE. */
