@@ -197,7 +197,19 @@ export class BlockFile {
     this.isBlockDevice = isBlockDevice;
     this.readOnly = opts.readOnly === true;
     this.inlineWrites = opts.inlineWrites !== false;
+    if (!isBlockDevice) {
+      const st = fstatSync(fd);
+      this.mayHaveHoles = st.blocks * 512 < size;
+    }
   }
+
+  /**
+   * False while the file is known to have no holes (fully allocated when opened, and nothing
+   * punched since): extents() then answers "all data" without SEEK_DATA/SEEK_HOLE, whose cost on
+   * some file systems grows with the rest of the file (tmpfs walks every page to the next hole).
+   * "Data" is always a correct answer; the volume lock keeps other processes from punching holes.
+   */
+  private mayHaveHoles = false;
 
   /** Open (or create, sparse) a file or block device. Throws UsageError with what to do. */
   static open(path: string, opts: BlockFileOptions = {}): BlockFile {
@@ -318,6 +330,7 @@ export class BlockFile {
 
   /** fallocate(mode) over a range; rejects with IoError (EOPNOTSUPP where unsupported). */
   fallocate(mode: number, offset: number, length: number): Promise<void> {
+    if ((mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) !== 0) this.mayHaveHoles = true;
     return queue.run(Op.Fallocate, this.fd, offset, length, mode).then(noop);
   }
 
@@ -337,6 +350,7 @@ export class BlockFile {
    * in memory for a file in use (qemu's file-posix does the same on its I/O thread).
    */
   extents(offset: number, length: number, max = 1024): Extent[] {
+    if (!this.mayHaveHoles && !this.isBlockDevice) return [{ length, flags: 0 }];
     const out = this.extentsOut;
     const n = binding.extentsSync(this.fd, offset, length, out.subarray(0, 2 * Math.min(max, 1024)));
     if (n < 0) throw new IoError(-n, "lseek(SEEK_DATA)", `offset ${offset}`);

@@ -321,6 +321,26 @@ void describe("FileVolume and BlockFile", () => {
     }
   });
 
+  void test("a fully allocated file answers extents without seeking; holes punched later are reported", async () => {
+    for (const dir of [scratch(), scratch("/dev/shm")]) {
+      const p = join(dir, "dense.img");
+      writeFileSync(p, Buffer.alloc(4 * MiB, 7)); // every block allocated: no holes
+      const f = BlockFile.open(p, { lock: true });
+      try {
+        assert.deepEqual(f.extents(0, 4 * MiB), [{ length: 4 * MiB, flags: 0 }]);
+        await f.fallocate(3 /* PUNCH_HOLE | KEEP_SIZE */, MiB, MiB);
+        const e = f.extents(0, 4 * MiB);
+        assert.deepEqual(e, [
+          { length: MiB, flags: 0 },
+          { length: MiB, flags: 3 },
+          { length: 2 * MiB, flags: 0 },
+        ]);
+      } finally {
+        f.close();
+      }
+    }
+  });
+
   void test("BlockFile reports the path, size and kind", () => {
     const p = join(scratch(), "bf.img");
     const f = BlockFile.open(p, { create: true, size: MiB });
