@@ -14,6 +14,20 @@ import { unlinkSync } from "node:fs";
 import type { Logger } from "../log.js";
 import { clearStaleSocket } from "../util/unix-socket.js";
 
+/** What `GET /snapshots` answers (and `blockfork snapshots --json` prints). */
+export interface SnapshotsReport {
+  earliest: string | null;
+  latest: string;
+  windowMs: number;
+  stopped: { at: string; reason: string } | null;
+  journalBytes: number;
+  segments: number;
+  entries: number;
+  bookmarks: { name: string; time: string | null; export: string }[];
+  /** Read from the journal files, no proxy running. */
+  offline?: true;
+}
+
 /** What the admin endpoint can do; the serve command provides it. */
 export interface AdminHandlers {
   status(): unknown;
@@ -21,7 +35,7 @@ export interface AdminHandlers {
   verify(repair: boolean, progress: (done: number, total: number) => void): Promise<unknown>;
   resync(full: boolean): Promise<unknown>;
   mark(name: string): unknown;
-  snapshots(): unknown;
+  snapshots(): SnapshotsReport;
 }
 
 /** The admin endpoint of a running proxy. */

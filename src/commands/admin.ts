@@ -4,6 +4,7 @@
 import { parseArgs } from "node:util";
 import { UsageError } from "../errors.js";
 import { adminCall, NoProxyError, proxyRunning } from "../admin/client.js";
+import type { SnapshotsReport } from "../admin/server.js";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { Journal } from "../pit/journal.js";
@@ -268,7 +269,7 @@ Exit status: 0; 1 when no proxy answers; 2 on a usage error.
 `;
 
 /** The same summary read from the journal directory itself, when no proxy runs. */
-function offlineSnapshots(dir: string): unknown {
+function offlineSnapshots(dir: string): SnapshotsReport {
   const jdir = join(dir, "journal");
   if (!existsSync(jdir))
     throw new UsageError(`no proxy is running with --state-dir ${dir} and it holds no journal`);
@@ -276,7 +277,7 @@ function offlineSnapshots(dir: string): unknown {
   const iso = (t: number | null): string | null => (t === null ? null : new Date(t).toISOString());
   return {
     earliest: s.entries > 0 || s.earliest !== null ? iso(s.earliest) : null,
-    latest: iso(s.latest) ?? iso(Date.now()),
+    latest: new Date(s.latest ?? Date.now()).toISOString(),
     windowMs: s.windowMs,
     stopped: s.stopped ? { at: "?", reason: "the journal was stopped when the proxy ended" } : null,
     journalBytes: s.bytes,
@@ -311,16 +312,7 @@ export async function snapshots(argv: string[]): Promise<number> {
     if (!(e instanceof NoProxyError)) throw e;
     answer = offlineSnapshots(dir);
   }
-  const s = answer as {
-    earliest: string | null;
-    latest: string;
-    windowMs: number;
-    stopped: { at: string; reason: string } | null;
-    journalBytes: number;
-    segments: number;
-    entries: number;
-    bookmarks: { name: string; time: string; export: string }[];
-  };
+  const s = answer as SnapshotsReport;
   if (values.json) {
     process.stdout.write(JSON.stringify(s, null, 2) + "\n");
     return 0;

@@ -6,12 +6,12 @@
 
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
-import { run, SYSTEM_PATH } from "../helpers/run.js";
+import { run } from "../helpers/run.js";
+import { FuseLoop } from "../helpers/fuse.js";
 
 const MiB = 1024 * 1024;
 const SIZE = 256 * MiB;
@@ -20,97 +20,6 @@ const BIG_FILES = 3;
 
 function sha256(b: Uint8Array): string {
   return createHash("sha256").update(b).digest("hex");
-}
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-/** nbdfuse -> loop device -> (optionally) a mount; torn down in reverse by detach(). */
-class Stack {
-  fuseProc: ChildProcess | null = null;
-  fuseErr = "";
-  fuseMounted = false;
-  loop = "";
-  mounted = false;
-
-  constructor(
-    readonly fuseDir: string,
-    readonly mnt: string,
-  ) {}
-
-  get nbdFile(): string {
-    return join(this.fuseDir, "nbd");
-  }
-
-  /** Start nbdfuse on `uri` and put a loop device over its file. */
-  async attach(uri: string): Promise<void> {
-    mkdirSync(this.fuseDir, { recursive: true });
-    const pidfile = `${this.fuseDir}.pid`;
-    rmSync(pidfile, { force: true });
-    const p = spawn("nbdfuse", ["-P", pidfile, this.fuseDir, uri], {
-      stdio: ["ignore", "ignore", "pipe"],
-      env: { ...process.env, PATH: SYSTEM_PATH },
-    });
-    this.fuseProc = p;
-    this.fuseErr = "";
-    p.stderr.setEncoding("utf8").on("data", (d: string) => (this.fuseErr += d));
-    const deadline = Date.now() + 20_000;
-    while (!existsSync(pidfile)) {
-      if (p.exitCode !== null) throw new Error(`nbdfuse exited with ${p.exitCode}: ${this.fuseErr}`);
-      if (Date.now() > deadline) throw new Error(`nbdfuse not ready after 20 s: ${this.fuseErr}`);
-      await sleep(50);
-    }
-    this.fuseMounted = true;
-    assert.equal(statSync(this.nbdFile).size, SIZE, "nbdfuse's file does not have the export's size");
-    this.loop = (await run("losetup", ["--find", "--show", this.nbdFile])).stdout.trim();
-    assert.match(this.loop, /^\/dev\/loop\d+$/);
-  }
-
-  async mount(readOnly = false): Promise<void> {
-    mkdirSync(this.mnt, { recursive: true });
-    await run("mount", ["-t", "ext4", ...(readOnly ? ["-o", "ro"] : []), this.loop, this.mnt]);
-    this.mounted = true;
-  }
-
-  async umount(): Promise<void> {
-    if (!this.mounted) return;
-    await run("umount", [this.mnt]);
-    this.mounted = false;
-  }
-
-  /** Undo everything that is still set up; tries every step even if one fails. */
-  async detach(): Promise<void> {
-    const errors: string[] = [];
-    if (this.mounted) {
-      const r = await run("umount", [this.mnt], { allowFailure: true });
-      if (r.code !== 0) {
-        errors.push(`umount: ${r.stderr}`);
-        await run("umount", ["-l", this.mnt], { allowFailure: true });
-      }
-      this.mounted = false;
-    }
-    if (this.loop) {
-      const r = await run("losetup", ["-d", this.loop], { allowFailure: true });
-      if (r.code !== 0) errors.push(`losetup -d ${this.loop}: ${r.stderr}`);
-      this.loop = "";
-    }
-    if (this.fuseMounted) {
-      const r = await run("fusermount3", ["-u", this.fuseDir], { allowFailure: true });
-      if (r.code !== 0) {
-        errors.push(`fusermount3 -u: ${r.stderr}`);
-        await run("fusermount3", ["-u", "-z", this.fuseDir], { allowFailure: true });
-      }
-      this.fuseMounted = false;
-    }
-    const p = this.fuseProc;
-    if (p && p.exitCode === null && p.signalCode === null) {
-      const exited = new Promise<void>((r) => p.once("exit", () => r()));
-      const t = setTimeout(() => p.kill("SIGKILL"), 10_000);
-      await exited;
-      clearTimeout(t);
-    }
-    this.fuseProc = null;
-    if (errors.length > 0) throw new Error(`teardown: ${errors.join("; ")}`);
-  }
 }
 
 /** Files written and their checksums, relative to the filesystem root. */
@@ -150,7 +59,7 @@ async function fsck(target: string): Promise<void> {
 }
 
 const dir = scratchDir("blockfork-fs-");
-const stack = new Stack(join(dir, "fuse"), join(dir, "mnt"));
+const stack = new FuseLoop(join(dir, "fuse"), join(dir, "mnt"));
 let srv: ServerHandle | null = null;
 
 after(async () => {
@@ -173,7 +82,7 @@ void test(
     srv = await startServer({ dir, volume, size: "256M" });
 
     // Make the filesystem and fill it.
-    await stack.attach(srv.uri);
+    await stack.attach(srv.uri, SIZE);
     await run("mkfs.ext4", ["-q", "-F", "-L", "blockfork", stack.loop], { timeoutMs: 120_000 });
     await stack.mount();
     const manifest = writeFiles(stack.mnt);
@@ -182,7 +91,7 @@ void test(
 
     // Mount again on a fresh nbdfuse and loop device: every read now comes through NBD.
     await stack.detach();
-    await stack.attach(srv.uri);
+    await stack.attach(srv.uri, SIZE);
     await stack.mount();
     verifyFiles(stack.mnt, manifest);
     await stack.umount();
@@ -197,9 +106,9 @@ void test(
 
     // Restart on the same volume file (no --size: it exists) and check everything again.
     srv = await startServer({ dir, volume, size: null });
-    await stack.attach(srv.uri);
+    await stack.attach(srv.uri, SIZE);
     await fsck(stack.loop);
-    await stack.mount(true);
+    await stack.mount("ro");
     verifyFiles(stack.mnt, manifest);
     const label = await run("e2label", [stack.loop]);
     assert.equal(label.stdout.trim(), "blockfork");

@@ -256,28 +256,11 @@ pub fn send_header_and_file(
     offset: i64,
     len: usize,
 ) -> i64 {
-    let mut sent = 0usize;
-    while sent < hlen {
-        let r = unsafe {
-            send(
-                sock,
-                header.add(sent) as *const c_void,
-                hlen - sent,
-                MSG_DONTWAIT | MSG_NOSIGNAL | MSG_MORE,
-            )
-        };
-        if r < 0 {
-            let e = errno();
-            if e == EINTR {
-                continue;
-            }
-            if e == EAGAIN {
-                return sent as i64;
-            }
-            return if sent > 0 { sent as i64 } else { -(e as i64) };
-        }
-        sent += r as usize;
+    let sent = send_all(sock, header, hlen, MSG_DONTWAIT | MSG_NOSIGNAL | MSG_MORE);
+    if sent < 0 || (sent as usize) < hlen {
+        return sent;
     }
+    let sent = hlen;
     let mut off = offset;
     let mut done = 0usize;
     while done < len {
@@ -304,20 +287,12 @@ pub fn send_header_and_file(
     (sent + done) as i64
 }
 
-/// A close-on-exec duplicate of `fd`, or -errno.
-/// send(MSG_DONTWAIT | MSG_NOSIGNAL) of a whole buffer: bytes sent, stopping at EAGAIN (0 when
-/// the socket is full); -errno when the connection failed before anything was sent.
-pub fn send_now(sock: c_int, buf: *const u8, len: usize) -> i64 {
+/// send(2) of a whole buffer with `flags`: bytes sent, stopping at EAGAIN (0 when the socket is
+/// full); -errno when the connection failed before anything was sent.
+fn send_all(sock: c_int, buf: *const u8, len: usize, flags: c_int) -> i64 {
     let mut sent = 0usize;
     while sent < len {
-        let r = unsafe {
-            send(
-                sock,
-                buf.add(sent) as *const c_void,
-                len - sent,
-                MSG_DONTWAIT | MSG_NOSIGNAL,
-            )
-        };
+        let r = unsafe { send(sock, buf.add(sent) as *const c_void, len - sent, flags) };
         if r < 0 {
             let e = errno();
             if e == EINTR {
@@ -331,6 +306,11 @@ pub fn send_now(sock: c_int, buf: *const u8, len: usize) -> i64 {
         sent += r as usize;
     }
     sent as i64
+}
+
+/// send(MSG_DONTWAIT | MSG_NOSIGNAL) of a whole buffer (see send_all).
+pub fn send_now(sock: c_int, buf: *const u8, len: usize) -> i64 {
+    send_all(sock, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL)
 }
 
 /// recv(MSG_DONTWAIT) into a buffer: bytes received (0 at end of stream), or -errno (-EAGAIN when
@@ -362,6 +342,7 @@ pub fn lock_fd(fd: c_int, exclusive: bool) -> i64 {
     0
 }
 
+/// A close-on-exec duplicate of `fd`, or -errno.
 pub fn dup_fd(fd: c_int) -> i64 {
     let r = unsafe { fcntl(fd, F_DUPFD_CLOEXEC, 0) };
     if r < 0 {
