@@ -391,7 +391,13 @@ void describe("replication configuration", () => {
       );
       assert.match(st.link!.reason, /check --gateway-token-file/);
       assert.equal(st.tracking!.dirtyBytes, 64 * MiB, "nothing reached the secondary");
-      const text = await cli(["status", "--state-dir", pair.stateDir]);
+      // The link retries (health answers, so it tries to resync and gets 401 again): between two
+      // status calls it may be "resyncing" for a moment. Sample the text until it shows tracking.
+      let text = await cli(["status", "--state-dir", pair.stateDir]);
+      for (let i = 0; i < 100 && !/link\s+tracking since /.test(text.stdout); i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        text = await cli(["status", "--state-dir", pair.stateDir]);
+      }
       assert.equal(text.code, 0);
       assert.match(text.stdout, /link\s+tracking since .*401/);
       // The gateway accepted nothing from this proxy.
