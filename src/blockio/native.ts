@@ -18,6 +18,7 @@ export interface BlockioBinding {
   lockFd(fd: number, exclusive: number): number;
   sendNow(sock: number, buf: Uint8Array): number;
   recvNowait(sock: number, buf: Uint8Array): number;
+  threadSleeps(): number;
   crc32c(buf: Uint8Array, seed: number): number;
   sendFile(sock: number, header: Uint8Array, fd: number, offset: number, length: number): number;
   submit(desc: Float64Array, bufs: (Uint8Array | undefined)[], results: Float64Array, cb: () => void): void;

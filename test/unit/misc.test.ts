@@ -1,5 +1,6 @@
 // Small pieces: sizes, --listen parsing, block size rules, the export registry, the errno -> NBD
-// error mapping, error classes, the buffer pool and the reply OutputQueue.
+// error mapping, error classes, the buffer pool, the reply OutputQueue and the addon's thread
+// sleep counter.
 
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -30,6 +31,7 @@ import {
 import { acquire, release } from "../../src/util/buffer-pool.js";
 import { OutputQueue } from "../../src/nbd/output.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
+import { binding } from "../../src/blockio/native.js";
 
 const E = constants.errno;
 const KiB = 1024;
@@ -557,5 +559,15 @@ void describe("OutputQueue", () => {
     await tick();
     assert.deepEqual(s.output, Buffer.alloc(10, 7));
     assert.equal(acquire(200 * KiB), pooled);
+  });
+});
+
+void describe("threadSleeps (inline-write throttling probe)", () => {
+  void test("counts the JS thread's voluntary sleeps, which a blocking wait raises", () => {
+    const before = binding.threadSleeps();
+    assert.ok(Number.isInteger(before) && before >= 0, `threadSleeps() = ${before}`);
+    // A futex wait on the JS thread: the kernel puts it to sleep (a voluntary context switch).
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
+    assert.ok(binding.threadSleeps() > before, "a 20 ms futex wait must count as a voluntary sleep");
   });
 });

@@ -242,6 +242,11 @@ unsafe extern "C" fn lock_fd(env: napi_env, info: napi_callback_info) -> napi_va
     }
 }
 
+/// threadSleeps(): voluntary context switches of the calling (JS) thread so far, or -errno.
+unsafe extern "C" fn thread_sleeps(env: napi_env, _info: napi_callback_info) -> napi_value {
+    number(env, ops::thread_sleeps() as f64)
+}
+
 /// crc32c(buf, seed): CRC32C of a buffer, continuing from `seed` (0 to start).
 unsafe extern "C" fn crc32c(env: napi_env, info: napi_callback_info) -> napi_value {
     let parsed = (|| {
@@ -433,6 +438,7 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"lockFd\0", lock_fd);
     export(env, exports, b"sendNow\0", send_now);
     export(env, exports, b"recvNowait\0", recv_nowait);
+    export(env, exports, b"threadSleeps\0", thread_sleeps);
     export(env, exports, b"crc32c\0", crc32c);
     export(env, exports, b"submit\0", submit);
     exports

@@ -350,3 +350,14 @@ pub fn dup_fd(fd: c_int) -> i64 {
     }
     r as i64
 }
+
+/// Voluntary context switches of the calling thread so far (getrusage RUSAGE_THREAD), or -errno.
+/// A blocking call that slept in the kernel (dirty-page throttling, a lock, a disk read) raises
+/// it; being preempted does not.
+pub fn thread_sleeps() -> i64 {
+    let mut r = Rusage::default();
+    if unsafe { getrusage(RUSAGE_THREAD, &mut r) } < 0 {
+        return neg_errno();
+    }
+    r.counters[RU_NVCSW] as i64
+}

@@ -43,6 +43,20 @@ pub struct Cachestat {
 
 pub const F_DUPFD_CLOEXEC: c_int = 1030;
 
+/// getrusage(2) `who` for the calling thread.
+pub const RUSAGE_THREAD: c_int = 1;
+
+/// struct rusage (LP64): two timevals, then fourteen longs (ru_maxrss .. ru_nivcsw).
+#[repr(C)]
+#[derive(Default)]
+pub struct Rusage {
+    pub times: [c_long; 4],
+    pub counters: [c_long; 14],
+}
+
+/// Index of ru_nvcsw (voluntary context switches) in `Rusage::counters`.
+pub const RU_NVCSW: usize = 12;
+
 pub const EINTR: i32 = 4;
 pub const EINVAL: i32 = 22;
 pub const ENXIO: i32 = 6;
@@ -73,6 +87,7 @@ extern "C" {
     pub fn syscall(number: c_long, ...) -> c_long;
     pub fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     pub fn flock(fd: c_int, operation: c_int) -> c_int;
+    pub fn getrusage(who: c_int, usage: *mut Rusage) -> c_int;
     fn __errno_location() -> *mut c_int;
 }
 
