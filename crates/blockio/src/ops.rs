@@ -359,5 +359,5 @@ pub fn thread_sleeps() -> i64 {
     if unsafe { getrusage(RUSAGE_THREAD, &mut r) } < 0 {
         return neg_errno();
     }
-    r.counters[RU_NVCSW] as i64
+    i64::from(r.counters[RU_NVCSW])
 }
