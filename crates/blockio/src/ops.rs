@@ -359,5 +359,5 @@ pub fn thread_sleeps() -> i64 {
     if unsafe { getrusage(RUSAGE_THREAD, &mut r) } < 0 {
         return neg_errno();
     }
-    i64::from(r.counters[RU_NVCSW])
+    r.counters[RU_NVCSW]
 }

@@ -51,7 +51,7 @@ pub const RUSAGE_THREAD: c_int = 1;
 #[derive(Default)]
 pub struct Rusage {
     pub times: [c_long; 4],
-    pub counters: [c_long; 14],
+    pub counters: [i64; 14],
 }
 
 /// Index of ru_nvcsw (voluntary context switches) in `Rusage::counters`.
