@@ -66,7 +66,7 @@ Replication (forked writes to a gateway; see docs/gateway-api.md)
   --queue-size SIZE        async mode: queue bound before the link tracks (default 64M)
   --queue-age MS           async mode: oldest queued update before the link tracks (default 5000)
   --resync-rate SIZE       resync bandwidth per second (default: unlimited)
-  --resync-concurrency N   ranges read and sent in parallel during resync (default 4)
+  --resync-concurrency N   ranges (4 MiB) read and sent in parallel during resync (default 8)
   --track-granularity SIZE bytes per dirty bit in a new tracking log (default 64K)
   --assume-clean           a NEW tracking log starts clean (no initial full copy): only when the
                            secondary is known to equal the primary (both new, or copied)
@@ -327,7 +327,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       resyncRate: values["resync-rate"] ? parseSize(values["resync-rate"], "--resync-rate") : 0,
       resyncConcurrency: values["resync-concurrency"]
         ? positiveInt(values["resync-concurrency"], "--resync-concurrency")
-        : 4,
+        : LINK_DEFAULTS.resyncConcurrency,
       granularity,
       alExtents: values["al-extents"] ? positiveInt(values["al-extents"], "--al-extents") : 1024,
       assumeClean: values["assume-clean"] === true,

@@ -84,9 +84,9 @@ export const LINK_DEFAULTS = {
   batchBytes: 4 * 1024 * 1024,
   maxBatches: 4,
   requestTimeoutMs: 10_000,
-  resyncConcurrency: 4,
+  resyncConcurrency: 8,
   resyncRate: 0,
-  resyncChunkBytes: 1024 * 1024,
+  resyncChunkBytes: 4 * 1024 * 1024,
   mirrorIntervalMs: 1000,
 };
 
