@@ -24,6 +24,10 @@ export class SnapshotView implements Volume {
   readonly size: number;
   readonly description: string;
   private readonly map = new Map<number, number>();
+  /** Bumped whenever a block joins the map (reads in flight then re-check their primary runs). */
+  private version = 0;
+  /** Map entries whose image is a zero image (a trim or zero): none means extents are the primary's. */
+  private zeroImages = 0;
   private readonly j: number;
   private unsubscribe: (() => void) | null = null;
   private broken: string | null = null;
@@ -60,7 +64,11 @@ export class SnapshotView implements Volume {
     for (let i = from; i < to; i++) {
       if (idx.ts[i] < point) continue; // a change from before the point, committed late
       const b = idx.block[i];
-      if (!map.has(b)) map.set(b, i);
+      if (!map.has(b)) {
+        map.set(b, i);
+        this.version++;
+        if (idx.off[i] < 0) this.zeroImages++;
+      }
     }
   }
 
@@ -110,9 +118,11 @@ export class SnapshotView implements Volume {
   }
 
   private async fromPrimary(buf: Buffer, base: number, from: number, to: number): Promise<void> {
+    const version = this.version;
     const p = this.primary.read(buf.subarray(from - base, to - base), from);
     if (p !== DONE) await p;
     // A block may have gained a journal entry while we read: its image is the right contents.
+    if (this.version === version) return;
     const j = this.j;
     for (let b = Math.floor(from / j); b * j < to; b++) {
       const e = this.map.get(b);
@@ -126,6 +136,8 @@ export class SnapshotView implements Volume {
   async extents(offset: number, length: number): Promise<Extent[]> {
     const base = await this.primary.extents(offset, length);
     // Blocks from the journal are data (or zero for zero images); lay them over the primary's map.
+    // Without zero images that changes nothing where the primary is all data.
+    if (this.zeroImages === 0 && base.length === 1 && base[0].flags === 0) return base;
     const j = this.j;
     const out: Extent[] = [];
     const push = (len: number, flags: number): void => {

@@ -268,6 +268,33 @@ void describe("SnapshotView over the journal filter", () => {
     }
   });
 
+  void test("a block that gains a journal entry while its primary read is in flight reads its image", async () => {
+    const W = 50;
+    const r = await rig("memory", MiB, W);
+    const old = randomBytes(MiB);
+    await r.stack.write(old, 0, false);
+    await nextWindow(W);
+    // The view reads through a primary whose reads wait for a gate and then read what is there.
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    const slow = Object.create(r.primary) as Volume;
+    slow.read = async (buf: Buffer, offset: number): Promise<void> => {
+      await gate;
+      await r.primary.read(buf, offset);
+    };
+    const view = new SnapshotView(r.journal, slow, r.journal.pointOf(journalNow()), "v");
+    view.open();
+    const got = Buffer.alloc(64 * KiB);
+    const reading = view.read(got, 0); // blocks 0..15, all from the primary
+    await r.stack.write(randomBytes(2 * BS), 5 * BS, false); // blocks 5 and 6 change meanwhile
+    assert.equal(view.journalBlocks, 2);
+    open();
+    await reading;
+    assert.ok(got.equals(old.subarray(0, 64 * KiB)), firstDiff(got, old.subarray(0, 64 * KiB)));
+    await view.close();
+    await r.close();
+  });
+
   void test("a block of a hole (zero image) changed after the point reads as zeroes", async () => {
     const W = 50;
     const r = await rig("memory", MiB, W);
