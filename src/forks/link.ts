@@ -11,6 +11,11 @@
 //   only part: such a block is STALE and only a whole-block resync copy makes it clearable.
 // - Updates are batched (up to batchBytes per POST) and pipelined (maxBatches in flight on an undici
 //   Pool). A 200 means applied; a periodic flush turns applied into durable and clears blocks.
+// - An update is encoded once, when it is submitted: header and data are appended to the current
+//   slab (a pooled 1 MiB buffer), so consecutive updates lie back to back and a batch body is a
+//   few slices of slabs sent as they are (no second copy, no per-update buffer). Data of 64 KiB or
+//   more (large writes, resync ranges) stays in its own buffer, sent after its header. A slab goes
+//   back to the pool when no queued or in-flight update uses it.
 // - Any failure (network, timeout, non-200) is one event for the machine: the link drops to
 //   tracking, every queued and in-flight update is forgotten (`epoch` changes, so late answers are
 //   ignored) and `lastSeq` is emptied: those blocks stay dirty until a resync copies them again.
@@ -28,13 +33,7 @@ import type { Logger } from "../log.js";
 import type { TrackingLog } from "../tracking/log.js";
 import { extentsJson } from "../tracking/dirty-map.js";
 import type { Volume } from "../volume/volume.js";
-import {
-  encodeUpdateChunks,
-  encodedSize,
-  KIND,
-  type UpdateKind,
-  type UpdateRecord,
-} from "../gateway/records.js";
+import { encodeHeader, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/records.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import {
   initialLinkState,
@@ -90,14 +89,38 @@ export const LINK_DEFAULTS = {
   mirrorIntervalMs: 1000,
 };
 
+/** A pooled buffer that encoded updates are appended to. */
+class Slab {
+  readonly buf: Buffer;
+  used = 0;
+  /** Updates (queued or in flight) encoded in it. */
+  refs = 0;
+  /** No longer the slab updates are appended to: back to the pool at refs 0. */
+  retired = false;
+  constructor() {
+    this.buf = acquire(SLAB_BYTES);
+  }
+}
+const SLAB_BYTES = 1024 * 1024;
+/** Data from this size on is not copied into a slab. */
+const OWN_BUFFER_MIN = 64 * 1024;
+
 interface Pending {
-  rec: UpdateRecord;
+  seq: number;
+  length: number;
+  /** Encoded size (header and data). */
+  size: number;
   b0: number;
   b1: number;
   at: number;
   waiter: (() => void) | null;
   resync: boolean;
-  /** A pooled buffer holding `rec.data`, given back once the update is sent or dropped. */
+  /** Encoded in `slab` at [start, start + size), or else `head` then `data` (own buffers). */
+  slab: Slab | null;
+  start: number;
+  head: Buffer | null;
+  data: Buffer | null;
+  /** A pooled buffer holding `data`, given back once the update is sent or dropped. */
   pooled: Buffer | null;
 }
 
@@ -153,6 +176,7 @@ export class GatewayLink {
   private readonly o: LinkOptions;
   private readonly log: Logger;
   private readonly pool: Pool;
+  private readonly controlPool: Pool;
   private readonly mirrorPool: Pool | null;
   private volumeName: string | null = null;
   private seq = 1;
@@ -204,6 +228,15 @@ export class GatewayLink {
     this.pool = new Pool(opts.url, {
       connections: 2,
       pipelining: Math.max(1, opts.maxBatches),
+      headersTimeout: opts.requestTimeoutMs,
+      bodyTimeout: opts.requestTimeoutMs,
+      connectTimeout: Math.min(5000, opts.requestTimeoutMs),
+      ...(connect ? { connect } : {}),
+    });
+    // Flushes (an fdatasync on the gateway, slow on a busy disk) and health checks go on their own
+    // connection: pipelined behind a flush, update batches would wait for the secondary's disk.
+    this.controlPool = new Pool(opts.url, {
+      connections: 1,
       headersTimeout: opts.requestTimeoutMs,
       bodyTimeout: opts.requestTimeoutMs,
       connectTimeout: Math.min(5000, opts.requestTimeoutMs),
@@ -328,14 +361,7 @@ export class GatewayLink {
     } else if (ticket.stale !== null) {
       for (const b of ticket.stale) this.lastSeq.set(b, STALE);
     }
-    let copy: Buffer | null = null;
-    let pooled: Buffer | null = null;
-    if (data !== null) {
-      pooled = acquire(data.length);
-      copy = pooled.subarray(0, data.length);
-      data.copy(copy);
-    }
-    const p = this.enqueue(kind, offset, length, copy, false, seq, pooled);
+    const p = this.enqueue(kind, offset, length, data, false, seq, null, true);
     if (this.o.mode === "async" && this.queued > this.o.queueBytes) {
       this.dispatch({ type: "overflow", reason: `queue over ${this.o.queueBytes} bytes (gateway too slow)` });
     }
@@ -368,6 +394,11 @@ export class GatewayLink {
     return seq;
   }
 
+  /**
+   * Queue an update. `data` (WRITE only) is copied into a slab when it is small, or else kept as
+   * it is (`pooled`, if given, goes back to the pool once it is sent or dropped; `copy` asks for a
+   * copy of data the caller will reuse).
+   */
   private enqueue(
     kind: UpdateKind,
     offset: number,
@@ -376,24 +407,77 @@ export class GatewayLink {
     resync: boolean,
     seq = this.reserve(offset, length),
     pooled: Buffer | null = null,
+    copy = false,
   ): Promise<void> | null {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
+    const dataBytes = data === null ? 0 : data.length;
     const pending: Pending = {
-      rec: { kind, seq, period: this.period, offset, length, data },
+      seq,
+      length,
+      size: RECORD_HEADER + dataBytes,
       b0,
       b1,
       at: Date.now(),
       waiter: null,
       resync,
+      slab: null,
+      start: 0,
+      head: null,
+      data: null,
       pooled,
     };
+    if (dataBytes < OWN_BUFFER_MIN) {
+      let slab = this.slab;
+      if (slab === null || slab.used + pending.size > slab.buf.length) {
+        if (slab !== null) this.retire(slab);
+        slab = this.slab = new Slab();
+      }
+      pending.slab = slab;
+      pending.start = slab.used;
+      encodeHeader(slab.buf, slab.used, kind, seq, this.period, offset, length);
+      if (data !== null) slab.buf.set(data, slab.used + RECORD_HEADER);
+      slab.used += pending.size;
+      slab.refs++;
+      if (pooled !== null) release(pooled);
+      pending.pooled = null;
+    } else {
+      pending.head = Buffer.allocUnsafe(RECORD_HEADER);
+      encodeHeader(pending.head, 0, kind, seq, this.period, offset, length);
+      if (copy) {
+        pending.pooled = acquire(dataBytes);
+        pending.data = pending.pooled.subarray(0, dataBytes);
+        data!.copy(pending.data);
+      } else pending.data = data;
+    }
     let promise: Promise<void> | null = null;
     if (this.o.mode === "sync" && !resync)
       promise = new Promise<void>((resolve) => (pending.waiter = resolve));
     this.queue.push(pending);
-    this.queued += 40 + (data ? data.length : 0);
+    this.queued += pending.size;
     this.pump();
     return promise;
+  }
+
+  /** The slab updates are appended to (null: none yet, or it filled up). */
+  private slab: Slab | null = null;
+
+  private retire(slab: Slab): void {
+    slab.retired = true;
+    if (this.slab === slab) this.slab = null;
+    if (slab.refs === 0) release(slab.buf);
+  }
+
+  /** An update was sent or dropped: give back what holds its bytes. */
+  private done(p: Pending): void {
+    if (p.pooled !== null) release(p.pooled);
+    const slab = p.slab;
+    if (slab !== null) {
+      slab.refs--;
+      if (slab.refs === 0) {
+        if (slab.retired) release(slab.buf);
+        else slab.used = 0; // the current slab with nothing in it: start again at the top
+      }
+    }
   }
 
   private pump(): void {
@@ -406,7 +490,7 @@ export class GatewayLink {
       let bytes = 0;
       let n = 0;
       while (n < this.queue.length && n < 4096) {
-        const size = 40 + (this.queue[n].rec.data?.length ?? 0);
+        const size = this.queue[n].size;
         if (n > 0 && bytes + size > this.o.batchBytes) break;
         bytes += size;
         n++;
@@ -415,12 +499,38 @@ export class GatewayLink {
       this.queued -= bytes;
       this.batches++;
       this.sending.add(batch);
-      void this.send(batch, this.epoch);
+      void this.send(batch, bytes, this.epoch);
     }
     if (this.queue.length === 0 && this.batches === 0) {
       const w = this.drainWaiters.splice(0);
       for (const f of w) f();
     }
+  }
+
+  /** The body of a batch: runs of updates that lie back to back in a slab go as one slice. */
+  private static body(batch: Pending[]): Buffer[] {
+    const chunks: Buffer[] = [];
+    let runBuf: Buffer | null = null;
+    let runStart = 0;
+    let runEnd = 0;
+    for (const p of batch) {
+      if (p.slab !== null) {
+        if (runBuf === p.slab.buf && runEnd === p.start) {
+          runEnd += p.size;
+          continue;
+        }
+        if (runBuf !== null) chunks.push(runBuf.subarray(runStart, runEnd));
+        runBuf = p.slab.buf;
+        runStart = p.start;
+        runEnd = p.start + p.size;
+        continue;
+      }
+      if (runBuf !== null) chunks.push(runBuf.subarray(runStart, runEnd));
+      runBuf = null;
+      chunks.push(p.head!, p.data!);
+    }
+    if (runBuf !== null) chunks.push(runBuf.subarray(runStart, runEnd));
+    return chunks;
   }
 
   private drained(): Promise<void> {
@@ -451,7 +561,8 @@ export class GatewayLink {
     if (length !== undefined) headers["content-length"] = String(length);
     // undici writes an iterable body chunk by chunk (its type declarations only list single buffers).
     const payload = body as Buffer | undefined;
-    const res = await this.pool.request({ method, path, headers, ...(payload ? { body: payload } : {}) });
+    const pool = body === undefined ? this.controlPool : this.pool;
+    const res = await pool.request({ method, path, headers, ...(payload ? { body: payload } : {}) });
     const text = await res.body.text();
     if (res.statusCode !== 200) {
       let detail = text.slice(0, 300);
@@ -467,20 +578,19 @@ export class GatewayLink {
     return text ? (JSON.parse(text) as unknown) : {};
   }
 
-  private async send(batch: Pending[], epoch: number): Promise<void> {
+  private async send(batch: Pending[], bytes: number, epoch: number): Promise<void> {
     try {
-      const recs = batch.map((p) => p.rec);
       await this.call(
         "POST",
         `/v1/volumes/${this.volumeName}/updates`,
-        encodeUpdateChunks(recs),
+        GatewayLink.body(batch),
         "application/vnd.blockfork.updates",
-        encodedSize(recs),
+        bytes,
       );
       if (epoch !== this.epoch) return; // the link was reset meanwhile: this answer means nothing now
       for (const p of batch) {
-        this.unflushed.push({ seq: p.rec.seq, b0: p.b0, b1: p.b1 });
-        if (p.resync) this.progress.doneBytes += p.rec.length;
+        this.unflushed.push({ seq: p.seq, b0: p.b0, b1: p.b1 });
+        if (p.resync) this.progress.doneBytes += p.length;
         p.waiter?.();
       }
     } catch (e) {
@@ -488,7 +598,7 @@ export class GatewayLink {
       this.failed(`sending updates failed: ${(e as Error).message}`);
       for (const p of batch) p.waiter?.();
     } finally {
-      for (const p of batch) if (p.pooled) release(p.pooled);
+      for (const p of batch) this.done(p);
       this.sending.delete(batch);
       if (epoch === this.epoch) {
         this.batches--;
@@ -507,7 +617,7 @@ export class GatewayLink {
     this.epoch++;
     for (const p of this.queue) {
       p.waiter?.();
-      if (p.pooled) release(p.pooled);
+      this.done(p);
     }
     this.queue = [];
     this.queued = 0;
@@ -919,6 +1029,7 @@ export class GatewayLink {
     for (const t of this.timers) clearInterval(t);
     this.stopProbe();
     await this.pool.close().catch(() => {});
+    await this.controlPool.close().catch(() => {});
     await this.mirrorPool?.close().catch(() => {});
   }
 }

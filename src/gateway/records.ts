@@ -1,5 +1,6 @@
 // The binary update records of the gateway API (docs/gateway-api.md, "POST .../updates"): pure
-// encode and parse on Buffer, no I/O. The proxy encodes its batches with encodeUpdates(); the
+// encode and parse on Buffer, no I/O. The proxy's link writes each record with encodeHeader()
+// straight into its batch slabs (encodeUpdates() builds a whole body, for tests and tools); the
 // gateway parses them with parseUpdates(), which checks the whole body before anything is applied.
 //
 // Record layout (big-endian):
@@ -62,31 +63,45 @@ export function encodedSize(records: readonly UpdateRecord[]): number {
   return n;
 }
 
-/** Encode records into one body (the proxy's side). Throws RangeError on a record it cannot encode. */
+/**
+ * Write one record's 40-byte header at `at` (the proxy's side; the data, for a WRITE, follows it).
+ * Throws RangeError on a field it cannot encode.
+ */
+export function encodeHeader(
+  out: Buffer,
+  at: number,
+  kind: UpdateKind,
+  seq: number,
+  period: number,
+  offset: number,
+  length: number,
+): void {
+  if (!Number.isSafeInteger(seq) || seq < 0)
+    throw new RangeError(`record seq ${seq} is not a u64 below 2^53`);
+  if (!Number.isSafeInteger(period) || period < 0)
+    throw new RangeError(`record period ${period} is not a u64 below 2^53`);
+  if (!Number.isSafeInteger(offset) || offset < 0)
+    throw new RangeError(`record offset ${offset} is not a u64 below 2^53`);
+  if (!Number.isInteger(length) || length < 0 || length > 0xffffffff) {
+    throw new RangeError(`record length ${length} is not a u32`);
+  }
+  out.writeUInt32BE(RECORD_MAGIC, at);
+  out[at + 4] = kind;
+  out[at + 5] = 0;
+  out.writeUInt16BE(0, at + 6);
+  writeU64(out, at + 8, seq);
+  writeU64(out, at + 16, period);
+  writeU64(out, at + 24, offset);
+  out.writeUInt32BE(length, at + 32);
+  out.writeUInt32BE(0, at + 36);
+}
+
+/** Encode records into one body. Throws RangeError on a record it cannot encode. */
 export function encodeUpdates(records: readonly UpdateRecord[]): Buffer {
   const out = Buffer.allocUnsafe(encodedSize(records));
   let at = 0;
   for (const r of records) {
-    for (const [name, v] of [
-      ["seq", r.seq],
-      ["period", r.period],
-      ["offset", r.offset],
-    ] as const) {
-      if (!Number.isSafeInteger(v) || v < 0)
-        throw new RangeError(`record ${name} ${v} is not a u64 below 2^53`);
-    }
-    if (!Number.isInteger(r.length) || r.length < 0 || r.length > 0xffffffff) {
-      throw new RangeError(`record length ${r.length} is not a u32`);
-    }
-    out.writeUInt32BE(RECORD_MAGIC, at);
-    out[at + 4] = r.kind;
-    out[at + 5] = 0;
-    out.writeUInt16BE(0, at + 6);
-    writeU64(out, at + 8, r.seq);
-    writeU64(out, at + 16, r.period);
-    writeU64(out, at + 24, r.offset);
-    out.writeUInt32BE(r.length, at + 32);
-    out.writeUInt32BE(0, at + 36);
+    encodeHeader(out, at, r.kind, r.seq, r.period, r.offset, r.length);
     at += RECORD_HEADER;
     if (r.kind === KIND.WRITE) {
       if (!r.data || r.data.length !== r.length) {
@@ -173,29 +188,4 @@ export function parseUpdates(buf: Buffer, volumeSize: number): UpdateRecord[] {
     records.push({ kind, seq, period, offset, length, data });
   }
   return records;
-}
-
-/**
- * Encode records as a list of buffers for a scatter-gather request body: headers and small
- * payloads are packed together; payloads of at least `copyMax` bytes go out as they are, without
- * being copied. The concatenation equals encodeUpdates(records).
- */
-export function encodeUpdateChunks(records: readonly UpdateRecord[], copyMax = 64 * 1024): Buffer[] {
-  const chunks: Buffer[] = [];
-  let group: UpdateRecord[] = [];
-  const flushGroup = (): void => {
-    if (group.length > 0) chunks.push(encodeUpdates(group));
-    group = [];
-  };
-  for (const r of records) {
-    if (r.kind === KIND.WRITE && r.data && r.length >= copyMax) {
-      flushGroup();
-      // The header alone (encoded as a zero-length record, then given its real length).
-      const head = encodeUpdates([{ ...r, kind: KIND.ZERO, data: null }]);
-      head[4] = KIND.WRITE;
-      chunks.push(head, r.data);
-    } else group.push(r);
-  }
-  flushGroup();
-  return chunks;
 }

@@ -236,6 +236,7 @@ void describe("replication: tracking mirror", () => {
         "--name=load",
         "--rw=randwrite",
         "--bsrange=4k-64k",
+        "--rate=32m", // within what the secondary absorbs, so the link can stream again under it
         "--iodepth=8",
         "--size=32M",
         "--time_based",
