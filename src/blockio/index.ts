@@ -4,7 +4,9 @@
 // Notes on the design
 // - Small reads first try the page cache on the JS thread (preadv2 RWF_NOWAIT, ~0.6 µs for 4 KiB here);
 //   only what is not cached goes to the thread pool. RWF_NOWAIT never blocks: the kernel answers
-//   EAGAIN instead of going to the disk.
+//   EAGAIN instead of going to the disk. Where RWF_NOWAIT reads are unsupported (tmpfs answers
+//   EOPNOTSUPP), a range that cachestat(2) finds wholly in the page cache is read with a plain
+//   pread on the JS thread (it cannot wait for a disk), the rest on the pool.
 // - Writes: ext4 (like most file systems) answers EOPNOTSUPP to RWF_NOWAIT buffered writes, so a
 //   write is done inline (a plain pwrite on the JS thread) only when it is judged not to wait for
 //   the disk: not FUA, and no partial page whose old contents would have to be read from disk
@@ -26,17 +28,19 @@ import {
   closeSync,
   existsSync,
   fstatSync,
+  fdatasyncSync,
   fsyncSync,
   ftruncateSync,
   openSync,
   statSync,
+  statfsSync,
   constants as fsc,
 } from "node:fs";
 import { dirname } from "node:path";
 import { performance } from "node:perf_hooks";
 import { constants as osc } from "node:os";
 import { binding } from "./native.js";
-import { IoError, UsageError } from "../errors.js";
+import { errnoOf, IoError, UsageError } from "../errors.js";
 import { DONE, noop } from "../util/done.js";
 
 const E = osc.errno;
@@ -186,6 +190,13 @@ export class BlockFile {
   readonly isBlockDevice: boolean;
   readonly readOnly: boolean;
   private fastReads = true;
+  /** RWF_NOWAIT reads are unsupported: read inline what cachestat finds cached. */
+  private cachedReads = false;
+  /**
+   * A file in memory (tmpfs, ramfs): reads and page probes never wait for a disk, and fdatasync has
+   * nothing to do, so both run on the JS thread instead of costing a pool round trip.
+   */
+  private readonly memoryBacked: boolean;
   private inlineWrites: boolean;
   private inlineOffUntil = 0;
   /** Until when inline writes are bracketed by threadSleeps() (0: not probing). */
@@ -206,6 +217,8 @@ export class BlockFile {
     this.isBlockDevice = isBlockDevice;
     this.readOnly = opts.readOnly === true;
     this.inlineWrites = opts.inlineWrites !== false;
+    this.memoryBacked = !isBlockDevice && MEMORY_FS.has(fsType(path));
+    if (this.memoryBacked) this.fastReads = false;
     if (!isBlockDevice) {
       const st = fstatSync(fd);
       this.mayHaveHoles = st.blocks * 512 < size;
@@ -291,9 +304,19 @@ export class BlockFile {
       const r = binding.readNowait(this.fd, buf, offset);
       if (r === buf.length) return DONE;
       if (r > 0) done = r;
-      else if (r === -E.EOPNOTSUPP || r === -E.EINVAL) this.fastReads = false;
-      else if (r !== -E.EAGAIN && r !== 0)
+      else if (r === -E.EOPNOTSUPP || r === -E.EINVAL) {
+        this.fastReads = false;
+        this.cachedReads = cachestatWorks;
+      } else if (r !== -E.EAGAIN && r !== 0)
         return Promise.reject(new IoError(-r, "pread", `offset ${offset}`));
+    } else if (
+      buf.length <= INLINE_MAX &&
+      (this.memoryBacked || (this.cachedReads && isCached(this.fd, offset, buf.length)))
+    ) {
+      const r = binding.readInline(this.fd, buf, offset);
+      if (r === buf.length) return DONE;
+      if (r < 0) return Promise.reject(new IoError(-r, "pread", `offset ${offset}`));
+      // Short (end of file): the pool read below says so the usual way.
     }
     const rest = done === 0 ? buf : buf.subarray(done);
     return queue.run(Op.Read, this.fd, offset + done, rest.length, 0, rest).then(noop);
@@ -326,7 +349,7 @@ export class BlockFile {
     }
     // A partial page must be read before it is modified: only inline if it is already cached.
     const head = offset % PAGE;
-    if (head !== 0 && binding.readNowait(this.fd, probe, offset - head) < 0) return false;
+    if (head !== 0 && !this.pageCached(offset - head)) return false;
     const end = offset + length;
     const tail = end % PAGE;
     if (
@@ -334,13 +357,29 @@ export class BlockFile {
       end < this.size &&
       (head === 0 || Math.floor(end / PAGE) !== Math.floor(offset / PAGE))
     ) {
-      if (binding.readNowait(this.fd, probe, end - tail) < 0) return false;
+      if (!this.pageCached(end - tail)) return false;
     }
     return true;
   }
 
+  /** The page at `at` is in the page cache (a write to part of it needs no disk read). */
+  private pageCached(at: number): boolean {
+    if (this.memoryBacked) return true;
+    if (this.fastReads) return binding.readNowait(this.fd, probe, at) >= 0;
+    return this.cachedReads && isCached(this.fd, at, 1);
+  }
+
   /** fdatasync (or fsync with `full`). */
   sync(full = false): Promise<void> {
+    if (this.memoryBacked) {
+      try {
+        if (full) fsyncSync(this.fd);
+        else fdatasyncSync(this.fd);
+      } catch (e) {
+        return Promise.reject(new IoError(errnoOf(e), full ? "fsync" : "fdatasync", this.path));
+      }
+      return DONE;
+    }
     return queue.run(Op.Sync, this.fd, 0, 0, full ? 1 : 0).then(noop);
   }
 
@@ -384,6 +423,18 @@ export class BlockFile {
 }
 
 let cachestatWorks = true;
+
+/** statfs f_type of file systems that live in memory: tmpfs, ramfs. */
+const MEMORY_FS = new Set([0x01021994, 0x858458f6]);
+
+/** The statfs(2) type of the file system holding `path` (0 when it cannot be told). */
+function fsType(path: string): number {
+  try {
+    return statfsSync(path).type;
+  } catch {
+    return 0;
+  }
+}
 
 /**
  * True when every page of [offset, offset+length) of `fd` is in the page cache (cachestat(2),

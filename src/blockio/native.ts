@@ -10,6 +10,7 @@ import { dirname, join } from "node:path";
 export interface BlockioBinding {
   readNowait(fd: number, buf: Uint8Array, offset: number): number;
   writeNowait(fd: number, buf: Uint8Array, offset: number): number;
+  readInline(fd: number, buf: Uint8Array, offset: number): number;
   writeInline(fd: number, buf: Uint8Array, offset: number): number;
   extentsSync(fd: number, offset: number, length: number, out: Float64Array): number;
   deviceSize(fd: number): number;

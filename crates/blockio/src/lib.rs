@@ -128,6 +128,16 @@ unsafe extern "C" fn write_nowait(env: napi_env, info: napi_callback_info) -> na
     }
 }
 
+/// readInline(fd, buf, offset): a blocking pread on the JS thread (bytes read, or -errno). For
+/// ranges the caller found in the page cache (cachestat) on files where RWF_NOWAIT reads are
+/// unsupported (tmpfs).
+unsafe extern "C" fn read_inline(env: napi_env, info: napi_callback_info) -> napi_value {
+    match fd_buf_off(env, info) {
+        Some((fd, p, len, off)) => number(env, ops::read_full(fd, p, len, off) as f64),
+        None => throw(env, "readInline(fd, buffer, offset): bad arguments"),
+    }
+}
+
 /// writeInline(fd, buf, offset): a blocking pwrite on the JS thread, or -errno. For buffered writes
 /// that the caller judged safe (page-cache writes that need no read-modify-write from disk); used
 /// where RWF_NOWAIT writes are unsupported (ext4 answers EOPNOTSUPP to them).
@@ -429,6 +439,7 @@ unsafe fn export(env: napi_env, exports: napi_value, name: &[u8], f: napi_callba
 pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_value) -> napi_value {
     export(env, exports, b"readNowait\0", read_nowait);
     export(env, exports, b"writeNowait\0", write_nowait);
+    export(env, exports, b"readInline\0", read_inline);
     export(env, exports, b"writeInline\0", write_inline);
     export(env, exports, b"extentsSync\0", extents_sync);
     export(env, exports, b"deviceSize\0", device_size);
