@@ -466,6 +466,15 @@ export function sendHeaderAndFile(
   return binding.sendFile(sock, header, fd, offset, length);
 }
 
+/**
+ * Send `header`, then `pieces` ((fd, offset, length) triples; fd -1: zeroes) less their first
+ * `skip` bytes, on the non-blocking socket `sock` with sendfile: bytes sent in all, stopping early
+ * when the socket is full; negative errno when the connection failed before anything was sent.
+ */
+export function sendPieces(sock: number, header: Buffer, pieces: Float64Array, skip = 0): number {
+  return binding.sendPieces(sock, header, pieces, skip);
+}
+
 /** Read without blocking (page cache only): bytes read, or negative errno (-EAGAIN if not cached). */
 export function readNowait(fd: number, buf: Uint8Array, offset: number): number {
   return binding.readNowait(fd, buf, offset);

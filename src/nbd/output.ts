@@ -11,7 +11,10 @@
 //   from the page cache. It must reach the socket exactly where it stands in the queue, so it is
 //   sent only when every earlier byte has left libuv's write queue; later segments wait behind it.
 //   When the socket fills up mid-send, the rest of that reply is read from the (cached) file and
-//   written the ordinary way, still ahead of everything queued after it.
+//   written the ordinary way, still ahead of everything queued after it. A lent read (`pushLease`,
+//   a snapshot's pieces of several files) goes the same way, piece by piece in one addon call;
+//   if its lender copied it meanwhile (`lease.data`), the copy is sent instead. Leases still
+//   queued when the connection ends are released by discard().
 // - Direct sends: when libuv has nothing queued for the socket, a run of replies is sent with one
 //   non-blocking send(2) from here, skipping the stream's write request and callback (a few µs per
 //   reply at queue depth 1); what the socket does not take is written through libuv, in order.
@@ -24,7 +27,8 @@
 import { readSync } from "node:fs";
 import type { Duplex } from "node:stream";
 import { acquire, release } from "../util/buffer-pool.js";
-import { readNowait, sendHeaderAndFile, sendNow } from "../blockio/index.js";
+import { readNowait, sendHeaderAndFile, sendNow, sendPieces } from "../blockio/index.js";
+import type { PieceLease } from "../volume/volume.js";
 
 /** A reusable reply buffer. */
 export class Slab {
@@ -49,6 +53,10 @@ interface Segment {
   fd: number;
   offset: number;
   length: number;
+  /** For a lent read: `buf` is the header, then the lease's pieces (`length` bytes). */
+  lease?: PieceLease;
+  /** Bytes of a lent read (header included) already sent. */
+  sent?: number;
 }
 
 /** Builds and sends replies for one connection. */
@@ -193,6 +201,31 @@ export class OutputQueue {
     this.unflushed += header.length + length;
   }
 
+  /** Queue `header` followed by a lent read, sent with sendfile piece by piece. */
+  pushLease(header: Buffer, lease: PieceLease): void {
+    if (this.sockFd < 0) throw new Error("zero-copy segment on a connection without a socket descriptor");
+    this.segments.push({
+      buf: header,
+      start: 0,
+      end: header.length,
+      slab: null,
+      count: 0,
+      pooled: null,
+      fd: -1,
+      offset: 0,
+      length: lease.length,
+      lease,
+    });
+    this.unflushed += header.length + lease.length;
+  }
+
+  /** The connection is gone: give back the leases of replies that will never be sent. */
+  discard(): void {
+    for (const s of this.segments) s.lease?.release();
+    this.segments = [];
+    this.unflushed = 0;
+  }
+
   /** Write everything queued (zero-copy segments as soon as what precedes them has left). */
   flush(): void {
     if (this.flushing) return;
@@ -208,15 +241,17 @@ export class OutputQueue {
     const segs = this.segments;
     let i = 0;
     while (i < segs.length) {
-      if (segs[i].fd >= 0) {
+      if (segs[i].fd >= 0 || segs[i].lease !== undefined) {
         // A zero-copy segment: only when nothing sits in libuv's queue ahead of it.
         if (this.writes > 0 || this.stream.writableLength > 0) break;
-        this.sendFileSegment(segs[i]);
+        if (segs[i].lease !== undefined) {
+          if (!this.sendLeaseSegment(segs[i])) break; // waits for its bridge write
+        } else this.sendFileSegment(segs[i]);
         i++;
         continue;
       }
       let j = i;
-      while (j < segs.length && segs[j].fd < 0) j++;
+      while (j < segs.length && segs[j].fd < 0 && segs[j].lease === undefined) j++;
       const many = j - i > 1;
       if (many) this.stream.cork();
       for (let k = i; k < j; k++) this.write(segs[k], !many);
@@ -272,6 +307,68 @@ export class OutputQueue {
     this.write({ buf, start: 0, end: rest, slab: null, count: 0, pooled, fd: -1, offset: 0, length: 0 });
   }
 
+  /**
+   * Send a lent read from where it stands (`s.sent`). When the socket fills up, the next
+   * LEASE_BRIDGE bytes are copied and written through libuv, whose completion says there is room
+   * again; the segment stays at the head of the queue until the rest has gone (false).
+   */
+  private sendLeaseSegment(s: Segment): boolean {
+    const lease = s.lease!;
+    const hlen = s.buf.length;
+    const total = hlen + lease.length;
+    let sent = s.sent ?? 0;
+    if (lease.data !== null) {
+      // The lender copied it (the primary was about to change): send the rest from the copy.
+      lease.release();
+      const data = lease.data.subarray(Math.max(0, sent - hlen));
+      const buf = sent < hlen ? Buffer.concat([s.buf.subarray(sent), data]) : data;
+      this.write({
+        buf,
+        start: 0,
+        end: buf.length,
+        slab: null,
+        count: 0,
+        pooled: null,
+        fd: -1,
+        offset: 0,
+        length: 0,
+      });
+      return true;
+    }
+    const r = sendPieces(
+      this.sockFd,
+      sent < hlen ? s.buf.subarray(sent) : NO_BYTES,
+      lease.pieces,
+      Math.max(0, sent - hlen),
+    );
+    if (r < 0) {
+      lease.release(); // the connection failed; the stream reports it (error/close)
+      return true;
+    }
+    this.zeroCopyBytes += Math.max(0, sent + r - Math.max(sent, hlen));
+    sent += r;
+    if (sent === total) {
+      lease.release();
+      return true;
+    }
+    // The socket is full: a copied bridge through libuv (still consistent: nothing can change the
+    // pieces within this call), ahead of everything queued after it.
+    const n = Math.min(LEASE_BRIDGE, total - sent);
+    const pooled = acquire(n);
+    const buf = pooled.subarray(0, n);
+    let at = 0;
+    if (sent < hlen) {
+      at = s.buf.copy(buf, 0, sent);
+    }
+    copyPieces(lease.pieces, Math.max(0, sent - hlen), buf.subarray(at));
+    sent += n;
+    s.sent = sent;
+    const finished = sent === total;
+    if (finished) lease.release();
+    this.write({ buf, start: 0, end: n, slab: null, count: 0, pooled, fd: -1, offset: 0, length: 0 });
+    return finished;
+  }
+
   /** Nothing queued and no write in flight. */
   get idle(): boolean {
     return this.segments.length === 0 && this.writes === 0;
@@ -282,7 +379,8 @@ export class OutputQueue {
     if (s.slab !== null) this.unref(s.slab, s.count);
     if (s.pooled !== null) release(s.pooled);
     // A zero-copy segment may be waiting for the queue ahead of it to empty.
-    if (this.writes === 0 && this.segments.length > 0 && this.segments[0].fd >= 0) this.flush();
+    const next = this.segments[0];
+    if (this.writes === 0 && next !== undefined && (next.fd >= 0 || next.lease !== undefined)) this.flush();
     this.onSpace?.();
   }
 
@@ -292,6 +390,28 @@ export class OutputQueue {
       slab.retired = false;
       this.free.push(slab);
     }
+  }
+}
+
+/** Bytes of a lent read copied per bridge write when the socket is full. */
+const LEASE_BRIDGE = 32 * 1024;
+const NO_BYTES = Buffer.alloc(0);
+
+/** Fill `dst` with the bytes of `pieces` ((fd, offset, length) triples; fd -1: zeroes) from `skip`. */
+function copyPieces(pieces: Float64Array, skip: number, dst: Buffer): void {
+  let at = 0;
+  for (let k = 0; k < pieces.length && at < dst.length; k += 3) {
+    const len = pieces[k + 2];
+    if (skip >= len) {
+      skip -= len;
+      continue;
+    }
+    const n = Math.min(len - skip, dst.length - at);
+    const part = dst.subarray(at, at + n);
+    if (pieces[k] < 0) part.fill(0);
+    else readFully(pieces[k], part, pieces[k + 1] + skip);
+    at += n;
+    skip = 0;
   }
 }
 

@@ -406,6 +406,7 @@ export class Transmission implements RequestSink {
       }
     }
     if (this.zeroCopyFd >= 0 && this.zeroCopy(req)) return;
+    if (this.zeroCopyFd >= 0 && this.lentRead(req)) return;
     const hdr = this.structured ? STRUCTURED_REPLY_SIZE + 8 : SIMPLE_REPLY_SIZE;
     const pooled = acquire(hdr + req.length);
     const buf = pooled.subarray(0, hdr + req.length);
@@ -427,6 +428,16 @@ export class Transmission implements RequestSink {
     const header = Buffer.allocUnsafe(this.structured ? STRUCTURED_REPLY_SIZE + 8 : SIMPLE_REPLY_SIZE);
     this.readHeader(header, 0, req);
     this.out.pushFile(header, range.fd, range.offset, req.length);
+    return true;
+  }
+
+  /** Queue the reply as header + pieces lent by the volume (a snapshot); false when it lends none. */
+  private lentRead(req: Request): boolean {
+    const lease = this.vol.lendPieces?.(req.offset, req.length);
+    if (!lease) return false;
+    const header = Buffer.allocUnsafe(this.structured ? STRUCTURED_REPLY_SIZE + 8 : SIMPLE_REPLY_SIZE);
+    this.readHeader(header, 0, req);
+    this.out.pushLease(header, lease);
     return true;
   }
 
@@ -662,6 +673,7 @@ export class Transmission implements RequestSink {
   private done(): void {
     if (this.finishedOnce) return;
     this.finishedOnce = true;
+    this.out.discard();
     this.resolveFinished();
   }
 

@@ -41,8 +41,9 @@ import {
 } from "node:fs";
 import { existsSync, fdatasyncSync, readFileSync, writeSync } from "node:fs";
 import { randomBytes } from "node:crypto";
+import { performance } from "node:perf_hooks";
 import { join } from "node:path";
-import { BlockFile } from "../blockio/index.js";
+import { BlockFile, isCached } from "../blockio/index.js";
 import { errnoName, errnoOf } from "../errors.js";
 import type { Logger } from "../log.js";
 import { journalNow, seedJournalClock } from "./clock.js";
@@ -104,7 +105,12 @@ interface Segment {
   /** Index of its first entry. */
   firstEntry: number;
   lastTs: number;
+  /** Until when (ms, monotonic) the written bytes are taken to be in the page cache. */
+  residentUntil: number;
 }
+
+/** How long a segment found wholly in the page cache is taken to stay there (ms). */
+const RESIDENT_MS = 1000;
 
 /**
  * Append-only entry index in typed arrays (grows by doubling).
@@ -349,6 +355,7 @@ export class Journal {
           size: Math.max(valid, SEGMENT_HEADER),
           firstEntry,
           lastTs: this.index.length > firstEntry ? this.index.ts[this.index.length - 1] : 0,
+          residentUntil: 0,
         });
         this.order.push(seg);
       } finally {
@@ -478,6 +485,7 @@ export class Journal {
       size: SEGMENT_HEADER,
       firstEntry: this.index.length,
       lastTs: 0,
+      residentUntil: 0,
     };
     this.segments.set(number, seg);
     this.order.push(number);
@@ -710,6 +718,34 @@ export class Journal {
     const seg = this.segments.get(this.index.seg[i]);
     if (!seg) return Promise.reject(new Error(`journal segment ${this.index.seg[i]} was dropped`));
     return seg.file.read(buf, off + within);
+  }
+
+  /**
+   * Where entry i's image lies: its segment file's descriptor and the offset there, fd -1 for a
+   * zero image, or null when its segment is gone.
+   */
+  imageAt(i: number): { fd: number; offset: number } | null {
+    const off = this.index.off[i];
+    if (off < 0) return { fd: -1, offset: 0 };
+    const seg = this.segments.get(this.index.seg[i]);
+    return seg ? { fd: seg.file.fd, offset: off } : null;
+  }
+
+  /**
+   * Whether entry i's image is in the page cache, so that sending it cannot wait for the disk:
+   * a segment's written bytes are checked whole (cachestat) and the answer is kept for a second
+   * (bytes appended meanwhile were just written, so cached). A page evicted within that second
+   * costs one blocking read.
+   */
+  imageResident(i: number): boolean {
+    if (this.index.off[i] < 0) return true;
+    const seg = this.segments.get(this.index.seg[i]);
+    if (!seg) return false;
+    const now = performance.now();
+    if (now < seg.residentUntil) return true;
+    if (!isCached(seg.file.fd, 0, seg.size)) return false;
+    seg.residentUntil = now + RESIDENT_MS;
+    return true;
   }
 
   /** Hear about entries appended (from, to); (-1, -1) when the journal stops. */

@@ -10,11 +10,21 @@
 //   commits before-images before the primary changes), so after a primary read the map is checked
 //   again and such blocks are re-read from the journal.
 // - If the journal stops, the point is no longer exact: reads fail with EIO from then on.
+// - Zero-copy (lendPieces): a large read is lent to the NBD layer as file pieces (primary runs,
+//   journal images) that it sends with sendfile(2) when the socket has room, maybe a while later.
+//   Journal images never change; the primary does, but a block not in the map changes only after
+//   the journal has told us about its before-image (listeners run after the commit, before the
+//   primary write is issued). So when a block joins the map, every unsent lease covering it is
+//   first copied into memory (synchronously: the primary still holds the old contents), and the
+//   NBD layer sends that copy instead. The same happens to every lease when the journal stops or
+//   the view closes (segments may be dropped once unpinned).
 
+import { readSync } from "node:fs";
 import { constants } from "node:os";
+import { isCached } from "../blockio/index.js";
 import { IoError, ReadOnlyError } from "../errors.js";
 import { DONE } from "../util/done.js";
-import type { Extent, Volume, VolumeCaps } from "../volume/volume.js";
+import type { Extent, PieceLease, Volume, VolumeCaps } from "../volume/volume.js";
 import type { Journal } from "./journal.js";
 
 const E = constants.errno;
@@ -24,11 +34,18 @@ export class SnapshotView implements Volume {
   readonly size: number;
   readonly description: string;
   private readonly map = new Map<number, number>();
+  /**
+   * The map's keys as a bitset in lazily allocated 4 KiB chunks (32768 blocks each): most blocks
+   * of a large read are not in the map, and a bit test is far cheaper than a Map lookup.
+   */
+  private readonly bits: (Uint32Array | undefined)[] = [];
   /** Bumped whenever a block joins the map (reads in flight then re-check their primary runs). */
   private version = 0;
   /** Map entries whose image is a zero image (a trim or zero): none means extents are the primary's. */
   private zeroImages = 0;
   private readonly j: number;
+  /** Reads lent as file pieces and not yet sent (see lendPieces). */
+  private readonly leases = new Set<PieceLease>();
   private unsubscribe: (() => void) | null = null;
   private broken: string | null = null;
   private closed = false;
@@ -51,8 +68,10 @@ export class SnapshotView implements Volume {
     this.journal.pin(this, from);
     this.addEntries(from, idx.length);
     this.unsubscribe = this.journal.subscribe((a, b) => {
-      if (a < 0) this.broken = "the journal stopped; this point in time is no longer exact";
-      else this.addEntries(a, b);
+      if (a < 0) {
+        this.materializeAll();
+        this.broken = "the journal stopped; this point in time is no longer exact";
+      } else this.addEntries(a, b);
     });
     return this.map.size;
   }
@@ -65,11 +84,40 @@ export class SnapshotView implements Volume {
       if (idx.ts[i] < point) continue; // a change from before the point, committed late
       const b = idx.block[i];
       if (!map.has(b)) {
+        // The primary is about to change this block: reads lent over it are copied now.
+        if (this.leases.size > 0) this.materializeOver(b);
         map.set(b, i);
+        const c = b >>> 15;
+        (this.bits[c] ??= new Uint32Array(1024))[(b >>> 5) & 1023] |= 1 << (b & 31);
         this.version++;
         if (idx.off[i] < 0) this.zeroImages++;
       }
     }
+  }
+
+  /** The map's entry for block b, or undefined (a bit test first). */
+  private entry(b: number): number | undefined {
+    const c = this.bits[b >>> 15];
+    if (c === undefined || (c[(b >>> 5) & 1023] & (1 << (b & 31))) === 0) return undefined;
+    return this.map.get(b);
+  }
+
+  /** The first block in [b, limit) that is in the map, or limit (a word of the bitset at a time). */
+  private nextMapped(b: number, limit: number): number {
+    while (b < limit) {
+      const c = this.bits[b >>> 15];
+      if (c === undefined) {
+        b = ((b >>> 15) + 1) << 15;
+        continue;
+      }
+      const word = c[(b >>> 5) & 1023] >>> (b & 31);
+      if (word === 0) {
+        b = ((b >>> 5) + 1) << 5;
+        continue;
+      }
+      return Math.min(b + (31 - Math.clz32(word & -word)), limit);
+    }
+    return limit;
   }
 
   /** Blocks that read from the journal. */
@@ -100,7 +148,7 @@ export class SnapshotView implements Volume {
     const waits: Promise<void>[] = [];
     while (pos < end) {
       const b = Math.floor(pos / j);
-      const e = this.map.get(b);
+      const e = this.entry(b);
       if (e !== undefined) {
         const stop = Math.min((b + 1) * j, end);
         waits.push(this.journal.readImage(e, buf.subarray(pos - offset, stop - offset), pos - b * j));
@@ -109,7 +157,7 @@ export class SnapshotView implements Volume {
       }
       // A run of blocks that read from the primary.
       let stop = Math.min((b + 1) * j, end);
-      while (stop < end && !this.map.has(Math.floor(stop / j))) stop = Math.min(stop + j, end);
+      while (stop < end && this.entry(Math.floor(stop / j)) === undefined) stop = Math.min(stop + j, end);
       waits.push(this.fromPrimary(buf, offset, pos, stop));
       pos = stop;
     }
@@ -125,12 +173,92 @@ export class SnapshotView implements Volume {
     if (this.version === version) return;
     const j = this.j;
     for (let b = Math.floor(from / j); b * j < to; b++) {
-      const e = this.map.get(b);
+      const e = this.entry(b);
       if (e === undefined) continue;
       const s = Math.max(b * j, from);
       const t = Math.min((b + 1) * j, to);
       await this.journal.readImage(e, buf.subarray(s - base, t - base), s - b * j);
     }
+  }
+
+  /**
+   * Lend [offset, offset+length) as file pieces for sendfile, or null (read it instead): when the
+   * primary cannot say where its bytes are, or a piece is not in the page cache (sendfile would
+   * then wait for the disk on the event loop).
+   */
+  lendPieces(offset: number, length: number): PieceLease | null {
+    if (this.broken || this.closed) return null;
+    const range = this.primary.fileRange?.(offset, length);
+    if (!range) return null;
+    const j = this.j;
+    const end = offset + length;
+    const out: number[] = [];
+    let pos = offset;
+    while (pos < end) {
+      const b = Math.floor(pos / j);
+      const e = this.entry(b);
+      let stop = Math.min((b + 1) * j, end);
+      let fd = range.fd;
+      let at = range.offset + (pos - offset);
+      if (e === undefined) stop = Math.min(this.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
+      else {
+        const image = this.journal.imageAt(e);
+        if (image === null) return null;
+        fd = image.fd;
+        at = image.offset + (pos - b * j);
+        if (!this.journal.imageResident(e)) return null;
+      }
+      const n = out.length;
+      if (n > 0 && out[n - 3] === fd && (fd < 0 || out[n - 2] + out[n - 1] === at)) out[n - 1] += stop - pos;
+      else out.push(fd, fd < 0 ? 0 : at, stop - pos);
+      pos = stop;
+    }
+    // The primary's runs must be cached too: all at once, or else run by run (blocks read from
+    // the journal may be holes in the primary, which are never "cached").
+    if (!isCached(range.fd, range.offset, length)) {
+      for (let i = 0; i < out.length; i += 3) {
+        if (out[i] === range.fd && !isCached(range.fd, out[i + 1], out[i + 2])) return null;
+      }
+    }
+    const lease: PieceLease = {
+      offset,
+      length,
+      pieces: Float64Array.from(out),
+      data: null,
+      release: () => this.leases.delete(lease),
+    };
+    this.leases.add(lease);
+    return lease;
+  }
+
+  /** Copy every unsent lease that covers block b (the primary is about to change it). */
+  private materializeOver(b: number): void {
+    const from = b * this.j;
+    const to = from + this.j;
+    for (const l of this.leases) {
+      if (l.offset < to && l.offset + l.length > from) this.materialize(l);
+    }
+  }
+
+  private materializeAll(): void {
+    for (const l of this.leases) this.materialize(l);
+  }
+
+  /** Read a lease's pieces into memory now (synchronously) and stop tracking it. */
+  private materialize(l: PieceLease): void {
+    this.leases.delete(l);
+    if (l.data !== null) return;
+    const data = Buffer.allocUnsafe(l.length);
+    let at = 0;
+    const p = l.pieces;
+    for (let i = 0; i < p.length; i += 3) {
+      const fd = p[i];
+      const len = p[i + 2];
+      if (fd < 0) data.fill(0, at, at + len);
+      else readFully(fd, data.subarray(at, at + len), p[i + 1]);
+      at += len;
+    }
+    l.data = data;
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
@@ -152,7 +280,7 @@ export class SnapshotView implements Volume {
       while (pos < stop) {
         const b = Math.floor(pos / j);
         const bEnd = Math.min((b + 1) * j, stop);
-        const i = this.map.get(b);
+        const i = this.entry(b);
         if (i === undefined) push(bEnd - pos, e.flags);
         else push(bEnd - pos, this.journal.index.off[i] < 0 ? 2 : 0);
         pos = bEnd;
@@ -179,10 +307,24 @@ export class SnapshotView implements Volume {
 
   close(): Promise<void> {
     if (!this.closed) {
+      this.materializeAll();
       this.closed = true;
       this.unsubscribe?.();
       this.journal.unpin(this);
     }
     return DONE;
+  }
+}
+
+/** Fill `buf` from `fd` at `offset` with blocking reads (page-cache hits: the range was cached). */
+function readFully(fd: number, buf: Buffer, offset: number): void {
+  let done = 0;
+  while (done < buf.length) {
+    const n = readSync(fd, buf, done, buf.length - done, offset + done);
+    if (n <= 0) {
+      buf.fill(0, done); // past the end of the file: cannot happen for the files a view reads
+      return;
+    }
+    done += n;
   }
 }

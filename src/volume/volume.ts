@@ -57,6 +57,22 @@ export interface FileRange {
   offset: number;
 }
 
+/**
+ * A read of [offset, offset+length) lent as file pieces: `pieces` holds (fd, offset, length)
+ * triples in order (fd -1: that many zero bytes), all in the page cache when lent. Until
+ * release(), the lender keeps them valid: if a piece's file is about to stop holding the read's
+ * contents (the primary is about to be overwritten), the lender first copies every piece into
+ * `data`, and the borrower sends `data` instead. The borrower calls release() once it has sent
+ * the pieces or `data` (or dropped the read).
+ */
+export interface PieceLease {
+  readonly offset: number;
+  readonly length: number;
+  readonly pieces: Float64Array;
+  data: Buffer | null;
+  release(): void;
+}
+
 /** A volume handle for one client session (see Volume.openSession). */
 export interface VolumeSession {
   volume: Volume;
@@ -83,6 +99,12 @@ export interface Volume {
    * return must not pass this through; leaving it undefined is always correct.
    */
   fileRange?(offset: number, length: number): FileRange | null;
+  /**
+   * Optional zero-copy hint for a read made of pieces of several files (a snapshot: runs of the
+   * primary and journal images): lend them for sendfile(2), or null to be read the ordinary way.
+   * See PieceLease for what the lender promises.
+   */
+  lendPieces?(offset: number, length: number): PieceLease | null;
   /**
    * Optional: a handle for one client session (an NBD connection). Filters with per-session state
    * (the PIT journal's partial journals) implement it; pass-through filters forward it. Leaving it

@@ -11,7 +11,7 @@
 import { after, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
@@ -21,7 +21,7 @@ import { journalVolume } from "../../src/pit/filter.js";
 import { SnapshotView } from "../../src/pit/snapshot.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import { FileVolume } from "../../src/volume/file.js";
-import type { Volume } from "../../src/volume/volume.js";
+import type { PieceLease, Volume } from "../../src/volume/volume.js";
 import { Logger } from "../../src/log.js";
 
 const BS = 4096;
@@ -132,6 +132,19 @@ async function readAll(v: Volume): Promise<Buffer> {
   return out;
 }
 
+/** The bytes a lent read stands for: its copy if the view made one, else its pieces. */
+function lentBytes(l: PieceLease): Buffer {
+  if (l.data !== null) return l.data;
+  const out = Buffer.alloc(l.length);
+  let at = 0;
+  for (let i = 0; i < l.pieces.length; i += 3) {
+    const [fd, off, len] = [l.pieces[i], l.pieces[i + 1], l.pieces[i + 2]];
+    if (fd >= 0) readSync(fd, out, at, len, off);
+    at += len;
+  }
+  return out;
+}
+
 /** Where two buffers first differ, for failure messages. */
 function firstDiff(a: Buffer, b: Buffer): string {
   for (let i = 0; i < a.length; i++) {
@@ -215,6 +228,20 @@ async function modelRun(kind: "memory" | "file", seed: number): Promise<void> {
         );
       }
       await checkExtents(v, ref, 0, SIZE, `seed ${seed}, point ${k} ${when}`);
+      // Lent reads (zero-copy): what the pieces hold is the point's bytes.
+      for (let i = 0; i < 20; i++) {
+        const off = Math.floor(rnd() * (SIZE - 64 * KiB));
+        const len = 1 + Math.floor(rnd() * 64 * KiB);
+        const lease = v.lendPieces(off, len);
+        if (kind === "file") assert.ok(lease !== null, `a cached FileVolume lends (${off}, ${len})`);
+        if (lease === null) continue;
+        const got = lentBytes(lease);
+        lease.release();
+        assert.ok(
+          got.equals(ref.subarray(off, off + len)),
+          `seed ${seed}, point ${k}: lent (${off}, ${len}) ${when}`,
+        );
+      }
     }
   };
   const views = points.map((p, k) => {
@@ -223,11 +250,35 @@ async function modelRun(kind: "memory" | "file", seed: number): Promise<void> {
     return v;
   });
   await check(views, "right after opening");
+  // Reads lent now and sent only after the changes below: each must still hold its point's bytes
+  // (copied by the view before a block under it changed, or untouched).
+  const lent: { k: number; off: number; lease: PieceLease }[] = [];
+  for (const [k, v] of views.entries()) {
+    for (let i = 0; i < 4; i++) {
+      const off = Math.floor(rnd() * (SIZE - 256 * KiB));
+      const lease = v.lendPieces(off, 256 * KiB);
+      if (lease !== null) lent.push({ k, off, lease });
+    }
+  }
   // More changes after the views opened: blocks first overwritten now must keep their old contents.
   for (let p = 0; p < 2; p++) {
     const ops = randomOps(rnd, SIZE, 60);
     await Promise.all(ops.map((op, i) => applyToVolume(sessions[i % sessions.length].volume, op)));
     for (const op of ops) applyToModel(model, op);
+  }
+  if (kind === "file")
+    assert.ok(
+      lent.some((l) => l.lease.data !== null),
+      "no lent read was copied: the test changed nothing under them",
+    );
+  for (const { k, off, lease } of lent) {
+    const got = lentBytes(lease);
+    lease.release();
+    const want = points[k].ref.subarray(off, off + 256 * KiB);
+    assert.ok(
+      got.equals(want),
+      `seed ${seed}, point ${k}: read lent at ${off} before the changes: ${firstDiff(got, want)}`,
+    );
   }
   await check(views, "after more writes");
   for (const v of views) await v.close();
@@ -292,6 +343,47 @@ void describe("SnapshotView over the journal filter", () => {
     await reading;
     assert.ok(got.equals(old.subarray(0, 64 * KiB)), firstDiff(got, old.subarray(0, 64 * KiB)));
     await view.close();
+    await r.close();
+  });
+
+  void test("lent pieces (zero-copy) hold the point's bytes; a lease over a block about to change is copied first", async () => {
+    const W = 50;
+    const r = await rig("file", MiB, W);
+    const old = randomBytes(MiB);
+    await r.stack.write(old, 0, false);
+    await nextWindow(W);
+    const view = new SnapshotView(r.journal, r.primary, r.journal.pointOf(journalNow()), "v");
+    view.open();
+    // Journal images for blocks 2, 3 and 9 (9 a zero image: trimmed), then lend [0, 64 KiB) and
+    // [128 KiB, 192 KiB).
+    await r.stack.write(randomBytes(2 * BS), 2 * BS, false);
+    await r.stack.trim(9 * BS, BS, false);
+    const ref = Buffer.from(old);
+    const a = view.lendPieces(0, 64 * KiB)!;
+    const b = view.lendPieces(128 * KiB, 64 * KiB)!;
+    assert.ok(a !== null && b !== null, "a cached FileVolume primary lends its reads");
+    const assemble = (l: PieceLease): Buffer => lentBytes({ ...l, data: null });
+    assert.ok(
+      assemble(a).equals(ref.subarray(0, 64 * KiB)),
+      firstDiff(assemble(a), ref.subarray(0, 64 * KiB)),
+    );
+    assert.ok(
+      a.pieces.length / 3 >= 4,
+      `primary, journal, primary, zero, primary pieces: ${a.pieces.join(",")}`,
+    );
+    // Block 5 (in lease a, read from the primary) changes now: a is copied before the write lands.
+    await r.stack.write(randomBytes(BS), 5 * BS, false);
+    assert.ok(a.data !== null, "the lease over block 5 was copied before the primary changed");
+    assert.ok(a.data.equals(ref.subarray(0, 64 * KiB)), firstDiff(a.data, ref.subarray(0, 64 * KiB)));
+    assert.equal(b.data, null, "a lease elsewhere is left alone");
+    assert.ok(assemble(b).equals(ref.subarray(128 * KiB, 192 * KiB)));
+    // Closing the view copies what is still lent (its journal segments may go once unpinned).
+    await view.close();
+    const copied = (l: PieceLease): Buffer | null => l.data; // read again: close() sets it
+    assert.ok(copied(b)?.equals(ref.subarray(128 * KiB, 192 * KiB)));
+    b.release();
+    a.release();
+    assert.equal(view.lendPieces(0, 4096), null, "a closed view lends nothing");
     await r.close();
   });
 

@@ -207,6 +207,27 @@ unsafe extern "C" fn send_file(env: napi_env, info: napi_callback_info) -> napi_
     }
 }
 
+/// sendPieces(sock, header, pieces: Float64Array, skip): header, then (fd, offset, length)
+/// triples of file data (sendfile) or zeroes (fd -1) less their first `skip` bytes; bytes sent in
+/// all, stopping at EAGAIN; -errno when the connection failed before anything was sent.
+unsafe extern "C" fn send_pieces(env: napi_env, info: napi_callback_info) -> napi_value {
+    let parsed = (|| {
+        let a = args::<4>(env, info)?;
+        let sock = num(env, a[0])? as i32;
+        let (hp, hl) = bytes(env, a[1])?;
+        let (pp, pl) = bytes(env, a[2])?;
+        let skip = num(env, a[3])? as usize;
+        Some((sock, hp, hl, pp, pl / 8, skip))
+    })();
+    match parsed {
+        Some((sock, hp, hl, pp, n, skip)) => {
+            let pieces = std::slice::from_raw_parts(pp as *const f64, n - n % 3);
+            number(env, ops::send_pieces(sock, hp, hl, pieces, skip) as f64)
+        }
+        None => throw(env, "sendPieces(sock, header, pieces, skip): bad arguments"),
+    }
+}
+
 /// dupFd(fd): a close-on-exec duplicate of a descriptor, or -errno.
 unsafe extern "C" fn dup_fd(env: napi_env, info: napi_callback_info) -> napi_value {
     match args::<1>(env, info).and_then(|a| num(env, a[0])) {
@@ -445,6 +466,7 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"deviceSize\0", device_size);
     export(env, exports, b"cachedBytes\0", cached_bytes);
     export(env, exports, b"sendFile\0", send_file);
+    export(env, exports, b"sendPieces\0", send_pieces);
     export(env, exports, b"dupFd\0", dup_fd);
     export(env, exports, b"lockFd\0", lock_fd);
     export(env, exports, b"sendNow\0", send_now);

@@ -287,6 +287,80 @@ pub fn send_header_and_file(
     (sent + done) as i64
 }
 
+/// Send `header` and then each piece of `pieces` (fd, offset, length triples; fd < 0 sends
+/// `length` zero bytes), less their first `skip` bytes, on the non-blocking socket `sock`,
+/// sendfile(2) for file pieces. Returns
+/// the bytes sent in all, stopping early when the socket is full; -errno when the connection
+/// failed before anything was sent.
+pub fn send_pieces(
+    sock: c_int,
+    header: *const u8,
+    hlen: usize,
+    pieces: &[f64],
+    skip: usize,
+) -> i64 {
+    let h = send_all(sock, header, hlen, MSG_DONTWAIT | MSG_NOSIGNAL | MSG_MORE);
+    if h < 0 || (h as usize) < hlen {
+        return h;
+    }
+    let mut total = hlen;
+    let mut skip = skip;
+    for piece in pieces.chunks_exact(3) {
+        let (fd, plen) = (piece[0] as c_int, piece[2] as usize);
+        if skip >= plen {
+            skip -= plen;
+            continue;
+        }
+        let len = plen - skip;
+        let start = skip;
+        skip = 0;
+        let mut done = 0usize;
+        if fd < 0 {
+            while done < len {
+                let n = (len - done).min(ZEROES.len());
+                let r = send_all(
+                    sock,
+                    ZEROES.as_ptr(),
+                    n,
+                    MSG_DONTWAIT | MSG_NOSIGNAL | MSG_MORE,
+                );
+                if r < 0 {
+                    return if total > 0 { total as i64 } else { r };
+                }
+                done += r as usize;
+                if (r as usize) < n {
+                    return (total + done) as i64;
+                }
+            }
+        } else {
+            let mut off = piece[1] as i64 + start as i64;
+            while done < len {
+                let r = unsafe { sendfile64(sock, fd, &mut off, len - done) };
+                if r < 0 {
+                    let e = errno();
+                    if e == EINTR {
+                        continue;
+                    }
+                    if e == EAGAIN {
+                        return (total + done) as i64;
+                    }
+                    return if total + done > 0 {
+                        (total + done) as i64
+                    } else {
+                        -(e as i64)
+                    };
+                }
+                if r == 0 {
+                    return (total + done) as i64; // end of file: the caller sends the rest
+                }
+                done += r as usize;
+            }
+        }
+        total += done;
+    }
+    total as i64
+}
+
 /// send(2) of a whole buffer with `flags`: bytes sent, stopping at EAGAIN (0 when the socket is
 /// full); -errno when the connection failed before anything was sent.
 fn send_all(sock: c_int, buf: *const u8, len: usize, flags: c_int) -> i64 {
