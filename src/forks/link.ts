@@ -271,8 +271,14 @@ export class GatewayLink {
     const [next, actions] = step(this.s, e, Date.now());
     this.s = next;
     // Consecutive outages back the probing off: a gateway that answers health checks but fails
-    // every update (a wrong token, a full disk) must not make the link flap in a tight loop.
-    if (sends(before) && next.name === "tracking") this.failures++;
+    // every update (a wrong token, a full disk) must not make the link flap in a tight loop. An
+    // async queue overflow is no failure of the gateway (it answered everything; the writers
+    // outran it): the link probes again after the first step (250 ms) and resyncs, as DRBD
+    // resyncs once congestion clears, instead of staying in tracking for up to 30 s.
+    if (sends(before) && next.name === "tracking") {
+      if (e.type === "overflow") this.failures = 1;
+      else this.failures++;
+    }
     if (next.name === "streaming") this.failures = 0;
     this.perform(actions);
   }
