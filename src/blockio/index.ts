@@ -32,6 +32,7 @@ import {
   fsyncSync,
   ftruncateSync,
   openSync,
+  readSync,
   statSync,
   statfsSync,
   constants as fsc,
@@ -463,8 +464,12 @@ export function sendHeaderAndFile(
   offset: number,
   length: number,
 ): number {
-  return binding.sendFile(sock, header, fd, offset, length);
+  onePiece[0] = fd;
+  onePiece[1] = offset;
+  onePiece[2] = length;
+  return binding.sendPieces(sock, header, onePiece, 0);
 }
+const onePiece = new Float64Array(3);
 
 /**
  * Send `header`, then `pieces` ((fd, offset, length) triples; fd -1: zeroes) less their first
@@ -475,9 +480,46 @@ export function sendPieces(sock: number, header: Buffer, pieces: Float64Array, s
   return binding.sendPieces(sock, header, pieces, skip);
 }
 
-/** Read without blocking (page cache only): bytes read, or negative errno (-EAGAIN if not cached). */
-export function readNowait(fd: number, buf: Uint8Array, offset: number): number {
-  return binding.readNowait(fd, buf, offset);
+/**
+ * Fill `buf` from `fd` at `offset` on the JS thread, for ranges that were in the page cache a
+ * moment ago (cachestat): non-blocking reads, and a blocking read for whatever was evicted since.
+ */
+export function readFullySync(fd: number, buf: Buffer, offset: number): void {
+  let done = 0;
+  while (done < buf.length) {
+    const r = binding.readNowait(fd, buf.subarray(done), offset + done);
+    if (r > 0) {
+      done += r;
+      continue;
+    }
+    const n = readSync(fd, buf, done, buf.length - done, offset + done);
+    if (n <= 0) {
+      buf.fill(0, done); // past the end of the file: cannot happen for the files we read
+      return;
+    }
+    done += n;
+  }
+}
+
+/**
+ * Fill `dst` with the bytes of `pieces` ((fd, offset, length) triples; fd -1: zeroes), starting
+ * `skip` bytes in (see readFullySync).
+ */
+export function readPiecesSync(pieces: Float64Array, skip: number, dst: Buffer): void {
+  let at = 0;
+  for (let k = 0; k < pieces.length && at < dst.length; k += 3) {
+    const len = pieces[k + 2];
+    if (skip >= len) {
+      skip -= len;
+      continue;
+    }
+    const n = Math.min(len - skip, dst.length - at);
+    const part = dst.subarray(at, at + n);
+    if (pieces[k] < 0) part.fill(0);
+    else readFullySync(pieces[k], part, pieces[k + 1] + skip);
+    at += n;
+    skip = 0;
+  }
 }
 
 /**

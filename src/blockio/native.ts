@@ -21,7 +21,6 @@ export interface BlockioBinding {
   recvNowait(sock: number, buf: Uint8Array): number;
   threadSleeps(): number;
   crc32c(buf: Uint8Array, seed: number): number;
-  sendFile(sock: number, header: Uint8Array, fd: number, offset: number, length: number): number;
   sendPieces(sock: number, header: Uint8Array, pieces: Float64Array, skip: number): number;
   submit(desc: Float64Array, bufs: (Uint8Array | undefined)[], results: Float64Array, cb: () => void): void;
 }

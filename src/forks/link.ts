@@ -367,7 +367,7 @@ export class GatewayLink {
     } else if (ticket.stale !== null) {
       for (const b of ticket.stale) this.lastSeq.set(b, STALE);
     }
-    const p = this.enqueue(kind, offset, length, data, false, seq, null, true);
+    const p = this.enqueue(kind, offset, length, data, false, seq);
     if (this.o.mode === "async" && this.queued > this.o.queueBytes) {
       this.dispatch({ type: "overflow", reason: `queue over ${this.o.queueBytes} bytes (gateway too slow)` });
     }
@@ -401,9 +401,9 @@ export class GatewayLink {
   }
 
   /**
-   * Queue an update. `data` (WRITE only) is copied into a slab when it is small, or else kept as
-   * it is (`pooled`, if given, goes back to the pool once it is sent or dropped; `copy` asks for a
-   * copy of data the caller will reuse).
+   * Queue an update. `data` (WRITE only) is copied into a slab when it is small. Larger data is
+   * kept as it is when it lives in `pooled` (handed over: back to the pool once sent or dropped),
+   * else copied (the caller reuses its buffer).
    */
   private enqueue(
     kind: UpdateKind,
@@ -413,7 +413,6 @@ export class GatewayLink {
     resync: boolean,
     seq = this.reserve(offset, length),
     pooled: Buffer | null = null,
-    copy = false,
   ): Promise<void> | null {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
     const dataBytes = data === null ? 0 : data.length;
@@ -449,7 +448,7 @@ export class GatewayLink {
     } else {
       pending.head = Buffer.allocUnsafe(RECORD_HEADER);
       encodeHeader(pending.head, 0, kind, seq, this.period, offset, length);
-      if (copy) {
+      if (pooled === null) {
         pending.pooled = acquire(dataBytes);
         pending.data = pending.pooled.subarray(0, dataBytes);
         data!.copy(pending.data);

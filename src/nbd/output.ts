@@ -12,9 +12,10 @@
 //   sent only when every earlier byte has left libuv's write queue; later segments wait behind it.
 //   When the socket fills up mid-send, the rest of that reply is read from the (cached) file and
 //   written the ordinary way, still ahead of everything queued after it. A lent read (`pushLease`,
-//   a snapshot's pieces of several files) goes the same way, piece by piece in one addon call;
-//   if its lender copied it meanwhile (`lease.data`), the copy is sent instead. Leases still
-//   queued when the connection ends are released by discard().
+//   a snapshot's pieces of several files) is sent piece by piece in one addon call; when the
+//   socket fills up, a 32 KiB copy is written through libuv and sendfile resumes once it has gone
+//   (the lease stays valid until then). If its lender copied it meanwhile (`lease.data`), the copy
+//   is sent instead. Leases still queued when the connection ends are released by discard().
 // - Direct sends: when libuv has nothing queued for the socket, a run of replies is sent with one
 //   non-blocking send(2) from here, skipping the stream's write request and callback (a few µs per
 //   reply at queue depth 1); what the socket does not take is written through libuv, in order.
@@ -24,10 +25,9 @@
 //   requests until writes complete (`onSpace`): a client that does not read its replies stalls
 //   itself, never the server's memory.
 
-import { readSync } from "node:fs";
 import type { Duplex } from "node:stream";
 import { acquire, release } from "../util/buffer-pool.js";
-import { readNowait, sendHeaderAndFile, sendNow, sendPieces } from "../blockio/index.js";
+import { readFullySync, readPiecesSync, sendHeaderAndFile, sendNow, sendPieces } from "../blockio/index.js";
 import type { PieceLease } from "../volume/volume.js";
 
 /** A reusable reply buffer. */
@@ -186,8 +186,23 @@ export class OutputQueue {
 
   /** Queue `header` followed by `length` bytes of file `fd` at `offset`, sent with sendfile. */
   pushFile(header: Buffer, fd: number, offset: number, length: number): void {
+    this.pushZeroCopy(header, fd, offset, length, undefined);
+  }
+
+  /** Queue `header` followed by a lent read, sent with sendfile piece by piece. */
+  pushLease(header: Buffer, lease: PieceLease): void {
+    this.pushZeroCopy(header, -1, 0, lease.length, lease);
+  }
+
+  private pushZeroCopy(
+    header: Buffer,
+    fd: number,
+    offset: number,
+    length: number,
+    lease: PieceLease | undefined,
+  ): void {
     if (this.sockFd < 0) throw new Error("zero-copy segment on a connection without a socket descriptor");
-    this.segments.push({
+    const s: Segment = {
       buf: header,
       start: 0,
       end: header.length,
@@ -197,26 +212,10 @@ export class OutputQueue {
       fd,
       offset,
       length,
-    });
+    };
+    if (lease !== undefined) s.lease = lease;
+    this.segments.push(s);
     this.unflushed += header.length + length;
-  }
-
-  /** Queue `header` followed by a lent read, sent with sendfile piece by piece. */
-  pushLease(header: Buffer, lease: PieceLease): void {
-    if (this.sockFd < 0) throw new Error("zero-copy segment on a connection without a socket descriptor");
-    this.segments.push({
-      buf: header,
-      start: 0,
-      end: header.length,
-      slab: null,
-      count: 0,
-      pooled: null,
-      fd: -1,
-      offset: 0,
-      length: lease.length,
-      lease,
-    });
-    this.unflushed += header.length + lease.length;
   }
 
   /** The connection is gone: give back the leases of replies that will never be sent. */
@@ -283,6 +282,21 @@ export class OutputQueue {
     this.stream.write(view, () => this.written(s));
   }
 
+  /** Write a buffer of its own through libuv (`pooled` goes back to the pool once written). */
+  private writeBuffer(buf: Buffer, pooled: Buffer | null): void {
+    this.write({
+      buf,
+      start: 0,
+      end: buf.length,
+      slab: null,
+      count: 0,
+      pooled,
+      fd: -1,
+      offset: 0,
+      length: 0,
+    });
+  }
+
   private sendFileSegment(s: Segment): void {
     const hlen = s.buf.length;
     const total = hlen + s.length;
@@ -303,8 +317,8 @@ export class OutputQueue {
       at = hlen - sent;
     }
     const dataStart = Math.max(0, sent - hlen);
-    readFully(s.fd, buf.subarray(at), s.offset + dataStart);
-    this.write({ buf, start: 0, end: rest, slab: null, count: 0, pooled, fd: -1, offset: 0, length: 0 });
+    readFullySync(s.fd, buf.subarray(at), s.offset + dataStart);
+    this.writeBuffer(buf, pooled);
   }
 
   /**
@@ -322,17 +336,7 @@ export class OutputQueue {
       lease.release();
       const data = lease.data.subarray(Math.max(0, sent - hlen));
       const buf = sent < hlen ? Buffer.concat([s.buf.subarray(sent), data]) : data;
-      this.write({
-        buf,
-        start: 0,
-        end: buf.length,
-        slab: null,
-        count: 0,
-        pooled: null,
-        fd: -1,
-        offset: 0,
-        length: 0,
-      });
+      this.writeBuffer(buf, null);
       return true;
     }
     const r = sendPieces(
@@ -360,12 +364,12 @@ export class OutputQueue {
     if (sent < hlen) {
       at = s.buf.copy(buf, 0, sent);
     }
-    copyPieces(lease.pieces, Math.max(0, sent - hlen), buf.subarray(at));
+    readPiecesSync(lease.pieces, Math.max(0, sent - hlen), buf.subarray(at));
     sent += n;
     s.sent = sent;
     const finished = sent === total;
     if (finished) lease.release();
-    this.write({ buf, start: 0, end: n, slab: null, count: 0, pooled, fd: -1, offset: 0, length: 0 });
+    this.writeBuffer(buf, pooled);
     return finished;
   }
 
@@ -396,43 +400,3 @@ export class OutputQueue {
 /** Bytes of a lent read copied per bridge write when the socket is full. */
 const LEASE_BRIDGE = 32 * 1024;
 const NO_BYTES = Buffer.alloc(0);
-
-/** Fill `dst` with the bytes of `pieces` ((fd, offset, length) triples; fd -1: zeroes) from `skip`. */
-function copyPieces(pieces: Float64Array, skip: number, dst: Buffer): void {
-  let at = 0;
-  for (let k = 0; k < pieces.length && at < dst.length; k += 3) {
-    const len = pieces[k + 2];
-    if (skip >= len) {
-      skip -= len;
-      continue;
-    }
-    const n = Math.min(len - skip, dst.length - at);
-    const part = dst.subarray(at, at + n);
-    if (pieces[k] < 0) part.fill(0);
-    else readFully(pieces[k], part, pieces[k + 1] + skip);
-    at += n;
-    skip = 0;
-  }
-}
-
-/**
- * Fill `buf` from `fd` at `offset`. The range was in the page cache a moment ago (cachestat), so
- * the non-blocking read nearly always succeeds; if pages were evicted since, a blocking read on the
- * event loop is the price of keeping the reply stream in order (rare, bounded by one reply).
- */
-function readFully(fd: number, buf: Buffer, offset: number): void {
-  let done = 0;
-  while (done < buf.length) {
-    const r = readNowait(fd, buf.subarray(done), offset + done);
-    if (r > 0) {
-      done += r;
-      continue;
-    }
-    const n = readSync(fd, buf, done, buf.length - done, offset + done);
-    if (n <= 0) {
-      buf.fill(0, done); // file shorter than the volume: cannot happen for a volume we opened
-      return;
-    }
-    done += n;
-  }
-}

@@ -721,31 +721,23 @@ export class Journal {
   }
 
   /**
-   * Where entry i's image lies: its segment file's descriptor and the offset there, fd -1 for a
-   * zero image, or null when its segment is gone.
+   * Where entry i's image lies, for sending it with sendfile: its segment file's descriptor and
+   * the offset there (fd -1 for a zero image); null when its segment is gone or its bytes are not
+   * all in the page cache (sending them could wait for the disk). A segment's written bytes are
+   * checked whole (cachestat) and the answer is kept for a second (bytes appended meanwhile were
+   * just written, so cached); a page evicted within that second costs one blocking read.
    */
-  imageAt(i: number): { fd: number; offset: number } | null {
+  residentImage(i: number): { fd: number; offset: number } | null {
     const off = this.index.off[i];
     if (off < 0) return { fd: -1, offset: 0 };
     const seg = this.segments.get(this.index.seg[i]);
-    return seg ? { fd: seg.file.fd, offset: off } : null;
-  }
-
-  /**
-   * Whether entry i's image is in the page cache, so that sending it cannot wait for the disk:
-   * a segment's written bytes are checked whole (cachestat) and the answer is kept for a second
-   * (bytes appended meanwhile were just written, so cached). A page evicted within that second
-   * costs one blocking read.
-   */
-  imageResident(i: number): boolean {
-    if (this.index.off[i] < 0) return true;
-    const seg = this.segments.get(this.index.seg[i]);
-    if (!seg) return false;
+    if (!seg) return null;
     const now = performance.now();
-    if (now < seg.residentUntil) return true;
-    if (!isCached(seg.file.fd, 0, seg.size)) return false;
-    seg.residentUntil = now + RESIDENT_MS;
-    return true;
+    if (now >= seg.residentUntil) {
+      if (!isCached(seg.file.fd, 0, seg.size)) return null;
+      seg.residentUntil = now + RESIDENT_MS;
+    }
+    return { fd: seg.file.fd, offset: off };
   }
 
   /** Hear about entries appended (from, to); (-1, -1) when the journal stops. */

@@ -19,9 +19,8 @@
 //   NBD layer sends that copy instead. The same happens to every lease when the journal stops or
 //   the view closes (segments may be dropped once unpinned).
 
-import { readSync } from "node:fs";
 import { constants } from "node:os";
-import { isCached } from "../blockio/index.js";
+import { isCached, readPiecesSync } from "../blockio/index.js";
 import { IoError, ReadOnlyError } from "../errors.js";
 import { DONE } from "../util/done.js";
 import type { Extent, PieceLease, Volume, VolumeCaps } from "../volume/volume.js";
@@ -156,8 +155,7 @@ export class SnapshotView implements Volume {
         continue;
       }
       // A run of blocks that read from the primary.
-      let stop = Math.min((b + 1) * j, end);
-      while (stop < end && this.entry(Math.floor(stop / j)) === undefined) stop = Math.min(stop + j, end);
+      const stop = Math.min(this.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
       waits.push(this.fromPrimary(buf, offset, pos, stop));
       pos = stop;
     }
@@ -202,11 +200,10 @@ export class SnapshotView implements Volume {
       let at = range.offset + (pos - offset);
       if (e === undefined) stop = Math.min(this.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
       else {
-        const image = this.journal.imageAt(e);
+        const image = this.journal.residentImage(e);
         if (image === null) return null;
         fd = image.fd;
         at = image.offset + (pos - b * j);
-        if (!this.journal.imageResident(e)) return null;
       }
       const n = out.length;
       if (n > 0 && out[n - 3] === fd && (fd < 0 || out[n - 2] + out[n - 1] === at)) out[n - 1] += stop - pos;
@@ -249,15 +246,7 @@ export class SnapshotView implements Volume {
     this.leases.delete(l);
     if (l.data !== null) return;
     const data = Buffer.allocUnsafe(l.length);
-    let at = 0;
-    const p = l.pieces;
-    for (let i = 0; i < p.length; i += 3) {
-      const fd = p[i];
-      const len = p[i + 2];
-      if (fd < 0) data.fill(0, at, at + len);
-      else readFully(fd, data.subarray(at, at + len), p[i + 1]);
-      at += len;
-    }
+    readPiecesSync(l.pieces, 0, data);
     l.data = data;
   }
 
@@ -313,18 +302,5 @@ export class SnapshotView implements Volume {
       this.journal.unpin(this);
     }
     return DONE;
-  }
-}
-
-/** Fill `buf` from `fd` at `offset` with blocking reads (page-cache hits: the range was cached). */
-function readFully(fd: number, buf: Buffer, offset: number): void {
-  let done = 0;
-  while (done < buf.length) {
-    const n = readSync(fd, buf, done, buf.length - done, offset + done);
-    if (n <= 0) {
-      buf.fill(0, done); // past the end of the file: cannot happen for the files a view reads
-      return;
-    }
-    done += n;
   }
 }

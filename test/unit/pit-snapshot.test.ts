@@ -87,6 +87,15 @@ async function rig(kind: "memory" | "file", size: number, windowMs: number): Pro
   return { primary, journal, stack, close };
 }
 
+/** A 1 MiB rig (50 ms windows) filled with random data, past the window of that write. */
+async function filledRig(kind: "memory" | "file"): Promise<{ r: Rig; old: Buffer }> {
+  const r = await rig(kind, MiB, 50);
+  const old = randomBytes(MiB);
+  await r.stack.write(old, 0, false);
+  await nextWindow(50);
+  return { r, old };
+}
+
 type Op =
   | { kind: "write"; offset: number; data: Buffer }
   | { kind: "trim"; offset: number; length: number }
@@ -296,11 +305,7 @@ void describe("SnapshotView over the journal filter", () => {
 
   void test("a block first overwritten after the view opened still reads its old contents", async () => {
     for (const kind of ["memory", "file"] as const) {
-      const W = 50;
-      const r = await rig(kind, MiB, W);
-      const old = randomBytes(MiB);
-      await r.stack.write(old, 0, false);
-      await nextWindow(W);
+      const { r, old } = await filledRig(kind);
       const view = new SnapshotView(r.journal, r.primary, r.journal.pointOf(journalNow()), "v");
       assert.equal(view.open(), 0, "nothing changed since the point: the map is empty");
       // Block 7 changes now, block 9 partly, byte 100 of block 3, and the last block is trimmed.
@@ -320,11 +325,7 @@ void describe("SnapshotView over the journal filter", () => {
   });
 
   void test("a block that gains a journal entry while its primary read is in flight reads its image", async () => {
-    const W = 50;
-    const r = await rig("memory", MiB, W);
-    const old = randomBytes(MiB);
-    await r.stack.write(old, 0, false);
-    await nextWindow(W);
+    const { r, old } = await filledRig("memory");
     // The view reads through a primary whose reads wait for a gate and then read what is there.
     let open!: () => void;
     const gate = new Promise<void>((resolve) => (open = resolve));
@@ -347,11 +348,7 @@ void describe("SnapshotView over the journal filter", () => {
   });
 
   void test("lent pieces (zero-copy) hold the point's bytes; a lease over a block about to change is copied first", async () => {
-    const W = 50;
-    const r = await rig("file", MiB, W);
-    const old = randomBytes(MiB);
-    await r.stack.write(old, 0, false);
-    await nextWindow(W);
+    const { r, old } = await filledRig("file");
     const view = new SnapshotView(r.journal, r.primary, r.journal.pointOf(journalNow()), "v");
     view.open();
     // Journal images for blocks 2, 3 and 9 (9 a zero image: trimmed), then lend [0, 64 KiB) and

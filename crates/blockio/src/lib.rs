@@ -183,30 +183,6 @@ unsafe extern "C" fn cached_bytes(env: napi_env, info: napi_callback_info) -> na
     }
 }
 
-/// sendFile(sock, header, fileFd, offset, length): bytes sent (header first), stopping at EAGAIN;
-/// -errno when the connection failed before anything was sent.
-unsafe extern "C" fn send_file(env: napi_env, info: napi_callback_info) -> napi_value {
-    let parsed = (|| {
-        let a = args::<5>(env, info)?;
-        let sock = num(env, a[0])? as i32;
-        let (hp, hl) = bytes(env, a[1])?;
-        let fd = num(env, a[2])? as i32;
-        let off = num(env, a[3])? as i64;
-        let len = num(env, a[4])? as usize;
-        Some((sock, hp, hl, fd, off, len))
-    })();
-    match parsed {
-        Some((sock, hp, hl, fd, off, len)) => number(
-            env,
-            ops::send_header_and_file(sock, hp, hl, fd, off, len) as f64,
-        ),
-        None => throw(
-            env,
-            "sendFile(sock, header, fd, offset, length): bad arguments",
-        ),
-    }
-}
-
 /// sendPieces(sock, header, pieces: Float64Array, skip): header, then (fd, offset, length)
 /// triples of file data (sendfile) or zeroes (fd -1) less their first `skip` bytes; bytes sent in
 /// all, stopping at EAGAIN; -errno when the connection failed before anything was sent.
@@ -465,7 +441,6 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"extentsSync\0", extents_sync);
     export(env, exports, b"deviceSize\0", device_size);
     export(env, exports, b"cachedBytes\0", cached_bytes);
-    export(env, exports, b"sendFile\0", send_file);
     export(env, exports, b"sendPieces\0", send_pieces);
     export(env, exports, b"dupFd\0", dup_fd);
     export(env, exports, b"lockFd\0", lock_fd);

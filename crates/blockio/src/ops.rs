@@ -244,54 +244,11 @@ pub fn cached_bytes(fd: c_int, offset: i64, len: i64) -> i64 {
     (cs.nr_cache * 4096) as i64
 }
 
-/// Send `header` then `len` bytes of `file_fd` at `offset` on a non-blocking socket, without
-/// copying the file data through user space (sendfile; zero-copy into TCP and, since Linux 6.5,
-/// AF_UNIX). Stops at the first EAGAIN. Returns the bytes sent (header included), or -errno
-/// when nothing could be sent because the connection failed.
-pub fn send_header_and_file(
-    sock: c_int,
-    header: *const u8,
-    hlen: usize,
-    file_fd: c_int,
-    offset: i64,
-    len: usize,
-) -> i64 {
-    let sent = send_all(sock, header, hlen, MSG_DONTWAIT | MSG_NOSIGNAL | MSG_MORE);
-    if sent < 0 || (sent as usize) < hlen {
-        return sent;
-    }
-    let sent = hlen;
-    let mut off = offset;
-    let mut done = 0usize;
-    while done < len {
-        let r = unsafe { sendfile64(sock, file_fd, &mut off, len - done) };
-        if r < 0 {
-            let e = errno();
-            if e == EINTR {
-                continue;
-            }
-            if e == EAGAIN {
-                break;
-            }
-            return if sent + done > 0 {
-                (sent + done) as i64
-            } else {
-                -(e as i64)
-            };
-        }
-        if r == 0 {
-            break; // end of file: the caller sends the rest another way
-        }
-        done += r as usize;
-    }
-    (sent + done) as i64
-}
-
 /// Send `header` and then each piece of `pieces` (fd, offset, length triples; fd < 0 sends
-/// `length` zero bytes), less their first `skip` bytes, on the non-blocking socket `sock`,
-/// sendfile(2) for file pieces. Returns
-/// the bytes sent in all, stopping early when the socket is full; -errno when the connection
-/// failed before anything was sent.
+/// `length` zero bytes), less their first `skip` bytes, on the non-blocking socket `sock`, with
+/// sendfile(2) for file pieces (no copy of the file data through user space). Returns the bytes
+/// sent in all (header included), stopping at the first EAGAIN or at the end of a file; -errno
+/// when the connection failed before anything was sent.
 pub fn send_pieces(
     sock: c_int,
     header: *const u8,
