@@ -467,17 +467,26 @@ export function sendHeaderAndFile(
   onePiece[0] = fd;
   onePiece[1] = offset;
   onePiece[2] = length;
-  return binding.sendPieces(sock, header, onePiece, 0);
+  return binding.sendPieces(sock, header, onePiece, 0, -1);
 }
 const onePiece = new Float64Array(3);
 
 /**
  * Send `header`, then `pieces` ((fd, offset, length) triples; fd -1: zeroes) less their first
- * `skip` bytes, on the non-blocking socket `sock` with sendfile: bytes sent in all, stopping early
- * when the socket is full; negative errno when the connection failed before anything was sent.
+ * `skip` bytes, on the non-blocking socket `sock`: pieces of `copyFd` (every piece when -2) are
+ * copied (read and sent, gathered up to 256 KiB a send), the others go with sendfile (the kernel
+ * keeps references to their pages until the peer reads them: only for files that do not change).
+ * Bytes sent in all, stopping early when the socket is full; negative errno when the connection
+ * failed before anything was sent.
  */
-export function sendPieces(sock: number, header: Buffer, pieces: Float64Array, skip = 0): number {
-  return binding.sendPieces(sock, header, pieces, skip);
+export function sendPieces(
+  sock: number,
+  header: Buffer,
+  pieces: Float64Array,
+  skip: number,
+  copyFd: number,
+): number {
+  return binding.sendPieces(sock, header, pieces, skip, copyFd);
 }
 
 /**
@@ -528,6 +537,14 @@ export function readPiecesSync(pieces: Float64Array, skip: number, dst: Buffer):
  */
 export function sendNow(sock: number, buf: Uint8Array): number {
   return binding.sendNow(sock, buf);
+}
+
+/**
+ * Ask for a socket send buffer of `bytes` (SO_SNDBUF; the kernel caps it at net.core.wmem_max and
+ * doubles it): the size the kernel then reports, or a negative errno.
+ */
+export function setSendBuffer(sock: number, bytes: number): number {
+  return binding.setSendBuffer(sock, bytes);
 }
 
 /** Receive into `buf` without blocking: bytes (0 at end of stream), or a negative errno (-EAGAIN). */

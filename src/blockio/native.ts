@@ -18,10 +18,11 @@ export interface BlockioBinding {
   dupFd(fd: number): number;
   lockFd(fd: number, exclusive: number): number;
   sendNow(sock: number, buf: Uint8Array): number;
+  setSendBuffer(sock: number, bytes: number): number;
   recvNowait(sock: number, buf: Uint8Array): number;
   threadSleeps(): number;
   crc32c(buf: Uint8Array, seed: number): number;
-  sendPieces(sock: number, header: Uint8Array, pieces: Float64Array, skip: number): number;
+  sendPieces(sock: number, header: Uint8Array, pieces: Float64Array, skip: number, copyFd: number): number;
   submit(desc: Float64Array, bufs: (Uint8Array | undefined)[], results: Float64Array, cb: () => void): void;
 }
 

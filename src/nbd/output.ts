@@ -11,11 +11,16 @@
 //   from the page cache. It must reach the socket exactly where it stands in the queue, so it is
 //   sent only when every earlier byte has left libuv's write queue; later segments wait behind it.
 //   When the socket fills up mid-send, the rest of that reply is read from the (cached) file and
-//   written the ordinary way, still ahead of everything queued after it. A lent read (`pushLease`,
-//   a snapshot's pieces of several files) is sent piece by piece in one addon call; when the
-//   socket fills up, a 32 KiB copy is written through libuv and sendfile resumes once it has gone
-//   (the lease stays valid until then). If its lender copied it meanwhile (`lease.data`), the copy
-//   is sent instead. Leases still queued when the connection ends are released by discard().
+//   written the ordinary way, still ahead of everything queued after it. sendfile leaves the
+//   kernel holding references to the file's pages until the client has read them, so a write to
+//   those blocks in between reaches the client: fine for a plain export (the read and the write
+//   were both in flight, either order is a correct answer), not for a snapshot.
+// - A lent read (`pushLease`, a snapshot's pieces of several files) is sent in one addon call:
+//   pieces the lender marks (`copyFd`) are read into the addon's buffer and sent from there, the
+//   others by sendfile. When the socket fills up, a 32 KiB copy is written through libuv and the
+//   addon resumes once it has gone (the lease stays valid until then). If its lender copied it
+//   meanwhile (`lease.data`), the copy is sent instead. Leases still queued when the connection
+//   ends are released by discard().
 // - Direct sends: when libuv has nothing queued for the socket, a run of replies is sent with one
 //   non-blocking send(2) from here, skipping the stream's write request and callback (a few µs per
 //   reply at queue depth 1); what the socket does not take is written through libuv, in order.
@@ -189,7 +194,7 @@ export class OutputQueue {
     this.pushZeroCopy(header, fd, offset, length, undefined);
   }
 
-  /** Queue `header` followed by a lent read, sent with sendfile piece by piece. */
+  /** Queue `header` followed by a lent read, sent piece by piece (see PieceLease.copyFd). */
   pushLease(header: Buffer, lease: PieceLease): void {
     this.pushZeroCopy(header, -1, 0, lease.length, lease);
   }
@@ -344,12 +349,13 @@ export class OutputQueue {
       sent < hlen ? s.buf.subarray(sent) : NO_BYTES,
       lease.pieces,
       Math.max(0, sent - hlen),
+      lease.copyFd,
     );
     if (r < 0) {
       lease.release(); // the connection failed; the stream reports it (error/close)
       return true;
     }
-    this.zeroCopyBytes += Math.max(0, sent + r - Math.max(sent, hlen));
+    if (lease.copyFd === -1) this.zeroCopyBytes += Math.max(0, sent + r - Math.max(sent, hlen));
     sent += r;
     if (sent === total) {
       lease.release();

@@ -17,13 +17,14 @@
 //   reads without DF; errors as NBD_REPLY_TYPE_ERROR chunks carrying a message; BLOCK_STATUS.
 // - DISC: stop reading, finish what is in flight, send the replies, close (TLS close_notify via end).
 
+import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import type { Logger } from "../log.js";
 import { errnoName, BlockforkError } from "../errors.js";
 import { DONE } from "../util/done.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import type { Extent, Volume } from "../volume/volume.js";
-import { isCached } from "../blockio/index.js";
+import { isCached, setSendBuffer } from "../blockio/index.js";
 import { plainSocketFd, RequestReceiver, type PayloadHold, type RequestSink } from "./receiver.js";
 import { commandName } from "./commands.js";
 import { nbdErrorOf } from "./errors.js";
@@ -59,6 +60,8 @@ const MIN_HOLE = 4096;
  * caches: with 64 MiB of 256 KiB reads in flight every copy went through DRAM and cost 50% more.
  */
 const MAX_QUEUED_BYTES = Number(process.env.BF_MAX_QUEUED ?? 2 * 1024 * 1024);
+/** The send buffer asked for on unix-socket connections (see the constructor). */
+const UNIX_SEND_BUFFER = Number(process.env.BF_UNIX_SNDBUF ?? 4 * 1024 * 1024);
 /** After DISC or shutdown, how long the peer gets to close before we destroy the socket. */
 const CLOSE_GRACE_MS = 5000;
 
@@ -159,6 +162,12 @@ export class Transmission implements RequestSink {
     this.receiver = new RequestReceiver(this, source, leftover, settings.directInput !== false);
     const stream = (this.stream = this.receiver.stream);
     this.zeroCopyFd = settings.zeroCopy === false ? -1 : plainSocketFd(stream);
+    // A unix socket's send buffer (net.core.wmem_default, ~208 KiB) holds less than one large
+    // reply, so a 1 MiB read would go out in pieces, waiting for the client between them: ask for
+    // room for several (the kernel caps it at net.core.wmem_max). TCP tunes its own buffer.
+    if (this.zeroCopyFd >= 0 && typeof (stream as Socket).remoteAddress !== "string") {
+      setSendBuffer(this.zeroCopyFd, UNIX_SEND_BUFFER);
+    }
     this.out = new OutputQueue(stream, this.zeroCopyFd);
     this.out.onSpace = this.onSpace;
     this.finished = new Promise<void>((resolve) => (this.resolveFinished = resolve));

@@ -41,7 +41,6 @@ import {
 } from "node:fs";
 import { existsSync, fdatasyncSync, readFileSync, writeSync } from "node:fs";
 import { randomBytes } from "node:crypto";
-import { performance } from "node:perf_hooks";
 import { join } from "node:path";
 import { BlockFile, isCached } from "../blockio/index.js";
 import { errnoName, errnoOf } from "../errors.js";
@@ -217,6 +216,9 @@ export class Journal {
   private readonly dir: string;
   private readonly log: Logger;
   private readonly segments = new Map<number, Segment>();
+  /** The segment residentFd looked up last (its number), null when none or dropped. */
+  private lastSeg: Segment | null = null;
+  private lastSegNo = -1;
   private order: number[] = [];
   private journalId = "";
   private recordSeq = 0;
@@ -721,23 +723,29 @@ export class Journal {
   }
 
   /**
-   * Where entry i's image lies, for sending it with sendfile: its segment file's descriptor and
-   * the offset there (fd -1 for a zero image); null when its segment is gone or its bytes are not
-   * all in the page cache (sending them could wait for the disk). A segment's written bytes are
-   * checked whole (cachestat) and the answer is kept for a second (bytes appended meanwhile were
-   * just written, so cached); a page evicted within that second costs one blocking read.
+   * Where entry i's image lies, for sending it with sendfile: its segment file's descriptor (the
+   * offset there is `index.off[i]`), -1 for a zero image, or -2 when its segment is gone or its
+   * bytes are not all in the page cache (sending them could wait for the disk). A segment's
+   * written bytes are checked whole (cachestat) and the answer is kept for a second (bytes appended
+   * meanwhile were just written, so cached); a page evicted within that second costs one blocking
+   * read. `now` is performance.now() (one clock read per caller's batch). Called per journal block
+   * of a lent read, so the last segment looked up is remembered.
    */
-  residentImage(i: number): { fd: number; offset: number } | null {
-    const off = this.index.off[i];
-    if (off < 0) return { fd: -1, offset: 0 };
-    const seg = this.segments.get(this.index.seg[i]);
-    if (!seg) return null;
-    const now = performance.now();
+  residentFd(i: number, now: number): number {
+    if (this.index.off[i] < 0) return -1;
+    const n = this.index.seg[i];
+    let seg = this.lastSeg;
+    if (seg === null || this.lastSegNo !== n) {
+      seg = this.segments.get(n) ?? null;
+      if (seg === null) return -2;
+      this.lastSeg = seg;
+      this.lastSegNo = n;
+    }
     if (now >= seg.residentUntil) {
-      if (!isCached(seg.file.fd, 0, seg.size)) return null;
+      if (!isCached(seg.file.fd, 0, seg.size)) return -2;
       seg.residentUntil = now + RESIDENT_MS;
     }
-    return { fd: seg.file.fd, offset: off };
+    return seg.file.fd;
   }
 
   /** Hear about entries appended (from, to); (-1, -1) when the journal stops. */
@@ -795,6 +803,7 @@ export class Journal {
     const n = this.order.shift()!;
     const seg = this.segments.get(n)!;
     this.segments.delete(n);
+    if (this.lastSegNo === n) this.lastSeg = null;
     const next = this.order.length ? this.segments.get(this.order[0])!.firstEntry : this.index.length;
     let newest = 0;
     for (let i = this.index.first; i < next; i++) newest = Math.max(newest, this.index.ts[i]);

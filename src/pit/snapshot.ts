@@ -10,20 +10,27 @@
 //   commits before-images before the primary changes), so after a primary read the map is checked
 //   again and such blocks are re-read from the journal.
 // - If the journal stops, the point is no longer exact: reads fail with EIO from then on.
-// - Zero-copy (lendPieces): a large read is lent to the NBD layer as file pieces (primary runs,
-//   journal images) that it sends with sendfile(2) when the socket has room, maybe a while later.
-//   Journal images never change; the primary does, but a block not in the map changes only after
-//   the journal has told us about its before-image (listeners run after the commit, before the
+// - Lent reads (lendPieces): a large read is lent to the NBD layer as file pieces (primary runs,
+//   journal images) that it reads and sends, gathered in one buffer of the addon, when the socket
+//   has room, maybe a while later: no reply-sized buffer, no trip through the libuv pool. Journal
+//   images never change; the primary does, but a block not in the map changes only after the
+//   journal has told us about its before-image (listeners run after the commit, before the
 //   primary write is issued). So when a block joins the map, every unsent lease covering it is
 //   first copied into memory (synchronously: the primary still holds the old contents), and the
 //   NBD layer sends that copy instead. The same happens to every lease when the journal stops or
 //   the view closes (segments may be dropped once unpinned).
+// - Not sendfile: sendfile(2) hands the kernel references to page-cache pages that it holds until
+//   the client has read them, so a primary block overwritten after its piece was "sent" would
+//   reach the snapshot's reader with the new contents. Journal pieces could go by reference, but
+//   a reply of many small pieces arrives as many small socket buffers, which cost the reader more
+//   than the copy saves (measured: copying every piece took less CPU, server and client).
 
 import { constants } from "node:os";
 import { isCached, readPiecesSync } from "../blockio/index.js";
 import { IoError, ReadOnlyError } from "../errors.js";
 import { DONE } from "../util/done.js";
 import type { Extent, PieceLease, Volume, VolumeCaps } from "../volume/volume.js";
+import { BlockMap } from "./blockmap.js";
 import type { Journal } from "./journal.js";
 
 const E = constants.errno;
@@ -32,12 +39,7 @@ const E = constants.errno;
 export class SnapshotView implements Volume {
   readonly size: number;
   readonly description: string;
-  private readonly map = new Map<number, number>();
-  /**
-   * The map's keys as a bitset in lazily allocated 4 KiB chunks (32768 blocks each): most blocks
-   * of a large read are not in the map, and a bit test is far cheaper than a Map lookup.
-   */
-  private readonly bits: (Uint32Array | undefined)[] = [];
+  private readonly map = new BlockMap();
   /** Bumped whenever a block joins the map (reads in flight then re-check their primary runs). */
   private version = 0;
   /** Map entries whose image is a zero image (a trim or zero): none means extents are the primary's. */
@@ -85,38 +87,11 @@ export class SnapshotView implements Volume {
       if (!map.has(b)) {
         // The primary is about to change this block: reads lent over it are copied now.
         if (this.leases.size > 0) this.materializeOver(b);
-        map.set(b, i);
-        const c = b >>> 15;
-        (this.bits[c] ??= new Uint32Array(1024))[(b >>> 5) & 1023] |= 1 << (b & 31);
+        map.add(b, i);
         this.version++;
         if (idx.off[i] < 0) this.zeroImages++;
       }
     }
-  }
-
-  /** The map's entry for block b, or undefined (a bit test first). */
-  private entry(b: number): number | undefined {
-    const c = this.bits[b >>> 15];
-    if (c === undefined || (c[(b >>> 5) & 1023] & (1 << (b & 31))) === 0) return undefined;
-    return this.map.get(b);
-  }
-
-  /** The first block in [b, limit) that is in the map, or limit (a word of the bitset at a time). */
-  private nextMapped(b: number, limit: number): number {
-    while (b < limit) {
-      const c = this.bits[b >>> 15];
-      if (c === undefined) {
-        b = ((b >>> 15) + 1) << 15;
-        continue;
-      }
-      const word = c[(b >>> 5) & 1023] >>> (b & 31);
-      if (word === 0) {
-        b = ((b >>> 5) + 1) << 5;
-        continue;
-      }
-      return Math.min(b + (31 - Math.clz32(word & -word)), limit);
-    }
-    return limit;
   }
 
   /** Blocks that read from the journal. */
@@ -147,15 +122,15 @@ export class SnapshotView implements Volume {
     const waits: Promise<void>[] = [];
     while (pos < end) {
       const b = Math.floor(pos / j);
-      const e = this.entry(b);
-      if (e !== undefined) {
+      const e = this.map.get(b);
+      if (e >= 0) {
         const stop = Math.min((b + 1) * j, end);
         waits.push(this.journal.readImage(e, buf.subarray(pos - offset, stop - offset), pos - b * j));
         pos = stop;
         continue;
       }
       // A run of blocks that read from the primary.
-      const stop = Math.min(this.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
+      const stop = Math.min(this.map.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
       waits.push(this.fromPrimary(buf, offset, pos, stop));
       pos = stop;
     }
@@ -171,8 +146,8 @@ export class SnapshotView implements Volume {
     if (this.version === version) return;
     const j = this.j;
     for (let b = Math.floor(from / j); b * j < to; b++) {
-      const e = this.entry(b);
-      if (e === undefined) continue;
+      const e = this.map.get(b);
+      if (e < 0) continue;
       const s = Math.max(b * j, from);
       const t = Math.min((b + 1) * j, to);
       await this.journal.readImage(e, buf.subarray(s - base, t - base), s - b * j);
@@ -180,8 +155,8 @@ export class SnapshotView implements Volume {
   }
 
   /**
-   * Lend [offset, offset+length) as file pieces for sendfile, or null (read it instead): when the
-   * primary cannot say where its bytes are, or a piece is not in the page cache (sendfile would
+   * Lend [offset, offset+length) as file pieces, or null (read it instead): when the primary
+   * cannot say where its bytes are, or a piece is not in the page cache (sending would
    * then wait for the disk on the event loop).
    */
   lendPieces(offset: number, length: number): PieceLease | null {
@@ -191,19 +166,19 @@ export class SnapshotView implements Volume {
     const j = this.j;
     const end = offset + length;
     const out: number[] = [];
+    const now = performance.now();
     let pos = offset;
     while (pos < end) {
       const b = Math.floor(pos / j);
-      const e = this.entry(b);
+      const e = this.map.get(b);
       let stop = Math.min((b + 1) * j, end);
       let fd = range.fd;
       let at = range.offset + (pos - offset);
-      if (e === undefined) stop = Math.min(this.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
+      if (e < 0) stop = Math.min(this.map.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
       else {
-        const image = this.journal.residentImage(e);
-        if (image === null) return null;
-        fd = image.fd;
-        at = image.offset + (pos - b * j);
+        fd = this.journal.residentFd(e, now);
+        if (fd === -2) return null;
+        at = this.journal.index.off[e] + (pos - b * j);
       }
       const n = out.length;
       if (n > 0 && out[n - 3] === fd && (fd < 0 || out[n - 2] + out[n - 1] === at)) out[n - 1] += stop - pos;
@@ -221,6 +196,7 @@ export class SnapshotView implements Volume {
       offset,
       length,
       pieces: Float64Array.from(out),
+      copyFd: -2, // copy every piece: see "Not sendfile" above
       data: null,
       release: () => this.leases.delete(lease),
     };
@@ -269,8 +245,8 @@ export class SnapshotView implements Volume {
       while (pos < stop) {
         const b = Math.floor(pos / j);
         const bEnd = Math.min((b + 1) * j, stop);
-        const i = this.entry(b);
-        if (i === undefined) push(bEnd - pos, e.flags);
+        const i = this.map.get(b);
+        if (i < 0) push(bEnd - pos, e.flags);
         else push(bEnd - pos, this.journal.index.off[i] < 0 ? 2 : 0);
         pos = bEnd;
       }

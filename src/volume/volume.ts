@@ -64,11 +64,18 @@ export interface FileRange {
  * contents (the primary is about to be overwritten), the lender first copies every piece into
  * `data`, and the borrower sends `data` instead. The borrower calls release() once it has sent
  * the pieces or `data` (or dropped the read).
+ *
+ * Pieces of `copyFd` (a file that may change once the lease is released) must be copied when
+ * sent: sendfile(2) leaves the kernel holding references to the file's page-cache pages until
+ * the client has read them, and an overwrite in between would reach the client. Pieces of other
+ * files (journal segments, never rewritten) may go by reference.
  */
 export interface PieceLease {
   readonly offset: number;
   readonly length: number;
   readonly pieces: Float64Array;
+  /** The file whose pieces must be copied when sent; -2: every piece; -1: none. */
+  readonly copyFd: number;
   data: Buffer | null;
   release(): void;
 }
@@ -100,8 +107,9 @@ export interface Volume {
    */
   fileRange?(offset: number, length: number): FileRange | null;
   /**
-   * Optional zero-copy hint for a read made of pieces of several files (a snapshot: runs of the
-   * primary and journal images): lend them for sendfile(2), or null to be read the ordinary way.
+   * Optional hint for a read made of pieces of several files (a snapshot: runs of the primary and
+   * journal images): lend them to be read and sent when the socket has room (no reply-sized
+   * buffer, no trip through the I/O pool), or null to be read the ordinary way.
    * See PieceLease for what the lender promises.
    */
   lendPieces?(offset: number, length: number): PieceLease | null;

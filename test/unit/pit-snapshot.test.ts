@@ -19,6 +19,7 @@ import { Journal } from "../../src/pit/journal.js";
 import { journalNow } from "../../src/pit/clock.js";
 import { journalVolume } from "../../src/pit/filter.js";
 import { SnapshotView } from "../../src/pit/snapshot.js";
+import { BlockMap, DENSE_AT } from "../../src/pit/blockmap.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import { FileVolume } from "../../src/volume/file.js";
 import type { PieceLease, Volume } from "../../src/volume/volume.js";
@@ -608,5 +609,47 @@ void describe("SnapshotView: time to open over 1,000,000 journal entries", () =>
     t.diagnostic(msg);
     assert.ok(times[0] < 1000, msg);
     await journal.close();
+  });
+});
+
+void describe("BlockMap (the pointer map's storage)", () => {
+  void test("matches a Map model: sparse and dense chunks, block numbers past 2^32, nextMapped", () => {
+    let seed = 12345;
+    const rnd = (n: number): number => {
+      seed = (seed * 1103515245 + 12345) % 2147483648;
+      return seed % n;
+    };
+    const m = new BlockMap();
+    const model = new Map<number, number>();
+    // Chunk 0 sparse, chunk 3 crosses to dense, and a chunk far past 2^32 blocks.
+    const bases = [0, 3 * 32768, 2 ** 33 + 5 * 32768];
+    const counts = [50, DENSE_AT + 500, 700];
+    let entry = 0;
+    bases.forEach((base, k) => {
+      for (let n = 0; n < counts[k] * 2; n++) {
+        const b = base + rnd(32768);
+        const added = m.add(b, entry);
+        assert.equal(added, !model.has(b), `add(${b})`);
+        if (added) model.set(b, entry);
+        entry++;
+      }
+    });
+    assert.equal(m.size, model.size);
+    for (const [b, e] of model) {
+      assert.equal(m.get(b), e, `get(${b})`);
+      assert.ok(m.has(b));
+    }
+    for (let n = 0; n < 20000; n++) {
+      const b = bases[rnd(3)] + rnd(32768 * 2);
+      assert.equal(m.get(b), model.get(b) ?? -1, `get(${b})`);
+      assert.equal(m.has(b), model.has(b), `has(${b})`);
+    }
+    const sorted = [...model.keys()].sort((a, b) => a - b);
+    for (let n = 0; n < 2000; n++) {
+      const from = Math.max(0, bases[rnd(3)] + rnd(40000) - 100);
+      const limit = from + rnd(70000);
+      const want = sorted.find((b) => b >= from && b < limit) ?? limit;
+      assert.equal(m.nextMapped(from, limit), want, `nextMapped(${from}, ${limit})`);
+    }
   });
 });

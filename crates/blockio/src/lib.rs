@@ -183,24 +183,36 @@ unsafe extern "C" fn cached_bytes(env: napi_env, info: napi_callback_info) -> na
     }
 }
 
-/// sendPieces(sock, header, pieces: Float64Array, skip): header, then (fd, offset, length)
-/// triples of file data (sendfile) or zeroes (fd -1) less their first `skip` bytes; bytes sent in
-/// all, stopping at EAGAIN; -errno when the connection failed before anything was sent.
+/// sendPieces(sock, header, pieces: Float64Array, skip, copyFd): header (at most 64 KiB), then
+/// (fd, offset, length) triples of file data or zeroes (fd -1) less their first `skip` bytes;
+/// pieces of `copyFd` (all when -2) copied, the others with sendfile (see ops::send_pieces);
+/// bytes sent in all, stopping at EAGAIN; -errno when the connection failed before anything was
+/// sent.
 unsafe extern "C" fn send_pieces(env: napi_env, info: napi_callback_info) -> napi_value {
     let parsed = (|| {
-        let a = args::<4>(env, info)?;
+        let a = args::<5>(env, info)?;
         let sock = num(env, a[0])? as i32;
         let (hp, hl) = bytes(env, a[1])?;
         let (pp, pl) = bytes(env, a[2])?;
         let skip = num(env, a[3])? as usize;
-        Some((sock, hp, hl, pp, pl / 8, skip))
+        let copy_fd = num(env, a[4])? as i32;
+        if hl > 65536 {
+            return None;
+        }
+        Some((sock, hp, hl, pp, pl / 8, skip, copy_fd))
     })();
     match parsed {
-        Some((sock, hp, hl, pp, n, skip)) => {
+        Some((sock, hp, hl, pp, n, skip, copy_fd)) => {
             let pieces = std::slice::from_raw_parts(pp as *const f64, n - n % 3);
-            number(env, ops::send_pieces(sock, hp, hl, pieces, skip) as f64)
+            number(
+                env,
+                ops::send_pieces(sock, hp, hl, pieces, skip, copy_fd) as f64,
+            )
         }
-        None => throw(env, "sendPieces(sock, header, pieces, skip): bad arguments"),
+        None => throw(
+            env,
+            "sendPieces(sock, header, pieces, skip, copyFd): bad arguments",
+        ),
     }
 }
 
@@ -233,6 +245,20 @@ unsafe extern "C" fn recv_nowait(env: napi_env, info: napi_callback_info) -> nap
     match parsed {
         Some((sock, (p, len))) => number(env, ops::recv_nowait(sock, p, len) as f64),
         None => throw(env, "recvNowait(sock, buffer): bad arguments"),
+    }
+}
+
+/// setSendBuffer(sock, bytes): SO_SNDBUF; the size the kernel then reports, or -errno.
+unsafe extern "C" fn set_send_buffer(env: napi_env, info: napi_callback_info) -> napi_value {
+    let parsed = (|| {
+        let a = args::<2>(env, info)?;
+        Some((num(env, a[0])? as i32, num(env, a[1])?))
+    })();
+    match parsed {
+        Some((sock, n)) if (0.0..=i32::MAX as f64).contains(&n) => {
+            number(env, ops::set_send_buffer(sock, n as i32) as f64)
+        }
+        _ => throw(env, "setSendBuffer(sock, bytes): bad arguments"),
     }
 }
 
@@ -445,6 +471,7 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"dupFd\0", dup_fd);
     export(env, exports, b"lockFd\0", lock_fd);
     export(env, exports, b"sendNow\0", send_now);
+    export(env, exports, b"setSendBuffer\0", set_send_buffer);
     export(env, exports, b"recvNowait\0", recv_nowait);
     export(env, exports, b"threadSleeps\0", thread_sleeps);
     export(env, exports, b"crc32c\0", crc32c);

@@ -244,23 +244,85 @@ pub fn cached_bytes(fd: c_int, offset: i64, len: i64) -> i64 {
     (cs.nr_cache * 4096) as i64
 }
 
-/// Send `header` and then each piece of `pieces` (fd, offset, length triples; fd < 0 sends
-/// `length` zero bytes), less their first `skip` bytes, on the non-blocking socket `sock`, with
-/// sendfile(2) for file pieces (no copy of the file data through user space). Returns the bytes
-/// sent in all (header included), stopping at the first EAGAIN or at the end of a file; -errno
-/// when the connection failed before anything was sent.
+/// Bytes gathered in user space before a send(2) (see send_pieces).
+const GATHER: usize = 256 * 1024;
+
+thread_local! {
+    static GATHER_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Send `header` (at most 256 KiB) and then each piece of `pieces` (fd, offset, length triples; fd < 0 stands for
+/// `length` zero bytes), less their first `skip` bytes, on the non-blocking socket `sock`.
+/// Pieces from `copy_fd` (every piece when `copy_fd` is -2) are copied: read into a buffer and
+/// sent with send(2), gathered up to 256 KiB a send, together with the header and zeroes. Other
+/// pieces go with sendfile(2), which hands the kernel references to their page-cache pages, so
+/// only files that never change under a sent reply may be sent that way (a snapshot's journal:
+/// a snapshot's primary may be overwritten while its pages wait in the socket). Returns the
+/// bytes sent in all (header included), stopping at the first EAGAIN, end of file or read
+/// error (the caller reads the rest itself); -errno when the connection failed before anything
+/// was sent.
 pub fn send_pieces(
     sock: c_int,
     header: *const u8,
     hlen: usize,
     pieces: &[f64],
     skip: usize,
+    copy_fd: c_int,
 ) -> i64 {
-    let h = send_all(sock, header, hlen, MSG_DONTWAIT | MSG_NOSIGNAL | MSG_MORE);
-    if h < 0 || (h as usize) < hlen {
-        return h;
+    GATHER_BUF.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < GATHER {
+            buf.resize(GATHER, 0);
+        }
+        let g = Gather {
+            sock,
+            buf: buf.as_mut_ptr(),
+            fill: 0,
+            sent: 0,
+        };
+        send_pieces_with(g, header, hlen, pieces, skip, copy_fd)
+    })
+}
+
+struct Gather {
+    sock: c_int,
+    buf: *mut u8,
+    fill: usize,
+    /// Bytes sent so far.
+    sent: usize,
+}
+
+impl Gather {
+    /// Send what is gathered: Err(result) when the caller must stop and return it.
+    fn flush(&mut self, more: bool) -> Result<(), i64> {
+        if self.fill == 0 {
+            return Ok(());
+        }
+        let flags = MSG_DONTWAIT | MSG_NOSIGNAL | if more { MSG_MORE } else { 0 };
+        let r = send_all(self.sock, self.buf, self.fill, flags);
+        if r < 0 {
+            return Err(if self.sent > 0 { self.sent as i64 } else { r });
+        }
+        self.sent += r as usize;
+        if (r as usize) < self.fill {
+            return Err(self.sent as i64);
+        }
+        self.fill = 0;
+        Ok(())
     }
-    let mut total = hlen;
+}
+
+fn send_pieces_with(
+    mut g: Gather,
+    header: *const u8,
+    hlen: usize,
+    pieces: &[f64],
+    skip: usize,
+    copy_fd: c_int,
+) -> i64 {
+    // The header (tens of bytes; at most 64 KiB) goes out with whatever follows it.
+    unsafe { std::ptr::copy_nonoverlapping(header, g.buf, hlen) };
+    g.fill = hlen;
     let mut skip = skip;
     for piece in pieces.chunks_exact(3) {
         let (fd, plen) = (piece[0] as c_int, piece[2] as usize);
@@ -269,53 +331,68 @@ pub fn send_pieces(
             continue;
         }
         let len = plen - skip;
-        let start = skip;
+        let mut off = piece[1] as i64 + skip as i64;
         skip = 0;
         let mut done = 0usize;
-        if fd < 0 {
+        if fd < 0 || copy_fd == -2 || fd == copy_fd {
             while done < len {
-                let n = (len - done).min(ZEROES.len());
-                let r = send_all(
-                    sock,
-                    ZEROES.as_ptr(),
-                    n,
-                    MSG_DONTWAIT | MSG_NOSIGNAL | MSG_MORE,
-                );
-                if r < 0 {
-                    return if total > 0 { total as i64 } else { r };
+                if g.fill == GATHER {
+                    if let Err(r) = g.flush(true) {
+                        return r;
+                    }
                 }
+                let n = (len - done).min(GATHER - g.fill);
+                let at = unsafe { g.buf.add(g.fill) };
+                let r = if fd < 0 {
+                    unsafe { std::ptr::write_bytes(at, 0, n) };
+                    n as isize
+                } else {
+                    unsafe { pread64(fd, at as *mut c_void, n, off) }
+                };
+                if r < 0 && errno() == EINTR {
+                    continue;
+                }
+                if r <= 0 {
+                    // End of file or a read error: send what is gathered; the caller reads the
+                    // rest itself and reports the error.
+                    return match g.flush(false) {
+                        Ok(()) => g.sent as i64,
+                        Err(r) => r,
+                    };
+                }
+                g.fill += r as usize;
                 done += r as usize;
-                if (r as usize) < n {
-                    return (total + done) as i64;
-                }
+                off += r as i64;
             }
         } else {
-            let mut off = piece[1] as i64 + start as i64;
+            if let Err(r) = g.flush(true) {
+                return r;
+            }
             while done < len {
-                let r = unsafe { sendfile64(sock, fd, &mut off, len - done) };
+                let r = unsafe { sendfile64(g.sock, fd, &mut off, len - done) };
                 if r < 0 {
                     let e = errno();
                     if e == EINTR {
                         continue;
                     }
                     if e == EAGAIN {
-                        return (total + done) as i64;
+                        return (g.sent + done) as i64;
                     }
-                    return if total + done > 0 {
-                        (total + done) as i64
-                    } else {
-                        -(e as i64)
-                    };
+                    let total = g.sent + done;
+                    return if total > 0 { total as i64 } else { -(e as i64) };
                 }
                 if r == 0 {
-                    return (total + done) as i64; // end of file: the caller sends the rest
+                    return (g.sent + done) as i64; // end of file: the caller sends the rest
                 }
                 done += r as usize;
             }
+            g.sent += done;
         }
-        total += done;
     }
-    total as i64
+    match g.flush(false) {
+        Ok(()) => g.sent as i64,
+        Err(r) => r,
+    }
 }
 
 /// send(2) of a whole buffer with `flags`: bytes sent, stopping at EAGAIN (0 when the socket is
@@ -357,6 +434,39 @@ pub fn recv_nowait(sock: c_int, buf: *mut u8, len: usize) -> i64 {
             return -(e as i64);
         }
     }
+}
+
+/// Ask for a socket send buffer of `bytes` (the kernel caps it at net.core.wmem_max and doubles
+/// it for its own bookkeeping); the size it then reports, or -errno.
+pub fn set_send_buffer(sock: c_int, bytes: i32) -> i64 {
+    let v: c_int = bytes;
+    let r = unsafe {
+        setsockopt(
+            sock,
+            SOL_SOCKET,
+            SO_SNDBUF,
+            &v as *const c_int as *const c_void,
+            std::mem::size_of::<c_int>() as u32,
+        )
+    };
+    if r < 0 {
+        return -(errno() as i64);
+    }
+    let mut out: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as u32;
+    let r = unsafe {
+        getsockopt(
+            sock,
+            SOL_SOCKET,
+            SO_SNDBUF,
+            &mut out as *mut c_int as *mut c_void,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return -(errno() as i64);
+    }
+    out as i64
 }
 
 const LOCK_SH: c_int = 1;

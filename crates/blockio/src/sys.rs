@@ -24,6 +24,8 @@ pub const SYS_CACHESTAT: c_long = 451;
 pub const MSG_DONTWAIT: c_int = 0x40;
 pub const MSG_NOSIGNAL: c_int = 0x4000;
 pub const MSG_MORE: c_int = 0x8000;
+pub const SOL_SOCKET: c_int = 1;
+pub const SO_SNDBUF: c_int = 7;
 
 #[repr(C)]
 pub struct CachestatRange {
@@ -84,6 +86,20 @@ extern "C" {
     pub fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut i64, count: usize) -> isize;
     pub fn send(fd: c_int, buf: *const c_void, len: usize, flags: c_int) -> isize;
     pub fn recv(fd: c_int, buf: *mut c_void, len: usize, flags: c_int) -> isize;
+    pub fn setsockopt(
+        fd: c_int,
+        level: c_int,
+        name: c_int,
+        value: *const c_void,
+        len: u32,
+    ) -> c_int;
+    pub fn getsockopt(
+        fd: c_int,
+        level: c_int,
+        name: c_int,
+        value: *mut c_void,
+        len: *mut u32,
+    ) -> c_int;
     pub fn syscall(number: c_long, ...) -> c_long;
     pub fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     pub fn flock(fd: c_int, operation: c_int) -> c_int;
