@@ -19,6 +19,7 @@ export interface BlockioBinding {
   lockFd(fd: number, exclusive: number): number;
   sendNow(sock: number, buf: Uint8Array): number;
   setSendBuffer(sock: number, bytes: number): number;
+  tuneMalloc(mmapThreshold: number, trimThreshold: number, topPad: number): number;
   recvNowait(sock: number, buf: Uint8Array): number;
   threadSleeps(): number;
   crc32c(buf: Uint8Array, seed: number): number;

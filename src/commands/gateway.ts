@@ -14,6 +14,7 @@ import { GatewayServer } from "../gateway/server.js";
 import { FaultSwitch } from "../gateway/faults.js";
 import { TrackingMirror } from "../gateway/mirror.js";
 import { FAULT_FILE, StateWriter, loadSources, prepareStateDir } from "../gateway/state.js";
+import { tuneMallocForServers } from "../blockio/index.js";
 
 export const GATEWAY_HELP = `Usage: blockfork gateway --volume PATH [options]
 
@@ -133,6 +134,7 @@ export function parseGatewayArgs(argv: string[]): GatewayConfig {
 /** Run `blockfork gateway`; resolves with the exit status. */
 export async function gateway(argv: string[]): Promise<number> {
   const cfg = parseGatewayArgs(argv);
+  if (process.env.BF_NO_MALLOC_TUNING !== "1") tuneMallocForServers();
   const log = cfg.log;
   if (cfg.size !== undefined) mkdirSync(dirname(resolve(cfg.volume)), { recursive: true });
   const volume = FileVolume.open(cfg.volume, {

@@ -22,6 +22,7 @@ import { join } from "node:path";
 import { checkBlockSizes, DEFAULT_BLOCK_SIZES, ExportRegistry, type BlockSizes } from "../nbd/exports.js";
 import { NbdServer, parseListen } from "../nbd/server.js";
 import type { TlsSettings } from "../nbd/handshake.js";
+import { tuneMallocForServers } from "../blockio/index.js";
 
 export const SERVE_HELP = `Usage: blockfork serve --volume PATH [options]
 
@@ -389,6 +390,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
 /** Run `blockfork serve`; resolves with the exit status. */
 export async function serve(argv: string[]): Promise<number> {
   const cfg = parseServeArgs(argv);
+  if (process.env.BF_NO_MALLOC_TUNING !== "1") tuneMallocForServers();
   if (cfg.size !== undefined) mkdirSync(dirname(resolve(cfg.volume)), { recursive: true });
   const base = FileVolume.open(cfg.volume, {
     readOnly: cfg.readOnly,

@@ -60,8 +60,12 @@ const MIN_HOLE = 4096;
  * caches: with 64 MiB of 256 KiB reads in flight every copy went through DRAM and cost 50% more.
  */
 const MAX_QUEUED_BYTES = Number(process.env.BF_MAX_QUEUED ?? 2 * 1024 * 1024);
-/** The send buffer asked for on unix-socket connections (see the constructor). */
-const UNIX_SEND_BUFFER = Number(process.env.BF_UNIX_SNDBUF ?? 4 * 1024 * 1024);
+/**
+ * The send buffer asked for on unix-socket connections (see the constructor). The kernel doubles
+ * it for its bookkeeping: room for about two 1 MiB replies and their overhead. With a client that
+ * stops reading, a connection holds up to that much kernel memory plus MAX_QUEUED_BYTES.
+ */
+const UNIX_SEND_BUFFER = Number(process.env.BF_UNIX_SNDBUF ?? 2 * 1024 * 1024);
 /** After DISC or shutdown, how long the peer gets to close before we destroy the socket. */
 const CLOSE_GRACE_MS = 5000;
 

@@ -5,7 +5,13 @@
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { Duplex } from "node:stream";
-import { constants } from "node:os";
+import { constants, tmpdir } from "node:os";
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { randomBytes } from "node:crypto";
+import { connect, createServer, type Socket } from "node:net";
+import { sendPieces, setSendBuffer } from "../../src/blockio/index.js";
+import { plainSocketFd } from "../../src/nbd/receiver.js";
 import { formatSize, parseSize } from "../../src/util/size.js";
 import { parseListen } from "../../src/nbd/server.js";
 import {
@@ -569,5 +575,106 @@ void describe("threadSleeps (inline-write throttling probe)", () => {
     // A futex wait on the JS thread: the kernel puts it to sleep (a voluntary context switch).
     Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
     assert.ok(binding.threadSleeps() > before, "a 20 ms futex wait must count as a voluntary sleep");
+  });
+});
+
+void describe("sendPieces (lent reads) and setSendBuffer", () => {
+  /** A connected unix-socket pair: the server side's descriptor and the client socket. */
+  async function socketPair(
+    dir: string,
+  ): Promise<{ fd: number; server: Socket; client: Socket; close(): void }> {
+    const path = join(dir, "s.sock");
+    const srv = createServer();
+    await new Promise<void>((r) => srv.listen(path, r));
+    const accepted = new Promise<Socket>((r) => srv.once("connection", r));
+    const client = connect(path);
+    const server = await accepted;
+    server.pause();
+    return {
+      fd: plainSocketFd(server),
+      server,
+      client,
+      close: () => {
+        client.destroy();
+        server.destroy();
+        srv.close();
+      },
+    };
+  }
+
+  void test("every copy mode sends header, pieces and zeroes in order; a full socket stops it", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
+    try {
+      const a = randomBytes(300 * KiB);
+      const b = randomBytes(100 * KiB);
+      writeFileSync(join(dir, "a"), a);
+      writeFileSync(join(dir, "b"), b);
+      const fa = openSync(join(dir, "a"), "r");
+      const fb = openSync(join(dir, "b"), "r");
+      const header = Buffer.from("HEADER-16-BYTES!");
+      // a[1000, +200 KiB), 5000 zeroes, b[7, +4096), a[250 KiB, +50 KiB)
+      const pieces = Float64Array.from([
+        fa,
+        1000,
+        200 * KiB,
+        -1,
+        0,
+        5000,
+        fb,
+        7,
+        4096,
+        fa,
+        250 * KiB,
+        50 * KiB,
+      ]);
+      const want = Buffer.concat([
+        header,
+        a.subarray(1000, 1000 + 200 * KiB),
+        Buffer.alloc(5000),
+        b.subarray(7, 7 + 4096),
+        a.subarray(250 * KiB, 300 * KiB),
+      ]);
+      for (const copyFd of [-1, -2, fa, fb]) {
+        const p = await socketPair(dir);
+        try {
+          assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0, "setSendBuffer");
+          const got: Buffer[] = [];
+          p.client.on("data", (c: Buffer) => got.push(c));
+          assert.equal(sendPieces(p.fd, header, pieces, 0, copyFd), want.length, `copyFd ${copyFd}`);
+          while (Buffer.concat(got).length < want.length) await new Promise((r) => setTimeout(r, 5));
+          assert.ok(Buffer.concat(got).equals(want), `copyFd ${copyFd}: bytes differ`);
+        } finally {
+          p.close();
+        }
+        // A small send buffer and a reader that has not read: the call stops early and says how
+        // far it got; resuming from there (header done, `skip` into the pieces) completes it.
+        const q = await socketPair(dir);
+        try {
+          setSendBuffer(q.fd, 16 * KiB);
+          q.client.pause();
+          const first = sendPieces(q.fd, header, pieces, 0, copyFd);
+          assert.ok(first > 0 && first < want.length, `copyFd ${copyFd}: first call sent ${first}`);
+          const got: Buffer[] = [];
+          q.client.on("data", (c: Buffer) => got.push(c));
+          q.client.resume();
+          let sent = first;
+          while (sent < want.length) {
+            await new Promise((r) => setTimeout(r, 5));
+            const h = sent < header.length ? header.subarray(sent) : Buffer.alloc(0);
+            const r = sendPieces(q.fd, h, pieces, Math.max(0, sent - header.length), copyFd);
+            assert.ok(r >= 0, `copyFd ${copyFd}: ${r}`);
+            sent += r;
+          }
+          while (Buffer.concat(got).length < want.length) await new Promise((r) => setTimeout(r, 5));
+          assert.ok(Buffer.concat(got).equals(want), `copyFd ${copyFd}: resumed bytes differ`);
+        } finally {
+          q.close();
+        }
+      }
+      closeSync(fa);
+      closeSync(fb);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -262,6 +262,33 @@ unsafe extern "C" fn set_send_buffer(env: napi_env, info: napi_callback_info) ->
     }
 }
 
+/// tuneMalloc(mmapThreshold, trimThreshold, topPad): see ops::tune_malloc; true when applied.
+unsafe extern "C" fn tune_malloc(env: napi_env, info: napi_callback_info) -> napi_value {
+    let parsed = (|| {
+        let a = args::<3>(env, info)?;
+        let v = [num(env, a[0])?, num(env, a[1])?, num(env, a[2])?];
+        if v.iter().all(|x| (0.0..=i32::MAX as f64).contains(x)) {
+            Some(v)
+        } else {
+            None
+        }
+    })();
+    match parsed {
+        Some(v) => number(
+            env,
+            if ops::tune_malloc(v[0] as i32, v[1] as i32, v[2] as i32) {
+                1.0
+            } else {
+                0.0
+            },
+        ),
+        None => throw(
+            env,
+            "tuneMalloc(mmapThreshold, trimThreshold, topPad): bad arguments",
+        ),
+    }
+}
+
 /// lockFd(fd, exclusive): a non-blocking flock, LOCK_EX when `exclusive` is non-zero, else
 /// LOCK_SH; 0 or -errno.
 unsafe extern "C" fn lock_fd(env: napi_env, info: napi_callback_info) -> napi_value {
@@ -472,6 +499,7 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"lockFd\0", lock_fd);
     export(env, exports, b"sendNow\0", send_now);
     export(env, exports, b"setSendBuffer\0", set_send_buffer);
+    export(env, exports, b"tuneMalloc\0", tune_malloc);
     export(env, exports, b"recvNowait\0", recv_nowait);
     export(env, exports, b"threadSleeps\0", thread_sleeps);
     export(env, exports, b"crc32c\0", crc32c);

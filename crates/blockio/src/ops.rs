@@ -276,16 +276,18 @@ pub fn send_pieces(
         }
         let g = Gather {
             sock,
+            copy_fd,
             buf: buf.as_mut_ptr(),
             fill: 0,
             sent: 0,
         };
-        send_pieces_with(g, header, hlen, pieces, skip, copy_fd)
+        g.send(header, hlen, pieces, skip)
     })
 }
 
 struct Gather {
     sock: c_int,
+    copy_fd: c_int,
     buf: *mut u8,
     fill: usize,
     /// Bytes sent so far.
@@ -310,88 +312,82 @@ impl Gather {
         self.fill = 0;
         Ok(())
     }
-}
 
-fn send_pieces_with(
-    mut g: Gather,
-    header: *const u8,
-    hlen: usize,
-    pieces: &[f64],
-    skip: usize,
-    copy_fd: c_int,
-) -> i64 {
-    // The header (tens of bytes; at most 64 KiB) goes out with whatever follows it.
-    unsafe { std::ptr::copy_nonoverlapping(header, g.buf, hlen) };
-    g.fill = hlen;
-    let mut skip = skip;
-    for piece in pieces.chunks_exact(3) {
-        let (fd, plen) = (piece[0] as c_int, piece[2] as usize);
-        if skip >= plen {
-            skip -= plen;
-            continue;
-        }
-        let len = plen - skip;
-        let mut off = piece[1] as i64 + skip as i64;
-        skip = 0;
-        let mut done = 0usize;
-        if fd < 0 || copy_fd == -2 || fd == copy_fd {
-            while done < len {
-                if g.fill == GATHER {
-                    if let Err(r) = g.flush(true) {
-                        return r;
+    /// See send_pieces.
+    fn send(mut self, header: *const u8, hlen: usize, pieces: &[f64], skip: usize) -> i64 {
+        // The header (tens of bytes; at most 64 KiB) goes out with whatever follows it.
+        unsafe { std::ptr::copy_nonoverlapping(header, self.buf, hlen) };
+        self.fill = hlen;
+        let mut skip = skip;
+        for piece in pieces.chunks_exact(3) {
+            let (fd, plen) = (piece[0] as c_int, piece[2] as usize);
+            if skip >= plen {
+                skip -= plen;
+                continue;
+            }
+            let len = plen - skip;
+            let mut off = piece[1] as i64 + skip as i64;
+            skip = 0;
+            let mut done = 0usize;
+            if fd < 0 || self.copy_fd == -2 || fd == self.copy_fd {
+                while done < len {
+                    if self.fill == GATHER {
+                        if let Err(r) = self.flush(true) {
+                            return r;
+                        }
                     }
-                }
-                let n = (len - done).min(GATHER - g.fill);
-                let at = unsafe { g.buf.add(g.fill) };
-                let r = if fd < 0 {
-                    unsafe { std::ptr::write_bytes(at, 0, n) };
-                    n as isize
-                } else {
-                    unsafe { pread64(fd, at as *mut c_void, n, off) }
-                };
-                if r < 0 && errno() == EINTR {
-                    continue;
-                }
-                if r <= 0 {
-                    // End of file or a read error: send what is gathered; the caller reads the
-                    // rest itself and reports the error.
-                    return match g.flush(false) {
-                        Ok(()) => g.sent as i64,
-                        Err(r) => r,
+                    let n = (len - done).min(GATHER - self.fill);
+                    let at = unsafe { self.buf.add(self.fill) };
+                    let r = if fd < 0 {
+                        unsafe { std::ptr::write_bytes(at, 0, n) };
+                        n as isize
+                    } else {
+                        unsafe { pread64(fd, at as *mut c_void, n, off) }
                     };
-                }
-                g.fill += r as usize;
-                done += r as usize;
-                off += r as i64;
-            }
-        } else {
-            if let Err(r) = g.flush(true) {
-                return r;
-            }
-            while done < len {
-                let r = unsafe { sendfile64(g.sock, fd, &mut off, len - done) };
-                if r < 0 {
-                    let e = errno();
-                    if e == EINTR {
+                    if r < 0 && errno() == EINTR {
                         continue;
                     }
-                    if e == EAGAIN {
-                        return (g.sent + done) as i64;
+                    if r <= 0 {
+                        // End of file or a read error: send what is gathered; the caller reads the
+                        // rest itself and reports the error.
+                        return match self.flush(false) {
+                            Ok(()) => self.sent as i64,
+                            Err(r) => r,
+                        };
                     }
-                    let total = g.sent + done;
-                    return if total > 0 { total as i64 } else { -(e as i64) };
+                    self.fill += r as usize;
+                    done += r as usize;
+                    off += r as i64;
                 }
-                if r == 0 {
-                    return (g.sent + done) as i64; // end of file: the caller sends the rest
+            } else {
+                if let Err(r) = self.flush(true) {
+                    return r;
                 }
-                done += r as usize;
+                while done < len {
+                    let r = unsafe { sendfile64(self.sock, fd, &mut off, len - done) };
+                    if r < 0 {
+                        let e = errno();
+                        if e == EINTR {
+                            continue;
+                        }
+                        if e == EAGAIN {
+                            return (self.sent + done) as i64;
+                        }
+                        let total = self.sent + done;
+                        return if total > 0 { total as i64 } else { -(e as i64) };
+                    }
+                    if r == 0 {
+                        return (self.sent + done) as i64; // end of file: the caller sends the rest
+                    }
+                    done += r as usize;
+                }
+                self.sent += done;
             }
-            g.sent += done;
         }
-    }
-    match g.flush(false) {
-        Ok(()) => g.sent as i64,
-        Err(r) => r,
+        match self.flush(false) {
+            Ok(()) => self.sent as i64,
+            Err(r) => r,
+        }
     }
 }
 
@@ -490,6 +486,20 @@ pub fn dup_fd(fd: c_int) -> i64 {
         return neg_errno();
     }
     r as i64
+}
+
+/// Tell malloc to keep freed memory for reuse: allocations up to `mmap_threshold` come from the
+/// heap (not a fresh mapping each), and the heap is trimmed only when `trim_threshold` bytes are
+/// free at its top (with `top_pad` more taken whenever it grows). Node copies every HTTP body
+/// chunk into a fresh 64 KiB allocation; with glibc's defaults (128 KiB) the heap shrank and grew
+/// around them, and each growth paid page faults and page zeroing. True when malloc accepted all
+/// three (glibc; other C libraries may ignore them).
+pub fn tune_malloc(mmap_threshold: i32, trim_threshold: i32, top_pad: i32) -> bool {
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
+            && mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+            && mallopt(M_TOP_PAD, top_pad) == 1
+    }
 }
 
 /// Voluntary context switches of the calling thread so far (getrusage RUSAGE_THREAD), or -errno.

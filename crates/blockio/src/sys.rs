@@ -24,6 +24,9 @@ pub const SYS_CACHESTAT: c_long = 451;
 pub const MSG_DONTWAIT: c_int = 0x40;
 pub const MSG_NOSIGNAL: c_int = 0x4000;
 pub const MSG_MORE: c_int = 0x8000;
+pub const M_TRIM_THRESHOLD: c_int = -1;
+pub const M_TOP_PAD: c_int = -2;
+pub const M_MMAP_THRESHOLD: c_int = -3;
 pub const SOL_SOCKET: c_int = 1;
 pub const SO_SNDBUF: c_int = 7;
 
@@ -104,6 +107,7 @@ extern "C" {
     pub fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     pub fn flock(fd: c_int, operation: c_int) -> c_int;
     pub fn getrusage(who: c_int, usage: *mut Rusage) -> c_int;
+    pub fn mallopt(param: c_int, value: c_int) -> c_int;
     fn __errno_location() -> *mut c_int;
 }
 
