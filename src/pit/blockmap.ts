@@ -1,8 +1,9 @@
-// The pointer map of a snapshot view: journal block -> journal entry index (a non-negative integer).
+// The pointer map of a snapshot view: journal block -> journal entry index (an integer in
+// [0, 2^32): four billion entries, 16 TiB of 4 KiB before-images).
 //
 // Blocks are grouped in chunks of 32768. A chunk is allocated when its first block joins, as a
 // membership bitset (4 KiB) plus either a Map (sparse) or, once it holds more than DENSE_AT
-// entries, an Int32Array of all its blocks (128 KiB, about 64 bytes per entry at the switch,
+// entries, a Uint32Array of all its blocks (128 KiB, about 64 bytes per entry at the switch,
 // less than a Map spends per entry). So a snapshot read of a run of blocks costs a bit test per
 // block it does not map and one array load per block it does, and a map with a few scattered
 // entries over a huge volume stays small. Block numbers may exceed 2^32: only the bit positions
@@ -16,7 +17,7 @@ export const DENSE_AT = 2048;
 interface Chunk {
   bits: Uint32Array;
   sparse: Map<number, number> | null;
-  dense: Int32Array | null;
+  dense: Uint32Array | null;
   count: number;
 }
 
@@ -61,7 +62,7 @@ export class BlockMap {
       const sparse = c.sparse!;
       sparse.set(b, i);
       if (c.count > DENSE_AT) {
-        const dense = new Int32Array(CHUNK);
+        const dense = new Uint32Array(CHUNK);
         for (const [blk, e] of sparse) dense[blk & (CHUNK - 1)] = e;
         c.dense = dense;
         c.sparse = null;

@@ -723,16 +723,18 @@ export class Journal {
   }
 
   /**
-   * Where entry i's image lies, for sending it with sendfile: its segment file's descriptor (the
-   * offset there is `index.off[i]`), -1 for a zero image, or -2 when its segment is gone or its
-   * bytes are not all in the page cache (sending them could wait for the disk). A segment's
-   * written bytes are checked whole (cachestat) and the answer is kept for a second (bytes appended
-   * meanwhile were just written, so cached); a page evicted within that second costs one blocking
-   * read. `now` is performance.now() (one clock read per caller's batch). Called per journal block
-   * of a lent read, so the last segment looked up is remembered.
+   * Where entry i's image lies, for a lent read (read when the socket has room): its segment
+   * file's descriptor (the offset there is `index.off[i]`), -1 for a zero image, or -2 when its
+   * segment is gone, the journal is closed, or its bytes are not all in the page cache (reading
+   * them could wait for the disk on the event loop). A segment's written bytes are checked whole
+   * (cachestat) and the answer is kept for a second (bytes appended meanwhile were just written,
+   * so cached); a page evicted within that second costs one blocking read. `now` is
+   * performance.now() (one clock read per caller's batch). Called per journal block of a lent
+   * read, so the last segment looked up is remembered.
    */
   residentFd(i: number, now: number): number {
     if (this.index.off[i] < 0) return -1;
+    if (this.closed) return -2;
     const n = this.index.seg[i];
     let seg = this.lastSeg;
     if (seg === null || this.lastSegNo !== n) {
@@ -905,6 +907,7 @@ export class Journal {
     this.closed = true;
     for (const t of this.timers) clearInterval(t);
     for (const s of this.segments.values()) s.file.close();
+    this.lastSeg = null;
   }
 }
 
