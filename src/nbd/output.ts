@@ -164,17 +164,7 @@ export class OutputQueue {
    * `pooled` (from util/buffer-pool acquire()), that buffer is released once `buf` is written.
    */
   pushExternal(buf: Buffer, pooled: Buffer | null = null): void {
-    this.segments.push({
-      buf,
-      start: 0,
-      end: buf.length,
-      slab: null,
-      count: 0,
-      pooled,
-      fd: -1,
-      offset: 0,
-      length: 0,
-    });
+    this.segments.push(externalSegment(buf, pooled));
     this.unflushed += buf.length;
   }
 
@@ -289,17 +279,7 @@ export class OutputQueue {
 
   /** Write a buffer of its own through libuv (`pooled` goes back to the pool once written). */
   private writeBuffer(buf: Buffer, pooled: Buffer | null): void {
-    this.write({
-      buf,
-      start: 0,
-      end: buf.length,
-      slab: null,
-      count: 0,
-      pooled,
-      fd: -1,
-      offset: 0,
-      length: 0,
-    });
+    this.write(externalSegment(buf, pooled));
   }
 
   private sendFileSegment(s: Segment): void {
@@ -406,3 +386,8 @@ export class OutputQueue {
 /** Bytes of a lent read copied per bridge write when the socket is full. */
 const LEASE_BRIDGE = 32 * 1024;
 const NO_BYTES = Buffer.alloc(0);
+
+/** A segment for a buffer of its own (`pooled` goes back to the pool once it is written). */
+function externalSegment(buf: Buffer, pooled: Buffer | null): Segment {
+  return { buf, start: 0, end: buf.length, slab: null, count: 0, pooled, fd: -1, offset: 0, length: 0 };
+}
