@@ -552,9 +552,11 @@ export function setSendBuffer(sock: number, bytes: number): number {
  * handing it back and faulting it in again (allocations up to 1 MiB from the heap, the heap
  * trimmed only past 64 MiB free, grown 8 MiB at a time). Node copies every HTTP body chunk into a
  * fresh 64 KiB allocation; with glibc's defaults the gateway's heap shrank and grew around them.
- * Costs up to ~64 MiB of resident memory kept for reuse. True when malloc accepted it.
+ * Costs up to ~64 MiB of resident memory kept for reuse. BF_NO_MALLOC_TUNING=1 leaves malloc's
+ * defaults alone. True when malloc accepted it.
  */
 export function tuneMallocForServers(): boolean {
+  if (process.env.BF_NO_MALLOC_TUNING === "1") return false;
   return binding.tuneMalloc(1 << 20, 64 << 20, 8 << 20) === 1;
 }
 

@@ -134,7 +134,7 @@ export function parseGatewayArgs(argv: string[]): GatewayConfig {
 /** Run `blockfork gateway`; resolves with the exit status. */
 export async function gateway(argv: string[]): Promise<number> {
   const cfg = parseGatewayArgs(argv);
-  if (process.env.BF_NO_MALLOC_TUNING !== "1") tuneMallocForServers();
+  tuneMallocForServers();
   const log = cfg.log;
   if (cfg.size !== undefined) mkdirSync(dirname(resolve(cfg.volume)), { recursive: true });
   const volume = FileVolume.open(cfg.volume, {

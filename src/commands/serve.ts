@@ -390,7 +390,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
 /** Run `blockfork serve`; resolves with the exit status. */
 export async function serve(argv: string[]): Promise<number> {
   const cfg = parseServeArgs(argv);
-  if (process.env.BF_NO_MALLOC_TUNING !== "1") tuneMallocForServers();
+  tuneMallocForServers();
   if (cfg.size !== undefined) mkdirSync(dirname(resolve(cfg.volume)), { recursive: true });
   const base = FileVolume.open(cfg.volume, {
     readOnly: cfg.readOnly,
