@@ -16,6 +16,10 @@
 //   few slices of slabs sent as they are (no second copy, no per-update buffer). Data of 64 KiB or
 //   more (large writes, resync ranges) stays in its own buffer, sent after its header. A slab goes
 //   back to the pool when no queued or in-flight update uses it.
+// - Transport: batches go over an update stream (stream-client.ts: one connection upgraded to
+//   `blockfork-updates/1`, BATCH frames out, ACKs back, no HTTP request per batch) opened when the
+//   gateway is found healthy and closed with the epoch; a gateway that does not switch protocols
+//   (an older one) gets POST .../updates on the undici Pool instead, as does `updateStream: false`.
 // - Any failure (network, timeout, non-200) is one event for the machine: the link drops to
 //   tracking, every queued and in-flight update is forgotten (`epoch` changes, so late answers are
 //   ignored) and `lastSeq` is emptied: those blocks stay dirty until a resync copies them again.
@@ -35,6 +39,7 @@ import { extentsJson } from "../tracking/dirty-map.js";
 import type { Volume } from "../volume/volume.js";
 import { encodeHeader, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/records.js";
 import { acquire, release } from "../util/buffer-pool.js";
+import { UpdateStream } from "./stream-client.js";
 import {
   initialLinkState,
   sends,
@@ -67,6 +72,8 @@ export interface LinkOptions {
   /** Bytes per second for resync (0: unlimited). */
   resyncRate: number;
   resyncChunkBytes: number;
+  /** Send batches over an update stream when the gateway offers one (default true); else POST. */
+  updateStream?: boolean;
   /** Base URL of a tracking mirror (a gateway): PUT /v1/tracking/{volumeId}. */
   mirror?: string;
   mirrorIntervalMs: number;
@@ -195,6 +202,10 @@ export class GatewayLink {
   private readonly writing = new Map<number, number>();
   private durableThrough = 0;
   private flushing: Promise<void> | null = null;
+  /** The update stream of this epoch, or null (POST). */
+  private stream: UpdateStream | null = null;
+  /** The last attempt to open a stream failed with this (logged once per different reason). */
+  private streamRefused = "";
   private lastError = "";
   private probing = false;
   private probeTimer: NodeJS.Timeout | null = null;
@@ -585,13 +596,16 @@ export class GatewayLink {
 
   private async send(batch: Pending[], bytes: number, epoch: number): Promise<void> {
     try {
-      await this.call(
-        "POST",
-        `/v1/volumes/${this.volumeName}/updates`,
-        GatewayLink.body(batch),
-        "application/vnd.blockfork.updates",
-        bytes,
-      );
+      if (this.stream !== null) await this.stream.send(GatewayLink.body(batch), bytes, this.floor);
+      else {
+        await this.call(
+          "POST",
+          `/v1/volumes/${this.volumeName}/updates`,
+          GatewayLink.body(batch),
+          "application/vnd.blockfork.updates",
+          bytes,
+        );
+      }
       if (epoch !== this.epoch) return; // the link was reset meanwhile: this answer means nothing now
       for (const p of batch) {
         this.unflushed.push({ seq: p.seq, b0: p.b0, b1: p.b1 });
@@ -620,6 +634,7 @@ export class GatewayLink {
   /** Forget every queued and in-flight update; their blocks stay dirty for the next resync. */
   private dropQueue(): void {
     this.epoch++;
+    this.closeStream();
     for (const p of this.queue) {
       p.waiter?.();
       this.done(p);
@@ -728,6 +743,11 @@ export class GatewayLink {
         }
         this.volumeName = encodeURIComponent(h.volume);
         if (!this.probing) return;
+        await this.openStream();
+        if (!this.probing) {
+          this.closeStream();
+          return;
+        }
         this.dispatch({ type: "healthy" });
         return;
       } catch (e) {
@@ -744,6 +764,41 @@ export class GatewayLink {
       this.probeTimer = setTimeout(() => void once(), first);
       this.probeTimer.unref();
     }
+  }
+
+  /** Open the update stream for the next epoch (or leave the link on POST, saying why once). */
+  private async openStream(): Promise<void> {
+    this.closeStream();
+    if (this.o.updateStream === false) return;
+    let stream: UpdateStream;
+    try {
+      stream = await UpdateStream.open(
+        this.pool,
+        `/v1/volumes/${this.volumeName}/stream`,
+        this.headers(),
+        this.o.requestTimeoutMs,
+      );
+    } catch (e) {
+      const reason = (e as Error).message;
+      if (reason !== this.streamRefused) {
+        this.streamRefused = reason;
+        this.log.info(`gateway link: no update stream (${reason}); sending batches with POST`);
+      }
+      return;
+    }
+    this.streamRefused = "";
+    const epoch = this.epoch;
+    stream.onClosed = (reason) => {
+      if (this.stream === stream) this.stream = null;
+      if (epoch === this.epoch && sends(this.s.name)) this.failed(`sending updates failed: ${reason}`);
+    };
+    this.stream = stream;
+  }
+
+  private closeStream(): void {
+    const s = this.stream;
+    this.stream = null;
+    s?.close();
   }
 
   private stopProbe(): void {
@@ -1033,6 +1088,7 @@ export class GatewayLink {
     this.dispatch({ type: "stop" });
     for (const t of this.timers) clearInterval(t);
     this.stopProbe();
+    this.closeStream();
     await this.pool.close().catch(() => {});
     await this.controlPool.close().catch(() => {});
     await this.mirrorPool?.close().catch(() => {});

@@ -13,13 +13,14 @@
 
 import {
   createServer as createHttpServer,
+  ServerResponse,
   STATUS_CODES,
   type IncomingMessage,
   type Server,
-  type ServerResponse,
 } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { Socket } from "node:net";
+import type { Duplex } from "node:stream";
 import { createHash, timingSafeEqual } from "node:crypto";
 import type { Logger } from "../log.js";
 import { acquire, release } from "../util/buffer-pool.js";
@@ -28,6 +29,8 @@ import type { Gateway, Identity } from "./gateway.js";
 import { badRequest, errorBody, HttpError, readBody, sendError, sendJson } from "./http.js";
 import { checkTrackingDoc, checkVolumeId, type TrackingMirror } from "./mirror.js";
 import { parseUpdates, RecordError } from "./records.js";
+import { STREAM_PROTOCOL } from "./frames.js";
+import { StreamSession } from "./stream.js";
 
 /** Largest request body (updates, tracking documents). */
 export const MAX_BODY = 64 * 1024 * 1024;
@@ -99,6 +102,9 @@ export class GatewayServer {
   private readonly routes = new Map<string, Route>();
   private inFlight = 0;
   private idle: (() => void) | null = null;
+  /** Upgrade requests being checked: their socket and the bytes after the request head. */
+  private readonly upgrades = new WeakMap<IncomingMessage, { socket: Duplex; head: Buffer }>();
+  private readonly sessions = new Set<StreamSession>();
   private stopping = false;
 
   constructor(private readonly opts: GatewayServerOptions) {
@@ -114,6 +120,9 @@ export class GatewayServer {
     this.server.headersTimeout = 60_000;
     this.server.on("clientError", (err: Error & { code?: string }, socket: Socket) =>
       this.onClientError(err, socket),
+    );
+    this.server.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) =>
+      this.onUpgrade(req, socket, head),
     );
     this.defineRoutes();
   }
@@ -137,6 +146,7 @@ export class GatewayServer {
     this.stopping = true;
     this.server.close();
     this.server.closeIdleConnections();
+    for (const s of this.sessions) s.stop();
     if (this.inFlight === 0) return Promise.resolve(true);
     return new Promise((resolve) => {
       const t = setTimeout(() => {
@@ -154,6 +164,7 @@ export class GatewayServer {
   /** Close every connection that is left. */
   closeAll(): void {
     this.server.closeAllConnections();
+    for (const s of this.sessions) s.destroy();
   }
 
   private onClientError(err: Error & { code?: string }, socket: Socket): void {
@@ -188,6 +199,24 @@ export class GatewayServer {
       );
     }
     this.handle(req, res).catch((e: unknown) => this.fail(req, res, e));
+  }
+
+  /**
+   * A request with `Connection: Upgrade`: the same checks as any request, through a response bound
+   * to the socket (errors are ordinary JSON replies, then the connection closes); the stream route
+   * takes the socket over when everything is right.
+   */
+  private onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    const res = new ServerResponse(req);
+    res.shouldKeepAlive = false;
+    res.assignSocket(socket as Socket);
+    res.on("finish", () => {
+      res.detachSocket(socket as Socket);
+      socket.end();
+    });
+    socket.on("error", () => socket.destroy());
+    this.upgrades.set(req, { socket, head });
+    this.onRequest(req, res);
   }
 
   private fail(req: IncomingMessage, res: ServerResponse, e: unknown): void {
@@ -414,6 +443,50 @@ export class GatewayServer {
         } finally {
           body.dispose();
         }
+      },
+    });
+
+    r("volumes/*/stream", {
+      GET: (req, res) => {
+        const up = this.upgrades.get(req);
+        const asked = (header(req, "upgrade") ?? "").trim().toLowerCase();
+        if (up === undefined || asked !== STREAM_PROTOCOL) {
+          throw new HttpError(
+            426,
+            "ERR_BAD_REQUEST",
+            `this endpoint is an update stream: send Connection: Upgrade and Upgrade: ${STREAM_PROTOCOL}` +
+              (asked ? ` (not ${JSON.stringify(asked.slice(0, 60))})` : ""),
+            { headers: { Upgrade: STREAM_PROTOCOL, Connection: "Upgrade" }, close: true },
+          );
+        }
+        const id = this.identity(req);
+        this.upgrades.delete(req);
+        // The socket is the session's from here: the response object never writes to it.
+        res.detachSocket(up.socket as Socket);
+        res.removeAllListeners("finish");
+        this.inFlight++;
+        const session: StreamSession = new StreamSession(
+          up.socket,
+          up.head,
+          `HTTP/1.1 101 Switching Protocols\r\nUpgrade: ${STREAM_PROTOCOL}\r\nConnection: Upgrade\r\n\r\n`,
+          {
+            gateway: g,
+            id,
+            size: this.size,
+            faults: this.opts.faults,
+            log: this.log,
+            onClose: () => {
+              this.sessions.delete(session);
+              if (--this.inFlight === 0 && this.idle) this.idle();
+            },
+          },
+        );
+        this.sessions.add(session);
+        if (this.stopping) session.stop();
+        this.log.debug(`update stream from source ${id.source} (generation ${id.generation})`);
+        // The response is not sent: end the request's bookkeeping without writing.
+        res.emit("close");
+        return Promise.resolve();
       },
     });
 

@@ -14,10 +14,9 @@
 // - Backpressure: before each request the sink is asked mustWait(); if so, the rest of the bytes
 //   are stashed and the socket paused until resume().
 
-import { Socket } from "node:net";
 import type { Duplex } from "node:stream";
-import { TLSSocket } from "node:tls";
-import { dupFd, recvNowait } from "../blockio/index.js";
+import { recvNowait } from "../blockio/index.js";
+import { reopenWithOnread } from "../util/onread.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import type { Rejection } from "./validate.js";
 import { CMD, decodeRequest, REQUEST_SIZE, type Request } from "./wire.js";
@@ -71,13 +70,6 @@ class PooledHold implements PayloadHold {
   }
 }
 
-/** The file descriptor of a plain (non-TLS) net.Socket, or -1 (reads a Node internal, fail-safe). */
-export function plainSocketFd(stream: Duplex): number {
-  if (!(stream instanceof Socket) || stream instanceof TLSSocket) return -1;
-  const fd = (stream as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  return typeof fd === "number" && fd >= 0 ? fd : -1;
-}
-
 /** Parses requests from a stream and hands them to a sink. */
 export class RequestReceiver {
   /** The stream replies must be written to (a new socket when the descriptor was re-opened). */
@@ -112,32 +104,13 @@ export class RequestReceiver {
   ) {
     this.cur = new RxBuffer(this);
     this.target = this.cur;
-    const fd = allowDirect ? plainSocketFd(source) : -1;
-    if (fd >= 0 && source.writableLength === 0) {
-      // Take over the descriptor: a duplicate under a socket that reads into our buffers. Bytes the
-      // old socket already buffered are parsed first; then the old socket is closed (the duplicate
-      // keeps the connection open).
-      const chunks = [leftover];
-      for (let c = source.read() as Buffer | null; c !== null; c = source.read() as Buffer | null)
-        chunks.push(c);
-      leftover = chunks.length === 1 ? leftover : Buffer.concat(chunks);
-      // `onread` is documented for new net.Socket() but missing from @types/node 20's constructor type.
-      this.fd = dupFd(fd);
-      const opts = {
-        fd: this.fd,
-        readable: true,
-        writable: true,
-        allowHalfOpen: true,
-        onread: { buffer: this.nextBuffer, callback: this.onRead },
-      };
-      const sock = new Socket(opts);
-      if (source instanceof Socket && source.remotePort !== undefined) {
-        sock.setNoDelay(true);
-        sock.setKeepAlive(true, 60_000);
-      }
-      source.removeAllListeners("data");
-      source.destroy();
-      this.stream = sock;
+    const reopened = allowDirect
+      ? reopenWithOnread(source, leftover, { buffer: this.nextBuffer, callback: this.onRead })
+      : null;
+    if (reopened !== null) {
+      leftover = reopened.leftover;
+      this.fd = reopened.fd;
+      this.stream = reopened.socket;
       this.direct = true;
     } else {
       source.on("data", (chunk: Buffer) => this.onChunk(chunk));

@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { connect, createServer, type Socket } from "node:net";
 import { sendPieces, setSendBuffer } from "../../src/blockio/index.js";
-import { plainSocketFd } from "../../src/nbd/receiver.js";
+import { plainSocketFd } from "../../src/util/onread.js";
 import { formatSize, parseSize } from "../../src/util/size.js";
 import { parseListen } from "../../src/nbd/server.js";
 import {
