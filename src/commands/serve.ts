@@ -63,6 +63,7 @@ Replication (forked writes to a gateway; see docs/gateway-api.md)
   --state-dir DIR          tracking log and admin socket (default: PATH.blockfork for files;
                            required for block devices)
   --tracking-mirror URL    while the gateway is down, send the dirty extents to this gateway too
+  --no-update-stream       send batches as POST requests instead of on an upgraded update stream
   --sync-timeout MS        sync mode: give up on the gateway after MS (default 5000)
   --queue-size SIZE        async mode: queue bound before the link tracks (default 64M)
   --queue-age MS           async mode: oldest queued update before the link tracks (default 5000)
@@ -125,6 +126,7 @@ interface ReplicationConfig {
   granularity: number | undefined;
   alExtents: number;
   assumeClean: boolean;
+  updateStream: boolean;
 }
 
 function gatewayUrl(text: string, what: string): string {
@@ -269,6 +271,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       "track-granularity": { type: "string" },
       "al-extents": { type: "string" },
       "assume-clean": { type: "boolean", default: false },
+      "no-update-stream": { type: "boolean", default: false },
       pit: { type: "boolean", default: false },
       "pit-retention": { type: "string" },
       "pit-max-bytes": { type: "string" },
@@ -332,6 +335,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       granularity,
       alExtents: values["al-extents"] ? positiveInt(values["al-extents"], "--al-extents") : 1024,
       assumeClean: values["assume-clean"] === true,
+      updateStream: values["no-update-stream"] !== true,
     };
   } else {
     for (const o of [
@@ -344,6 +348,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       if (values[o] !== undefined) throw new UsageError(`--${o} needs --gateway URL`);
     }
     if (values["assume-clean"] === true) throw new UsageError("--assume-clean needs --gateway URL");
+    if (values["no-update-stream"] === true) throw new UsageError("--no-update-stream needs --gateway URL");
   }
   const pitOn =
     values.pit === true ||
@@ -467,6 +472,7 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
       syncTimeoutMs: rep.syncTimeoutMs,
       resyncRate: rep.resyncRate,
       resyncConcurrency: rep.resyncConcurrency,
+      updateStream: rep.updateStream,
       ...(rep.mirror !== undefined ? { mirror: rep.mirror } : {}),
       log: log.child("link"),
     });
