@@ -210,10 +210,9 @@ export class GatewayServer {
     const res = new ServerResponse(req);
     res.shouldKeepAlive = false;
     res.assignSocket(socket as Socket);
-    res.on("finish", () => {
-      res.detachSocket(socket as Socket);
-      socket.end();
-    });
+    // An error reply ends the connection; its close ends the request's bookkeeping ('close' of
+    // the response, as for any request).
+    res.on("finish", () => socket.end());
     socket.on("error", () => socket.destroy());
     this.upgrades.set(req, { socket, head });
     this.onRequest(req, res);

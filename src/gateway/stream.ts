@@ -124,7 +124,7 @@ export class StreamSession {
   // ---- reading
 
   private readonly nextBuffer = (): Buffer => {
-    if (this.body !== null && this.body.length - this.bodyFill >= DIRECT_MIN) {
+    if (!this.ending && this.body !== null && this.body.length - this.bodyFill >= DIRECT_MIN) {
       this.readIntoBody = true;
       return this.body.subarray(this.bodyFill);
     }
@@ -133,6 +133,7 @@ export class StreamSession {
   };
 
   private readonly onRead = (nread: number, buf: Buffer): boolean => {
+    if (this.ending) return true; // after the end: read (to see the proxy's FIN) and drop
     if (this.readIntoBody) {
       this.bodyFill += nread;
       if (this.bodyFill === this.body!.length) this.bodyDone();
@@ -258,7 +259,11 @@ export class StreamSession {
   private maybeEnd(): void {
     if (!this.ending || this.queued > 0 || this.closed) return;
     void this.chain.then(() => {
-      if (!this.closed && !this.sock.destroyed) this.sock.end();
+      if (this.closed || this.sock.destroyed) return;
+      this.sock.end();
+      // Read on, dropping the bytes, so that the proxy's end of the connection is seen and the
+      // socket closes (a paused socket would stay half-open until the gateway exits).
+      this.sock.resume();
     });
   }
 
