@@ -16,5 +16,7 @@ for _ in $(seq 100); do
   sleep 0.05
 done
 [ -n "$url" ] || { echo "fork.sh: the gateway did not start" >&2; cat "$DIR/gateway.log" >&2; exit 1; }
+# The proxy's warnings (a link that falls behind: queue over -> tracking -> resync) go to
+# $BF_FORK_LOG when set, so that the benchmark can say whether the gateway kept up.
 exec node "$ROOT/bin/blockfork.js" serve --volume "$FILE" --socket "$SOCK" --listen none --log-level warn \
-  --gateway "$url" --state-dir "$DIR/state" --assume-clean "$@"
+  --gateway "$url" --state-dir "$DIR/state" --assume-clean "$@" 2>> "${BF_FORK_LOG:-/dev/stderr}"
