@@ -470,9 +470,25 @@ export class GatewayLink {
       promise = new Promise<void>((resolve) => (pending.waiter = resolve));
     this.queue.push(pending);
     this.queued += pending.size;
-    this.pump();
+    this.schedulePump();
     return promise;
   }
+
+  /**
+   * Send what is queued once the current burst has been taken in: the NBD receiver hands over
+   * every request of one read in one callback, and the microtask after it finds them all queued,
+   * so a burst of small writes leaves as one batch (one frame, one ACK, one apply) instead of a
+   * batch each for the first maxBatches of them.
+   */
+  private schedulePump(): void {
+    if (this.pumpScheduled) return;
+    this.pumpScheduled = true;
+    queueMicrotask(() => {
+      this.pumpScheduled = false;
+      this.pump();
+    });
+  }
+  private pumpScheduled = false;
 
   /** The slab updates are appended to (null: none yet, or it filled up). */
   private slab: Slab | null = null;
