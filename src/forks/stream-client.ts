@@ -83,6 +83,7 @@ export class UpdateStream {
     sock.on("error", (e: Error) => this.end(`update stream: ${e.message}`));
     sock.on("end", () => this.end("the gateway closed the update stream"));
     sock.on("close", () => this.end("the update stream closed"));
+    sock.resume();
     this.timer = setInterval(() => this.checkTimeout(), Math.min(1000, Math.max(50, timeoutMs / 4)));
     this.timer.unref();
   }

@@ -102,7 +102,7 @@ export class StreamSession {
       this.maybeEnd();
     });
     if (leftover.length > 0) this.feed(leftover);
-    this.sock.resume();
+    if (!this.paused) this.sock.resume(); // (paused: the bytes that came with the upgrade filled the read-ahead)
   }
 
   /** Take no more batches; answer the ones read, then end the stream. */
