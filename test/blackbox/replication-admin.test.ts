@@ -302,6 +302,7 @@ void describe("replication configuration", () => {
         /cannot read the gateway token file .*missing-token/,
       ],
       [["--replication", "sync"], /--replication needs --gateway URL/],
+      [["--no-update-stream"], /--no-update-stream needs --gateway URL/],
       [
         ["--gateway", "http://127.0.0.1:9", "--sync-timeout", "0"],
         /--sync-timeout must be a positive integer/,
@@ -344,6 +345,50 @@ void describe("replication configuration", () => {
     );
     assert.equal(other.code, 2, other.stderr);
     assert.match(other.stderr, /belongs to a volume of 67108864 bytes, not 134217728/);
+  });
+
+  void test("batches go on the update stream, or as POSTs with --no-update-stream; both converge", async () => {
+    // The gateway logs each HTTP request at debug level ("POST /v1/volumes/NAME/updates -> 200") and
+    // each accepted stream ("update stream from source ..."); the flushes, always POSTs, show that
+    // request logging was on. The first resync (64 MiB) and a write after it must take one path only.
+    for (const post of [false, true]) {
+      const pair = await startPair({
+        size: "64M",
+        gatewayArgs: ["--log-level", "debug"],
+        ...(post ? { proxyArgs: ["--no-update-stream"] } : {}),
+      });
+      try {
+        const data = randomBytes(256 * KiB);
+        const file = join(pair.dir, "w.bin");
+        writeFileSync(file, data);
+        await nbdsh(
+          pair.proxy!.uri,
+          [
+            "import nbd, os",
+            "h = nbd.NBD()",
+            'h.connect_uri(os.environ["URI"])',
+            `h.pwrite(open(${JSON.stringify(file)}, "rb").read(), 5 * 1024 * 1024)`,
+            "h.flush()",
+            "h.shutdown()",
+          ].join("\n"),
+        );
+        await pair.waitSynced();
+        await assertIdentical(pair, post ? "with --no-update-stream" : "on the update stream");
+        const log = pair.gw!.log();
+        assert.match(log, /POST \/v1\/volumes\/[^/ ]+\/flush -> 200/, "request logging is on");
+        const posts = (log.match(/POST \/v1\/volumes\/[^/ ]+\/updates -> 200/g) ?? []).length;
+        const streams = (log.match(/update stream from source/g) ?? []).length;
+        if (post) {
+          assert.ok(posts > 0, "--no-update-stream sent no POST .../updates");
+          assert.equal(streams, 0, "--no-update-stream opened an update stream");
+        } else {
+          assert.equal(posts, 0, "batches were POSTed although the gateway offers the stream");
+          assert.ok(streams > 0, "no update stream was opened");
+        }
+      } finally {
+        await pair.stop();
+      }
+    }
   });
 
   void test("--resync-rate bounds the resync bandwidth", async () => {
