@@ -358,20 +358,7 @@ void describe("replication configuration", () => {
         ...(post ? { proxyArgs: ["--no-update-stream"] } : {}),
       });
       try {
-        const data = randomBytes(256 * KiB);
-        const file = join(pair.dir, "w.bin");
-        writeFileSync(file, data);
-        await nbdsh(
-          pair.proxy!.uri,
-          [
-            "import nbd, os",
-            "h = nbd.NBD()",
-            'h.connect_uri(os.environ["URI"])',
-            `h.pwrite(open(${JSON.stringify(file)}, "rb").read(), 5 * 1024 * 1024)`,
-            "h.flush()",
-            "h.shutdown()",
-          ].join("\n"),
-        );
+        await writeThroughNbd(pair, 5 * MiB, randomBytes(256 * KiB));
         await pair.waitSynced();
         await assertIdentical(pair, post ? "with --no-update-stream" : "on the update stream");
         const log = pair.gw!.log();

@@ -49,6 +49,7 @@ import { TrackingLog } from "../../src/tracking/log.js";
 import { Logger } from "../../src/log.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import type { Volume } from "../../src/volume/volume.js";
+import { Gate } from "../helpers/gate.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -81,23 +82,6 @@ async function waitFor(what: string, cond: () => boolean, timeoutMs = 10_000): P
 /** Let the event loop turn `n` times (for "nothing happened meanwhile" checks; no timer). */
 async function turns(n: number): Promise<void> {
   for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r));
-}
-
-/** A promise a test opens when it wants; `waiting` counts the calls held. */
-class Gate {
-  waiting = 0;
-  private open: (() => void) | null = null;
-  private readonly p: Promise<void>;
-  constructor() {
-    this.p = new Promise<void>((r) => (this.open = r));
-  }
-  async pass(): Promise<void> {
-    this.waiting++;
-    await this.p;
-  }
-  release(): void {
-    this.open?.();
-  }
 }
 
 /** The secondary: a MemoryVolume whose writes a test can hold (a slow disk). */

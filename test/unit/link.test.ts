@@ -32,6 +32,7 @@ import { IoError } from "../../src/errors.js";
 import { Logger } from "../../src/log.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import type { Extent, Volume, VolumeCaps, ZeroOptions } from "../../src/volume/volume.js";
+import { Gate } from "../helpers/gate.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -48,23 +49,6 @@ function scratch(): string {
 after(() => {
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
 });
-
-/** A promise a test opens when it wants; `waiting` counts the calls held. */
-class Gate {
-  waiting = 0;
-  private open: (() => void) | null = null;
-  private readonly p: Promise<void>;
-  constructor() {
-    this.p = new Promise<void>((r) => (this.open = r));
-  }
-  async pass(): Promise<void> {
-    this.waiting++;
-    await this.p;
-  }
-  release(): void {
-    this.open?.();
-  }
-}
 
 /** The primary: a MemoryVolume whose writes and extents a test can hold (a slow disk) or fail once. */
 class PrimaryVolume implements Volume {
