@@ -66,6 +66,7 @@ interface Status {
     reason: string;
     outages: number;
     queue: { updates: number; bytes: number; oldestMs: number };
+    transport: "stream" | "post" | null;
     lastError: string;
     seq: number;
     durableThrough: number;
@@ -100,7 +101,10 @@ export async function status(argv: string[]): Promise<number> {
     const l = s.link;
     lines.push(`gateway   ${l.gateway} (${l.mode})`);
     lines.push(
-      `link      ${l.state} since ${l.since}${l.reason ? ` (${l.reason})` : ""}; ${l.outages} outages`,
+      `link      ${l.state} since ${l.since}${l.reason ? ` (${l.reason})` : ""}; ${l.outages} outages` +
+        (l.transport
+          ? `; batches ${l.transport === "stream" ? "on the update stream" : "as POST requests"}`
+          : ""),
     );
     lines.push(
       `queue     ${l.queue.updates} updates, ${formatSize(l.queue.bytes)}, oldest ${l.queue.oldestMs} ms; seq ${l.seq}, durable through ${l.durableThrough}`,

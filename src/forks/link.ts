@@ -39,7 +39,9 @@ import { extentsJson } from "../tracking/dirty-map.js";
 import type { Volume } from "../volume/volume.js";
 import { encodeHeader, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/records.js";
 import { acquire, release } from "../util/buffer-pool.js";
-import { UpdateStream } from "./stream-client.js";
+import { UpdateStream, type BodyPart } from "./stream-client.js";
+import { isCached } from "../blockio/index.js";
+import type { PieceLease } from "../volume/volume.js";
 import {
   initialLinkState,
   sends,
@@ -129,6 +131,20 @@ interface Pending {
   data: Buffer | null;
   /** A pooled buffer holding `data`, given back once the update is sent or dropped. */
   pooled: Buffer | null;
+  /** Or, after `head`, the data as a range of the primary's file, sent from its page cache. */
+  file: PieceLease | null;
+}
+
+/** A resync range sent from the primary's page cache: nothing to keep valid, nothing to give back. */
+function fileLease(fd: number, offset: number, length: number): PieceLease {
+  return {
+    offset,
+    length,
+    pieces: new Float64Array([fd, offset, length]),
+    copyFd: -1,
+    data: null,
+    release() {},
+  };
 }
 
 /** Progress of a resync, for status and the CLI's progress bar. */
@@ -137,6 +153,8 @@ export interface ResyncProgress {
   pass: number;
   totalBytes: number;
   doneBytes: number;
+  /** Of doneBytes, those sent straight from the primary's page cache (sendfile). */
+  pageCacheBytes: number;
   bytesPerSecond: number;
   etaSeconds: number | null;
   startedAt: string | null;
@@ -157,6 +175,8 @@ export interface LinkStatus {
   durableThrough: number;
   queue: { updates: number; bytes: number; oldestMs: number };
   inflightBatches: number;
+  /** How batches travel while the link sends: the update stream, POST requests, or null (not sending). */
+  transport: "stream" | "post" | null;
   lastError: string;
   resync: ResyncProgress;
   mirror: string | null;
@@ -217,6 +237,7 @@ export class GatewayLink {
     pass: 0,
     totalBytes: 0,
     doneBytes: 0,
+    pageCacheBytes: 0,
     bytesPerSecond: 0,
     etaSeconds: null,
     startedAt: null,
@@ -424,9 +445,10 @@ export class GatewayLink {
     resync: boolean,
     seq = this.reserve(offset, length),
     pooled: Buffer | null = null,
+    file: PieceLease | null = null,
   ): Promise<void> | null {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
-    const dataBytes = data === null ? 0 : data.length;
+    const dataBytes = file !== null ? file.length : data === null ? 0 : data.length;
     const pending: Pending = {
       seq,
       length,
@@ -441,8 +463,13 @@ export class GatewayLink {
       head: null,
       data: null,
       pooled,
+      file: null,
     };
-    if (dataBytes < OWN_BUFFER_MIN) {
+    if (file !== null) {
+      pending.head = Buffer.allocUnsafe(RECORD_HEADER);
+      encodeHeader(pending.head, 0, kind, seq, this.period, offset, length);
+      pending.file = file;
+    } else if (dataBytes < OWN_BUFFER_MIN) {
       let slab = this.slab;
       if (slab === null || slab.used + pending.size > slab.buf.length) {
         if (slab !== null) this.retire(slab);
@@ -540,8 +567,8 @@ export class GatewayLink {
   }
 
   /** The body of a batch: runs of updates that lie back to back in a slab go as one slice. */
-  private static body(batch: Pending[]): Buffer[] {
-    const chunks: Buffer[] = [];
+  private static body(batch: Pending[]): BodyPart[] {
+    const chunks: BodyPart[] = [];
     let runBuf: Buffer | null = null;
     let runStart = 0;
     let runEnd = 0;
@@ -559,7 +586,8 @@ export class GatewayLink {
       }
       if (runBuf !== null) chunks.push(runBuf.subarray(runStart, runEnd));
       runBuf = null;
-      chunks.push(p.head!, p.data!);
+      if (p.file !== null) chunks.push({ head: p.head!, lease: p.file });
+      else chunks.push(p.head!, p.data!);
     }
     if (runBuf !== null) chunks.push(runBuf.subarray(runStart, runEnd));
     return chunks;
@@ -614,10 +642,12 @@ export class GatewayLink {
     try {
       if (this.stream !== null) await this.stream.send(GatewayLink.body(batch), bytes, this.floor);
       else {
+        const body = GatewayLink.body(batch);
+        if (body.some((c) => !Buffer.isBuffer(c))) throw new Error("the update stream closed under a batch");
         await this.call(
           "POST",
           `/v1/volumes/${this.volumeName}/updates`,
-          GatewayLink.body(batch),
+          body as Buffer[],
           "application/vnd.blockfork.updates",
           bytes,
         );
@@ -626,6 +656,7 @@ export class GatewayLink {
       for (const p of batch) {
         this.unflushed.push({ seq: p.seq, b0: p.b0, b1: p.b1 });
         if (p.resync) this.progress.doneBytes += p.length;
+        if (p.file !== null) this.progress.pageCacheBytes += p.length;
         p.waiter?.();
       }
     } catch (e) {
@@ -837,6 +868,7 @@ export class GatewayLink {
       pass: 0,
       totalBytes: map.dirtyBytes,
       doneBytes: 0,
+    pageCacheBytes: 0,
       bytesPerSecond: 0,
       etaSeconds: null,
       startedAt: new Date(started).toISOString(),
@@ -983,6 +1015,28 @@ export class GatewayLink {
       void this.enqueue(KIND.ZERO, offset, length, null, true, seq);
       return;
     }
+    // On a plain-socket update stream, a range the page cache holds goes from there (sendfile): no
+    // read into a buffer, no copy into the socket. The gateway may then see contents newer than
+    // this moment (the kernel takes the pages when it sends them), which is fine: any write since
+    // the seq was reserved has a higher seq and reaches the gateway on its own, which keeps the
+    // newer data wherever they overlap.
+    if (this.stream?.zeroCopy === true) {
+      const range = this.primary.fileRange?.(offset, length);
+      if (range && isCached(range.fd, range.offset, length)) {
+        if (!sends(this.s.name)) return;
+        void this.enqueue(
+          KIND.WRITE,
+          offset,
+          length,
+          null,
+          true,
+          seq,
+          null,
+          fileLease(range.fd, range.offset, length),
+        );
+        return;
+      }
+    }
     const pooled = acquire(length);
     const buf = pooled.subarray(0, length);
     try {
@@ -1083,6 +1137,7 @@ export class GatewayLink {
         oldestMs: oldest ? Date.now() - oldest.at : 0,
       },
       inflightBatches: this.batches,
+      transport: sends(this.s.name) ? (this.stream !== null ? "stream" : "post") : null,
       lastError: this.lastError,
       resync: { ...this.progress, running: this.resyncRunning },
       mirror: this.o.mirror ?? null,

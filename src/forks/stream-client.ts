@@ -18,6 +18,7 @@ import type { Dispatcher } from "undici";
 import { OutputQueue } from "../nbd/output.js";
 import { AckParser, BATCH_HEADER, encodeBatchHeader, STREAM_PROTOCOL, type Ack } from "../gateway/frames.js";
 import { plainSocketFd } from "../util/onread.js";
+import type { PieceLease } from "../volume/volume.js";
 
 /** A batch the gateway refused (non-200 ACK): status and its JSON error. */
 export class BatchRefused extends Error {
@@ -29,6 +30,9 @@ export class BatchRefused extends Error {
     this.name = "BatchRefused";
   }
 }
+
+/** A piece of a batch body: bytes, or a record header followed by a file range (sendfile). */
+export type BodyPart = Buffer | { head: Buffer; lease: PieceLease };
 
 interface InFlight {
   resolve: (json: unknown) => void;
@@ -79,6 +83,7 @@ export class UpdateStream {
   ) {
     const fd = plainSocketFd(sock);
     this.out = new OutputQueue(sock, fd);
+    this.zeroCopy = fd >= 0;
     sock.on("data", (chunk: Buffer) => this.onData(chunk));
     sock.on("error", (e: Error) => this.end(`update stream: ${e.message}`));
     sock.on("end", () => this.end("the gateway closed the update stream"));
@@ -87,6 +92,9 @@ export class UpdateStream {
     this.timer = setInterval(() => this.checkTimeout(), Math.min(1000, Math.max(50, timeoutMs / 4)));
     this.timer.unref();
   }
+
+  /** File ranges can be sent from the page cache (a plain socket, not TLS). */
+  readonly zeroCopy: boolean;
 
   /** Batches sent and not yet answered. */
   get pending(): number {
@@ -98,7 +106,7 @@ export class UpdateStream {
    * gateway's JSON answer; rejects with BatchRefused (non-200) or an Error (the stream ended).
    * The chunks must stay unchanged until the promise settles.
    */
-  send(chunks: readonly Buffer[], bytes: number, floor: number): Promise<unknown> {
+  send(chunks: readonly BodyPart[], bytes: number, floor: number): Promise<unknown> {
     if (this.closed) return Promise.reject(new Error("the update stream is closed"));
     const id = this.nextId;
     this.nextId = (this.nextId + 1) >>> 0 || 1;
@@ -108,7 +116,10 @@ export class UpdateStream {
       this.inFlight.set(id, { resolve, reject, at: performance.now() });
     });
     this.out.pushExternal(head);
-    for (const c of chunks) this.out.pushExternal(c);
+    for (const c of chunks) {
+      if (Buffer.isBuffer(c)) this.out.pushExternal(c);
+      else this.out.pushLease(c.head, c.lease);
+    }
     this.out.flush();
     return p;
   }

@@ -348,7 +348,8 @@ void describe("replication configuration", () => {
   });
 
   void test("batches go on the update stream, or as POSTs with --no-update-stream; both converge", async () => {
-    // The gateway logs each HTTP request at debug level ("POST /v1/volumes/NAME/updates -> 200") and
+    // status says which transport the link uses, and how much of a resync left from the page
+    // cache (only possible on the stream). The gateway logs each HTTP request at debug level ("POST /v1/volumes/NAME/updates -> 200") and
     // each accepted stream ("update stream from source ..."); the flushes, always POSTs, show that
     // request logging was on. The first resync (64 MiB) and a write after it must take one path only.
     for (const post of [false, true]) {
@@ -359,8 +360,24 @@ void describe("replication configuration", () => {
       });
       try {
         await writeThroughNbd(pair, 5 * MiB, randomBytes(256 * KiB));
+        // A whole resync range (4 MiB, aligned) of data the page cache holds (just written), then a
+        // full resync: on the stream that range goes by sendfile, as POST bodies from buffers.
+        await writeThroughNbd(pair, 8 * MiB, randomBytes(4 * MiB));
         await pair.waitSynced();
+        const r = await cli(["resync", "--state-dir", pair.stateDir, "--full"], 120_000);
+        assert.equal(r.code, 0, r.stderr);
+        const st = await pair.waitSynced();
         await assertIdentical(pair, post ? "with --no-update-stream" : "on the update stream");
+        assert.equal(st.link!.transport, post ? "post" : "stream");
+        assert.equal(st.link!.resync.doneBytes, 64 * MiB);
+        if (post) assert.equal(st.link!.resync.pageCacheBytes, 0);
+        else
+          assert.ok(
+            st.link!.resync.pageCacheBytes >= 4 * MiB,
+            `${st.link!.resync.pageCacheBytes} bytes from the page cache`,
+          );
+        const text = await cli(["status", "--state-dir", pair.stateDir]);
+        assert.match(text.stdout, post ? /batches as POST requests/ : /batches on the update stream/);
         const log = pair.gw!.log();
         assert.match(log, /POST \/v1\/volumes\/[^/ ]+\/flush -> 200/, "request logging is on");
         const posts = (log.match(/POST \/v1\/volumes\/[^/ ]+\/updates -> 200/g) ?? []).length;

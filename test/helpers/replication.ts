@@ -29,8 +29,16 @@ export interface ProxyStatus {
     floor: number;
     durableThrough: number;
     queue: { updates: number; bytes: number; oldestMs: number };
+    transport: "stream" | "post" | null;
     lastError: string;
-    resync: { running: boolean; totalBytes: number; doneBytes: number; pass: number; bytesPerSecond: number };
+    resync: {
+      running: boolean;
+      totalBytes: number;
+      doneBytes: number;
+      pageCacheBytes: number;
+      pass: number;
+      bytesPerSecond: number;
+    };
     mirror: string | null;
   } | null;
   tracking: {
