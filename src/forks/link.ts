@@ -27,7 +27,9 @@
 //   skipping blocks a client write is changing right now (they stream on their own and a later seq
 //   wins at the gateway), sends holes as ZERO updates, and repeats passes until every dirty block
 //   has an update in flight; then the link streams. Before the first resync update the floor moves
-//   to the next seq, telling the gateway that older, abandoned seqs will never come.
+//   to the next seq, telling the gateway that older, abandoned seqs will never come. On a
+//   plain-socket update stream, ranges the page cache holds go by sendfile (no read, no copy;
+//   see copyRange for why contents newer than the read are fine).
 // - Sync mode: a client write completes when the gateway has applied it, or after syncTimeoutMs
 //   when the link gives up (the write stays dirty and the link tracks: sync mode degrades, it never
 //   fails a write the primary accepted).
