@@ -870,7 +870,7 @@ export class GatewayLink {
       pass: 0,
       totalBytes: map.dirtyBytes,
       doneBytes: 0,
-    pageCacheBytes: 0,
+      pageCacheBytes: 0,
       bytesPerSecond: 0,
       etaSeconds: null,
       startedAt: new Date(started).toISOString(),
