@@ -85,7 +85,13 @@ export class UpdateStream {
     this.out = new OutputQueue(sock, fd);
     this.zeroCopy = fd >= 0;
     sock.on("data", (chunk: Buffer) => this.onData(chunk));
-    sock.on("error", (e: Error) => this.end(`update stream: ${e.message}`));
+    sock.on("error", (e: Error & { code?: string }) =>
+      this.end(
+        e.code === "EPIPE" || e.code === "ECONNRESET"
+          ? `the gateway closed the update stream (${e.code})`
+          : `update stream: ${e.message}`,
+      ),
+    );
     sock.on("end", () => this.end("the gateway closed the update stream"));
     sock.on("close", () => this.end("the update stream closed"));
     sock.resume();
