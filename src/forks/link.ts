@@ -38,12 +38,11 @@ import { Pool } from "undici";
 import type { Logger } from "../log.js";
 import type { TrackingLog } from "../tracking/log.js";
 import { extentsJson } from "../tracking/dirty-map.js";
-import type { Volume } from "../volume/volume.js";
+import type { PieceLease, Volume } from "../volume/volume.js";
 import { encodeHeader, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/records.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import { UpdateStream, type BodyPart } from "./stream-client.js";
 import { isCached } from "../blockio/index.js";
-import type { PieceLease } from "../volume/volume.js";
 import {
   initialLinkState,
   sends,

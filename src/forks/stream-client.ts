@@ -102,11 +102,6 @@ export class UpdateStream {
   /** File ranges can be sent from the page cache (a plain socket, not TLS). */
   readonly zeroCopy: boolean;
 
-  /** Batches sent and not yet answered. */
-  get pending(): number {
-    return this.inFlight.size;
-  }
-
   /**
    * Send one batch (`chunks` are its body, `bytes` long) with the given floor. Resolves with the
    * gateway's JSON answer; rejects with BatchRefused (non-200) or an Error (the stream ended).

@@ -72,8 +72,6 @@ export class StreamSession {
   private ending = false;
   private closed = false;
   private paused = false;
-  /** Batches answered (for logs and tests). */
-  batches = 0;
 
   constructor(
     source: Duplex,
@@ -114,11 +112,6 @@ export class StreamSession {
   /** Drop the connection now. */
   destroy(): void {
     this.sock.destroy();
-  }
-
-  /** True when no batch is waiting to be answered. */
-  get idle(): boolean {
-    return this.queued === 0;
   }
 
   // ---- reading
@@ -193,7 +186,6 @@ export class StreamSession {
     release(pooled);
     this.queued--;
     this.queuedBytes -= length;
-    this.batches++;
     if (this.paused && this.queued < MAX_QUEUED / 2 && this.queuedBytes < MAX_QUEUED_BYTES / 2) {
       this.paused = false;
       if (!this.ending) this.sock.resume();
