@@ -5,7 +5,9 @@
 // and by age (files removed, the earliest point moved past the newest dropped entry), pinning by an
 // open SnapshotView, bookmarks (validation, persistence, expiry), reopen (the same index, entry for
 // entry, and the same data), a torn or corrupted tail of the last segment ignored on reopen, a stop
-// recorded in the state file, and a journal of another block size refused.
+// recorded in the state file, and a journal of another block size refused. Commit rounds overlap
+// (the next appends and syncs while one's fdatasync is in flight, at most 4 at once) and finish in
+// order: held fdatasyncs released last-first wake nobody until the first one is done.
 
 import { after, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -38,6 +40,8 @@ import {
 import { SnapshotView } from "../../src/pit/snapshot.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import { Logger } from "../../src/log.js";
+import { BlockFile } from "../../src/blockio/index.js";
+import { Gate } from "../helpers/gate.js";
 
 const BS = 4096;
 const MiB = 1024 * 1024;
@@ -300,6 +304,90 @@ void describe("Journal: sessions, images and commits", () => {
     // A commit with nothing staged resolves and writes nothing.
     await j.commit();
     assert.equal(recordsOf(join(dir, "0000000001.seg")).length, 1);
+    await j.close();
+  });
+
+  void test("commit rounds overlap (at most 4 fdatasyncs in flight) and finish in order", async () => {
+    const { j } = await openJournal({ windowMs: 60_000 });
+    const heard: [number, number][] = [];
+    j.subscribe((a, b) => heard.push([a, b]));
+    // Hold every fdatasync of the journal's segments until the test releases it.
+    const held: Gate[] = [];
+    let inFlight = 0;
+    let peak = 0;
+    // eslint-disable-next-line @typescript-eslint/unbound-method -- called below with .call(this)
+    const realSync = BlockFile.prototype.sync;
+    BlockFile.prototype.sync = async function (this: BlockFile, full?: boolean): Promise<void> {
+      const g = new Gate();
+      held.push(g);
+      peak = Math.max(peak, ++inFlight);
+      try {
+        await g.pass();
+        await realSync.call(this, full);
+      } finally {
+        inFlight--;
+      }
+    };
+    const until = async (what: string, cond: () => boolean): Promise<void> => {
+      for (let i = 0; i < 400 && !cond(); i++) await sleep(5);
+      assert.ok(cond(), what);
+    };
+    try {
+      const s = j.openSession("s");
+      const woke: number[] = [];
+      const heardWhenWoken: number[] = [];
+      const commits: Promise<void>[] = [];
+      const round = (k: number): void => {
+        const ts = journalNow();
+        assert.ok(j.needsImage(100 + k, ts, s));
+        j.stage(s, 100 + k, ts, randomBytes(BS));
+        commits.push(
+          j.commit().then(() => {
+            woke.push(k);
+            heardWhenWoken.push(heard.length);
+          }),
+        );
+      };
+      for (let k = 0; k < 4; k++) {
+        round(k);
+        await until(
+          `round ${k} reaches its fdatasync while the earlier ones are held`,
+          () => held.length === k + 1,
+        );
+      }
+      round(4);
+      await sleep(50);
+      assert.equal(held.length, 4, "a fifth round started with four in flight");
+      assert.equal(peak, 4);
+      // The later rounds' fdatasyncs finish first: nobody may wake, nothing may be announced.
+      for (const k of [3, 2, 1]) held[k].release();
+      await sleep(50);
+      assert.deepEqual(woke, [], "a round woke its writers before an earlier round was durable");
+      assert.deepEqual(heard, []);
+      held[0].release();
+      await Promise.all(commits.slice(0, 4));
+      assert.deepEqual(woke, [0, 1, 2, 3], "rounds must finish in the order they started");
+      assert.deepEqual(heard, [
+        [0, 1],
+        [1, 2],
+        [2, 3],
+        [3, 4],
+      ]);
+      assert.deepEqual(
+        heardWhenWoken,
+        [1, 2, 3, 4],
+        "writers woke before the listeners heard of their images",
+      );
+      // The fifth round starts once a slot is free.
+      await until("the waiting round starts when one finishes", () => held.length === 5);
+      held[4].release();
+      await commits[4];
+      assert.deepEqual(heard[4], [4, 5]);
+      for (let i = 0; i < 5; i++) assert.equal(j.index.block[i], 100 + i);
+    } finally {
+      BlockFile.prototype.sync = realSync;
+      for (const g of held) g.release();
+    }
     await j.close();
   });
 
