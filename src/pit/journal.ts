@@ -114,6 +114,8 @@ interface Segment {
   lastTs: number;
   /** Until when (ms, monotonic) the written bytes are taken to be in the page cache. */
   residentUntil: number;
+  /** Commit rounds whose fdatasync of this segment is in flight (retention must not close it). */
+  syncing: number;
 }
 
 /** How long a segment found wholly in the page cache is taken to stay there (ms). */
@@ -376,6 +378,7 @@ export class Journal {
           firstEntry,
           lastTs: this.index.length > firstEntry ? this.index.ts[this.index.length - 1] : 0,
           residentUntil: 0,
+          syncing: 0,
         });
         this.order.push(seg);
       } finally {
@@ -506,6 +509,7 @@ export class Journal {
       firstEntry: this.index.length,
       lastTs: 0,
       residentUntil: 0,
+      syncing: 0,
     };
     this.segments.set(number, seg);
     this.order.push(number);
@@ -604,7 +608,11 @@ export class Journal {
       () => {},
       () => {},
     );
-    const synced = written.then((seg) => (seg === null ? undefined : seg.file.sync()));
+    const synced = written.then((seg) => {
+      if (seg === null) return;
+      seg.syncing++;
+      return seg.file.sync().finally(() => seg.syncing--);
+    });
     const done = Promise.all([this.doneTail, synced.catch((e: unknown) => this.stop(e as Error))]).then(
       () => {
         this.roundsInFlight--;
@@ -834,6 +842,7 @@ export class Journal {
       const tooOld = oldest.lastTs > 0 && oldest.lastTs < now - this.o.retentionMs;
       const tooBig = this.bytes > this.o.maxBytes;
       if (!tooOld && !tooBig) break;
+      if (oldest.syncing > 0) break; // a commit round is still syncing it: next time
       if (oldest.number >= minPinned) {
         this.log.limited(
           "warn",

@@ -718,6 +718,57 @@ void describe("Journal: retention", () => {
     await j.close();
   });
 
+  void test("a segment whose fdatasync is still in flight is not dropped until it is done", async () => {
+    const { j, dir } = await openJournal({ windowMs: 60_000, segmentBytes: SMALL_SEG, maxBytes: 1 });
+    // Hold the first fdatasync from here on (round A's, of segment 1); the others pass.
+    const held = new Gate();
+    let first = true;
+    // eslint-disable-next-line @typescript-eslint/unbound-method -- called below with .call(this)
+    const realSync = BlockFile.prototype.sync;
+    BlockFile.prototype.sync = async function (this: BlockFile, full?: boolean): Promise<void> {
+      if (first) {
+        first = false;
+        await held.pass();
+      }
+      await realSync.call(this, full);
+    };
+    try {
+      const s = j.openSession("s");
+      const stage = (from: number): void => {
+        for (let b = from; b < from + 10; b++) {
+          const ts = journalNow();
+          assert.ok(j.needsImage(b, ts, s));
+          j.stage(s, b, ts, randomBytes(BS));
+        }
+      };
+      stage(0);
+      const a = j.commit();
+      for (let i = 0; i < 400 && held.waiting === 0; i++) await sleep(5);
+      assert.equal(held.waiting, 1, "round A never reached its fdatasync");
+      // Round B does not fit segment 1: it rolls over to segment 2 while A still syncs segment 1.
+      stage(10);
+      const b = j.commit();
+      for (let i = 0; i < 400 && j.index.length < 20; i++) await sleep(5);
+      assert.equal(j.segmentCount, 2);
+      assert.equal(j.index.length, 20, "round B's records were not written");
+      j.enforceRetention();
+      assert.deepEqual(
+        segmentFiles(dir),
+        ["0000000001.seg", "0000000002.seg"],
+        "dropped a segment being synced",
+      );
+      held.release();
+      await Promise.all([a, b]);
+      assert.ok(j.running, "the journal stopped: a round's fdatasync failed");
+      j.enforceRetention();
+      assert.deepEqual(segmentFiles(dir), ["0000000002.seg"], "the synced segment is dropped once done");
+    } finally {
+      BlockFile.prototype.sync = realSync;
+      held.release();
+    }
+    await j.close();
+  });
+
   void test("by age: segments whose newest entry is older than the retention go", async () => {
     const W = 20;
     const R = 600;
