@@ -110,53 +110,88 @@ class JournalVolume extends FilterVolume {
     );
   }
 
-  /** Read the current contents of `blocks` (sorted) and stage them as before-images. */
   /**
    * Journal the before-images of `blocks` (sorted) durably, at most CAPTURE_BLOCKS at a time: a
-   * trim of a whole large device must not hold its whole before-image in memory.
+   * trim of a whole large device must not hold its whole before-image in memory. A small change
+   * whose old blocks are all in the page cache is captured without an await (the common case: one
+   * promise for the commit, none for the reads).
    */
-  private async captureAll(blocks: number[], ts: number): Promise<void> {
-    for (let i = 0; i < blocks.length; i += CAPTURE_BLOCKS) {
-      await this.capture(blocks.slice(i, i + CAPTURE_BLOCKS), ts);
-      await this.journal.commit();
+  private captureAll(blocks: number[], ts: number): Promise<void> {
+    if (blocks.length <= CAPTURE_BLOCKS) {
+      const p = this.capture(blocks, ts);
+      return p === DONE ? this.journal.commit() : p.then(() => this.journal.commit());
     }
+    return (async () => {
+      for (let i = 0; i < blocks.length; i += CAPTURE_BLOCKS) {
+        await this.capture(blocks.slice(i, i + CAPTURE_BLOCKS), ts);
+        await this.journal.commit();
+      }
+    })();
   }
 
-  private async capture(blocks: number[], ts: number): Promise<void> {
+  /** Read the current contents of `blocks` (sorted) and stage them as before-images. */
+  private capture(blocks: number[], ts: number, from = 0): Promise<void> {
     const j = this.j;
-    for (let i = 0; i < blocks.length;) {
+    for (let i = from; i < blocks.length;) {
       let k = i + 1;
       while (k < blocks.length && blocks[k] === blocks[k - 1] + 1) k++;
-      const first = blocks[i];
       const count = k - i;
-      const offset = first * j;
-      const length = Math.min(count * j, this.size - offset);
       // Blocks that read as zeroes need no data. A large run asks the primary's extents first so
       // holes are not read at all; a small one is just read and checked: SEEK_HOLE can cost time
       // in proportion to the rest of the file (tmpfs walks every page to the next hole).
-      const zero = new Uint8Array(count);
-      if (count * j > EXTENTS_MIN) await this.holes(offset, length, zero);
-      const data = Buffer.allocUnsafe(count * j);
+      if (count * j > EXTENTS_MIN) return this.captureLarge(blocks, ts, i, k);
+      const offset = blocks[i] * j;
+      const length = Math.min(count * j, this.size - offset);
+      const data = imageBuffer(count * j);
       if (length < count * j) data.fill(0, length);
-      let r = 0;
-      while (r < count) {
-        if (zero[r]) {
-          r++;
-          continue;
-        }
-        let s = r + 1;
-        while (s < count && !zero[s]) s++;
-        const from = offset + r * j;
-        const to = Math.min(offset + s * j, this.size);
-        const p = this.next.read(data.subarray(r * j, r * j + (to - from)), from);
-        if (p !== DONE) await p;
-        r = s;
+      const p = this.next.read(data.subarray(0, length), offset);
+      if (p !== DONE) {
+        return p.then(() => {
+          this.stageRun(blocks[i], count, null, data, ts);
+          return this.capture(blocks, ts, k);
+        });
       }
-      for (let x = 0; x < count; x++) {
-        if (!zero[x] && isZero(data, x * j, j)) zero[x] = 1;
-        this.journal.stage(this.session, first + x, ts, zero[x] ? null : data.subarray(x * j, (x + 1) * j));
-      }
+      this.stageRun(blocks[i], count, null, data, ts);
       i = k;
+    }
+    return DONE;
+  }
+
+  /** Capture the run blocks[i..k) (over EXTENTS_MIN bytes, holes skipped), then the rest. */
+  private async captureLarge(blocks: number[], ts: number, i: number, k: number): Promise<void> {
+    const j = this.j;
+    const count = k - i;
+    const offset = blocks[i] * j;
+    const length = Math.min(count * j, this.size - offset);
+    const zero = new Uint8Array(count);
+    await this.holes(offset, length, zero);
+    const data = Buffer.allocUnsafe(count * j);
+    if (length < count * j) data.fill(0, length);
+    let r = 0;
+    while (r < count) {
+      if (zero[r]) {
+        r++;
+        continue;
+      }
+      let s = r + 1;
+      while (s < count && !zero[s]) s++;
+      const from = offset + r * j;
+      const to = Math.min(offset + s * j, this.size);
+      const p = this.next.read(data.subarray(r * j, r * j + (to - from)), from);
+      if (p !== DONE) await p;
+      r = s;
+    }
+    this.stageRun(blocks[i], count, zero, data, ts);
+    const rest = this.capture(blocks, ts, k);
+    if (rest !== DONE) await rest;
+  }
+
+  /** Stage the images of `count` blocks from `first` read into `data` (`zero`: known holes). */
+  private stageRun(first: number, count: number, zero: Uint8Array | null, data: Buffer, ts: number): void {
+    const j = this.j;
+    for (let x = 0; x < count; x++) {
+      const z = (zero !== null && zero[x] === 1) || isZero(data, x * j, j);
+      this.journal.stage(this.session, first + x, ts, z ? null : data.subarray(x * j, (x + 1) * j));
     }
   }
 
@@ -183,6 +218,26 @@ class JournalVolume extends FilterVolume {
 
 /** Captures larger than this ask the primary's extents for holes before reading. */
 const EXTENTS_MIN = 1024 * 1024;
+
+/**
+ * Capture buffers for small runs are carved from shared slabs (a 4 KiB Buffer.allocUnsafe is not
+ * pooled by Node: one malloc and one GC-tracked backing store per image). A slab is freed once
+ * the last image carved from it is appended to the journal.
+ */
+const SLAB = 1024 * 1024;
+let slab = Buffer.allocUnsafeSlow(0);
+let slabAt = 0;
+
+function imageBuffer(n: number): Buffer {
+  if (n > SLAB / 4) return Buffer.allocUnsafe(n);
+  if (slabAt + n > slab.length) {
+    slab = Buffer.allocUnsafeSlow(SLAB);
+    slabAt = 0;
+  }
+  const b = slab.subarray(slabAt, slabAt + n);
+  slabAt += n;
+  return b;
+}
 const ZERO_BLOCK = Buffer.alloc(64 * 1024);
 
 /** True when buf[at, at+len) is all zero bytes (memcmp against a zero block). */

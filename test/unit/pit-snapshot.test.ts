@@ -22,6 +22,7 @@ import { SnapshotView } from "../../src/pit/snapshot.js";
 import { BlockMap, DENSE_AT } from "../../src/pit/blockmap.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import { FileVolume } from "../../src/volume/file.js";
+import { FilterVolume } from "../../src/volume/filter.js";
 import type { PieceLease, Volume } from "../../src/volume/volume.js";
 import { Logger } from "../../src/log.js";
 
@@ -322,6 +323,52 @@ void describe("SnapshotView over the journal filter", () => {
       assert.deepEqual(part, old.subarray(7 * BS - 1, 8 * BS + 2));
       await view.close();
       await r.close();
+    }
+  });
+
+  void test("captures runs with gaps, asynchronous primary reads, and large runs over holes", async () => {
+    // A primary whose reads finish on a later turn of the loop (a cache miss), so that capture
+    // takes its asynchronous path between runs.
+    class LateReads extends FilterVolume {
+      override read(buf: Buffer, offset: number): Promise<void> {
+        return new Promise<void>((r) => setImmediate(r)).then(() => this.next.read(buf, offset));
+      }
+    }
+    for (const late of [false, true]) {
+      const size = 8 * MiB;
+      const dir = scratch();
+      const mem = new MemoryVolume(size);
+      const primary: Volume = late ? new LateReads(mem) : mem;
+      const W = 1000;
+      const journal = await Journal.open({ dir: join(dir, "journal"), volumeSize: size, windowMs: W, log });
+      const stack = journalVolume(primary, journal);
+      cleanups.push(() => journal.close());
+      // [0, 3 MiB) and [5 MiB, 8 MiB) hold data, [3 MiB, 5 MiB) is a hole.
+      const old = Buffer.alloc(size);
+      randomBytes(3 * MiB).copy(old, 0);
+      randomBytes(3 * MiB).copy(old, 5 * MiB);
+      await stack.write(old.subarray(0, 3 * MiB), 0, false);
+      await stack.write(old.subarray(5 * MiB), 5 * MiB, false);
+      await nextWindow(W);
+      const view = new SnapshotView(journal, primary, journal.pointOf(journalNow()), "v");
+      view.open();
+      const entries0 = journal.index.length;
+      // Blocks 2 and 5 are imaged first, so the 8-block write needs runs [0,1], [3,4], [6,7].
+      await stack.write(randomBytes(BS), 2 * BS, false);
+      await stack.write(randomBytes(BS), 5 * BS, false);
+      await stack.write(randomBytes(8 * BS), 0, false);
+      // A 4 MiB trim over the hole: a large run (the holes asked first), then one more block.
+      await stack.trim(2 * MiB, 4 * MiB + BS, false);
+      assert.equal(journal.pointOf(journalNow()), view.point, "the test ran past its merge window");
+      const blocks = journal.index.length - entries0;
+      assert.equal(blocks, 8 + 1025, `late=${late}: one image per changed block`);
+      let zero = 0;
+      for (let i = entries0; i < journal.index.length; i++) if (journal.index.off[i] < 0) zero++;
+      assert.equal(zero, 512, `late=${late}: the 2 MiB hole is recorded as zero images`);
+      const got = await readAll(view);
+      assert.ok(got.equals(old), `late=${late}: ${firstDiff(got, old)}`);
+      await view.close();
+      await journal.close();
     }
   });
 
