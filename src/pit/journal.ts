@@ -616,15 +616,24 @@ export class Journal {
     const done = Promise.all([this.doneTail, synced.catch((e: unknown) => this.stop(e as Error))]).then(
       () => {
         this.roundsInFlight--;
-        if (range !== null && range[1] > range[0] && this.stoppedAt === null) {
-          for (const l of this.listeners) l(range[0], range[1]);
+        try {
+          if (range !== null && range[1] > range[0] && this.stoppedAt === null) {
+            // A listener that cannot keep its view exact (an open snapshot copying a lease hit a
+            // read error): as any journal failure, the journal stops and says so.
+            const failed = this.notify(range[0], range[1]);
+            if (failed !== null) this.stop(failed);
+          }
+        } finally {
+          // A stopped journal does not fail primary writes: they go on, unjournaled.
+          for (const w of waiters) w.resolve();
+          if (this.commitWaiters.length > 0) this.scheduleRound();
         }
-        // A stopped journal does not fail primary writes: they go on, unjournaled.
-        for (const w of waiters) w.resolve();
-        if (this.commitWaiters.length > 0) this.scheduleRound();
       },
     );
-    this.doneTail = done;
+    // The next round waits for this one; whatever happened here, it must not wait forever.
+    this.doneTail = done.catch((e: unknown) =>
+      this.log.error(`journal: commit round: ${(e as Error).message}`),
+    );
   }
 
   /**
@@ -711,10 +720,24 @@ export class Journal {
         `available until the journal restarts (free space in ${this.dir}, or raise --pit-max-bytes; ` +
         `it retries every ${RESTART_INTERVAL_MS / 1000} s)`,
     );
-    for (const l of this.listeners) l(-1, -1);
+    this.notify(-1, -1);
     const t = setInterval(() => void this.tryRestart(t), RESTART_INTERVAL_MS);
     t.unref();
     this.timers.push(t);
+  }
+
+  /** Tell every listener (each one, whatever another throws); the first error, or null. */
+  private notify(from: number, to: number): Error | null {
+    let failed: Error | null = null;
+    for (const l of this.listeners) {
+      try {
+        l(from, to);
+      } catch (e) {
+        this.log.error(`journal: a snapshot view failed to follow the journal: ${(e as Error).message}`);
+        failed ??= e as Error;
+      }
+    }
+    return failed;
   }
 
   private async tryRestart(timer: NodeJS.Timeout): Promise<void> {

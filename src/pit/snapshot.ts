@@ -70,8 +70,8 @@ export class SnapshotView implements Volume {
     this.addEntries(from, idx.length);
     this.unsubscribe = this.journal.subscribe((a, b) => {
       if (a < 0) {
-        this.materializeAll();
         this.broken = "the journal stopped; this point in time is no longer exact";
+        this.materializeAll();
       } else this.addEntries(a, b);
     });
     return this.map.size;

@@ -391,6 +391,42 @@ void describe("Journal: sessions, images and commits", () => {
     await j.close();
   });
 
+  void test("a listener that throws stops the journal; every commit still resolves, other listeners still hear", async () => {
+    const { j, lines } = await openJournal({ windowMs: 60_000 });
+    const heard: [number, number][] = [];
+    j.subscribe(() => {
+      throw new Error("cannot copy a lease");
+    });
+    j.subscribe((a, b) => heard.push([a, b]));
+    const s = j.openSession("s");
+    const commits: Promise<void>[] = [];
+    for (let k = 0; k < 3; k++) {
+      const ts = journalNow();
+      assert.ok(j.needsImage(k, ts, s));
+      j.stage(s, k, ts, randomBytes(BS));
+      commits.push(j.commit());
+      await sleep(1);
+    }
+    const outcome = await Promise.race([
+      Promise.all(commits).then(() => "resolved"),
+      sleep(5000).then(() => "hung"),
+    ]);
+    assert.equal(outcome, "resolved", "a commit never resolved after a listener threw");
+    assert.equal(j.running, false, "the journal should stop");
+    assert.deepEqual(heard[0], [0, heard[0][1]], "the other listener heard the first round");
+    assert.deepEqual(heard[heard.length - 1], [-1, -1], "and the stop");
+    assert.ok(
+      lines.some((l) => /failed to follow the journal: cannot copy a lease/.test(l)),
+      lines.join(""),
+    );
+    assert.ok(
+      lines.some((l) => /JOURNAL STOPPED: cannot copy a lease/.test(l)),
+      lines.join(""),
+    );
+    await j.commit(); // stopped: resolves at once
+    await j.close();
+  });
+
   void test(
     "one commit of 300,000 staged images (a 1.2 GiB trim) goes through",
     { timeout: 60_000 },
