@@ -66,6 +66,49 @@ function scratch(): string {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** Wait (up to 2 s) until `cond` holds; fail saying `what` if it never does. */
+async function until(what: string, cond: () => boolean): Promise<void> {
+  for (let i = 0; i < 400 && !cond(); i++) await sleep(5);
+  assert.ok(cond(), what);
+}
+
+/**
+ * Hold the fdatasyncs of every BlockFile (segments included) that `hold(n)` picks (n: the call's
+ * number, from 0) until the test releases their gates; the others pass. restore() puts the real
+ * sync back and opens every gate.
+ */
+function holdSyncs(hold: (n: number) => boolean): {
+  held: Gate[];
+  peak: () => number;
+  restore: () => void;
+} {
+  const held: Gate[] = [];
+  let calls = 0;
+  let inFlight = 0;
+  let peak = 0;
+  // eslint-disable-next-line @typescript-eslint/unbound-method -- called below with .call(this)
+  const realSync = BlockFile.prototype.sync;
+  BlockFile.prototype.sync = async function (this: BlockFile, full?: boolean): Promise<void> {
+    const g = hold(calls++) ? new Gate() : null;
+    if (g !== null) held.push(g);
+    peak = Math.max(peak, ++inFlight);
+    try {
+      await g?.pass();
+      await realSync.call(this, full);
+    } finally {
+      inFlight--;
+    }
+  };
+  return {
+    held,
+    peak: () => peak,
+    restore: () => {
+      BlockFile.prototype.sync = realSync;
+      for (const g of held) g.release();
+    },
+  };
+}
+
 /** Sleep until `margin` ms after the next window boundary of the journal clock. */
 async function nextWindow(windowMs: number, margin = 5): Promise<void> {
   const now = journalNow();
@@ -312,26 +355,8 @@ void describe("Journal: sessions, images and commits", () => {
     const heard: [number, number][] = [];
     j.subscribe((a, b) => heard.push([a, b]));
     // Hold every fdatasync of the journal's segments until the test releases it.
-    const held: Gate[] = [];
-    let inFlight = 0;
-    let peak = 0;
-    // eslint-disable-next-line @typescript-eslint/unbound-method -- called below with .call(this)
-    const realSync = BlockFile.prototype.sync;
-    BlockFile.prototype.sync = async function (this: BlockFile, full?: boolean): Promise<void> {
-      const g = new Gate();
-      held.push(g);
-      peak = Math.max(peak, ++inFlight);
-      try {
-        await g.pass();
-        await realSync.call(this, full);
-      } finally {
-        inFlight--;
-      }
-    };
-    const until = async (what: string, cond: () => boolean): Promise<void> => {
-      for (let i = 0; i < 400 && !cond(); i++) await sleep(5);
-      assert.ok(cond(), what);
-    };
+    const syncs = holdSyncs(() => true);
+    const held = syncs.held;
     try {
       const s = j.openSession("s");
       const woke: number[] = [];
@@ -358,7 +383,7 @@ void describe("Journal: sessions, images and commits", () => {
       round(4);
       await sleep(50);
       assert.equal(held.length, 4, "a fifth round started with four in flight");
-      assert.equal(peak, 4);
+      assert.equal(syncs.peak(), 4);
       // The later rounds' fdatasyncs finish first: nobody may wake, nothing may be announced.
       for (const k of [3, 2, 1]) held[k].release();
       await sleep(50);
@@ -385,8 +410,7 @@ void describe("Journal: sessions, images and commits", () => {
       assert.deepEqual(heard[4], [4, 5]);
       for (let i = 0; i < 5; i++) assert.equal(j.index.block[i], 100 + i);
     } finally {
-      BlockFile.prototype.sync = realSync;
-      for (const g of held) g.release();
+      syncs.restore();
     }
     await j.close();
   });
@@ -757,17 +781,7 @@ void describe("Journal: retention", () => {
   void test("a segment whose fdatasync is still in flight is not dropped until it is done", async () => {
     const { j, dir } = await openJournal({ windowMs: 60_000, segmentBytes: SMALL_SEG, maxBytes: 1 });
     // Hold the first fdatasync from here on (round A's, of segment 1); the others pass.
-    const held = new Gate();
-    let first = true;
-    // eslint-disable-next-line @typescript-eslint/unbound-method -- called below with .call(this)
-    const realSync = BlockFile.prototype.sync;
-    BlockFile.prototype.sync = async function (this: BlockFile, full?: boolean): Promise<void> {
-      if (first) {
-        first = false;
-        await held.pass();
-      }
-      await realSync.call(this, full);
-    };
+    const syncs = holdSyncs((n) => n === 0);
     try {
       const s = j.openSession("s");
       const stage = (from: number): void => {
@@ -779,12 +793,13 @@ void describe("Journal: retention", () => {
       };
       stage(0);
       const a = j.commit();
-      for (let i = 0; i < 400 && held.waiting === 0; i++) await sleep(5);
+      await until("round A never reached its fdatasync", () => syncs.held.length === 1);
+      const held = syncs.held[0];
       assert.equal(held.waiting, 1, "round A never reached its fdatasync");
       // Round B does not fit segment 1: it rolls over to segment 2 while A still syncs segment 1.
       stage(10);
       const b = j.commit();
-      for (let i = 0; i < 400 && j.index.length < 20; i++) await sleep(5);
+      await until("round B's records were not written", () => j.index.length >= 20);
       assert.equal(j.segmentCount, 2);
       assert.equal(j.index.length, 20, "round B's records were not written");
       j.enforceRetention();
@@ -799,8 +814,7 @@ void describe("Journal: retention", () => {
       j.enforceRetention();
       assert.deepEqual(segmentFiles(dir), ["0000000002.seg"], "the synced segment is dropped once done");
     } finally {
-      BlockFile.prototype.sync = realSync;
-      held.release();
+      syncs.restore();
     }
     await j.close();
   });
