@@ -11,6 +11,10 @@ import { fileURLToPath } from "node:url";
 /** The project root (two levels above dist/test/helpers or test/helpers). */
 export const ROOT = resolve(fileURLToPath(import.meta.url), "../../../..");
 export const BIN = join(ROOT, "bin", "blockfork.js");
+/** The workplace's shared tools: ../shared beside the repository, or BLOCKFORK_SHARED. */
+export const SHARED = process.env.BLOCKFORK_SHARED ?? resolve(ROOT, "..", "shared");
+/** The VM whose kernel nbd-client attaches a server (test/vm). */
+export const VM_SCRIPT = join(SHARED, "vm", "vm-nbd-client.sh");
 
 /** A running server. */
 export interface ServerHandle {

@@ -8,12 +8,11 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { closeSync, existsSync, openSync, readFileSync, readSync, rmSync, writeFileSync } from "node:fs";
-import { join, resolve } from "node:path";
-import { ROOT, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
+import { join } from "node:path";
+import { VM_SCRIPT, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 import { SYSTEM_PATH } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
-const VM_SCRIPT = resolve(ROOT, "..", "shared", "vm", "vm-nbd-client.sh");
 const VM_TIMEOUT_S = 540;
 
 const cleanups: (() => Promise<void> | void)[] = [];

@@ -14,8 +14,8 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { join, resolve } from "node:path";
-import { ROOT, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
+import { join } from "node:path";
+import { VM_SCRIPT, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 import { run, SYSTEM_PATH } from "../helpers/run.js";
 import {
   exportSha,
@@ -28,7 +28,6 @@ import {
   type PitPoint,
 } from "../helpers/pit.js";
 
-const VM_SCRIPT = resolve(ROOT, "..", "shared", "vm", "vm-nbd-client.sh");
 const VM_TIMEOUT_S = 540;
 const SIZE = 64 * MiB;
 /** The region the guest also checksums: 4 KiB blocks [REGION_SKIP, REGION_SKIP + REGION_COUNT). */
