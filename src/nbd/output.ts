@@ -359,6 +359,11 @@ export class OutputQueue {
     return finished;
   }
 
+  /** Everything queued was handed to the stream (writes may still be in flight). */
+  get handedOver(): boolean {
+    return this.segments.length === 0;
+  }
+
   /** Nothing queued and no write in flight. */
   get idle(): boolean {
     return this.segments.length === 0 && this.writes === 0;

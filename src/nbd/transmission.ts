@@ -261,6 +261,7 @@ export class Transmission implements RequestSink {
   }
 
   private readonly onSpace = (): void => {
+    if (this.state === "closed") this.endWhenSent();
     if (!this.blocked || this.state !== "open") return;
     if (this.mustWait()) return;
     this.blocked = false;
@@ -650,16 +651,30 @@ export class Transmission implements RequestSink {
         this.done();
         return;
       }
-      this.out.flush();
-      // end() sends what is queued, then FIN (TLS close_notify first). The replies already owed
-      // are delivered even after a protocol violation; a peer that never reads them is dropped
-      // after the grace period.
-      this.stream.end();
+      // The replies already owed are delivered even after a protocol violation; a peer that never
+      // reads them is dropped after the grace period.
       this.graceTimer = setTimeout(() => this.stream.destroy(), this.hardClose ? 1000 : CLOSE_GRACE_MS);
       this.graceTimer.unref();
+      this.endWhenSent();
     } else if (this.state === "closed" && this.peerGone) {
       this.done();
     }
+  }
+
+  private ended = false;
+
+  /**
+   * end() (what libuv holds, then FIN; TLS close_notify first) once the output queue has handed
+   * everything to the stream. Zero-copy segments wait in the queue until libuv's writes ahead of
+   * them complete, and the rest of one the socket did not take is written through the stream:
+   * ending the stream before that would cut the reply off (write after end).
+   */
+  private endWhenSent(): void {
+    if (this.ended || this.peerGone) return;
+    this.out.flush();
+    if (!this.out.handedOver) return; // out.onSpace (a write completed) calls this again
+    this.ended = true;
+    this.stream.end();
   }
 
   private readonly onPeerEnd = (): void => {

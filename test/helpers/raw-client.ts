@@ -191,10 +191,16 @@ export class RawClient {
     );
   }
 
-  /** Connect; half-close is allowed so a test can end its side and still read. */
-  static connect(path: string, timeoutMs = DEFAULT_TIMEOUT): Promise<RawClient> {
+  /**
+   * Connect to a unix socket, or (a number) to that TCP port on 127.0.0.1; half-close is allowed
+   * so a test can end its side and still read.
+   */
+  static connect(path: string | number, timeoutMs = DEFAULT_TIMEOUT): Promise<RawClient> {
     return new Promise<RawClient>((resolve, reject) => {
-      const s = connect({ path, allowHalfOpen: true });
+      const s =
+        typeof path === "number"
+          ? connect({ host: "127.0.0.1", port: path, allowHalfOpen: true })
+          : connect({ path, allowHalfOpen: true });
       const t = setTimeout(() => {
         s.destroy();
         reject(new RawTimeoutError(`connect to ${path} timed out`));
