@@ -241,6 +241,7 @@ export class OutputQueue {
         if (segs[i].lease !== undefined) {
           if (!this.sendLeaseSegment(segs[i])) break; // waits for its bridge write
         } else this.sendFileSegment(segs[i]);
+        if (this.stream.destroyed) return; // fail(): nothing more goes out on this connection
         i++;
         continue;
       }
@@ -277,6 +278,18 @@ export class OutputQueue {
     this.stream.write(view, () => this.written(s));
   }
 
+  /**
+   * Half of a reply is on the wire and the rest cannot be read (a disk error after the page cache
+   * dropped the pages): the reply cannot be completed nor replaced by an error, so this connection
+   * ends (the stream reports the error and closes; the others go on).
+   */
+  private fail(e: unknown): void {
+    for (const s of this.segments) s.lease?.release();
+    this.segments = [];
+    this.unflushed = 0;
+    this.stream.destroy(e instanceof Error ? e : new Error(String(e)));
+  }
+
   /** Write a buffer of its own through libuv (`pooled` goes back to the pool once written). */
   private writeBuffer(buf: Buffer, pooled: Buffer | null): void {
     this.write(externalSegment(buf, pooled));
@@ -302,7 +315,13 @@ export class OutputQueue {
       at = hlen - sent;
     }
     const dataStart = Math.max(0, sent - hlen);
-    readFullySync(s.fd, buf.subarray(at), s.offset + dataStart);
+    try {
+      readFullySync(s.fd, buf.subarray(at), s.offset + dataStart);
+    } catch (e) {
+      release(pooled);
+      this.fail(e);
+      return;
+    }
     this.writeBuffer(buf, pooled);
   }
 
@@ -350,7 +369,14 @@ export class OutputQueue {
     if (sent < hlen) {
       at = s.buf.copy(buf, 0, sent);
     }
-    readPiecesSync(lease.pieces, Math.max(0, sent - hlen), buf.subarray(at));
+    try {
+      readPiecesSync(lease.pieces, Math.max(0, sent - hlen), buf.subarray(at));
+    } catch (e) {
+      release(pooled);
+      lease.release();
+      this.fail(e);
+      return true;
+    }
     sent += n;
     s.sent = sent;
     const finished = sent === total;

@@ -677,4 +677,31 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  void test("a reply whose rest cannot be read ends that connection, without throwing", async () => {
+    // A zero-copy reply the socket takes only in part: the rest is read from the file, which
+    // fails here (a closed descriptor stands in for a disk error after the pages were dropped).
+    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
+    const p = await socketPair(dir);
+    try {
+      writeFileSync(join(dir, "f"), randomBytes(256 * KiB));
+      const fd = openSync(join(dir, "f"), "r");
+      closeSync(fd);
+      setSendBuffer(p.fd, 16 * KiB);
+      p.client.pause();
+      const q = new OutputQueue(p.server, p.fd);
+      const errors: Error[] = [];
+      p.server.on("error", (e) => errors.push(e));
+      q.pushFile(Buffer.from("HEADER-16-BYTES!"), fd, 0, 256 * KiB);
+      q.pushSmall(Buffer.from("next reply"));
+      assert.doesNotThrow(() => q.flush());
+      assert.ok(p.server.destroyed, "the connection is destroyed");
+      assert.ok(q.handedOver, "nothing is left queued");
+      await new Promise((r) => setImmediate(r));
+      assert.equal(errors.length, 1, "the stream reports the read error");
+    } finally {
+      p.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
