@@ -32,6 +32,7 @@ import { nbdErrorOf } from "./errors.js";
 import { OutputQueue } from "./output.js";
 import { validateRequest, type Rejection, type ValidationContext } from "./validate.js";
 import { BASE_ALLOCATION_ID } from "./handshake.js";
+import { statusDescriptors } from "./status.js";
 import {
   CMD,
   CMD_FLAG,
@@ -521,16 +522,7 @@ export class Transmission implements RequestSink {
     this.vol.extents(req.offset, req.length).then(
       (extents) => {
         const one = (req.flags & CMD_FLAG.REQ_ONE) !== 0;
-        const pairs: number[] = [];
-        let total = 0;
-        for (const e of extents) {
-          const length = Math.min(e.length, req.length - total);
-          if (length <= 0) break;
-          pairs.push(length, e.flags);
-          total += length;
-          if (one) break;
-        }
-        if (pairs.length === 0) pairs.push(req.length, 0); // "a server MAY always report status 0"
+        const pairs = statusDescriptors(extents, req.offset, req.length, this.ctx.minBlock, one);
         const n = pairs.length / 2;
         const buf = Buffer.allocUnsafe(STRUCTURED_REPLY_SIZE + 4 + 8 * n);
         writeStructuredHeader(

@@ -57,7 +57,8 @@ export function validateRequest(req: Request, ctx: ValidationContext): Rejection
   if (req.length === 0) return reject(NBD_ERR.EINVAL, `${info.name} of length 0`);
   const end = req.offset + req.length;
   if (!Number.isSafeInteger(end) || end > ctx.size) {
-    const error = info.writes ? NBD_ERR.ENOSPC : NBD_ERR.EINVAL;
+    // proto.md: ENOSPC for a write (WRITE, WRITE_ZEROES) past the end, EINVAL for a read or trim.
+    const error = info.writes && req.type !== CMD.TRIM ? NBD_ERR.ENOSPC : NBD_ERR.EINVAL;
     return reject(
       error,
       `${info.name} [${req.offset}, +${req.length}) is past the end of the export (${ctx.size})`,

@@ -321,18 +321,18 @@ void describe("bad input against the default server", () => {
     await healthy(srv);
   });
 
-  void test("requests past the end: ENOSPC for writes, EINVAL for the rest", async () => {
+  void test("requests past the end: ENOSPC for writes and zeroes, EINVAL for the rest (trim too)", async () => {
     const c = await session(srv);
     const cases: [RawRequest, number, Buffer?][] = [
       [{ type: CMD.READ, cookie: 1n, offset: SIZE, length: 1 }, ERR.EINVAL],
       [{ type: CMD.READ, cookie: 2n, offset: SIZE - 512, length: 1024 }, ERR.EINVAL],
       [{ type: CMD.CACHE, cookie: 3n, offset: SIZE - 1, length: 2 }, ERR.EINVAL],
       [{ type: CMD.WRITE, cookie: 4n, offset: SIZE - 100, length: 200 }, ERR.ENOSPC, Buffer.alloc(200, 1)],
-      [{ type: CMD.TRIM, cookie: 5n, offset: SIZE, length: 4096 }, ERR.ENOSPC],
+      [{ type: CMD.TRIM, cookie: 5n, offset: SIZE, length: 4096 }, ERR.EINVAL],
       [{ type: CMD.WRITE_ZEROES, cookie: 6n, offset: SIZE - 4096, length: 8192 }, ERR.ENOSPC],
       [{ type: CMD.READ, cookie: 7n, offset: 2n ** 64n - 1n, length: 1 }, ERR.EINVAL],
       [{ type: CMD.WRITE, cookie: 8n, offset: 2n ** 63n, length: 16 }, ERR.ENOSPC, Buffer.alloc(16)],
-      [{ type: CMD.TRIM, cookie: 9n, offset: 2n ** 53n, length: 1 }, ERR.ENOSPC],
+      [{ type: CMD.TRIM, cookie: 9n, offset: 2n ** 53n, length: 1 }, ERR.EINVAL],
     ];
     for (const [r, e, payload] of cases)
       assert.equal(await errorOf(c, r, payload), e, `${r.type} at ${r.offset}`);

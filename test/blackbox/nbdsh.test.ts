@@ -10,7 +10,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ROOT, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
-import { nbdsh, type RunResult } from "../helpers/run.js";
+import { nbdsh, run, type RunResult } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
 
@@ -439,12 +439,13 @@ void describe("nbdsh against a read-write export", () => {
       server_error(h, EINVAL, h.cache, 1, size)
       server_error(h, EINVAL, h.block_status, 4096, size - 2048, cb)
       server_error(h, EINVAL, h.block_status, 1, size, cb)
-      # WRITE, TRIM and WRITE_ZEROES past the end: ENOSPC.
+      # TRIM past the end: EINVAL ("a read or trim request", proto.md).
+      server_error(h, EINVAL, h.trim, 4096, size - 2048)
+      server_error(h, EINVAL, h.trim, 4096, (1 << 64) - 2048)
+      # WRITE and WRITE_ZEROES past the end: ENOSPC.
       server_error(h, ENOSPC, h.pwrite, os.urandom(4096), size - 2048)
       server_error(h, ENOSPC, h.pwrite, b"x", size)
       server_error(h, ENOSPC, h.pwrite, b"x" * 512, 1 << 62)
-      server_error(h, ENOSPC, h.trim, 4096, size - 2048)
-      server_error(h, ENOSPC, h.trim, 4096, (1 << 64) - 2048)
       server_error(h, ENOSPC, h.zero, 4096, size - 2048)
       server_error(h, ENOSPC, h.zero, 1, size, nbd.CMD_FLAG_NO_HOLE)
       # The part inside the export was not touched by the refused writes.
@@ -817,6 +818,45 @@ void describe("nbdsh against --block-size 512,4096,1048576", () => {
       assert sha(got) == sha(want)
       ext = extents(h, 4 * MiB, 16 * MiB)
       assert ext[0] == (16 * MiB, 4 * MiB, 3), ext
+      h.shutdown()
+      `,
+    );
+  });
+});
+
+void describe("nbdsh against --block-size 65536,65536,33554432 over a file with a small hole", () => {
+  // proto.md: block status descriptor lengths are "an integer multiple of any advertised minimum
+  // block size"; the file's holes are 4 KiB filesystem blocks.
+  let srv: ServerHandle;
+  const dir = scratchDir();
+  const volume = join(dir, "holes.img");
+
+  before(async () => {
+    writeFileSync(volume, randomBytes(4 * MiB));
+    await run("fallocate", ["-p", "-o", "4096", "-l", "8192", volume]); // a hole inside block 0
+    await run("fallocate", ["-p", "-o", String(MiB), "-l", String(MiB), volume]); // 16 whole blocks
+    srv = await startServer({ volume, size: null, dir, args: ["--block-size", "65536,65536,33554432"] });
+  });
+  after(async () => {
+    await stopClean(srv);
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  void test("every descriptor is a multiple of 64 KiB; mixed blocks are data, whole hole blocks holes", async () => {
+    await py(
+      srv,
+      `
+      h = connect()
+      assert h.get_block_size(nbd.SIZE_MINIMUM) == 65536
+      for req_one in (0, nbd.CMD_FLAG_REQ_ONE):
+          got = []
+          h.block_status(4 * MiB, 0, lambda meta, off, ents, err: got.extend(ents) or 0, req_one)
+          lengths = got[0::2]
+          assert all(n % 65536 == 0 for n in lengths), (req_one, got)
+          if req_one:
+              assert got == [MiB, 0], got
+          else:
+              assert got == [MiB, 0, MiB, 3, 2 * MiB, 0], got
       h.shutdown()
       `,
     );

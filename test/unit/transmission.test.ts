@@ -316,7 +316,7 @@ void describe("simple replies, byte for byte", () => {
       [{ type: CMD.READ, cookie, offset: MEM_SIZE, length: 1 }, ERR.EINVAL],
       [{ type: CMD.READ, cookie, offset: 0, length: 0 }, ERR.EINVAL],
       [{ type: CMD.READ, cookie, offset: 0, length: 512, flags: F.DF }, ERR.EINVAL],
-      [{ type: CMD.TRIM, cookie, offset: MEM_SIZE - 1, length: 2 }, ERR.ENOSPC],
+      [{ type: CMD.TRIM, cookie, offset: MEM_SIZE - 1, length: 2 }, ERR.EINVAL],
       [{ type: CMD.BLOCK_STATUS, cookie, offset: 0, length: 512 }, ERR.EINVAL],
       [{ type: CMD.FLUSH, cookie, offset: 1 }, ERR.EINVAL],
       [{ type: 9, cookie, offset: 0, length: 512 }, ERR.EINVAL],
