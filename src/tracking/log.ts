@@ -18,6 +18,10 @@
 //   close; losing those writes in a crash only means blocks that were already clean are resynced.
 // - Concurrent activations share one batch (group commit); a batch in flight makes later ones wait.
 // - A clean close writes every chunk and an empty AL, and records cleanShutdown.
+// - Writes to the db land in the order their batches were encoded (one chain): LevelDB batches run
+//   on the thread pool, and a lazy persist encoded before an eviction's synced batch must not land
+//   after it (the chunk would go back to an older copy without bits the eviction stored, for a
+//   region the AL no longer covers); likewise a persist still in flight at close.
 // - Generations: each open bumps `generation` (the gateway API's X-Blockfork-Generation); sequence
 //   numbers restart at 1 in each generation, so nothing about them needs persisting.
 
@@ -99,6 +103,8 @@ export class TrackingLog {
   private timer: NodeJS.Timeout | null = null;
   private closed = false;
   private failure: Error | null = null;
+  /** The last db write issued (see "Writes to the db land in the order..."). */
+  private dbTail: Promise<void> = Promise.resolve();
   private readonly readOnly: boolean;
 
   private constructor(
@@ -323,7 +329,7 @@ export class TrackingLog {
       batch.put(chunkKey(c), this.map.encodeChunk(c));
       this.map.changed.delete(c);
     }
-    await batch.write({ sync: true });
+    await this.writeInOrder(batch, true);
     this.active.clear();
     for (const [r, u] of next) this.active.set(r, u);
     if (evicted.length > 0) this.log.debug(`activity log: ${adding.size} in, ${evicted.length} out`);
@@ -337,11 +343,18 @@ export class TrackingLog {
     this.map.changed.clear();
     for (const c of chunks) batch.put(chunkKey(c), this.map.encodeChunk(c));
     try {
-      await batch.write({ sync });
+      await this.writeInOrder(batch, sync);
     } catch (e) {
       for (const c of chunks) this.map.changed.add(c);
       throw e;
     }
+  }
+
+  /** Write `batch` (already encoded) after every batch issued before it. */
+  private writeInOrder(batch: ReturnType<Db["batch"]>, sync: boolean): Promise<void> {
+    const p = this.dbTail.then(() => batch.write({ sync }));
+    this.dbTail = p.catch(() => {});
+    return p;
   }
 
   private fail(e: Error): void {
@@ -363,9 +376,10 @@ export class TrackingLog {
       batch.put("al", encodeAl([]));
       this.meta.cleanShutdown = true;
       batch.put("meta", Buffer.from(JSON.stringify(this.meta)));
-      await batch.write({ sync: true });
+      await this.writeInOrder(batch, true);
       this.active.clear();
     }
+    await this.dbTail; // a failed lazy persist still in flight must be over before the db closes
     this.closed = true;
     await this.db.close();
   }

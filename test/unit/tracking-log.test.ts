@@ -375,6 +375,47 @@ void describe("TrackingLog: crashes (a child process that never closes the log)"
     }
   });
 
+  void test("a lazy persist in flight lands before a later eviction's batch, never after it", async () => {
+    // persist() encodes region 0's chunk (block 3 dirty) and its write is slow; then block 7 of
+    // region 0 is marked and region 1 evicts region 0, storing the chunk with both bits. If the
+    // older persist landed last, the stored chunk would lose block 7 while the AL no longer covers
+    // region 0: a crash would forget it. The db writes must land in the order they were encoded.
+    const dir = await cleanLog();
+    const t = await open(dir, { alExtents: 1 });
+    try {
+      t.map.mark(3 * G, 4096);
+      await t.activate(3 * G, 4096);
+      const db = (t as unknown as { db: Level<string, Buffer> }).db;
+      const realBatch = db.batch.bind(db);
+      const events: string[] = [];
+      let release!: () => void;
+      const gate = new Promise<void>((r) => (release = r));
+      let n = 0;
+      (db as unknown as { batch: () => unknown }).batch = () => {
+        const b = realBatch();
+        const name = n++ === 0 ? "persist" : "eviction";
+        const write = b.write.bind(b);
+        (b as unknown as { write: (o: { sync: boolean }) => Promise<void> }).write = async (o) => {
+          events.push(`${name} starts`);
+          if (name === "persist") await gate;
+          await write(o);
+          events.push(`${name} done`);
+        };
+        return b;
+      };
+      const persisting = t.persist();
+      t.map.mark(7 * G, 4096);
+      await t.activate(7 * G, 4096); // region 0 is active: no AL write
+      const evicting = t.activate(R, 4096); // region 1 evicts region 0
+      await new Promise((r) => setTimeout(r, 50));
+      release();
+      await Promise.all([persisting, evicting]);
+      assert.deepEqual(events, ["persist starts", "persist done", "eviction starts", "eviction done"]);
+    } finally {
+      await t.close();
+    }
+  });
+
   void test("a crash right after open (nothing activated) still reports crashed, with no AL regions", async () => {
     const dir = await cleanLog();
     await child(dir, [], "kill");
