@@ -23,11 +23,16 @@
 // - Any failure (network, timeout, non-200) is one event for the machine: the link drops to
 //   tracking, every queued and in-flight update is forgotten (`epoch` changes, so late answers are
 //   ignored) and `lastSeq` is emptied: those blocks stay dirty until a resync copies them again.
+// - The floor (sent with every request: seqs below it that the gateway has not seen never will
+//   come) moves only when seqs are abandoned, i.e. in dropQueue(): at that moment every seq below
+//   `seq` is acknowledged or abandoned, and nothing is reserved while the link tracks. It must not
+//   move when a resync starts from streaming (`blockfork resync`, verify --repair): the updates
+//   queued and in flight then are still coming, and a gateway that raised its floor past them would
+//   count them as duplicates, answer 200 and let the proxy clear blocks it never wrote.
 // - Resync reads the primary (the bottom of the stack, not this fork) in runs of dirty blocks,
 //   skipping blocks a client write is changing right now (they stream on their own and a later seq
 //   wins at the gateway), sends holes as ZERO updates, and repeats passes until every dirty block
-//   has an update in flight; then the link streams. Before the first resync update the floor moves
-//   to the next seq, telling the gateway that older, abandoned seqs will never come. On a
+//   has an update in flight; then the link streams. On a
 //   plain-socket update stream, ranges the page cache holds go by sendfile (no read, no copy;
 //   see copyRange for why contents newer than the read are fine).
 // - Sync mode: a client write completes when the gateway has applied it, or after syncTimeoutMs
@@ -682,6 +687,9 @@ export class GatewayLink {
   /** Forget every queued and in-flight update; their blocks stay dirty for the next resync. */
   private dropQueue(): void {
     this.epoch++;
+    // Every seq below this.seq is now acknowledged or abandoned (nothing is reserved while the
+    // link tracks): the gateway may stop waiting for the abandoned ones.
+    this.floor = this.seq;
     this.closeStream();
     for (const p of this.queue) {
       p.waiter?.();
@@ -859,7 +867,6 @@ export class GatewayLink {
 
   private async resync(): Promise<void> {
     const token = ++this.resyncToken;
-    this.floor = this.seq;
     const map = this.tracking.map;
     const g = map.granularity;
     const started = Date.now();

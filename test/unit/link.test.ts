@@ -565,6 +565,28 @@ void describe("GatewayLink: writes racing the link", () => {
     }
   });
 
+  void test("a resync requested while streaming keeps the updates queued and in flight (the floor does not pass them)", async () => {
+    // `blockfork resync` and verify --repair take the link from streaming to resyncing without
+    // dropping its queue. The updates queued and in flight then are still coming: if the resync
+    // raised the floor past them, the gateway would count them as duplicates (not written), answer
+    // 200, and the proxy would clear their blocks although the secondary never got the bytes.
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      for (const b of [0, 5, 9]) await r.fork.write(pattern(4096, 1), b * G, false); // activate the region
+      await waitSynced(r);
+      const w = [0, 5, 9].map((b) => r.fork.write(pattern(4096, 20 + b), b * G, false));
+      r.link.requestResync(); // in the same tick: the three updates are queued
+      await Promise.all(w);
+      await waitSynced(r);
+      assertIdentical(r, "after a resync requested with updates queued");
+      assert.equal(r.gw.gateway.counters.duplicates, 0, "no update was taken as a duplicate");
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("a failed primary write: the update went out, but the block stays dirty until a resync copies the primary", async () => {
     const r = await startRig();
     try {
