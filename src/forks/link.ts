@@ -201,6 +201,9 @@ export interface WriteTicket {
   sending: boolean;
   /** Blocks that were dirty with no update covering them. */
   stale: number[] | null;
+  /** The write counts in `covering` for its blocks (until its submit sends nothing, it ends, or the
+   * epoch changes). */
+  covers: boolean;
 }
 
 /** One gateway link. */
@@ -226,6 +229,13 @@ export class GatewayLink {
   private readonly lastSeq = new Map<number, number>();
   /** Blocks a client write is changing right now (resync leaves them alone). */
   private readonly writing = new Map<number, number>();
+  /**
+   * Of those writes, per block, the ones begun in this epoch that still cover their blocks: they
+   * will be sent in this epoch, or mark the blocks STALE themselves at submit. A write whose submit
+   * sends nothing (the link tracks) no longer covers, nor does any write once the epoch changes
+   * (dropQueue empties this map), although it stays in `writing` until its primary write ends.
+   */
+  private readonly covering = new Map<number, number>();
   private durableThrough = 0;
   private flushing: Promise<void> | null = null;
   /** The update stream of this epoch, or null (POST). */
@@ -363,25 +373,40 @@ export class GatewayLink {
     const [b0, b1] = map.blockRange(offset, length);
     let stale: number[] | null = null;
     for (let b = b0; b <= b1; b++) {
-      const busy = this.writing.get(b) ?? 0;
-      this.writing.set(b, busy + 1);
+      this.writing.set(b, (this.writing.get(b) ?? 0) + 1);
+      const busy = this.covering.get(b) ?? 0;
+      this.covering.set(b, busy + 1);
       if (map.isDirty(b)) {
         // Dirty with nothing covering it: not by an update in flight, nor by a write in progress
-        // (which began on a clean or covered block and will be sent, or will mark it STALE itself).
+        // that still covers (began on a clean or covered block in this epoch and will be sent, or
+        // will mark it STALE itself). A write in progress that covers nothing does not count.
         const last = this.lastSeq.get(b);
         if (last === STALE || (last === undefined && busy === 0)) (stale ??= []).push(b);
       }
     }
-    return { epoch: this.epoch, sending: sends(this.s.name), stale };
+    return { epoch: this.epoch, sending: sends(this.s.name), stale, covers: true };
   }
 
-  /** The client write to [offset, offset+length) reached the primary (or failed). */
-  endWrite(offset: number, length: number): void {
+  /** The client write to [offset, offset+length) of `ticket` reached the primary (or failed). */
+  endWrite(offset: number, length: number, ticket: WriteTicket): void {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
     for (let b = b0; b <= b1; b++) {
       const n = this.writing.get(b)! - 1;
       if (n === 0) this.writing.delete(b);
       else this.writing.set(b, n);
+    }
+    this.uncover(b0, b1, ticket);
+  }
+
+  /** The write of `ticket` stops covering blocks b0..b1 (nothing to undo after an epoch change). */
+  private uncover(b0: number, b1: number, ticket: WriteTicket): void {
+    if (!ticket.covers) return;
+    ticket.covers = false;
+    if (ticket.epoch !== this.epoch) return;
+    for (let b = b0; b <= b1; b++) {
+      const n = this.covering.get(b)! - 1;
+      if (n === 0) this.covering.delete(b);
+      else this.covering.set(b, n);
     }
   }
 
@@ -397,7 +422,15 @@ export class GatewayLink {
     data: Buffer | null,
     ticket: WriteTicket,
   ): Promise<void> | null {
-    if (!sends(this.s.name)) return null;
+    if (!sends(this.s.name)) {
+      // Nothing sent: this write covers nothing from now on (a later write into its blocks must
+      // not count on it), although its primary write may still be running.
+      if (ticket.covers) {
+        const [b0, b1] = this.tracking.map.blockRange(offset, length);
+        this.uncover(b0, b1, ticket);
+      }
+      return null;
+    }
     const seq = this.reserve(offset, length);
     if (ticket.epoch !== this.epoch || !ticket.sending) {
       const [b0, b1] = this.tracking.map.blockRange(offset, length);
@@ -702,6 +735,7 @@ export class GatewayLink {
     this.sending.clear();
     this.unflushed = [];
     this.lastSeq.clear();
+    this.covering.clear(); // writes in progress cover nothing in the new epoch
     const w = this.drainWaiters.splice(0);
     for (const f of w) f();
   }

@@ -455,7 +455,7 @@ void describe("GatewayLink: writes racing the link", () => {
       await waitFor("resyncing", () => r.link.state !== "tracking");
       await r.primary.write(pattern(4096, 3), 16384, false);
       void r.link.submit(KIND.WRITE, 16384, 4096, pattern(4096, 3), ticket);
-      r.link.endWrite(16384, 4096);
+      r.link.endWrite(16384, 4096, ticket);
       await waitSynced(r);
       assertIdentical(r, "after a partial write into a dirty block");
     } finally {
@@ -523,9 +523,42 @@ void describe("GatewayLink: writes racing the link", () => {
       await r.tracking.activate(0, 4096);
       await r.primary.write(pattern(4096, 3), 0, false);
       void r.link.submit(KIND.WRITE, 0, 4096, pattern(4096, 3), t1);
-      r.link.endWrite(0, 4096);
+      r.link.endWrite(0, 4096, t1);
       await waitSynced(r);
       assertIdentical(r, "after a write that began while tracking");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a write sent after the link recovers does not cover an unsent write still in progress in its block", async () => {
+    // W1 writes [0, 4K) of block 3 while the link tracks: not sent, but its primary write is slow
+    // (held) and it stays in progress. The gateway returns and the link resyncs, which leaves block
+    // 3 alone while W1 runs. W2 writes [8K, 12K) of block 3 and is sent. W2 must make the block
+    // STALE (W1's bytes were never sent): if it took W1 for a write that covers the block, the
+    // resync would see block 3 covered by W2's update and W2's acknowledgement would clear it.
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      await r.fork.write(pattern(4096, 1), 3 * G + 32768, false); // activate the region
+      await waitSynced(r);
+      r.gw.setFault({ mode: "down" });
+      await r.fork.write(pattern(4096, 2), 10 * G, false);
+      await waitFor("tracking", () => r.link.state === "tracking");
+      const gate = new Gate();
+      r.primary.writeGate = gate;
+      const w1 = r.fork.write(pattern(4096, 3), 3 * G, false);
+      await waitFor("W1's primary write is in progress", () => gate.waiting === 1);
+      r.gw.setFault({ mode: "none" });
+      await waitFor("resyncing", () => r.link.state === "resyncing");
+      const w2 = r.fork.write(pattern(4096, 4), 3 * G + 8192, false);
+      await waitFor("W2's primary write is in progress", () => gate.waiting === 2);
+      r.primary.writeGate = null;
+      gate.release();
+      await Promise.all([w1, w2]);
+      await waitSynced(r);
+      assertIdentical(r, "after a write sent beside an unsent one in progress");
     } finally {
       await r.close();
     }
