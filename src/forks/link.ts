@@ -920,6 +920,12 @@ export class GatewayLink {
     const alive = (): boolean => token === this.resyncToken && !this.stopped && this.s.name === "resyncing";
     let bucket = 0;
     let bucketAt = Date.now();
+    // The first copy that failed (a primary read error): the ranges in flight never reject (an
+    // unhandled rejection would end the process), they record it here and the pass rethrows it.
+    let failure: Error | null = null;
+    const check = (): void => {
+      if (failure !== null) throw failure;
+    };
     try {
       for (;;) {
         this.progress.pass++;
@@ -927,6 +933,7 @@ export class GatewayLink {
         const inflight = new Set<Promise<void>>();
         for (const run of map.runs(0, Math.max(1, Math.floor(this.o.resyncChunkBytes / g)))) {
           if (!alive()) return;
+          check();
           // Skip blocks with a client write in progress or an update already in flight.
           let start = run.start;
           const end = run.start + run.count;
@@ -939,6 +946,7 @@ export class GatewayLink {
                 if (inflight.size > 0) await Promise.race(inflight);
                 else await new Promise((r) => setTimeout(r, 5));
                 if (!alive()) return;
+                check();
               }
               const offset = start * g;
               const length = Math.min(stop * g, map.volumeSize) - offset;
@@ -950,9 +958,14 @@ export class GatewayLink {
                   await new Promise((r) => setTimeout(r, (bucket / this.o.resyncRate) * 1000));
                 bucket += length;
               }
-              const p = this.resyncRange(offset, length);
+              const p: Promise<void> = this.resyncRange(offset, length).then(
+                () => void inflight.delete(p),
+                (e: unknown) => {
+                  inflight.delete(p);
+                  failure ??= e instanceof Error ? e : new Error(String(e));
+                },
+              );
               inflight.add(p);
-              void p.finally(() => inflight.delete(p));
               sentAny = true;
             }
             start = stop;
@@ -961,6 +974,7 @@ export class GatewayLink {
         }
         await Promise.all(inflight);
         if (!alive()) return;
+        check();
         await this.drained();
         if (!alive()) return;
         if (this.unflushed.length > 0) await this.flushNow();

@@ -58,6 +58,8 @@ class PrimaryVolume implements Volume {
   extentsGate: Gate | null = null;
   readGate: Gate | null = null;
   failNextWrite = false;
+  /** Every read fails with EIO while set. */
+  failReads = false;
   constructor(readonly mem: MemoryVolume) {
     this.size = mem.size;
   }
@@ -67,6 +69,7 @@ class PrimaryVolume implements Volume {
   async read(buf: Buffer, offset: number): Promise<void> {
     const gate = this.readGate;
     if (gate) await gate.pass();
+    if (this.failReads) throw new IoError(constants.errno.EIO, "pread", "injected read error");
     await this.mem.read(buf, offset);
   }
   async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
@@ -391,6 +394,29 @@ void describe("GatewayLink: outages", () => {
       const attempts = r.link.status().outages - o0;
       assert.ok(attempts <= 10, `the link fell to tracking ${attempts} times in 3 s (no backoff)`);
     } finally {
+      await r.close();
+    }
+  });
+  void test("a primary read error during resync: tracking with the reason, no unhandled rejection, then resync", async () => {
+    // Node 20 ends the process on an unhandled rejection: a failed copy must end the resync
+    // (link to tracking, "resync failed: ...") and nothing else.
+    const unhandled: unknown[] = [];
+    const onUnhandled = (e: unknown): void => void unhandled.push(e);
+    process.on("unhandledRejection", onUnhandled);
+    const r = await startRig();
+    try {
+      await r.primary.mem.write(Buffer.alloc(SIZE, 7), 0, false); // data everywhere: the resync reads
+      r.primary.failReads = true;
+      r.link.start();
+      await waitFor("tracking after the read error", () => r.link.state === "tracking");
+      assert.match(r.link.status().reason, /resync failed: .*injected read error/);
+      await new Promise((res) => setTimeout(res, 200));
+      assert.deepEqual(unhandled, [], "no unhandled rejection");
+      r.primary.failReads = false;
+      await waitSynced(r);
+      assertIdentical(r, "after the read error cleared");
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
       await r.close();
     }
   });
