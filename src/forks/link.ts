@@ -122,6 +122,8 @@ const OWN_BUFFER_MIN = 64 * 1024;
 
 interface Pending {
   seq: number;
+  /** Enqueue order (the queue is in this order; seqs are not: a resync reserves before it reads). */
+  ord: number;
   length: number;
   /** Encoded size (header and data). */
   size: number;
@@ -262,7 +264,10 @@ export class GatewayLink {
   private mirrorDirty = true;
   private mirrorBusy = false;
   private stopped = false;
-  private readonly drainWaiters: (() => void)[] = [];
+  /** Updates enqueued so far (the next Pending's ord). */
+  private enqueued = 0;
+  /** settled() calls waiting: for `left` more answers of updates with ord < `ord`. */
+  private readonly settleWaiters: { ord: number; left: number; resolve: () => void }[] = [];
 
   constructor(
     private readonly tracking: TrackingLog,
@@ -454,7 +459,7 @@ export class GatewayLink {
   /** Sync mode FLUSH: everything sent so far is durable on the secondary (unless the link fails). */
   async flushGateway(): Promise<void> {
     if (!sends(this.s.name)) return;
-    await this.drained();
+    await this.settled();
     if (!sends(this.s.name)) return;
     await this.flushNow();
   }
@@ -490,6 +495,7 @@ export class GatewayLink {
     const dataBytes = file !== null ? file.length : data === null ? 0 : data.length;
     const pending: Pending = {
       seq,
+      ord: this.enqueued++,
       length,
       size: RECORD_HEADER + dataBytes,
       b0,
@@ -599,10 +605,6 @@ export class GatewayLink {
       this.sending.add(batch);
       void this.send(batch, bytes, this.epoch);
     }
-    if (this.queue.length === 0 && this.batches === 0) {
-      const w = this.drainWaiters.splice(0);
-      for (const f of w) f();
-    }
   }
 
   /** The body of a batch: runs of updates that lie back to back in a slab go as one slice. */
@@ -632,9 +634,29 @@ export class GatewayLink {
     return chunks;
   }
 
-  private drained(): Promise<void> {
-    if (this.queue.length === 0 && this.batches === 0) return Promise.resolve();
-    return new Promise<void>((r) => this.drainWaiters.push(r));
+  /**
+   * Resolves when every update enqueued before this call has been answered, or the epoch changed
+   * (they were dropped). Updates enqueued later do not count: under steady writes the queue is
+   * never empty, and a FLUSH or the end of a resync pass waiting for that would wait forever.
+   */
+  private settled(): Promise<void> {
+    let left = this.queue.length;
+    for (const b of this.sending) left += b.length;
+    if (left === 0) return Promise.resolve();
+    return new Promise<void>((resolve) => this.settleWaiters.push({ ord: this.enqueued, left, resolve }));
+  }
+
+  /** A batch was answered (in this epoch): wake the settled() calls it completes. */
+  private answered(batch: Pending[]): void {
+    for (let i = 0; i < this.settleWaiters.length;) {
+      const w = this.settleWaiters[i];
+      for (const p of batch) if (p.ord < w.ord) w.left--;
+      if (w.left > 0) i++;
+      else {
+        this.settleWaiters.splice(i, 1);
+        w.resolve();
+      }
+    }
   }
 
   private headers(): Record<string, string> {
@@ -698,6 +720,7 @@ export class GatewayLink {
         if (p.file !== null) this.progress.pageCacheBytes += p.length;
         p.waiter?.();
       }
+      if (this.settleWaiters.length > 0) this.answered(batch);
     } catch (e) {
       if (epoch !== this.epoch) return;
       this.failed(`sending updates failed: ${(e as Error).message}`);
@@ -736,8 +759,7 @@ export class GatewayLink {
     this.unflushed = [];
     this.lastSeq.clear();
     this.covering.clear(); // writes in progress cover nothing in the new epoch
-    const w = this.drainWaiters.splice(0);
-    for (const f of w) f();
+    for (const w of this.settleWaiters.splice(0)) w.resolve();
   }
 
   private flushNow(): Promise<void> {
@@ -975,7 +997,7 @@ export class GatewayLink {
         await Promise.all(inflight);
         if (!alive()) return;
         check();
-        await this.drained();
+        await this.settled();
         if (!alive()) return;
         if (this.unflushed.length > 0) await this.flushNow();
         if (!alive()) return;
@@ -1205,7 +1227,7 @@ export class GatewayLink {
     if (this.stopped) return;
     const finish = async (): Promise<void> => {
       if (sends(this.s.name)) {
-        await this.drained();
+        await this.settled();
         if (sends(this.s.name) && this.unflushed.length > 0) await this.flushNow();
       }
     };

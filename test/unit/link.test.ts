@@ -456,6 +456,79 @@ void describe("GatewayLink: sync mode", () => {
   });
 });
 
+void describe("GatewayLink: under steady writes", () => {
+  /** Four writers into blocks 0-3, each starting its next write as soon as the last one returned. */
+  function steadyWriters(r: Rig): { stop: () => Promise<void>; count: () => number } {
+    let stopped = false;
+    let n = 0;
+    const writer = async (k: number): Promise<void> => {
+      const buf = pattern(4096, k);
+      while (!stopped) {
+        await r.fork.write(buf, ((n++ * 7 + k) % 64) * 4096, false);
+        await new Promise((res) => setImmediate(res));
+      }
+    };
+    const ws = [0, 1, 2, 3].map(writer);
+    return {
+      stop: async () => {
+        stopped = true;
+        await Promise.all(ws);
+      },
+      count: () => n,
+    };
+  }
+
+  /** Streaming and synced, blocks 0-3 active, and a gateway 3 ms away per batch. */
+  async function busyRig(mode: "async" | "sync"): Promise<Rig> {
+    const r = await startRig({ mode });
+    r.link.start();
+    await waitSynced(r);
+    await r.fork.write(pattern(4096, 1), 0, false); // activate the region
+    await waitSynced(r);
+    r.gw.setFault({ mode: "slow", delayMs: 3 });
+    return r;
+  }
+
+  void test("sync mode: a FLUSH completes while writes keep coming (it waits for the updates sent before it)", async () => {
+    const r = await busyRig("sync");
+    try {
+      const w = steadyWriters(r);
+      await new Promise((res) => setTimeout(res, 200));
+      const t0 = Date.now();
+      let took = -1;
+      const f = r.fork.flush().then(() => void (took = Date.now() - t0));
+      await waitFor("the FLUSH", () => took >= 0, 3000).catch(() => {});
+      const during = w.count();
+      await w.stop();
+      await f;
+      assert.ok(took >= 0 && took < 3000, `the FLUSH took ${took} ms under steady writes`);
+      assert.ok(during > 20, `only ${during} writes`);
+      assert.equal(r.link.state, "streaming");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("async mode: a resync finishes while writes keep coming", async () => {
+    const r = await busyRig("async");
+    try {
+      const w = steadyWriters(r);
+      await new Promise((res) => setTimeout(res, 200));
+      r.link.requestResync();
+      assert.equal(r.link.state, "resyncing");
+      await waitFor("streaming again", () => r.link.state === "streaming", 3000).catch(() => {});
+      const state = r.link.state;
+      await w.stop();
+      assert.equal(state, "streaming", `still ${state} 3 s into a resync under steady writes`);
+      r.gw.setFault({ mode: "none" });
+      await waitSynced(r);
+      assertIdentical(r, "after the resync under steady writes");
+    } finally {
+      await r.close();
+    }
+  });
+});
+
 void describe("GatewayLink: writes racing the link", () => {
   /** Stream, then make block 0 dirty with no update covering it (a write during an outage). */
   async function dirtyBlockZero(r: Rig): Promise<void> {
