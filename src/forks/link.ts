@@ -23,6 +23,10 @@
 // - Any failure (network, timeout, non-200) is one event for the machine: the link drops to
 //   tracking, every queued and in-flight update is forgotten (`epoch` changes, so late answers are
 //   ignored) and `lastSeq` is emptied: those blocks stay dirty until a resync copies them again.
+//   A batch or flush answered 200 with `stale` (the gateway holds a newer generation of this
+//   source: nothing was applied) is such a failure, and so is a flush whose durableThrough is below
+//   the highest appliedThrough answered before it was sent: the gateway restarted and lost updates
+//   it had acknowledged but not made durable (over POST nothing else tells: undici reconnects).
 // - The floor (sent with every request: seqs below it that the gateway has not seen never will
 //   come) moves only when seqs are abandoned, i.e. in dropQueue(): at that moment every seq below
 //   `seq` is acknowledged or abandoned, and nothing is reserved while the link tracks. It must not
@@ -239,6 +243,8 @@ export class GatewayLink {
    */
   private readonly covering = new Map<number, number>();
   private durableThrough = 0;
+  /** The highest appliedThrough the gateway answered in this epoch (a flush must not go below it). */
+  private appliedSeen = 0;
   private flushing: Promise<void> | null = null;
   /** The update stream of this epoch, or null (POST). */
   private stream: UpdateStream | null = null;
@@ -701,11 +707,12 @@ export class GatewayLink {
 
   private async send(batch: Pending[], bytes: number, epoch: number): Promise<void> {
     try {
-      if (this.stream !== null) await this.stream.send(GatewayLink.body(batch), bytes, this.floor);
+      let answer: unknown;
+      if (this.stream !== null) answer = await this.stream.send(GatewayLink.body(batch), bytes, this.floor);
       else {
         const body = GatewayLink.body(batch);
         if (body.some((c) => !Buffer.isBuffer(c))) throw new Error("the update stream closed under a batch");
-        await this.call(
+        answer = await this.call(
           "POST",
           `/v1/volumes/${this.volumeName}/updates`,
           body as Buffer[],
@@ -714,6 +721,10 @@ export class GatewayLink {
         );
       }
       if (epoch !== this.epoch) return; // the link was reset meanwhile: this answer means nothing now
+      const a = answer as { stale?: boolean; generation?: number; appliedThrough?: number } | null;
+      if (a?.stale === true) throw new Error(this.staleMessage("a batch", a.generation));
+      if (typeof a?.appliedThrough === "number" && a.appliedThrough > this.appliedSeen)
+        this.appliedSeen = a.appliedThrough;
       for (const p of batch) {
         this.unflushed.push({ seq: p.seq, b0: p.b0, b1: p.b1 });
         if (p.resync) this.progress.doneBytes += p.length;
@@ -733,6 +744,15 @@ export class GatewayLink {
         this.pump();
       }
     }
+  }
+
+  /** Why an answer saying `stale` is a failure. */
+  private staleMessage(what: string, theirs: number | undefined): string {
+    return (
+      `the gateway refused ${what} as stale: it holds generation ${theirs ?? "?"} of this source, ` +
+      `newer than ours (${this.tracking.meta.generation}); is another proxy using a copy of this ` +
+      `tracking log? Nothing was applied`
+    );
   }
 
   private failed(reason: string): void {
@@ -757,6 +777,7 @@ export class GatewayLink {
     for (const b of this.sending) for (const p of b) p.waiter?.();
     this.sending.clear();
     this.unflushed = [];
+    this.appliedSeen = 0;
     this.lastSeq.clear();
     this.covering.clear(); // writes in progress cover nothing in the new epoch
     for (const w of this.settleWaiters.splice(0)) w.resolve();
@@ -766,13 +787,29 @@ export class GatewayLink {
     if (this.flushing) return this.flushing.then(() => this.flushNow());
     const epoch = this.epoch;
     const covered = this.unflushed.length;
+    // Every update the gateway said it applied before this flush is sent: the flush makes durable
+    // at least up to the highest appliedThrough it answered (the gateway captures it at the start).
+    const applied = this.appliedSeen;
     this.flushing = (async () => {
       try {
         const r = (await this.call("POST", `/v1/volumes/${this.volumeName}/flush`)) as {
           durableThrough?: number;
+          stale?: boolean;
+          generation?: number;
         };
         if (epoch !== this.epoch) return;
+        if (r.stale === true) throw new Error(this.staleMessage("a flush", r.generation));
         const d = Number(r.durableThrough ?? 0);
+        if (d < applied) {
+          // The gateway lost updates it had applied and acknowledged but not made durable (it
+          // restarted: a POST reconnects silently, and the restarted gateway resumes at its
+          // durableThrough). Those seqs will never come again: later ones would wait above the gap
+          // forever. A link failure: tracking, then a resync copies the dirty blocks.
+          throw new Error(
+            `the gateway lost acknowledged updates: it had applied through seq ${applied}, ` +
+              `but its flush answered durableThrough ${d} (did it restart?)`,
+          );
+        }
         this.durableThrough = d;
         this.clearDurable(d, covered);
       } catch (e) {

@@ -22,7 +22,7 @@ import { Gateway } from "../../src/gateway/gateway.js";
 import { GatewayServer } from "../../src/gateway/server.js";
 import { FaultSwitch, type Fault } from "../../src/gateway/faults.js";
 import { TrackingMirror } from "../../src/gateway/mirror.js";
-import { FAULT_FILE, prepareStateDir, StateWriter } from "../../src/gateway/state.js";
+import { FAULT_FILE, loadSources, prepareStateDir, StateWriter } from "../../src/gateway/state.js";
 import { KIND } from "../../src/gateway/records.js";
 import { GatewayLink, LINK_DEFAULTS, type LinkOptions } from "../../src/forks/link.js";
 import { forkVolume } from "../../src/forks/fork.js";
@@ -417,6 +417,97 @@ void describe("GatewayLink: outages", () => {
       assertIdentical(r, "after the read error cleared");
     } finally {
       process.off("unhandledRejection", onUnhandled);
+      await r.close();
+    }
+  });
+});
+
+void describe("GatewayLink: what the gateway answers", () => {
+  void test("a batch answered 200 but stale (the gateway holds a newer generation) is a failure", async () => {
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      // Another proxy with a copy of this tracking log moved the source to the next generation.
+      const m = r.tracking.meta;
+      await r.gw.gateway.applyBatch({ source: m.source, generation: m.generation + 1, floor: null }, []);
+      await r.fork.write(pattern(4096, 1), 5 * G, false);
+      await waitFor("tracking", () => r.link.state === "tracking", 3000);
+      assert.match(r.link.status().reason, /refused a batch as stale: .*generation/);
+      assert.ok(r.tracking.map.isDirty(5), "the block the gateway did not apply stays dirty");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("POST: a gateway restarted between an acknowledgement and the next flush is a failure, then a resync", async () => {
+    // The gateway keeps its state (sources.json) in a state directory and its secondary survives
+    // the restart (as the page cache does a kill -9): the restarted gateway resumes at its
+    // durableThrough, below the seq it had acknowledged. Over POST undici reconnects silently.
+    const stateDir = scratch();
+    prepareStateDir(stateDir);
+    const volume = new SecondaryVolume(SIZE);
+    const identity = { name: "sec", size: SIZE };
+    const boot = async (port: number) => {
+      const gateway = new Gateway(volume, quiet, loadSources(stateDir, identity));
+      gateway.attachState(new StateWriter(stateDir, identity, () => gateway.snapshots()));
+      const faults = new FaultSwitch(join(stateDir, FAULT_FILE), quiet);
+      const mirror = new TrackingMirror(stateDir);
+      const server = new GatewayServer({
+        gateway,
+        name: "sec",
+        path: "memory",
+        token: null,
+        faults,
+        mirror,
+        log: quiet,
+      });
+      const addr = await server.listen("127.0.0.1", port);
+      return { gateway, faults, mirror, server, port: addr.port };
+    };
+    let g = await boot(0);
+    const gw: TestGateway = {
+      url: `http://127.0.0.1:${g.port}`,
+      volume,
+      get gateway() {
+        return g.gateway;
+      },
+      get faults() {
+        return g.faults;
+      },
+      get mirror() {
+        return g.mirror;
+      },
+      setFault: (f) => g.faults.set({ delayMs: 0, probability: 1, ...f }),
+      async close() {
+        await g.server.quiesce(2000);
+        g.server.closeAll();
+        await g.mirror.settle();
+      },
+    };
+    const r = await startRig({ gw, updateStream: false, flushIntervalMs: 1000 });
+    try {
+      r.link.start();
+      await waitSynced(r);
+      await r.fork.write(pattern(4096, 1), 0, false);
+      const flushes = g.gateway.counters.flushes;
+      await waitFor(
+        "a flush",
+        () => g.gateway.counters.flushes > flushes && r.tracking.map.dirtyBlocks === 0,
+      );
+      // The next flush is a second away: a write acknowledged (applied), then the gateway restarts.
+      await r.fork.write(pattern(4096, 2), 1 * G, false);
+      const seq = r.link.status().seq;
+      await waitFor("acknowledged", () => Number(g.gateway.sourceStatus()[0].appliedThrough) >= seq, 500);
+      g.server.closeAll();
+      await g.server.quiesce(10);
+      g = await boot(g.port);
+      for (let i = 0; i < 5; i++) await r.fork.write(pattern(4096, 3 + i), (2 + i) * G, false);
+      await waitFor("an outage", () => r.link.status().outages >= 1, 5000);
+      assert.match(r.link.status().lastError, /lost acknowledged updates/);
+      await waitSynced(r);
+      assertIdentical(r, "after the gateway restart");
+    } finally {
       await r.close();
     }
   });
