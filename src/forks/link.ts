@@ -1215,6 +1215,26 @@ export class GatewayLink {
   private mirrorSentClean = false;
   private mirrorVersion = -1;
 
+  /**
+   * Blocks of [offset, offset+length) were marked dirty out of band (verify --repair, resync --full):
+   * make them STALE, so that neither an update in flight nor a client write in progress (which began
+   * when the block looked clean or covered) can clear them; only a whole-block resync copy can.
+   * Only blocks something covers need it (a dirty block nothing covers is copied anyway): the walk
+   * is over the range or over the covered blocks, whichever is smaller (--full is the whole volume).
+   */
+  markStale(offset: number, length: number): void {
+    const [b0, b1] = this.tracking.map.blockRange(offset, length);
+    if (b1 - b0 + 1 <= this.lastSeq.size + this.covering.size) {
+      for (let b = b0; b <= b1; b++) {
+        if (this.lastSeq.has(b) || this.covering.has(b)) this.lastSeq.set(b, STALE);
+      }
+      return;
+    }
+    for (const b of [...this.lastSeq.keys(), ...this.covering.keys()]) {
+      if (b >= b0 && b <= b1) this.lastSeq.set(b, STALE);
+    }
+  }
+
   /** Blocks were marked dirty out of band (verify --repair): copy them now if the link streams. */
   requestResync(): void {
     this.dispatch({ type: "resyncRequested" });

@@ -861,6 +861,69 @@ void describe("GatewayLink: verify, mirror, stop", () => {
     }
   });
 
+  void test("verify --repair: a mismatched block with an update in flight is copied whole, not cleared by that update", async () => {
+    // Blocks 40 and 60 of the secondary are corrupted behind the link's back. verify confirms 40,
+    // and while it confirms 60 (its primary read held) a client write into block 40 is sent to a
+    // slow gateway. verify then marks both dirty and asks for a resync: block 40 must be STALE, or
+    // the resync takes it as covered by the write's update, whose acknowledgement clears it with
+    // the rest of the block still corrupt.
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      await r.fork.write(pattern(4096, 1), 40 * G + 32768, false); // activate the region
+      await waitSynced(r);
+      await r.gw.volume.write(randomBytes(G), 40 * G, false);
+      await r.gw.volume.write(randomBytes(G), 60 * G, false);
+      const gates = [new Gate(), new Gate(), new Gate()];
+      r.primary.readGate = gates[0];
+      const running = verify(r.primary, r.tracking, r.link, true);
+      for (let i = 0; i < 2; i++) {
+        await waitFor(`primary read ${i + 1} of verify`, () => gates[i].waiting > 0);
+        r.primary.readGate = gates[i + 1];
+        gates[i].release();
+      }
+      await waitFor("verify confirms block 60", () => gates[2].waiting > 0);
+      r.primary.readGate = null;
+      r.gw.setFault({ mode: "slow", delayMs: 1000 });
+      await r.fork.write(pattern(4096, 2), 40 * G, false); // in flight for a second
+      gates[2].release();
+      const res = await running;
+      assert.deepEqual(res.mismatches, [
+        { offset: 40 * G, length: G },
+        { offset: 60 * G, length: G },
+      ]);
+      r.gw.setFault({ mode: "none" });
+      await waitSynced(r);
+      assertIdentical(r, "after verify --repair with an update in flight");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("resync --full: every block STALE, an update in flight clears none of them", async () => {
+    // What `blockfork resync --full` does: mark the whole volume dirty, make it STALE in the link,
+    // request a resync. Block 20 of the secondary is corrupt and has a client update in flight.
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      await r.fork.write(pattern(4096, 1), 20 * G + 32768, false); // activate the region
+      await waitSynced(r);
+      await r.gw.volume.write(randomBytes(G), 20 * G, false);
+      r.gw.setFault({ mode: "slow", delayMs: 1000 });
+      await r.fork.write(pattern(4096, 2), 20 * G, false); // in flight for a second
+      r.tracking.map.markAll();
+      r.link.markStale(0, SIZE);
+      r.link.requestResync();
+      r.gw.setFault({ mode: "none" });
+      await waitSynced(r);
+      assertIdentical(r, "after resync --full with an update in flight");
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("verify: a block written, replicated and cleared while verify compares it is not a mismatch", async () => {
     // verify asks the gateway for the checksums of a step, then reads the primary's side, then
     // skips blocks that are dirty *now*. A client write that lands between the two reads, and is
