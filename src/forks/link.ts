@@ -199,6 +199,9 @@ class HttpError extends Error {}
 /** lastSeq value of a block that needs a whole-block copy before it may be cleared. */
 const STALE = Number.MAX_SAFE_INTEGER;
 
+/** `writing` counts a covering write as 1 + COVER (at most COVER - 1 writes in progress on a block). */
+const COVER = 2 ** 24;
+
 /** What beginWrite() learned, for submit(). */
 export interface WriteTicket {
   epoch: number;
@@ -207,8 +210,8 @@ export interface WriteTicket {
   sending: boolean;
   /** Blocks that were dirty with no update covering them. */
   stale: number[] | null;
-  /** The write counts in `covering` for its blocks (until its submit sends nothing, it ends, or the
-   * epoch changes). */
+  /** The write is counted as covering its blocks in `writing` (until its submit sends nothing, it
+   * ends, or the epoch changes). */
   covers: boolean;
 }
 
@@ -233,15 +236,15 @@ export class GatewayLink {
   /** Applied but not yet durable (seq and blocks), for clearing after a flush. */
   private unflushed: { seq: number; b0: number; b1: number }[] = [];
   private readonly lastSeq = new Map<number, number>();
-  /** Blocks a client write is changing right now (resync leaves them alone). */
-  private readonly writing = new Map<number, number>();
   /**
-   * Of those writes, per block, the ones begun in this epoch that still cover their blocks: they
-   * will be sent in this epoch, or mark the blocks STALE themselves at submit. A write whose submit
-   * sends nothing (the link tracks) no longer covers, nor does any write once the epoch changes
-   * (dropQueue empties this map), although it stays in `writing` until its primary write ends.
+   * Blocks a client write is changing right now (resync leaves them alone): per block, the number
+   * of such writes plus COVER times the number of them that still cover the block (begun in this
+   * epoch; they will be sent in this epoch, or mark the block STALE themselves at submit). A write
+   * whose submit sends nothing (the link tracks) no longer covers, nor does any write once the
+   * epoch changes (dropQueue zeroes the covering counts), although it is still in progress until
+   * its primary write ends. One map for both keeps the write path at one get and one set a block.
    */
-  private readonly covering = new Map<number, number>();
+  private readonly writing = new Map<number, number>();
   private durableThrough = 0;
   /** The highest appliedThrough the gateway answered in this epoch (a flush must not go below it). */
   private appliedSeen = 0;
@@ -384,15 +387,15 @@ export class GatewayLink {
     const [b0, b1] = map.blockRange(offset, length);
     let stale: number[] | null = null;
     for (let b = b0; b <= b1; b++) {
-      this.writing.set(b, (this.writing.get(b) ?? 0) + 1);
-      const busy = this.covering.get(b) ?? 0;
-      this.covering.set(b, busy + 1);
+      const v = this.writing.get(b) ?? 0;
+      this.writing.set(b, v + 1 + COVER);
+      const busy = v >= COVER; // a write in progress covers the block
       if (map.isDirty(b)) {
         // Dirty with nothing covering it: not by an update in flight, nor by a write in progress
         // that still covers (began on a clean or covered block in this epoch and will be sent, or
         // will mark it STALE itself). A write in progress that covers nothing does not count.
         const last = this.lastSeq.get(b);
-        if (last === STALE || (last === undefined && busy === 0)) (stale ??= []).push(b);
+        if (last === STALE || (last === undefined && !busy)) (stale ??= []).push(b);
       }
     }
     return { epoch: this.epoch, sending: sends(this.s.name), stale, covers: true };
@@ -401,23 +404,13 @@ export class GatewayLink {
   /** The client write to [offset, offset+length) of `ticket` reached the primary (or failed). */
   endWrite(offset: number, length: number, ticket: WriteTicket): void {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
+    // Its covering count is gone already if its submit sent nothing or the epoch changed.
+    const one = ticket.covers && ticket.epoch === this.epoch ? 1 + COVER : 1;
+    ticket.covers = false;
     for (let b = b0; b <= b1; b++) {
-      const n = this.writing.get(b)! - 1;
+      const n = this.writing.get(b)! - one;
       if (n === 0) this.writing.delete(b);
       else this.writing.set(b, n);
-    }
-    this.uncover(b0, b1, ticket);
-  }
-
-  /** The write of `ticket` stops covering blocks b0..b1 (nothing to undo after an epoch change). */
-  private uncover(b0: number, b1: number, ticket: WriteTicket): void {
-    if (!ticket.covers) return;
-    ticket.covers = false;
-    if (ticket.epoch !== this.epoch) return;
-    for (let b = b0; b <= b1; b++) {
-      const n = this.covering.get(b)! - 1;
-      if (n === 0) this.covering.delete(b);
-      else this.covering.set(b, n);
     }
   }
 
@@ -436,10 +429,11 @@ export class GatewayLink {
     if (!sends(this.s.name)) {
       // Nothing sent: this write covers nothing from now on (a later write into its blocks must
       // not count on it), although its primary write may still be running.
-      if (ticket.covers) {
+      if (ticket.covers && ticket.epoch === this.epoch) {
         const [b0, b1] = this.tracking.map.blockRange(offset, length);
-        this.uncover(b0, b1, ticket);
+        for (let b = b0; b <= b1; b++) this.writing.set(b, this.writing.get(b)! - COVER);
       }
+      ticket.covers = false;
       return null;
     }
     const seq = this.reserve(offset, length);
@@ -779,7 +773,8 @@ export class GatewayLink {
     this.unflushed = [];
     this.appliedSeen = 0;
     this.lastSeq.clear();
-    this.covering.clear(); // writes in progress cover nothing in the new epoch
+    // Writes in progress cover nothing in the new epoch.
+    for (const [b, v] of this.writing) if (v >= COVER) this.writing.set(b, v % COVER);
     for (const w of this.settleWaiters.splice(0)) w.resolve();
   }
 
@@ -1224,15 +1219,15 @@ export class GatewayLink {
    */
   markStale(offset: number, length: number): void {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
-    if (b1 - b0 + 1 <= this.lastSeq.size + this.covering.size) {
+    if (b1 - b0 + 1 <= this.lastSeq.size + this.writing.size) {
       for (let b = b0; b <= b1; b++) {
-        if (this.lastSeq.has(b) || this.covering.has(b)) this.lastSeq.set(b, STALE);
+        if (this.lastSeq.has(b) || (this.writing.get(b) ?? 0) >= COVER) this.lastSeq.set(b, STALE);
       }
       return;
     }
-    for (const b of [...this.lastSeq.keys(), ...this.covering.keys()]) {
-      if (b >= b0 && b <= b1) this.lastSeq.set(b, STALE);
-    }
+    const covered = [...this.lastSeq.keys()];
+    for (const [b, v] of this.writing) if (v >= COVER) covered.push(b);
+    for (const b of covered) if (b >= b0 && b <= b1) this.lastSeq.set(b, STALE);
   }
 
   /** Blocks were marked dirty out of band (verify --repair): copy them now if the link streams. */

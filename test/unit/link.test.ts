@@ -754,6 +754,36 @@ void describe("GatewayLink: writes racing the link", () => {
     }
   });
 
+  void test("a write whose update an outage dropped covers nothing: a later write into its block makes it STALE", async () => {
+    // W1 writes [0, 4K) of block 3 while streaming; it is sent, but its primary write is slow
+    // (held). The gateway fails the batch: the link tracks and forgets W1's update (new epoch).
+    // The gateway returns, the link resyncs (leaving block 3 to W1, in progress), and W2 writes
+    // [8K, 12K) of block 3. W1's update is gone: W2 must make the block STALE.
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      await r.fork.write(pattern(4096, 1), 3 * G + 32768, false); // activate the region
+      await waitSynced(r);
+      const gate = new Gate();
+      r.primary.writeGate = gate;
+      r.gw.setFault({ mode: "down" });
+      const w1 = r.fork.write(pattern(4096, 3), 3 * G, false);
+      await waitFor("tracking", () => r.link.state === "tracking");
+      r.gw.setFault({ mode: "none" });
+      await waitFor("resyncing", () => r.link.state === "resyncing");
+      const w2 = r.fork.write(pattern(4096, 4), 3 * G + 8192, false);
+      await waitFor("both primary writes in progress", () => gate.waiting === 2);
+      r.primary.writeGate = null;
+      gate.release();
+      await Promise.all([w1, w2]);
+      await waitSynced(r);
+      assertIdentical(r, "after a write beside one whose update was dropped");
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("two writes into one block that wait together for their region's activation: both sent, the block clears", async () => {
     // The first writes into a region wait for an activity-log transaction. Two client writes into
     // different parts of one block arrive in the same tick: the second one's beginWrite() sees the
