@@ -628,6 +628,7 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
       const { tracking, link } = needLink();
       if (full) {
         tracking.map.markAll();
+        link.markStale(0, tracking.map.volumeSize); // updates in flight must not clear any block
         await tracking.persist(true);
       }
       link.requestResync();

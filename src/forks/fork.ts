@@ -80,7 +80,7 @@ class ForkVolume extends FilterVolume {
     return active.then(
       () => this.forward(kind, offset, length, data, apply, ticket),
       (e: unknown) => {
-        this.link.endWrite(offset, length);
+        this.link.endWrite(offset, length, ticket);
         throw new IoError(constants.errno.EIO, "tracking log", (e as Error).message);
       },
     );
@@ -102,13 +102,13 @@ class ForkVolume extends FilterVolume {
     }
     const sent = this.link.submit(kind, offset, length, data, ticket);
     if (p === DONE) {
-      this.link.endWrite(offset, length);
+      this.link.endWrite(offset, length, ticket);
       return sent === null || this.mode === "async" ? DONE : sent;
     }
     const primary = p.then(
-      () => this.link.endWrite(offset, length),
+      () => this.link.endWrite(offset, length, ticket),
       (e: unknown) => {
-        this.link.endWrite(offset, length);
+        this.link.endWrite(offset, length, ticket);
         this.link.poison(offset, length);
         throw e;
       },

@@ -23,11 +23,20 @@
 // - Any failure (network, timeout, non-200) is one event for the machine: the link drops to
 //   tracking, every queued and in-flight update is forgotten (`epoch` changes, so late answers are
 //   ignored) and `lastSeq` is emptied: those blocks stay dirty until a resync copies them again.
+//   A batch or flush answered 200 with `stale` (the gateway holds a newer generation of this
+//   source: nothing was applied) is such a failure, and so is a flush whose durableThrough is below
+//   the highest appliedThrough answered before it was sent: the gateway restarted and lost updates
+//   it had acknowledged but not made durable (over POST nothing else tells: undici reconnects).
+// - The floor (sent with every request: seqs below it that the gateway has not seen never will
+//   come) moves only when seqs are abandoned, i.e. in dropQueue(): at that moment every seq below
+//   `seq` is acknowledged or abandoned, and nothing is reserved while the link tracks. It must not
+//   move when a resync starts from streaming (`blockfork resync`, verify --repair): the updates
+//   queued and in flight then are still coming, and a gateway that raised its floor past them would
+//   count them as duplicates, answer 200 and let the proxy clear blocks it never wrote.
 // - Resync reads the primary (the bottom of the stack, not this fork) in runs of dirty blocks,
 //   skipping blocks a client write is changing right now (they stream on their own and a later seq
 //   wins at the gateway), sends holes as ZERO updates, and repeats passes until every dirty block
-//   has an update in flight; then the link streams. Before the first resync update the floor moves
-//   to the next seq, telling the gateway that older, abandoned seqs will never come. On a
+//   has an update in flight; then the link streams. On a
 //   plain-socket update stream, ranges the page cache holds go by sendfile (no read, no copy;
 //   see copyRange for why contents newer than the read are fine).
 // - Sync mode: a client write completes when the gateway has applied it, or after syncTimeoutMs
@@ -117,6 +126,8 @@ const OWN_BUFFER_MIN = 64 * 1024;
 
 interface Pending {
   seq: number;
+  /** Enqueue order (the queue is in this order; seqs are not: a resync reserves before it reads). */
+  ord: number;
   length: number;
   /** Encoded size (header and data). */
   size: number;
@@ -188,6 +199,9 @@ class HttpError extends Error {}
 /** lastSeq value of a block that needs a whole-block copy before it may be cleared. */
 const STALE = Number.MAX_SAFE_INTEGER;
 
+/** `writing` counts a covering write as 1 + COVER (at most COVER - 1 writes in progress on a block). */
+const COVER = 2 ** 24;
+
 /** What beginWrite() learned, for submit(). */
 export interface WriteTicket {
   epoch: number;
@@ -196,6 +210,9 @@ export interface WriteTicket {
   sending: boolean;
   /** Blocks that were dirty with no update covering them. */
   stale: number[] | null;
+  /** The write is counted as covering its blocks in `writing` (until its submit sends nothing, it
+   * ends, or the epoch changes). */
+  covers: boolean;
 }
 
 /** One gateway link. */
@@ -219,9 +236,18 @@ export class GatewayLink {
   /** Applied but not yet durable (seq and blocks), for clearing after a flush. */
   private unflushed: { seq: number; b0: number; b1: number }[] = [];
   private readonly lastSeq = new Map<number, number>();
-  /** Blocks a client write is changing right now (resync leaves them alone). */
+  /**
+   * Blocks a client write is changing right now (resync leaves them alone): per block, the number
+   * of such writes plus COVER times the number of them that still cover the block (begun in this
+   * epoch; they will be sent in this epoch, or mark the block STALE themselves at submit). A write
+   * whose submit sends nothing (the link tracks) no longer covers, nor does any write once the
+   * epoch changes (dropQueue zeroes the covering counts), although it is still in progress until
+   * its primary write ends. One map for both keeps the write path at one get and one set a block.
+   */
   private readonly writing = new Map<number, number>();
   private durableThrough = 0;
+  /** The highest appliedThrough the gateway answered in this epoch (a flush must not go below it). */
+  private appliedSeen = 0;
   private flushing: Promise<void> | null = null;
   /** The update stream of this epoch, or null (POST). */
   private stream: UpdateStream | null = null;
@@ -247,7 +273,10 @@ export class GatewayLink {
   private mirrorDirty = true;
   private mirrorBusy = false;
   private stopped = false;
-  private readonly drainWaiters: (() => void)[] = [];
+  /** Updates enqueued so far (the next Pending's ord). */
+  private enqueued = 0;
+  /** settled() calls waiting: for `left` more answers of updates with ord < `ord`. */
+  private readonly settleWaiters: { ord: number; left: number; resolve: () => void }[] = [];
 
   constructor(
     private readonly tracking: TrackingLog,
@@ -358,23 +387,28 @@ export class GatewayLink {
     const [b0, b1] = map.blockRange(offset, length);
     let stale: number[] | null = null;
     for (let b = b0; b <= b1; b++) {
-      const busy = this.writing.get(b) ?? 0;
-      this.writing.set(b, busy + 1);
+      const v = this.writing.get(b) ?? 0;
+      this.writing.set(b, v + 1 + COVER);
+      const busy = v >= COVER; // a write in progress covers the block
       if (map.isDirty(b)) {
         // Dirty with nothing covering it: not by an update in flight, nor by a write in progress
-        // (which began on a clean or covered block and will be sent, or will mark it STALE itself).
+        // that still covers (began on a clean or covered block in this epoch and will be sent, or
+        // will mark it STALE itself). A write in progress that covers nothing does not count.
         const last = this.lastSeq.get(b);
-        if (last === STALE || (last === undefined && busy === 0)) (stale ??= []).push(b);
+        if (last === STALE || (last === undefined && !busy)) (stale ??= []).push(b);
       }
     }
-    return { epoch: this.epoch, sending: sends(this.s.name), stale };
+    return { epoch: this.epoch, sending: sends(this.s.name), stale, covers: true };
   }
 
-  /** The client write to [offset, offset+length) reached the primary (or failed). */
-  endWrite(offset: number, length: number): void {
+  /** The client write to [offset, offset+length) of `ticket` reached the primary (or failed). */
+  endWrite(offset: number, length: number, ticket: WriteTicket): void {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
+    // Its covering count is gone already if its submit sent nothing or the epoch changed.
+    const one = ticket.covers && ticket.epoch === this.epoch ? 1 + COVER : 1;
+    ticket.covers = false;
     for (let b = b0; b <= b1; b++) {
-      const n = this.writing.get(b)! - 1;
+      const n = this.writing.get(b)! - one;
       if (n === 0) this.writing.delete(b);
       else this.writing.set(b, n);
     }
@@ -392,7 +426,16 @@ export class GatewayLink {
     data: Buffer | null,
     ticket: WriteTicket,
   ): Promise<void> | null {
-    if (!sends(this.s.name)) return null;
+    if (!sends(this.s.name)) {
+      // Nothing sent: this write covers nothing from now on (a later write into its blocks must
+      // not count on it), although its primary write may still be running.
+      if (ticket.covers && ticket.epoch === this.epoch) {
+        const [b0, b1] = this.tracking.map.blockRange(offset, length);
+        for (let b = b0; b <= b1; b++) this.writing.set(b, this.writing.get(b)! - COVER);
+      }
+      ticket.covers = false;
+      return null;
+    }
     const seq = this.reserve(offset, length);
     if (ticket.epoch !== this.epoch || !ticket.sending) {
       const [b0, b1] = this.tracking.map.blockRange(offset, length);
@@ -416,7 +459,7 @@ export class GatewayLink {
   /** Sync mode FLUSH: everything sent so far is durable on the secondary (unless the link fails). */
   async flushGateway(): Promise<void> {
     if (!sends(this.s.name)) return;
-    await this.drained();
+    await this.settled();
     if (!sends(this.s.name)) return;
     await this.flushNow();
   }
@@ -452,6 +495,7 @@ export class GatewayLink {
     const dataBytes = file !== null ? file.length : data === null ? 0 : data.length;
     const pending: Pending = {
       seq,
+      ord: this.enqueued++,
       length,
       size: RECORD_HEADER + dataBytes,
       b0,
@@ -561,10 +605,6 @@ export class GatewayLink {
       this.sending.add(batch);
       void this.send(batch, bytes, this.epoch);
     }
-    if (this.queue.length === 0 && this.batches === 0) {
-      const w = this.drainWaiters.splice(0);
-      for (const f of w) f();
-    }
   }
 
   /** The body of a batch: runs of updates that lie back to back in a slab go as one slice. */
@@ -594,9 +634,29 @@ export class GatewayLink {
     return chunks;
   }
 
-  private drained(): Promise<void> {
-    if (this.queue.length === 0 && this.batches === 0) return Promise.resolve();
-    return new Promise<void>((r) => this.drainWaiters.push(r));
+  /**
+   * Resolves when every update enqueued before this call has been answered, or the epoch changed
+   * (they were dropped). Updates enqueued later do not count: under steady writes the queue is
+   * never empty, and a FLUSH or the end of a resync pass waiting for that would wait forever.
+   */
+  private settled(): Promise<void> {
+    let left = this.queue.length;
+    for (const b of this.sending) left += b.length;
+    if (left === 0) return Promise.resolve();
+    return new Promise<void>((resolve) => this.settleWaiters.push({ ord: this.enqueued, left, resolve }));
+  }
+
+  /** A batch was answered (in this epoch): wake the settled() calls it completes. */
+  private answered(batch: Pending[]): void {
+    for (let i = 0; i < this.settleWaiters.length;) {
+      const w = this.settleWaiters[i];
+      for (const p of batch) if (p.ord < w.ord) w.left--;
+      if (w.left > 0) i++;
+      else {
+        this.settleWaiters.splice(i, 1);
+        w.resolve();
+      }
+    }
   }
 
   private headers(): Record<string, string> {
@@ -641,11 +701,12 @@ export class GatewayLink {
 
   private async send(batch: Pending[], bytes: number, epoch: number): Promise<void> {
     try {
-      if (this.stream !== null) await this.stream.send(GatewayLink.body(batch), bytes, this.floor);
+      let answer: unknown;
+      if (this.stream !== null) answer = await this.stream.send(GatewayLink.body(batch), bytes, this.floor);
       else {
         const body = GatewayLink.body(batch);
         if (body.some((c) => !Buffer.isBuffer(c))) throw new Error("the update stream closed under a batch");
-        await this.call(
+        answer = await this.call(
           "POST",
           `/v1/volumes/${this.volumeName}/updates`,
           body as Buffer[],
@@ -654,12 +715,17 @@ export class GatewayLink {
         );
       }
       if (epoch !== this.epoch) return; // the link was reset meanwhile: this answer means nothing now
+      const a = answer as { stale?: boolean; generation?: number; appliedThrough?: number } | null;
+      if (a?.stale === true) throw new Error(this.staleMessage("a batch", a.generation));
+      if (typeof a?.appliedThrough === "number" && a.appliedThrough > this.appliedSeen)
+        this.appliedSeen = a.appliedThrough;
       for (const p of batch) {
         this.unflushed.push({ seq: p.seq, b0: p.b0, b1: p.b1 });
         if (p.resync) this.progress.doneBytes += p.length;
         if (p.file !== null) this.progress.pageCacheBytes += p.length;
         p.waiter?.();
       }
+      if (this.settleWaiters.length > 0) this.answered(batch);
     } catch (e) {
       if (epoch !== this.epoch) return;
       this.failed(`sending updates failed: ${(e as Error).message}`);
@@ -674,6 +740,15 @@ export class GatewayLink {
     }
   }
 
+  /** Why an answer saying `stale` is a failure. */
+  private staleMessage(what: string, theirs: number | undefined): string {
+    return (
+      `the gateway refused ${what} as stale: it holds generation ${theirs ?? "?"} of this source, ` +
+      `newer than ours (${this.tracking.meta.generation}); is another proxy using a copy of this ` +
+      `tracking log? Nothing was applied`
+    );
+  }
+
   private failed(reason: string): void {
     this.lastError = reason;
     this.dispatch({ type: "failure", reason });
@@ -682,6 +757,9 @@ export class GatewayLink {
   /** Forget every queued and in-flight update; their blocks stay dirty for the next resync. */
   private dropQueue(): void {
     this.epoch++;
+    // Every seq below this.seq is now acknowledged or abandoned (nothing is reserved while the
+    // link tracks): the gateway may stop waiting for the abandoned ones.
+    this.floor = this.seq;
     this.closeStream();
     for (const p of this.queue) {
       p.waiter?.();
@@ -693,22 +771,40 @@ export class GatewayLink {
     for (const b of this.sending) for (const p of b) p.waiter?.();
     this.sending.clear();
     this.unflushed = [];
+    this.appliedSeen = 0;
     this.lastSeq.clear();
-    const w = this.drainWaiters.splice(0);
-    for (const f of w) f();
+    // Writes in progress cover nothing in the new epoch.
+    for (const [b, v] of this.writing) if (v >= COVER) this.writing.set(b, v % COVER);
+    for (const w of this.settleWaiters.splice(0)) w.resolve();
   }
 
   private flushNow(): Promise<void> {
     if (this.flushing) return this.flushing.then(() => this.flushNow());
     const epoch = this.epoch;
     const covered = this.unflushed.length;
+    // Every update the gateway said it applied before this flush is sent: the flush makes durable
+    // at least up to the highest appliedThrough it answered (the gateway captures it at the start).
+    const applied = this.appliedSeen;
     this.flushing = (async () => {
       try {
         const r = (await this.call("POST", `/v1/volumes/${this.volumeName}/flush`)) as {
           durableThrough?: number;
+          stale?: boolean;
+          generation?: number;
         };
         if (epoch !== this.epoch) return;
+        if (r.stale === true) throw new Error(this.staleMessage("a flush", r.generation));
         const d = Number(r.durableThrough ?? 0);
+        if (d < applied) {
+          // The gateway lost updates it had applied and acknowledged but not made durable (it
+          // restarted: a POST reconnects silently, and the restarted gateway resumes at its
+          // durableThrough). Those seqs will never come again: later ones would wait above the gap
+          // forever. A link failure: tracking, then a resync copies the dirty blocks.
+          throw new Error(
+            `the gateway lost acknowledged updates: it had applied through seq ${applied}, ` +
+              `but its flush answered durableThrough ${d} (did it restart?)`,
+          );
+        }
         this.durableThrough = d;
         this.clearDurable(d, covered);
       } catch (e) {
@@ -859,7 +955,6 @@ export class GatewayLink {
 
   private async resync(): Promise<void> {
     const token = ++this.resyncToken;
-    this.floor = this.seq;
     const map = this.tracking.map;
     const g = map.granularity;
     const started = Date.now();
@@ -879,6 +974,12 @@ export class GatewayLink {
     const alive = (): boolean => token === this.resyncToken && !this.stopped && this.s.name === "resyncing";
     let bucket = 0;
     let bucketAt = Date.now();
+    // The first copy that failed (a primary read error): the ranges in flight never reject (an
+    // unhandled rejection would end the process), they record it here and the pass rethrows it.
+    let failure: Error | null = null;
+    const check = (): void => {
+      if (failure !== null) throw failure;
+    };
     try {
       for (;;) {
         this.progress.pass++;
@@ -886,6 +987,7 @@ export class GatewayLink {
         const inflight = new Set<Promise<void>>();
         for (const run of map.runs(0, Math.max(1, Math.floor(this.o.resyncChunkBytes / g)))) {
           if (!alive()) return;
+          check();
           // Skip blocks with a client write in progress or an update already in flight.
           let start = run.start;
           const end = run.start + run.count;
@@ -898,6 +1000,7 @@ export class GatewayLink {
                 if (inflight.size > 0) await Promise.race(inflight);
                 else await new Promise((r) => setTimeout(r, 5));
                 if (!alive()) return;
+                check();
               }
               const offset = start * g;
               const length = Math.min(stop * g, map.volumeSize) - offset;
@@ -909,9 +1012,14 @@ export class GatewayLink {
                   await new Promise((r) => setTimeout(r, (bucket / this.o.resyncRate) * 1000));
                 bucket += length;
               }
-              const p = this.resyncRange(offset, length);
+              const p: Promise<void> = this.resyncRange(offset, length).then(
+                () => void inflight.delete(p),
+                (e: unknown) => {
+                  inflight.delete(p);
+                  failure ??= e instanceof Error ? e : new Error(String(e));
+                },
+              );
               inflight.add(p);
-              void p.finally(() => inflight.delete(p));
               sentAny = true;
             }
             start = stop;
@@ -920,7 +1028,8 @@ export class GatewayLink {
         }
         await Promise.all(inflight);
         if (!alive()) return;
-        await this.drained();
+        check();
+        await this.settled();
         if (!alive()) return;
         if (this.unflushed.length > 0) await this.flushNow();
         if (!alive()) return;
@@ -1101,6 +1210,26 @@ export class GatewayLink {
   private mirrorSentClean = false;
   private mirrorVersion = -1;
 
+  /**
+   * Blocks of [offset, offset+length) were marked dirty out of band (verify --repair, resync --full):
+   * make them STALE, so that neither an update in flight nor a client write in progress (which began
+   * when the block looked clean or covered) can clear them; only a whole-block resync copy can.
+   * Only blocks something covers need it (a dirty block nothing covers is copied anyway): the walk
+   * is over the range or over the covered blocks, whichever is smaller (--full is the whole volume).
+   */
+  markStale(offset: number, length: number): void {
+    const [b0, b1] = this.tracking.map.blockRange(offset, length);
+    if (b1 - b0 + 1 <= this.lastSeq.size + this.writing.size) {
+      for (let b = b0; b <= b1; b++) {
+        if (this.lastSeq.has(b) || (this.writing.get(b) ?? 0) >= COVER) this.lastSeq.set(b, STALE);
+      }
+      return;
+    }
+    const covered = [...this.lastSeq.keys()];
+    for (const [b, v] of this.writing) if (v >= COVER) covered.push(b);
+    for (const b of covered) if (b >= b0 && b <= b1) this.lastSeq.set(b, STALE);
+  }
+
   /** Blocks were marked dirty out of band (verify --repair): copy them now if the link streams. */
   requestResync(): void {
     this.dispatch({ type: "resyncRequested" });
@@ -1150,7 +1279,7 @@ export class GatewayLink {
     if (this.stopped) return;
     const finish = async (): Promise<void> => {
       if (sends(this.s.name)) {
-        await this.drained();
+        await this.settled();
         if (sends(this.s.name) && this.unflushed.length > 0) await this.flushNow();
       }
     };

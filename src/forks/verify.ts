@@ -101,6 +101,7 @@ export async function verify(
   if (repair && bad.length > 0) {
     for (const m of result.mismatches) {
       map.mark(m.offset, m.length);
+      link.markStale(m.offset, m.length); // an update in flight for them must not clear them
       await tracking.activate(m.offset, m.length);
     }
     link.requestResync();

@@ -22,7 +22,7 @@ import { Gateway } from "../../src/gateway/gateway.js";
 import { GatewayServer } from "../../src/gateway/server.js";
 import { FaultSwitch, type Fault } from "../../src/gateway/faults.js";
 import { TrackingMirror } from "../../src/gateway/mirror.js";
-import { FAULT_FILE, prepareStateDir, StateWriter } from "../../src/gateway/state.js";
+import { FAULT_FILE, loadSources, prepareStateDir, StateWriter } from "../../src/gateway/state.js";
 import { KIND } from "../../src/gateway/records.js";
 import { GatewayLink, LINK_DEFAULTS, type LinkOptions } from "../../src/forks/link.js";
 import { forkVolume } from "../../src/forks/fork.js";
@@ -58,6 +58,8 @@ class PrimaryVolume implements Volume {
   extentsGate: Gate | null = null;
   readGate: Gate | null = null;
   failNextWrite = false;
+  /** Every read fails with EIO while set. */
+  failReads = false;
   constructor(readonly mem: MemoryVolume) {
     this.size = mem.size;
   }
@@ -67,6 +69,7 @@ class PrimaryVolume implements Volume {
   async read(buf: Buffer, offset: number): Promise<void> {
     const gate = this.readGate;
     if (gate) await gate.pass();
+    if (this.failReads) throw new IoError(constants.errno.EIO, "pread", "injected read error");
     await this.mem.read(buf, offset);
   }
   async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
@@ -394,6 +397,120 @@ void describe("GatewayLink: outages", () => {
       await r.close();
     }
   });
+  void test("a primary read error during resync: tracking with the reason, no unhandled rejection, then resync", async () => {
+    // Node 20 ends the process on an unhandled rejection: a failed copy must end the resync
+    // (link to tracking, "resync failed: ...") and nothing else.
+    const unhandled: unknown[] = [];
+    const onUnhandled = (e: unknown): void => void unhandled.push(e);
+    process.on("unhandledRejection", onUnhandled);
+    const r = await startRig();
+    try {
+      await r.primary.mem.write(Buffer.alloc(SIZE, 7), 0, false); // data everywhere: the resync reads
+      r.primary.failReads = true;
+      r.link.start();
+      await waitFor("tracking after the read error", () => r.link.state === "tracking");
+      assert.match(r.link.status().reason, /resync failed: .*injected read error/);
+      await new Promise((res) => setTimeout(res, 200));
+      assert.deepEqual(unhandled, [], "no unhandled rejection");
+      r.primary.failReads = false;
+      await waitSynced(r);
+      assertIdentical(r, "after the read error cleared");
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
+      await r.close();
+    }
+  });
+});
+
+void describe("GatewayLink: what the gateway answers", () => {
+  void test("a batch answered 200 but stale (the gateway holds a newer generation) is a failure", async () => {
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      // Another proxy with a copy of this tracking log moved the source to the next generation.
+      const m = r.tracking.meta;
+      await r.gw.gateway.applyBatch({ source: m.source, generation: m.generation + 1, floor: null }, []);
+      await r.fork.write(pattern(4096, 1), 5 * G, false);
+      await waitFor("tracking", () => r.link.state === "tracking", 3000);
+      assert.match(r.link.status().reason, /refused a batch as stale: .*generation/);
+      assert.ok(r.tracking.map.isDirty(5), "the block the gateway did not apply stays dirty");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("POST: a gateway restarted between an acknowledgement and the next flush is a failure, then a resync", async () => {
+    // The gateway keeps its state (sources.json) in a state directory and its secondary survives
+    // the restart (as the page cache does a kill -9): the restarted gateway resumes at its
+    // durableThrough, below the seq it had acknowledged. Over POST undici reconnects silently.
+    const stateDir = scratch();
+    prepareStateDir(stateDir);
+    const volume = new SecondaryVolume(SIZE);
+    const identity = { name: "sec", size: SIZE };
+    const boot = async (port: number) => {
+      const gateway = new Gateway(volume, quiet, loadSources(stateDir, identity));
+      gateway.attachState(new StateWriter(stateDir, identity, () => gateway.snapshots()));
+      const faults = new FaultSwitch(join(stateDir, FAULT_FILE), quiet);
+      const mirror = new TrackingMirror(stateDir);
+      const server = new GatewayServer({
+        gateway,
+        name: "sec",
+        path: "memory",
+        token: null,
+        faults,
+        mirror,
+        log: quiet,
+      });
+      const addr = await server.listen("127.0.0.1", port);
+      return { gateway, faults, mirror, server, port: addr.port };
+    };
+    let g = await boot(0);
+    const gw: TestGateway = {
+      url: `http://127.0.0.1:${g.port}`,
+      volume,
+      get gateway() {
+        return g.gateway;
+      },
+      get faults() {
+        return g.faults;
+      },
+      get mirror() {
+        return g.mirror;
+      },
+      setFault: (f) => g.faults.set({ delayMs: 0, probability: 1, ...f }),
+      async close() {
+        await g.server.quiesce(2000);
+        g.server.closeAll();
+        await g.mirror.settle();
+      },
+    };
+    const r = await startRig({ gw, updateStream: false, flushIntervalMs: 1000 });
+    try {
+      r.link.start();
+      await waitSynced(r);
+      await r.fork.write(pattern(4096, 1), 0, false);
+      const flushes = g.gateway.counters.flushes;
+      await waitFor(
+        "a flush",
+        () => g.gateway.counters.flushes > flushes && r.tracking.map.dirtyBlocks === 0,
+      );
+      // The next flush is a second away: a write acknowledged (applied), then the gateway restarts.
+      await r.fork.write(pattern(4096, 2), 1 * G, false);
+      const seq = r.link.status().seq;
+      await waitFor("acknowledged", () => Number(g.gateway.sourceStatus()[0].appliedThrough) >= seq, 500);
+      g.server.closeAll();
+      await g.server.quiesce(10);
+      g = await boot(g.port);
+      for (let i = 0; i < 5; i++) await r.fork.write(pattern(4096, 3 + i), (2 + i) * G, false);
+      await waitFor("an outage", () => r.link.status().outages >= 1, 5000);
+      assert.match(r.link.status().lastError, /lost acknowledged updates/);
+      await waitSynced(r);
+      assertIdentical(r, "after the gateway restart");
+    } finally {
+      await r.close();
+    }
+  });
 });
 
 void describe("GatewayLink: sync mode", () => {
@@ -430,6 +547,79 @@ void describe("GatewayLink: sync mode", () => {
   });
 });
 
+void describe("GatewayLink: under steady writes", () => {
+  /** Four writers into blocks 0-3, each starting its next write as soon as the last one returned. */
+  function steadyWriters(r: Rig): { stop: () => Promise<void>; count: () => number } {
+    let stopped = false;
+    let n = 0;
+    const writer = async (k: number): Promise<void> => {
+      const buf = pattern(4096, k);
+      while (!stopped) {
+        await r.fork.write(buf, ((n++ * 7 + k) % 64) * 4096, false);
+        await new Promise((res) => setImmediate(res));
+      }
+    };
+    const ws = [0, 1, 2, 3].map(writer);
+    return {
+      stop: async () => {
+        stopped = true;
+        await Promise.all(ws);
+      },
+      count: () => n,
+    };
+  }
+
+  /** Streaming and synced, blocks 0-3 active, and a gateway 3 ms away per batch. */
+  async function busyRig(mode: "async" | "sync"): Promise<Rig> {
+    const r = await startRig({ mode });
+    r.link.start();
+    await waitSynced(r);
+    await r.fork.write(pattern(4096, 1), 0, false); // activate the region
+    await waitSynced(r);
+    r.gw.setFault({ mode: "slow", delayMs: 3 });
+    return r;
+  }
+
+  void test("sync mode: a FLUSH completes while writes keep coming (it waits for the updates sent before it)", async () => {
+    const r = await busyRig("sync");
+    try {
+      const w = steadyWriters(r);
+      await new Promise((res) => setTimeout(res, 200));
+      const t0 = Date.now();
+      let took = -1;
+      const f = r.fork.flush().then(() => void (took = Date.now() - t0));
+      await waitFor("the FLUSH", () => took >= 0, 3000).catch(() => {});
+      const during = w.count();
+      await w.stop();
+      await f;
+      assert.ok(took >= 0 && took < 3000, `the FLUSH took ${took} ms under steady writes`);
+      assert.ok(during > 20, `only ${during} writes`);
+      assert.equal(r.link.state, "streaming");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("async mode: a resync finishes while writes keep coming", async () => {
+    const r = await busyRig("async");
+    try {
+      const w = steadyWriters(r);
+      await new Promise((res) => setTimeout(res, 200));
+      r.link.requestResync();
+      assert.equal(r.link.state, "resyncing");
+      await waitFor("streaming again", () => r.link.state === "streaming", 3000).catch(() => {});
+      const state = r.link.state;
+      await w.stop();
+      assert.equal(state, "streaming", `still ${state} 3 s into a resync under steady writes`);
+      r.gw.setFault({ mode: "none" });
+      await waitSynced(r);
+      assertIdentical(r, "after the resync under steady writes");
+    } finally {
+      await r.close();
+    }
+  });
+});
+
 void describe("GatewayLink: writes racing the link", () => {
   /** Stream, then make block 0 dirty with no update covering it (a write during an outage). */
   async function dirtyBlockZero(r: Rig): Promise<void> {
@@ -455,7 +645,7 @@ void describe("GatewayLink: writes racing the link", () => {
       await waitFor("resyncing", () => r.link.state !== "tracking");
       await r.primary.write(pattern(4096, 3), 16384, false);
       void r.link.submit(KIND.WRITE, 16384, 4096, pattern(4096, 3), ticket);
-      r.link.endWrite(16384, 4096);
+      r.link.endWrite(16384, 4096, ticket);
       await waitSynced(r);
       assertIdentical(r, "after a partial write into a dirty block");
     } finally {
@@ -523,9 +713,72 @@ void describe("GatewayLink: writes racing the link", () => {
       await r.tracking.activate(0, 4096);
       await r.primary.write(pattern(4096, 3), 0, false);
       void r.link.submit(KIND.WRITE, 0, 4096, pattern(4096, 3), t1);
-      r.link.endWrite(0, 4096);
+      r.link.endWrite(0, 4096, t1);
       await waitSynced(r);
       assertIdentical(r, "after a write that began while tracking");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a write sent after the link recovers does not cover an unsent write still in progress in its block", async () => {
+    // W1 writes [0, 4K) of block 3 while the link tracks: not sent, but its primary write is slow
+    // (held) and it stays in progress. The gateway returns and the link resyncs, which leaves block
+    // 3 alone while W1 runs. W2 writes [8K, 12K) of block 3 and is sent. W2 must make the block
+    // STALE (W1's bytes were never sent): if it took W1 for a write that covers the block, the
+    // resync would see block 3 covered by W2's update and W2's acknowledgement would clear it.
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      await r.fork.write(pattern(4096, 1), 3 * G + 32768, false); // activate the region
+      await waitSynced(r);
+      r.gw.setFault({ mode: "down" });
+      await r.fork.write(pattern(4096, 2), 10 * G, false);
+      await waitFor("tracking", () => r.link.state === "tracking");
+      const gate = new Gate();
+      r.primary.writeGate = gate;
+      const w1 = r.fork.write(pattern(4096, 3), 3 * G, false);
+      await waitFor("W1's primary write is in progress", () => gate.waiting === 1);
+      r.gw.setFault({ mode: "none" });
+      await waitFor("resyncing", () => r.link.state === "resyncing");
+      const w2 = r.fork.write(pattern(4096, 4), 3 * G + 8192, false);
+      await waitFor("W2's primary write is in progress", () => gate.waiting === 2);
+      r.primary.writeGate = null;
+      gate.release();
+      await Promise.all([w1, w2]);
+      await waitSynced(r);
+      assertIdentical(r, "after a write sent beside an unsent one in progress");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a write whose update an outage dropped covers nothing: a later write into its block makes it STALE", async () => {
+    // W1 writes [0, 4K) of block 3 while streaming; it is sent, but its primary write is slow
+    // (held). The gateway fails the batch: the link tracks and forgets W1's update (new epoch).
+    // The gateway returns, the link resyncs (leaving block 3 to W1, in progress), and W2 writes
+    // [8K, 12K) of block 3. W1's update is gone: W2 must make the block STALE.
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      await r.fork.write(pattern(4096, 1), 3 * G + 32768, false); // activate the region
+      await waitSynced(r);
+      const gate = new Gate();
+      r.primary.writeGate = gate;
+      r.gw.setFault({ mode: "down" });
+      const w1 = r.fork.write(pattern(4096, 3), 3 * G, false);
+      await waitFor("tracking", () => r.link.state === "tracking");
+      r.gw.setFault({ mode: "none" });
+      await waitFor("resyncing", () => r.link.state === "resyncing");
+      const w2 = r.fork.write(pattern(4096, 4), 3 * G + 8192, false);
+      await waitFor("both primary writes in progress", () => gate.waiting === 2);
+      r.primary.writeGate = null;
+      gate.release();
+      await Promise.all([w1, w2]);
+      await waitSynced(r);
+      assertIdentical(r, "after a write beside one whose update was dropped");
     } finally {
       await r.close();
     }
@@ -560,6 +813,28 @@ void describe("GatewayLink: writes racing the link", () => {
         "both writes are durable on the gateway and the sides are equal, but the block is still dirty 3 s later",
       );
       assert.equal(r.link.state, "streaming");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a resync requested while streaming keeps the updates queued and in flight (the floor does not pass them)", async () => {
+    // `blockfork resync` and verify --repair take the link from streaming to resyncing without
+    // dropping its queue. The updates queued and in flight then are still coming: if the resync
+    // raised the floor past them, the gateway would count them as duplicates (not written), answer
+    // 200, and the proxy would clear their blocks although the secondary never got the bytes.
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      for (const b of [0, 5, 9]) await r.fork.write(pattern(4096, 1), b * G, false); // activate the region
+      await waitSynced(r);
+      const w = [0, 5, 9].map((b) => r.fork.write(pattern(4096, 20 + b), b * G, false));
+      r.link.requestResync(); // in the same tick: the three updates are queued
+      await Promise.all(w);
+      await waitSynced(r);
+      assertIdentical(r, "after a resync requested with updates queued");
+      assert.equal(r.gw.gateway.counters.duplicates, 0, "no update was taken as a duplicate");
     } finally {
       await r.close();
     }
@@ -611,6 +886,69 @@ void describe("GatewayLink: verify, mirror, stop", () => {
       assertIdentical(r, "after verify --repair");
       const again = await verify(r.primary, r.tracking, r.link, false);
       assert.equal(again.mismatchedBlocks, 0);
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("verify --repair: a mismatched block with an update in flight is copied whole, not cleared by that update", async () => {
+    // Blocks 40 and 60 of the secondary are corrupted behind the link's back. verify confirms 40,
+    // and while it confirms 60 (its primary read held) a client write into block 40 is sent to a
+    // slow gateway. verify then marks both dirty and asks for a resync: block 40 must be STALE, or
+    // the resync takes it as covered by the write's update, whose acknowledgement clears it with
+    // the rest of the block still corrupt.
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      await r.fork.write(pattern(4096, 1), 40 * G + 32768, false); // activate the region
+      await waitSynced(r);
+      await r.gw.volume.write(randomBytes(G), 40 * G, false);
+      await r.gw.volume.write(randomBytes(G), 60 * G, false);
+      const gates = [new Gate(), new Gate(), new Gate()];
+      r.primary.readGate = gates[0];
+      const running = verify(r.primary, r.tracking, r.link, true);
+      for (let i = 0; i < 2; i++) {
+        await waitFor(`primary read ${i + 1} of verify`, () => gates[i].waiting > 0);
+        r.primary.readGate = gates[i + 1];
+        gates[i].release();
+      }
+      await waitFor("verify confirms block 60", () => gates[2].waiting > 0);
+      r.primary.readGate = null;
+      r.gw.setFault({ mode: "slow", delayMs: 1000 });
+      await r.fork.write(pattern(4096, 2), 40 * G, false); // in flight for a second
+      gates[2].release();
+      const res = await running;
+      assert.deepEqual(res.mismatches, [
+        { offset: 40 * G, length: G },
+        { offset: 60 * G, length: G },
+      ]);
+      r.gw.setFault({ mode: "none" });
+      await waitSynced(r);
+      assertIdentical(r, "after verify --repair with an update in flight");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("resync --full: every block STALE, an update in flight clears none of them", async () => {
+    // What `blockfork resync --full` does: mark the whole volume dirty, make it STALE in the link,
+    // request a resync. Block 20 of the secondary is corrupt and has a client update in flight.
+    const r = await startRig();
+    try {
+      r.link.start();
+      await waitSynced(r);
+      await r.fork.write(pattern(4096, 1), 20 * G + 32768, false); // activate the region
+      await waitSynced(r);
+      await r.gw.volume.write(randomBytes(G), 20 * G, false);
+      r.gw.setFault({ mode: "slow", delayMs: 1000 });
+      await r.fork.write(pattern(4096, 2), 20 * G, false); // in flight for a second
+      r.tracking.map.markAll();
+      r.link.markStale(0, SIZE);
+      r.link.requestResync();
+      r.gw.setFault({ mode: "none" });
+      await waitSynced(r);
+      assertIdentical(r, "after resync --full with an update in flight");
     } finally {
       await r.close();
     }
