@@ -555,6 +555,18 @@ export class Journal {
     return false;
   }
 
+  /**
+   * A change stamped `ts` failed before the images of `blocks[from..]` were committed (a read of
+   * the primary failed): they were marked as imaged by needsImage, and must not stay so, or the
+   * next change of the block in this window would skip its before-image and reach the primary
+   * with none durable. The caller still holds the blocks' locks, so nobody else marked them.
+   * Images of them already staged still commit (they hold the unchanged contents: harmless).
+   */
+  forgetImages(blocks: readonly number[], from: number, ts: number): void {
+    if (this.windowFloor(ts) !== this.windowStart) return; // the window ended: already forgotten
+    for (let i = from; i < blocks.length; i++) this.inWindow.delete(blocks[i]);
+  }
+
   /** Stage a before-image (null: the block reads as zeroes) in a session's partial journal. */
   stage(session: JournalSession, block: number, ts: number, data: Buffer | null): void {
     session.staged.push({ block, ts, slot: session.slot, data });

@@ -700,3 +700,76 @@ void describe("BlockMap (the pointer map's storage)", () => {
     }
   });
 });
+
+/** A MemoryVolume whose next read or extents call can be made to fail (EIO). */
+class FlakyVolume extends MemoryVolume {
+  failReads = 0;
+  /** Fail the extents call with this number (1 = the next one), 0: never. */
+  failExtentsAt = 0;
+  override read(buf: Buffer, offset: number): Promise<void> {
+    if (this.failReads > 0) {
+      this.failReads--;
+      return Promise.reject(new Error("EIO: injected read error"));
+    }
+    return super.read(buf, offset);
+  }
+  override extents(offset: number, length: number): ReturnType<MemoryVolume["extents"]> {
+    if (this.failExtentsAt > 0 && --this.failExtentsAt === 0) {
+      return Promise.reject(new Error("EIO: injected extents error"));
+    }
+    return super.extents(offset, length);
+  }
+}
+
+void describe("a failed before-image capture", () => {
+  /** A journal over a FlakyVolume with one long window (both changes fall in it). */
+  async function flakyRig(size: number): Promise<{ primary: FlakyVolume; journal: Journal; stack: Volume }> {
+    const dir = scratch();
+    const primary = new FlakyVolume(size);
+    const journal = await Journal.open({
+      dir: join(dir, "journal"),
+      volumeSize: size,
+      windowMs: 600_000,
+      log,
+    });
+    cleanups.push(() => journal.close());
+    return { primary, journal, stack: journalVolume(primary, journal) };
+  }
+
+  /** The images the journal holds for block b, as their first byte. */
+  async function imagesOf(journal: Journal, b: number): Promise<number[]> {
+    const out: number[] = [];
+    const idx = journal.index;
+    for (let i = idx.first; i < idx.length; i++) {
+      if (idx.block[i] !== b) continue;
+      const buf = Buffer.alloc(BS);
+      await journal.readImage(i, buf);
+      out.push(buf[0]);
+    }
+    return out;
+  }
+
+  void test("leaves the block unimaged: the next write in the window journals its before-image", async () => {
+    const { primary, journal, stack } = await flakyRig(MiB);
+    await primary.write(Buffer.alloc(BS, 0x4f), 0, false); // "O", before the journal saw anything
+    primary.failReads = 1;
+    await assert.rejects(stack.write(Buffer.alloc(BS, 0x41), 0, false), /injected read error/);
+    await stack.write(Buffer.alloc(BS, 0x42), 0, false); // same window
+    assert.deepEqual(await imagesOf(journal, 0), [0x4f], "the overwrite of O has O's image, durable");
+  });
+
+  void test("a large capture failing part way: blocks of the failed part are imaged again, the rest not", async () => {
+    const size = 48 * MiB;
+    const { primary, journal, stack } = await flakyRig(size);
+    await primary.write(Buffer.alloc(40 * MiB, 0x4f), 0, false);
+    // 10240 blocks: captured and committed in rounds of 8192; the second round's extents fail.
+    primary.failExtentsAt = 2;
+    await assert.rejects(stack.trim(0, 40 * MiB, false), /injected extents error/);
+    const failed = 9000; // in the second round
+    const durable = 100; // in the first, committed round
+    await stack.write(Buffer.alloc(BS, 0x42), failed * BS, false);
+    await stack.write(Buffer.alloc(BS, 0x42), durable * BS, false);
+    assert.deepEqual(await imagesOf(journal, failed), [0x4f], "the block of the failed round is imaged");
+    assert.deepEqual(await imagesOf(journal, durable), [0x4f], "a committed image is not taken twice");
+  });
+});
