@@ -32,7 +32,9 @@
 //   still reads); the earliest available point moves to the first window after the newest dropped
 //   entry. A full disk (or any journal I/O error) never fails a primary write: the journal stops,
 //   logs it loudly, and reports no available point in time (open snapshots fail their reads) until
-//   it restarts by itself once space returns; points from the restart on are exact again.
+//   it restarts by itself once space returns; points from the restart on are exact again. The
+//   restart records its earliest exact point in the state file (before its first image), so a
+//   later process start does not offer the points before or during the gap either.
 
 import {
   closeSync,
@@ -276,8 +278,9 @@ export class Journal {
     const j = new Journal(opts);
     j.recover();
     const statePath = join(j.dir, "state");
-    const text = existsSync(statePath) ? readFileSync(statePath, "utf8").trim() : "";
-    const stopped = text ? typeof (JSON.parse(text) as { stoppedAt?: number }).stoppedAt === "number" : false;
+    const st = existsSync(statePath) ? parseState(readFileSync(statePath, "utf8"), statePath) : {};
+    const stopped = typeof st.stoppedAt === "number";
+    if (typeof st.earliest === "number") j.earliestTs = Math.max(j.earliestTs, st.earliest);
     j.loadBookmarks();
     const last = j.index.length > j.index.first ? j.index.ts[j.index.length - 1] : null;
     const summary: JournalSummary = {
@@ -347,6 +350,11 @@ export class Journal {
         }
         this.journalId = h.journalId;
         const last = k === names.length - 1;
+        // Every entry of a sealed segment was stamped before the next segment was created. One
+        // that was not (or whose time is no number) is garbage from a record the journal was
+        // appending when it stopped (a write or fdatasync failed; the restart began the next
+        // segment): that segment's log ends there, whatever its entry table says.
+        const before = last ? Infinity : (headerCreated(join(this.dir, names[k + 1])) ?? Infinity);
         const seg = h.segment;
         const firstEntry = this.index.length;
         let pos = SEGMENT_HEADER;
@@ -364,6 +372,7 @@ export class Journal {
             ? decodeRecord(rec, 0, this.blockSize)
             : decodeTable(rec, this.blockSize, peek.size);
           if (info === null) break;
+          if (!info.entries.every((e) => e.ts < before)) break;
           this.applyRecord(info.type, info.entries, seg, pos + info.dataStart, info.recordSeq);
           if (info.entries.length) lastTs = Math.max(lastTs, info.entries[info.entries.length - 1].ts);
           pos += peek.size;
@@ -441,8 +450,10 @@ export class Journal {
         closeSync(fd);
       }
     }
-    const text = readFileSync(path, "utf8").trim();
-    const st = text ? (JSON.parse(text) as { stoppedAt?: number }) : {};
+    const st = parseState(readFileSync(path, "utf8"), path);
+    // A restart after a stop moved the earliest exact point past the gap: the segments cannot
+    // tell (the first one still begins before the gap).
+    if (typeof st.earliest === "number") this.earliestTs = Math.max(this.earliestTs, st.earliest);
     if (typeof st.stoppedAt === "number") {
       // It stopped and the process ended before it restarted: nothing before now is exact.
       this.earliestTs = Math.max(this.earliestTs, this.windowCeil(journalNow()));
@@ -450,11 +461,13 @@ export class Journal {
         `journal: it was stopped at ${new Date(st.stoppedAt).toISOString()}; points in time from ` +
           `${new Date(this.earliestTs).toISOString()} on`,
       );
-      this.writeState({});
+      if (!this.writeState({ earliest: this.earliestTs })) {
+        throw new Error(`${path}: cannot record the earliest exact point after a stop`);
+      }
     }
   }
 
-  private writeState(st: { stoppedAt?: number }): boolean {
+  private writeState(st: JournalState): boolean {
     try {
       const text = Buffer.alloc(4096, 0x20);
       text.write(JSON.stringify(st));
@@ -755,21 +768,39 @@ export class Journal {
   private async tryRestart(timer: NodeJS.Timeout): Promise<void> {
     if (this.stoppedAt === null || this.closed) return;
     this.enforceRetention();
+    let seg: Segment;
     try {
-      await this.newSegment();
+      seg = await this.newSegment();
     } catch {
       return; // still no room
     }
+    if (this.stoppedAt === null || this.closed) return;
+    const earliest = this.windowCeil(journalNow());
+    // Durable before the first image of the restarted journal is taken (stoppedAt is still set,
+    // so none is): a later process start must not offer the points before or during the gap.
+    if (!this.writeState({ earliest })) {
+      this.log.limited("error", "restart state", "journal: cannot record the restart in its state file");
+      this.dropNewest(seg);
+      return; // try again later
+    }
     clearInterval(timer);
-    const now = journalNow();
-    this.earliestTs = this.windowCeil(now);
+    this.earliestTs = Math.max(this.earliestTs, earliest);
     this.expireBookmarks("with the stop of the journal");
     this.log.warn(
       `journal restarted; points in time from ${new Date(this.earliestTs).toISOString()} on ` +
         `(the journal was stopped since ${new Date(this.stoppedAt.ts).toISOString()})`,
     );
     this.stoppedAt = null;
-    this.writeState({});
+  }
+
+  /** Undo newSegment (a restart that could not record itself). */
+  private dropNewest(seg: Segment): void {
+    if (this.order[this.order.length - 1] !== seg.number) return;
+    this.order.pop();
+    this.segments.delete(seg.number);
+    if (this.lastSegNo === seg.number) this.lastSeg = null;
+    seg.file.close();
+    rmSync(seg.path, { force: true });
   }
 
   // ---- reading
@@ -1033,4 +1064,34 @@ function decodeTable(
     dataStart: RECORD_HEADER + 24 * head.count,
     recordSeq: rec.readUInt32LE(32) + rec.readUInt32LE(36) * 0x100000000,
   };
+}
+
+/** What the state file holds (docs/pit-journal.md). */
+interface JournalState {
+  /** The journal is stopped since then (no point in time is exact). */
+  stoppedAt?: number;
+  /** Exact points in time exist from this window start on (set when a stop ended). */
+  earliest?: number;
+}
+
+function parseState(text: string, path: string): JournalState {
+  const t = text.trim();
+  if (!t) return {};
+  try {
+    return JSON.parse(t) as JournalState;
+  } catch (e) {
+    throw new Error(`${path}: the journal's state file is unreadable (${(e as Error).message})`);
+  }
+}
+
+/** The creation time in a segment file's header, null when it has no valid header. */
+function headerCreated(path: string): number | null {
+  const fd = openSync(path, "r");
+  try {
+    const head = Buffer.alloc(SEGMENT_HEADER);
+    readSync(fd, head, 0, SEGMENT_HEADER, 0);
+    return decodeSegmentHeader(head)?.created ?? null;
+  } finally {
+    closeSync(fd);
+  }
 }
