@@ -276,7 +276,7 @@ export class Journal {
   /** Read a journal directory without changing it (for `blockfork snapshots` with no proxy). */
   static inspect(opts: JournalOptions): JournalSummary {
     const j = new Journal(opts);
-    j.recover();
+    j.recover(false);
     const statePath = join(j.dir, "state");
     const st = existsSync(statePath) ? parseState(readFileSync(statePath, "utf8"), statePath) : {};
     const stopped = typeof st.stoppedAt === "number";
@@ -300,7 +300,7 @@ export class Journal {
   static async open(opts: JournalOptions): Promise<Journal> {
     const j = new Journal(opts);
     mkdirSync(j.dir, { recursive: true });
-    j.recover();
+    j.recover(true);
     j.openStateFile();
     j.loadBookmarks();
     if (j.order.length === 0) {
@@ -321,10 +321,21 @@ export class Journal {
     return join(this.dir, `${String(n).padStart(10, "0")}.seg`);
   }
 
-  private recover(): void {
+  /** Index the segments; `repair`: remove a newest segment left unborn by a crash (else skip it). */
+  private recover(repair: boolean): void {
     const names = readdirSync(this.dir)
       .filter((f) => /^\d{10}\.seg$/.test(f))
       .sort();
+    if (names.length > 0 && unbornSegment(join(this.dir, names[names.length - 1]))) {
+      // A crash between creating the file and syncing its header (newSegment): it never held a
+      // record, so nothing is lost; the segment before it becomes the last (checked in full).
+      const path = join(this.dir, names.pop()!);
+      if (repair) {
+        this.log.warn(`journal: ${path} has no header and no records (a crash as it was created): removed`);
+        rmSync(path, { force: true });
+        syncDir(this.dir);
+      }
+    }
     let lastTs = 0;
     let created = 0;
     for (const [k, name] of names.entries()) {
@@ -335,7 +346,13 @@ export class Journal {
         const head = Buffer.alloc(SEGMENT_HEADER);
         readSync(fd, head, 0, SEGMENT_HEADER, 0);
         const h = decodeSegmentHeader(head);
-        if (h === null) throw new Error(`${path} has no valid segment header`);
+        if (h === null) {
+          throw new Error(
+            `${path} has no valid segment header (damaged, or not a segment of this journal): the ` +
+              `journal cannot tell which points in time are exact, so it does not start. Restore ` +
+              `the file, or move ${this.dir} aside to begin a new journal (its points in time are lost)`,
+          );
+        }
         if (h.blockSize !== this.blockSize) {
           throw new Error(`${path} uses ${h.blockSize}-byte blocks, this journal ${this.blockSize}`);
         }
@@ -1093,5 +1110,32 @@ function headerCreated(path: string): number | null {
     return decodeSegmentHeader(head)?.created ?? null;
   } finally {
     closeSync(fd);
+  }
+}
+
+/**
+ * True when the segment file at `path` was created but never got its header: shorter than a
+ * header or a header of zero bytes, and no record where the first one would be.
+ */
+function unbornSegment(path: string): boolean {
+  const fd = openSync(path, "r");
+  try {
+    const head = Buffer.alloc(SEGMENT_HEADER + RECORD_HEADER);
+    const n = readSync(fd, head, 0, head.length, 0);
+    const header = head.subarray(0, Math.min(n, SEGMENT_HEADER));
+    if (n >= SEGMENT_HEADER && header.some((x) => x !== 0)) return false;
+    return peekRecord(head.subarray(0, n), SEGMENT_HEADER) === null;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** fsync a directory (a file removed from it stays removed). */
+function syncDir(dir: string): void {
+  const d = openSync(dir, "r");
+  try {
+    fsyncSync(d);
+  } finally {
+    closeSync(d);
   }
 }

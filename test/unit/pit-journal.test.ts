@@ -736,6 +736,43 @@ void describe("Journal: reopen and torn tails", () => {
     await j3.close();
   });
 
+  void test("a newest segment left without a header by a crash is removed; other bad headers refuse", async () => {
+    const dir = scratch();
+    const { j } = await openJournal({ dir, segmentBytes: SMALL_SEG });
+    await commitImages(j, [1, 2, 3]);
+    const before = copyIndex(j);
+    await j.close();
+    // What newSegment leaves when killed between creating the file and syncing its header.
+    const torn = join(dir, "0000000002.seg");
+    writeFileSync(torn, Buffer.alloc(SMALL_SEG));
+    const { j: j2, lines } = await openJournal({ dir, segmentBytes: SMALL_SEG });
+    assert.deepEqual(copyIndex(j2), before, "the journal opens with the same index");
+    assert.ok(!existsSync(torn), "the unborn segment is removed");
+    assert.ok(
+      lines.some((l) => /warn .*0000000002\.seg has no header and no records/.test(l)),
+      lines.join(""),
+    );
+    await commitImages(j2, [4]); // and the journal goes on (it creates segment 2 when it needs one)
+    await j2.close();
+    // A short file (the crash came before the preallocation) is unborn too.
+    const next = join(dir, `${String(segmentFiles(dir).length + 1).padStart(10, "0")}.seg`);
+    writeFileSync(next, Buffer.alloc(100));
+    const { j: j3 } = await openJournal({ dir, segmentBytes: SMALL_SEG });
+    assert.ok(!existsSync(next));
+    await j3.close();
+    // A zeroed header in front of a record is damage, not a crash: refuse, saying what to do.
+    const last = join(dir, segmentFiles(dir).at(-1)!);
+    const fd = openSync(last, "r+");
+    writeSync(fd, Buffer.alloc(SEGMENT_HEADER), 0, SEGMENT_HEADER, 0);
+    closeSync(fd);
+    assert.ok(recordsOf(last).length > 0, "the damaged segment holds records");
+    await assert.rejects(
+      openJournal({ dir, segmentBytes: SMALL_SEG }),
+      /no valid segment header.*move .* aside/,
+    );
+    assert.ok(existsSync(last), "a damaged segment is not removed");
+  });
+
   void test("a stop and restart: no later process start offers the points before the gap", async () => {
     const W = 100;
     const dir = scratch();
