@@ -12,6 +12,9 @@
 //   write-ahead rule holds, and a read error is the client's to see, not a reason to stop).
 // - Blocks that read as zeroes get zero images: no data (large runs ask the extents first, so holes are not read).
 // - Sessions: every client session (NBD connection) gets its own partial journal (openSession).
+// - Every change is counted in flight (Journal.beginChange/endChange, by the merge window of its
+//   stamp) until it has reached the primary or failed: a snapshot view at P opens only once the
+//   changes stamped before P have (Journal.settled), so it never sees one of them land later.
 // - With the journal stopped (disk full), changes pass straight through: primary writes never fail
 //   because of the journal.
 
@@ -92,7 +95,13 @@ class JournalVolume extends FilterVolume {
   }
 
   private change(offset: number, length: number, apply: () => Promise<void>): Promise<void> {
-    if (!this.journal.running) return apply();
+    if (!this.journal.running) {
+      // Unjournaled, but counted all the same: a view at the restart's first point must not
+      // open before it has landed.
+      const ts = journalNow();
+      this.journal.beginChange(ts);
+      return settle(apply, () => this.journal.endChange(ts));
+    }
     const b0 = Math.floor(offset / this.j);
     const b1 = Math.floor((offset + length - 1) / this.j);
     const locked = this.locks.lock(b0, b1);
@@ -100,8 +109,19 @@ class JournalVolume extends FilterVolume {
     return locked.then((unlock) => this.locked(b0, b1, apply, unlock));
   }
 
-  private locked(b0: number, b1: number, apply: () => Promise<void>, unlock: () => void): Promise<void> {
+  private locked(
+    b0: number,
+    b1: number,
+    apply: () => Promise<void>,
+    unlockBlocks: () => void,
+  ): Promise<void> {
     const ts = journalNow();
+    // In flight from its stamp until it reached the primary or failed (Journal.settled).
+    this.journal.beginChange(ts);
+    const unlock = (): void => {
+      unlockBlocks();
+      this.journal.endChange(ts);
+    };
     let need: number[] | null = null;
     for (let b = b0; b <= b1; b++) if (this.journal.needsImage(b, ts, this.session)) (need ??= []).push(b);
     if (need === null) return settle(apply, unlock);

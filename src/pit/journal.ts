@@ -247,6 +247,8 @@ export class Journal {
   private commitWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
   private readonly listeners = new Set<AppendListener>();
   private readonly pins = new Map<object, number>();
+  /** Changes stamped but not yet applied to the primary (or failed), by merge window. */
+  private readonly changes = new Map<number, { n: number; drained: (() => void)[] }>();
   private stoppedAt: { ts: number; reason: string } | null = null;
   /** Exact points in time exist from this window start on (moved by retention and restarts). */
   private earliestTs: number;
@@ -595,6 +597,39 @@ export class Journal {
   forgetImages(blocks: readonly number[], from: number, ts: number): void {
     if (this.windowFloor(ts) !== this.windowStart) return; // the window ended: already forgotten
     for (let i = from; i < blocks.length; i++) this.inWindow.delete(blocks[i]);
+  }
+
+  /**
+   * A change of the primary stamped `ts` has begun (the filter, as it stamps it); endChange when
+   * it has reached the primary or failed. One map lookup each: the write path stays cheap.
+   */
+  beginChange(ts: number): void {
+    const w = this.windowFloor(ts);
+    const c = this.changes.get(w);
+    if (c === undefined) this.changes.set(w, { n: 1, drained: [] });
+    else c.n++;
+  }
+
+  endChange(ts: number): void {
+    const w = this.windowFloor(ts);
+    const c = this.changes.get(w);
+    if (c === undefined || --c.n > 0) return;
+    this.changes.delete(w);
+    for (const d of c.drained) d();
+  }
+
+  /**
+   * Null when every change stamped before `point` (a window start) has reached the primary or
+   * failed, else a promise of that. A view at `point` is built after it: a change stamped before
+   * the point but applied after it would otherwise show in the view after the view first read
+   * the block's older contents (its image is older than the point, so it never joins the map).
+   */
+  settled(point: number): Promise<void> | null {
+    const waits: Promise<void>[] = [];
+    for (const [w, c] of this.changes) {
+      if (w < point) waits.push(new Promise<void>((r) => c.drained.push(r)));
+    }
+    return waits.length === 0 ? null : Promise.all(waits).then(() => {});
   }
 
   /** Stage a before-image (null: the block reads as zeroes) in a session's partial journal. */

@@ -19,6 +19,8 @@ import { Journal } from "../../src/pit/journal.js";
 import { journalNow } from "../../src/pit/clock.js";
 import { journalVolume } from "../../src/pit/filter.js";
 import { SnapshotView } from "../../src/pit/snapshot.js";
+import { SnapshotProvider } from "../../src/pit/provider.js";
+import { Gate } from "../helpers/gate.js";
 import { BlockMap, DENSE_AT } from "../../src/pit/blockmap.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import { FileVolume } from "../../src/volume/file.js";
@@ -773,3 +775,63 @@ void describe("a failed before-image capture", () => {
     assert.deepEqual(await imagesOf(journal, durable), [0x4f], "a committed image is not taken twice");
   });
 });
+
+void describe("a view opened while a change stamped before its point is still in flight", () => {
+  /** A MemoryVolume whose writes wait for `gate` while it is set (a slow disk). */
+  class SlowVolume extends MemoryVolume {
+    gate: Gate | null = null;
+    override async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+      if (this.gate) await this.gate.pass();
+      return super.write(buf, offset, fua);
+    }
+  }
+
+  void test("opens only once the change has reached the primary, and reads the same twice", async () => {
+    const W = 200;
+    const dir = scratch();
+    const primary = new SlowVolume(MiB);
+    await primary.write(Buffer.alloc(BS, 0x4f), 0, false); // "O"
+    const journal = await Journal.open({ dir: join(dir, "journal"), volumeSize: MiB, windowMs: W, log });
+    cleanups.push(() => journal.close());
+    const stack = journalVolume(primary, journal);
+    const provider = new SnapshotProvider(journal, primary, { minimum: 1, preferred: BS, maximum: 32 * MiB });
+    await nextWindow(W, 20);
+    await sleep(W * 2); // past the journal's first window, so the next point is available
+    const gate = new Gate();
+    primary.gate = gate;
+    const x = stack.write(Buffer.alloc(BS, 0x58), 0, false); // "X", stamped now
+    await until(() => gate.waiting === 1); // imaged and committed; the primary write is held
+    primary.gate = null;
+    await nextWindow(W); // X was stamped before this window's start P, and has not landed
+    const t = journalNow();
+    const P = journal.pointOf(t);
+    let opened = false;
+    const pending = provider.open(`snap@${new Date(t).toISOString()}`).then((r) => {
+      opened = true;
+      return r;
+    });
+    await sleep(50);
+    const early = opened;
+    gate.release();
+    await x;
+    const r = await pending;
+    assert.ok("volume" in r, `refused: ${(r as { message: string }).message}`);
+    const view = r.volume as SnapshotView;
+    assert.equal(view.point, P);
+    assert.equal(early, false, "the view opened while a change stamped before its point was in flight");
+    const b1 = Buffer.alloc(BS);
+    await view.read(b1, 0);
+    await stack.write(Buffer.alloc(BS, 0x59), 0, false); // "Y", after P: its image (X) joins the map
+    const b2 = Buffer.alloc(BS);
+    await view.read(b2, 0);
+    assert.equal(String.fromCharCode(b1[0]), "X", "the view at P holds the change stamped before P");
+    assert.equal(String.fromCharCode(b2[0]), "X", "and keeps holding it");
+    await view.close();
+  });
+});
+
+/** Wait (up to 2 s) until `cond` holds. */
+async function until(cond: () => boolean): Promise<void> {
+  for (let i = 0; i < 400 && !cond(); i++) await sleep(5);
+  assert.ok(cond(), "timed out");
+}
