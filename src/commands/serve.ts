@@ -489,7 +489,7 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
     { name: cfg.name, description: cfg.description ?? base.description, volume, blockSizes: cfg.blockSizes },
     true,
   );
-  if (parts.journal) registry.addProvider(new SnapshotProvider(parts.journal, base, cfg.blockSizes));
+  if (parts.journal) registry.addProvider(new SnapshotProvider(parts.journal, base, cfg.blockSizes, log));
   const server = new NbdServer({
     registry,
     tls: cfg.tls,

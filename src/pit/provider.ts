@@ -3,6 +3,7 @@
 
 import type { BlockSizes, ExportListing, ExportProvider, ExportRefusal, OpenExport } from "../nbd/exports.js";
 import type { Volume } from "../volume/volume.js";
+import type { Logger } from "../log.js";
 import type { Journal } from "./journal.js";
 import { SnapshotView } from "./snapshot.js";
 
@@ -21,6 +22,7 @@ export class SnapshotProvider implements ExportProvider {
     private readonly journal: Journal,
     private readonly primary: Volume,
     private readonly blockSizes: BlockSizes,
+    private readonly log?: Logger,
   ) {}
 
   owns(name: string): boolean {
@@ -94,7 +96,11 @@ export class SnapshotProvider implements ExportProvider {
       description: view.description,
       volume: view,
       blockSizes: this.blockSizes,
-      release: () => void view.close(),
+      release: () =>
+        void view.close().catch((e: unknown) => {
+          // A lent reply could not be copied (a read error): it is read from the files when sent.
+          this.log?.error(`${name}: closing the snapshot view: ${(e as Error).message}`);
+        }),
     };
   }
 }

@@ -835,3 +835,30 @@ async function until(cond: () => boolean): Promise<void> {
   for (let i = 0; i < 400 && !cond(); i++) await sleep(5);
   assert.ok(cond(), "timed out");
 }
+
+void describe("SnapshotView.close", () => {
+  void test("a lease that cannot be copied still leaves the view closed, unsubscribed and unpinned", async () => {
+    const r = await rig("memory", MiB, 50);
+    await nextWindow(50);
+    await nextWindow(50);
+    const view = new SnapshotView(r.journal, r.primary, r.journal.pointOf(journalNow()), "t");
+    view.open();
+    const internals = r.journal as unknown as { pins: Map<object, number>; listeners: Set<unknown> };
+    assert.equal(internals.pins.size, 1);
+    assert.equal(internals.listeners.size, 1);
+    // A lent reply whose piece cannot be read (a descriptor that is not open): its copy throws.
+    const lease: PieceLease = {
+      offset: 0,
+      length: BS,
+      pieces: Float64Array.from([1_000_000, 0, BS]),
+      copyFd: -2,
+      data: null,
+      release: () => {},
+    };
+    (view as unknown as { leases: Set<PieceLease> }).leases.add(lease);
+    await assert.rejects(view.close());
+    assert.equal(internals.pins.size, 0, "the closed view still pins the journal (retention blocked)");
+    assert.equal(internals.listeners.size, 0, "the closed view still follows the journal");
+    await view.close(); // a second close is a no-op
+  });
+});
