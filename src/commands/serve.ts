@@ -489,7 +489,7 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
     { name: cfg.name, description: cfg.description ?? base.description, volume, blockSizes: cfg.blockSizes },
     true,
   );
-  if (parts.journal) registry.addProvider(new SnapshotProvider(parts.journal, base, cfg.blockSizes));
+  if (parts.journal) registry.addProvider(new SnapshotProvider(parts.journal, base, cfg.blockSizes, log));
   const server = new NbdServer({
     registry,
     tls: cfg.tls,
@@ -653,10 +653,6 @@ async function shutdown(parts: Parts, log: Logger): Promise<number> {
     await parts.link.stop();
     log.info(`gateway link stopped (${parts.link.status().state})`);
   }
-  if (parts.journal) {
-    await parts.journal.close();
-    log.info("journal closed");
-  }
   if (parts.tracking) {
     try {
       await parts.tracking.close();
@@ -666,7 +662,14 @@ async function shutdown(parts: Parts, log: Logger): Promise<number> {
       status = 1;
     }
   }
+  // Connections first: a snapshot reply lent as file pieces (journal images) may still be queued,
+  // and its view copies what is lent when its connection ends; both read the journal's segment
+  // files, so the journal closes them only after that.
   await server.closeAll();
+  if (parts.journal) {
+    await parts.journal.close();
+    log.info("journal closed");
+  }
   await parts.admin?.close();
   await parts.base.close();
   log.info("stopped");

@@ -6,8 +6,15 @@
 // - Only the first change of a block in each merge window needs an image (Journal.needsImage);
 //   a write whose blocks are all imaged already in this window goes straight to the primary (and
 //   keeps the inline fast path).
+// - A change whose capture fails (a read of the primary fails) fails without touching the primary;
+//   its blocks whose images are not durable yet are unmarked (Journal.forgetImages), so the next
+//   change of them in the window journals a before-image again (the journal keeps running: the
+//   write-ahead rule holds, and a read error is the client's to see, not a reason to stop).
 // - Blocks that read as zeroes get zero images: no data (large runs ask the extents first, so holes are not read).
 // - Sessions: every client session (NBD connection) gets its own partial journal (openSession).
+// - Every change is counted in flight (Journal.beginChange/endChange, by the merge window of its
+//   stamp) until it has reached the primary or failed: a snapshot view at P opens only once the
+//   changes stamped before P have (Journal.settled), so it never sees one of them land later.
 // - With the journal stopped (disk full), changes pass straight through: primary writes never fail
 //   because of the journal.
 
@@ -88,7 +95,13 @@ class JournalVolume extends FilterVolume {
   }
 
   private change(offset: number, length: number, apply: () => Promise<void>): Promise<void> {
-    if (!this.journal.running) return apply();
+    if (!this.journal.running) {
+      // Unjournaled, but counted all the same: a view at the restart's first point must not
+      // open before it has landed.
+      const ts = journalNow();
+      this.journal.beginChange(ts);
+      return settle(apply, () => this.journal.endChange(ts));
+    }
     const b0 = Math.floor(offset / this.j);
     const b1 = Math.floor((offset + length - 1) / this.j);
     const locked = this.locks.lock(b0, b1);
@@ -96,14 +109,36 @@ class JournalVolume extends FilterVolume {
     return locked.then((unlock) => this.locked(b0, b1, apply, unlock));
   }
 
-  private locked(b0: number, b1: number, apply: () => Promise<void>, unlock: () => void): Promise<void> {
+  private locked(
+    b0: number,
+    b1: number,
+    apply: () => Promise<void>,
+    unlockBlocks: () => void,
+  ): Promise<void> {
     const ts = journalNow();
+    // In flight from its stamp until it reached the primary or failed (Journal.settled).
+    this.journal.beginChange(ts);
+    const unlock = (): void => {
+      unlockBlocks();
+      this.journal.endChange(ts);
+    };
     let need: number[] | null = null;
     for (let b = b0; b <= b1; b++) if (this.journal.needsImage(b, ts, this.session)) (need ??= []).push(b);
     if (need === null) return settle(apply, unlock);
-    return this.captureAll(need, ts).then(
+    const blocks = need;
+    const progress = { durable: 0 };
+    let captured: Promise<void>;
+    try {
+      captured = this.captureAll(blocks, ts, progress);
+    } catch (e) {
+      captured = Promise.reject(e);
+    }
+    return captured.then(
       () => settle(apply, unlock),
       (e: unknown) => {
+        // The change fails, the primary is unchanged; blocks whose images are not durable must
+        // be imaged again by the next change in this window (write-ahead), so unmark them first.
+        this.journal.forgetImages(blocks, progress.durable, ts);
         unlock();
         throw e;
       },
@@ -116,15 +151,17 @@ class JournalVolume extends FilterVolume {
    * whose old blocks are all in the page cache is captured without an await (the common case: one
    * promise for the commit, none for the reads).
    */
-  private captureAll(blocks: number[], ts: number): Promise<void> {
+  private captureAll(blocks: number[], ts: number, progress: { durable: number }): Promise<void> {
     if (blocks.length <= CAPTURE_BLOCKS) {
       const p = this.capture(blocks, ts);
       return p === DONE ? this.journal.commit() : p.then(() => this.journal.commit());
     }
     return (async () => {
       for (let i = 0; i < blocks.length; i += CAPTURE_BLOCKS) {
-        await this.capture(blocks.slice(i, i + CAPTURE_BLOCKS), ts);
+        const slice = blocks.slice(i, i + CAPTURE_BLOCKS);
+        await this.capture(slice, ts);
         await this.journal.commit();
+        progress.durable = i + slice.length; // blocks[0, durable) have durable images
       }
     })();
   }

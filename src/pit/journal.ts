@@ -32,7 +32,9 @@
 //   still reads); the earliest available point moves to the first window after the newest dropped
 //   entry. A full disk (or any journal I/O error) never fails a primary write: the journal stops,
 //   logs it loudly, and reports no available point in time (open snapshots fail their reads) until
-//   it restarts by itself once space returns; points from the restart on are exact again.
+//   it restarts by itself once space returns; points from the restart on are exact again. The
+//   restart records its earliest exact point in the state file (before its first image), so a
+//   later process start does not offer the points before or during the gap either.
 
 import {
   closeSync,
@@ -245,6 +247,8 @@ export class Journal {
   private commitWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
   private readonly listeners = new Set<AppendListener>();
   private readonly pins = new Map<object, number>();
+  /** Changes stamped but not yet applied to the primary (or failed), by merge window. */
+  private readonly changes = new Map<number, { n: number; drained: (() => void)[] }>();
   private stoppedAt: { ts: number; reason: string } | null = null;
   /** Exact points in time exist from this window start on (moved by retention and restarts). */
   private earliestTs: number;
@@ -274,10 +278,11 @@ export class Journal {
   /** Read a journal directory without changing it (for `blockfork snapshots` with no proxy). */
   static inspect(opts: JournalOptions): JournalSummary {
     const j = new Journal(opts);
-    j.recover();
+    j.recover(false);
     const statePath = join(j.dir, "state");
-    const text = existsSync(statePath) ? readFileSync(statePath, "utf8").trim() : "";
-    const stopped = text ? typeof (JSON.parse(text) as { stoppedAt?: number }).stoppedAt === "number" : false;
+    const st = existsSync(statePath) ? parseState(readFileSync(statePath, "utf8"), statePath) : {};
+    const stopped = typeof st.stoppedAt === "number";
+    if (typeof st.earliest === "number") j.earliestTs = Math.max(j.earliestTs, st.earliest);
     j.loadBookmarks();
     const last = j.index.length > j.index.first ? j.index.ts[j.index.length - 1] : null;
     const summary: JournalSummary = {
@@ -297,7 +302,7 @@ export class Journal {
   static async open(opts: JournalOptions): Promise<Journal> {
     const j = new Journal(opts);
     mkdirSync(j.dir, { recursive: true });
-    j.recover();
+    j.recover(true);
     j.openStateFile();
     j.loadBookmarks();
     if (j.order.length === 0) {
@@ -318,10 +323,21 @@ export class Journal {
     return join(this.dir, `${String(n).padStart(10, "0")}.seg`);
   }
 
-  private recover(): void {
+  /** Index the segments; `repair`: remove a newest segment left unborn by a crash (else skip it). */
+  private recover(repair: boolean): void {
     const names = readdirSync(this.dir)
       .filter((f) => /^\d{10}\.seg$/.test(f))
       .sort();
+    if (names.length > 0 && unbornSegment(join(this.dir, names[names.length - 1]))) {
+      // A crash between creating the file and syncing its header (newSegment): it never held a
+      // record, so nothing is lost; the segment before it becomes the last (checked in full).
+      const path = join(this.dir, names.pop()!);
+      if (repair) {
+        this.log.warn(`journal: ${path} has no header and no records (a crash as it was created): removed`);
+        rmSync(path, { force: true });
+        syncDir(this.dir);
+      }
+    }
     let lastTs = 0;
     let created = 0;
     for (const [k, name] of names.entries()) {
@@ -332,7 +348,13 @@ export class Journal {
         const head = Buffer.alloc(SEGMENT_HEADER);
         readSync(fd, head, 0, SEGMENT_HEADER, 0);
         const h = decodeSegmentHeader(head);
-        if (h === null) throw new Error(`${path} has no valid segment header`);
+        if (h === null) {
+          throw new Error(
+            `${path} has no valid segment header (damaged, or not a segment of this journal): the ` +
+              `journal cannot tell which points in time are exact, so it does not start. Restore ` +
+              `the file, or move ${this.dir} aside to begin a new journal (its points in time are lost)`,
+          );
+        }
         if (h.blockSize !== this.blockSize) {
           throw new Error(`${path} uses ${h.blockSize}-byte blocks, this journal ${this.blockSize}`);
         }
@@ -347,6 +369,11 @@ export class Journal {
         }
         this.journalId = h.journalId;
         const last = k === names.length - 1;
+        // Every entry of a sealed segment was stamped before the next segment was created. One
+        // that was not (or whose time is no number) is garbage from a record the journal was
+        // appending when it stopped (a write or fdatasync failed; the restart began the next
+        // segment): that segment's log ends there, whatever its entry table says.
+        const before = last ? Infinity : (headerCreated(join(this.dir, names[k + 1])) ?? Infinity);
         const seg = h.segment;
         const firstEntry = this.index.length;
         let pos = SEGMENT_HEADER;
@@ -364,6 +391,7 @@ export class Journal {
             ? decodeRecord(rec, 0, this.blockSize)
             : decodeTable(rec, this.blockSize, peek.size);
           if (info === null) break;
+          if (!info.entries.every((e) => e.ts < before)) break;
           this.applyRecord(info.type, info.entries, seg, pos + info.dataStart, info.recordSeq);
           if (info.entries.length) lastTs = Math.max(lastTs, info.entries[info.entries.length - 1].ts);
           pos += peek.size;
@@ -441,8 +469,10 @@ export class Journal {
         closeSync(fd);
       }
     }
-    const text = readFileSync(path, "utf8").trim();
-    const st = text ? (JSON.parse(text) as { stoppedAt?: number }) : {};
+    const st = parseState(readFileSync(path, "utf8"), path);
+    // A restart after a stop moved the earliest exact point past the gap: the segments cannot
+    // tell (the first one still begins before the gap).
+    if (typeof st.earliest === "number") this.earliestTs = Math.max(this.earliestTs, st.earliest);
     if (typeof st.stoppedAt === "number") {
       // It stopped and the process ended before it restarted: nothing before now is exact.
       this.earliestTs = Math.max(this.earliestTs, this.windowCeil(journalNow()));
@@ -450,11 +480,13 @@ export class Journal {
         `journal: it was stopped at ${new Date(st.stoppedAt).toISOString()}; points in time from ` +
           `${new Date(this.earliestTs).toISOString()} on`,
       );
-      this.writeState({});
+      if (!this.writeState({ earliest: this.earliestTs })) {
+        throw new Error(`${path}: cannot record the earliest exact point after a stop`);
+      }
     }
   }
 
-  private writeState(st: { stoppedAt?: number }): boolean {
+  private writeState(st: JournalState): boolean {
     try {
       const text = Buffer.alloc(4096, 0x20);
       text.write(JSON.stringify(st));
@@ -553,6 +585,51 @@ export class Journal {
     }
     if (have !== session.slot) session.merges.push({ block, ts, slot: session.slot });
     return false;
+  }
+
+  /**
+   * A change stamped `ts` failed before the images of `blocks[from..]` were committed (a read of
+   * the primary failed): they were marked as imaged by needsImage, and must not stay so, or the
+   * next change of the block in this window would skip its before-image and reach the primary
+   * with none durable. The caller still holds the blocks' locks, so nobody else marked them.
+   * Images of them already staged still commit (they hold the unchanged contents: harmless).
+   */
+  forgetImages(blocks: readonly number[], from: number, ts: number): void {
+    if (this.windowFloor(ts) !== this.windowStart) return; // the window ended: already forgotten
+    for (let i = from; i < blocks.length; i++) this.inWindow.delete(blocks[i]);
+  }
+
+  /**
+   * A change of the primary stamped `ts` has begun (the filter, as it stamps it); endChange when
+   * it has reached the primary or failed. One map lookup each: the write path stays cheap.
+   */
+  beginChange(ts: number): void {
+    const w = this.windowFloor(ts);
+    const c = this.changes.get(w);
+    if (c === undefined) this.changes.set(w, { n: 1, drained: [] });
+    else c.n++;
+  }
+
+  endChange(ts: number): void {
+    const w = this.windowFloor(ts);
+    const c = this.changes.get(w);
+    if (c === undefined || --c.n > 0) return;
+    this.changes.delete(w);
+    for (const d of c.drained) d();
+  }
+
+  /**
+   * Null when every change stamped before `point` (a window start) has reached the primary or
+   * failed, else a promise of that. A view at `point` is built after it: a change stamped before
+   * the point but applied after it would otherwise show in the view after the view first read
+   * the block's older contents (its image is older than the point, so it never joins the map).
+   */
+  settled(point: number): Promise<void> | null {
+    const waits: Promise<void>[] = [];
+    for (const [w, c] of this.changes) {
+      if (w < point) waits.push(new Promise<void>((r) => c.drained.push(r)));
+    }
+    return waits.length === 0 ? null : Promise.all(waits).then(() => {});
   }
 
   /** Stage a before-image (null: the block reads as zeroes) in a session's partial journal. */
@@ -743,21 +820,39 @@ export class Journal {
   private async tryRestart(timer: NodeJS.Timeout): Promise<void> {
     if (this.stoppedAt === null || this.closed) return;
     this.enforceRetention();
+    let seg: Segment;
     try {
-      await this.newSegment();
+      seg = await this.newSegment();
     } catch {
       return; // still no room
     }
+    if (this.stoppedAt === null || this.closed) return;
+    const earliest = this.windowCeil(journalNow());
+    // Durable before the first image of the restarted journal is taken (stoppedAt is still set,
+    // so none is): a later process start must not offer the points before or during the gap.
+    if (!this.writeState({ earliest })) {
+      this.log.limited("error", "restart state", "journal: cannot record the restart in its state file");
+      this.dropNewest(seg);
+      return; // try again later
+    }
     clearInterval(timer);
-    const now = journalNow();
-    this.earliestTs = this.windowCeil(now);
+    this.earliestTs = Math.max(this.earliestTs, earliest);
     this.expireBookmarks("with the stop of the journal");
     this.log.warn(
       `journal restarted; points in time from ${new Date(this.earliestTs).toISOString()} on ` +
         `(the journal was stopped since ${new Date(this.stoppedAt.ts).toISOString()})`,
     );
     this.stoppedAt = null;
-    this.writeState({});
+  }
+
+  /** Undo newSegment (a restart that could not record itself). */
+  private dropNewest(seg: Segment): void {
+    if (this.order[this.order.length - 1] !== seg.number) return;
+    this.order.pop();
+    this.segments.delete(seg.number);
+    if (this.lastSegNo === seg.number) this.lastSeg = null;
+    seg.file.close();
+    rmSync(seg.path, { force: true });
   }
 
   // ---- reading
@@ -1021,4 +1116,61 @@ function decodeTable(
     dataStart: RECORD_HEADER + 24 * head.count,
     recordSeq: rec.readUInt32LE(32) + rec.readUInt32LE(36) * 0x100000000,
   };
+}
+
+/** What the state file holds (docs/pit-journal.md). */
+interface JournalState {
+  /** The journal is stopped since then (no point in time is exact). */
+  stoppedAt?: number;
+  /** Exact points in time exist from this window start on (set when a stop ended). */
+  earliest?: number;
+}
+
+function parseState(text: string, path: string): JournalState {
+  const t = text.trim();
+  if (!t) return {};
+  try {
+    return JSON.parse(t) as JournalState;
+  } catch (e) {
+    throw new Error(`${path}: the journal's state file is unreadable (${(e as Error).message})`);
+  }
+}
+
+/** The creation time in a segment file's header, null when it has no valid header. */
+function headerCreated(path: string): number | null {
+  const fd = openSync(path, "r");
+  try {
+    const head = Buffer.alloc(SEGMENT_HEADER);
+    readSync(fd, head, 0, SEGMENT_HEADER, 0);
+    return decodeSegmentHeader(head)?.created ?? null;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * True when the segment file at `path` was created but never got its header: shorter than a
+ * header or a header of zero bytes, and no record where the first one would be.
+ */
+function unbornSegment(path: string): boolean {
+  const fd = openSync(path, "r");
+  try {
+    const head = Buffer.alloc(SEGMENT_HEADER + RECORD_HEADER);
+    const n = readSync(fd, head, 0, head.length, 0);
+    const header = head.subarray(0, Math.min(n, SEGMENT_HEADER));
+    if (n >= SEGMENT_HEADER && header.some((x) => x !== 0)) return false;
+    return peekRecord(head.subarray(0, n), SEGMENT_HEADER) === null;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** fsync a directory (a file removed from it stays removed). */
+function syncDir(dir: string): void {
+  const d = openSync(dir, "r");
+  try {
+    fsyncSync(d);
+  } finally {
+    closeSync(d);
+  }
 }

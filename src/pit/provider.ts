@@ -3,6 +3,7 @@
 
 import type { BlockSizes, ExportListing, ExportProvider, ExportRefusal, OpenExport } from "../nbd/exports.js";
 import type { Volume } from "../volume/volume.js";
+import type { Logger } from "../log.js";
 import type { Journal } from "./journal.js";
 import { SnapshotView } from "./snapshot.js";
 
@@ -21,6 +22,7 @@ export class SnapshotProvider implements ExportProvider {
     private readonly journal: Journal,
     private readonly primary: Volume,
     private readonly blockSizes: BlockSizes,
+    private readonly log?: Logger,
   ) {}
 
   owns(name: string): boolean {
@@ -66,19 +68,39 @@ export class SnapshotProvider implements ExportProvider {
       }
       t = b;
     }
-    const w = this.journal.window();
     const point = this.journal.pointOf(t);
-    if (w.earliest === null || point < w.earliest || t > w.latest) {
+    if (!this.inWindow(t, point)) {
       return Promise.resolve({ message: `${name} is outside the journal's window; ${this.range()}` });
     }
+    // Changes stamped before the point but not yet applied to the primary belong in the view:
+    // wait for them, or the view would read a block's older contents first and theirs later.
+    const settled = this.journal.settled(point);
+    if (settled === null) return Promise.resolve(this.openView(name, point));
+    return settled.then(() =>
+      this.inWindow(t, point) // the journal may have stopped meanwhile
+        ? this.openView(name, point)
+        : { message: `${name} is outside the journal's window; ${this.range()}` },
+    );
+  }
+
+  private inWindow(t: number, point: number): boolean {
+    const w = this.journal.window();
+    return w.earliest !== null && point >= w.earliest && t <= w.latest;
+  }
+
+  private openView(name: string, point: number): OpenExport {
     const view = new SnapshotView(this.journal, this.primary, point, name);
     view.open();
-    return Promise.resolve({
+    return {
       name,
       description: view.description,
       volume: view,
       blockSizes: this.blockSizes,
-      release: () => void view.close(),
-    });
+      release: () =>
+        void view.close().catch((e: unknown) => {
+          // A lent reply could not be copied (a read error): it is read from the files when sent.
+          this.log?.error(`${name}: closing the snapshot view: ${(e as Error).message}`);
+        }),
+    };
   }
 }

@@ -270,13 +270,28 @@ export class SnapshotView implements Volume {
     return DONE;
   }
 
+  /**
+   * Copy what is still lent, stop following the journal, unpin. Whatever the copy does (a read
+   * error): the view is closed, unsubscribed and unpinned all the same, so retention is never held
+   * by a view that is gone; the first copy error is then reported (a rejected promise).
+   */
   close(): Promise<void> {
-    if (!this.closed) {
-      this.materializeAll();
-      this.closed = true;
+    if (this.closed) return DONE;
+    this.closed = true;
+    let failed: Error | null = null;
+    try {
+      for (const l of this.leases) {
+        try {
+          this.materialize(l);
+        } catch (e) {
+          failed ??= e as Error;
+        }
+      }
+    } finally {
       this.unsubscribe?.();
+      this.unsubscribe = null;
       this.journal.unpin(this);
     }
-    return DONE;
+    return failed === null ? DONE : Promise.reject(failed);
   }
 }

@@ -730,6 +730,108 @@ void describe("Journal: reopen and torn tails", () => {
     const text = readFileSync(join(dir, "state"), "utf8").trim();
     assert.equal(statSync(join(dir, "state")).size, 4096);
     assert.ok(!/stoppedAt/.test(text), `the stop is still recorded after the reopen: ${text}`);
+    // And it stays that way: a second reopen does not offer the points before the first one.
+    const { j: j3 } = await openJournal({ dir, windowMs: W });
+    assert.ok((j3.window().earliest ?? 0) >= expected, "a second reopen offers points before the stop");
+    await j3.close();
+  });
+
+  void test("a newest segment left without a header by a crash is removed; other bad headers refuse", async () => {
+    const dir = scratch();
+    const { j } = await openJournal({ dir, segmentBytes: SMALL_SEG });
+    await commitImages(j, [1, 2, 3]);
+    const before = copyIndex(j);
+    await j.close();
+    // What newSegment leaves when killed between creating the file and syncing its header.
+    const torn = join(dir, "0000000002.seg");
+    writeFileSync(torn, Buffer.alloc(SMALL_SEG));
+    const { j: j2, lines } = await openJournal({ dir, segmentBytes: SMALL_SEG });
+    assert.deepEqual(copyIndex(j2), before, "the journal opens with the same index");
+    assert.ok(!existsSync(torn), "the unborn segment is removed");
+    assert.ok(
+      lines.some((l) => /warn .*0000000002\.seg has no header and no records/.test(l)),
+      lines.join(""),
+    );
+    await commitImages(j2, [4]); // and the journal goes on (it creates segment 2 when it needs one)
+    await j2.close();
+    // A short file (the crash came before the preallocation) is unborn too.
+    const next = join(dir, `${String(segmentFiles(dir).length + 1).padStart(10, "0")}.seg`);
+    writeFileSync(next, Buffer.alloc(100));
+    const { j: j3 } = await openJournal({ dir, segmentBytes: SMALL_SEG });
+    assert.ok(!existsSync(next));
+    await j3.close();
+    // A zeroed header in front of a record is damage, not a crash: refuse, saying what to do.
+    const last = join(dir, segmentFiles(dir).at(-1)!);
+    const fd = openSync(last, "r+");
+    writeSync(fd, Buffer.alloc(SEGMENT_HEADER), 0, SEGMENT_HEADER, 0);
+    closeSync(fd);
+    assert.ok(recordsOf(last).length > 0, "the damaged segment holds records");
+    await assert.rejects(
+      openJournal({ dir, segmentBytes: SMALL_SEG }),
+      /no valid segment header.*move .* aside/,
+    );
+    assert.ok(existsSync(last), "a damaged segment is not removed");
+  });
+
+  void test("a stop and restart: no later process start offers the points before the gap", async () => {
+    const W = 100;
+    const dir = scratch();
+    const { j } = await openJournal({ dir, windowMs: W });
+    await nextWindow(W);
+    await commitImages(j, [1, 2, 3]);
+    await nextWindow(W);
+    const before = journalNow(); // an exact point, until the stop
+    assert.ok((j.window().earliest ?? Infinity) <= j.pointOf(before));
+    const internals = j as unknown as { stop(e: Error): void; tryRestart(t: NodeJS.Timeout): Promise<void> };
+    internals.stop(Object.assign(new Error("No space left on device"), { code: "ENOSPC" }));
+    assert.equal(j.running, false);
+    const timer = setInterval(() => {}, 1e6);
+    await internals.tryRestart(timer);
+    clearInterval(timer);
+    assert.equal(j.running, true, "the journal restarts");
+    const restarted = journalNow();
+    await sleep(2 * W);
+    const w = j.window();
+    assert.ok(w.earliest !== null && w.earliest >= restarted, "the restart moves the earliest point");
+    await commitImages(j, [4]);
+    await j.close();
+    for (let n = 0; n < 2; n++) {
+      const { j: j2 } = await openJournal({ dir, windowMs: W });
+      const e = j2.window().earliest;
+      assert.ok(e !== null && e > before, `reopen ${n + 1} offers ${e}: before the stop (${before})`);
+      assert.ok(e >= w.earliest, `reopen ${n + 1}: earliest ${e} is before the restart's ${w.earliest}`);
+      await j2.close();
+    }
+  });
+
+  void test("a sealed segment's entries stamped after the next segment began are garbage, not indexed", async () => {
+    const dir = scratch();
+    const { j } = await openJournal({ dir, segmentBytes: SMALL_SEG, windowMs: 60_000 });
+    await commitImages(j, [1, 2, 3]);
+    await commitImages(
+      j,
+      Array.from({ length: 14 }, (_, k) => 10 + k),
+    ); // rolls over to segment 2
+    await j.close();
+    const files = segmentFiles(dir);
+    assert.ok(files.length >= 2, "two segments");
+    // What a record torn when the journal stopped can hold: an entry stamped far in the future.
+    const first = join(dir, files[0]);
+    const rec = recordsOf(first)[0];
+    assert.equal(rec.count, 3);
+    const fd = openSync(first, "r+");
+    const ts = Buffer.alloc(8);
+    ts.writeDoubleLE(journalNow() + 3600_000);
+    writeSync(fd, ts, 0, 8, rec.at + RECORD_HEADER + 24 * 2 + 8); // entry 2's timestamp
+    closeSync(fd);
+    const limit = journalNow();
+    const { j: j2 } = await openJournal({ dir, segmentBytes: SMALL_SEG, windowMs: 60_000 });
+    const x = copyIndex(j2);
+    assert.ok(
+      x.ts.every((t) => t < limit),
+      `an entry stamped in the future was indexed: ${x.ts.join(",")}`,
+    );
+    await j2.close();
   });
 });
 

@@ -19,6 +19,8 @@ import { Journal } from "../../src/pit/journal.js";
 import { journalNow } from "../../src/pit/clock.js";
 import { journalVolume } from "../../src/pit/filter.js";
 import { SnapshotView } from "../../src/pit/snapshot.js";
+import { SnapshotProvider } from "../../src/pit/provider.js";
+import { Gate } from "../helpers/gate.js";
 import { BlockMap, DENSE_AT } from "../../src/pit/blockmap.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import { FileVolume } from "../../src/volume/file.js";
@@ -698,5 +700,165 @@ void describe("BlockMap (the pointer map's storage)", () => {
       const want = sorted.find((b) => b >= from && b < limit) ?? limit;
       assert.equal(m.nextMapped(from, limit), want, `nextMapped(${from}, ${limit})`);
     }
+  });
+});
+
+/** A MemoryVolume whose next read or extents call can be made to fail (EIO). */
+class FlakyVolume extends MemoryVolume {
+  failReads = 0;
+  /** Fail the extents call with this number (1 = the next one), 0: never. */
+  failExtentsAt = 0;
+  override read(buf: Buffer, offset: number): Promise<void> {
+    if (this.failReads > 0) {
+      this.failReads--;
+      return Promise.reject(new Error("EIO: injected read error"));
+    }
+    return super.read(buf, offset);
+  }
+  override extents(offset: number, length: number): ReturnType<MemoryVolume["extents"]> {
+    if (this.failExtentsAt > 0 && --this.failExtentsAt === 0) {
+      return Promise.reject(new Error("EIO: injected extents error"));
+    }
+    return super.extents(offset, length);
+  }
+}
+
+void describe("a failed before-image capture", () => {
+  /** A journal over a FlakyVolume with one long window (both changes fall in it). */
+  async function flakyRig(size: number): Promise<{ primary: FlakyVolume; journal: Journal; stack: Volume }> {
+    const dir = scratch();
+    const primary = new FlakyVolume(size);
+    const journal = await Journal.open({
+      dir: join(dir, "journal"),
+      volumeSize: size,
+      windowMs: 600_000,
+      log,
+    });
+    cleanups.push(() => journal.close());
+    return { primary, journal, stack: journalVolume(primary, journal) };
+  }
+
+  /** The images the journal holds for block b, as their first byte. */
+  async function imagesOf(journal: Journal, b: number): Promise<number[]> {
+    const out: number[] = [];
+    const idx = journal.index;
+    for (let i = idx.first; i < idx.length; i++) {
+      if (idx.block[i] !== b) continue;
+      const buf = Buffer.alloc(BS);
+      await journal.readImage(i, buf);
+      out.push(buf[0]);
+    }
+    return out;
+  }
+
+  void test("leaves the block unimaged: the next write in the window journals its before-image", async () => {
+    const { primary, journal, stack } = await flakyRig(MiB);
+    await primary.write(Buffer.alloc(BS, 0x4f), 0, false); // "O", before the journal saw anything
+    primary.failReads = 1;
+    await assert.rejects(stack.write(Buffer.alloc(BS, 0x41), 0, false), /injected read error/);
+    await stack.write(Buffer.alloc(BS, 0x42), 0, false); // same window
+    assert.deepEqual(await imagesOf(journal, 0), [0x4f], "the overwrite of O has O's image, durable");
+  });
+
+  void test("a large capture failing part way: blocks of the failed part are imaged again, the rest not", async () => {
+    const size = 48 * MiB;
+    const { primary, journal, stack } = await flakyRig(size);
+    await primary.write(Buffer.alloc(40 * MiB, 0x4f), 0, false);
+    // 10240 blocks: captured and committed in rounds of 8192; the second round's extents fail.
+    primary.failExtentsAt = 2;
+    await assert.rejects(stack.trim(0, 40 * MiB, false), /injected extents error/);
+    const failed = 9000; // in the second round
+    const durable = 100; // in the first, committed round
+    await stack.write(Buffer.alloc(BS, 0x42), failed * BS, false);
+    await stack.write(Buffer.alloc(BS, 0x42), durable * BS, false);
+    assert.deepEqual(await imagesOf(journal, failed), [0x4f], "the block of the failed round is imaged");
+    assert.deepEqual(await imagesOf(journal, durable), [0x4f], "a committed image is not taken twice");
+  });
+});
+
+void describe("a view opened while a change stamped before its point is still in flight", () => {
+  /** A MemoryVolume whose writes wait for `gate` while it is set (a slow disk). */
+  class SlowVolume extends MemoryVolume {
+    gate: Gate | null = null;
+    override async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+      if (this.gate) await this.gate.pass();
+      return super.write(buf, offset, fua);
+    }
+  }
+
+  void test("opens only once the change has reached the primary, and reads the same twice", async () => {
+    const W = 200;
+    const dir = scratch();
+    const primary = new SlowVolume(MiB);
+    await primary.write(Buffer.alloc(BS, 0x4f), 0, false); // "O"
+    const journal = await Journal.open({ dir: join(dir, "journal"), volumeSize: MiB, windowMs: W, log });
+    cleanups.push(() => journal.close());
+    const stack = journalVolume(primary, journal);
+    const provider = new SnapshotProvider(journal, primary, { minimum: 1, preferred: BS, maximum: 32 * MiB });
+    await nextWindow(W, 20);
+    await sleep(W * 2); // past the journal's first window, so the next point is available
+    const gate = new Gate();
+    primary.gate = gate;
+    const x = stack.write(Buffer.alloc(BS, 0x58), 0, false); // "X", stamped now
+    await until(() => gate.waiting === 1); // imaged and committed; the primary write is held
+    primary.gate = null;
+    await nextWindow(W); // X was stamped before this window's start P, and has not landed
+    const t = journalNow();
+    const P = journal.pointOf(t);
+    let opened = false;
+    const pending = provider.open(`snap@${new Date(t).toISOString()}`).then((r) => {
+      opened = true;
+      return r;
+    });
+    await sleep(50);
+    const early = opened;
+    gate.release();
+    await x;
+    const r = await pending;
+    assert.ok("volume" in r, `refused: ${(r as { message: string }).message}`);
+    const view = r.volume as SnapshotView;
+    assert.equal(view.point, P);
+    assert.equal(early, false, "the view opened while a change stamped before its point was in flight");
+    const b1 = Buffer.alloc(BS);
+    await view.read(b1, 0);
+    await stack.write(Buffer.alloc(BS, 0x59), 0, false); // "Y", after P: its image (X) joins the map
+    const b2 = Buffer.alloc(BS);
+    await view.read(b2, 0);
+    assert.equal(String.fromCharCode(b1[0]), "X", "the view at P holds the change stamped before P");
+    assert.equal(String.fromCharCode(b2[0]), "X", "and keeps holding it");
+    await view.close();
+  });
+});
+
+/** Wait (up to 2 s) until `cond` holds. */
+async function until(cond: () => boolean): Promise<void> {
+  for (let i = 0; i < 400 && !cond(); i++) await sleep(5);
+  assert.ok(cond(), "timed out");
+}
+
+void describe("SnapshotView.close", () => {
+  void test("a lease that cannot be copied still leaves the view closed, unsubscribed and unpinned", async () => {
+    const r = await rig("memory", MiB, 50);
+    await nextWindow(50);
+    await nextWindow(50);
+    const view = new SnapshotView(r.journal, r.primary, r.journal.pointOf(journalNow()), "t");
+    view.open();
+    const internals = r.journal as unknown as { pins: Map<object, number>; listeners: Set<unknown> };
+    assert.equal(internals.pins.size, 1);
+    assert.equal(internals.listeners.size, 1);
+    // A lent reply whose piece cannot be read (a descriptor that is not open): its copy throws.
+    const lease: PieceLease = {
+      offset: 0,
+      length: BS,
+      pieces: Float64Array.from([1_000_000, 0, BS]),
+      copyFd: -2,
+      data: null,
+      release: () => {},
+    };
+    (view as unknown as { leases: Set<PieceLease> }).leases.add(lease);
+    await assert.rejects(view.close());
+    assert.equal(internals.pins.size, 0, "the closed view still pins the journal (retention blocked)");
+    assert.equal(internals.listeners.size, 0, "the closed view still follows the journal");
+    await view.close(); // a second close is a no-op
   });
 });
