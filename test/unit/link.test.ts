@@ -218,6 +218,29 @@ async function waitSynced(r: Rig, timeoutMs = 15_000): Promise<void> {
   );
 }
 
+/**
+ * A started rig, streaming with nothing dirty; a write at each of `activate` first puts its region
+ * in the activity log (later writes there need no AL transaction), then it is synced again.
+ */
+async function syncedRig(
+  opts: Partial<LinkOptions> & { gw?: TestGateway } = {},
+  activate: number[] = [],
+): Promise<Rig> {
+  const r = await startRig(opts);
+  try {
+    r.link.start();
+    await waitSynced(r);
+    if (activate.length > 0) {
+      for (const at of activate) await r.fork.write(pattern(4096, 1), at, false);
+      await waitSynced(r);
+    }
+    return r;
+  } catch (e) {
+    await r.close();
+    throw e;
+  }
+}
+
 function bytes(v: Volume, offset: number, length: number): Buffer {
   const b = Buffer.alloc(length);
   void v.read(b, offset); // MemoryVolume reads synchronously
@@ -278,10 +301,8 @@ void describe("GatewayLink: start and streaming", () => {
   });
 
   void test("streaming: a write leaves its blocks dirty until the gateway made it durable", async () => {
-    const r = await startRig();
+    const r = await syncedRig();
     try {
-      r.link.start();
-      await waitSynced(r);
       await r.fork.write(pattern(5000, 1), 3 * G - 100, false); // blocks 2, 3
       assert.ok(r.tracking.map.isDirty(2) && r.tracking.map.isDirty(3), "dirty before acknowledged");
       await waitFor("blocks cleared", () => r.tracking.map.dirtyBlocks === 0);
@@ -424,10 +445,8 @@ void describe("GatewayLink: outages", () => {
 
 void describe("GatewayLink: what the gateway answers", () => {
   void test("a batch answered 200 but stale (the gateway holds a newer generation) is a failure", async () => {
-    const r = await startRig();
+    const r = await syncedRig();
     try {
-      r.link.start();
-      await waitSynced(r);
       // Another proxy with a copy of this tracking log moved the source to the next generation.
       const m = r.tracking.meta;
       await r.gw.gateway.applyBatch({ source: m.source, generation: m.generation + 1, floor: null }, []);
@@ -485,10 +504,8 @@ void describe("GatewayLink: what the gateway answers", () => {
         await g.mirror.settle();
       },
     };
-    const r = await startRig({ gw, updateStream: false, flushIntervalMs: 1000 });
+    const r = await syncedRig({ gw, updateStream: false, flushIntervalMs: 1000 });
     try {
-      r.link.start();
-      await waitSynced(r);
       await r.fork.write(pattern(4096, 1), 0, false);
       const flushes = g.gateway.counters.flushes;
       await waitFor(
@@ -515,10 +532,8 @@ void describe("GatewayLink: what the gateway answers", () => {
 
 void describe("GatewayLink: sync mode", () => {
   void test("a write completes once the gateway applied it; a slow gateway costs --sync-timeout, then tracking", async () => {
-    const r = await startRig({ mode: "sync", syncTimeoutMs: 500 });
+    const r = await syncedRig({ mode: "sync", syncTimeoutMs: 500 });
     try {
-      r.link.start();
-      await waitSynced(r);
       for (let i = 0; i < 20; i++) {
         const off = ((i * 13) % 250) * G + i * 512;
         const data = randomBytes(4096 + i * 100);
@@ -694,10 +709,8 @@ void describe("GatewayLink: writes racing the link", () => {
     // resyncs (leaving block 0 to W1, which is in progress), then W1 is submitted as a write to a
     // block that was clean when it began, and its acknowledgement clears block 0, although W2's
     // bytes never went to the gateway.
-    const r = await startRig();
+    const r = await syncedRig();
     try {
-      r.link.start();
-      await waitSynced(r);
       r.gw.setFault({ mode: "down" });
       await r.fork.write(pattern(4096, 1), 100 * G, false);
       await waitFor("tracking", () => r.link.state === "tracking");
@@ -727,12 +740,8 @@ void describe("GatewayLink: writes racing the link", () => {
     // 3 alone while W1 runs. W2 writes [8K, 12K) of block 3 and is sent. W2 must make the block
     // STALE (W1's bytes were never sent): if it took W1 for a write that covers the block, the
     // resync would see block 3 covered by W2's update and W2's acknowledgement would clear it.
-    const r = await startRig();
+    const r = await syncedRig({}, [3 * G + 32768]);
     try {
-      r.link.start();
-      await waitSynced(r);
-      await r.fork.write(pattern(4096, 1), 3 * G + 32768, false); // activate the region
-      await waitSynced(r);
       r.gw.setFault({ mode: "down" });
       await r.fork.write(pattern(4096, 2), 10 * G, false);
       await waitFor("tracking", () => r.link.state === "tracking");
@@ -759,12 +768,8 @@ void describe("GatewayLink: writes racing the link", () => {
     // (held). The gateway fails the batch: the link tracks and forgets W1's update (new epoch).
     // The gateway returns, the link resyncs (leaving block 3 to W1, in progress), and W2 writes
     // [8K, 12K) of block 3. W1's update is gone: W2 must make the block STALE.
-    const r = await startRig();
+    const r = await syncedRig({}, [3 * G + 32768]);
     try {
-      r.link.start();
-      await waitSynced(r);
-      await r.fork.write(pattern(4096, 1), 3 * G + 32768, false); // activate the region
-      await waitSynced(r);
       const gate = new Gate();
       r.primary.writeGate = gate;
       r.gw.setFault({ mode: "down" });
@@ -791,10 +796,8 @@ void describe("GatewayLink: writes racing the link", () => {
     // then sent while the link streams; once both are durable on the gateway nothing about the
     // block is unknown, so it must become clean (a block left dirty while streaming waits for the
     // next outage, and verify skips it until then).
-    const r = await startRig();
+    const r = await syncedRig();
     try {
-      r.link.start();
-      await waitSynced(r);
       assert.equal(r.tracking.activeRegions, 0, "the first resync activates nothing");
       const a = r.fork.write(pattern(4096, 1), 5 * G, false);
       const b = r.fork.write(pattern(4096, 2), 5 * G + 8192, false);
@@ -823,12 +826,8 @@ void describe("GatewayLink: writes racing the link", () => {
     // dropping its queue. The updates queued and in flight then are still coming: if the resync
     // raised the floor past them, the gateway would count them as duplicates (not written), answer
     // 200, and the proxy would clear their blocks although the secondary never got the bytes.
-    const r = await startRig();
+    const r = await syncedRig({}, [0, 5 * G, 9 * G]);
     try {
-      r.link.start();
-      await waitSynced(r);
-      for (const b of [0, 5, 9]) await r.fork.write(pattern(4096, 1), b * G, false); // activate the region
-      await waitSynced(r);
       const w = [0, 5, 9].map((b) => r.fork.write(pattern(4096, 20 + b), b * G, false));
       r.link.requestResync(); // in the same tick: the three updates are queued
       await Promise.all(w);
@@ -841,10 +840,8 @@ void describe("GatewayLink: writes racing the link", () => {
   });
 
   void test("a failed primary write: the update went out, but the block stays dirty until a resync copies the primary", async () => {
-    const r = await startRig();
+    const r = await syncedRig();
     try {
-      r.link.start();
-      await waitSynced(r);
       r.primary.failNextWrite = true;
       await assert.rejects(r.fork.write(pattern(4096, 9), 5 * G, false), { code: "EIO" });
       // Whatever the gateway acknowledges, block 5 must not be taken as identical.
@@ -861,10 +858,8 @@ void describe("GatewayLink: writes racing the link", () => {
 
 void describe("GatewayLink: verify, mirror, stop", () => {
   void test("verify: equal sides; a corrupted secondary block is found and repaired; dirty blocks are skipped", async () => {
-    const r = await startRig();
+    const r = await syncedRig();
     try {
-      r.link.start();
-      await waitSynced(r);
       await r.fork.write(randomBytes(1 * MiB), 2 * MiB, false);
       await waitSynced(r);
       const ok = await verify(r.primary, r.tracking, r.link, false);
@@ -897,12 +892,8 @@ void describe("GatewayLink: verify, mirror, stop", () => {
     // slow gateway. verify then marks both dirty and asks for a resync: block 40 must be STALE, or
     // the resync takes it as covered by the write's update, whose acknowledgement clears it with
     // the rest of the block still corrupt.
-    const r = await startRig();
+    const r = await syncedRig({}, [40 * G + 32768]);
     try {
-      r.link.start();
-      await waitSynced(r);
-      await r.fork.write(pattern(4096, 1), 40 * G + 32768, false); // activate the region
-      await waitSynced(r);
       await r.gw.volume.write(randomBytes(G), 40 * G, false);
       await r.gw.volume.write(randomBytes(G), 60 * G, false);
       const gates = [new Gate(), new Gate(), new Gate()];
@@ -934,12 +925,8 @@ void describe("GatewayLink: verify, mirror, stop", () => {
   void test("resync --full: every block STALE, an update in flight clears none of them", async () => {
     // What `blockfork resync --full` does: mark the whole volume dirty, make it STALE in the link,
     // request a resync. Block 20 of the secondary is corrupt and has a client update in flight.
-    const r = await startRig();
+    const r = await syncedRig({}, [20 * G + 32768]);
     try {
-      r.link.start();
-      await waitSynced(r);
-      await r.fork.write(pattern(4096, 1), 20 * G + 32768, false); // activate the region
-      await waitSynced(r);
       await r.gw.volume.write(randomBytes(G), 20 * G, false);
       r.gw.setFault({ mode: "slow", delayMs: 1000 });
       await r.fork.write(pattern(4096, 2), 20 * G, false); // in flight for a second
@@ -960,10 +947,8 @@ void describe("GatewayLink: verify, mirror, stop", () => {
     // acknowledged, flushed and cleared before the comparison, makes the two sides' checksums differ
     // for a block that is clean by then. Here the primary read is held (a slow disk) until that has
     // happened. Expected: no mismatch (the block was written during the check, it never diverged).
-    const r = await startRig();
+    const r = await syncedRig();
     try {
-      r.link.start();
-      await waitSynced(r);
       const gate = new Gate();
       r.primary.readGate = gate;
       const reads0 = r.gw.volume.reads;
@@ -1077,10 +1062,8 @@ void describe("GatewayLink: verify, mirror, stop", () => {
   });
 
   void test("stop: from streaming it drains and flushes; from tracking it returns promptly", async () => {
-    const r = await startRig();
+    const r = await syncedRig();
     try {
-      r.link.start();
-      await waitSynced(r);
       const ops: Promise<void>[] = [];
       for (let i = 0; i < 50; i++) ops.push(r.fork.write(pattern(8192, i), i * G, false));
       await Promise.all(ops);
