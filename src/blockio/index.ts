@@ -249,12 +249,7 @@ export class BlockFile {
       try {
         ftruncateSync(fd, opts.size);
         fsyncSync(fd);
-        const dir = openSync(dirname(path), fsc.O_RDONLY);
-        try {
-          fsyncSync(dir);
-        } finally {
-          closeSync(dir);
-        }
+        syncDir(dirname(path));
       } catch (e) {
         closeSync(fd);
         throw e;
@@ -434,6 +429,16 @@ function fsType(path: string): number {
     return statfsSync(path).type;
   } catch {
     return 0;
+  }
+}
+
+/** fsync a directory: the files created, renamed or removed in it stay so after a crash. */
+export function syncDir(dir: string): void {
+  const d = openSync(dir, fsc.O_RDONLY);
+  try {
+    fsyncSync(d);
+  } finally {
+    closeSync(d);
   }
 }
 

@@ -50,7 +50,7 @@ import {
 import { existsSync, fdatasyncSync, readFileSync, writeSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
-import { BlockFile, isCached } from "../blockio/index.js";
+import { BlockFile, isCached, syncDir } from "../blockio/index.js";
 import { errnoName, errnoOf } from "../errors.js";
 import type { Logger } from "../log.js";
 import { journalNow, seedJournalClock } from "./clock.js";
@@ -1034,12 +1034,7 @@ export class Journal {
       closeSync(fd);
     }
     renameSync(tmp, p);
-    const d = openSync(this.dir, "r");
-    try {
-      fsyncSync(d);
-    } finally {
-      closeSync(d);
-    }
+    syncDir(this.dir);
   }
 
   /** Record a named point in time (now by default); durable when it returns. */
@@ -1162,15 +1157,5 @@ function unbornSegment(path: string): boolean {
     return peekRecord(head.subarray(0, n), SEGMENT_HEADER) === null;
   } finally {
     closeSync(fd);
-  }
-}
-
-/** fsync a directory (a file removed from it stays removed). */
-function syncDir(dir: string): void {
-  const d = openSync(dir, "r");
-  try {
-    fsyncSync(d);
-  } finally {
-    closeSync(d);
   }
 }
