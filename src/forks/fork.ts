@@ -12,10 +12,17 @@
 //      it (bounded by --sync-timeout, after which the link tracks and the write settles anyway).
 // A primary write that fails "poisons" its blocks: they stay dirty whatever the gateway
 // acknowledges, and the next resync copies the primary's actual contents.
+//
+// TRIM: the gateway makes a trimmed range read as zeroes, so the primary must too, or the two
+// differ (a plain trim is only a hint, and a file that cannot punch holes ignores it). As DRBD
+// does with discards, the fork turns a trim into a fast zero of the primary (punch a hole, else
+// FALLOC_FL_ZERO_RANGE). Where the primary can do neither, that first trim poisons its blocks (the
+// TRIM already left for the gateway; a resync copies the primary's unchanged data back) and from
+// then on trims are ignored on both sides: each keeps its data, and they stay equal.
 // Reads, extents, cache and the zero-copy hint pass through untouched.
 
 import { constants } from "node:os";
-import { IoError } from "../errors.js";
+import { IoError, NotSupportedError } from "../errors.js";
 import { DONE } from "../util/done.js";
 import type { TrackingLog } from "../tracking/log.js";
 import type { Volume, VolumeSession, ZeroOptions } from "../volume/volume.js";
@@ -30,7 +37,13 @@ export function forkVolume(
   link: GatewayLink,
   mode: "async" | "sync",
 ): Volume {
-  return new ForkVolume(next, tracking, link, mode);
+  return new ForkVolume(next, tracking, link, mode, { trimIgnored: false });
+}
+
+/** What every session's ForkVolume shares. */
+interface ForkShared {
+  /** The primary cannot make a range read as zeroes quickly: trims are ignored on both sides. */
+  trimIgnored: boolean;
 }
 
 class ForkVolume extends FilterVolume {
@@ -39,6 +52,7 @@ class ForkVolume extends FilterVolume {
     private readonly tracking: TrackingLog,
     private readonly link: GatewayLink,
     private readonly mode: "async" | "sync",
+    private readonly shared: ForkShared,
   ) {
     super(next);
   }
@@ -47,7 +61,7 @@ class ForkVolume extends FilterVolume {
     const inner = this.next.openSession?.(label);
     if (!inner) return { volume: this, close: () => {} };
     return {
-      volume: new ForkVolume(inner.volume, this.tracking, this.link, this.mode),
+      volume: new ForkVolume(inner.volume, this.tracking, this.link, this.mode, this.shared),
       close: () => inner.close(),
     };
   }
@@ -57,7 +71,28 @@ class ForkVolume extends FilterVolume {
   }
 
   override trim(offset: number, length: number, fua: boolean): Promise<void> {
-    return this.change(KIND.TRIM, offset, length, null, () => this.next.trim(offset, length, fua));
+    if (this.shared.trimIgnored) return DONE; // trim is a hint: primary and secondary keep their data
+    return this.change(KIND.TRIM, offset, length, null, () => this.trimPrimary(offset, length, fua));
+  }
+
+  /** Make the range read as zeroes on the primary, as the gateway will (see the notes on TRIM). */
+  private trimPrimary(offset: number, length: number, fua: boolean): Promise<void> {
+    const p = this.next.zero(offset, length, { fua, mayTrim: true, fast: true });
+    if (p === DONE) return DONE;
+    return p.catch((e: unknown) => {
+      if (!(e instanceof NotSupportedError)) throw e;
+      // The primary kept its data, the gateway will not: copy these blocks again (a whole-block
+      // resync copy is the only thing that clears a poisoned block), and ignore trims from now on.
+      this.link.poison(offset, length);
+      this.link.requestResync();
+      if (!this.shared.trimIgnored) {
+        this.shared.trimIgnored = true;
+        this.link.warn(
+          `the primary can neither punch holes nor zero ranges quickly (${e.message}): trims are ` +
+            "ignored from now on, on the primary and the secondary alike",
+        );
+      }
+    });
   }
 
   override zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {

@@ -1230,6 +1230,11 @@ export class GatewayLink {
     for (const b of covered) if (b >= b0 && b <= b1) this.lastSeq.set(b, STALE);
   }
 
+  /** A warning about this link's volume, in the link's log. */
+  warn(message: string): void {
+    this.log.warn(message);
+  }
+
   /** Blocks were marked dirty out of band (verify --repair): copy them now if the link streams. */
   requestResync(): void {
     this.dispatch({ type: "resyncRequested" });

@@ -28,7 +28,7 @@ import { GatewayLink, LINK_DEFAULTS, type LinkOptions } from "../../src/forks/li
 import { forkVolume } from "../../src/forks/fork.js";
 import { verify } from "../../src/forks/verify.js";
 import { TrackingLog } from "../../src/tracking/log.js";
-import { IoError } from "../../src/errors.js";
+import { IoError, NotSupportedError } from "../../src/errors.js";
 import { Logger } from "../../src/log.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import type { Extent, Volume, VolumeCaps, ZeroOptions } from "../../src/volume/volume.js";
@@ -60,6 +60,11 @@ class PrimaryVolume implements Volume {
   failNextWrite = false;
   /** Every read fails with EIO while set. */
   failReads = false;
+  /**
+   * Storage that can neither punch holes nor zero ranges (FileVolume on such a filesystem): trim
+   * keeps the data, and a fast zero fails with NotSupportedError.
+   */
+  noFastZero = false;
   constructor(readonly mem: MemoryVolume) {
     this.size = mem.size;
   }
@@ -85,9 +90,12 @@ class PrimaryVolume implements Volume {
     return this.mem.flush();
   }
   trim(offset: number, length: number, fua: boolean): Promise<void> {
+    if (this.noFastZero) return Promise.resolve();
     return this.mem.trim(offset, length, fua);
   }
   zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    if (this.noFastZero && opts.fast === true)
+      return Promise.reject(new NotSupportedError("this storage cannot write zeroes faster than a write"));
     return this.mem.zero(offset, length, opts);
   }
   async extents(offset: number, length: number): Promise<Extent[]> {
@@ -321,6 +329,46 @@ void describe("GatewayLink: start and streaming", () => {
       const st = r.link.status();
       assert.equal(st.outages, 0);
       assert.equal(st.durableThrough, st.seq);
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("trim reads as zeroes on both sides, or, where the primary cannot zero fast, on neither", async () => {
+    const r = await syncedRig();
+    try {
+      // A primary that can punch: the trimmed range is zeroes on the primary and the secondary.
+      await r.fork.write(pattern(3 * G, 5), 4 * G, false);
+      await waitSynced(r);
+      await r.fork.trim(4 * G + 4096, G, false);
+      await waitSynced(r);
+      assert.ok(
+        bytes(r.primary.mem, 4 * G + 4096, G).equals(Buffer.alloc(G)),
+        "primary trimmed range reads zeroes",
+      );
+      assertIdentical(r, "after a trim on a primary that punches");
+
+      // A primary that cannot: its data stays, the TRIM that already left for the gateway is
+      // repaired by a resync copy, and later trims change neither side.
+      r.primary.noFastZero = true;
+      const kept = pattern(2 * G, 9);
+      await r.fork.write(kept, 8 * G, false);
+      await waitSynced(r);
+      await r.fork.trim(8 * G, 2 * G, false);
+      assert.ok(bytes(r.primary.mem, 8 * G, 2 * G).equals(kept), "the primary kept its data");
+      await waitSynced(r);
+      assertIdentical(r, "after a trim the primary could not do");
+      assert.ok(bytes(r.gw.volume, 8 * G, 2 * G).equals(kept), "the secondary has the primary's data back");
+      const seq = r.link.status().seq;
+      await r.fork.trim(8 * G, G, false);
+      assert.equal(r.tracking.map.dirtyBlocks, 0, "an ignored trim marks nothing dirty");
+      assert.equal(r.link.status().seq, seq, "an ignored trim sends nothing");
+      assertIdentical(r, "after an ignored trim");
+      // Zeroes still work the slow way (written), on both sides.
+      await r.fork.zero(9 * G, 4096, { mayTrim: true });
+      await waitSynced(r);
+      assert.ok(bytes(r.primary.mem, 9 * G, 4096).equals(Buffer.alloc(4096)));
+      assertIdentical(r, "after a zero");
     } finally {
       await r.close();
     }
