@@ -9,6 +9,13 @@ import { SnapshotView } from "./snapshot.js";
 
 const PREFIX = "snap@";
 
+/**
+ * An open waits this long for the changes stamped before its point to reach the primary (they
+ * normally take milliseconds); past it the primary is not answering, and the open is refused
+ * with a message rather than left hanging in the handshake.
+ */
+export const SETTLE_TIMEOUT_MS = 30_000;
+
 /** Parse what follows "snap@": an ISO-8601 time, or a bookmark name. */
 function parseTime(text: string): number | null {
   if (!/^\d{4}-\d{2}-\d{2}/.test(text)) return null;
@@ -23,6 +30,8 @@ export class SnapshotProvider implements ExportProvider {
     private readonly primary: Volume,
     private readonly blockSizes: BlockSizes,
     private readonly log?: Logger,
+    /** How long an open waits for changes stamped before its point before it is refused. */
+    private readonly settleTimeoutMs = SETTLE_TIMEOUT_MS,
   ) {}
 
   owns(name: string): boolean {
@@ -76,11 +85,24 @@ export class SnapshotProvider implements ExportProvider {
     // wait for them, or the view would read a block's older contents first and theirs later.
     const settled = this.journal.settled(point);
     if (settled === null) return Promise.resolve(this.openView(name, point));
-    return settled.then(() =>
-      this.inWindow(t, point) // the journal may have stopped meanwhile
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<false>((resolve) => {
+      timer = setTimeout(() => resolve(false), this.settleTimeoutMs);
+    });
+    return Promise.race([settled.then(() => true as const), late]).then((ok) => {
+      clearTimeout(timer);
+      if (!ok) {
+        const s = (this.settleTimeoutMs / 1000).toFixed(this.settleTimeoutMs < 1000 ? 1 : 0);
+        return {
+          message:
+            `${name}: changes made to the primary before that point have not completed after ${s} s ` +
+            "(is the primary's storage hanging?); try again later",
+        };
+      }
+      return this.inWindow(t, point) // the journal may have stopped meanwhile
         ? this.openView(name, point)
-        : { message: `${name} is outside the journal's window; ${this.range()}` },
-    );
+        : { message: `${name} is outside the journal's window; ${this.range()}` };
+    });
   }
 
   private inWindow(t: number, point: number): boolean {

@@ -828,6 +828,46 @@ void describe("a view opened while a change stamped before its point is still in
     assert.equal(String.fromCharCode(b2[0]), "X", "and keeps holding it");
     await view.close();
   });
+
+  void test("a change that never reaches the primary: the open is refused after the timeout, saying why", async () => {
+    const W = 200;
+    const dir = scratch();
+    const primary = new SlowVolume(MiB);
+    const journal = await Journal.open({ dir: join(dir, "journal"), volumeSize: MiB, windowMs: W, log });
+    cleanups.push(() => journal.close());
+    const stack = journalVolume(primary, journal);
+    const timeoutMs = 300;
+    const provider = new SnapshotProvider(
+      journal,
+      primary,
+      { minimum: 1, preferred: BS, maximum: MiB },
+      log,
+      timeoutMs,
+    );
+    await nextWindow(W, 20);
+    await sleep(W * 2);
+    const gate = new Gate();
+    primary.gate = gate;
+    const x = stack.write(Buffer.alloc(BS, 0x58), 0, false);
+    await until(() => gate.waiting === 1); // the primary write hangs
+    primary.gate = null;
+    await nextWindow(W);
+    const asked = Date.now();
+    const r = await provider.open(`snap@${new Date(journalNow()).toISOString()}`);
+    const took = Date.now() - asked;
+    assert.ok("message" in r, "a view opened while a change before its point still hung");
+    assert.match(
+      r.message,
+      /have not completed after 0\.3 s \(is the primary's storage hanging\?\); try again later/,
+    );
+    assert.ok(took >= timeoutMs - 20, `refused after ${took} ms, before the ${timeoutMs} ms timeout`);
+    gate.release();
+    await x;
+    // Once it has landed, the same point opens.
+    const again = await provider.open(`snap@${new Date(journalNow() - W).toISOString()}`);
+    assert.ok("volume" in again, `refused: ${(again as { message: string }).message}`);
+    await (again.volume as SnapshotView).close();
+  });
 });
 
 /** Wait (up to 2 s) until `cond` holds. */
