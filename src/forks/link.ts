@@ -234,7 +234,11 @@ export class GatewayLink {
   /** Batches sent and not yet answered (their oldest update bounds sync-mode waiting). */
   private readonly sending = new Set<Pending[]>();
   /** Applied but not yet durable (seq and blocks), for clearing after a flush. */
-  private unflushed: { seq: number; b0: number; b1: number }[] = [];
+  /**
+   * Applied updates not yet known durable, flat: seq, b0, b1 of each, in answer order (a number
+   * array, not an object per update: under steady writes thousands live until the next flush).
+   */
+  private unflushed: number[] = [];
   private readonly lastSeq = new Map<number, number>();
   /**
    * Blocks a client write is changing right now (resync leaves them alone): per block, the number
@@ -720,7 +724,7 @@ export class GatewayLink {
       if (typeof a?.appliedThrough === "number" && a.appliedThrough > this.appliedSeen)
         this.appliedSeen = a.appliedThrough;
       for (const p of batch) {
-        this.unflushed.push({ seq: p.seq, b0: p.b0, b1: p.b1 });
+        this.unflushed.push(p.seq, p.b0, p.b1);
         if (p.resync) this.progress.doneBytes += p.length;
         if (p.file !== null) this.progress.pageCacheBytes += p.length;
         p.waiter?.();
@@ -781,7 +785,7 @@ export class GatewayLink {
   private flushNow(): Promise<void> {
     if (this.flushing) return this.flushing.then(() => this.flushNow());
     const epoch = this.epoch;
-    const covered = this.unflushed.length;
+    const covered = this.unflushed.length / 3;
     // Every update the gateway said it applied before this flush is sent: the flush makes durable
     // at least up to the highest appliedThrough it answered (the gateway captures it at the start).
     const applied = this.appliedSeen;
@@ -819,14 +823,15 @@ export class GatewayLink {
   /** Clear blocks whose newest update is durable (looking at the first `count` applied entries). */
   private clearDurable(d: number, count: number): void {
     const map = this.tracking.map;
-    const keep: { seq: number; b0: number; b1: number }[] = [];
-    for (let i = 0; i < this.unflushed.length; i++) {
-      const u = this.unflushed[i];
-      if (i >= count || u.seq > d) {
-        keep.push(u);
+    const u = this.unflushed;
+    const keep: number[] = [];
+    for (let i = 0; i < u.length; i += 3) {
+      const seq = u[i];
+      if (i >= 3 * count || seq > d) {
+        keep.push(seq, u[i + 1], u[i + 2]);
         continue;
       }
-      for (let b = u.b0; b <= u.b1; b++) {
+      for (let b = u[i + 1]; b <= u[i + 2]; b++) {
         const last = this.lastSeq.get(b);
         if (last !== undefined && last <= d) {
           this.lastSeq.delete(b);

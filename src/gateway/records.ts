@@ -51,9 +51,18 @@ const HI = 2 ** 32;
 /** The high half of a u64 must stay below this for the value to be below 2^53. */
 const SAFE_HI = 2 ** 21;
 
-function writeU64(buf: Buffer, at: number, v: number): void {
-  buf.writeUInt32BE(Math.floor(v / HI), at);
-  buf.writeUInt32BE(v % HI, at + 4);
+/** A u32, big-endian, by bytes: the caller has checked the value and the room. */
+function putU32(buf: Buffer, at: number, v: number): void {
+  buf[at] = v >>> 24;
+  buf[at + 1] = (v >>> 16) & 0xff;
+  buf[at + 2] = (v >>> 8) & 0xff;
+  buf[at + 3] = v & 0xff;
+}
+
+/** A u64 below 2^53, big-endian (the caller has checked the value and the room). */
+function putU64(buf: Buffer, at: number, v: number): void {
+  putU32(buf, at, Math.floor(v / HI));
+  putU32(buf, at + 4, v >>> 0); // the low 32 bits: exact for any integer below 2^53
 }
 
 /** Size in bytes of the encoded records. */
@@ -85,15 +94,21 @@ export function encodeHeader(
   if (!Number.isInteger(length) || length < 0 || length > 0xffffffff) {
     throw new RangeError(`record length ${length} is not a u32`);
   }
-  out.writeUInt32BE(RECORD_MAGIC, at);
+  if (!Number.isInteger(at) || at < 0 || at + RECORD_HEADER > out.length) {
+    throw new RangeError(`no room for a record header at ${at} of a ${out.length}-byte buffer`);
+  }
+  // Byte stores (this runs once per forwarded write): Buffer's writeUInt32BE checks again what
+  // is checked above.
+  putU32(out, at, RECORD_MAGIC);
   out[at + 4] = kind;
   out[at + 5] = 0;
-  out.writeUInt16BE(0, at + 6);
-  writeU64(out, at + 8, seq);
-  writeU64(out, at + 16, period);
-  writeU64(out, at + 24, offset);
-  out.writeUInt32BE(length, at + 32);
-  out.writeUInt32BE(0, at + 36);
+  out[at + 6] = 0;
+  out[at + 7] = 0;
+  putU64(out, at + 8, seq);
+  putU64(out, at + 16, period);
+  putU64(out, at + 24, offset);
+  putU32(out, at + 32, length);
+  putU32(out, at + 36, 0);
 }
 
 /** Encode records into one body. Throws RangeError on a record it cannot encode. */
