@@ -21,6 +21,7 @@ import {
   fioStart,
   sha256File,
   startPair,
+  writeThroughNbd,
   type FioRun,
   type Pair,
 } from "../helpers/replication.js";
@@ -46,22 +47,6 @@ function poke(path: string, offset: number, data: Buffer): void {
   } finally {
     closeSync(fd);
   }
-}
-
-async function writeThroughNbd(pair: Pair, offset: number, data: Buffer): Promise<void> {
-  const file = join(pair.dir, `data-${Date.now()}.bin`);
-  writeFileSync(file, data);
-  await nbdsh(
-    pair.proxy!.uri,
-    [
-      "import nbd, os",
-      "h = nbd.NBD()",
-      'h.connect_uri(os.environ["URI"])',
-      `h.pwrite(open(${JSON.stringify(file)}, "rb").read(), ${offset})`,
-      "h.flush()",
-      "h.shutdown()",
-    ].join("\n"),
-  );
 }
 
 async function assertIdentical(pair: Pair, what: string): Promise<void> {

@@ -11,7 +11,7 @@ import { createReadStream, rmSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { startGateway, type GatewayHandle } from "./gateway.js";
 import { BIN, scratchDir, startServer, type ServerHandle } from "./server.js";
-import { run, SYSTEM_PATH, type RunResult } from "./run.js";
+import { nbdsh, run, SYSTEM_PATH, type RunResult } from "./run.js";
 
 /** What `blockfork status --json` prints (the parts the tests read). */
 export interface ProxyStatus {
@@ -81,6 +81,8 @@ export interface PairOptions {
   proxyToken?: string;
   /** Wait until the first resync is done (default true). */
   waitSynced?: boolean;
+  /** Directory of the primary (default: the pair's scratch directory). */
+  primaryDir?: string;
 }
 
 /** A gateway and a proxy forking to it. */
@@ -122,7 +124,7 @@ export interface Pair {
 export async function startPair(opts: PairOptions = {}): Promise<Pair> {
   const dir = scratchDir("blockfork-repl-");
   const size = opts.size ?? "128M";
-  const primary = join(dir, "prim.img");
+  const primary = join(opts.primaryDir ?? dir, "prim.img");
   const secondary = join(dir, "sec.img");
   const stateDir = join(dir, "state");
   const gwStateDir = join(dir, "gw-state");
@@ -260,6 +262,24 @@ export async function startPair(opts: PairOptions = {}): Promise<Pair> {
     throw e;
   }
   return pair;
+}
+
+/** Write `data` at `offset` through the pair's proxy (nbdsh), then FLUSH. */
+export async function writeThroughNbd(pair: Pair, offset: number, data: Buffer): Promise<void> {
+  const file = join(pair.dir, `data-${Date.now()}.bin`);
+  writeFileSync(file, data);
+  await nbdsh(
+    pair.proxy!.uri,
+    [
+      "import nbd, os",
+      "h = nbd.NBD()",
+      'h.connect_uri(os.environ["URI"])',
+      `h.pwrite(open(${JSON.stringify(file)}, "rb").read(), ${offset})`,
+      "h.flush()",
+      "h.shutdown()",
+    ].join("\n"),
+  );
+  rmSync(file, { force: true });
 }
 
 /** SHA-256 of a file (hex). */
