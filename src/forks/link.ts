@@ -233,10 +233,10 @@ export class GatewayLink {
   private batches = 0;
   /** Batches sent and not yet answered (their oldest update bounds sync-mode waiting). */
   private readonly sending = new Set<Pending[]>();
-  /** Applied but not yet durable (seq and blocks), for clearing after a flush. */
   /**
-   * Applied updates not yet known durable, flat: seq, b0, b1 of each, in answer order (a number
-   * array, not an object per update: under steady writes thousands live until the next flush).
+   * Applied but not yet durable, for clearing after a flush: seq, b0, b1 of each update, flat, in
+   * answer order (numbers, not an object per update: under steady writes thousands live until the
+   * next flush).
    */
   private unflushed: number[] = [];
   private readonly lastSeq = new Map<number, number>();
