@@ -6,8 +6,9 @@
 //   1. mark its blocks dirty in memory (before the activity log can evict their region, so an
 //      eviction persists these bits);
 //   2. make sure the activity log covers them durably (no I/O when the region is already hot);
-//   3. write the primary and hand a copy of the data to the link (sent when the link streams,
-//      recorded only while it tracks);
+//   3. write the primary and hand the data to the link (sent when the link streams, recorded
+//      only while it tracks): copied, or for a large write whose caller passed a WriteHold (the
+//      NBD layer does), kept in the caller's buffer until the gateway has it;
 //   4. async mode: settle with the primary write; sync mode: also wait for the gateway to apply
 //      it (bounded by --sync-timeout, after which the link tracks and the write settles anyway).
 // A primary write that fails "poisons" its blocks: they stay dirty whatever the gateway
@@ -25,7 +26,7 @@ import { constants } from "node:os";
 import { IoError, NotSupportedError } from "../errors.js";
 import { DONE } from "../util/done.js";
 import type { TrackingLog } from "../tracking/log.js";
-import type { Volume, VolumeSession, ZeroOptions } from "../volume/volume.js";
+import type { Volume, VolumeSession, WriteHold, ZeroOptions } from "../volume/volume.js";
 import { FilterVolume } from "../volume/filter.js";
 import { KIND, type UpdateKind } from "../gateway/records.js";
 import type { GatewayLink, WriteTicket } from "./link.js";
@@ -66,8 +67,8 @@ class ForkVolume extends FilterVolume {
     };
   }
 
-  override write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
-    return this.change(KIND.WRITE, offset, buf.length, buf, () => this.next.write(buf, offset, fua));
+  override write(buf: Buffer, offset: number, fua: boolean, hold?: WriteHold): Promise<void> {
+    return this.change(KIND.WRITE, offset, buf.length, buf, () => this.next.write(buf, offset, fua), hold);
   }
 
   override trim(offset: number, length: number, fua: boolean): Promise<void> {
@@ -105,15 +106,16 @@ class ForkVolume extends FilterVolume {
     length: number,
     data: Buffer | null,
     apply: () => Promise<void>,
+    hold: WriteHold | null = null,
   ): Promise<void> {
     const failure = this.tracking.error;
     if (failure) return Promise.reject(new IoError(constants.errno.EIO, "tracking log", failure.message));
     const ticket = this.link.beginWrite(offset, length); // before marking: it looks at what was dirty
     this.tracking.map.mark(offset, length);
     const active = this.tracking.activate(offset, length);
-    if (active === DONE) return this.forward(kind, offset, length, data, apply, ticket);
+    if (active === DONE) return this.forward(kind, offset, length, data, apply, ticket, hold);
     return active.then(
-      () => this.forward(kind, offset, length, data, apply, ticket),
+      () => this.forward(kind, offset, length, data, apply, ticket, hold),
       (e: unknown) => {
         this.link.endWrite(offset, length, ticket);
         throw new IoError(constants.errno.EIO, "tracking log", (e as Error).message);
@@ -128,6 +130,7 @@ class ForkVolume extends FilterVolume {
     data: Buffer | null,
     apply: () => Promise<void>,
     ticket: WriteTicket,
+    hold: WriteHold | null,
   ): Promise<void> {
     let p: Promise<void>;
     try {
@@ -135,7 +138,7 @@ class ForkVolume extends FilterVolume {
     } catch (e) {
       p = Promise.reject(e);
     }
-    const sent = this.link.submit(kind, offset, length, data, ticket);
+    const sent = this.link.submit(kind, offset, length, data, ticket, hold);
     if (p === DONE) {
       this.link.endWrite(offset, length, ticket);
       return sent === null || this.mode === "async" ? DONE : sent;

@@ -14,8 +14,10 @@
 // - An update is encoded once, when it is submitted: header and data are appended to the current
 //   slab (a pooled 1 MiB buffer), so consecutive updates lie back to back and a batch body is a
 //   few slices of slabs sent as they are (no second copy, no per-update buffer). Data of 64 KiB or
-//   more (large writes, resync ranges) stays in its own buffer, sent after its header. A slab goes
-//   back to the pool when no queued or in-flight update uses it.
+//   more stays in a buffer of its own, sent after its header: a resync range's pooled buffer, or
+//   a client write's payload buffer, which the NBD layer leaves alone until the link releases its
+//   WriteHold (no copy; without a hold it is copied into a pooled buffer). A slab goes back to the
+//   pool when no queued or in-flight update uses it.
 // - Transport: batches go over an update stream (stream-client.ts: one connection upgraded to
 //   `blockfork-updates/1`, BATCH frames out, ACKs back, no HTTP request per batch) opened when the
 //   gateway is found healthy and closed with the epoch; a gateway that does not switch protocols
@@ -47,7 +49,7 @@ import { Pool } from "undici";
 import type { Logger } from "../log.js";
 import type { TrackingLog } from "../tracking/log.js";
 import { extentsJson } from "../tracking/dirty-map.js";
-import type { PieceLease, Volume } from "../volume/volume.js";
+import type { PieceLease, Volume, WriteHold } from "../volume/volume.js";
 import { encodeHeader, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/records.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import { UpdateStream, type BodyPart } from "./stream-client.js";
@@ -143,6 +145,8 @@ interface Pending {
   data: Buffer | null;
   /** A pooled buffer holding `data`, given back once the update is sent or dropped. */
   pooled: Buffer | null;
+  /** Or the client's own buffer holding `data` (a WriteHold retained), released likewise. */
+  kept: WriteHold | null;
   /** Or, after `head`, the data as a range of the primary's file, sent from its page cache. */
   file: PieceLease | null;
 }
@@ -420,8 +424,9 @@ export class GatewayLink {
 
   /**
    * Send an update (the caller marked its blocks dirty and activated them first). `data` is
-   * copied. Returns null when nothing is sent (tracking) or, in sync mode, a promise settled when
-   * the gateway applied it (or the link gave up on it).
+   * copied, unless it is large and `hold` lets the link keep it. Returns null when nothing is sent
+   * (tracking) or, in sync mode, a promise settled when the gateway applied it (or the link gave
+   * up on it).
    */
   submit(
     kind: UpdateKind,
@@ -429,6 +434,7 @@ export class GatewayLink {
     length: number,
     data: Buffer | null,
     ticket: WriteTicket,
+    hold: WriteHold | null = null,
   ): Promise<void> | null {
     if (!sends(this.s.name)) {
       // Nothing sent: this write covers nothing from now on (a later write into its blocks must
@@ -447,7 +453,7 @@ export class GatewayLink {
     } else if (ticket.stale !== null) {
       for (const b of ticket.stale) this.lastSeq.set(b, STALE);
     }
-    const p = this.enqueue(kind, offset, length, data, false, seq);
+    const p = this.enqueue(kind, offset, length, data, false, seq, null, null, hold);
     if (this.o.mode === "async" && this.queued > this.o.queueBytes) {
       this.dispatch({ type: "overflow", reason: `queue over ${this.o.queueBytes} bytes (gateway too slow)` });
     }
@@ -482,8 +488,9 @@ export class GatewayLink {
 
   /**
    * Queue an update. `data` (WRITE only) is copied into a slab when it is small. Larger data is
-   * kept as it is when it lives in `pooled` (handed over: back to the pool once sent or dropped),
-   * else copied (the caller reuses its buffer).
+   * kept as it is when it lives in `pooled` (handed over: back to the pool once sent or dropped)
+   * or when the client's `hold` lets it keep the client's buffer (released likewise), else copied
+   * (the caller reuses its buffer).
    */
   private enqueue(
     kind: UpdateKind,
@@ -494,6 +501,7 @@ export class GatewayLink {
     seq = this.reserve(offset, length),
     pooled: Buffer | null = null,
     file: PieceLease | null = null,
+    hold: WriteHold | null = null,
   ): Promise<void> | null {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
     const dataBytes = file !== null ? file.length : data === null ? 0 : data.length;
@@ -512,6 +520,7 @@ export class GatewayLink {
       head: null,
       data: null,
       pooled,
+      kept: null,
       file: null,
     };
     if (file !== null) {
@@ -535,11 +544,15 @@ export class GatewayLink {
     } else {
       pending.head = Buffer.allocUnsafe(RECORD_HEADER);
       encodeHeader(pending.head, 0, kind, seq, this.period, offset, length);
-      if (pooled === null) {
+      if (pooled !== null) pending.data = data;
+      else if (hold !== null && hold.retain()) {
+        pending.kept = hold; // the client's buffer stays as it is until done(): no copy
+        pending.data = data;
+      } else {
         pending.pooled = acquire(dataBytes);
         pending.data = pending.pooled.subarray(0, dataBytes);
         data!.copy(pending.data);
-      } else pending.data = data;
+      }
     }
     let promise: Promise<void> | null = null;
     if (this.o.mode === "sync" && !resync)
@@ -578,6 +591,10 @@ export class GatewayLink {
   /** An update was sent or dropped: give back what holds its bytes. */
   private done(p: Pending): void {
     if (p.pooled !== null) release(p.pooled);
+    if (p.kept !== null) {
+      p.kept.release();
+      p.kept = null;
+    }
     const slab = p.slab;
     if (slab !== null) {
       slab.refs--;

@@ -19,6 +19,7 @@ import { recvNowait } from "../blockio/index.js";
 import { reopenWithOnread } from "../util/onread.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import type { Rejection } from "./validate.js";
+import type { WriteHold } from "../volume/volume.js";
 import { CMD, decodeRequest, REQUEST_SIZE, type Request } from "./wire.js";
 
 /** Size of a receive buffer. */
@@ -30,10 +31,12 @@ const DIRECT_MIN = 64 * 1024;
 /** Read size after a large WRITE: a request header and a little more. */
 const SMALL_READ = 4096;
 
-/** Keeps a WRITE payload's memory valid until released (exactly once). */
-export interface PayloadHold {
-  release(): void;
-}
+/**
+ * Keeps a WRITE payload's memory valid until released (exactly once, plus once per successful
+ * retain()). Only a payload in a buffer of its own can be retained: a view into a receive buffer
+ * would hold the whole buffer (and the connection reads into a bounded number of them).
+ */
+export type PayloadHold = WriteHold;
 
 /** Where requests go. */
 export interface RequestSink {
@@ -52,21 +55,30 @@ export interface RequestSink {
   flush(): void;
 }
 
-const NO_HOLD: PayloadHold = { release() {} };
+const NO_HOLD: PayloadHold = { retain: () => false, release() {} };
 
 class RxBuffer implements PayloadHold {
   readonly buf = Buffer.allocUnsafe(RX_SIZE);
   refs = 0;
   constructor(private readonly owner: RequestReceiver) {}
+  retain(): boolean {
+    return false;
+  }
   release(): void {
     if (--this.refs === 0) this.owner.recycle(this);
   }
 }
 
+/** A payload in a pooled buffer of its own: back to the pool when the last hold is released. */
 class PooledHold implements PayloadHold {
+  private refs = 1;
   constructor(private readonly pooled: Buffer) {}
+  retain(): boolean {
+    this.refs++;
+    return true;
+  }
   release(): void {
-    release(this.pooled);
+    if (--this.refs === 0) release(this.pooled);
   }
 }
 

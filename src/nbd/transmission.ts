@@ -319,7 +319,7 @@ export class Transmission implements RequestSink {
   /** A WRITE with its payload; `hold` keeps the payload's memory until the volume is done with it. */
   write(req: Request, data: Buffer, hold: PayloadHold): void {
     this.stats.bytesWritten += data.length;
-    const p = this.vol.write(data, req.offset, (req.flags & CMD_FLAG.FUA) !== 0);
+    const p = this.vol.write(data, req.offset, (req.flags & CMD_FLAG.FUA) !== 0, hold);
     if (p === DONE) {
       hold.release();
       this.replyOk(req);

@@ -2,7 +2,7 @@
 // a filter extends this and overrides only what it changes. The zero-copy hint passes through
 // too, so a filter that changes what reads return must override fileRange() to return null.
 
-import type { Extent, FileRange, Volume, VolumeCaps, ZeroOptions } from "./volume.js";
+import type { Extent, FileRange, Volume, VolumeCaps, WriteHold, ZeroOptions } from "./volume.js";
 
 /** A filter that changes nothing until a subclass overrides a call. */
 export class FilterVolume implements Volume {
@@ -20,8 +20,8 @@ export class FilterVolume implements Volume {
   read(buf: Buffer, offset: number): Promise<void> {
     return this.next.read(buf, offset);
   }
-  write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
-    return this.next.write(buf, offset, fua);
+  write(buf: Buffer, offset: number, fua: boolean, hold?: WriteHold): Promise<void> {
+    return this.next.write(buf, offset, fua, hold);
   }
   flush(): Promise<void> {
     return this.next.flush();

@@ -11,7 +11,9 @@
 // - No ordering between calls still in flight: a caller that needs "A before B" awaits A.
 // - Buffers belong to the caller: write(buf) may use buf only until its promise settles, and
 //   read(buf) fills buf before it settles. A layer that needs the data later (a queue to a
-//   gateway, a journal) copies it. The NBD layer recycles payload buffers as soon as a call settles.
+//   gateway, a journal) copies it, unless the caller passed a WriteHold that lets it keep the
+//   buffer (the NBD layer does for payloads in buffers of their own). The NBD layer recycles
+//   payload buffers as soon as a call settles and every hold on them is released.
 // - flush(): every write that completed (settled) before flush() was called is durable when the
 //   flush settles. `fua` on a call: that call's effect is durable when it settles.
 
@@ -80,6 +82,16 @@ export interface PieceLease {
   release(): void;
 }
 
+/**
+ * Offered with a write by a caller that can leave its buffer alone for longer: retain() returns
+ * true when the callee may keep `buf` past the call (unchanged, not reused) until it calls
+ * release() once; false means it must copy what it needs, as without a hold.
+ */
+export interface WriteHold {
+  retain(): boolean;
+  release(): void;
+}
+
 /** A volume handle for one client session (see Volume.openSession). */
 export interface VolumeSession {
   volume: Volume;
@@ -94,7 +106,8 @@ export interface Volume {
   readonly description: string;
   caps(): VolumeCaps;
   read(buf: Buffer, offset: number): Promise<void>;
-  write(buf: Buffer, offset: number, fua: boolean): Promise<void>;
+  /** `hold`, when given, may let a layer keep `buf` past the call instead of copying it. */
+  write(buf: Buffer, offset: number, fua: boolean, hold?: WriteHold): Promise<void>;
   flush(): Promise<void>;
   trim(offset: number, length: number, fua: boolean): Promise<void>;
   zero(offset: number, length: number, opts: ZeroOptions): Promise<void>;

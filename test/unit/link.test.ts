@@ -31,7 +31,7 @@ import { TrackingLog } from "../../src/tracking/log.js";
 import { IoError, NotSupportedError } from "../../src/errors.js";
 import { Logger } from "../../src/log.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
-import type { Extent, Volume, VolumeCaps, ZeroOptions } from "../../src/volume/volume.js";
+import type { Extent, Volume, VolumeCaps, WriteHold, ZeroOptions } from "../../src/volume/volume.js";
 import { Gate } from "../helpers/gate.js";
 
 const KiB = 1024;
@@ -369,6 +369,48 @@ void describe("GatewayLink: start and streaming", () => {
       await waitSynced(r);
       assert.ok(bytes(r.primary.mem, 9 * G, 4096).equals(Buffer.alloc(4096)));
       assertIdentical(r, "after a zero");
+    } finally {
+      await r.close();
+    }
+  });
+  void test("a large write is sent from the client's buffer while a hold keeps it, else copied", async () => {
+    // One batch in flight at a time, and a slow gateway: the large update waits in the link's
+    // queue while the client "reuses" its buffer (scribbles on it once its last hold is released).
+    const r = await syncedRig({ maxBatches: 1 });
+    try {
+      const held = (data: Buffer, retainable: boolean) => {
+        const buf = Buffer.from(data);
+        const h = { buf, refs: 1, retained: 0, hold: null as unknown as WriteHold };
+        h.hold = {
+          retain: () => {
+            if (!retainable) return false;
+            h.refs++;
+            h.retained++;
+            return true;
+          },
+          release: () => {
+            assert.ok(--h.refs >= 0, "released more often than held");
+            if (h.refs === 0) buf.fill(0xee); // reused
+          },
+        };
+        return h;
+      };
+      r.gw.setFault({ mode: "slow", delayMs: 300 });
+      await r.fork.write(pattern(4096, 3), 0, false); // in flight, slowly
+      const a = held(pattern(4 * G, 21), true);
+      await r.fork.write(a.buf, 2 * G, false, a.hold);
+      a.hold.release(); // the NBD layer's own hold, released when the write settles
+      assert.equal(a.retained, 1, "the link kept the client's buffer instead of copying it");
+      assert.equal(a.refs, 1, "and holds it while the update waits");
+      const b = held(pattern(4 * G, 22), false);
+      await r.fork.write(b.buf, 8 * G, false, b.hold);
+      b.hold.release(); // cannot be kept: reused at once, the link copied it
+      r.gw.setFault({ mode: "none" });
+      await waitSynced(r);
+      await waitFor("the link's hold released", () => a.refs === 0);
+      assert.ok(bytes(r.gw.volume, 2 * G, 4 * G).equals(pattern(4 * G, 21)), "held write on the secondary");
+      assert.ok(bytes(r.gw.volume, 8 * G, 4 * G).equals(pattern(4 * G, 22)), "copied write on the secondary");
+      assertIdentical(r, "after large writes with and without a hold");
     } finally {
       await r.close();
     }
