@@ -63,14 +63,20 @@ void describe("replication: TRIM with a gateway", () => {
     for (const c of cleanups.reverse()) await c();
   });
 
-  void test("a primary that punches holes: the range reads as zeroes in both files", async () => {
-    const pair = await startPair({ size: "32M" });
+  /** A pair with 4 MiB of data at 4 MiB, then [5 MiB, 7 MiB) trimmed, synced after each. */
+  async function trimmedPair(primaryDir?: string): Promise<{ pair: Pair; data: Buffer }> {
+    const pair = await startPair({ size: "32M", ...(primaryDir ? { primaryDir } : {}) });
     cleanups.push(() => pair.stop());
     const data = randomBytes(4 * MiB);
     await writeThroughNbd(pair, 4 * MiB, data);
     await pair.waitSynced();
     await trimThroughNbd(pair, 5 * MiB, 2 * MiB);
     await pair.waitSynced();
+    return { pair, data };
+  }
+
+  void test("a primary that punches holes: the range reads as zeroes in both files", async () => {
+    const { pair, data } = await trimmedPair();
     assert.ok(fileBytes(pair.primary, 5 * MiB, 2 * MiB).equals(Buffer.alloc(2 * MiB)), "primary trimmed");
     assert.ok(fileBytes(pair.primary, 4 * MiB, MiB).equals(data.subarray(0, MiB)), "primary kept the rest");
     await assertEqualFiles(pair, "after a trim");
@@ -87,16 +93,9 @@ void describe("replication: TRIM with a gateway", () => {
         await run("umount", [mnt], { allowFailure: true });
         rmSync(mnt, { recursive: true, force: true });
       });
-      const pair = await startPair({ size: "32M", primaryDir: mnt });
-      cleanups.push(() => pair.stop());
-      const data = randomBytes(4 * MiB);
-      await writeThroughNbd(pair, 4 * MiB, data);
-      await pair.waitSynced();
-
-      // The first trim: the gateway got a TRIM, the primary could not do it; a resync puts the
+      // The first trim: the gateway got a TRIM, the primary could not do it; a resync put the
       // primary's data back on the secondary.
-      await trimThroughNbd(pair, 5 * MiB, 2 * MiB);
-      await pair.waitSynced();
+      const { pair, data } = await trimmedPair(mnt);
       assert.ok(fileBytes(pair.primary, 4 * MiB, 4 * MiB).equals(data), "the primary kept its data");
       await assertEqualFiles(pair, "after the first trim");
       assert.match(pair.proxyLog(), /trims are ignored from now on, on the primary and the secondary alike/);
