@@ -802,7 +802,7 @@ export class GatewayLink {
   private flushNow(): Promise<void> {
     if (this.flushing) return this.flushing.then(() => this.flushNow());
     const epoch = this.epoch;
-    const covered = this.unflushed.length / 3;
+    const covered = this.unflushed.length;
     // Every update the gateway said it applied before this flush is sent: the flush makes durable
     // at least up to the highest appliedThrough it answered (the gateway captures it at the start).
     const applied = this.appliedSeen;
@@ -837,14 +837,14 @@ export class GatewayLink {
     return this.flushing;
   }
 
-  /** Clear blocks whose newest update is durable (looking at the first `count` applied entries). */
+  /** Clear blocks whose newest update is durable (looking at the first `count` numbers of unflushed). */
   private clearDurable(d: number, count: number): void {
     const map = this.tracking.map;
     const u = this.unflushed;
     const keep: number[] = [];
     for (let i = 0; i < u.length; i += 3) {
       const seq = u[i];
-      if (i >= 3 * count || seq > d) {
+      if (i >= count || seq > d) {
         keep.push(seq, u[i + 1], u[i + 2]);
         continue;
       }

@@ -725,6 +725,23 @@ void describe("GatewayLink: under steady writes", () => {
   });
 });
 
+/**
+ * The end of the two races below: the gateway returns, the link resyncs (leaving block 3 to W1,
+ * whose primary write `gate` holds), W2 writes [8K, 12K) of block 3 and must make it STALE; both
+ * primary writes are let through, and the volumes must end up identical.
+ */
+async function resyncThenW2(r: Rig, gate: Gate, w1: Promise<void>, what: string): Promise<void> {
+  r.gw.setFault({ mode: "none" });
+  await waitFor("resyncing", () => r.link.state === "resyncing");
+  const w2 = r.fork.write(pattern(4096, 4), 3 * G + 8192, false);
+  await waitFor("both primary writes in progress", () => gate.waiting === 2);
+  r.primary.writeGate = null;
+  gate.release();
+  await Promise.all([w1, w2]);
+  await waitSynced(r);
+  assertIdentical(r, what);
+}
+
 void describe("GatewayLink: writes racing the link", () => {
   /** Stream, then make block 0 dirty with no update covering it (a write during an outage). */
   async function dirtyBlockZero(r: Rig): Promise<void> {
@@ -839,15 +856,7 @@ void describe("GatewayLink: writes racing the link", () => {
       r.primary.writeGate = gate;
       const w1 = r.fork.write(pattern(4096, 3), 3 * G, false);
       await waitFor("W1's primary write is in progress", () => gate.waiting === 1);
-      r.gw.setFault({ mode: "none" });
-      await waitFor("resyncing", () => r.link.state === "resyncing");
-      const w2 = r.fork.write(pattern(4096, 4), 3 * G + 8192, false);
-      await waitFor("W2's primary write is in progress", () => gate.waiting === 2);
-      r.primary.writeGate = null;
-      gate.release();
-      await Promise.all([w1, w2]);
-      await waitSynced(r);
-      assertIdentical(r, "after a write sent beside an unsent one in progress");
+      await resyncThenW2(r, gate, w1, "after a write sent beside an unsent one in progress");
     } finally {
       await r.close();
     }
@@ -865,15 +874,7 @@ void describe("GatewayLink: writes racing the link", () => {
       r.gw.setFault({ mode: "down" });
       const w1 = r.fork.write(pattern(4096, 3), 3 * G, false);
       await waitFor("tracking", () => r.link.state === "tracking");
-      r.gw.setFault({ mode: "none" });
-      await waitFor("resyncing", () => r.link.state === "resyncing");
-      const w2 = r.fork.write(pattern(4096, 4), 3 * G + 8192, false);
-      await waitFor("both primary writes in progress", () => gate.waiting === 2);
-      r.primary.writeGate = null;
-      gate.release();
-      await Promise.all([w1, w2]);
-      await waitSynced(r);
-      assertIdentical(r, "after a write beside one whose update was dropped");
+      await resyncThenW2(r, gate, w1, "after a write beside one whose update was dropped");
     } finally {
       await r.close();
     }
