@@ -22,7 +22,7 @@ import { DONE } from "../util/done.js";
 import type { Volume, VolumeSession, ZeroOptions } from "../volume/volume.js";
 import { FilterVolume } from "../volume/filter.js";
 import { journalNow } from "./clock.js";
-import type { Journal, JournalSession } from "./journal.js";
+import type { ImageHolder, Journal, JournalSession } from "./journal.js";
 
 /** Before-images read and committed per round for one large change (32 MiB at 4 KiB). */
 const CAPTURE_BLOCKS = 8192;
@@ -179,16 +179,22 @@ class JournalVolume extends FilterVolume {
       if (count * j > EXTENTS_MIN) return this.captureLarge(blocks, ts, i, k);
       const offset = blocks[i] * j;
       const length = Math.min(count * j, this.size - offset);
-      const data = imageBuffer(count * j);
+      const { data, holder } = imageBuffer(count * j);
       if (length < count * j) data.fill(0, length);
       const p = this.next.read(data.subarray(0, length), offset);
       if (p !== DONE) {
-        return p.then(() => {
-          this.stageRun(blocks[i], count, null, data, ts);
-          return this.capture(blocks, ts, k);
-        });
+        return p.then(
+          () => {
+            this.stageRun(blocks[i], count, null, data, ts, holder);
+            return this.capture(blocks, ts, k);
+          },
+          (e: unknown) => {
+            holder?.release();
+            throw e;
+          },
+        );
       }
-      this.stageRun(blocks[i], count, null, data, ts);
+      this.stageRun(blocks[i], count, null, data, ts, holder);
       i = k;
     }
     return DONE;
@@ -223,13 +229,28 @@ class JournalVolume extends FilterVolume {
     if (rest !== DONE) await rest;
   }
 
-  /** Stage the images of `count` blocks from `first` read into `data` (`zero`: known holes). */
-  private stageRun(first: number, count: number, zero: Uint8Array | null, data: Buffer, ts: number): void {
+  /**
+   * Stage the images of `count` blocks from `first` read into `data` (`zero`: known holes). The
+   * run's reference to `holder` becomes one per image staged with data.
+   */
+  private stageRun(
+    first: number,
+    count: number,
+    zero: Uint8Array | null,
+    data: Buffer,
+    ts: number,
+    holder: CaptureSlab | null = null,
+  ): void {
     const j = this.j;
     for (let x = 0; x < count; x++) {
       const z = (zero !== null && zero[x] === 1) || isZero(data, x * j, j);
-      this.journal.stage(this.session, first + x, ts, z ? null : data.subarray(x * j, (x + 1) * j));
+      if (z) this.journal.stage(this.session, first + x, ts, null);
+      else {
+        if (holder !== null) holder.refs++;
+        this.journal.stage(this.session, first + x, ts, data.subarray(x * j, (x + 1) * j), holder);
+      }
     }
+    holder?.release();
   }
 
   /** Mark in `zero` the blocks of [offset, offset+length) wholly inside a hole of the primary. */
@@ -257,23 +278,52 @@ class JournalVolume extends FilterVolume {
 const EXTENTS_MIN = 1024 * 1024;
 
 /**
- * Capture buffers for small runs are carved from shared slabs (a 4 KiB Buffer.allocUnsafe is not
- * pooled by Node: one malloc and one GC-tracked backing store per image). A slab is freed once
- * the last image carved from it is appended to the journal.
+ * Capture buffers for small runs are carved from shared 1 MiB slabs (a 4 KiB Buffer.allocUnsafe is
+ * not pooled by Node: one malloc and one GC-tracked backing store per image), and slabs are
+ * reused: a slab counts a reference for each run carving from it until the run is staged, then
+ * one for each image staged from it until the journal has encoded it (ImageHolder). Once it is
+ * carved out and nothing refers to it, it waits in `spare` for reuse. Without reuse, a slab per
+ * 256 captured blocks (and the journal's record buffers) was enough external memory churn to make
+ * V8 run a full mark-compact every ~100 ms under journaled 4K writes.
  */
 const SLAB = 1024 * 1024;
-let slab = Buffer.allocUnsafeSlow(0);
+/** Slabs kept for reuse (more than this many free at once are left to the GC). */
+const SPARE_MAX = 8;
+const spare: Buffer[] = [];
+
+class CaptureSlab implements ImageHolder {
+  refs = 0;
+  /** Still the slab new runs are carved from. */
+  carving = true;
+  constructor(readonly buf: Buffer) {}
+
+  release(): void {
+    if (--this.refs === 0 && !this.carving) recycle(this);
+  }
+}
+
+function recycle(s: CaptureSlab): void {
+  if (spare.length < SPARE_MAX) spare.push(s.buf);
+}
+
+let slab: CaptureSlab | null = null;
 let slabAt = 0;
 
-function imageBuffer(n: number): Buffer {
-  if (n > SLAB / 4) return Buffer.allocUnsafe(n);
-  if (slabAt + n > slab.length) {
-    slab = Buffer.allocUnsafeSlow(SLAB);
+/** A buffer for `n` bytes of images; `holder` (null: a buffer of its own) to release when done. */
+function imageBuffer(n: number): { data: Buffer; holder: CaptureSlab | null } {
+  if (n > SLAB / 4) return { data: Buffer.allocUnsafe(n), holder: null };
+  if (slab === null || slabAt + n > SLAB) {
+    if (slab !== null) {
+      slab.carving = false;
+      if (slab.refs === 0) recycle(slab);
+    }
+    slab = new CaptureSlab(spare.pop() ?? Buffer.allocUnsafeSlow(SLAB));
     slabAt = 0;
   }
-  const b = slab.subarray(slabAt, slabAt + n);
+  slab.refs++;
+  const data = slab.buf.subarray(slabAt, slabAt + n);
   slabAt += n;
-  return b;
+  return { data, holder: slab };
 }
 const ZERO_BLOCK = Buffer.alloc(64 * 1024);
 

@@ -104,6 +104,8 @@ const RETENTION_INTERVAL_MS = 2000;
 const RESTART_INTERVAL_MS = 5000;
 /** Commit rounds in flight at once (each holds a pool thread in fdatasync). */
 const MAX_ROUNDS = 4;
+/** Largest record encoded in the journal's reused buffer (larger ones get a buffer of their own). */
+const RECORD_BUFFER_MAX = 4 * 1024 * 1024;
 
 interface Segment {
   number: number;
@@ -192,6 +194,17 @@ interface Staged {
   ts: number;
   slot: number;
   data: Buffer | null;
+  holder: ImageHolder | null;
+}
+
+/**
+ * What holds a staged image's bytes (the filter's capture slabs): released once for every image
+ * staged with it, when the image's record has been encoded (the bytes are not read after that).
+ * An image that is never appended (the journal stopped) is never released; its holder is then
+ * only garbage collected, never reused.
+ */
+export interface ImageHolder {
+  release(): void;
 }
 
 /** A client session's partial journal. */
@@ -633,8 +646,14 @@ export class Journal {
   }
 
   /** Stage a before-image (null: the block reads as zeroes) in a session's partial journal. */
-  stage(session: JournalSession, block: number, ts: number, data: Buffer | null): void {
-    session.staged.push({ block, ts, slot: session.slot, data });
+  stage(
+    session: JournalSession,
+    block: number,
+    ts: number,
+    data: Buffer | null,
+    holder: ImageHolder | null = null,
+  ): void {
+    session.staged.push({ block, ts, slot: session.slot, data, holder });
   }
 
   /** Make everything staged so far durable (group commit). */
@@ -677,7 +696,12 @@ export class Journal {
     const written = this.writeTail.then(async () => {
       if (this.stoppedAt !== null) return null;
       const from = this.index.length;
-      const seg = await this.append(images, merges);
+      let seg: Segment | null;
+      try {
+        seg = await this.append(images, merges);
+      } finally {
+        for (const x of images) x.holder?.release();
+      }
       range = [from, this.index.length];
       return seg;
     });
@@ -765,7 +789,7 @@ export class Journal {
         await seg.file.sync();
         seg = await this.newSegment();
       }
-      const buf = Buffer.allocUnsafe(size);
+      const buf = this.recordBuffer(size);
       const recordSeq = ++this.recordSeq;
       encodeRecord(buf, 0, chunk.type, recordSeq, chunk.entries, this.blockSize);
       const at = seg.size;
@@ -783,6 +807,23 @@ export class Journal {
     }
     return seg;
   }
+
+  /**
+   * A buffer to encode a record of `size` bytes in. Records up to RECORD_BUFFER_MAX reuse one
+   * buffer: write phases run one at a time and the bytes are in the file when the write returns,
+   * and a fresh 130 KiB buffer per round (QD32 of 4K writes) made V8 run a full mark-compact every
+   * 100 ms (buffers count as external memory against the old generation's limit).
+   */
+  private recordBuffer(size: number): Buffer {
+    if (size > RECORD_BUFFER_MAX) return Buffer.allocUnsafe(size);
+    if (this.encodeBuf.length < size) {
+      this.encodeBuf = Buffer.allocUnsafeSlow(
+        Math.min(RECORD_BUFFER_MAX, Math.max(size, 2 * this.encodeBuf.length)),
+      );
+    }
+    return this.encodeBuf.subarray(0, size);
+  }
+  private encodeBuf = Buffer.allocUnsafeSlow(0);
 
   private stop(e: Error): void {
     if (this.stoppedAt !== null) return;

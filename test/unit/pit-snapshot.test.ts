@@ -21,6 +21,7 @@ import { journalVolume } from "../../src/pit/filter.js";
 import { SnapshotView } from "../../src/pit/snapshot.js";
 import { SnapshotProvider } from "../../src/pit/provider.js";
 import { Gate } from "../helpers/gate.js";
+import { BlockFile } from "../../src/blockio/index.js";
 import { BlockMap, DENSE_AT } from "../../src/pit/blockmap.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import { FileVolume } from "../../src/volume/file.js";
@@ -900,5 +901,68 @@ void describe("SnapshotView.close", () => {
     assert.equal(internals.pins.size, 0, "the closed view still pins the journal (retention blocked)");
     assert.equal(internals.listeners.size, 0, "the closed view still follows the journal");
     await view.close(); // a second close is a no-op
+  });
+});
+
+void describe("capture slabs", () => {
+  void test("a slab is reused only once every image carved from it has been encoded", async () => {
+    // Hold every journal fdatasync. Segments of 256 KiB hold about 60 images, so the first round's
+    // append stops at its first segment roll-over (the full segment is synced first) with most of
+    // its images not encoded yet, and the images of later waves wait staged behind it, while still
+    // later waves carve slabs. Each wave captures 300 blocks (more than a 1 MiB slab). A slab
+    // handed out again while an image carved from it waits to be encoded would be overwritten by
+    // a later wave's captures: the journal would then hold another block's bytes as this block's
+    // before-image.
+    const BLOCKS = 3600;
+    const WAVE = 300;
+    const dir = scratch();
+    const primary = new MemoryVolume(BLOCKS * BS);
+    const pattern = (b: number): Buffer => Buffer.alloc(BS, `block ${b};`);
+    for (let b = 0; b < BLOCKS; b++) await primary.write(pattern(b), b * BS, false);
+    const journal = await Journal.open({
+      dir: join(dir, "journal"),
+      volumeSize: BLOCKS * BS,
+      windowMs: 600_000,
+      segmentBytes: 256 * 1024,
+      log,
+    });
+    cleanups.push(() => journal.close());
+    const stack = journalVolume(primary, journal);
+    const held: Gate[] = [];
+    // eslint-disable-next-line @typescript-eslint/unbound-method -- called below with .call(this)
+    const realSync = BlockFile.prototype.sync;
+    BlockFile.prototype.sync = async function (this: BlockFile, full?: boolean): Promise<void> {
+      const g = new Gate();
+      held.push(g);
+      await g.pass();
+      await realSync.call(this, full);
+    };
+    const writes: Promise<void>[] = [];
+    try {
+      for (let w = 0; w < BLOCKS / WAVE; w++) {
+        for (let b = w * WAVE; b < (w + 1) * WAVE; b++)
+          writes.push(stack.write(Buffer.alloc(BS, 0xee), b * BS, false));
+        await new Promise((r) => setImmediate(r)); // its round starts, if fewer than 4 are in flight
+      }
+      assert.equal(held.length, 1, "the first round's append waits for its roll-over, the rest behind it");
+    } finally {
+      BlockFile.prototype.sync = realSync;
+      for (const g of held) g.release();
+    }
+    await Promise.all(writes);
+    const idx = journal.index;
+    assert.equal(idx.length - idx.first, BLOCKS, "one image per block");
+    const buf = Buffer.alloc(BS);
+    let wrong = 0;
+    for (let i = idx.first; i < idx.length; i++) {
+      await journal.readImage(i, buf);
+      if (!buf.equals(pattern(idx.block[i]))) wrong++;
+    }
+    assert.equal(wrong, 0, "every before-image holds its own block's old contents");
+    for (let b = 0; b < BLOCKS; b += 97) {
+      const now = Buffer.alloc(BS);
+      await primary.read(now, b * BS);
+      assert.ok(now.equals(Buffer.alloc(BS, 0xee)), `block ${b} was written`);
+    }
   });
 });
