@@ -383,7 +383,20 @@ void describe("error classes", () => {
 
 void describe("buffer pool", () => {
   void test("small sizes are plain buffers of the exact size", () => {
-    for (const n of [1, 4096, 128 * KiB - 1]) assert.equal(acquire(n).length, n);
+    for (const n of [1, 4096, 8 * KiB - 1]) assert.equal(acquire(n).length, n);
+  });
+
+  void test("sizes from 8 KiB up are pooled: a 33 KiB batch body comes back as the same 64 KiB buffer", () => {
+    const a = acquire(8 * KiB);
+    assert.equal(a.length, 8 * KiB);
+    const b = acquire(33 * KiB);
+    assert.equal(b.length, 64 * KiB);
+    release(b);
+    const c = acquire(64 * KiB);
+    assert.equal(c, b, "the released buffer of the same class comes back");
+    assert.notEqual(acquire(40 * KiB), c, "a buffer is handed out once");
+    release(a);
+    assert.equal(acquire(8 * KiB), a, "and so does an 8 KiB one");
   });
 
   void test("large sizes round up to a power of two and are recycled", () => {
