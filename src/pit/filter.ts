@@ -18,6 +18,7 @@
 // - With the journal stopped (disk full), changes pass straight through: primary writes never fail
 //   because of the journal.
 
+import { acquire, release } from "../util/buffer-pool.js";
 import { DONE } from "../util/done.js";
 import type { Volume, VolumeSession, ZeroOptions } from "../volume/volume.js";
 import { FilterVolume } from "../volume/filter.js";
@@ -279,17 +280,14 @@ const EXTENTS_MIN = 1024 * 1024;
 
 /**
  * Capture buffers for small runs are carved from shared 1 MiB slabs (a 4 KiB Buffer.allocUnsafe is
- * not pooled by Node: one malloc and one GC-tracked backing store per image), and slabs are
- * reused: a slab counts a reference for each run carving from it until the run is staged, then
- * one for each image staged from it until the journal has encoded it (ImageHolder). Once it is
- * carved out and nothing refers to it, it waits in `spare` for reuse. Without reuse, a slab per
- * 256 captured blocks (and the journal's record buffers) was enough external memory churn to make
- * V8 run a full mark-compact every ~100 ms under journaled 4K writes.
+ * not pooled by Node: one malloc and one GC-tracked backing store per image), taken from and given
+ * back to the buffer pool: a slab counts a reference for each run carving from it until the run is
+ * staged, then one for each image staged from it until the journal has encoded it (ImageHolder).
+ * Once it is carved out and nothing refers to it, it goes back to the pool. Without reuse, a slab
+ * per 256 captured blocks (and the journal's record buffers) was enough external memory churn to
+ * make V8 run a full mark-compact every ~100 ms under journaled 4K writes.
  */
 const SLAB = 1024 * 1024;
-/** Slabs kept for reuse (more than this many free at once are left to the GC). */
-const SPARE_MAX = 8;
-const spare: Buffer[] = [];
 
 class CaptureSlab implements ImageHolder {
   refs = 0;
@@ -298,12 +296,8 @@ class CaptureSlab implements ImageHolder {
   constructor(readonly buf: Buffer) {}
 
   release(): void {
-    if (--this.refs === 0 && !this.carving) recycle(this);
+    if (--this.refs === 0 && !this.carving) release(this.buf);
   }
-}
-
-function recycle(s: CaptureSlab): void {
-  if (spare.length < SPARE_MAX) spare.push(s.buf);
 }
 
 let slab: CaptureSlab | null = null;
@@ -315,9 +309,9 @@ function imageBuffer(n: number): { data: Buffer; holder: CaptureSlab | null } {
   if (slab === null || slabAt + n > SLAB) {
     if (slab !== null) {
       slab.carving = false;
-      if (slab.refs === 0) recycle(slab);
+      if (slab.refs === 0) release(slab.buf);
     }
-    slab = new CaptureSlab(spare.pop() ?? Buffer.allocUnsafeSlow(SLAB));
+    slab = new CaptureSlab(acquire(SLAB));
     slabAt = 0;
   }
   slab.refs++;

@@ -52,6 +52,7 @@ import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { BlockFile, isCached, syncDir } from "../blockio/index.js";
 import { errnoName, errnoOf } from "../errors.js";
+import { acquire, release } from "../util/buffer-pool.js";
 import type { Logger } from "../log.js";
 import { journalNow, seedJournalClock } from "./clock.js";
 import {
@@ -104,8 +105,6 @@ const RETENTION_INTERVAL_MS = 2000;
 const RESTART_INTERVAL_MS = 5000;
 /** Commit rounds in flight at once (each holds a pool thread in fdatasync). */
 const MAX_ROUNDS = 4;
-/** Largest record encoded in the journal's reused buffer (larger ones get a buffer of their own). */
-const RECORD_BUFFER_MAX = 4 * 1024 * 1024;
 
 interface Segment {
   number: number;
@@ -789,11 +788,17 @@ export class Journal {
         await seg.file.sync();
         seg = await this.newSegment();
       }
-      const buf = this.recordBuffer(size);
+      // A pooled buffer, not a fresh one per round: see util/buffer-pool.ts (external memory).
+      const pooled = acquire(size);
       const recordSeq = ++this.recordSeq;
-      encodeRecord(buf, 0, chunk.type, recordSeq, chunk.entries, this.blockSize);
       const at = seg.size;
-      await seg.file.write(buf, at);
+      try {
+        const buf = pooled.subarray(0, size);
+        encodeRecord(buf, 0, chunk.type, recordSeq, chunk.entries, this.blockSize);
+        await seg.file.write(buf, at);
+      } finally {
+        release(pooled);
+      }
       seg.size += size;
       // Index only once the bytes are in the file; listeners hear after the fdatasync below.
       this.applyRecord(
@@ -807,23 +812,6 @@ export class Journal {
     }
     return seg;
   }
-
-  /**
-   * A buffer to encode a record of `size` bytes in. Records up to RECORD_BUFFER_MAX reuse one
-   * buffer: write phases run one at a time and the bytes are in the file when the write returns,
-   * and a fresh 130 KiB buffer per round (QD32 of 4K writes) made V8 run a full mark-compact every
-   * 100 ms (buffers count as external memory against the old generation's limit).
-   */
-  private recordBuffer(size: number): Buffer {
-    if (size > RECORD_BUFFER_MAX) return Buffer.allocUnsafe(size);
-    if (this.encodeBuf.length < size) {
-      this.encodeBuf = Buffer.allocUnsafeSlow(
-        Math.min(RECORD_BUFFER_MAX, Math.max(size, 2 * this.encodeBuf.length)),
-      );
-    }
-    return this.encodeBuf.subarray(0, size);
-  }
-  private encodeBuf = Buffer.allocUnsafeSlow(0);
 
   private stop(e: Error): void {
     if (this.stoppedAt !== null) return;
