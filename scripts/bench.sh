@@ -61,15 +61,32 @@ write_section() {
   echo "bench: section $name written to $doc"
 }
 
+# CPU steal: time the hypervisor gave these vCPUs to other guests (/proc/stat). On this shared
+# machine it ranged from 10% to 45% under benchmark load, minute to minute. Each section says how
+# much its nbd-bench run had: absolute numbers move with it, and so do ratios between a
+# single-threaded bottleneck and work spread over several processes.
+STEAL0=""
+steal_begin() { STEAL0=$(head -1 /proc/stat); }
+steal_note() {
+  local now
+  now=$(head -1 /proc/stat)
+  awk -v a="$STEAL0" -v b="$now" 'BEGIN {
+    n = split(a, x, " "); split(b, y, " "); t = 0
+    for (i = 2; i <= n && i <= 9; i++) t += y[i] - x[i]
+    if (t > 0) printf "CPU steal during the run (time the hypervisor gave these vCPUs to others): %.0f%%.\n", 100 * (y[9] - x[9]) / t
+  }'
+}
+
 table_section() { # OUT ARGS...
   local out=$1; shift
-  { machine; echo "Command: \`npm run bench -- $part $*\`. Ratios against nbdkit-file in the same run (>1 is faster). $TMPFS_NOTE"; echo; echo '```'; cat "$out/table.txt"; echo '```'; } > "$out/section.md"
+  { machine; echo "Command: \`npm run bench -- $part $*\`. Ratios against nbdkit-file in the same run (>1 is faster). $TMPFS_NOTE"; steal_note; echo; echo '```'; cat "$out/table.txt"; echo '```'; } > "$out/section.md"
 }
 
 run_core() {
   local out=$OUTBASE/core
   local targets=(-t "blockfork=$BF")
   for p in ${BENCH_PEERS:-nbdkit-file nbdkit-file-threads qemu-nbd nbd-server nbdkit-memory raw-file}; do targets+=(-t "$p"); done
+  steal_begin
   "$BENCH" "${targets[@]}" -o "$out" "$@" | tee "$out.log"
   table_section "$out" "$@"
   write_section "core$SUFFIX" "$out/section.md"
@@ -101,6 +118,7 @@ run_fork() {
   local out=$OUTBASE/fork
   export BF_FORK_LOG=$OUTBASE/fork-serve.log
   : > "$BF_FORK_LOG"
+  steal_begin
   "$BENCH" -t "blockfork=$BF" -t "blockfork-gateway=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR}" -t nbdkit-file \
     -w randwrite-qd32,seqwrite -o "$out" "$@" | tee "$out.log"
   table_section "$out" "$@"
@@ -113,6 +131,7 @@ run_pit() {
   local out=$OUTBASE/pit
   export BF_FORK_LOG=$OUTBASE/pit-serve.log
   : > "$BF_FORK_LOG"
+  steal_begin
   "$BENCH" -t "blockfork=$BF" -t "blockfork-pit=$BF --pit --state-dir {DIR}/state" \
     -t "blockfork-pit-gateway=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR} --pit" -t nbdkit-file \
     -w randwrite-qd32,seqwrite -o "$out" "$@" | tee "$out.log"
