@@ -965,4 +965,57 @@ void describe("capture slabs", () => {
       assert.ok(now.equals(Buffer.alloc(BS, 0xee)), `block ${b} was written`);
     }
   });
+
+  void test("a large run's pooled buffer is reused only once every image in it has been encoded", async () => {
+    // As above, with 1 MiB writes: each captures a 256-block run into a pooled buffer of its own
+    // (not a slab). Twelve of them, each in its own round, while the first round's append waits
+    // at its first segment roll-over: a buffer given back to the pool before its images were
+    // encoded would be handed to the next write's capture and overwritten.
+    const RUN = 256;
+    const WRITES = 12;
+    const BLOCKS = RUN * WRITES;
+    const dir = scratch();
+    const primary = new MemoryVolume(BLOCKS * BS);
+    const pattern = (b: number): Buffer => Buffer.alloc(BS, `block ${b};`);
+    for (let b = 0; b < BLOCKS; b++) await primary.write(pattern(b), b * BS, false);
+    const journal = await Journal.open({
+      dir: join(dir, "journal"),
+      volumeSize: BLOCKS * BS,
+      windowMs: 600_000,
+      segmentBytes: 256 * 1024,
+      log,
+    });
+    cleanups.push(() => journal.close());
+    const stack = journalVolume(primary, journal);
+    const held: Gate[] = [];
+    // eslint-disable-next-line @typescript-eslint/unbound-method -- called below with .call(this)
+    const realSync = BlockFile.prototype.sync;
+    BlockFile.prototype.sync = async function (this: BlockFile, full?: boolean): Promise<void> {
+      const g = new Gate();
+      held.push(g);
+      await g.pass();
+      await realSync.call(this, full);
+    };
+    const writes: Promise<void>[] = [];
+    try {
+      for (let w = 0; w < WRITES; w++) {
+        writes.push(stack.write(Buffer.alloc(RUN * BS, 0xee), w * RUN * BS, false));
+        await new Promise((r) => setImmediate(r));
+      }
+      assert.equal(held.length, 1, "the first round's append waits for its roll-over, the rest behind it");
+    } finally {
+      BlockFile.prototype.sync = realSync;
+      for (const g of held) g.release();
+    }
+    await Promise.all(writes);
+    const idx = journal.index;
+    assert.equal(idx.length - idx.first, BLOCKS, "one image per block");
+    const buf = Buffer.alloc(BS);
+    let wrong = 0;
+    for (let i = idx.first; i < idx.length; i++) {
+      await journal.readImage(i, buf);
+      if (!buf.equals(pattern(idx.block[i]))) wrong++;
+    }
+    assert.equal(wrong, 0, "every before-image holds its own block's old contents");
+  });
 });
