@@ -942,23 +942,27 @@ void describe("SnapshotView.close", () => {
 });
 
 void describe("capture slabs", () => {
-  void test("a slab is reused only once every image carved from it has been encoded", async () => {
-    // Hold every journal fdatasync. Segments of 256 KiB hold about 60 images, so the first round's
-    // append stops at its first segment roll-over (the full segment is synced first) with most of
-    // its images not encoded yet, and the images of later waves wait staged behind it, while still
-    // later waves carve slabs. Each wave captures 300 blocks (more than a 1 MiB slab). A slab
-    // handed out again while an image carved from it waits to be encoded would be overwritten by
-    // a later wave's captures: the journal would then hold another block's bytes as this block's
-    // before-image.
-    const BLOCKS = 3600;
-    const WAVE = 300;
+  /**
+   * A journal over a primary of `blocks` patterned blocks (256 KiB segments, one merge window for
+   * the whole test) whose fdatasyncs are all held while `issue` sends its writes through the
+   * journal filter, yielding a turn between waves so that each wave starts a round of its own.
+   * Holding the syncs stops the first round's append at its first segment roll-over (the full
+   * segment is synced first) with most of its images not encoded yet, and the later waves wait
+   * staged behind it while still later ones capture. Then the syncs go, and every before-image
+   * in the journal must hold its own block's old contents: a capture buffer handed out again
+   * while an image in it waits to be encoded is overwritten by a later capture.
+   */
+  async function heldSyncCaptures(
+    blocks: number,
+    issue: (stack: Volume, writes: Promise<void>[]) => Promise<void>,
+  ): Promise<MemoryVolume> {
     const dir = scratch();
-    const primary = new MemoryVolume(BLOCKS * BS);
+    const primary = new MemoryVolume(blocks * BS);
     const pattern = (b: number): Buffer => Buffer.alloc(BS, `block ${b};`);
-    for (let b = 0; b < BLOCKS; b++) await primary.write(pattern(b), b * BS, false);
+    for (let b = 0; b < blocks; b++) await primary.write(pattern(b), b * BS, false);
     const journal = await Journal.open({
       dir: join(dir, "journal"),
-      volumeSize: BLOCKS * BS,
+      volumeSize: blocks * BS,
       windowMs: 600_000,
       segmentBytes: 256 * 1024,
       log,
@@ -976,11 +980,7 @@ void describe("capture slabs", () => {
     };
     const writes: Promise<void>[] = [];
     try {
-      for (let w = 0; w < BLOCKS / WAVE; w++) {
-        for (let b = w * WAVE; b < (w + 1) * WAVE; b++)
-          writes.push(stack.write(Buffer.alloc(BS, 0xee), b * BS, false));
-        await new Promise((r) => setImmediate(r)); // its round starts, if fewer than 4 are in flight
-      }
+      await issue(stack, writes);
       assert.equal(held.length, 1, "the first round's append waits for its roll-over, the rest behind it");
     } finally {
       BlockFile.prototype.sync = realSync;
@@ -988,7 +988,7 @@ void describe("capture slabs", () => {
     }
     await Promise.all(writes);
     const idx = journal.index;
-    assert.equal(idx.length - idx.first, BLOCKS, "one image per block");
+    assert.equal(idx.length - idx.first, blocks, "one image per block");
     const buf = Buffer.alloc(BS);
     let wrong = 0;
     for (let i = idx.first; i < idx.length; i++) {
@@ -996,6 +996,23 @@ void describe("capture slabs", () => {
       if (!buf.equals(pattern(idx.block[i]))) wrong++;
     }
     assert.equal(wrong, 0, "every before-image holds its own block's old contents");
+    return primary;
+  }
+
+  const nextTurn = (): Promise<unknown> => new Promise((r) => setImmediate(r));
+
+  void test("a slab is reused only once every image carved from it has been encoded", async () => {
+    // Waves of 300 4K writes: each wave captures 300 blocks (more than a 1 MiB slab), carved
+    // from shared slabs.
+    const BLOCKS = 3600;
+    const WAVE = 300;
+    const primary = await heldSyncCaptures(BLOCKS, async (stack, writes) => {
+      for (let w = 0; w < BLOCKS / WAVE; w++) {
+        for (let b = w * WAVE; b < (w + 1) * WAVE; b++)
+          writes.push(stack.write(Buffer.alloc(BS, 0xee), b * BS, false));
+        await nextTurn(); // its round starts, if fewer than 4 are in flight
+      }
+    });
     for (let b = 0; b < BLOCKS; b += 97) {
       const now = Buffer.alloc(BS);
       await primary.read(now, b * BS);
@@ -1004,55 +1021,15 @@ void describe("capture slabs", () => {
   });
 
   void test("a large run's pooled buffer is reused only once every image in it has been encoded", async () => {
-    // As above, with 1 MiB writes: each captures a 256-block run into a pooled buffer of its own
-    // (not a slab). Twelve of them, each in its own round, while the first round's append waits
-    // at its first segment roll-over: a buffer given back to the pool before its images were
-    // encoded would be handed to the next write's capture and overwritten.
+    // Twelve 1 MiB writes: each captures a 256-block run into a pooled buffer of its own (not a
+    // slab), handed to the next write's capture if it went back to the pool too early.
     const RUN = 256;
     const WRITES = 12;
-    const BLOCKS = RUN * WRITES;
-    const dir = scratch();
-    const primary = new MemoryVolume(BLOCKS * BS);
-    const pattern = (b: number): Buffer => Buffer.alloc(BS, `block ${b};`);
-    for (let b = 0; b < BLOCKS; b++) await primary.write(pattern(b), b * BS, false);
-    const journal = await Journal.open({
-      dir: join(dir, "journal"),
-      volumeSize: BLOCKS * BS,
-      windowMs: 600_000,
-      segmentBytes: 256 * 1024,
-      log,
-    });
-    cleanups.push(() => journal.close());
-    const stack = journalVolume(primary, journal);
-    const held: Gate[] = [];
-    // eslint-disable-next-line @typescript-eslint/unbound-method -- called below with .call(this)
-    const realSync = BlockFile.prototype.sync;
-    BlockFile.prototype.sync = async function (this: BlockFile, full?: boolean): Promise<void> {
-      const g = new Gate();
-      held.push(g);
-      await g.pass();
-      await realSync.call(this, full);
-    };
-    const writes: Promise<void>[] = [];
-    try {
+    await heldSyncCaptures(RUN * WRITES, async (stack, writes) => {
       for (let w = 0; w < WRITES; w++) {
         writes.push(stack.write(Buffer.alloc(RUN * BS, 0xee), w * RUN * BS, false));
-        await new Promise((r) => setImmediate(r));
+        await nextTurn();
       }
-      assert.equal(held.length, 1, "the first round's append waits for its roll-over, the rest behind it");
-    } finally {
-      BlockFile.prototype.sync = realSync;
-      for (const g of held) g.release();
-    }
-    await Promise.all(writes);
-    const idx = journal.index;
-    assert.equal(idx.length - idx.first, BLOCKS, "one image per block");
-    const buf = Buffer.alloc(BS);
-    let wrong = 0;
-    for (let i = idx.first; i < idx.length; i++) {
-      await journal.readImage(i, buf);
-      if (!buf.equals(pattern(idx.block[i]))) wrong++;
-    }
-    assert.equal(wrong, 0, "every before-image holds its own block's old contents");
+    });
   });
 });
