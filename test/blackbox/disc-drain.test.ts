@@ -8,7 +8,7 @@
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { writeFileSync } from "node:fs";
+import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 import { RawClient, requestBytes, SIMPLE_MAGIC } from "../helpers/raw-client.js";
@@ -25,6 +25,7 @@ writeFileSync(volume, data); // just written: in the page cache, so reads go by 
 let srv: ServerHandle;
 after(async () => {
   await srv?.stop();
+  rmSync(dir, { recursive: true, force: true }); // the server was given this dir: it leaves it
 });
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
