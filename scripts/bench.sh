@@ -16,7 +16,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-BENCH=${NBD_BENCH:-$ROOT/../shared/bench/nbd-bench.sh}
+# The shared tools: ../shared beside the repository, else beside the local repository this clone
+# came from (a clone in a scratch directory).
+shared_dir() {
+  local s=$ROOT/../shared o
+  if [ ! -d "$s" ] && o=$(git -C "$ROOT" remote get-url origin 2>/dev/null); then
+    o=${o#file://}
+    if [ "${o#/}" != "$o" ] && [ -d "$o/../shared" ]; then s=$o/../shared; fi
+  fi
+  echo "$s"
+}
+BENCH=${NBD_BENCH:-$(shared_dir)/bench/nbd-bench.sh}
+export NBD_BENCH=$BENCH # for bench-snapshot.sh
 [ -x "$BENCH" ] || { echo "bench: $BENCH not found (set NBD_BENCH)" >&2; exit 1; }
 part=all
 case ${1:-} in core|fork|pit|all) part=$1; shift ;; esac

@@ -1,18 +1,36 @@
 // Start `blockfork serve` on a private unix socket for a black-box test, and stop it again.
 // Every server a test starts is stopped by the test (or by the after() hook this registers).
 
-import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { isAbsolute, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
 /** The project root (two levels above dist/test/helpers or test/helpers). */
 export const ROOT = resolve(fileURLToPath(import.meta.url), "../../../..");
 export const BIN = join(ROOT, "bin", "blockfork.js");
-/** The workplace's shared tools: ../shared beside the repository, or BLOCKFORK_SHARED. */
-export const SHARED = process.env.BLOCKFORK_SHARED ?? resolve(ROOT, "..", "shared");
+/**
+ * The workplace's shared tools: BLOCKFORK_SHARED, else ../shared beside the repository, else (a
+ * clone in a scratch directory) ../shared beside the local repository it was cloned from.
+ */
+export const SHARED = process.env.BLOCKFORK_SHARED ?? findShared();
+
+function findShared(): string {
+  const beside = resolve(ROOT, "..", "shared");
+  if (existsSync(beside)) return beside;
+  try {
+    const origin = execFileSync("git", ["-C", ROOT, "remote", "get-url", "origin"], { encoding: "utf8" })
+      .trim()
+      .replace(/^file:\/\//, "");
+    const there = resolve(origin, "..", "shared");
+    if (isAbsolute(origin) && existsSync(there)) return there;
+  } catch {
+    // not a git clone, or no origin: the VM tests say which script is missing
+  }
+  return beside;
+}
 /** The VM whose kernel nbd-client attaches a server (test/vm). */
 export const VM_SCRIPT = join(SHARED, "vm", "vm-nbd-client.sh");
 
