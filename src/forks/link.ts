@@ -51,7 +51,7 @@ import type { TrackingLog } from "../tracking/log.js";
 import { extentsJson } from "../tracking/dirty-map.js";
 import type { PieceLease, Volume, WriteHold } from "../volume/volume.js";
 import { encodeHeader, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/records.js";
-import { acquire, release } from "../util/buffer-pool.js";
+import { acquire, release, Slab } from "../util/buffer-pool.js";
 import { UpdateStream, type BodyPart } from "./stream-client.js";
 import { isCached } from "../blockio/index.js";
 import {
@@ -110,18 +110,7 @@ export const LINK_DEFAULTS = {
   mirrorIntervalMs: 1000,
 };
 
-/** A pooled buffer that encoded updates are appended to. */
-class Slab {
-  readonly buf: Buffer;
-  used = 0;
-  /** Updates (queued or in flight) encoded in it. */
-  refs = 0;
-  /** No longer the slab updates are appended to: back to the pool at refs 0. */
-  retired = false;
-  constructor() {
-    this.buf = acquire(SLAB_BYTES);
-  }
-}
+/** Updates are encoded into slabs of this size (a reference per update queued or in flight in it). */
 const SLAB_BYTES = 1024 * 1024;
 /** Data from this size on is not copied into a slab. */
 const OWN_BUFFER_MIN = 64 * 1024;
@@ -530,8 +519,8 @@ export class GatewayLink {
     } else if (dataBytes < OWN_BUFFER_MIN) {
       let slab = this.slab;
       if (slab === null || slab.used + pending.size > slab.buf.length) {
-        if (slab !== null) this.retire(slab);
-        slab = this.slab = new Slab();
+        slab?.retire();
+        slab = this.slab = new Slab(SLAB_BYTES);
       }
       pending.slab = slab;
       pending.start = slab.used;
@@ -582,12 +571,6 @@ export class GatewayLink {
   /** The slab updates are appended to (null: none yet, or it filled up). */
   private slab: Slab | null = null;
 
-  private retire(slab: Slab): void {
-    slab.retired = true;
-    if (this.slab === slab) this.slab = null;
-    if (slab.refs === 0) release(slab.buf);
-  }
-
   /** An update was sent or dropped: give back what holds its bytes. */
   private done(p: Pending): void {
     if (p.pooled !== null) release(p.pooled);
@@ -595,14 +578,7 @@ export class GatewayLink {
       p.kept.release();
       p.kept = null;
     }
-    const slab = p.slab;
-    if (slab !== null) {
-      slab.refs--;
-      if (slab.refs === 0) {
-        if (slab.retired) release(slab.buf);
-        else slab.used = 0; // the current slab with nothing in it: start again at the top
-      }
-    }
+    p.slab?.release();
   }
 
   private pump(): void {

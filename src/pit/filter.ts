@@ -18,12 +18,12 @@
 // - With the journal stopped (disk full), changes pass straight through: primary writes never fail
 //   because of the journal.
 
-import { acquire, release } from "../util/buffer-pool.js";
+import { Slab } from "../util/buffer-pool.js";
 import { DONE } from "../util/done.js";
 import type { Volume, VolumeSession, ZeroOptions } from "../volume/volume.js";
 import { FilterVolume } from "../volume/filter.js";
 import { journalNow } from "./clock.js";
-import type { ImageHolder, Journal, JournalSession } from "./journal.js";
+import type { Journal, JournalSession } from "./journal.js";
 
 /** Before-images read and committed per round for one large change (32 MiB at 4 KiB). */
 const CAPTURE_BLOCKS = 8192;
@@ -256,7 +256,7 @@ class JournalVolume extends FilterVolume {
     zero: Uint8Array | null,
     data: Buffer,
     ts: number,
-    holder: CaptureSlab,
+    holder: Slab,
   ): void {
     const j = this.j;
     for (let x = 0; x < count; x++) {
@@ -299,25 +299,15 @@ const EXTENTS_MIN = 1024 * 1024;
  * not pooled by Node: one malloc and one GC-tracked backing store per image), taken from and given
  * back to the buffer pool: a slab counts a reference for each run carving from it until the run is
  * staged, then one for each image staged from it until the journal has encoded it (ImageHolder).
- * Once it is carved out and nothing refers to it, it goes back to the pool. Without reuse, a slab
+ * Once it is carved out and nothing refers to it, it goes back to the pool (a Slab of
+ * util/buffer-pool.ts, like the gateway link's). Without reuse, a slab
  * per 256 captured blocks (and the journal's record buffers) was enough external memory churn to
  * make V8 run a full mark-compact every ~100 ms under journaled 4K writes.
  */
 const SLAB = 1024 * 1024;
 
-class CaptureSlab implements ImageHolder {
-  refs = 0;
-  /** Still the slab new runs are carved from. */
-  carving = true;
-  constructor(readonly buf: Buffer) {}
-
-  release(): void {
-    if (--this.refs === 0 && !this.carving) release(this.buf);
-  }
-}
-
-let slab: CaptureSlab | null = null;
-let slabAt = 0;
+/** The slab small runs are carved from. A Slab is the ImageHolder of its images. */
+let slab: Slab | null = null;
 
 /**
  * A buffer for `n` bytes of images and its holder, holding one reference for the run (release it
@@ -325,24 +315,20 @@ let slabAt = 0;
  * a fresh one per journaled 1 MiB write was the same external-memory churn as above, at the rate
  * of the writes (hundreds of MiB/s under sequential writes).
  */
-function imageBuffer(n: number): { data: Buffer; holder: CaptureSlab } {
+function imageBuffer(n: number): { data: Buffer; holder: Slab } {
   if (n > SLAB / 4) {
-    const own = new CaptureSlab(acquire(n));
-    own.carving = false;
+    const own = new Slab(n);
     own.refs = 1;
+    own.retire();
     return { data: own.buf.subarray(0, n), holder: own };
   }
-  if (slab === null || slabAt + n > SLAB) {
-    if (slab !== null) {
-      slab.carving = false;
-      if (slab.refs === 0) release(slab.buf);
-    }
-    slab = new CaptureSlab(acquire(SLAB));
-    slabAt = 0;
+  if (slab === null || slab.used + n > SLAB) {
+    slab?.retire();
+    slab = new Slab(SLAB);
   }
   slab.refs++;
-  const data = slab.buf.subarray(slabAt, slabAt + n);
-  slabAt += n;
+  const data = slab.buf.subarray(slab.used, slab.used + n);
+  slab.used += n;
   return { data, holder: slab };
 }
 const ZERO_BLOCK = Buffer.alloc(64 * 1024);

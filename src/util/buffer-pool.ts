@@ -37,6 +37,35 @@ export function acquire(n: number): Buffer {
   return Buffer.allocUnsafe(1 << c);
 }
 
+/**
+ * A pooled buffer that pieces are carved from one after another (at `used`), counting one
+ * reference per piece in use. Retired (full, or given up), it goes back to the pool once its last
+ * reference is dropped. The current slab starts again at the top when its last reference is
+ * dropped: nothing refers to any of its bytes then.
+ */
+export class Slab {
+  readonly buf: Buffer;
+  used = 0;
+  refs = 0;
+  retired = false;
+  constructor(size: number) {
+    this.buf = acquire(size);
+  }
+
+  /** Carve no more from it: back to the pool now if nothing refers to it, else at its last release(). */
+  retire(): void {
+    this.retired = true;
+    if (this.refs === 0) release(this.buf);
+  }
+
+  /** Drop one reference. */
+  release(): void {
+    if (--this.refs !== 0) return;
+    if (this.retired) release(this.buf);
+    else this.used = 0;
+  }
+}
+
 /** Give a buffer from acquire() back. It must not be used afterwards. */
 export function release(b: Buffer): void {
   const n = b.length;
