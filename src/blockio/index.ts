@@ -58,6 +58,9 @@ const PROBE_MS = 200;
  */
 const INLINE_MAX = Number(process.env.BF_INLINE_MAX ?? 128 * 1024);
 
+/** Send lent reads' copied pieces from mappings of the files (BF_NO_MAPPED_SEND=1: pread them). */
+const MAPPED_SEND = process.env.BF_NO_MAPPED_SEND !== "1";
+
 const enum Op {
   Read = 0,
   Write = 1,
@@ -224,6 +227,10 @@ export class BlockFile {
       const st = fstatSync(fd);
       this.mayHaveHoles = st.blocks * 512 < size;
     }
+    // Copied pieces of lent reads (sendPieces) go from read-only mappings: one copy instead of
+    // two (crates/blockio/src/maps.rs). A device is mapped up to its size; a regular file may
+    // grow (journal segments), and mapping past its end is harmless there.
+    if (MAPPED_SEND) binding.mapRegister(fd, isBlockDevice ? size : -1);
   }
 
   /**
@@ -414,6 +421,8 @@ export class BlockFile {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    // Before the close: a mapping keeps the file, and the number may be reused for another.
+    binding.mapForget(this.fd);
     closeSync(this.fd);
   }
 }
@@ -479,7 +488,8 @@ const onePiece = new Float64Array(3);
 /**
  * Send `header`, then `pieces` ((fd, offset, length) triples; fd -1: zeroes) less their first
  * `skip` bytes, on the non-blocking socket `sock`: pieces of `copyFd` (every piece when -2) are
- * copied (read and sent, gathered up to 256 KiB a send), the others go with sendfile (the kernel
+ * copied during the call (from a read-only mapping when the file is a BlockFile's: one copy, page
+ * cache to socket; else read into a buffer and sent), the others go with sendfile (the kernel
  * keeps references to their pages until the peer reads them: only for files that do not change).
  * Bytes sent in all, stopping early when the socket is full; negative errno when the connection
  * failed before anything was sent.

@@ -15,6 +15,9 @@ export interface BlockioBinding {
   extentsSync(fd: number, offset: number, length: number, out: Float64Array): number;
   deviceSize(fd: number): number;
   cachedBytes(fd: number, offset: number, length: number): number;
+  mapRegister(fd: number, limit: number): number;
+  mapForget(fd: number): number;
+  mappedWindows(): number;
   dupFd(fd: number): number;
   lockFd(fd: number, exclusive: number): number;
   sendNow(sock: number, buf: Uint8Array): number;

@@ -16,8 +16,9 @@
 //   those blocks in between reaches the client: fine for a plain export (the read and the write
 //   were both in flight, either order is a correct answer), not for a snapshot.
 // - A lent read (`pushLease`, a snapshot's pieces of several files) is sent in one addon call:
-//   pieces the lender marks (`copyFd`) are read into the addon's buffer and sent from there, the
-//   others by sendfile. When the socket fills up, a 32 KiB copy is written through libuv and the
+//   pieces the lender marks (`copyFd`) are copied into the socket during the call (from a
+//   read-only mapping of their file, or read into the addon's buffer first), the others go by
+//   sendfile. When the socket fills up, a 32 KiB copy is written through libuv and the
 //   addon resumes once it has gone (the lease stays valid until then). If its lender copied it
 //   meanwhile (`lease.data`), the copy is sent instead. Leases still queued when the connection
 //   ends are released by discard().

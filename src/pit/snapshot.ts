@@ -11,8 +11,9 @@
 //   again and such blocks are re-read from the journal.
 // - If the journal stops, the point is no longer exact: reads fail with EIO from then on.
 // - Lent reads (lendPieces): a large read is lent to the NBD layer as file pieces (primary runs,
-//   journal images) that it reads and sends, gathered in one buffer of the addon, when the socket
-//   has room, maybe a while later: no reply-sized buffer, no trip through the libuv pool. Journal
+//   journal images) that the addon copies into the socket when it has room, maybe a while later:
+//   no reply-sized buffer, no trip through the libuv pool, and one copy per byte (sendmsg from
+//   read-only mappings of the files: crates/blockio/src/maps.rs), as for a pread. Journal
 //   images never change; the primary does, but a block not in the map changes only after the
 //   journal has told us about its before-image (listeners run after the commit, before the
 //   primary write is issued). So when a block joins the map, every unsent lease covering it is

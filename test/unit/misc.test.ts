@@ -1,16 +1,16 @@
 // Small pieces: sizes, --listen parsing, block size rules, the export registry, the errno -> NBD
-// error mapping, error classes, the buffer pool, the reply OutputQueue and the addon's thread
-// sleep counter.
+// error mapping, error classes, the buffer pool, the reply OutputQueue, the addon's sends of lent
+// reads (mapped or read) and its thread sleep counter.
 
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { Duplex } from "node:stream";
 import { constants, tmpdir } from "node:os";
-import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, ftruncateSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { connect, createServer, type Socket } from "node:net";
-import { sendPieces, setSendBuffer } from "../../src/blockio/index.js";
+import { BlockFile, sendPieces, setSendBuffer } from "../../src/blockio/index.js";
 import { plainSocketFd } from "../../src/util/onread.js";
 import { formatSize, parseSize } from "../../src/util/size.js";
 import { parseListen } from "../../src/nbd/server.js";
@@ -713,6 +713,126 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
       await new Promise((r) => setImmediate(r));
       assert.equal(errors.length, 1, "the stream reports the read error");
     } finally {
+      p.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  /** Read `n` bytes from the client side of `p`, then stop listening. */
+  async function receive(p: { client: Socket }, n: number): Promise<Buffer> {
+    const got: Buffer[] = [];
+    let have = 0;
+    const on = (c: Buffer): void => {
+      got.push(c);
+      have += c.length;
+    };
+    p.client.on("data", on);
+    while (have < n) await new Promise((r) => setTimeout(r, 5));
+    p.client.off("data", on);
+    return Buffer.concat(got);
+  }
+
+  void test("a BlockFile's pieces go from its mapping, copied at the call: a later overwrite is not sent", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
+    const p = await socketPair(dir);
+    const data = randomBytes(1 * MiB);
+    writeFileSync(join(dir, "f"), data);
+    const file = BlockFile.open(join(dir, "f"));
+    try {
+      const before = binding.mappedWindows();
+      const header = Buffer.from("HDR!");
+      // Scattered pieces and zeroes, as a snapshot lends them; the reader has not read yet.
+      const pieces = Float64Array.from([
+        file.fd,
+        4096,
+        8192,
+        -1,
+        0,
+        5000,
+        file.fd,
+        512 * KiB,
+        300 * KiB,
+        file.fd,
+        0,
+        4096,
+      ]);
+      const want = Buffer.concat([
+        header,
+        data.subarray(4096, 4096 + 8192),
+        Buffer.alloc(5000),
+        data.subarray(512 * KiB, 812 * KiB),
+        data.subarray(0, 4096),
+      ]);
+      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
+      p.client.pause();
+      assert.equal(sendPieces(p.fd, header, pieces, 0, -2), want.length);
+      assert.ok(binding.mappedWindows() > before, "the file was mapped");
+      // The pages change before the reader reads: what was sent is what the file held at the call
+      // (a copy, not page references as sendfile would leave).
+      const w = openSync(join(dir, "f"), "r+");
+      writeSync(w, Buffer.alloc(1 * MiB, 0xee), 0, 1 * MiB, 0);
+      closeSync(w);
+      p.client.resume();
+      assert.ok((await receive(p, want.length)).equals(want), "the bytes as they were at the call");
+    } finally {
+      file.close();
+      p.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  void test("closing a BlockFile unmaps it: a descriptor number reused by another file sends that file", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
+    const p = await socketPair(dir);
+    try {
+      const a = randomBytes(256 * KiB);
+      const b = randomBytes(256 * KiB);
+      writeFileSync(join(dir, "a"), a);
+      writeFileSync(join(dir, "b"), b);
+      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
+      const fa = BlockFile.open(join(dir, "a"));
+      const piece = (fd: number): Float64Array => Float64Array.from([fd, 0, 256 * KiB]);
+      assert.equal(sendPieces(p.fd, Buffer.alloc(0), piece(fa.fd), 0, -2), 256 * KiB);
+      assert.ok((await receive(p, 256 * KiB)).equals(a));
+      const reused = fa.fd;
+      fa.close();
+      // A plain descriptor (never registered) now gets the same number.
+      const fb = openSync(join(dir, "b"), "r");
+      try {
+        assert.equal(fb, reused, "precondition: the number is reused");
+        assert.equal(sendPieces(p.fd, Buffer.alloc(0), piece(fb), 0, -2), 256 * KiB);
+        assert.ok((await receive(p, 256 * KiB)).equals(b), "the new file's bytes, not the old mapping's");
+      } finally {
+        closeSync(fb);
+      }
+    } finally {
+      p.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  void test("a mapped file cut short under a send: what exists is sent, the rest is left to the caller, no signal", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
+    const p = await socketPair(dir);
+    const data = randomBytes(512 * KiB);
+    writeFileSync(join(dir, "f"), data);
+    const file = BlockFile.open(join(dir, "f"));
+    try {
+      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
+      const pieces = Float64Array.from([file.fd, 0, 512 * KiB]);
+      assert.equal(sendPieces(p.fd, Buffer.alloc(0), pieces, 0, -2), 512 * KiB); // maps the window
+      assert.ok((await receive(p, 512 * KiB)).equals(data));
+      // Cut to 100 KiB: the mapping's pages past it can no longer be read (SIGBUS in user space;
+      // EFAULT for the kernel's copy), so the send falls back to pread, which stops at the end.
+      const w = openSync(join(dir, "f"), "r+");
+      ftruncateSync(w, 100 * KiB);
+      closeSync(w);
+      const header = Buffer.from("HDR!");
+      const r = sendPieces(p.fd, header, pieces, 0, -2);
+      assert.equal(r, header.length + 100 * KiB, "header and the bytes that still exist");
+      assert.ok((await receive(p, r)).equals(Buffer.concat([header, data.subarray(0, 100 * KiB)])));
+    } finally {
+      file.close();
       p.close();
       rmSync(dir, { recursive: true, force: true });
     }

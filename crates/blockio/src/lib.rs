@@ -17,6 +17,7 @@
 //!   not wrap are declared by hand (napi.rs, sys.rs).
 
 mod crc;
+mod maps;
 mod napi;
 mod ops;
 mod sys;
@@ -214,6 +215,39 @@ unsafe extern "C" fn send_pieces(env: napi_env, info: napi_callback_info) -> nap
             "sendPieces(sock, header, pieces, skip, copyFd): bad arguments",
         ),
     }
+}
+
+/// mapRegister(fd, limit): let sendPieces send `fd`'s copied pieces from read-only mappings of
+/// at most `limit` bytes from its start (-1: no limit, for regular files); see maps.rs. The
+/// caller must call mapForget(fd) before closing `fd`.
+unsafe extern "C" fn map_register(env: napi_env, info: napi_callback_info) -> napi_value {
+    let parsed = (|| {
+        let a = args::<2>(env, info)?;
+        Some((num(env, a[0])? as i32, num(env, a[1])?))
+    })();
+    match parsed {
+        Some((fd, limit)) if fd >= 0 => {
+            maps::register(fd, if limit < 0.0 { u64::MAX } else { limit as u64 });
+            number(env, 0.0)
+        }
+        _ => throw(env, "mapRegister(fd, limit): bad arguments"),
+    }
+}
+
+/// mapForget(fd): unmap every window onto `fd` and stop mapping it.
+unsafe extern "C" fn map_forget(env: napi_env, info: napi_callback_info) -> napi_value {
+    match args::<1>(env, info).and_then(|a| num(env, a[0])) {
+        Some(fd) => {
+            maps::forget(fd as i32);
+            number(env, 0.0)
+        }
+        None => throw(env, "mapForget(fd): bad arguments"),
+    }
+}
+
+/// mappedWindows(): windows mapped now, onto every registered file (for tests).
+unsafe extern "C" fn mapped_windows(env: napi_env, _info: napi_callback_info) -> napi_value {
+    number(env, maps::mapped_windows() as f64)
 }
 
 /// dupFd(fd): a close-on-exec duplicate of a descriptor, or -errno.
@@ -495,6 +529,9 @@ pub unsafe extern "C" fn napi_register_module_v1(env: napi_env, exports: napi_va
     export(env, exports, b"deviceSize\0", device_size);
     export(env, exports, b"cachedBytes\0", cached_bytes);
     export(env, exports, b"sendPieces\0", send_pieces);
+    export(env, exports, b"mapRegister\0", map_register);
+    export(env, exports, b"mapForget\0", map_forget);
+    export(env, exports, b"mappedWindows\0", mapped_windows);
     export(env, exports, b"dupFd\0", dup_fd);
     export(env, exports, b"lockFd\0", lock_fd);
     export(env, exports, b"sendNow\0", send_now);

@@ -244,23 +244,31 @@ pub fn cached_bytes(fd: c_int, offset: i64, len: i64) -> i64 {
     (cs.nr_cache * 4096) as i64
 }
 
-/// Bytes gathered in user space before a send(2) (see send_pieces).
+/// Bytes read into user space per send (see send_pieces), for pieces that are not mapped.
 const GATHER: usize = 256 * 1024;
+
+/// iovecs per sendmsg(2) (IOV_MAX is 1024).
+const MAX_IOV: usize = 1024;
+
+/// What zero pieces are sent from.
+static ZEROS: [u8; 65536] = [0; 65536];
 
 thread_local! {
     static GATHER_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static IOVS: std::cell::RefCell<Vec<IoVec>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Send `header` (at most 256 KiB) and then each piece of `pieces` (fd, offset, length triples; fd < 0 stands for
 /// `length` zero bytes), less their first `skip` bytes, on the non-blocking socket `sock`.
-/// Pieces from `copy_fd` (every piece when `copy_fd` is -2) are copied: read into a buffer and
-/// sent with send(2), gathered up to 256 KiB a send, together with the header and zeroes. Other
-/// pieces go with sendfile(2), which hands the kernel references to their page-cache pages, so
-/// only files that never change under a sent reply may be sent that way (a snapshot's journal:
-/// a snapshot's primary may be overwritten while its pages wait in the socket). Returns the
-/// bytes sent in all (header included), stopping at the first EAGAIN, end of file or read
-/// error (the caller reads the rest itself); -errno when the connection failed before anything
-/// was sent.
+/// Pieces from `copy_fd` (every piece when `copy_fd` is -2) are copied: sent with sendmsg(2)
+/// straight from a read-only mapping of their file when it is registered (maps.rs: one copy,
+/// page cache to socket), otherwise read into a buffer first (up to 256 KiB a send); the header
+/// and zeroes go in the same sendmsg. Other pieces go with sendfile(2), which hands the kernel
+/// references to their page-cache pages, so only files that never change under a sent reply may
+/// be sent that way (a snapshot's journal: a snapshot's primary may be overwritten while its
+/// pages wait in the socket). Returns the bytes sent in all (header included), stopping at the
+/// first EAGAIN, end of file or read error (the caller reads the rest itself); -errno when the
+/// connection failed before anything was sent.
 pub fn send_pieces(
     sock: c_int,
     header: *const u8,
@@ -270,54 +278,152 @@ pub fn send_pieces(
     copy_fd: c_int,
 ) -> i64 {
     GATHER_BUF.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < GATHER {
-            buf.resize(GATHER, 0);
-        }
-        let g = Gather {
-            sock,
-            copy_fd,
-            buf: buf.as_mut_ptr(),
-            fill: 0,
-            sent: 0,
-        };
-        g.send(header, hlen, pieces, skip)
+        IOVS.with(|iovs| {
+            let mut buf = cell.borrow_mut();
+            if buf.len() < GATHER {
+                buf.resize(GATHER, 0);
+            }
+            let mut iov = iovs.borrow_mut();
+            iov.clear();
+            iov.reserve(MAX_IOV);
+            let mut maps = crate::maps::lock();
+            maps.begin();
+            let mut g = Gather {
+                sock,
+                copy_fd,
+                buf: buf.as_mut_ptr(),
+                fill: 0,
+                sent: 0,
+                iov: &mut iov,
+                queued: 0,
+                maps: Some(&mut *maps),
+            };
+            match g.send(header, hlen, pieces, skip) {
+                Ok(n) => n,
+                Err(Fault) => {
+                    // A mapped page could not be read (a disk error, a file cut short): the rest
+                    // again without mappings, from where it stopped; pread reports the error.
+                    let done = g.sent;
+                    g.maps = None;
+                    g.iov.clear();
+                    g.queued = 0;
+                    g.fill = 0;
+                    let r = if done < hlen {
+                        g.send(unsafe { header.add(done) }, hlen - done, pieces, skip)
+                    } else {
+                        g.send(header, 0, pieces, skip + (done - hlen))
+                    };
+                    r.unwrap_or(g.sent as i64)
+                }
+            }
+        })
     })
 }
 
-struct Gather {
+/// sendmsg failed with EFAULT: a mapped page could not be read.
+struct Fault;
+
+struct Gather<'a> {
     sock: c_int,
     copy_fd: c_int,
+    /// GATHER bytes for pieces read with pread; `fill` of them are queued.
     buf: *mut u8,
     fill: usize,
     /// Bytes sent so far.
     sent: usize,
+    /// What the next sendmsg sends: `queued` bytes in all.
+    iov: &'a mut Vec<IoVec>,
+    queued: usize,
+    maps: Option<&'a mut crate::maps::Maps>,
 }
 
-impl Gather {
-    /// Send what is gathered: Err(result) when the caller must stop and return it.
-    fn flush(&mut self, more: bool) -> Result<(), i64> {
-        if self.fill == 0 {
-            return Ok(());
+/// Why a send stops early: the value to return, or a fault to retry without mappings.
+type Stop = Result<i64, Fault>;
+
+impl Gather<'_> {
+    /// Queue `len` bytes at `ptr` for the next sendmsg.
+    fn push(&mut self, ptr: *const u8, len: usize) -> Result<(), Stop> {
+        if self.iov.len() == MAX_IOV {
+            self.flush(true)?;
         }
+        self.iov.push(IoVec {
+            base: ptr as *mut c_void,
+            len,
+        });
+        self.queued += len;
+        Ok(())
+    }
+
+    /// Send what is queued: Err(stop) when the caller must stop there.
+    fn flush(&mut self, more: bool) -> Result<(), Stop> {
         let flags = MSG_DONTWAIT | MSG_NOSIGNAL | if more { MSG_MORE } else { 0 };
-        let r = send_all(self.sock, self.buf, self.fill, flags);
-        if r < 0 {
-            return Err(if self.sent > 0 { self.sent as i64 } else { r });
+        let mut first = 0;
+        while self.queued > 0 {
+            let msg = MsgHdr {
+                name: std::ptr::null_mut(),
+                namelen: 0,
+                iov: self.iov[first..].as_ptr(),
+                iovlen: self.iov.len() - first,
+                control: std::ptr::null_mut(),
+                controllen: 0,
+                flags: 0,
+            };
+            let r = unsafe { sendmsg(self.sock, &msg, flags) };
+            if r < 0 {
+                let e = errno();
+                if e == EINTR {
+                    continue;
+                }
+                if e == EFAULT && self.maps.is_some() {
+                    return Err(Err(Fault));
+                }
+                if e == EAGAIN {
+                    return Err(Ok(self.sent as i64));
+                }
+                return Err(Ok(if self.sent > 0 {
+                    self.sent as i64
+                } else {
+                    -(e as i64)
+                }));
+            }
+            let mut r = r as usize;
+            self.sent += r;
+            self.queued -= r;
+            while r > 0 {
+                let v = &mut self.iov[first];
+                if r >= v.len {
+                    r -= v.len;
+                    first += 1;
+                } else {
+                    v.base = unsafe { (v.base as *mut u8).add(r) } as *mut c_void;
+                    v.len -= r;
+                    r = 0;
+                }
+            }
         }
-        self.sent += r as usize;
-        if (r as usize) < self.fill {
-            return Err(self.sent as i64);
-        }
+        self.iov.clear();
         self.fill = 0;
         Ok(())
     }
 
     /// See send_pieces.
-    fn send(mut self, header: *const u8, hlen: usize, pieces: &[f64], skip: usize) -> i64 {
-        // The header (tens of bytes; at most 64 KiB) goes out with whatever follows it.
-        unsafe { std::ptr::copy_nonoverlapping(header, self.buf, hlen) };
-        self.fill = hlen;
+    fn send(&mut self, header: *const u8, hlen: usize, pieces: &[f64], skip: usize) -> Stop {
+        match self.send_all(header, hlen, pieces, skip) {
+            Ok(()) => Ok(self.sent as i64),
+            Err(stop) => stop,
+        }
+    }
+
+    fn send_all(
+        &mut self,
+        header: *const u8,
+        hlen: usize,
+        pieces: &[f64],
+        skip: usize,
+    ) -> Result<(), Stop> {
+        if hlen > 0 {
+            self.push(header, hlen)?;
+        }
         let mut skip = skip;
         for piece in pieces.chunks_exact(3) {
             let (fd, plen) = (piece[0] as c_int, piece[2] as usize);
@@ -329,40 +435,44 @@ impl Gather {
             let mut off = piece[1] as i64 + skip as i64;
             skip = 0;
             let mut done = 0usize;
-            if fd < 0 || self.copy_fd == -2 || fd == self.copy_fd {
+            if fd < 0 {
                 while done < len {
-                    if self.fill == GATHER {
-                        if let Err(r) = self.flush(true) {
-                            return r;
+                    let n = (len - done).min(ZEROS.len());
+                    self.push(ZEROS.as_ptr(), n)?;
+                    done += n;
+                }
+            } else if self.copy_fd == -2 || fd == self.copy_fd {
+                while done < len {
+                    if let Some(m) = self.maps.as_mut() {
+                        if let Some((p, n)) = m.at(fd, off as u64, len - done) {
+                            self.push(p, n)?;
+                            done += n;
+                            off += n as i64;
+                            continue;
                         }
+                    }
+                    if self.fill == GATHER {
+                        self.flush(true)?;
                     }
                     let n = (len - done).min(GATHER - self.fill);
                     let at = unsafe { self.buf.add(self.fill) };
-                    let r = if fd < 0 {
-                        unsafe { std::ptr::write_bytes(at, 0, n) };
-                        n as isize
-                    } else {
-                        unsafe { pread64(fd, at as *mut c_void, n, off) }
-                    };
+                    let r = unsafe { pread64(fd, at as *mut c_void, n, off) };
                     if r < 0 && errno() == EINTR {
                         continue;
                     }
                     if r <= 0 {
-                        // End of file or a read error: send what is gathered; the caller reads the
+                        // End of file or a read error: send what is queued; the caller reads the
                         // rest itself and reports the error.
-                        return match self.flush(false) {
-                            Ok(()) => self.sent as i64,
-                            Err(r) => r,
-                        };
+                        self.flush(false)?;
+                        return Err(Ok(self.sent as i64));
                     }
+                    self.push(at, r as usize)?;
                     self.fill += r as usize;
                     done += r as usize;
                     off += r as i64;
                 }
             } else {
-                if let Err(r) = self.flush(true) {
-                    return r;
-                }
+                self.flush(true)?;
                 while done < len {
                     let r = unsafe { sendfile64(self.sock, fd, &mut off, len - done) };
                     if r < 0 {
@@ -371,23 +481,21 @@ impl Gather {
                             continue;
                         }
                         if e == EAGAIN {
-                            return (self.sent + done) as i64;
+                            return Err(Ok((self.sent + done) as i64));
                         }
                         let total = self.sent + done;
-                        return if total > 0 { total as i64 } else { -(e as i64) };
+                        return Err(Ok(if total > 0 { total as i64 } else { -(e as i64) }));
                     }
                     if r == 0 {
-                        return (self.sent + done) as i64; // end of file: the caller sends the rest
+                        // End of file: the caller sends the rest.
+                        return Err(Ok((self.sent + done) as i64));
                     }
                     done += r as usize;
                 }
                 self.sent += done;
             }
         }
-        match self.flush(false) {
-            Ok(()) => self.sent as i64,
-            Err(r) => r,
-        }
+        self.flush(false)
     }
 }
 

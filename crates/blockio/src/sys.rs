@@ -67,6 +67,22 @@ pub const EINVAL: i32 = 22;
 pub const ENXIO: i32 = 6;
 pub const EIO: i32 = 5;
 pub const EAGAIN: i32 = 11;
+pub const EFAULT: i32 = 14;
+
+pub const PROT_READ: c_int = 1;
+pub const MAP_SHARED: c_int = 1;
+
+/// struct msghdr (LP64; repr(C) pads after the socklen_t).
+#[repr(C)]
+pub struct MsgHdr {
+    pub name: *mut c_void,
+    pub namelen: u32,
+    pub iov: *const IoVec,
+    pub iovlen: usize,
+    pub control: *mut c_void,
+    pub controllen: usize,
+    pub flags: c_int,
+}
 
 extern "C" {
     pub fn preadv2(fd: c_int, iov: *const IoVec, iovcnt: c_int, offset: i64, flags: c_int)
@@ -88,6 +104,16 @@ extern "C" {
     pub fn ioctl(fd: c_int, request: c_long, ...) -> c_int;
     pub fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut i64, count: usize) -> isize;
     pub fn send(fd: c_int, buf: *const c_void, len: usize, flags: c_int) -> isize;
+    pub fn sendmsg(fd: c_int, msg: *const MsgHdr, flags: c_int) -> isize;
+    pub fn mmap(
+        addr: *mut c_void,
+        len: usize,
+        prot: c_int,
+        flags: c_int,
+        fd: c_int,
+        offset: i64,
+    ) -> *mut c_void;
+    pub fn munmap(addr: *mut c_void, len: usize) -> c_int;
     pub fn recv(fd: c_int, buf: *mut c_void, len: usize, flags: c_int) -> isize;
     pub fn setsockopt(
         fd: c_int,
