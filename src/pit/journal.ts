@@ -53,6 +53,7 @@ import { join } from "node:path";
 import { BlockFile, isCached, syncDir } from "../blockio/index.js";
 import { errnoName, errnoOf } from "../errors.js";
 import { acquire, release } from "../util/buffer-pool.js";
+import { DONE } from "../util/done.js";
 import type { Logger } from "../log.js";
 import { journalNow, seedJournalClock } from "./clock.js";
 import {
@@ -910,12 +911,12 @@ export class Journal {
     return this.windowFloor(ts);
   }
 
-  /** Read entry i's before-image (or part of it) into buf. */
+  /** Read entry i's before-image (or part of it) into buf (DONE when read inline). */
   readImage(i: number, buf: Buffer, within = 0): Promise<void> {
     const off = this.index.off[i];
     if (off < 0) {
       buf.fill(0);
-      return Promise.resolve();
+      return DONE;
     }
     const seg = this.segments.get(this.index.seg[i]);
     if (!seg) return Promise.reject(new Error(`journal segment ${this.index.seg[i]} was dropped`));

@@ -115,36 +115,45 @@ export class SnapshotView implements Volume {
     };
   }
 
-  async read(buf: Buffer, offset: number): Promise<void> {
-    if (this.broken) throw new IoError(E.EIO, "snapshot read", this.broken);
+  /** Read [offset, offset+buf.length): DONE when every piece was read inline (page cache). */
+  read(buf: Buffer, offset: number): Promise<void> {
+    if (this.broken) return Promise.reject(new IoError(E.EIO, "snapshot read", this.broken));
     const j = this.j;
     const end = offset + buf.length;
     let pos = offset;
-    const waits: Promise<void>[] = [];
+    let waits: Promise<void>[] | null = null;
     while (pos < end) {
       const b = Math.floor(pos / j);
       const e = this.map.get(b);
+      let p: Promise<void>;
       if (e >= 0) {
         const stop = Math.min((b + 1) * j, end);
-        waits.push(this.journal.readImage(e, buf.subarray(pos - offset, stop - offset), pos - b * j));
+        p = this.journal.readImage(e, buf.subarray(pos - offset, stop - offset), pos - b * j);
         pos = stop;
-        continue;
+      } else {
+        // A run of blocks that read from the primary.
+        const stop = Math.min(this.map.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
+        p = this.fromPrimary(buf, offset, pos, stop);
+        pos = stop;
       }
-      // A run of blocks that read from the primary.
-      const stop = Math.min(this.map.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
-      waits.push(this.fromPrimary(buf, offset, pos, stop));
-      pos = stop;
+      if (p !== DONE) (waits ??= []).push(p);
     }
-    await Promise.all(waits);
-    if (this.broken) throw new IoError(E.EIO, "snapshot read", this.broken);
+    if (waits === null) return DONE;
+    return Promise.all(waits).then(() => {
+      if (this.broken) throw new IoError(E.EIO, "snapshot read", this.broken);
+    });
   }
 
-  private async fromPrimary(buf: Buffer, base: number, from: number, to: number): Promise<void> {
+  private fromPrimary(buf: Buffer, base: number, from: number, to: number): Promise<void> {
     const version = this.version;
     const p = this.primary.read(buf.subarray(from - base, to - base), from);
-    if (p !== DONE) await p;
-    // A block may have gained a journal entry while we read: its image is the right contents.
-    if (this.version === version) return;
+    // Read inline: nothing can have joined the map meanwhile.
+    if (p === DONE) return DONE;
+    return p.then(() => (this.version === version ? undefined : this.reread(buf, base, from, to)));
+  }
+
+  /** Blocks of [from, to) that gained a journal entry while the primary was read: their images. */
+  private async reread(buf: Buffer, base: number, from: number, to: number): Promise<void> {
     const j = this.j;
     for (let b = Math.floor(from / j); b * j < to; b++) {
       const e = this.map.get(b);
