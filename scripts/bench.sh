@@ -121,7 +121,7 @@ link_note() {
     echo "Other transitions to tracking ($m; the benchmark stops gateway and proxy together after each run):"
   fi
   if [ "$(grep -c -- '-> tracking' "$1" 2>/dev/null || true)" -gt 0 ]; then
-    echo; echo '```'; grep -- '-> tracking' "$1" | head -20; echo '```'
+    echo; echo '```'; grep -m 20 -- '-> tracking' "$1"; echo '```'
   fi
 }
 
