@@ -781,6 +781,43 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
     }
   });
 
+  void test("more pieces than one sendmsg takes (1024 iovecs), read or mapped, arrive in order", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
+    const p = await socketPair(dir);
+    const data = randomBytes(1 * MiB);
+    writeFileSync(join(dir, "f"), data);
+    const file = BlockFile.open(join(dir, "f"));
+    const raw = openSync(join(dir, "f"), "r");
+    try {
+      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
+      // 2500 pieces of 100 bytes from scattered offsets, a zero piece every 7th.
+      const triples: number[] = [];
+      const parts: Buffer[] = [];
+      for (let i = 0; i < 2500; i++) {
+        const at = (i * 7919 * 100) % (1 * MiB - 100);
+        if (i % 7 === 0) {
+          triples.push(-1, 0, 100);
+          parts.push(Buffer.alloc(100));
+        } else {
+          triples.push(-3, at, 100);
+          parts.push(data.subarray(at, at + 100));
+        }
+      }
+      const want = Buffer.concat(parts);
+      for (const fd of [raw, file.fd]) {
+        const pieces = Float64Array.from(triples.map((v) => (v === -3 ? fd : v)));
+        assert.equal(sendPieces(p.fd, Buffer.alloc(0), pieces, 0, -2), want.length);
+        const what = fd === raw ? "read" : "mapped";
+        assert.ok((await receive(p, want.length)).equals(want), `${what}: bytes differ`);
+      }
+    } finally {
+      closeSync(raw);
+      file.close();
+      p.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   void test("closing a BlockFile unmaps it: a descriptor number reused by another file sends that file", async () => {
     const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
     const p = await socketPair(dir);

@@ -451,7 +451,9 @@ impl Gather<'_> {
                             continue;
                         }
                     }
-                    if self.fill == GATHER {
+                    // Room for the read and its iovec first: a flush from push() would free
+                    // the buffer under the bytes just read.
+                    if self.fill == GATHER || self.iov.len() == MAX_IOV {
                         self.flush(true)?;
                     }
                     let n = (len - done).min(GATHER - self.fill);
