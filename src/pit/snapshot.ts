@@ -122,21 +122,28 @@ export class SnapshotView implements Volume {
     const end = offset + buf.length;
     let pos = offset;
     let waits: Promise<void>[] | null = null;
-    while (pos < end) {
-      const b = Math.floor(pos / j);
-      const e = this.map.get(b);
-      let p: Promise<void>;
-      if (e >= 0) {
-        const stop = Math.min((b + 1) * j, end);
-        p = this.journal.readImage(e, buf.subarray(pos - offset, stop - offset), pos - b * j);
-        pos = stop;
-      } else {
-        // A run of blocks that read from the primary.
-        const stop = Math.min(this.map.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
-        p = this.fromPrimary(buf, offset, pos, stop);
-        pos = stop;
+    try {
+      while (pos < end) {
+        const b = Math.floor(pos / j);
+        const e = this.map.get(b);
+        let p: Promise<void>;
+        if (e >= 0) {
+          const stop = Math.min((b + 1) * j, end);
+          p = this.journal.readImage(e, buf.subarray(pos - offset, stop - offset), pos - b * j);
+          pos = stop;
+        } else {
+          // A run of blocks that read from the primary.
+          const stop = Math.min(this.map.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
+          p = this.fromPrimary(buf, offset, pos, stop);
+          pos = stop;
+        }
+        if (p !== DONE) (waits ??= []).push(p);
       }
-      if (p !== DONE) (waits ??= []).push(p);
+    } catch (e) {
+      // A layer below broke the contract (threw instead of rejecting): reject all the same, and
+      // let the pieces already in flight settle unobserved.
+      for (const w of waits ?? []) w.catch(() => {});
+      return Promise.reject(e);
     }
     if (waits === null) return DONE;
     return Promise.all(waits).then(() => {

@@ -329,6 +329,25 @@ void describe("SnapshotView over the journal filter", () => {
     }
   });
 
+  void test("a primary that throws instead of rejecting: the read rejects, it does not throw", async () => {
+    const { r } = await filledRig("memory");
+    class Throws extends FilterVolume {
+      override read(): Promise<void> {
+        throw new Error("thrown by the primary");
+      }
+    }
+    const view = new SnapshotView(r.journal, new Throws(r.primary), r.journal.pointOf(journalNow()), "v");
+    view.open();
+    await r.stack.write(randomBytes(BS), 7 * BS, false); // block 7 reads from the journal
+    let p: Promise<void> | undefined;
+    assert.doesNotThrow(() => {
+      p = view.read(Buffer.alloc(3 * BS), 7 * BS); // block 7 from the journal, then the primary
+    });
+    await assert.rejects(p!, /thrown by the primary/);
+    await view.close();
+    await r.close();
+  });
+
   void test("captures runs with gaps, asynchronous primary reads, and large runs over holes", async () => {
     // A primary whose reads finish on a later turn of the loop (a cache miss), so that capture
     // takes its asynchronous path between runs.
