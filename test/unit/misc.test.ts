@@ -818,6 +818,34 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
     }
   });
 
+  void test("a send maps at most two new windows; pieces beyond them are read, the bytes are the same", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
+    const p = await socketPair(dir);
+    // Five 64 MiB windows of one sparse file, a marked 4 KiB at the start of each.
+    const W = 64 * MiB;
+    const marks = [0, 1, 2, 3, 4].map(() => randomBytes(4096));
+    const w = openSync(join(dir, "f"), "w");
+    ftruncateSync(w, 5 * W);
+    marks.forEach((m, i) => writeSync(w, m, 0, m.length, i * W));
+    closeSync(w);
+    const file = BlockFile.open(join(dir, "f"), { readOnly: true });
+    try {
+      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
+      const pieces = Float64Array.from(marks.flatMap((_, i) => [file.fd, i * W, 4096]));
+      const want = Buffer.concat(marks);
+      const base = binding.mappedWindows();
+      for (const mapped of [2, 4, 5]) {
+        assert.equal(sendPieces(p.fd, Buffer.alloc(0), pieces, 0, -2), want.length);
+        assert.ok((await receive(p, want.length)).equals(want), `${mapped}: bytes differ`);
+        assert.equal(binding.mappedWindows() - base, mapped, "two new windows per send at most");
+      }
+    } finally {
+      file.close();
+      p.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   void test("closing a BlockFile unmaps it: a descriptor number reused by another file sends that file", async () => {
     const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
     const p = await socketPair(dir);

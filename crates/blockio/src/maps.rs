@@ -13,7 +13,11 @@
 //! - Windows are WINDOW bytes at WINDOW-aligned offsets, mapped on first use, at most
 //!   MAX_WINDOWS at a time, the least recently used unmapped first (never one in use by the
 //!   current send): address space and page tables stay bounded whatever the volume's size
-//!   (4 GiB mapped, at most 8 MiB of page tables).
+//!   (16 GiB mapped, at most 32 MiB of page tables).
+//! - A send maps at most FRESH_PER_SEND new windows; pieces beyond them are read with pread. A
+//!   send whose pieces are spread over more files or windows than the registry keeps (a snapshot
+//!   over a long journal: one window per 64 MiB segment) would otherwise mmap and munmap on
+//!   most pieces, which costs more than the copy it saves.
 //! - A file that cannot be mapped (mmap fails) is dropped from the registry: pread from then on.
 
 use crate::sys::*;
@@ -21,7 +25,8 @@ use std::os::raw::{c_int, c_void};
 use std::sync::{Mutex, MutexGuard};
 
 const WINDOW: u64 = 64 << 20;
-const MAX_WINDOWS: usize = 64;
+const MAX_WINDOWS: usize = 256;
+const FRESH_PER_SEND: u32 = 2;
 
 struct Window {
     fd: c_int,
@@ -37,6 +42,8 @@ pub struct Maps {
     files: Vec<(c_int, u64)>,
     windows: Vec<Window>,
     call: u64,
+    /// Windows mapped by the current send.
+    fresh: u32,
 }
 
 // The raw window addresses are only handed to the kernel; the mutex serializes every use.
@@ -46,6 +53,7 @@ static MAPS: Mutex<Maps> = Mutex::new(Maps {
     files: Vec::new(),
     windows: Vec::new(),
     call: 0,
+    fresh: 0,
 });
 
 /// The registry, locked (a panic elsewhere never leaves it unusable).
@@ -87,6 +95,7 @@ impl Maps {
     /// A new send begins: the windows it uses are not unmapped before the next one begins.
     pub fn begin(&mut self) {
         self.call += 1;
+        self.fresh = 0;
     }
 
     /// The address of `fd`'s byte at `off` and how many bytes follow it in the same window (at
@@ -103,7 +112,11 @@ impl Maps {
             .position(|w| w.fd == fd && w.index == index)
         {
             Some(i) => i,
-            None => self.map(fd, index, limit)?,
+            None if self.fresh < FRESH_PER_SEND => {
+                self.fresh += 1;
+                self.map(fd, index, limit)?
+            }
+            None => return None,
         };
         let w = &mut self.windows[i];
         w.used = self.call;
