@@ -17,7 +17,7 @@
 //! - A send maps at most FRESH_PER_SEND new windows; pieces beyond them are read with pread. A
 //!   send whose pieces are spread over more files or windows than the registry keeps (a snapshot
 //!   over a long journal: one window per 64 MiB segment) would otherwise mmap and munmap on
-//!   most pieces, which costs more than the copy it saves.
+//!   most pieces, which could cost more than the copies it saves (reasoned, not measured).
 //! - A file that cannot be mapped (mmap fails) is dropped from the registry: pread from then on.
 
 use crate::sys::*;
