@@ -13,6 +13,9 @@
 //! - Buffers stay owned by JS: the wrapper keeps every buffer, the descriptor and result arrays
 //!   referenced until the completion callback runs, so the backing stores cannot be collected
 //!   while a pool thread uses them (V8 never moves an ArrayBuffer's backing store).
+//! - `sendPieces` sends a snapshot's lent read (file pieces) on a socket during the call: copied
+//!   from read-only mappings of registered files (maps.rs: one copy, page cache to socket) or read
+//!   into a buffer first; pieces of files that never change may go by sendfile.
 //! - No third-party crates: crates.io is unreachable here. N-API and the few libc calls std does
 //!   not wrap are declared by hand (napi.rs, sys.rs).
 
