@@ -207,6 +207,13 @@ export class BlockFile {
   private probeUntil = 0;
   private closed = false;
   private readonly extentsOut = new Float64Array(2 * 1024);
+  /**
+   * Every byte at or past this offset is a hole that was never written (the owner of a file it
+   * appends to keeps it current; Infinity: unknown). A write's partial last page there needs no
+   * read, so inline writes skip the page-cache probe for it: probing with a read makes the kernel
+   * read ahead over the hole, zero-filling (large) folios that the next appends then write into.
+   */
+  holesFrom = Infinity;
 
   private constructor(
     path: string,
@@ -358,6 +365,7 @@ export class BlockFile {
     if (
       tail !== 0 &&
       end < this.size &&
+      end - tail < this.holesFrom &&
       (head === 0 || Math.floor(end / PAGE) !== Math.floor(offset / PAGE))
     ) {
       if (!this.pageCached(end - tail)) return false;

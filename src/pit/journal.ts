@@ -120,6 +120,11 @@ interface Segment {
   residentUntil: number;
   /** Commit rounds whose fdatasync of this segment is in flight (retention must not close it). */
   syncing: number;
+  /**
+   * Created (sparse) by this process: nothing was ever written past `size`. A segment reopened
+   * after a crash may hold a torn record there.
+   */
+  fresh: boolean;
 }
 
 /** How long a segment found wholly in the page cache is taken to stay there (ms). */
@@ -420,6 +425,7 @@ export class Journal {
           lastTs: this.index.length > firstEntry ? this.index.ts[this.index.length - 1] : 0,
           residentUntil: 0,
           syncing: 0,
+          fresh: false,
         });
         this.order.push(seg);
       } finally {
@@ -555,6 +561,7 @@ export class Journal {
       lastTs: 0,
       residentUntil: 0,
       syncing: 0,
+      fresh: true,
     };
     this.segments.set(number, seg);
     this.order.push(number);
@@ -796,6 +803,8 @@ export class Journal {
       try {
         const buf = pooled.subarray(0, size);
         encodeRecord(buf, 0, chunk.type, recordSeq, chunk.entries, this.blockSize);
+        // A segment created by this process is a hole past what it appended (see holesFrom).
+        if (seg.fresh) seg.file.holesFrom = at;
         await seg.file.write(buf, at);
       } finally {
         release(pooled);

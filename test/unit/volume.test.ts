@@ -11,6 +11,8 @@ import { MemoryVolume } from "../../src/volume/memory.js";
 import { FileVolume } from "../../src/volume/file.js";
 import { readOnly } from "../../src/volume/readonly.js";
 import { BlockFile } from "../../src/blockio/index.js";
+import { binding } from "../../src/blockio/native.js";
+import { DONE } from "../../src/util/done.js";
 import type { Volume } from "../../src/volume/volume.js";
 import { volumeSuite } from "./volume-suite.js";
 
@@ -123,6 +125,50 @@ void describe("readOnly filter", () => {
 });
 
 void describe("FileVolume and BlockFile", () => {
+  void test("appends past holesFrom are written inline without probing the hole", async () => {
+    // The journal's segments: sparse, written only up to where they were appended. A probe of
+    // each append's partial last page (a one-byte RWF_NOWAIT read) made the kernel bring that
+    // hole into the page cache by zero-filling it (7% of the proxy's CPU under journaled writes),
+    // only for the next append to overwrite it.
+    const p = join(scratch(), "seg.img");
+    const f = BlockFile.open(p, { create: true, size: 64 * MiB, inlineWrites: true });
+    const probes: number[] = [];
+    // eslint-disable-next-line @typescript-eslint/unbound-method -- put back as it was below; addon functions ignore `this`
+    const readNowait = binding.readNowait;
+    binding.readNowait = (fd, buf, offset) => {
+      if (fd === f.fd && buf.length === 1) probes.push(offset);
+      return readNowait(fd, buf, offset);
+    };
+    try {
+      let end = 0;
+      for (let i = 0; i < 40; i++) {
+        f.holesFrom = end;
+        const n = 65_536 + 400 + i;
+        assert.equal(f.write(Buffer.alloc(n, i + 1), end), DONE, `append ${i} written inline`);
+        end += n;
+      }
+      // Only head pages are probed, each holding the end of the append before it (cached). A
+      // tail probe would show as the same page probed twice in a row (tail, then next head).
+      assert.ok(probes.length > 0 && probes.length < 40, `${probes.length} probes`);
+      const twice = probes.filter((at, k) => k > 0 && at === probes[k - 1]);
+      assert.deepEqual(twice, [], "no page probed as a tail");
+      const back = Buffer.alloc(end);
+      await f.read(back, 0);
+      let at = 0;
+      for (let i = 0; i < 40; i++) {
+        const n = 65_536 + 400 + i;
+        assert.ok(
+          back.subarray(at, at + n).every((b) => b === i + 1),
+          `append ${i} reads back`,
+        );
+        at += n;
+      }
+    } finally {
+      binding.readNowait = readNowait;
+      f.close();
+    }
+  });
+
   void test("create makes a sparse file of the given size", async () => {
     const p = join(scratch(), "new.img");
     const v = FileVolume.open(p, { create: true, size: 256 * MiB });
