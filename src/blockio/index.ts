@@ -10,15 +10,16 @@
 // - Writes: ext4 (like most file systems) answers EOPNOTSUPP to RWF_NOWAIT buffered writes, so a
 //   write is done inline (a plain pwrite on the JS thread) only when it is judged not to wait for
 //   the disk: not FUA, and no partial page whose old contents would have to be read from disk
-//   (probed with a 1-byte RWF_NOWAIT read). A buffered write can still be slowed by dirty-page
-//   throttling, so inline writes are watched: a write slower than INLINE_SLOW_MS opens a probe
-//   window (PROBE_MS) in which each inline write is bracketed by the thread's count of voluntary
-//   context switches (getrusage RUSAGE_THREAD, ~0.3 µs). A slow write that slept in the kernel
-//   (a throttling pause, a lock, a disk read) switches inline writes off for INLINE_BACKOFF_MS
-//   (everything goes to the pool), so a throttled disk costs a slow write or two, not a stalled
-//   event loop. A write that was merely preempted (a busy machine: involuntary switches) does not:
-//   on 2 shared cores that happened every few milliseconds and sent every write to the pool at
-//   ~3x the CPU cost. `inlineWrites: false` turns the inline path off entirely.
+//   (probed with a 1-byte RWF_NOWAIT read; not past `holesFrom`, where a file that is appended to
+//   was never written: probing a hole zero-fills it into the cache). A buffered write can still be
+//   slowed by dirty-page throttling, so inline writes are watched: a write slower than
+//   INLINE_SLOW_MS opens a probe window (PROBE_MS) in which each inline write is bracketed by the
+//   thread's count of voluntary context switches (getrusage RUSAGE_THREAD, ~0.3 µs). A slow write
+//   that slept in the kernel (a throttling pause, a lock, a disk read) switches inline writes off
+//   for INLINE_BACKOFF_MS (everything goes to the pool), so a throttled disk costs a slow write or
+//   two, not a stalled event loop. A write that was merely preempted (a busy machine: involuntary
+//   switches) does not: on 2 shared cores that happened every few milliseconds and sent every write
+//   to the pool at ~3x the CPU cost. `inlineWrites: false` turns the inline path off entirely.
 // - Everything else (cache misses, FUA writes, fdatasync, fallocate, readahead) is queued and sent
 //   to the native side as batches: all operations queued in one tick go in one crossing per pool
 //   thread (IoQueue). No ordering is promised between operations queued in the same tick; callers
