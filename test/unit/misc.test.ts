@@ -732,13 +732,38 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
     return Buffer.concat(got);
   }
 
-  void test("a BlockFile's pieces go from its mapping, copied at the call: a later overwrite is not sent", async () => {
+  /**
+   * Run `body` with a scratch directory and a connected socket pair whose sender has a 4 MiB
+   * send buffer (room for every reply below); `opened` files are closed, then all is removed.
+   */
+  async function withSendRig(
+    body: (dir: string, p: Awaited<ReturnType<typeof socketPair>>, opened: BlockFile[]) => Promise<void>,
+  ): Promise<void> {
     const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
     const p = await socketPair(dir);
-    const data = randomBytes(1 * MiB);
+    const opened: BlockFile[] = [];
+    try {
+      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
+      await body(dir, p, opened);
+    } finally {
+      for (const f of opened) f.close();
+      p.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  /** Write `data` to dir/f and open it as a BlockFile (registered for mapped sends). */
+  function mappedFile(dir: string, data: Buffer, opened: BlockFile[]): BlockFile {
     writeFileSync(join(dir, "f"), data);
     const file = BlockFile.open(join(dir, "f"));
-    try {
+    opened.push(file);
+    return file;
+  }
+
+  void test("a BlockFile's pieces go from its mapping, copied at the call: a later overwrite is not sent", async () => {
+    await withSendRig(async (dir, p, opened) => {
+      const data = randomBytes(1 * MiB);
+      const file = mappedFile(dir, data, opened);
       const before = binding.mappedWindows();
       const header = Buffer.from("HDR!");
       // Scattered pieces and zeroes, as a snapshot lends them; the reader has not read yet.
@@ -763,7 +788,6 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
         data.subarray(512 * KiB, 812 * KiB),
         data.subarray(0, 4096),
       ]);
-      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
       p.client.pause();
       assert.equal(sendPieces(p.fd, header, pieces, 0, -2), want.length);
       assert.ok(binding.mappedWindows() > before, "the file was mapped");
@@ -774,63 +798,52 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
       closeSync(w);
       p.client.resume();
       assert.ok((await receive(p, want.length)).equals(want), "the bytes as they were at the call");
-    } finally {
-      file.close();
-      p.close();
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   void test("more pieces than one sendmsg takes (1024 iovecs), read or mapped, arrive in order", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
-    const p = await socketPair(dir);
-    const data = randomBytes(1 * MiB);
-    writeFileSync(join(dir, "f"), data);
-    const file = BlockFile.open(join(dir, "f"));
-    const raw = openSync(join(dir, "f"), "r");
-    try {
-      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
-      // 2500 pieces of 100 bytes from scattered offsets, a zero piece every 7th.
-      const triples: number[] = [];
-      const parts: Buffer[] = [];
-      for (let i = 0; i < 2500; i++) {
-        const at = (i * 7919 * 100) % (1 * MiB - 100);
-        if (i % 7 === 0) {
-          triples.push(-1, 0, 100);
-          parts.push(Buffer.alloc(100));
-        } else {
-          triples.push(-3, at, 100);
-          parts.push(data.subarray(at, at + 100));
+    await withSendRig(async (dir, p, opened) => {
+      const data = randomBytes(1 * MiB);
+      const file = mappedFile(dir, data, opened);
+      const raw = openSync(join(dir, "f"), "r");
+      try {
+        // 2500 pieces of 100 bytes from scattered offsets, a zero piece every 7th.
+        const triples: number[] = [];
+        const parts: Buffer[] = [];
+        for (let i = 0; i < 2500; i++) {
+          const at = (i * 7919 * 100) % (1 * MiB - 100);
+          if (i % 7 === 0) {
+            triples.push(-1, 0, 100);
+            parts.push(Buffer.alloc(100));
+          } else {
+            triples.push(-3, at, 100);
+            parts.push(data.subarray(at, at + 100));
+          }
         }
+        const want = Buffer.concat(parts);
+        for (const fd of [raw, file.fd]) {
+          const pieces = Float64Array.from(triples.map((v) => (v === -3 ? fd : v)));
+          assert.equal(sendPieces(p.fd, Buffer.alloc(0), pieces, 0, -2), want.length);
+          const what = fd === raw ? "read" : "mapped";
+          assert.ok((await receive(p, want.length)).equals(want), `${what}: bytes differ`);
+        }
+      } finally {
+        closeSync(raw);
       }
-      const want = Buffer.concat(parts);
-      for (const fd of [raw, file.fd]) {
-        const pieces = Float64Array.from(triples.map((v) => (v === -3 ? fd : v)));
-        assert.equal(sendPieces(p.fd, Buffer.alloc(0), pieces, 0, -2), want.length);
-        const what = fd === raw ? "read" : "mapped";
-        assert.ok((await receive(p, want.length)).equals(want), `${what}: bytes differ`);
-      }
-    } finally {
-      closeSync(raw);
-      file.close();
-      p.close();
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   void test("a send maps at most two new windows; pieces beyond them are read, the bytes are the same", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
-    const p = await socketPair(dir);
-    // Five 64 MiB windows of one sparse file, a marked 4 KiB at the start of each.
-    const W = 64 * MiB;
-    const marks = [0, 1, 2, 3, 4].map(() => randomBytes(4096));
-    const w = openSync(join(dir, "f"), "w");
-    ftruncateSync(w, 5 * W);
-    marks.forEach((m, i) => writeSync(w, m, 0, m.length, i * W));
-    closeSync(w);
-    const file = BlockFile.open(join(dir, "f"), { readOnly: true });
-    try {
-      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
+    await withSendRig(async (dir, p, opened) => {
+      // Five 64 MiB windows of one sparse file, a marked 4 KiB at the start of each.
+      const W = 64 * MiB;
+      const marks = [0, 1, 2, 3, 4].map(() => randomBytes(4096));
+      const w = openSync(join(dir, "f"), "w");
+      ftruncateSync(w, 5 * W);
+      marks.forEach((m, i) => writeSync(w, m, 0, m.length, i * W));
+      closeSync(w);
+      const file = BlockFile.open(join(dir, "f"), { readOnly: true });
+      opened.push(file);
       const pieces = Float64Array.from(marks.flatMap((_, i) => [file.fd, i * W, 4096]));
       const want = Buffer.concat(marks);
       const base = binding.mappedWindows();
@@ -839,22 +852,15 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
         assert.ok((await receive(p, want.length)).equals(want), `${mapped}: bytes differ`);
         assert.equal(binding.mappedWindows() - base, mapped, "two new windows per send at most");
       }
-    } finally {
-      file.close();
-      p.close();
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   void test("closing a BlockFile unmaps it: a descriptor number reused by another file sends that file", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
-    const p = await socketPair(dir);
-    try {
+    await withSendRig(async (dir, p) => {
       const a = randomBytes(256 * KiB);
       const b = randomBytes(256 * KiB);
       writeFileSync(join(dir, "a"), a);
       writeFileSync(join(dir, "b"), b);
-      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
       const fa = BlockFile.open(join(dir, "a"));
       const piece = (fd: number): Float64Array => Float64Array.from([fd, 0, 256 * KiB]);
       assert.equal(sendPieces(p.fd, Buffer.alloc(0), piece(fa.fd), 0, -2), 256 * KiB);
@@ -870,20 +876,13 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
       } finally {
         closeSync(fb);
       }
-    } finally {
-      p.close();
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   void test("a mapped file cut short under a send: what exists is sent, the rest is left to the caller, no signal", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
-    const p = await socketPair(dir);
-    const data = randomBytes(512 * KiB);
-    writeFileSync(join(dir, "f"), data);
-    const file = BlockFile.open(join(dir, "f"));
-    try {
-      assert.ok(setSendBuffer(p.fd, 4 * MiB) > 0);
+    await withSendRig(async (dir, p, opened) => {
+      const data = randomBytes(512 * KiB);
+      const file = mappedFile(dir, data, opened);
       const pieces = Float64Array.from([file.fd, 0, 512 * KiB]);
       assert.equal(sendPieces(p.fd, Buffer.alloc(0), pieces, 0, -2), 512 * KiB); // maps the window
       assert.ok((await receive(p, 512 * KiB)).equals(data));
@@ -896,10 +895,6 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
       const r = sendPieces(p.fd, header, pieces, 0, -2);
       assert.equal(r, header.length + 100 * KiB, "header and the bytes that still exist");
       assert.ok((await receive(p, r)).equals(Buffer.concat([header, data.subarray(0, 100 * KiB)])));
-    } finally {
-      file.close();
-      p.close();
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 });
