@@ -33,7 +33,11 @@ head -c "$SIZE" /dev/urandom > "$W/primary.img"
 bytes=$(stat -c %s "$W/primary.img")
 wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; return 1; }
 stop() { kill -TERM "$1"; wait "$1" 2>/dev/null || true; }
-warm_memory() { head -c 5G /dev/zero > /dev/shm/blockfork-bench-warm.$$; rm -f /dev/shm/blockfork-bench-warm.$$; }
+warm_memory() {
+  head -c 5G /dev/zero > /dev/shm/blockfork-bench-warm.$$ 2> /dev/null ||
+    echo "bench-resync: could not write 5 GiB to /dev/shm (full?); this round may measure the host's memory" >&2
+  rm -f /dev/shm/blockfork-bench-warm.$$
+}
 
 resync_times=()
 copy_times=()
