@@ -41,8 +41,8 @@ import { SnapshotView } from "../../src/pit/snapshot.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import { Logger } from "../../src/log.js";
 import { BlockFile } from "../../src/blockio/index.js";
-import { binding } from "../../src/blockio/native.js";
 import { Gate } from "../helpers/gate.js";
+import { probedTwice, watchProbes } from "../helpers/probes.js";
 
 const BS = 4096;
 const MiB = 1024 * 1024;
@@ -569,30 +569,22 @@ void describe("Journal: appends past the written end", () => {
     // See BlockFile.holesFrom: probing a record's partial last page zero-filled the hole into the
     // page cache for nothing. A segment reopened after a crash may hold a torn record past its
     // end, so there the probe stays.
-    const probes: { fd: number; at: number }[] = [];
-    // eslint-disable-next-line @typescript-eslint/unbound-method -- put back as it was below; addon functions ignore `this`
-    const readNowait = binding.readNowait;
-    binding.readNowait = (fd, buf, offset) => {
-      if (buf.length === 1) probes.push({ fd, at: offset });
-      return readNowait(fd, buf, offset);
-    };
-    const probedTwice = (): number =>
-      probes.filter((p, k) => k > 0 && p.fd === probes[k - 1].fd && p.at === probes[k - 1].at).length;
+    const { probes, stop } = watchProbes();
     try {
       const { j, dir } = await openJournal({ windowMs: 1000 });
       for (let round = 0; round < 12; round++)
         await commitImages(j, [round * 40, round * 40 + 1, round * 40 + 2]);
       assert.ok(probes.length > 0, "head pages were probed");
-      assert.equal(probedTwice(), 0, "no record's last page was probed (it lies in the hole)");
+      assert.equal(probedTwice(probes).length, 0, "no record's last page was probed (it lies in the hole)");
       await j.close();
       open.splice(open.indexOf(j), 1);
       probes.length = 0;
       const again = await openJournal({ dir, windowMs: 1000 });
       for (let round = 0; round < 6; round++)
         await commitImages(again.j, [1000 + round * 40, 1001 + round * 40, 1002 + round * 40]);
-      assert.ok(probedTwice() > 0, "the reopened segment's last pages are probed");
+      assert.ok(probedTwice(probes).length > 0, "the reopened segment's last pages are probed");
     } finally {
-      binding.readNowait = readNowait;
+      stop();
     }
   });
 });

@@ -11,10 +11,10 @@ import { MemoryVolume } from "../../src/volume/memory.js";
 import { FileVolume } from "../../src/volume/file.js";
 import { readOnly } from "../../src/volume/readonly.js";
 import { BlockFile } from "../../src/blockio/index.js";
-import { binding } from "../../src/blockio/native.js";
 import { DONE } from "../../src/util/done.js";
 import type { Volume } from "../../src/volume/volume.js";
 import { volumeSuite } from "./volume-suite.js";
+import { probedTwice, watchProbes } from "../helpers/probes.js";
 
 const MiB = 1024 * 1024;
 const dirs: string[] = [];
@@ -132,13 +132,7 @@ void describe("FileVolume and BlockFile", () => {
     // only for the next append to overwrite it.
     const p = join(scratch(), "seg.img");
     const f = BlockFile.open(p, { create: true, size: 64 * MiB, inlineWrites: true });
-    const probes: number[] = [];
-    // eslint-disable-next-line @typescript-eslint/unbound-method -- put back as it was below; addon functions ignore `this`
-    const readNowait = binding.readNowait;
-    binding.readNowait = (fd, buf, offset) => {
-      if (fd === f.fd && buf.length === 1) probes.push(offset);
-      return readNowait(fd, buf, offset);
-    };
+    const { probes, stop } = watchProbes(f.fd);
     try {
       let end = 0;
       for (let i = 0; i < 40; i++) {
@@ -150,8 +144,7 @@ void describe("FileVolume and BlockFile", () => {
       // Only head pages are probed, each holding the end of the append before it (cached). A
       // tail probe would show as the same page probed twice in a row (tail, then next head).
       assert.ok(probes.length > 0 && probes.length < 40, `${probes.length} probes`);
-      const twice = probes.filter((at, k) => k > 0 && at === probes[k - 1]);
-      assert.deepEqual(twice, [], "no page probed as a tail");
+      assert.deepEqual(probedTwice(probes), [], "no page probed as a tail");
       const back = Buffer.alloc(end);
       await f.read(back, 0);
       let at = 0;
@@ -164,7 +157,7 @@ void describe("FileVolume and BlockFile", () => {
         at += n;
       }
     } finally {
-      binding.readNowait = readNowait;
+      stop();
       f.close();
     }
   });
