@@ -415,6 +415,7 @@ export class Journal {
           pos += peek.size;
           valid = pos;
         }
+        if (last && repair) this.clearTornTail(path, pos);
         const file = BlockFile.open(path, { inlineWrites: true });
         this.segments.set(seg, {
           number: seg,
@@ -440,6 +441,28 @@ export class Journal {
         `journal: ${this.order.length} segments, ${this.index.length} entries, ` +
           `points in time from ${new Date(this.earliestTs).toISOString()}`,
       );
+    }
+  }
+
+  /**
+   * The last segment's log ends at `at`. Bytes there are a record torn by a crash (its entries
+   * never committed, so their primary writes were never issued). Clear its header, durably, before
+   * anything else happens: the next record would overwrite it, but if the next record does not fit
+   * the segment is sealed as it stands, and a sealed segment is indexed from its entry tables alone
+   * (no CRC), so a later start would take the torn entries for committed ones.
+   */
+  private clearTornTail(path: string, at: number): void {
+    const fd = openSync(path, "r+");
+    try {
+      const hb = Buffer.alloc(RECORD_HEADER);
+      if (readSync(fd, hb, 0, RECORD_HEADER, at) === 0 || hb.every((b) => b === 0)) return;
+      this.log.warn(
+        `journal: ${path} ends in a record torn by a crash at offset ${at} (it never committed): cleared`,
+      );
+      writeSync(fd, Buffer.alloc(RECORD_HEADER), 0, RECORD_HEADER, at);
+      fdatasyncSync(fd);
+    } finally {
+      closeSync(fd);
     }
   }
 

@@ -710,6 +710,44 @@ void describe("Journal: reopen and torn tails", () => {
     });
   }
 
+  void test("a torn tail stays out of the index when the next record begins a new segment", async () => {
+    const dir = scratch();
+    await buildJournal(dir);
+    const ref = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
+    const copy = copyIndex(ref.j);
+    await ref.j.close();
+    // Tear the last record's data, leaving its header and entry table intact.
+    const last = lastRecord(dir);
+    const cut = last.at + Math.floor(last.size / 2);
+    const fd = openSync(last.path, "r+");
+    writeSync(fd, Buffer.alloc(last.at + last.size - cut), 0, undefined, cut);
+    closeSync(fd);
+    const keep = copy.length - last.count;
+    const { j, lines } = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
+    assert.equal(j.index.length, keep);
+    assert.ok(
+      lines.some((l) => /ends in a record torn by a crash at offset \d+ \(it never committed\): cleared/.test(l)),
+      `the torn tail is not reported:\n${lines.join("")}`,
+    );
+    // The next record does not fit in what is left of that segment: the segment is sealed as it
+    // stands and the record goes to a new one.
+    const segsBefore = segmentFiles(dir).length;
+    const blocks = Array.from({ length: 14 }, (_, i) => 800 + i);
+    const more = await commitImages(j, blocks);
+    assert.equal(segmentFiles(dir).length, segsBefore + 1, "the 14-image record began a new segment");
+    await j.close();
+    // A sealed segment is indexed from its entry tables: the torn record must not be there.
+    const { j: j2 } = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
+    assert.equal(j2.index.length, keep + blocks.length, "the torn record's entries came back as committed");
+    const c = copyIndex(j2);
+    for (const k of ["ts", "block", "seg", "off", "sources"] as const) {
+      assert.deepEqual(c[k].slice(0, keep), copy[k].slice(0, keep), k);
+    }
+    for (let i = keep; i < keep + blocks.length; i++)
+      assert.deepEqual(await image(j2, i), more.get(j2.index.block[i]));
+    await j2.close();
+  });
+
   void test("a journal written with another block size is refused", async () => {
     const dir = scratch();
     const { j } = await openJournal({ dir });
