@@ -726,7 +726,9 @@ void describe("Journal: reopen and torn tails", () => {
     const { j, lines } = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
     assert.equal(j.index.length, keep);
     assert.ok(
-      lines.some((l) => /ends in a record torn by a crash at offset \d+ \(it never committed\): cleared/.test(l)),
+      lines.some((l) =>
+        /ends in a record torn by a crash at offset \d+ \(it never committed\): cleared/.test(l),
+      ),
       `the torn tail is not reported:\n${lines.join("")}`,
     );
     // The next record does not fit in what is left of that segment: the segment is sealed as it
