@@ -11,8 +11,10 @@
 //      NBD layer does), kept in the caller's buffer until the gateway has it;
 //   4. async mode: settle with the primary write; sync mode: also wait for the gateway to apply
 //      it (bounded by --sync-timeout, after which the link tracks and the write settles anyway).
-// A primary write that fails "poisons" its blocks: they stay dirty whatever the gateway
-// acknowledges, and the next resync copies the primary's actual contents.
+// A primary write that fails "poisons" its blocks: they are marked dirty again (an acknowledgement
+// may have cleared them) and stay dirty whatever the gateway acknowledges, and a resync, requested
+// at once, copies the primary's actual contents. The client hears of the failure once the marks
+// are durable.
 //
 // TRIM: the gateway makes a trimmed range read as zeroes, so the primary must too, or the two
 // differ (a plain trim is only a hint, and a file that cannot punch holes ignores it). As DRBD
@@ -84,8 +86,7 @@ class ForkVolume extends FilterVolume {
       if (!(e instanceof NotSupportedError)) throw e;
       // The primary kept its data, the gateway will not: copy these blocks again (a whole-block
       // resync copy is the only thing that clears a poisoned block), and ignore trims from now on.
-      this.link.poison(offset, length);
-      this.link.requestResync();
+      const active = this.link.poison(offset, length);
       if (!this.shared.trimIgnored) {
         this.shared.trimIgnored = true;
         this.link.warn(
@@ -93,6 +94,7 @@ class ForkVolume extends FilterVolume {
             "ignored from now on, on the primary and the secondary alike",
         );
       }
+      return active === DONE ? undefined : active;
     });
   }
 
@@ -146,9 +148,14 @@ class ForkVolume extends FilterVolume {
     const primary = p.then(
       () => this.link.endWrite(offset, length, ticket),
       (e: unknown) => {
+        // Poison first: endWrite may clear blocks whose update is durable on the gateway.
+        const active = this.link.poison(offset, length);
         this.link.endWrite(offset, length, ticket);
-        this.link.poison(offset, length);
-        throw e;
+        if (active === DONE) throw e;
+        return active.then(
+          () => Promise.reject(e),
+          () => Promise.reject(e),
+        );
       },
     );
     if (sent === null || this.mode === "async") return primary;

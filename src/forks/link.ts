@@ -5,7 +5,11 @@
 // - Sequence numbers: every update gets the next seq of this generation (TrackingLog bumps the
 //   generation at each start). `lastSeq` remembers, per dirty block, the seq of the newest update
 //   sent for it. A block is cleared only when the gateway says `durableThrough >= lastSeq[block]`:
-//   an older update's acknowledgement never clears a block a newer one touched.
+//   an older update's acknowledgement never clears a block a newer one touched. Nor while a client
+//   write to it is in progress (DRBD clears a bit only once the local and the remote write both
+//   completed): that write's update may not be sent yet (it waits for the activity log), or its
+//   primary write may still fail (poison() marks the blocks again and asks for a resync). The
+//   last such write to end clears the block if its newest update is durable by then.
 // - Dirty bits are coarser than writes (64 KiB vs 4 KiB). A write to a block that was clean covers
 //   all of its dirtiness; a write to a block that was already dirty (an outage, a failure) covers
 //   only part: such a block is STALE and only a whole-block resync copy makes it clearable.
@@ -406,8 +410,19 @@ export class GatewayLink {
     ticket.covers = false;
     for (let b = b0; b <= b1; b++) {
       const n = this.writing.get(b)! - one;
-      if (n === 0) this.writing.delete(b);
-      else this.writing.set(b, n);
+      if (n !== 0) {
+        this.writing.set(b, n);
+        continue;
+      }
+      this.writing.delete(b);
+      // clearDurable left the block alone while writes to it were in progress: clear it now if
+      // its newest update is durable on the gateway.
+      const last = this.lastSeq.get(b);
+      if (last !== undefined && last <= this.durableThrough) {
+        this.lastSeq.delete(b);
+        this.tracking.map.clearBlock(b);
+        this.mirrorDirty = true;
+      }
     }
   }
 
@@ -449,10 +464,21 @@ export class GatewayLink {
     return p;
   }
 
-  /** A primary write failed: its blocks must stay dirty whatever the gateway acknowledges. */
-  poison(offset: number, length: number): void {
-    const [b0, b1] = this.tracking.map.blockRange(offset, length);
+  /**
+   * A primary write failed (or a trim the primary could not do): its blocks must be dirty whatever
+   * the gateway acknowledges, though an acknowledgement may have cleared them already (call before
+   * endWrite). Marks them again and asks for a resync (a streaming link copies dirty blocks only
+   * when it resyncs); returns the tracking log's activation of the range (its marks durable).
+   */
+  poison(offset: number, length: number): Promise<void> {
+    const map = this.tracking.map;
+    const [b0, b1] = map.blockRange(offset, length);
     for (let b = b0; b <= b1; b++) this.lastSeq.set(b, STALE);
+    map.mark(offset, length);
+    this.mirrorDirty = true;
+    const active = this.tracking.activate(offset, length);
+    this.requestResync();
+    return active;
   }
 
   /** Sync mode FLUSH: everything sent so far is durable on the secondary (unless the link fails). */
@@ -825,6 +851,10 @@ export class GatewayLink {
         continue;
       }
       for (let b = u[i + 1]; b <= u[i + 2]; b++) {
+        // Not while a client write to the block is in progress: its own update may not even be
+        // sent yet (it waits for the activity log), and its primary write may still fail. The
+        // last of those writes clears the block when it ends (endWrite).
+        if (this.writing.has(b)) continue;
         const last = this.lastSeq.get(b);
         if (last !== undefined && last <= d) {
           this.lastSeq.delete(b);

@@ -213,6 +213,10 @@ async function waitFor(what: string, cond: () => boolean, timeoutMs = 10_000): P
   }
 }
 
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
 /** Streaming with nothing dirty: the secondary should equal the primary now. */
 function synced(r: Rig): boolean {
   return r.link.state === "streaming" && r.tracking.map.dirtyBlocks === 0;
@@ -930,17 +934,74 @@ void describe("GatewayLink: writes racing the link", () => {
     }
   });
 
-  void test("a failed primary write: the update went out, but the block stays dirty until a resync copies the primary", async () => {
+  void test("a failed primary write: the update went out, but the block stays dirty until a resync (requested by the failure) copies the primary", async () => {
     const r = await syncedRig();
     try {
       r.primary.failNextWrite = true;
       await assert.rejects(r.fork.write(pattern(4096, 9), 5 * G, false), { code: "EIO" });
       // Whatever the gateway acknowledges, block 5 must not be taken as identical.
-      await new Promise((res) => setTimeout(res, 300));
-      assert.ok(r.tracking.map.isDirty(5), "a poisoned block is still dirty after the flushes");
-      r.link.requestResync();
+      assert.ok(r.tracking.map.isDirty(5), "a poisoned block is dirty when the client hears of the failure");
+      // While streaming, nothing copies a dirty block but a resync: the failure asks for one.
       await waitSynced(r);
       assertIdentical(r, "after the resync of a poisoned block");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a primary write that fails after its update became durable on the gateway: the block is dirty again and resynced", async () => {
+    const r = await syncedRig({}, [5 * G]);
+    try {
+      const gate = new Gate();
+      r.primary.writeGate = gate; // a slow disk: the primary write is held ...
+      r.primary.failNextWrite = true; // ... and then fails
+      const w = r.fork.write(pattern(4096, 9), 5 * G, false);
+      const mine = r.link.status().seq - 1; // the update left at once (region already active)
+      await waitFor("the gateway's flush to cover the update", () => r.link.status().durableThrough >= mine);
+      await sleep(250); // a few more flushes (every 50 ms): clearing waits for the first flush after the ack
+      assert.ok(r.tracking.map.isDirty(5), "a block was cleared while its primary write was still running");
+      gate.release();
+      await assert.rejects(w, { code: "EIO" });
+      assert.ok(r.tracking.map.isDirty(5), "the block differs, but it is not dirty");
+      // No resync requested by hand: the failure asks for one.
+      await waitSynced(r);
+      assertIdentical(r, "after the failed primary write");
+    } finally {
+      r.primary.writeGate = null;
+      await r.close();
+    }
+  });
+
+  void test("a write waiting for the activity log keeps its blocks dirty while another update to them is acknowledged", async () => {
+    // W1 is marked dirty and waits for its activity-log transaction (a slow state-dir disk) before
+    // it is sent; W2, into the same 64 KiB block, is sent, acknowledged and flushed meanwhile. Its
+    // acknowledgement must not clear the block: W1's bytes are not on the gateway. Then the link
+    // fails before W1 goes: only a dirty block gets copied by the resync.
+    const r = await syncedRig({}, [64 * G]);
+    try {
+      const gate = new Gate();
+      let hold = true;
+      const activate = r.tracking.activate.bind(r.tracking);
+      r.tracking.activate = (offset: number, length: number) => {
+        const p = activate(offset, length);
+        if (!hold) return p;
+        hold = false;
+        return gate.pass().then(() => p);
+      };
+      const w1 = r.fork.write(pattern(8192, 11), 64 * G - 4096, false); // blocks 63 and 64
+      await r.fork.write(pattern(4096, 12), 64 * G + 32 * KiB, false); // block 64 only
+      const w2 = r.link.status().seq - 1;
+      await waitFor("the gateway's flush to cover W2", () => r.link.status().durableThrough >= w2);
+      await sleep(250); // a few more flushes (every 50 ms): clearing waits for the first flush after the ack
+      assert.ok(r.tracking.map.isDirty(64), "W2's acknowledgement cleared a block W1 has not sent yet");
+      r.gw.setFault({ mode: "error" }); // the link fails before W1 is sent ...
+      await r.fork.write(pattern(4096, 13), 100 * G, false); // ... on the next batch
+      await waitFor("the link to fail", () => r.link.state === "tracking", 5000);
+      gate.release();
+      await w1;
+      r.gw.setFault({ mode: "none" });
+      await waitSynced(r);
+      assertIdentical(r, "after the outage");
     } finally {
       await r.close();
     }
