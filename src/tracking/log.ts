@@ -265,22 +265,29 @@ export class TrackingLog {
   }
 
   /**
-   * Group commit of the activity log. Each round adds the regions of the waiting writes, first
-   * come first served, at most `alExtents` new regions (a single write spanning more regions than
-   * that gets them all: it could never proceed otherwise), evicting the least recently used.
+   * Group commit of the activity log. Each round takes the waiting writes, first come first
+   * served, while all their regions fit in `alExtents` (a single write spanning more regions than
+   * that gets them all: it could never proceed otherwise), adds the regions they miss, and evicts
+   * the least recently used of the others. Never a region of a write taken in the round, even one
+   * active already: that write would then wait for the next round, which could evict another of
+   * its regions, and so on.
    */
   private async commitSoon(): Promise<void> {
     await new Promise<void>((r) => setImmediate(r)); // let every write of this tick join
     while (this.waiters.length > 0) {
       const chosen = new Set<number>();
+      const keep = new Set<number>();
       for (const w of this.waiters) {
-        const need: number[] = [];
-        for (let r = w.r0; r <= w.r1; r++) if (!this.active.has(r) && !chosen.has(r)) need.push(r);
-        if (chosen.size > 0 && chosen.size + need.length > this.capacity) break;
-        for (const r of need) chosen.add(r);
+        let more = 0;
+        for (let r = w.r0; r <= w.r1; r++) if (!keep.has(r)) more++;
+        if (keep.size > 0 && keep.size + more > this.capacity) break;
+        for (let r = w.r0; r <= w.r1; r++) {
+          keep.add(r);
+          if (!this.active.has(r)) chosen.add(r);
+        }
       }
       try {
-        if (chosen.size > 0) await this.commit(chosen);
+        if (chosen.size > 0) await this.commit(chosen, keep);
       } catch (e) {
         this.fail(e as Error);
         for (const w of this.waiters) w.reject(this.failure!);
@@ -299,13 +306,14 @@ export class TrackingLog {
     this.committing = null;
   }
 
-  private async commit(adding: Set<number>): Promise<void> {
+  /** Add `adding` to the activity log, evicting least recently used regions not in `keep`. */
+  private async commit(adding: Set<number>, keep: Set<number>): Promise<void> {
     const use = ++this.useClock;
     const next = new Map(this.active);
     for (const r of adding) next.set(r, use);
     const evicted: number[] = [];
     if (next.size > this.capacity) {
-      const victims = [...next.entries()].filter(([r]) => !adding.has(r)).sort((a, b) => a[1] - b[1]);
+      const victims = [...next.entries()].filter(([r]) => !keep.has(r)).sort((a, b) => a[1] - b[1]);
       for (const [r] of victims) {
         if (next.size <= this.capacity) break;
         next.delete(r);
@@ -330,8 +338,8 @@ export class TrackingLog {
       this.map.changed.delete(c);
     }
     await this.writeInOrder(batch, true);
-    this.active.clear();
-    for (const [r, u] of next) this.active.set(r, u);
+    // Add the new regions; the others keep the uses activate() noted during the write.
+    for (const r of adding) this.active.set(r, use);
     if (evicted.length > 0) this.log.debug(`activity log: ${adding.size} in, ${evicted.length} out`);
   }
 

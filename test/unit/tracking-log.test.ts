@@ -14,6 +14,7 @@ import { join } from "node:path";
 import { Level } from "level";
 import { TrackingLog, DEFAULT_GRANULARITY, DEFAULT_REGION } from "../../src/tracking/log.js";
 import { Logger } from "../../src/log.js";
+import { DONE } from "../../src/util/done.js";
 
 const MiB = 1024 * 1024;
 const G = DEFAULT_GRANULARITY;
@@ -411,6 +412,26 @@ void describe("TrackingLog: crashes (a child process that never closes the log)"
       release();
       await Promise.all([persisting, evicting]);
       assert.deepEqual(events, ["persist starts", "persist done", "eviction starts", "eviction done"]);
+    } finally {
+      await t.close();
+    }
+  });
+
+  void test("an activation spanning more regions than the AL holds, one of them active already, completes", async () => {
+    // The write gets all its regions; evicting its own active region to make room would leave it
+    // waiting for another round, which would evict another of its regions, and so on forever (a
+    // synced batch each time).
+    const dir = await cleanLog();
+    const t = await open(dir, { alExtents: 2 });
+    try {
+      await t.activate(0, 4096); // region 0 active
+      const spanning = t.activate(R - 4096, 2 * R + 8192); // regions 0 to 3
+      let timer: NodeJS.Timeout | undefined;
+      const stuck = new Promise<string>((r) => (timer = setTimeout(() => r("stuck"), 3000)));
+      const outcome = await Promise.race([spanning.then(() => "done"), stuck]);
+      clearTimeout(timer);
+      assert.equal(outcome, "done", "the activation did not complete in 3 s");
+      assert.equal(t.activate(0, 4 * R), DONE, "regions 0 to 3 are all active");
     } finally {
       await t.close();
     }
