@@ -21,7 +21,7 @@ import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import type { Logger } from "../log.js";
 import { errnoName, BlockforkError } from "../errors.js";
-import { DONE } from "../util/done.js";
+import { allFinished, DONE } from "../util/done.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import type { Extent, Volume } from "../volume/volume.js";
 import { isCached, setSendBuffer } from "../blockio/index.js";
@@ -509,7 +509,9 @@ export class Transmission implements RequestSink {
       }
     }
     try {
-      if (reads.length > 0) await Promise.all(reads);
+      // Every read must have finished before the buffer goes back to the pool, failed or not: a
+      // read still running would write into memory the pool has handed to someone else.
+      if (reads.length > 0) await allFinished(reads);
     } catch (e) {
       release(pooled);
       throw e;

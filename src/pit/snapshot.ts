@@ -29,7 +29,7 @@
 import { constants } from "node:os";
 import { isCached, readPiecesSync } from "../blockio/index.js";
 import { IoError, ReadOnlyError } from "../errors.js";
-import { DONE } from "../util/done.js";
+import { allFinished, DONE } from "../util/done.js";
 import type { Extent, PieceLease, Volume, VolumeCaps } from "../volume/volume.js";
 import { BlockMap } from "./blockmap.js";
 import type { Journal } from "./journal.js";
@@ -140,13 +140,16 @@ export class SnapshotView implements Volume {
         if (p !== DONE) (waits ??= []).push(p);
       }
     } catch (e) {
-      // A layer below broke the contract (threw instead of rejecting): reject all the same, and
-      // let the pieces already in flight settle unobserved.
-      for (const w of waits ?? []) w.catch(() => {});
-      return Promise.reject(e);
+      // A layer below broke the contract (threw instead of rejecting): reject all the same, once
+      // the pieces already in flight are done with the buffer.
+      return allFinished(waits ?? []).then(
+        () => Promise.reject(e),
+        () => Promise.reject(e),
+      );
     }
     if (waits === null) return DONE;
-    return Promise.all(waits).then(() => {
+    // Not Promise.all: the caller may give the buffer back at the first failure (allFinished).
+    return allFinished(waits).then(() => {
       if (this.broken) throw new IoError(E.EIO, "snapshot read", this.broken);
     });
   }

@@ -130,6 +130,42 @@ class Gate {
 }
 const gate = new Gate();
 
+/**
+ * A sparse region (data, hole, data) whose first piece fails at once and whose last piece is
+ * still being read 100 ms later: `lateDone` says whether that read had finished.
+ */
+const racy = { lateDone: false };
+function racyVolume(): Volume {
+  const mem = new MemoryVolume(MiB);
+  return {
+    size: mem.size,
+    description: "racy",
+    caps: () => mem.caps(),
+    read: (b, o) => {
+      if (o === 0) return sleep(5).then(() => Promise.reject(new IoError(constants.errno.EIO, "pread")));
+      if (o === 72 * KiB) {
+        return sleep(100).then(() => {
+          b.fill(0xab);
+          racy.lateDone = true;
+        });
+      }
+      return mem.read(b, o);
+    },
+    write: (b, o, fua) => mem.write(b, o, fua),
+    flush: () => mem.flush(),
+    trim: (o, l, fua) => mem.trim(o, l, fua),
+    zero: (o, l, z) => mem.zero(o, l, z),
+    extents: (_offset, l) =>
+      Promise.resolve([
+        { length: 8 * KiB, flags: 0 },
+        { length: 64 * KiB, flags: 3 },
+        { length: l - 72 * KiB, flags: 0 },
+      ]),
+    cache: (o, l) => mem.cache(o, l),
+    close: () => mem.close(),
+  };
+}
+
 let srv: TestServer;
 let fileDir: string;
 let fileVol: FileVolume;
@@ -152,6 +188,7 @@ before(async () => {
         volume: delayed(new MemoryVolume(MiB), (o) => 5 + Math.max(0, 60 - Math.floor(o / 4096))),
       },
       { name: "faulty", volume: faulty(new MemoryVolume(MiB)) },
+      { name: "racy", volume: racyVolume() },
       { name: "gated", volume: gate.wrap(new MemoryVolume(MEM_SIZE)) },
       { name: "file", volume: fileVol },
     ],
@@ -475,6 +512,24 @@ void describe("structured replies, byte for byte", () => {
     const expected = Buffer.alloc(len);
     data.copy(expected, 65536);
     assert.ok(assemble(chunks, off, len).equals(expected));
+    await c.disconnect();
+  });
+
+  void test("a sparse READ whose first piece fails answers only after its other pieces are done with the buffer", async () => {
+    // The reply buffer goes back to a pool shared by every connection: a piece still being read
+    // into it would write into memory handed to someone else (another reply, a WRITE payload).
+    const c = await session("racy", { structured: true });
+    racy.lateDone = false;
+    c.request({ type: CMD.READ, cookie, offset: 0, length: 80 * KiB });
+    const chunks = await c.structuredReply();
+    assert.ok(
+      chunks.some((ch) => ch.type & 0x8000),
+      "the READ fails",
+    );
+    assert.ok(
+      racy.lateDone,
+      "the error was answered while a piece was still being read into the reply buffer",
+    );
     await c.disconnect();
   });
 
