@@ -30,6 +30,9 @@ function reject(error: number, message: string): Rejection {
 export function validateRequest(req: Request, ctx: ValidationContext): Rejection | null {
   const info = COMMANDS[req.type];
   if (info === undefined) return reject(NBD_ERR.EINVAL, `unknown command ${req.type}`);
+  // proto.md: a write-type command on a read-only export SHOULD fail with EPERM, whatever its
+  // flags (FUA and FAST_ZERO are not advertised there); nbdkit checks this first too.
+  if (info.writes && ctx.flags & TF.READ_ONLY) return reject(NBD_ERR.EPERM, "the export is read-only");
 
   let allowed = info.flags;
   if (ctx.flags & TF.SEND_FUA) allowed |= CMD_FLAG.FUA;
@@ -39,14 +42,11 @@ export function validateRequest(req: Request, ctx: ValidationContext): Rejection
     return reject(NBD_ERR.EINVAL, `flags 0x${req.flags.toString(16)} not valid for ${info.name}`);
   }
   if (info.advertisedBy !== 0 && !(ctx.flags & info.advertisedBy)) {
-    if (info.writes && ctx.flags & TF.READ_ONLY) return reject(NBD_ERR.EPERM, "the export is read-only");
     return reject(NBD_ERR.EINVAL, `${info.name} was not advertised for this export`);
   }
   if (req.type === CMD.BLOCK_STATUS && !ctx.blockStatus) {
     return reject(NBD_ERR.EINVAL, "BLOCK_STATUS without a metadata context (negotiate base:allocation)");
   }
-  if (info.writes && ctx.flags & TF.READ_ONLY) return reject(NBD_ERR.EPERM, "the export is read-only");
-
   if (req.type === CMD.FLUSH) {
     if (req.offset !== 0 || req.length !== 0)
       return reject(NBD_ERR.EINVAL, "FLUSH with nonzero offset or length");

@@ -160,6 +160,12 @@ void describe("validateRequest", () => {
       for (const t of [WRITE, TRIM, WRITE_ZEROES]) assert.equal(verdict(req(t), c), EPERM, `${t}`);
     });
 
+    void test("EPERM also with FUA or FAST_ZERO, flags a read-only export does not advertise (as nbdkit)", () => {
+      assert.equal(verdict(req(WRITE, { flags: F_FUA }), ro), EPERM);
+      assert.equal(verdict(req(TRIM, { flags: F_FUA }), ro), EPERM);
+      assert.equal(verdict(req(WRITE_ZEROES, { flags: F_FUA | F_FAST_ZERO }), ro), EPERM);
+    });
+
     void test("READ, FLUSH, CACHE and BLOCK_STATUS still pass", () => {
       for (const t of [READ, FLUSH, CACHE, BLOCK_STATUS]) assert.equal(verdict(req(t), ro), 0, `${t}`);
     });
