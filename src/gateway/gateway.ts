@@ -87,6 +87,14 @@ export class Gateway {
   readonly counters: Counters = { updates: 0, bytes: 0, duplicates: 0, stale: 0, flushes: 0, errors: 0 };
   private readonly sources = new Map<string, Source>();
   private lastFailure: { at: number; message: string } | null = null;
+  /**
+   * An fdatasync of the secondary failed. Linux reports a write-back error to one fdatasync only
+   * and may drop the failed pages (they are no longer dirty), so a later fdatasync succeeds
+   * without them: nothing applied before it may ever be called durable. As PostgreSQL does since
+   * "fsyncgate", the gateway refuses every flush (and reports itself unhealthy) until it restarts:
+   * the proxies then track, and resync what they had not seen durable.
+   */
+  private syncBroken: string | null = null;
   private state: StateWriter | null = null;
 
   constructor(
@@ -139,6 +147,7 @@ export class Gateway {
 
   /** Apply a parsed, checked batch. Rejects with HttpError 500/507 when a write fails. */
   applyBatch(id: Identity, records: UpdateRecord[]): Promise<BatchResult> {
+    if (this.syncBroken !== null) return Promise.reject(this.brokenSync());
     let s: Source;
     try {
       s = this.source(id);
@@ -254,11 +263,19 @@ export class Gateway {
       captured.push([s.seq, s.seq.generation, s.seq.appliedThrough]);
     }
     this.counters.flushes++;
+    if (this.syncBroken !== null) throw this.brokenSync();
     try {
       await this.volume.flush();
     } catch (e) {
-      throw this.ioFailure(e, "fdatasync");
+      const err = this.ioFailure(e, "fdatasync");
+      this.syncBroken = `an fdatasync of the secondary failed (${e instanceof Error ? e.message : String(e)})`;
+      this.log.error(
+        `${this.syncBroken}: updates applied before it may be lost, so no flush succeeds until the ` +
+          "gateway restarts (fix the secondary's storage, then restart the gateway; proxies resync)",
+      );
+      throw err;
     }
+    if (this.syncBroken !== null) throw this.brokenSync(); // another flush failed meanwhile
     for (const [seq, generation, through] of captured) {
       if (seq.generation === generation) seq.markDurable(through);
     }
@@ -315,8 +332,22 @@ export class Gateway {
     return sums;
   }
 
+  /** The answer to every flush once an fdatasync failed (see syncBroken). */
+  private brokenSync(): HttpError {
+    this.counters.errors++;
+    return new HttpError(
+      500,
+      "ERR_IO",
+      `${this.syncBroken}: updates applied before it may be lost, so the gateway makes nothing ` +
+        "durable until it restarts; restart it once its storage is healthy",
+    );
+  }
+
   /** Whether updates can be applied now (health); `reason` when not. */
   health(): { ok: boolean; reason?: string } {
+    if (this.syncBroken !== null) {
+      return { ok: false, reason: `${this.syncBroken}; restart the gateway once its storage is healthy` };
+    }
     const f = this.lastFailure;
     if (f && Date.now() - f.at < FAILING_HOLD_MS) {
       return { ok: false, reason: `the secondary is failing: ${f.message}` };

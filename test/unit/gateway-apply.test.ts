@@ -179,6 +179,35 @@ void describe("Gateway.applyBatch", () => {
 });
 
 void describe("flush and the state file", () => {
+  void test("after a failed fdatasync nothing is ever called durable again, for any source, until a restart", async () => {
+    // Linux reports a write-back error to one fdatasync and may drop the failed pages; the next
+    // fdatasync then succeeds without them. A flush after that must not advance durableThrough.
+    const v = new MemoryVolume(1 << 20);
+    let failSync = false;
+    v.flush = () =>
+      failSync ? Promise.reject(new IoError(constants.errno.EIO, "fdatasync")) : Promise.resolve();
+    const gw = new Gateway(v, log);
+    const other = { ...ID, source: "cd" };
+    await gw.applyBatch(ID, [w(1, 0, Buffer.alloc(4096, 1))]);
+    assert.equal((await gw.flush(ID)).durableThrough, 1);
+    await gw.applyBatch(ID, [w(2, 0, Buffer.alloc(4096, 2))]);
+    failSync = true;
+    await assert.rejects(gw.flush(other), (e: unknown) => e instanceof HttpError && e.status === 500);
+    failSync = false; // the next fdatasync would succeed: the failed pages are gone
+    await assert.rejects(
+      gw.flush(ID),
+      (e: unknown) => e instanceof HttpError && e.status === 500 && /restart/.test(e.message),
+      "a flush after the failure called seq 2 durable",
+    );
+    assert.equal(gw.sourceStatus().find((x) => x.source === ID.source)?.durableThrough, 1);
+    assert.equal(gw.health().ok, false);
+    assert.match(gw.health().reason ?? "", /fdatasync of the secondary failed.*restart the gateway/);
+    await assert.rejects(
+      gw.applyBatch(ID, [w(3, 0, Buffer.alloc(4096, 3))]),
+      (e: unknown) => e instanceof HttpError && e.status === 500,
+    );
+  });
+
   void test("concurrent flushes share fdatasyncs; durableThrough persisted and loaded back", async () => {
     const dir = scratch();
     const v = FileVolume.open(join(dir, "sec.img"), { create: true, size: 1 << 20 });
