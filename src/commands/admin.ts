@@ -259,7 +259,9 @@ export async function resyncCommand(argv: string[]): Promise<number> {
 export const MARK_HELP = `Usage: blockfork mark NAME --state-dir DIR
 
 Bookmark the current point in time of a running proxy with a PIT journal (--pit). The bookmark is
-served as the read-only export snap@NAME and listed by NBD_OPT_LIST (nbdinfo --list).
+served as the read-only export snap@NAME and listed by NBD_OPT_LIST (nbdinfo --list). It shows the
+volume at exactly that time, with every write completed before it (not rounded down to the merge
+window, as snap@<time> is): sync or freeze the filesystem first, then mark.
 NAME: 1-64 letters, digits, '.', '_', ':' or '-'.
 Exit status: 0; 1 when no proxy answers or the journal is stopped; 2 on a usage error.
 `;

@@ -271,6 +271,8 @@ export class Journal {
   /** Exact points in time exist from this window start on (moved by retention and restarts). */
   private earliestTs: number;
   private bookmarks = new Map<string, number>();
+  /** Times of the bookmarks taken by this process, ascending: merge windows end there. */
+  private cuts: number[] = [];
   private timers: NodeJS.Timeout[] = [];
   private closed = false;
   private droppedBytes = 0;
@@ -545,8 +547,23 @@ export class Journal {
     }
   }
 
+  /**
+   * The start of the merge window holding `ts`: the grid of windowMs, cut at every bookmark taken
+   * by this process (a window ends where a bookmark is taken, so that snap@bookmark shows every
+   * change made before it).
+   */
   private windowFloor(ts: number): number {
-    return Math.floor(ts / this.windowMs) * this.windowMs;
+    const grid = Math.floor(ts / this.windowMs) * this.windowMs;
+    const c = this.cuts;
+    if (c.length === 0 || c[c.length - 1] <= grid || c[0] > ts) return grid;
+    let lo = 0;
+    let hi = c.length; // the last cut <= ts is at lo - 1
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (c[mid] <= ts) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo > 0 && c[lo - 1] > grid ? c[lo - 1] : grid;
   }
 
   private windowCeil(ts: number): number {
@@ -943,6 +960,14 @@ export class Journal {
     return this.windowFloor(ts);
   }
 
+  /**
+   * The point a bookmark shows: its own time, when the journal cut the merge window there (always,
+   * since bookmarks end the window they are taken in), so it shows every change made before it.
+   */
+  bookmarkPoint(ts: number): number {
+    return ts;
+  }
+
   /** Read entry i's before-image (or part of it) into buf (DONE when read inline). */
   readImage(i: number, buf: Buffer, within = 0): Promise<void> {
     const off = this.index.off[i];
@@ -1118,6 +1143,10 @@ export class Journal {
           `(the journal began inside a merge window)`,
       );
     }
+    // End the merge window here: changes stamped from now on image their blocks afresh, so the
+    // journal holds every block's contents at exactly `ts` (journalNow() is strictly later than
+    // every change stamped before this call).
+    if (this.cuts.length === 0 || ts > this.cuts[this.cuts.length - 1]) this.cuts.push(ts);
     this.bookmarks.set(name, ts);
     this.saveBookmarks();
     return ts;

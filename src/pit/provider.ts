@@ -68,6 +68,7 @@ export class SnapshotProvider implements ExportProvider {
   open(name: string): Promise<OpenExport | ExportRefusal> {
     const target = name.slice(PREFIX.length);
     let t = parseTime(target);
+    let point: number;
     if (t === null) {
       const b = this.journal.listBookmarks().get(target);
       if (b === undefined) {
@@ -76,8 +77,8 @@ export class SnapshotProvider implements ExportProvider {
         });
       }
       t = b;
-    }
-    const point = this.journal.pointOf(t);
+      point = this.journal.bookmarkPoint(b);
+    } else point = this.journal.pointOf(t);
     if (!this.inWindow(t, point)) {
       return Promise.resolve({ message: `${name} is outside the journal's window; ${this.range()}` });
     }

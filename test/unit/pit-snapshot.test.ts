@@ -329,6 +329,32 @@ void describe("SnapshotView over the journal filter", () => {
     }
   });
 
+  void test("a bookmark shows every change made before it, also earlier in its merge window", async () => {
+    // Merge windows of 2 s: the writes before and after the bookmark share one. The bookmark ends
+    // the window, so the blocks written before it are imaged again after it.
+    const W = 2000;
+    const r = await rig("memory", MiB, W);
+    const old = randomBytes(MiB);
+    await r.stack.write(old, 0, false);
+    await nextWindow(W);
+    const t0 = journalNow();
+    const before = randomBytes(2 * BS);
+    await r.stack.write(before, 5 * BS, false); // blocks 5 and 6, imaged in this window already
+    await r.primary.flush();
+    const t = r.journal.mark("m");
+    await r.stack.write(randomBytes(BS), 5 * BS, false); // both change again after the bookmark
+    await r.stack.write(randomBytes(100), 6 * BS + 10, false);
+    assert.equal(Math.floor(journalNow() / W), Math.floor(t0 / W), "the test ran over two windows");
+    const view = new SnapshotView(r.journal, r.primary, r.journal.bookmarkPoint(t), "m");
+    view.open();
+    const want = Buffer.from(old);
+    before.copy(want, 5 * BS);
+    const got = await readAll(view);
+    assert.ok(got.equals(want), `snap@m: ${firstDiff(got, want)}`);
+    await view.close();
+    await r.close();
+  });
+
   void test("a primary that throws instead of rejecting: the read rejects, it does not throw", async () => {
     const { r } = await filledRig("memory");
     class Throws extends FilterVolume {
