@@ -95,18 +95,23 @@ class JournalVolume extends FilterVolume {
   }
 
   override write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
-    return this.change(offset, buf.length, () => this.next.write(buf, offset, fua));
+    return this.change(offset, buf.length, false, () => this.next.write(buf, offset, fua));
   }
 
   override trim(offset: number, length: number, fua: boolean): Promise<void> {
-    return this.change(offset, length, () => this.next.trim(offset, length, fua));
+    return this.change(offset, length, true, () => this.next.trim(offset, length, fua));
   }
 
   override zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
-    return this.change(offset, length, () => this.next.zero(offset, length, opts));
+    return this.change(offset, length, true, () => this.next.zero(offset, length, opts));
   }
 
-  private change(offset: number, length: number, apply: () => Promise<void>): Promise<void> {
+  /**
+   * `zeroes`: the change makes its range read as zeroes (or, a trim the primary ignores, leaves it
+   * as it is), so a block that reads as zeroes before it is unchanged by it and needs no image.
+   * That spares a trim of a fresh volume (mkfs discards the whole device) an entry per block.
+   */
+  private change(offset: number, length: number, zeroes: boolean, apply: () => Promise<void>): Promise<void> {
     if (!this.journal.running) {
       // Unjournaled, but counted all the same: a view at the restart's first point must not
       // open before it has landed.
@@ -117,13 +122,14 @@ class JournalVolume extends FilterVolume {
     const b0 = Math.floor(offset / this.j);
     const b1 = Math.floor((offset + length - 1) / this.j);
     const locked = this.locks.lock(b0, b1);
-    if (typeof locked === "function") return this.locked(b0, b1, apply, locked);
-    return locked.then((unlock) => this.locked(b0, b1, apply, unlock));
+    if (typeof locked === "function") return this.locked(b0, b1, zeroes, apply, locked);
+    return locked.then((unlock) => this.locked(b0, b1, zeroes, apply, unlock));
   }
 
   private locked(
     b0: number,
     b1: number,
+    zeroes: boolean,
     apply: () => Promise<void>,
     unlockBlocks: () => void,
   ): Promise<void> {
@@ -141,7 +147,7 @@ class JournalVolume extends FilterVolume {
     const progress = { durable: 0 };
     let captured: Promise<void>;
     try {
-      captured = this.captureAll(blocks, ts, progress);
+      captured = this.captureAll(blocks, ts, zeroes, progress);
     } catch (e) {
       captured = Promise.reject(e);
     }
@@ -163,23 +169,31 @@ class JournalVolume extends FilterVolume {
    * whose old blocks are all in the page cache is captured without an await (the common case: one
    * promise for the commit, none for the reads).
    */
-  private captureAll(blocks: number[], ts: number, progress: { durable: number }): Promise<void> {
+  private captureAll(
+    blocks: number[],
+    ts: number,
+    zeroes: boolean,
+    progress: { durable: number },
+  ): Promise<void> {
     if (blocks.length <= CAPTURE_BLOCKS) {
-      const p = this.capture(blocks, ts);
+      const p = this.capture(blocks, ts, zeroes);
       return p === DONE ? this.journal.commit() : p.then(() => this.journal.commit());
     }
     return (async () => {
       for (let i = 0; i < blocks.length; i += CAPTURE_BLOCKS) {
         const slice = blocks.slice(i, i + CAPTURE_BLOCKS);
-        await this.capture(slice, ts);
+        await this.capture(slice, ts, zeroes);
         await this.journal.commit();
         progress.durable = i + slice.length; // blocks[0, durable) have durable images
       }
     })();
   }
 
-  /** Read the current contents of `blocks` (sorted) and stage them as before-images. */
-  private capture(blocks: number[], ts: number, from = 0): Promise<void> {
+  /**
+   * Read the current contents of `blocks` (sorted) and stage them as before-images; for a change
+   * that writes zeroes, blocks that read as zeroes are left unimaged instead (see change()).
+   */
+  private capture(blocks: number[], ts: number, zeroes: boolean, from = 0): Promise<void> {
     const j = this.j;
     for (let i = from; i < blocks.length;) {
       let k = i + 1;
@@ -188,7 +202,7 @@ class JournalVolume extends FilterVolume {
       // Blocks that read as zeroes need no data. A large run asks the primary's extents first so
       // holes are not read at all; a small one is just read and checked: SEEK_HOLE can cost time
       // in proportion to the rest of the file (tmpfs walks every page to the next hole).
-      if (count * j > EXTENTS_MIN) return this.captureLarge(blocks, ts, i, k);
+      if (count * j > EXTENTS_MIN) return this.captureLarge(blocks, ts, zeroes, i, k);
       const offset = blocks[i] * j;
       const length = Math.min(count * j, this.size - offset);
       const { data, holder } = imageBuffer(count * j);
@@ -197,8 +211,8 @@ class JournalVolume extends FilterVolume {
       if (p !== DONE) {
         return p.then(
           () => {
-            this.stageRun(blocks[i], count, null, data, ts, holder);
-            return this.capture(blocks, ts, k);
+            this.stageRun(blocks[i], count, null, data, ts, zeroes, holder);
+            return this.capture(blocks, ts, zeroes, k);
           },
           (e: unknown) => {
             holder.release();
@@ -206,14 +220,20 @@ class JournalVolume extends FilterVolume {
           },
         );
       }
-      this.stageRun(blocks[i], count, null, data, ts, holder);
+      this.stageRun(blocks[i], count, null, data, ts, zeroes, holder);
       i = k;
     }
     return DONE;
   }
 
   /** Capture the run blocks[i..k) (over EXTENTS_MIN bytes, holes skipped), then the rest. */
-  private async captureLarge(blocks: number[], ts: number, i: number, k: number): Promise<void> {
+  private async captureLarge(
+    blocks: number[],
+    ts: number,
+    zeroes: boolean,
+    i: number,
+    k: number,
+  ): Promise<void> {
     const j = this.j;
     const count = k - i;
     const offset = blocks[i] * j;
@@ -241,14 +261,16 @@ class JournalVolume extends FilterVolume {
       holder.release();
       throw e;
     }
-    this.stageRun(blocks[i], count, zero, data, ts, holder);
-    const rest = this.capture(blocks, ts, k);
+    this.stageRun(blocks[i], count, zero, data, ts, zeroes, holder);
+    const rest = this.capture(blocks, ts, zeroes, k);
     if (rest !== DONE) await rest;
   }
 
   /**
    * Stage the images of `count` blocks from `first` read into `data` (`zero`: known holes). The
-   * run's reference to `holder` becomes one per image staged with data.
+   * run's reference to `holder` becomes one per image staged with data. Blocks that read as
+   * zeroes get a zero image, or none when the change writes zeroes (`zeroes`): it leaves them as
+   * they are, and they go back to unimaged, so a later change in this window images them.
    */
   private stageRun(
     first: number,
@@ -256,12 +278,14 @@ class JournalVolume extends FilterVolume {
     zero: Uint8Array | null,
     data: Buffer,
     ts: number,
+    zeroes: boolean,
     holder: Slab,
   ): void {
     const j = this.j;
     for (let x = 0; x < count; x++) {
       const z = (zero !== null && zero[x] === 1) || isZero(data, x * j, j);
-      if (z) this.journal.stage(this.session, first + x, ts, null);
+      if (z && zeroes) this.journal.skipImage(first + x, ts);
+      else if (z) this.journal.stage(this.session, first + x, ts, null);
       else {
         holder.refs++;
         this.journal.stage(this.session, first + x, ts, data.subarray(x * j, (x + 1) * j), holder);

@@ -27,7 +27,8 @@
 //   timestamp order, so the index is a set of append-only typed arrays and "first entry at or
 //   after Tw" is a binary search followed by one forward scan.
 // - Zero images: a block that is a hole or reads as zeroes in the primary gets an entry without
-//   data (trimming a fresh volume costs 24 bytes per block, not 4 KiB).
+//   data (24 bytes, not 4 KiB). A trim or zero write leaves such a block as it is, so it gets no
+//   entry at all (filter.ts): mkfs discarding a fresh volume adds nothing to the journal.
 // - Retention by age and by size drops the oldest sealed segments (never one an open snapshot
 //   still reads); the earliest available point moves to the first window after the newest dropped
 //   entry. A full disk (or any journal I/O error) never fails a primary write: the journal stops,
@@ -657,6 +658,16 @@ export class Journal {
   forgetImages(blocks: readonly number[], from: number, ts: number): void {
     if (this.windowFloor(ts) !== this.windowStart) return; // the window ended: already forgotten
     for (let i = from; i < blocks.length; i++) this.inWindow.delete(blocks[i]);
+  }
+
+  /**
+   * `block`, which needsImage said needs an image for a change stamped `ts`, gets none: the
+   * change leaves its contents as they are (zeroes over zeroes). It goes back to unimaged in this
+   * window, so the next change of it takes its before-image. The caller holds the block's lock.
+   */
+  skipImage(block: number, ts: number): void {
+    if (this.windowFloor(ts) === this.windowStart && this.inWindow.get(block) !== undefined)
+      this.inWindow.delete(block);
   }
 
   /**
