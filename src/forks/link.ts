@@ -58,6 +58,7 @@ import { encodeHeader, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/r
 import { acquire, release, Slab } from "../util/buffer-pool.js";
 import { UpdateStream, type BodyPart } from "./stream-client.js";
 import { isCached } from "../blockio/index.js";
+import { SeqTable, STALE } from "./seq-table.js";
 import {
   initialLinkState,
   sends,
@@ -193,9 +194,6 @@ export interface LinkStatus {
 
 class HttpError extends Error {}
 
-/** lastSeq value of a block that needs a whole-block copy before it may be cleared. */
-const STALE = Number.MAX_SAFE_INTEGER;
-
 /** `writing` counts a covering write as 1 + COVER (at most COVER - 1 writes in progress on a block). */
 const COVER = 2 ** 24;
 
@@ -236,7 +234,7 @@ export class GatewayLink {
    * next flush).
    */
   private unflushed: number[] = [];
-  private readonly lastSeq = new Map<number, number>();
+  private readonly lastSeq: SeqTable;
   /**
    * Blocks a client write is changing right now (resync leaves them alone): per block, the number
    * of such writes plus COVER times the number of them that still cover the block (begun in this
@@ -286,6 +284,7 @@ export class GatewayLink {
   ) {
     this.o = opts;
     this.log = opts.log;
+    this.lastSeq = new SeqTable(tracking.map.blocks);
     this.s = initialLinkState(Date.now());
     const connect = opts.ca ? { ca: opts.ca } : undefined;
     this.pool = new Pool(opts.url, {
@@ -1247,13 +1246,13 @@ export class GatewayLink {
    */
   markStale(offset: number, length: number): void {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
-    if (b1 - b0 + 1 <= this.lastSeq.size + this.writing.size) {
+    if (b1 - b0 + 1 <= this.lastSeq.seqCount + this.writing.size) {
       for (let b = b0; b <= b1; b++) {
         if (this.lastSeq.has(b) || (this.writing.get(b) ?? 0) >= COVER) this.lastSeq.set(b, STALE);
       }
       return;
     }
-    const covered = [...this.lastSeq.keys()];
+    const covered = [...this.lastSeq.seqBlocks()]; // STALE ones are STALE already
     for (const [b, v] of this.writing) if (v >= COVER) covered.push(b);
     for (const b of covered) if (b >= b0 && b <= b1) this.lastSeq.set(b, STALE);
   }
