@@ -12,7 +12,8 @@
 //   (it returned DONE: a page-cache hit) is answered inline, with no promise reaction; the replies
 //   of one received chunk leave in one socket write (OutputQueue).
 // - Backpressure: at most MAX_INFLIGHT requests wait on the volume, and reply slabs are bounded;
-//   past either limit the connection stops reading until replies drain.
+//   WRITE payloads waiting on the volume are bounded too (MAX_WRITE_BYTES); past any limit the
+//   connection stops reading until requests complete and replies drain.
 // - Structured replies (when negotiated): OFFSET_DATA for reads, with holes as OFFSET_HOLE for large
 //   reads without DF; errors as NBD_REPLY_TYPE_ERROR chunks carrying a message; BLOCK_STATUS.
 // - DISC: stop reading, finish what is in flight, send the replies, close (TLS close_notify via end).
@@ -50,6 +51,12 @@ import {
 } from "./wire.js";
 
 const MAX_INFLIGHT = 512;
+/**
+ * Stop reading requests while WRITE payloads of more than this wait on the volume: each is up to
+ * 32 MiB, so 512 of them on a stalled volume would hold 16 GiB (nbdkit is bounded by its threads,
+ * qemu-nbd by 16 requests a client).
+ */
+const MAX_WRITE_BYTES = 64 * 1024 * 1024;
 /** Reads up to this size are built in a reply slab; larger ones get their own buffer. */
 const MAX_SLAB_READ = 64 * 1024;
 /** Structured reads at least this large look for holes to send as OFFSET_HOLE. */
@@ -143,6 +150,8 @@ export class Transmission implements RequestSink {
   private inflight = 0;
   /** Bytes of READ replies dispatched whose data is not yet handed to the socket. */
   private readBytes = 0;
+  /** WRITE payload bytes waiting on the volume. */
+  private writeBytes = 0;
   private blocked = false;
   private flushScheduled = false;
   private state: State = "open";
@@ -256,6 +265,7 @@ export class Transmission implements RequestSink {
       this.inflight >= MAX_INFLIGHT ||
       !this.out.canReserve(MAX_SLAB_READ + 64) ||
       this.readBytes + this.out.unflushed + this.stream.writableLength > MAX_QUEUED_BYTES ||
+      this.writeBytes > MAX_WRITE_BYTES ||
       this.receiver.saturated;
     if (wait) this.blocked = true;
     return wait;
@@ -326,14 +336,17 @@ export class Transmission implements RequestSink {
       return;
     }
     this.inflight++;
+    this.writeBytes += data.length;
     p.then(
       () => {
         hold.release();
+        this.writeBytes -= data.length;
         this.replyOk(req);
         this.settled();
       },
       (e: unknown) => {
         hold.release();
+        this.writeBytes -= data.length;
         this.replyFailure(req, e);
         this.settled();
       },

@@ -54,6 +54,15 @@ function pattern(length: number, seed: number): Buffer {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** Poll `cond` every 10 ms; fails after `timeoutMs`. */
+async function waitUntil(cond: () => boolean, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) assert.fail(`condition not met in ${timeoutMs} ms`);
+    await sleep(10);
+  }
+}
+
 /** A filter that completes every call after a delay chosen per call (replies out of order). */
 function delayed(next: Volume, delayOf: (offset: number) => number): Volume {
   const later = <T>(offset: number, f: () => Promise<T>): Promise<T> =>
@@ -733,6 +742,30 @@ void describe("receive buffers held by slow writes", () => {
     c.write(requestBytes(r));
     const got = await collect(c, new Map([[r.cookie, r]]), false);
     assert.ok(got.get(r.cookie)!.data!.equals(pattern(4096, 2 * n)), "the data of the last round");
+    await c.disconnect();
+  });
+});
+
+void describe("WRITE payloads held by a slow volume", () => {
+  void test("the connection stops reading once 64 MiB of WRITE payloads wait on the volume", async () => {
+    // 1 MiB writes to a volume that holds them all: without a bound on their bytes, the 512
+    // requests allowed in flight could hold 16 GiB of 32 MiB payloads.
+    const c = await session("gated");
+    gate.close();
+    const n = 96;
+    const sent = new Map<bigint, RawRequest>();
+    for (let i = 0; i < n; i++) {
+      const r = { type: CMD.WRITE, cookie: BigInt(1000 + i), offset: (i % 8) * MiB, length: MiB };
+      sent.set(r.cookie, r);
+      c.write(Buffer.concat([requestBytes(r), pattern(MiB, i + 1)]));
+    }
+    await waitUntil(() => gate.held >= 64, 10_000);
+    await sleep(300);
+    assert.ok(gate.held <= 66, `${gate.held} MiB of writes taken in while the volume held them`);
+    gate.open();
+    const answers = await collect(c, sent, false);
+    assert.equal(answers.size, n);
+    for (const a of answers.values()) assert.equal(a.error, 0);
     await c.disconnect();
   });
 });
