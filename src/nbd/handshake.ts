@@ -194,7 +194,6 @@ class Negotiation {
       this.reply(option, REP.ACK);
       return "abort";
     }
-    if (data.length > MAX_OPTION_DATA) throw new OptionError(REP.ERR_TOO_BIG, "option data too large");
     if (this.ctx.shuttingDown()) {
       if (option === OPT.EXPORT_NAME) throw new HandshakeAbort("EXPORT_NAME during shutdown");
       throw new OptionError(REP.ERR_SHUTDOWN, "the server is shutting down");
@@ -204,6 +203,11 @@ class Negotiation {
       if (option === OPT.EXPORT_NAME)
         throw new HandshakeAbort("EXPORT_NAME without TLS on a server that requires TLS");
       throw new OptionError(REP.ERR_TLS_REQD, "this server requires TLS: use STARTTLS first");
+    }
+    if (data.length > MAX_OPTION_DATA) {
+      // EXPORT_NAME gets no option reply (proto.md): a reply would leave the client out of step.
+      if (option === OPT.EXPORT_NAME) throw new HandshakeAbort("EXPORT_NAME with a name over 64 KiB");
+      throw new OptionError(REP.ERR_TOO_BIG, "option data too large");
     }
     switch (option) {
       case OPT.EXPORT_NAME:

@@ -516,6 +516,12 @@ void describe("other options and limits", () => {
     await assertUsable(c);
   });
 
+  void test("EXPORT_NAME over 64 KiB: closed, with no option reply (EXPORT_NAME gets none)", async () => {
+    const c = await opened();
+    c.write(optionBytes(OPT.EXPORT_NAME, Buffer.alloc(64 * 1024 + 1, 0x41)));
+    assert.equal((await c.readToEnd()).length, 0, "an option reply to EXPORT_NAME");
+  });
+
   void test("option data of 64 KiB exactly is read and judged on its merits", async () => {
     const c = await opened();
     assertErrorReply(await c.option(OPT.LIST, Buffer.alloc(64 * 1024)), OPT.LIST, REP.ERR_INVALID);
