@@ -881,11 +881,19 @@ export class GatewayLink {
         return;
       }
     }
-    if (oldest !== undefined) {
-      if (this.o.mode === "async" && now - oldest.at > this.o.queueAgeMs) {
+    if (oldest !== undefined && this.o.mode === "async") {
+      // The age bound is for client updates: resync copies queue by design, up to half the bytes.
+      let client: Pending | undefined;
+      for (const p of this.queue) {
+        if (!p.resync) {
+          client = p;
+          break;
+        }
+      }
+      if (client !== undefined && now - client.at > this.o.queueAgeMs) {
         this.dispatch({
           type: "overflow",
-          reason: `oldest queued update is ${now - oldest.at} ms old (gateway too slow)`,
+          reason: `oldest queued update is ${now - client.at} ms old (gateway too slow)`,
         });
         return;
       }
@@ -1012,6 +1020,7 @@ export class GatewayLink {
         this.progress.pass++;
         let sentAny = false;
         const inflight = new Set<Promise<void>>();
+        let reading = 0; // bytes of the ranges in flight (read, not all queued yet)
         for (const run of map.runs(0, Math.max(1, Math.floor(this.o.resyncChunkBytes / g)))) {
           if (!alive()) return;
           check();
@@ -1023,14 +1032,21 @@ export class GatewayLink {
             let stop = start;
             while (stop < end && this.needsCopy(stop)) stop++;
             if (stop > start) {
-              while (inflight.size >= this.o.resyncConcurrency || this.queued > this.o.queueBytes / 2) {
+              const offset = start * g;
+              const length = Math.min(stop * g, map.volumeSize) - offset;
+              // Resync keeps to half the async queue's bytes, counting the ranges it is still
+              // reading: client writes have the other half, so the resync alone never sends the
+              // link over its bound.
+              while (
+                inflight.size >= this.o.resyncConcurrency ||
+                (inflight.size > 0 && this.queued + reading + length > this.o.queueBytes / 2) ||
+                this.queued > this.o.queueBytes / 2
+              ) {
                 if (inflight.size > 0) await Promise.race(inflight);
                 else await new Promise((r) => setTimeout(r, 5));
                 if (!alive()) return;
                 check();
               }
-              const offset = start * g;
-              const length = Math.min(stop * g, map.volumeSize) - offset;
               if (this.o.resyncRate > 0) {
                 const now = Date.now();
                 bucket = Math.max(0, bucket - ((now - bucketAt) / 1000) * this.o.resyncRate);
@@ -1039,9 +1055,14 @@ export class GatewayLink {
                   await new Promise((r) => setTimeout(r, (bucket / this.o.resyncRate) * 1000));
                 bucket += length;
               }
+              reading += length;
               const p: Promise<void> = this.resyncRange(offset, length).then(
-                () => void inflight.delete(p),
+                () => {
+                  reading -= length;
+                  inflight.delete(p);
+                },
                 (e: unknown) => {
+                  reading -= length;
                   inflight.delete(p);
                   failure ??= e instanceof Error ? e : new Error(String(e));
                 },

@@ -1008,6 +1008,43 @@ void describe("GatewayLink: writes racing the link", () => {
   });
 });
 
+void describe("GatewayLink: resync and the async queue", () => {
+  void test("a resync keeps to half the async queue: a client write during it does not overflow the link", async () => {
+    // Scaled down: a 1 MiB queue, 64 KiB resync ranges, a gateway answering each batch after
+    // 200 ms. The resync used to fill the queue by itself (it checked the queue before reading 8
+    // ranges at once), and the next client write sent the link to tracking.
+    const gw = await startGateway();
+    const r = await startRig({
+      gw,
+      queueBytes: MiB,
+      resyncChunkBytes: 64 * KiB,
+      maxBatches: 1,
+      batchBytes: 64 * KiB,
+    });
+    try {
+      await r.primary.mem.write(randomBytes(SIZE), 0, false); // data everywhere: nothing is a hole
+      gw.setFault({ mode: "slow", delayMs: 200 });
+      r.link.start();
+      await waitFor("the first resync", () => r.link.state === "resyncing");
+      let most = 0;
+      const until = Date.now() + 1500;
+      while (Date.now() < until) {
+        most = Math.max(most, r.link.status().queue.bytes);
+        await sleep(2);
+      }
+      assert.ok(most <= MiB / 2 + 128 * KiB, `the resync alone queued ${most} bytes of a 1 MiB queue`);
+      await r.fork.write(pattern(64 * KiB, 3), 3 * MiB, false);
+      await sleep(50);
+      assert.equal(r.link.state, "resyncing", `a client write during the resync: ${r.link.status().reason}`);
+      gw.setFault({ mode: "none" });
+      await waitSynced(r, 30_000);
+      assertIdentical(r, "after the resync");
+    } finally {
+      await r.close();
+    }
+  });
+});
+
 void describe("GatewayLink: verify, mirror, stop", () => {
   void test("verify: equal sides; a corrupted secondary block is found and repaired; dirty blocks are skipped", async () => {
     const r = await syncedRig();
