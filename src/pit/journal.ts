@@ -255,8 +255,11 @@ export class Journal {
   private recordSeq = 0;
   private readonly sessions = new Set<JournalSession>();
   private slots = 0;
-  /** Blocks imaged in the current window -> their entry (or -1 while staged). */
   private windowStart = 0;
+  /**
+   * Blocks imaged in the current window -> bitmask of the session slots that changed them (the
+   * first one imaged the block, each other one has a merge note).
+   */
   private readonly inWindow = new Map<number, number>();
   /** Commit rounds: scheduled, in flight, the tail of their write phases and of their completions. */
   private roundScheduled = false;
@@ -640,11 +643,16 @@ export class Journal {
       this.inWindow.clear();
     }
     const have = this.inWindow.get(block);
+    const bit = 1 << session.slot;
     if (have === undefined) {
-      this.inWindow.set(block, session.slot);
+      this.inWindow.set(block, bit);
       return true;
     }
-    if (have !== session.slot) session.merges.push({ block, ts, slot: session.slot });
+    // One merge note per session and block in a window, not one per write.
+    if ((have & bit) === 0) {
+      this.inWindow.set(block, have | bit);
+      session.merges.push({ block, ts, slot: session.slot });
+    }
     return false;
   }
 
