@@ -172,12 +172,16 @@ export class GatewayServer {
       socket.destroy();
       return;
     }
+    const timeout = err.code === "ERR_HTTP_REQUEST_TIMEOUT";
+    const status = timeout ? 408 : 400;
     const body = JSON.stringify(
-      errorBody("ERR_BAD_REQUEST", `malformed HTTP request (${err.code ?? err.message})`),
+      timeout
+        ? errorBody("ERR_BAD_REQUEST", "the request did not arrive in time (request timeout)")
+        : errorBody("ERR_BAD_REQUEST", `malformed HTTP request (${err.code ?? err.message})`),
     );
     this.log.limited("info", "client error", `malformed HTTP request: ${err.code ?? err.message}`);
     socket.end(
-      `HTTP/1.1 400 ${STATUS_CODES[400]}\r\nContent-Type: application/json\r\n` +
+      `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json\r\n` +
         `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
     );
   }
@@ -211,8 +215,13 @@ export class GatewayServer {
     res.shouldKeepAlive = false;
     res.assignSocket(socket as Socket);
     // An error reply ends the connection; its close ends the request's bookkeeping ('close' of
-    // the response, as for any request).
-    res.on("finish", () => socket.end());
+    // the response, as for any request). Whatever the client still sends is read and dropped, and
+    // the socket is destroyed 2 s later: half-closed and never read, it would stay open for good.
+    res.on("finish", () => {
+      socket.end();
+      socket.resume();
+      setTimeout(() => socket.destroy(), 2000).unref();
+    });
     socket.on("error", () => socket.destroy());
     this.upgrades.set(req, { socket, head });
     this.onRequest(req, res);
@@ -307,6 +316,16 @@ export class GatewayServer {
     }
     const route = this.routes.get(key);
     if (!route) throw this.notFound(path);
+    if (key !== "volumes/*/stream" && this.upgrades.has(req)) {
+      // Node stops parsing a request that asks to upgrade: its body never reaches the handler.
+      throw new HttpError(
+        400,
+        "ERR_BAD_REQUEST",
+        `${path} does not upgrade (only .../stream does, to ${STREAM_PROTOCOL}): send the request ` +
+          "without an Upgrade header",
+        { close: true },
+      );
+    }
     const h = route.methods[method];
     if (!h) {
       const allow = Object.keys(route.methods).join(", ");

@@ -536,6 +536,18 @@ void describe("stream: the upgrade's checks (raw HTTP on a socket)", () => {
     }
   });
 
+  void test("an Upgrade header on another path: 400, saying to send the request without it", async () => {
+    // Node does not read the body of a request that asks to upgrade: answering it as usual would
+    // judge an empty body.
+    const gw = await startGateway({ token: TOKEN });
+    try {
+      const c = await refused(gw, requestHead(`/v1/volumes/${NAME}/flush`, good), 400, "ERR_BAD_REQUEST");
+      assert.match(c.tail.toString(), /does not upgrade .*without an Upgrade header/);
+    } finally {
+      await gw.close();
+    }
+  });
+
   void test("missing or wrong token: 401 ERR_AUTH", async () => {
     const gw = await startGateway({ token: TOKEN });
     try {
