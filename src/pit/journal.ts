@@ -140,35 +140,78 @@ const RESIDENT_MS = 1000;
  * serialized by the block lock). `runMax` (the running maximum of timestamps) is non-decreasing,
  * so "where can the first entry at or after t be" is a binary search on it; callers skip the
  * older entries they meet after that position.
+ *
+ * Entry numbers are absolute and never reused. The arrays hold entries from `base` on: once
+ * retention has dropped (moved `first` past) more entries than are left, and at least 64K, the
+ * live ones move to the front and `base` follows, so memory follows the retained journal, not
+ * everything the process ever journaled. Read entries through the *At methods.
  */
-class EntryIndex {
+export class EntryIndex {
   ts = new Float64Array(1024);
   runMax = new Float64Array(1024);
   block = new Float64Array(1024);
   seg = new Uint32Array(1024);
   off = new Float64Array(1024); // -1: zero image
   sources = new Uint32Array(1024);
+  /** Entry numbers below this are no longer in the arrays (the arrays start with entry `base`). */
+  base = 0;
   length = 0;
   /** Entries below this were dropped by retention. */
   first = 0;
 
   push(ts: number, block: number, seg: number, off: number, sources: number): number {
-    if (this.length === this.ts.length) this.grow();
+    if (this.length - this.base === this.ts.length) this.grow(this.ts.length * 2);
     const i = this.length++;
-    this.ts[i] = ts;
-    this.runMax[i] = i > 0 && this.runMax[i - 1] > ts ? this.runMax[i - 1] : ts;
-    this.block[i] = block;
-    this.seg[i] = seg;
-    this.off[i] = off;
-    this.sources[i] = sources;
+    const p = i - this.base;
+    this.ts[p] = ts;
+    this.runMax[p] = p > 0 && this.runMax[p - 1] > ts ? this.runMax[p - 1] : ts;
+    this.block[p] = block;
+    this.seg[p] = seg;
+    this.off[p] = off;
+    this.sources[p] = sources;
     return i;
   }
 
-  private grow(): void {
-    const n = this.ts.length * 2;
+  tsAt(i: number): number {
+    return this.ts[i - this.base];
+  }
+  blockAt(i: number): number {
+    return this.block[i - this.base];
+  }
+  segAt(i: number): number {
+    return this.seg[i - this.base];
+  }
+  offAt(i: number): number {
+    return this.off[i - this.base];
+  }
+  sourcesAt(i: number): number {
+    return this.sources[i - this.base];
+  }
+  addSources(i: number, sources: number): void {
+    this.sources[i - this.base] |= sources;
+  }
+
+  /** Retention dropped the entries below `first`: forget them, moving the rest when worth it. */
+  dropBelow(first: number): void {
+    this.first = first;
+    const dead = first - this.base;
+    const live = this.length - first;
+    if (dead < 65536 || dead < live) return;
+    const n = Math.max(1024, 2 ** Math.ceil(Math.log2(Math.max(1, live) * 2)));
+    this.grow(n, dead);
+    this.base = first;
+  }
+
+  /** Arrays of `n` slots holding the entries from physical slot `from` on. */
+  private grow(n: number, from = 0): void {
+    const end = this.length - this.base;
     const g = <T extends Float64Array | Uint32Array>(a: T, make: (n: number) => T): T => {
+      if (n === a.length) {
+        a.copyWithin(0, from, end);
+        return a;
+      }
       const b = make(n);
-      b.set(a);
+      b.set(a.subarray(from, end));
       return b;
     };
     this.ts = g(this.ts, (k) => new Float64Array(k));
@@ -188,7 +231,7 @@ class EntryIndex {
     let hi = this.length;
     while (lo < hi) {
       const mid = (lo + hi) >>> 1;
-      if (this.runMax[mid] < t) lo = mid + 1;
+      if (this.runMax[mid - this.base] < t) lo = mid + 1;
       else hi = mid;
     }
     return lo;
@@ -308,7 +351,7 @@ export class Journal {
     const stopped = typeof st.stoppedAt === "number";
     if (typeof st.earliest === "number") j.earliestTs = Math.max(j.earliestTs, st.earliest);
     j.loadBookmarks();
-    const last = j.index.length > j.index.first ? j.index.ts[j.index.length - 1] : null;
+    const last = j.index.length > j.index.first ? j.index.tsAt(j.index.length - 1) : null;
     const summary: JournalSummary = {
       earliest: stopped ? null : j.earliestTs,
       latest: last,
@@ -429,7 +472,7 @@ export class Journal {
           file,
           size: Math.max(valid, SEGMENT_HEADER),
           firstEntry,
-          lastTs: this.index.length > firstEntry ? this.index.ts[this.index.length - 1] : 0,
+          lastTs: this.index.length > firstEntry ? this.index.tsAt(this.index.length - 1) : 0,
           residentUntil: 0,
           syncing: 0,
           fresh: false,
@@ -491,9 +534,9 @@ export class Journal {
       for (const e of entries) {
         // Find the image of this block in the merge's window (scanning back is short: same window).
         const w0 = this.windowFloor(e.ts);
-        for (let i = this.index.length - 1; i >= this.index.first && this.index.ts[i] >= w0; i--) {
-          if (this.index.block[i] === e.block) {
-            this.index.sources[i] = this.index.sources[i] | e.sources;
+        for (let i = this.index.length - 1; i >= this.index.first && this.index.tsAt(i) >= w0; i--) {
+          if (this.index.blockAt(i) === e.block) {
+            this.index.addSources(i, e.sources);
             break;
           }
         }
@@ -989,13 +1032,13 @@ export class Journal {
 
   /** Read entry i's before-image (or part of it) into buf (DONE when read inline). */
   readImage(i: number, buf: Buffer, within = 0): Promise<void> {
-    const off = this.index.off[i];
+    const off = this.index.offAt(i);
     if (off < 0) {
       buf.fill(0);
       return DONE;
     }
-    const seg = this.segments.get(this.index.seg[i]);
-    if (!seg) return Promise.reject(new Error(`journal segment ${this.index.seg[i]} was dropped`));
+    const seg = this.segments.get(this.index.segAt(i));
+    if (!seg) return Promise.reject(new Error(`journal segment ${this.index.segAt(i)} was dropped`));
     return seg.file.read(buf, off + within);
   }
 
@@ -1010,9 +1053,9 @@ export class Journal {
    * read, so the last segment looked up is remembered.
    */
   residentFd(i: number, now: number): number {
-    if (this.index.off[i] < 0) return -1;
+    if (this.index.offAt(i) < 0) return -1;
     if (this.closed) return -2;
-    const n = this.index.seg[i];
+    const n = this.index.segAt(i);
     let seg = this.lastSeg;
     if (seg === null || this.lastSegNo !== n) {
       seg = this.segments.get(n) ?? null;
@@ -1035,7 +1078,7 @@ export class Journal {
 
   /** Keep segments holding entries from index `from` on (an open snapshot). */
   pin(owner: object, from: number): void {
-    const seg = from < this.index.length ? this.index.seg[from] : (this.order[this.order.length - 1] ?? 0);
+    const seg = from < this.index.length ? this.index.segAt(from) : (this.order[this.order.length - 1] ?? 0);
     this.pins.set(owner, seg);
   }
 
@@ -1086,8 +1129,8 @@ export class Journal {
     if (this.lastSegNo === n) this.lastSeg = null;
     const next = this.order.length ? this.segments.get(this.order[0])!.firstEntry : this.index.length;
     let newest = 0;
-    for (let i = this.index.first; i < next; i++) newest = Math.max(newest, this.index.ts[i]);
-    this.index.first = next;
+    for (let i = this.index.first; i < next; i++) newest = Math.max(newest, this.index.tsAt(i));
+    this.index.dropBelow(next);
     if (newest > 0) this.earliestTs = Math.max(this.earliestTs, this.windowFloor(newest) + this.windowMs);
     seg.file.close();
     rmSync(seg.path, { force: true });

@@ -63,10 +63,23 @@ export class SnapshotView implements Volume {
     this.description = `${label}: the primary as it was at ${new Date(point).toISOString()} (read-only)`;
   }
 
+  /**
+   * The map holds entry numbers less this (the first entry the view can use): journal entry
+   * numbers grow for as long as the process runs, past what a map chunk's Uint32Array holds.
+   */
+  private entryBase = 0;
+
+  /** The journal entry block `b` reads from, -1 when it reads from the primary. */
+  private entry(b: number): number {
+    const e = this.map.get(b);
+    return e < 0 ? -1 : e + this.entryBase;
+  }
+
   /** Build the pointer map; returns the number of blocks it points into the journal. */
   open(): number {
     const idx = this.journal.index;
     const from = idx.firstAtOrAfter(this.point);
+    this.entryBase = from;
     this.journal.pin(this, from);
     this.addEntries(from, idx.length);
     this.unsubscribe = this.journal.subscribe((a, b) => {
@@ -82,15 +95,16 @@ export class SnapshotView implements Volume {
     const idx = this.journal.index;
     const map = this.map;
     const point = this.point;
+    const base = idx.base; // the arrays start at entry `base` (EntryIndex)
     for (let i = from; i < to; i++) {
-      if (idx.ts[i] < point) continue; // a change from before the point, committed late
-      const b = idx.block[i];
+      if (idx.ts[i - base] < point) continue; // a change from before the point, committed late
+      const b = idx.block[i - base];
       if (!map.has(b)) {
         // The primary is about to change this block: reads lent over it are copied now.
         if (this.leases.size > 0) this.materializeOver(b);
-        map.add(b, i);
+        map.add(b, i - this.entryBase);
         this.version++;
-        if (idx.off[i] < 0) this.zeroImages++;
+        if (idx.off[i - base] < 0) this.zeroImages++;
       }
     }
   }
@@ -125,7 +139,7 @@ export class SnapshotView implements Volume {
     try {
       while (pos < end) {
         const b = Math.floor(pos / j);
-        const e = this.map.get(b);
+        const e = this.entry(b);
         let p: Promise<void>;
         if (e >= 0) {
           const stop = Math.min((b + 1) * j, end);
@@ -166,7 +180,7 @@ export class SnapshotView implements Volume {
   private async reread(buf: Buffer, base: number, from: number, to: number): Promise<void> {
     const j = this.j;
     for (let b = Math.floor(from / j); b * j < to; b++) {
-      const e = this.map.get(b);
+      const e = this.entry(b);
       if (e < 0) continue;
       const s = Math.max(b * j, from);
       const t = Math.min((b + 1) * j, to);
@@ -190,7 +204,7 @@ export class SnapshotView implements Volume {
     let pos = offset;
     while (pos < end) {
       const b = Math.floor(pos / j);
-      const e = this.map.get(b);
+      const e = this.entry(b);
       let stop = Math.min((b + 1) * j, end);
       let fd = range.fd;
       let at = range.offset + (pos - offset);
@@ -198,7 +212,7 @@ export class SnapshotView implements Volume {
       else {
         fd = this.journal.residentFd(e, now);
         if (fd === -2) return null;
-        at = this.journal.index.off[e] + (pos - b * j);
+        at = this.journal.index.offAt(e) + (pos - b * j);
       }
       const n = out.length;
       if (n > 0 && out[n - 3] === fd && (fd < 0 || out[n - 2] + out[n - 1] === at)) out[n - 1] += stop - pos;
@@ -265,9 +279,9 @@ export class SnapshotView implements Volume {
       while (pos < stop) {
         const b = Math.floor(pos / j);
         const bEnd = Math.min((b + 1) * j, stop);
-        const i = this.map.get(b);
+        const i = this.entry(b);
         if (i < 0) push(bEnd - pos, e.flags);
-        else push(bEnd - pos, this.journal.index.off[i] < 0 ? 2 : 0);
+        else push(bEnd - pos, this.journal.index.offAt(i) < 0 ? 2 : 0);
         pos = bEnd;
       }
     }

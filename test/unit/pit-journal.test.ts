@@ -28,7 +28,7 @@ import {
 } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Journal, type JournalOptions } from "../../src/pit/journal.js";
+import { EntryIndex, Journal, type JournalOptions } from "../../src/pit/journal.js";
 import { journalNow } from "../../src/pit/clock.js";
 import {
   decodeRecord,
@@ -187,7 +187,8 @@ interface IndexCopy {
 
 function copyIndex(j: Journal): IndexCopy {
   const x = j.index;
-  const slice = (a: Float64Array | Uint32Array): number[] => Array.from(a.subarray(x.first, x.length));
+  const slice = (a: Float64Array | Uint32Array): number[] =>
+    Array.from(a.subarray(x.first - x.base, x.length - x.base));
   return {
     ts: slice(x.ts),
     block: slice(x.block),
@@ -286,17 +287,17 @@ void describe("Journal: sessions, images and commits", () => {
     j.stage(b, 6, journalNow(), null);
     await j.commit();
     assert.equal(j.index.length, 2);
-    const i5 = j.index.block[0] === 5 ? 0 : 1;
+    const i5 = j.index.blockAt(0) === 5 ? 0 : 1;
     const i6 = 1 - i5;
-    assert.equal(j.index.block[i6], 6);
+    assert.equal(j.index.blockAt(i6), 6);
     assert.equal(
-      j.index.sources[i5],
+      j.index.sourcesAt(i5),
       (1 << a.slot) | (1 << b.slot),
       "block 5: both sessions are its sources",
     );
-    assert.equal(j.index.sources[i6], 1 << b.slot);
-    assert.ok(j.index.off[i5] >= SEGMENT_HEADER + RECORD_HEADER, "block 5 has data in the segment");
-    assert.equal(j.index.off[i6], -1, "block 6 is a zero image");
+    assert.equal(j.index.sourcesAt(i6), 1 << b.slot);
+    assert.ok(j.index.offAt(i5) >= SEGMENT_HEADER + RECORD_HEADER, "block 5 has data in the segment");
+    assert.equal(j.index.offAt(i6), -1, "block 6 is a zero image");
     assert.deepEqual(await image(j, i5), old5);
     assert.deepEqual(await image(j, i6), Buffer.alloc(BS), "a zero image reads as zeroes");
     // The merge note is its own record after the images.
@@ -340,12 +341,13 @@ void describe("Journal: sessions, images and commits", () => {
       "30 commits in one tick should share one record",
     );
     assert.equal(j.index.length, 30);
-    for (let i = 1; i < 30; i++) assert.ok(j.index.ts[i] > j.index.ts[i - 1], "entries in timestamp order");
-    for (let i = 0; i < 30; i++) assert.deepEqual(await image(j, i), data.get(j.index.block[i]));
+    for (let i = 1; i < 30; i++)
+      assert.ok(j.index.tsAt(i) > j.index.tsAt(i - 1), "entries in timestamp order");
+    for (let i = 0; i < 30; i++) assert.deepEqual(await image(j, i), data.get(j.index.blockAt(i)));
     // Part of an image, at an offset within the block.
     const part = Buffer.alloc(1000);
     await j.readImage(3, part, 1234);
-    assert.deepEqual(part, data.get(j.index.block[3])!.subarray(1234, 2234));
+    assert.deepEqual(part, data.get(j.index.blockAt(3))!.subarray(1234, 2234));
     // A commit with nothing staged resolves and writes nothing.
     await j.commit();
     assert.equal(recordsOf(join(dir, "0000000001.seg")).length, 1);
@@ -410,7 +412,7 @@ void describe("Journal: sessions, images and commits", () => {
       held[4].release();
       await commits[4];
       assert.deepEqual(heard[4], [4, 5]);
-      for (let i = 0; i < 5; i++) assert.equal(j.index.block[i], 100 + i);
+      for (let i = 0; i < 5; i++) assert.equal(j.index.blockAt(i), 100 + i);
     } finally {
       syncs.restore();
     }
@@ -488,7 +490,7 @@ void describe("Journal: sessions, images and commits", () => {
       { zero: true },
     );
     assert.equal(j.bytes - before, RECORD_HEADER + 24 * 1000);
-    for (let i = 0; i < 1000; i++) assert.equal(j.index.off[i], -1);
+    for (let i = 0; i < 1000; i++) assert.equal(j.index.offAt(i), -1);
     await j.close();
   });
 
@@ -590,6 +592,39 @@ void describe("Journal: appends past the written end", () => {
   });
 });
 
+void describe("EntryIndex: memory follows the retained entries", () => {
+  void test("entries dropped by retention leave the arrays; numbers, values and searches stay", () => {
+    const x = new EntryIndex();
+    const n = 200_000;
+    for (let i = 0; i < n; i++)
+      x.push(1000 + i, i * 3, 1 + (i >> 16), i % 7 === 0 ? -1 : i * 4096, 1 << (i % 5));
+    x.dropBelow(150_000);
+    assert.equal(x.base, 150_000, "the arrays start at the first retained entry");
+    assert.ok(x.ts.length <= 131_072, `capacity ${x.ts.length} for 50000 retained entries`);
+    for (const i of [150_000, 150_001, 177_777, n - 1]) {
+      assert.equal(x.tsAt(i), 1000 + i);
+      assert.equal(x.blockAt(i), i * 3);
+      assert.equal(x.segAt(i), 1 + (i >> 16));
+      assert.equal(x.offAt(i), i % 7 === 0 ? -1 : i * 4096);
+      assert.equal(x.sourcesAt(i), 1 << (i % 5));
+    }
+    assert.equal(x.firstAtOrAfter(0), 150_000, "nothing before the first retained entry");
+    assert.equal(x.firstAtOrAfter(1000 + 180_000), 180_000);
+    assert.equal(x.firstAtOrAfter(1e12), n);
+    // Appending goes on with the next number, and a second drop moves the arrays again.
+    assert.equal(x.push(1e9, 5, 9, 0, 1), n);
+    assert.equal(x.tsAt(n), 1e9);
+    x.dropBelow(199_000);
+    assert.equal(x.base, 150_000, "not worth moving 49000 dead entries (under 64K)");
+    for (let i = 1; i <= 100_000; i++) x.push(1e9 + i, i, 9, 0, 1);
+    x.dropBelow(n + 90_000);
+    assert.equal(x.base, n + 90_000);
+    assert.equal(x.tsAt(n + 90_000), 1e9 + 90_000);
+    assert.equal(x.tsAt(n + 100_000), 1e9 + 100_000);
+    assert.equal(x.firstAtOrAfter(0), n + 90_000);
+  });
+});
+
 void describe("Journal: reopen and torn tails", () => {
   async function buildJournal(dir: string): Promise<{ data: Map<number, Buffer>; copy: IndexCopy }> {
     const W = 50;
@@ -638,12 +673,12 @@ void describe("Journal: reopen and torn tails", () => {
     // New entries go on after the old ones, and the timestamps keep increasing.
     const more = await commitImages(j, [900, 901]);
     assert.equal(j.index.length, copy.length + 2);
-    assert.ok(j.index.ts[copy.length] > j.index.ts[copy.length - 1]);
+    assert.ok(j.index.tsAt(copy.length) > j.index.tsAt(copy.length - 1));
     const all = copyIndex(j);
     await j.close();
     const { j: j2 } = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
     assert.deepEqual(copyIndex(j2), all);
-    assert.deepEqual(await image(j2, copy.length), more.get(j2.index.block[copy.length]));
+    assert.deepEqual(await image(j2, copy.length), more.get(j2.index.blockAt(copy.length)));
     await j2.close();
   });
 
@@ -706,7 +741,8 @@ void describe("Journal: reopen and torn tails", () => {
       await j.close();
       const { j: j2 } = await openJournal({ dir, windowMs: 50, segmentBytes: SMALL_SEG });
       assert.deepEqual(copyIndex(j2), all);
-      for (let i = keep; i < keep + 3; i++) assert.deepEqual(await image(j2, i), more.get(j2.index.block[i]));
+      for (let i = keep; i < keep + 3; i++)
+        assert.deepEqual(await image(j2, i), more.get(j2.index.blockAt(i)));
       await j2.close();
     });
   }
@@ -747,7 +783,7 @@ void describe("Journal: reopen and torn tails", () => {
       assert.deepEqual(c[k].slice(0, keep), copy[k].slice(0, keep), k);
     }
     for (let i = keep; i < keep + blocks.length; i++)
-      assert.deepEqual(await image(j2, i), more.get(j2.index.block[i]));
+      assert.deepEqual(await image(j2, i), more.get(j2.index.blockAt(i)));
     await j2.close();
   });
 
@@ -929,7 +965,7 @@ void describe("Journal: retention", () => {
     const first = j.index.first;
     assert.ok(first > 0, "nothing dropped");
     assert.equal(
-      j.index.seg[first],
+      j.index.segAt(first),
       Number(segmentFiles(dir)[0].slice(0, 10)),
       "index.first is the oldest segment's first entry",
     );
@@ -937,7 +973,7 @@ void describe("Journal: retention", () => {
     for (let i = 0; i < first; i++) newestDropped = Math.max(newestDropped, before.ts[i]);
     const expected = Math.max(earliestBefore, Math.floor(newestDropped / W) * W + W);
     assert.equal(j.window().earliest, expected, "earliest point after dropping");
-    for (let i = first; i < j.index.length; i++) assert.ok(j.index.ts[i] >= newestDropped);
+    for (let i = first; i < j.index.length; i++) assert.ok(j.index.tsAt(i) >= newestDropped);
     assert.ok(j.index.firstAtOrAfter(0) >= first, "searches never return dropped entries");
     await assert.rejects(j.readImage(0, Buffer.alloc(BS)), /dropped/);
     assert.ok(
@@ -999,8 +1035,8 @@ void describe("Journal: retention", () => {
     // Which segments are too old, from the index: newest entry per segment.
     const newest = new Map<number, number>();
     for (let i = 0; i < j.index.length; i++) {
-      const s = j.index.seg[i];
-      newest.set(s, Math.max(newest.get(s) ?? 0, j.index.ts[i]));
+      const s = j.index.segAt(i);
+      newest.set(s, Math.max(newest.get(s) ?? 0, j.index.tsAt(i)));
     }
     const cutoff = journalNow() - R;
     const segs = [...newest.keys()].sort((a, b) => a - b);
@@ -1034,7 +1070,7 @@ void describe("Journal: retention", () => {
     const late = new SnapshotView(j, primary, point, "late");
     late.open();
     const from = j.index.firstAtOrAfter(point);
-    const pinnedSeg = j.index.seg[from];
+    const pinnedSeg = j.index.segAt(from);
     assert.ok(pinnedSeg >= 4, `pinned segment ${pinnedSeg}`);
     const early = new SnapshotView(j, primary, j.window().earliest!, "early");
     early.open();
@@ -1055,7 +1091,7 @@ void describe("Journal: retention", () => {
     const i = j.index.firstAtOrAfter(point);
     const want = Buffer.alloc(BS);
     for (let k = i; k < j.index.length; k++) {
-      if (j.index.block[k] === 100) {
+      if (j.index.blockAt(k) === 100) {
         await j.readImage(k, want);
         break;
       }
