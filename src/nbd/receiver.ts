@@ -179,6 +179,11 @@ export class RequestReceiver {
     else this.rxCount--;
   }
 
+  /** A WRITE accepted and its payload still arriving (it reaches the sink once complete). */
+  get midPayload(): boolean {
+    return !this.stopped && this.payloadReq !== null;
+  }
+
   /**
    * Too many receive buffers are held by payloads in flight. Counts the busy ones (every buffer
    * but the spares): a count of all buffers ever made would stay over the limit after they are

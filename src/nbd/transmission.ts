@@ -206,8 +206,24 @@ export class Transmission implements RequestSink {
   /** Server shutdown: answer new requests with ESHUTDOWN; resolves when nothing is in flight. */
   quiesce(): Promise<void> {
     this.shuttingDown = true;
-    if (this.inflight === 0) return Promise.resolve();
+    if (this.quiet()) return Promise.resolve();
     return new Promise<void>((resolve) => this.quiesceWaiters.push(resolve));
+  }
+
+  /**
+   * Nothing in flight, and no accepted WRITE whose payload is still arriving: that one would reach
+   * the volume after the shutdown's final flush (and, with a gateway, after the tracking log
+   * closed), answered as if it were durable.
+   */
+  private quiet(): boolean {
+    return this.inflight === 0 && (this.peerGone || !this.receiver.midPayload);
+  }
+
+  private wakeQuiesce(): void {
+    if (this.quiesceWaiters.length === 0 || !this.quiet()) return;
+    const waiters = this.quiesceWaiters;
+    this.quiesceWaiters = [];
+    for (const w of waiters) w();
   }
 
   /** Close the connection gracefully (after in-flight requests). */
@@ -333,6 +349,7 @@ export class Transmission implements RequestSink {
     if (p === DONE) {
       hold.release();
       this.replyOk(req);
+      this.wakeQuiesce();
       return;
     }
     this.inflight++;
@@ -619,11 +636,7 @@ export class Transmission implements RequestSink {
       this.flushScheduled = true;
       process.nextTick(this.flushNow);
     }
-    if (this.inflight === 0) {
-      const waiters = this.quiesceWaiters;
-      this.quiesceWaiters = [];
-      for (const w of waiters) w();
-    }
+    this.wakeQuiesce();
     if (this.blocked) this.onSpace();
   }
 
@@ -702,6 +715,7 @@ export class Transmission implements RequestSink {
     }
     if (this.state === "closing") this.state = "closed";
     if (this.inflight === 0) this.done();
+    this.wakeQuiesce();
   };
 
   private finishedOnce = false;

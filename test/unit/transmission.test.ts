@@ -1120,4 +1120,35 @@ void describe("shutdown", () => {
       await own.stop();
     }
   });
+
+  void test("a WRITE whose payload is still arriving when the shutdown begins is waited for", async () => {
+    // Accepted before the shutdown, it would otherwise reach the volume after the final flush.
+    const vol = new MemoryVolume(MiB);
+    const own = await startTestServer({ exports: [{ name: "d", volume: vol }] });
+    try {
+      const c = await own.connect();
+      await c.handshake();
+      const data = pattern(256 * KiB, 5);
+      c.write(requestBytes({ type: CMD.WRITE, cookie: 1n, offset: 0, length: data.length }));
+      c.write(data.subarray(0, 100 * KiB));
+      await sleep(100);
+      let quiet = false;
+      const q = own.server.quiesce(5000).then((ok) => (quiet = ok));
+      await sleep(200);
+      assert.equal(quiet, false, "the shutdown went on while a WRITE's payload was still arriving");
+      c.write(data.subarray(100 * KiB));
+      assert.deepEqual(await c.simpleReply(), { error: 0, cookie: 1n });
+      await q;
+      assert.equal(quiet, true);
+      const got = Buffer.alloc(data.length);
+      await vol.read(got, 0);
+      assert.ok(got.equals(data), "the write reached the volume");
+      const closing = own.server.closeAll(3000);
+      await c.expectClosed(3000);
+      c.end();
+      await closing;
+    } finally {
+      await own.stop();
+    }
+  });
 });
