@@ -54,6 +54,8 @@ export interface GatewayServerOptions {
   mirror: TrackingMirror;
   log: Logger;
   tls?: { cert: Buffer; key: Buffer };
+  /** How long a part-read update-stream frame may go without a byte (ms; stream.ts STALL_MS). */
+  streamStallMs?: number;
 }
 
 type Handler = (req: IncomingMessage, res: ServerResponse, arg: string, query: string) => Promise<void>;
@@ -493,6 +495,7 @@ export class GatewayServer {
             size: this.size,
             faults: this.opts.faults,
             log: this.log,
+            ...(this.opts.streamStallMs !== undefined ? { stallMs: this.opts.streamStallMs } : {}),
             onClose: () => {
               this.sessions.delete(session);
               if (--this.inFlight === 0 && this.idle) this.idle();

@@ -51,7 +51,16 @@ export interface StreamSessionOptions {
   log: Logger;
   /** Called once, when the connection has closed. */
   onClose: () => void;
+  /** A frame begun and not finished with no byte for this long ends the connection (ms). */
+  stallMs?: number;
 }
+
+/**
+ * A frame stalled this long (no byte arrives with a header or body part-read) ends the stream:
+ * its body buffer (up to 64 MiB) would otherwise stay reserved for as long as the connection
+ * lives. A proxy gives up on an unanswered batch after 10 s; between frames a stream may idle.
+ */
+const STALL_MS = 60_000;
 
 /** One upgraded connection. */
 export class StreamSession {
@@ -72,6 +81,9 @@ export class StreamSession {
   private ending = false;
   private closed = false;
   private paused = false;
+  /** When the last byte arrived, and the check for a stalled frame. */
+  private lastByteAt = Date.now();
+  private readonly stallTimer: NodeJS.Timeout;
 
   constructor(
     source: Duplex,
@@ -90,6 +102,21 @@ export class StreamSession {
       source.on("data", (chunk: Buffer) => this.feed(chunk));
     }
     this.sock.write(greeting);
+    const stallMs = o.stallMs ?? STALL_MS;
+    this.stallTimer = setInterval(
+      () => {
+        const partial = this.body !== null || this.hdrFill > 0;
+        if (partial && !this.paused && Date.now() - this.lastByteAt > stallMs) {
+          this.o.log.warn(
+            `update stream of source ${this.o.id.source}: a frame got no byte for ${stallMs / 1000} s; ` +
+              "closing the connection",
+          );
+          this.sock.destroy();
+        }
+      },
+      Math.min(10_000, stallMs / 2),
+    );
+    this.stallTimer.unref();
     this.sock.on("error", (e: Error & { code?: string }) => {
       if (e.code !== "ECONNRESET" && e.code !== "EPIPE") this.o.log.info(`update stream: ${e.message}`);
     });
@@ -126,6 +153,7 @@ export class StreamSession {
   };
 
   private readonly onRead = (nread: number, buf: Buffer): boolean => {
+    this.lastByteAt = Date.now();
     if (this.ending) return true; // after the end: read (to see the proxy's FIN) and drop
     if (this.readIntoBody) {
       this.bodyFill += nread;
@@ -136,6 +164,7 @@ export class StreamSession {
 
   /** Parse bytes: frame headers, body bytes (copied into the body buffer). */
   private feed(bytes: Buffer): void {
+    this.lastByteAt = Date.now();
     let at = 0;
     while (at < bytes.length && !this.ending) {
       if (this.body === null) {
@@ -262,6 +291,7 @@ export class StreamSession {
   private onClosed(): void {
     if (this.closed) return;
     this.closed = true;
+    clearInterval(this.stallTimer);
     if (this.bodyPooled !== null) release(this.bodyPooled);
     this.bodyPooled = null;
     this.body = null;

@@ -269,7 +269,7 @@ interface TestGateway {
 }
 
 async function startGateway(
-  opts: { token?: string | null; logLevel?: "error" | "debug" } = {},
+  opts: { token?: string | null; logLevel?: "error" | "debug"; stallMs?: number } = {},
 ): Promise<TestGateway> {
   const stateDir = scratch();
   prepareStateDir(stateDir);
@@ -281,7 +281,16 @@ async function startGateway(
   const faults = new FaultSwitch(join(stateDir, FAULT_FILE), log);
   const mirror = new TrackingMirror(stateDir);
   const token = opts.token ?? null;
-  const server = new GatewayServer({ gateway, name: NAME, path: "memory", token, faults, mirror, log });
+  const server = new GatewayServer({
+    gateway,
+    name: NAME,
+    path: "memory",
+    token,
+    faults,
+    mirror,
+    log,
+    ...(opts.stallMs !== undefined ? { streamStallMs: opts.stallMs } : {}),
+  });
   const { port } = await server.listen("127.0.0.1", 0);
   const opened = new Set<Conn>();
   const t: TestGateway = {
@@ -811,6 +820,31 @@ void describe("stream: batches", () => {
       assert.equal(gw.gateway.counters.duplicates, 4);
       assert.equal(gw.gateway.counters.updates, 2);
       assert.deepEqual(await readBack(gw.volume, 65536, 4096), pattern(4096, 2));
+    } finally {
+      await gw.close();
+    }
+  });
+});
+
+void describe("stream: a stalled frame", () => {
+  void test("a frame part-read with no byte for the stall time ends the connection; an idle stream stays", async () => {
+    // Its body buffer (up to 64 MiB, reserved when the header arrives) would otherwise stay
+    // reserved for as long as the connection lives.
+    const gw = await startGateway({ stallMs: 300 });
+    try {
+      const idle = await gw.stream();
+      const c = await gw.stream();
+      const whole = batch(1, [w(1, 0, pattern(64 * KiB, 1))]);
+      await c.write(whole.subarray(0, 1000)); // the header and part of the body, then nothing
+      await waitFor("the stalled stream to be closed", () => c.sock.destroyed || c.sock.readableEnded, 5000);
+      assert.ok(
+        !idle.sock.destroyed && !idle.sock.readableEnded,
+        "an idle stream (between frames) was closed",
+      );
+      // The idle one still works.
+      await idle.write(batch(2, [w(1, 0, pattern(512, 2))]));
+      const [a] = await idle.waitAcks(1);
+      assert.equal(a.status, 200, JSON.stringify(a));
     } finally {
       await gw.close();
     }
