@@ -272,16 +272,30 @@ class Negotiation {
       ...(tls.pskCallback ? { pskCallback: tls.pskCallback } : {}),
     });
     await new Promise<void>((resolve, reject) => {
-      const onError = (e: Error): void => {
+      const off = (): void => {
         secure.off("secure", onSecure);
+        secure.off("error", onError);
+        secure.off("close", onClose);
+        secure.off("end", onClose);
+      };
+      const onError = (e: Error): void => {
+        off();
         reject(new HandshakeAbort(`TLS handshake failed: ${e.message}`));
       };
+      // A client gone before the TLS handshake: no error comes, only the end of the stream (else
+      // the connection slot stayed taken until the handshake timeout).
+      const onClose = (): void => {
+        off();
+        reject(new HandshakeAbort("the client closed the connection during the TLS handshake"));
+      };
       const onSecure = (): void => {
-        secure.off("error", onError);
+        off();
         resolve();
       };
       secure.once("secure", onSecure);
       secure.once("error", onError);
+      secure.once("close", onClose);
+      secure.once("end", onClose);
     });
     this.stream = secure;
     this.reader = new StreamReader(secure);

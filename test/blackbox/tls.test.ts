@@ -17,6 +17,8 @@ const MiB = 1024 * 1024;
 const NBD_OPT_EXPORT_NAME = 1;
 const NBD_OPT_LIST = 3;
 const NBD_OPT_GO = 7;
+const NBD_OPT_STARTTLS = 5;
+const NBD_REP_ACK = 1;
 const NBD_REP_ERR_TLS_REQD = 0x80000005;
 
 let certs: TestCerts;
@@ -213,6 +215,57 @@ void describe("--tls require with an X.509 certificate", () => {
       assert.equal(rest.length, 0, "EXPORT_NAME without TLS must end the connection without an export reply");
     } finally {
       c.destroy();
+    }
+  });
+});
+
+void describe("a client gone right after the STARTTLS reply", () => {
+  let srv: ServerHandle;
+  before(async () => {
+    srv = await startServer({
+      size: "16M",
+      args: [
+        "--tls",
+        "require",
+        "--tls-cert",
+        certs.serverCert,
+        "--tls-key",
+        certs.serverKey,
+        "--max-connections",
+        "1",
+        "--handshake-timeout",
+        "60",
+      ],
+    });
+  });
+  after(async () => {
+    await srv.stop();
+  });
+
+  void test("frees its connection slot at once, not at the handshake timeout", async () => {
+    const a = await RawClient.connect(srv.sock);
+    await a.greeting();
+    a.sendClientFlags(3);
+    const replies = await a.option(NBD_OPT_STARTTLS, Buffer.alloc(0));
+    assert.equal(replies[replies.length - 1].type, NBD_REP_ACK);
+    a.destroy(); // before any TLS handshake
+    // With one connection allowed, the next client is refused until the slot is free.
+    const deadline = Date.now() + 5000;
+    for (;;) {
+      const b = await RawClient.connect(srv.sock);
+      try {
+        await b.greeting(1000);
+        break;
+      } catch (e) {
+        if (Date.now() > deadline) {
+          assert.fail(
+            `the slot was still taken 5 s later (the handshake timeout is 60 s): ${(e as Error).message}`,
+          );
+        }
+      } finally {
+        b.destroy();
+      }
+      await new Promise((r) => setTimeout(r, 200));
     }
   });
 });
