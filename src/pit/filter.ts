@@ -103,13 +103,17 @@ class JournalVolume extends FilterVolume {
   }
 
   override zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
-    return this.change(offset, length, true, () => this.next.zero(offset, length, opts));
+    return this.change(offset, length, opts.mayTrim === true, () => this.next.zero(offset, length, opts));
   }
 
   /**
-   * `zeroes`: the change makes its range read as zeroes (or, a trim the primary ignores, leaves it
-   * as it is), so a block that reads as zeroes before it is unchanged by it and needs no image.
-   * That spares a trim of a fresh volume (mkfs discards the whole device) an entry per block.
+   * `zeroes` (a trim, or a zero write that may punch holes: what the fork turns a trim into):
+   * the change leaves a block that reads as zeroes reading as zeroes (a punched hole, or the data
+   * left as it is when a trim is ignored) and does not turn a hole into data, so the block is
+   * unchanged, also in what BLOCK_STATUS says of it, and needs no image. That spares a trim of a
+   * fresh volume (mkfs discards the whole device) an entry per block. A zero write with NO_HOLE
+   * is not so spared: it allocates a hole's blocks, and a view without an image of the block
+   * would then take its status from the primary and call it data.
    */
   private change(offset: number, length: number, zeroes: boolean, apply: () => Promise<void>): Promise<void> {
     if (!this.journal.running) {
@@ -190,8 +194,8 @@ class JournalVolume extends FilterVolume {
   }
 
   /**
-   * Read the current contents of `blocks` (sorted) and stage them as before-images; for a change
-   * that writes zeroes, blocks that read as zeroes are left unimaged instead (see change()).
+   * Read the current contents of `blocks` (sorted) and stage them as before-images; for a trim,
+   * blocks that read as zeroes are left unimaged instead (see change()).
    */
   private capture(blocks: number[], ts: number, zeroes: boolean, from = 0): Promise<void> {
     const j = this.j;
@@ -269,8 +273,8 @@ class JournalVolume extends FilterVolume {
   /**
    * Stage the images of `count` blocks from `first` read into `data` (`zero`: known holes). The
    * run's reference to `holder` becomes one per image staged with data. Blocks that read as
-   * zeroes get a zero image, or none when the change writes zeroes (`zeroes`): it leaves them as
-   * they are, and they go back to unimaged, so a later change in this window images them.
+   * zeroes get a zero image, or none for a trim (`zeroes`): it leaves them as they are, and they
+   * go back to unimaged, so a later change in this window images them.
    */
   private stageRun(
     first: number,

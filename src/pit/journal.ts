@@ -27,8 +27,8 @@
 //   timestamp order, so the index is a set of append-only typed arrays and "first entry at or
 //   after Tw" is a binary search followed by one forward scan.
 // - Zero images: a block that is a hole or reads as zeroes in the primary gets an entry without
-//   data (24 bytes, not 4 KiB). A trim or zero write leaves such a block as it is, so it gets no
-//   entry at all (filter.ts): mkfs discarding a fresh volume adds nothing to the journal.
+//   data (24 bytes, not 4 KiB). A trim leaves such a block as it is, so it gets no entry at all
+//   (filter.ts): mkfs discarding a fresh volume adds nothing to the journal.
 // - Retention by age and by size drops the oldest sealed segments (never one an open snapshot
 //   still reads); the earliest available point moves to the first window after the newest dropped
 //   entry. A full disk (or any journal I/O error) never fails a primary write: the journal stops,
@@ -713,7 +713,7 @@ export class Journal {
 
   /**
    * `block`, which needsImage said needs an image for a change stamped `ts`, gets none: the
-   * change leaves its contents as they are (zeroes over zeroes). It goes back to unimaged in this
+   * change (a trim of a block that reads as zeroes) leaves it as it is. It goes back to unimaged in this
    * window, so the next change of it takes its before-image. The caller holds the block's lock.
    */
   skipImage(block: number, ts: number): void {
