@@ -392,6 +392,31 @@ void describe("SnapshotView over the journal filter", () => {
     await r.close();
   });
 
+  void test("a read whose first piece fails rejects only once its other pieces are done with the buffer", async () => {
+    // The caller may give the buffer back (to a pool shared by every connection) as soon as the
+    // read rejects: a piece still being read into it would write into someone else's memory.
+    const { r } = await filledRig("memory");
+    let lateDone = false;
+    class Racy extends FilterVolume {
+      override read(buf: Buffer, offset: number): Promise<void> {
+        if (offset === 6 * BS) return sleep(5).then(() => Promise.reject(new Error("EIO, fast")));
+        if (offset === 8 * BS)
+          return sleep(100).then(() => {
+            buf.fill(0xab);
+            lateDone = true;
+          });
+        return this.next.read(buf, offset);
+      }
+    }
+    const view = new SnapshotView(r.journal, new Racy(r.primary), r.journal.pointOf(journalNow()), "v");
+    view.open();
+    await r.stack.write(randomBytes(BS), 7 * BS, false); // block 7 from the journal, 6 and 8 from the primary
+    await assert.rejects(view.read(Buffer.alloc(3 * BS), 6 * BS), /EIO, fast/);
+    assert.ok(lateDone, "the read rejected while block 8 was still being read into the buffer");
+    await view.close();
+    await r.close();
+  });
+
   void test("captures runs with gaps, asynchronous primary reads, and large runs over holes", async () => {
     // A primary whose reads finish on a later turn of the loop (a cache miss), so that capture
     // takes its asynchronous path between runs.
