@@ -416,12 +416,17 @@ export class GatewayLink {
       this.writing.delete(b);
       // clearDurable left the block alone while writes to it were in progress: clear it now if
       // its newest update is durable on the gateway.
-      const last = this.lastSeq.get(b);
-      if (last !== undefined && last <= this.durableThrough) {
-        this.lastSeq.delete(b);
-        this.tracking.map.clearBlock(b);
-        this.mirrorDirty = true;
-      }
+      this.clearIfDurable(b, this.durableThrough);
+    }
+  }
+
+  /** Clear block `b` if the newest update sent for it is durable through seq `d`. */
+  private clearIfDurable(b: number, d: number): void {
+    const last = this.lastSeq.get(b);
+    if (last !== undefined && last <= d) {
+      this.lastSeq.delete(b);
+      this.tracking.map.clearBlock(b);
+      this.mirrorDirty = true;
     }
   }
 
@@ -840,7 +845,6 @@ export class GatewayLink {
 
   /** Clear blocks whose newest update is durable (looking at the first `count` numbers of unflushed). */
   private clearDurable(d: number, count: number): void {
-    const map = this.tracking.map;
     const u = this.unflushed;
     const keep: number[] = [];
     for (let i = 0; i < u.length; i += 3) {
@@ -853,12 +857,7 @@ export class GatewayLink {
         // Not while a client write to the block is in progress: its own update may not even be
         // sent yet (it waits for the activity log), and its primary write may still fail. The
         // last of those writes clears the block when it ends (endWrite).
-        if (this.writing.has(b)) continue;
-        const last = this.lastSeq.get(b);
-        if (last !== undefined && last <= d) {
-          this.lastSeq.delete(b);
-          map.clearBlock(b);
-        }
+        if (!this.writing.has(b)) this.clearIfDurable(b, d);
       }
     }
     this.unflushed = keep;

@@ -286,15 +286,17 @@ class JournalVolume extends FilterVolume {
     holder: Slab,
   ): void {
     const j = this.j;
+    let unchanged: number[] | null = null;
     for (let x = 0; x < count; x++) {
       const z = (zero !== null && zero[x] === 1) || isZero(data, x * j, j);
-      if (z && zeroes) this.journal.skipImage(first + x, ts);
+      if (z && zeroes) (unchanged ??= []).push(first + x);
       else if (z) this.journal.stage(this.session, first + x, ts, null);
       else {
         holder.refs++;
         this.journal.stage(this.session, first + x, ts, data.subarray(x * j, (x + 1) * j), holder);
       }
     }
+    if (unchanged !== null) this.journal.forgetImages(unchanged, 0, ts);
     holder.release();
   }
 

@@ -700,25 +700,16 @@ export class Journal {
   }
 
   /**
-   * A change stamped `ts` failed before the images of `blocks[from..]` were committed (a read of
-   * the primary failed): they were marked as imaged by needsImage, and must not stay so, or the
-   * next change of the block in this window would skip its before-image and reach the primary
-   * with none durable. The caller still holds the blocks' locks, so nobody else marked them.
-   * Images of them already staged still commit (they hold the unchanged contents: harmless).
+   * `blocks[from..]`, marked as imaged by needsImage for a change stamped `ts`, get no image after
+   * all, and must not stay marked, or the next change of the block in this window would skip its
+   * before-image: the change failed before their images were committed (a read of the primary
+   * failed), or it leaves them as they are (a trim of blocks that read as zeroes). The caller
+   * still holds the blocks' locks, so nobody else marked them. Images of them already staged
+   * still commit (they hold the unchanged contents: harmless).
    */
   forgetImages(blocks: readonly number[], from: number, ts: number): void {
     if (this.windowFloor(ts) !== this.windowStart) return; // the window ended: already forgotten
     for (let i = from; i < blocks.length; i++) this.inWindow.delete(blocks[i]);
-  }
-
-  /**
-   * `block`, which needsImage said needs an image for a change stamped `ts`, gets none: the
-   * change (a trim of a block that reads as zeroes) leaves it as it is. It goes back to unimaged in this
-   * window, so the next change of it takes its before-image. The caller holds the block's lock.
-   */
-  skipImage(block: number, ts: number): void {
-    if (this.windowFloor(ts) === this.windowStart && this.inWindow.get(block) !== undefined)
-      this.inWindow.delete(block);
   }
 
   /**
@@ -1020,14 +1011,6 @@ export class Journal {
   /** The start of the merge window containing `ts` (what snap@ts shows). */
   pointOf(ts: number): number {
     return this.windowFloor(ts);
-  }
-
-  /**
-   * The point a bookmark shows: its own time, when the journal cut the merge window there (always,
-   * since bookmarks end the window they are taken in), so it shows every change made before it.
-   */
-  bookmarkPoint(ts: number): number {
-    return ts;
   }
 
   /** Read entry i's before-image (or part of it) into buf (DONE when read inline). */

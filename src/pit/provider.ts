@@ -77,7 +77,8 @@ export class SnapshotProvider implements ExportProvider {
         });
       }
       t = b;
-      point = this.journal.bookmarkPoint(b);
+      // A bookmark ends the merge window it is taken in (Journal.mark): it shows its own time.
+      point = b;
     } else point = this.journal.pointOf(t);
     if (!this.inWindow(t, point)) {
       return Promise.resolve({ message: `${name} is outside the journal's window; ${this.range()}` });

@@ -32,6 +32,11 @@ after(() => {
   rmSync(work, { recursive: true, force: true });
 });
 
+/** `serve` options for TLS (`mode`) with the test CA's server certificate, then `extra`. */
+function x509(mode: "require" | "on", ...extra: string[]): string[] {
+  return ["--tls", mode, "--tls-cert", certs.serverCert, "--tls-key", certs.serverKey, ...extra];
+}
+
 function sha256(b: Uint8Array): string {
   return createHash("sha256").update(b).digest("hex");
 }
@@ -130,7 +135,7 @@ void describe("--tls require with an X.509 certificate", () => {
   before(async () => {
     srv = await startServer({
       size: "16M",
-      args: ["--tls", "require", "--tls-cert", certs.serverCert, "--tls-key", certs.serverKey],
+      args: x509("require"),
     });
   });
   after(async () => {
@@ -224,18 +229,7 @@ void describe("a client gone right after the STARTTLS reply", () => {
   before(async () => {
     srv = await startServer({
       size: "16M",
-      args: [
-        "--tls",
-        "require",
-        "--tls-cert",
-        certs.serverCert,
-        "--tls-key",
-        certs.serverKey,
-        "--max-connections",
-        "1",
-        "--handshake-timeout",
-        "60",
-      ],
+      args: x509("require", "--max-connections", "1", "--handshake-timeout", "60"),
     });
   });
   after(async () => {
@@ -275,7 +269,7 @@ void describe("--tls on (TLS optional)", () => {
   before(async () => {
     srv = await startServer({
       size: "16M",
-      args: ["--tls", "on", "--tls-cert", certs.serverCert, "--tls-key", certs.serverKey],
+      args: x509("on"),
     });
   });
   after(async () => {
@@ -304,16 +298,7 @@ void describe("--tls-ca: client certificates", () => {
   before(async () => {
     srv = await startServer({
       size: "16M",
-      args: [
-        "--tls",
-        "require",
-        "--tls-cert",
-        certs.serverCert,
-        "--tls-key",
-        certs.serverKey,
-        "--tls-ca",
-        certs.caCert,
-      ],
+      args: x509("require", "--tls-ca", certs.caCert),
     });
   });
   after(async () => {
@@ -352,16 +337,7 @@ void describe("server certificate over TCP (libnbd verifies the peer on TCP)", (
   before(async () => {
     srv = await startServer({
       size: "16M",
-      args: [
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        "require",
-        "--tls-cert",
-        certs.serverCert,
-        "--tls-key",
-        certs.serverKey,
-      ],
+      args: x509("require", "--listen", "127.0.0.1:0"),
     });
     const deadline = Date.now() + 10_000;
     while (!/nbds:\/\/127\.0\.0\.1:\d+/.test(srv.stdout()) && Date.now() < deadline) {
@@ -436,18 +412,7 @@ void describe("TLS-PSK and a certificate on one server", () => {
   before(async () => {
     srv = await startServer({
       size: "16M",
-      args: [
-        "--tls",
-        "require",
-        "--tls-cert",
-        certs.serverCert,
-        "--tls-key",
-        certs.serverKey,
-        "--tls-psk",
-        certs.pskFile,
-        "--log-level",
-        "debug",
-      ],
+      args: x509("require", "--tls-psk", certs.pskFile, "--log-level", "debug"),
     });
   });
   after(async () => {
