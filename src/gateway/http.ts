@@ -72,7 +72,9 @@ export function errorBody(code: ApiCode, message: string): { error: { code: ApiC
 /** Send an HttpError as the API's JSON error. */
 export function sendError(res: ServerResponse, err: HttpError): void {
   const headers: Record<string, string> = { ...err.headers };
-  if (err.close) headers.Connection = "close";
+  // A connection option the error names (a 426's "Upgrade": RFC 9110 7.8 wants the Upgrade header
+  // listed in Connection) is kept beside "close".
+  if (err.close) headers.Connection = headers.Connection ? `${headers.Connection}, close` : "close";
   sendJson(res, err.status, errorBody(err.code, err.message), headers);
 }
 
