@@ -15,6 +15,7 @@ import { FaultSwitch } from "../gateway/faults.js";
 import { TrackingMirror } from "../gateway/mirror.js";
 import { FAULT_FILE, StateWriter, loadSources, prepareStateDir } from "../gateway/state.js";
 import { tuneMallocForServers } from "../blockio/index.js";
+import { positiveInt } from "./serve.js";
 
 export const GATEWAY_HELP = `Usage: blockfork gateway --volume PATH [options]
 
@@ -39,6 +40,9 @@ Network
                            GET /v1/health; TOKEN is the file's content, trimmed
   --tls-cert FILE          serve HTTPS with this certificate (PEM) ...
   --tls-key FILE           ... and its private key (PEM)
+  --max-streams N          update streams served at once (default 64; one per proxy link). A
+                           stream may hold a frame's body (up to 64 MiB) while it arrives, so
+                           this bounds that memory; more are refused with 503 until one ends
 
 Logs
   --log-level LEVEL        error, warn, info (default) or debug (one line per request)
@@ -60,6 +64,7 @@ interface GatewayConfig {
   listen: { host: string; port: number };
   token: string | null;
   tls: { cert: Buffer; key: Buffer } | undefined;
+  maxStreams: number;
   log: Logger;
 }
 
@@ -79,6 +84,7 @@ export function parseGatewayArgs(argv: string[]): GatewayConfig {
       "tls-key": { type: "string" },
       "state-dir": { type: "string" },
       "log-level": { type: "string" },
+      "max-streams": { type: "string" },
     },
   });
   if (!values.volume) {
@@ -127,6 +133,8 @@ export function parseGatewayArgs(argv: string[]): GatewayConfig {
     listen: parseListen(values.listen ?? "127.0.0.1:7070"),
     token,
     tls,
+    maxStreams:
+      values["max-streams"] !== undefined ? positiveInt(values["max-streams"], "--max-streams") : 64,
     log: Logger.create(lvl),
   };
 }
@@ -166,6 +174,7 @@ export async function gateway(argv: string[]): Promise<number> {
       faults: new FaultSwitch(join(stateDir, FAULT_FILE), log),
       mirror,
       log,
+      maxStreams: cfg.maxStreams,
       ...(cfg.tls ? { tls: cfg.tls } : {}),
     });
     const addr = await server.listen(cfg.listen.host, cfg.listen.port).catch((e: NodeJS.ErrnoException) => {

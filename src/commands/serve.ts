@@ -141,7 +141,7 @@ function gatewayUrl(text: string, what: string): string {
   return u.origin;
 }
 
-function positiveInt(v: string, what: string): number {
+export function positiveInt(v: string, what: string): number {
   const n = Number(v);
   if (!Number.isSafeInteger(n) || n <= 0)
     throw new UsageError(`${what} must be a positive integer, got "${v}"`);

@@ -56,6 +56,11 @@ export interface GatewayServerOptions {
   tls?: { cert: Buffer; key: Buffer };
   /** How long a part-read update-stream frame may go without a byte (ms; stream.ts STALL_MS). */
   streamStallMs?: number;
+  /**
+   * Update streams served at once (default 64). Each may hold a frame body of up to 64 MiB while
+   * it arrives; more are refused with 503 until one ends.
+   */
+  maxStreams?: number;
 }
 
 type Handler = (req: IncomingMessage, res: ServerResponse, arg: string, query: string) => Promise<void>;
@@ -480,6 +485,15 @@ export class GatewayServer {
           );
         }
         const id = this.identity(req);
+        const max = this.opts.maxStreams ?? 64;
+        if (this.sessions.size >= max) {
+          throw new HttpError(
+            503,
+            "ERR_UNAVAILABLE",
+            `the gateway serves ${max} update streams already (--max-streams); retry when one ends`,
+            { close: true },
+          );
+        }
         this.upgrades.delete(req);
         // The socket is the session's from here: the response object never writes to it.
         res.detachSocket(up.socket as Socket);

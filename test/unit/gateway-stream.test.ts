@@ -269,7 +269,7 @@ interface TestGateway {
 }
 
 async function startGateway(
-  opts: { token?: string | null; logLevel?: "error" | "debug"; stallMs?: number } = {},
+  opts: { token?: string | null; logLevel?: "error" | "debug"; stallMs?: number; maxStreams?: number } = {},
 ): Promise<TestGateway> {
   const stateDir = scratch();
   prepareStateDir(stateDir);
@@ -290,6 +290,7 @@ async function startGateway(
     mirror,
     log,
     ...(opts.stallMs !== undefined ? { streamStallMs: opts.stallMs } : {}),
+    ...(opts.maxStreams !== undefined ? { maxStreams: opts.maxStreams } : {}),
   });
   const { port } = await server.listen("127.0.0.1", 0);
   const opened = new Set<Conn>();
@@ -519,6 +520,35 @@ void describe("stream: the upgrade's checks (raw HTTP on a socket)", () => {
       const c = await refused(gw, requestHead(path, plain), 426, "ERR_BAD_REQUEST");
       assert.equal(c.head?.statusLine, "HTTP/1.1 426 Upgrade Required");
       assert.equal(c.head?.headers.upgrade, STREAM_PROTOCOL);
+    } finally {
+      await gw.close();
+    }
+  });
+
+  void test("streams beyond --max-streams: 503 ERR_UNAVAILABLE and the connection closes; served again once one ends", async () => {
+    const gw = await startGateway({ token: TOKEN, maxStreams: 2 });
+    try {
+      const s1 = await gw.stream();
+      const s2 = await gw.stream();
+      const c = await gw.connect();
+      await c.write(requestHead(path, good));
+      const h = await c.waitHead();
+      assert.equal(h.status, 503, `${h.statusLine} ${c.tail.toString()}`);
+      await c.waitEnded();
+      assert.equal(errorCode(c.json()), "ERR_UNAVAILABLE");
+      assert.match(c.tail.toString(), /2 update streams already \(--max-streams\)/);
+      // The streams that were served still work.
+      await s2.write(batch(1, [w(1, 0, Buffer.alloc(512, 2))]));
+      assert.equal((await s2.waitAcks(1))[0].status, 200);
+      s1.sock.destroy();
+      let s3: Conn | undefined;
+      for (let i = 0; i < 100 && s3 === undefined; i++) {
+        s3 = await gw.stream().catch(() => undefined);
+        if (s3 === undefined) await new Promise((r) => setTimeout(r, 20));
+      }
+      assert.ok(s3, "a stream is served again once one has ended");
+      await s3.write(batch(2, [w(2, 512, Buffer.alloc(512, 3))]));
+      assert.equal((await s3.waitAcks(1))[0].status, 200);
     } finally {
       await gw.close();
     }
