@@ -247,6 +247,8 @@ export class GatewayLink {
   private durableThrough = 0;
   /** The highest appliedThrough the gateway answered in this epoch (a flush must not go below it). */
   private appliedSeen = 0;
+  /** The gateway process (its `boot`) that answered first in this epoch, or null. */
+  private bootSeen: string | null = null;
   private flushing: Promise<void> | null = null;
   /** The update stream of this epoch, or null (POST). */
   private stream: UpdateStream | null = null;
@@ -742,8 +744,14 @@ export class GatewayLink {
         );
       }
       if (epoch !== this.epoch) return; // the link was reset meanwhile: this answer means nothing now
-      const a = answer as { stale?: boolean; generation?: number; appliedThrough?: number } | null;
+      const a = answer as {
+        stale?: boolean;
+        generation?: number;
+        appliedThrough?: number;
+        boot?: string;
+      } | null;
       if (a?.stale === true) throw new Error(this.staleMessage("a batch", a.generation));
+      this.checkBoot(a?.boot);
       if (typeof a?.appliedThrough === "number" && a.appliedThrough > this.appliedSeen)
         this.appliedSeen = a.appliedThrough;
       for (const p of batch) {
@@ -765,6 +773,25 @@ export class GatewayLink {
         this.pump();
       }
     }
+  }
+
+  /**
+   * Throw if another gateway process answered than the first one of this epoch. A restarted
+   * gateway lost what it had applied but not made durable, and which updates above its
+   * durableThrough it had applied: a POST that undici held back and sends to the new process can
+   * then land behind a newer update to the same blocks, and the seqs lost leave a gap that holds
+   * durableThrough back for good. Neither shows in the watermarks, so the link fails (tracking,
+   * then a resync copies every block not acknowledged durable) as the stream does when it breaks.
+   * An answer without `boot` (an older gateway) checks nothing.
+   */
+  private checkBoot(boot: string | undefined): void {
+    if (typeof boot !== "string") return;
+    if (this.bootSeen === null) this.bootSeen = boot;
+    else if (boot !== this.bootSeen)
+      throw new Error(
+        `the gateway restarted (boot ${this.bootSeen} -> ${boot}): updates it had applied but not ` +
+          "made durable may be lost",
+      );
   }
 
   /** Why an answer saying `stale` is a failure. */
@@ -799,6 +826,7 @@ export class GatewayLink {
     this.sending.clear();
     this.unflushed = [];
     this.appliedSeen = 0;
+    this.bootSeen = null;
     this.lastSeq.clear();
     // Writes in progress cover nothing in the new epoch.
     for (const [b, v] of this.writing) if (v >= COVER) this.writing.set(b, v % COVER);
@@ -818,9 +846,11 @@ export class GatewayLink {
           durableThrough?: number;
           stale?: boolean;
           generation?: number;
+          boot?: string;
         };
         if (epoch !== this.epoch) return;
         if (r.stale === true) throw new Error(this.staleMessage("a flush", r.generation));
+        this.checkBoot(r.boot);
         const d = Number(r.durableThrough ?? 0);
         if (d < applied) {
           // The gateway lost updates it had applied and acknowledged but not made durable (it

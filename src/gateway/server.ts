@@ -21,7 +21,7 @@ import {
 import { createServer as createHttpsServer } from "node:https";
 import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
-import { createHash, timingSafeEqual } from "node:crypto";
+import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import type { Logger } from "../log.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import { FaultSpecError, FaultSwitch, faultFromJson } from "./faults.js";
@@ -105,6 +105,13 @@ export class GatewayServer {
   private readonly log: Logger;
   private readonly tokenHash: Buffer | null;
   private readonly started = Date.now();
+  /**
+   * Names this process (like an NFS server's write verifier): a restart loses what was applied
+   * but not made durable, and the idempotency state of updates above each durableThrough. A proxy
+   * that sees it change within one run of its link treats the link as failed and resyncs, since a
+   * POST that undici held back may reach the new process, behind newer updates the old one applied.
+   */
+  readonly boot = randomBytes(8).toString("hex");
   private readonly size: number;
   private readonly routes = new Map<string, Route>();
   private inFlight = 0;
@@ -416,7 +423,7 @@ export class GatewayServer {
     r("health", {
       GET: (_req, res) => {
         const h = g.health();
-        if (h.ok) sendJson(res, 200, { ok: true, volume: this.opts.name, size: this.size });
+        if (h.ok) sendJson(res, 200, { ok: true, volume: this.opts.name, size: this.size, boot: this.boot });
         else sendJson(res, 503, { ok: false, reason: h.reason });
         return Promise.resolve();
       },
@@ -430,6 +437,7 @@ export class GatewayServer {
           counters: g.counters,
           fault: this.opts.faults.describe(),
           health: g.health(),
+          boot: this.boot,
           uptime: Math.floor((Date.now() - this.started) / 1000),
         });
         return Promise.resolve();
@@ -464,7 +472,7 @@ export class GatewayServer {
         try {
           const records = parseUpdates(body.data, this.size);
           const result = await g.applyBatch(id, records);
-          sendJson(res, 200, result);
+          sendJson(res, 200, { ...result, boot: this.boot });
         } finally {
           body.dispose();
         }
@@ -532,7 +540,7 @@ export class GatewayServer {
         if (header(req, "transfer-encoding") !== undefined || (cl !== undefined && cl !== "0")) {
           throw badRequest("flush takes an empty body");
         }
-        sendJson(res, 200, await g.flush(id));
+        sendJson(res, 200, { ...(await g.flush(id)), boot: this.boot });
       },
     });
 

@@ -14,6 +14,7 @@ import {
   startGateway,
   type GatewayHandle,
   type Reply,
+  unboot,
 } from "../helpers/gateway.js";
 
 const SIZE = 16 * 1024 * 1024;
@@ -272,7 +273,7 @@ void describe("malformed and out-of-range bodies", () => {
     assert.equal(big.length, 64 * MiB);
     const r = await c.updates(NAME, { ...ID, source: "b16" }, big);
     assert.equal(r.status, 200, r.body.toString());
-    assert.deepEqual(r.json(), { applied: 16, duplicates: 0, appliedThrough: 16, durableThrough: 0 });
+    assert.deepEqual(unboot(r.json()), { applied: 16, duplicates: 0, appliedThrough: 16, durableThrough: 0 });
     const back = await c.data(NAME, 8 * MiB, 4 * MiB - 40);
     assert.ok(back.body.every((b) => b === 16));
   });

@@ -12,7 +12,13 @@ import { closeSync, existsSync, openSync, readFileSync, readSync, rmSync, writeF
 import { createServer } from "node:net";
 import { join } from "node:path";
 import { KIND, type UpdateRecord } from "../../src/gateway/records.js";
-import { GatewayClient, startGateway, type GatewayHandle, type SourceIdent } from "../helpers/gateway.js";
+import {
+  GatewayClient,
+  startGateway,
+  type GatewayHandle,
+  type SourceIdent,
+  unboot,
+} from "../helpers/gateway.js";
 import { BIN, scratchDir } from "../helpers/server.js";
 
 const MiB = 1024 * 1024;
@@ -88,7 +94,7 @@ void describe("gateway: updates, flush, status, checksums", () => {
     const b = randomBytes(1000);
     const r = await c.updates(NAME, id, [w(1, 0, a), w(2, MiB + 512, b)]);
     assert.equal(r.status, 200, r.body.toString());
-    assert.deepEqual(r.json(), { applied: 2, duplicates: 0, appliedThrough: 2, durableThrough: 0 });
+    assert.deepEqual(unboot(r.json()), { applied: 2, duplicates: 0, appliedThrough: 2, durableThrough: 0 });
     assert.equal(r.headers["content-type"], "application/json");
     const d = await c.data(NAME, 0, 65536);
     assert.equal(d.status, 200);
@@ -108,7 +114,7 @@ void describe("gateway: updates, flush, status, checksums", () => {
     await ok(c.updates(NAME, id, [w(2, off, B)]), "seq 2");
     const r = await c.updates(NAME, id, [w(1, off, A)]);
     assert.equal(r.status, 200);
-    assert.deepEqual(r.json(), { applied: 0, duplicates: 1, appliedThrough: 2, durableThrough: 0 });
+    assert.deepEqual(unboot(r.json()), { applied: 0, duplicates: 1, appliedThrough: 2, durableThrough: 0 });
     assert.deepEqual((await c.data(NAME, off, 4096)).body, B);
     assert.deepEqual(fileBytes(gw.volume, off, 4096), B);
   });
@@ -211,9 +217,9 @@ void describe("gateway: updates, flush, status, checksums", () => {
     await ok(c.updates(NAME, id, [w(4, 12 * MiB, randomBytes(4096))]), "b4");
     const f = await c.flush(NAME, id);
     assert.equal(f.status, 200, f.body.toString());
-    assert.deepEqual(f.json(), { durableThrough: 2 });
+    assert.deepEqual(unboot(f.json()), { durableThrough: 2 });
     const r = await c.updates(NAME, id, [w(3, 12 * MiB, randomBytes(10))]);
-    assert.deepEqual(r.json(), { applied: 1, duplicates: 0, appliedThrough: 4, durableThrough: 2 });
+    assert.deepEqual(unboot(r.json()), { applied: 1, duplicates: 0, appliedThrough: 4, durableThrough: 2 });
     // Several flushes at once all answer, and cover everything applied before them.
     const flushes = await Promise.all(
       [1, 2, 3, 4]
@@ -272,7 +278,7 @@ void describe("gateway: updates, flush, status, checksums", () => {
     assert.equal(st.fault.mode, "none");
     assert.ok(Number.isInteger(st.uptime) && st.uptime >= 0);
     const h = await c.request("GET", "/health");
-    assert.deepEqual(h.json(), { ok: true, volume: NAME, size: SIZE });
+    assert.deepEqual(unboot(h.json()), { ok: true, volume: NAME, size: SIZE });
   });
 
   void test("a floor header makes abandoned seqs count as done", async () => {
@@ -281,7 +287,7 @@ void describe("gateway: updates, flush, status, checksums", () => {
     const r = await c.updates(NAME, id, [w(2, 17 * MiB, randomBytes(512))], {
       headers: { "X-Blockfork-Floor": "5" },
     });
-    assert.deepEqual(r.json(), { applied: 0, duplicates: 1, appliedThrough: 5, durableThrough: 0 });
+    assert.deepEqual(unboot(r.json()), { applied: 0, duplicates: 1, appliedThrough: 5, durableThrough: 0 });
   });
 
   void test("generations: an older one is stale (not applied), a newer one starts over", async () => {
@@ -290,7 +296,7 @@ void describe("gateway: updates, flush, status, checksums", () => {
     await ok(c.updates(NAME, id, [w(1, off, Buffer.alloc(512, 7))]), "gen 7");
     const old = await c.updates(NAME, { ...id, generation: 6 }, [w(1, off, Buffer.alloc(512, 6))]);
     assert.equal(old.status, 200);
-    assert.deepEqual(old.json(), {
+    assert.deepEqual(unboot(old.json()), {
       applied: 0,
       duplicates: 1,
       appliedThrough: 0,
@@ -300,7 +306,12 @@ void describe("gateway: updates, flush, status, checksums", () => {
     });
     assert.equal((await c.data(NAME, off, 1)).body[0], 7);
     const fresh = await c.updates(NAME, { ...id, generation: 8 }, [w(1, off, Buffer.alloc(512, 8))]);
-    assert.deepEqual(fresh.json(), { applied: 1, duplicates: 0, appliedThrough: 1, durableThrough: 0 });
+    assert.deepEqual(unboot(fresh.json()), {
+      applied: 1,
+      duplicates: 0,
+      appliedThrough: 1,
+      durableThrough: 0,
+    });
     assert.equal((await c.data(NAME, off, 1)).body[0], 8);
   });
 
@@ -400,12 +411,19 @@ void describe("gateway: state across restarts and shutdown", () => {
     const data = randomBytes(8192);
     let gw = await start({ dir });
     await ok(gw.client.updates(NAME, id, [w(1, 0, data), w(2, 8192, data), w(3, 16384, data)]), "apply");
+    const boot1 = (await gw.client.request("GET", "/health")).json().boot;
     const stop = await gw.stop("SIGINT"); // Ctrl-C: the same clean shutdown as SIGTERM
     assert.deepEqual(stop, { code: 0, signal: null }, gw.log());
     assert.match(gw.log(), /volume flushed \(fdatasync\) and state written/);
 
     gw = await start({ dir, size: null });
-    const st = (await gw.client.request("GET", "/status")).json<{ sources: Record<string, unknown>[] }>();
+    const st = (await gw.client.request("GET", "/status")).json<{
+      sources: Record<string, unknown>[];
+      boot: string;
+    }>();
+    // A new process: a new boot id (proxies resync what it had not made durable).
+    assert.match(st.boot, /^[0-9a-f]{16}$/);
+    assert.notEqual(st.boot, boot1);
     assert.deepEqual(st.sources, [
       {
         source: id.source,
@@ -418,7 +436,7 @@ void describe("gateway: state across restarts and shutdown", () => {
       },
     ]);
     const r = await gw.client.updates(NAME, id, [w(2, 8192, randomBytes(8192)), w(4, 65536, data)]);
-    assert.deepEqual(r.json(), { applied: 1, duplicates: 1, appliedThrough: 4, durableThrough: 3 });
+    assert.deepEqual(unboot(r.json()), { applied: 1, duplicates: 1, appliedThrough: 4, durableThrough: 3 });
     assert.deepEqual((await gw.client.data(NAME, 8192, 8192)).body, data);
     assert.deepEqual((await gw.stop()).code, 0);
   });
@@ -428,13 +446,13 @@ void describe("gateway: state across restarts and shutdown", () => {
     const id = newSource();
     let gw = await start({ dir });
     await ok(gw.client.updates(NAME, id, [w(1, 0, randomBytes(512)), w(2, 512, randomBytes(512))]), "1-2");
-    assert.deepEqual((await gw.client.flush(NAME, id)).json(), { durableThrough: 2 });
+    assert.deepEqual(unboot((await gw.client.flush(NAME, id)).json()), { durableThrough: 2 });
     await ok(gw.client.updates(NAME, id, [w(3, 1024, randomBytes(512))]), "3");
     assert.equal((await gw.stop("SIGKILL")).signal, "SIGKILL");
 
     gw = await start({ dir, size: null });
     const r = await gw.client.updates(NAME, id, [w(2, 512, randomBytes(512)), w(3, 1024, randomBytes(512))]);
-    assert.deepEqual(r.json(), { applied: 1, duplicates: 1, appliedThrough: 3, durableThrough: 2 });
+    assert.deepEqual(unboot(r.json()), { applied: 1, duplicates: 1, appliedThrough: 3, durableThrough: 2 });
     assert.equal((await gw.stop()).code, 0);
   });
 

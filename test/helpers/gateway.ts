@@ -3,6 +3,7 @@
 // encodeUpdates, the identity headers, the token). Every gateway a test starts is stopped by the
 // test (or its after() hook).
 
+import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { rmSync, writeFileSync } from "node:fs";
@@ -126,6 +127,16 @@ export interface Reply {
   body: Buffer;
   /** The body parsed as JSON, typed as the caller says (not checked). */
   json<T = Record<string, unknown>>(): T;
+}
+
+/**
+ * A reply body without its `boot` (the gateway process's id, new at every start), which must be
+ * there as 16 hex digits.
+ */
+export function unboot(j: Record<string, unknown>): Record<string, unknown> {
+  const { boot, ...rest } = j;
+  assert.match(String(boot), /^[0-9a-f]{16}$/, `boot in ${JSON.stringify(j)}`);
+  return rest;
 }
 
 /** Who sends updates: the identity headers. */
