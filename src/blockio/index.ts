@@ -207,6 +207,14 @@ export class BlockFile {
   /** Until when inline writes are bracketed by threadSleeps() (0: not probing). */
   private probeUntil = 0;
   private closed = false;
+  /**
+   * The first failed fdatasync/fsync or durable (FUA) write, or null. Linux reports a write-back
+   * error to one sync of the file and may drop the pages that failed; the next sync then succeeds
+   * without them. So once one has failed, every later sync (and FUA write) fails with it, until the
+   * file is reopened (PostgreSQL since "fsyncgate", qemu's file-posix alike): a FLUSH is never
+   * answered as if writes it covers were durable when they may be gone.
+   */
+  private syncFailure: IoError | null = null;
   private readonly extentsOut = new Float64Array(2 * 1024);
   /**
    * Every byte at or past this offset is a hole that was never written (the owner of a file it
@@ -335,6 +343,10 @@ export class BlockFile {
 
   /** Write `buf` at `offset`; with `fua` it is durable when the promise settles. */
   write(buf: Uint8Array, offset: number, fua = false): Promise<void> {
+    if (fua) {
+      if (this.syncFailure) return Promise.reject(this.syncFailure);
+      return queue.run(Op.Write, this.fd, offset, buf.length, 1, buf).then(noop, this.durableWriteFailed);
+    }
     if (!fua && this.inlineWrites && buf.length <= INLINE_MAX && this.inlineSafe(offset, buf.length)) {
       const probing = this.probeUntil !== 0;
       const slept0 = probing ? binding.threadSleeps() : 0;
@@ -350,7 +362,40 @@ export class BlockFile {
       if (r === buf.length) return DONE;
       return Promise.reject(new IoError(r < 0 ? -r : E.EIO, "pwrite", `offset ${offset}`));
     }
-    return queue.run(Op.Write, this.fd, offset, buf.length, fua ? 1 : 0, buf).then(noop);
+    return queue.run(Op.Write, this.fd, offset, buf.length, 0, buf).then(noop);
+  }
+
+  /** Remember a failed sync (see syncFailure) and rethrow it. */
+  private readonly syncFailed = (e: unknown): never => {
+    const errno = errnoOf(e);
+    // EINVAL, EBADF: this file cannot be synced at all, which says nothing about its pages.
+    if (errno !== E.EINVAL && errno !== E.EBADF) this.rememberSyncFailure(errno, e);
+    throw e;
+  };
+
+  /** A durable (FUA) write failed: remember it as a failed sync unless nothing was written. */
+  private readonly durableWriteFailed = (e: unknown): never => {
+    const errno = errnoOf(e);
+    // Refused before anything was written (a bad range, no space or quota for new blocks): not a
+    // write-back error, nothing acknowledged can be missing.
+    if (errno !== E.EINVAL && errno !== E.EBADF && errno !== E.ENOSPC && errno !== E.EDQUOT)
+      this.rememberSyncFailure(errno, e);
+    throw e;
+  };
+
+  private rememberSyncFailure(errno: number, e: unknown): void {
+    if (this.syncFailure !== null) return;
+    this.syncFailure = new IoError(
+      errno === 0 ? E.EIO : errno,
+      "fdatasync",
+      `${this.path}: an earlier sync failed (${(e as Error).message}), so writes since the last ` +
+        "good one may be lost; nothing is called durable again: check the storage, then restart",
+    );
+  }
+
+  /** The failure that makes every sync of this file fail (see syncFailure), or null. */
+  get failedSync(): IoError | null {
+    return this.syncFailure;
   }
 
   private inlineSafe(offset: number, length: number): boolean {
@@ -383,16 +428,19 @@ export class BlockFile {
 
   /** fdatasync (or fsync with `full`). */
   sync(full = false): Promise<void> {
+    if (this.syncFailure) return Promise.reject(this.syncFailure);
     if (this.memoryBacked) {
       try {
         if (full) fsyncSync(this.fd);
         else fdatasyncSync(this.fd);
       } catch (e) {
-        return Promise.reject(new IoError(errnoOf(e), full ? "fsync" : "fdatasync", this.path));
+        return Promise.reject(new IoError(errnoOf(e), full ? "fsync" : "fdatasync", this.path)).catch(
+          this.syncFailed,
+        );
       }
       return DONE;
     }
-    return queue.run(Op.Sync, this.fd, 0, 0, full ? 1 : 0).then(noop);
+    return queue.run(Op.Sync, this.fd, 0, 0, full ? 1 : 0).then(noop, this.syncFailed);
   }
 
   /** fallocate(mode) over a range; rejects with IoError (EOPNOTSUPP where unsupported). */
@@ -403,7 +451,9 @@ export class BlockFile {
 
   /** Write zeroes the slow way (for storage where fallocate cannot). */
   writeZeroes(offset: number, length: number, fua = false): Promise<void> {
-    return queue.run(Op.WriteZeroes, this.fd, offset, length, fua ? 1 : 0).then(noop);
+    if (!fua) return queue.run(Op.WriteZeroes, this.fd, offset, length, 0).then(noop);
+    if (this.syncFailure) return Promise.reject(this.syncFailure);
+    return queue.run(Op.WriteZeroes, this.fd, offset, length, 1).then(noop, this.durableWriteFailed);
   }
 
   /** Start readahead of a range (posix_fadvise WILLNEED). */
