@@ -615,6 +615,21 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
     };
   }
 
+  void test("an empty piece list sends the header alone", async () => {
+    // It was slice::from_raw_parts(NULL, 0) (Node's pointer for an empty typed array): undefined
+    // behaviour, an abort in a debug build of the addon.
+    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
+    const p = await socketPair(dir);
+    try {
+      assert.equal(binding.sendPieces(p.fd, Buffer.from("hi"), new Float64Array(0), 0, -1), 2);
+      const got = await new Promise<Buffer>((r) => p.client.once("data", r));
+      assert.equal(got.toString(), "hi");
+    } finally {
+      p.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   void test("every copy mode sends header, pieces and zeroes in order; a full socket stops it", async () => {
     const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
     try {

@@ -11,6 +11,7 @@ import { MemoryVolume } from "../../src/volume/memory.js";
 import { FileVolume } from "../../src/volume/file.js";
 import { readOnly } from "../../src/volume/readonly.js";
 import { BlockFile } from "../../src/blockio/index.js";
+import { binding } from "../../src/blockio/native.js";
 import { DONE } from "../../src/util/done.js";
 import type { Volume } from "../../src/volume/volume.js";
 import { volumeSuite } from "./volume-suite.js";
@@ -125,6 +126,35 @@ void describe("readOnly filter", () => {
 });
 
 void describe("FileVolume and BlockFile", () => {
+  void test("the addon refuses offsets, lengths and descriptors that are not whole numbers in range", async () => {
+    // An \`as i64\` made NaN offset 0, and -1 is "the file position" to preadv2/pwritev2: a FUA
+    // write at -1 landed at the start of the file instead of failing.
+    const p = join(scratch(), "args.img");
+    writeFileSync(p, Buffer.alloc(64 * 1024, 0x11));
+    const f = BlockFile.open(p);
+    try {
+      const buf = Buffer.alloc(4096, 0x5a);
+      for (const bad of [-1, Number.NaN, 0.5, Infinity, 2 ** 60]) {
+        assert.throws(() => binding.readNowait(f.fd, buf, bad), /bad arguments/, `readNowait at ${bad}`);
+        assert.throws(() => binding.writeInline(f.fd, buf, bad), /bad arguments/, `writeInline at ${bad}`);
+        await assert.rejects(
+          f.write(buf, bad, true),
+          { errno: constants.errno.EINVAL },
+          `FUA write at ${bad}`,
+        );
+        await assert.rejects(f.read(Buffer.alloc(8192 * 1024), bad), { errno: constants.errno.EINVAL });
+      }
+      assert.throws(() => binding.readNowait(-3, buf, 0), /bad arguments/);
+      assert.throws(() => binding.cachedBytes(f.fd, -1, 4096), /bad arguments/);
+      assert.ok(
+        readFileSync(p).every((x) => x === 0x11),
+        "nothing was written anywhere",
+      );
+    } finally {
+      f.close();
+    }
+  });
+
   void test("appends past holesFrom are written inline without probing the hole", async () => {
     // The journal's segments: sparse, written only up to where they were appended. A probe of
     // each append's partial last page (a one-byte RWF_NOWAIT read) made the kernel bring that

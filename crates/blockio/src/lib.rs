@@ -36,6 +36,8 @@ const OP_FALLOCATE: u32 = 3;
 const OP_EXTENTS: u32 = 4;
 const OP_ADVISE: u32 = 5;
 const OP_WRITE_ZEROES: u32 = 6;
+/// What submit makes of an operation with a bad fd, offset, length or flags: EINVAL.
+const OP_INVALID: u32 = u32::MAX;
 const DESC_FIELDS: usize = 5;
 
 struct Op {
@@ -88,6 +90,38 @@ unsafe fn num(env: napi_env, v: napi_value) -> Option<f64> {
     Some(d)
 }
 
+/// A byte offset or length from JS: a whole number in [0, 2^53]. NaN, fractions, negatives and
+/// infinities are refused (an `as i64` would turn NaN into 0 and keep -1, which preadv2 and
+/// pwritev2 read as "the file position").
+unsafe fn pos(env: napi_env, v: napi_value) -> Option<i64> {
+    let d = num(env, v)?;
+    if d.is_finite() && d >= 0.0 && d.fract() == 0.0 && d <= 9007199254740992.0 {
+        Some(d as i64)
+    } else {
+        None
+    }
+}
+
+/// A file descriptor from JS: a whole number in [0, i32::MAX].
+unsafe fn fd_arg(env: napi_env, v: napi_value) -> Option<i32> {
+    let d = num(env, v)?;
+    if d.is_finite() && d >= 0.0 && d.fract() == 0.0 && d <= i32::MAX as f64 {
+        Some(d as i32)
+    } else {
+        None
+    }
+}
+
+/// `n` f64s at `p` (Node gives a null pointer for an empty typed array, which
+/// `slice::from_raw_parts` must never see).
+unsafe fn f64s<'a>(p: *const f64, n: usize) -> &'a [f64] {
+    if n == 0 || p.is_null() {
+        &[]
+    } else {
+        std::slice::from_raw_parts(p, n)
+    }
+}
+
 unsafe fn bytes(env: napi_env, v: napi_value) -> Option<(*mut u8, usize)> {
     let mut data: *mut c_void = ptr::null_mut();
     let mut len = 0usize;
@@ -109,9 +143,9 @@ unsafe fn fd_buf_off(
     info: napi_callback_info,
 ) -> Option<(i32, *mut u8, usize, i64)> {
     let a = args::<3>(env, info)?;
-    let fd = num(env, a[0])? as i32;
+    let fd = fd_arg(env, a[0])?;
     let (p, len) = bytes(env, a[1])?;
-    let off = num(env, a[2])? as i64;
+    let off = pos(env, a[2])?;
     Some((fd, p, len, off))
 }
 
@@ -156,9 +190,9 @@ unsafe extern "C" fn write_inline(env: napi_env, info: napi_callback_info) -> na
 unsafe extern "C" fn extents_sync(env: napi_env, info: napi_callback_info) -> napi_value {
     let parsed = (|| {
         let a = args::<4>(env, info)?;
-        let fd = num(env, a[0])? as i32;
-        let off = num(env, a[1])? as i64;
-        let len = num(env, a[2])? as i64;
+        let fd = fd_arg(env, a[0])?;
+        let off = pos(env, a[1])?;
+        let len = pos(env, a[2])?;
         let (p, cap) = bytes(env, a[3])?;
         Some((fd, off, len, p, cap))
     })();
@@ -175,11 +209,7 @@ unsafe extern "C" fn extents_sync(env: napi_env, info: napi_callback_info) -> na
 unsafe extern "C" fn cached_bytes(env: napi_env, info: napi_callback_info) -> napi_value {
     let parsed = (|| {
         let a = args::<3>(env, info)?;
-        Some((
-            num(env, a[0])? as i32,
-            num(env, a[1])? as i64,
-            num(env, a[2])? as i64,
-        ))
+        Some((fd_arg(env, a[0])?, pos(env, a[1])?, pos(env, a[2])?))
     })();
     match parsed {
         Some((fd, off, len)) => number(env, ops::cached_bytes(fd, off, len) as f64),
@@ -195,11 +225,16 @@ unsafe extern "C" fn cached_bytes(env: napi_env, info: napi_callback_info) -> na
 unsafe extern "C" fn send_pieces(env: napi_env, info: napi_callback_info) -> napi_value {
     let parsed = (|| {
         let a = args::<5>(env, info)?;
-        let sock = num(env, a[0])? as i32;
+        let sock = fd_arg(env, a[0])?;
         let (hp, hl) = bytes(env, a[1])?;
         let (pp, pl) = bytes(env, a[2])?;
-        let skip = num(env, a[3])? as usize;
-        let copy_fd = num(env, a[4])? as i32;
+        let skip = pos(env, a[3])? as usize;
+        let copy_fd = num(env, a[4])?;
+        // A descriptor, or -1 (none) / -2 (all pieces copied).
+        if !(copy_fd.fract() == 0.0 && copy_fd >= -2.0 && copy_fd <= i32::MAX as f64) {
+            return None;
+        }
+        let copy_fd = copy_fd as i32;
         if hl > 65536 {
             return None;
         }
@@ -207,7 +242,7 @@ unsafe extern "C" fn send_pieces(env: napi_env, info: napi_callback_info) -> nap
     })();
     match parsed {
         Some((sock, hp, hl, pp, n, skip, copy_fd)) => {
-            let pieces = std::slice::from_raw_parts(pp as *const f64, n - n % 3);
+            let pieces = f64s(pp as *const f64, n - n % 3);
             number(
                 env,
                 ops::send_pieces(sock, hp, hl, pieces, skip, copy_fd) as f64,
@@ -436,11 +471,25 @@ unsafe extern "C" fn submit(env: napi_env, info: napi_callback_info) -> napi_val
     if res_len / 8 < count {
         return throw(env, "submit: results array is shorter than the batch");
     }
-    let desc = std::slice::from_raw_parts(desc_p as *const f64, count * DESC_FIELDS);
+    let desc = f64s(desc_p as *const f64, count * DESC_FIELDS);
     let mut ops = Vec::with_capacity(count);
     for i in 0..count {
         let d = &desc[i * DESC_FIELDS..(i + 1) * DESC_FIELDS];
         let kind = d[0] as u32;
+        // fd, offset, length and flags as fd_arg() and pos() take them; an operation with any
+        // other is answered EINVAL (through the batch's results, like any failed operation).
+        let whole =
+            |x: f64| x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x <= 9007199254740992.0;
+        let kind = if whole(d[1])
+            && d[1] <= i32::MAX as f64
+            && whole(d[2])
+            && whole(d[3])
+            && whole(d[4])
+        {
+            kind
+        } else {
+            OP_INVALID
+        };
         let (mut p, mut cap) = (ptr::null_mut(), 0usize);
         if kind == OP_READ || kind == OP_WRITE || kind == OP_EXTENTS {
             let mut el = ptr::null_mut();

@@ -102,6 +102,10 @@ pub fn write_full(fd: c_int, ptr: *const u8, len: usize, offset: i64, dsync: boo
             }
             return neg_errno();
         }
+        if r == 0 {
+            // No progress and no error: never loop on it.
+            return -(EIO as i64);
+        }
         done += r as usize;
     }
     done as i64
@@ -258,7 +262,7 @@ thread_local! {
     static IOVS: std::cell::RefCell<Vec<IoVec>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Send `header` (at most 256 KiB) and then each piece of `pieces` (fd, offset, length triples; fd < 0 stands for
+/// Send `header` (at most 64 KiB: sendPieces refuses more) and then each piece of `pieces` (fd, offset, length triples; fd < 0 stands for
 /// `length` zero bytes), less their first `skip` bytes, on the non-blocking socket `sock`.
 /// Pieces from `copy_fd` (every piece when `copy_fd` is -2) are copied: sent with sendmsg(2)
 /// straight from a read-only mapping of their file when it is registered (maps.rs: one copy,
