@@ -32,13 +32,14 @@ import {
   fdatasyncSync,
   fsyncSync,
   ftruncateSync,
+  mkdirSync,
   openSync,
   readSync,
   statSync,
   statfsSync,
   constants as fsc,
 } from "node:fs";
-import { dirname } from "node:path";
+import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { constants as osc } from "node:os";
 import { binding } from "./native.js";
@@ -185,6 +186,35 @@ function lockVolume(fd: number, path: string, readOnly: boolean): void {
     );
   }
   throw new IoError(-r, "flock", path);
+}
+
+/**
+ * Take `DIR/lock` (flock, exclusive) for the life of the process: one server per state directory.
+ * A second `blockfork serve` on the same directory must fail before it opens anything in it: its
+ * journal recovery would otherwise clear the header of the record the running server is still
+ * appending (read as a record torn by a crash), and its tracking log open would fail only later.
+ * Returns the descriptor (closing it releases the lock; exit does too).
+ */
+export function lockStateDir(dir: string): number {
+  let fd: number;
+  try {
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    fd = openSync(join(dir, "lock"), fsc.O_RDWR | fsc.O_CREAT, 0o600);
+  } catch (e) {
+    throw new UsageError(
+      `cannot use ${dir} as the state directory: ${(e as Error).message}; give --state-dir a directory`,
+    );
+  }
+  const r = binding.lockFd(fd, 1);
+  if (r === 0) return fd;
+  closeSync(fd);
+  if (r === -E.EAGAIN) {
+    throw new UsageError(
+      `the state directory ${dir} is in use by another blockfork process (it holds ${join(dir, "lock")}); ` +
+        "stop that process first, or give another --state-dir",
+    );
+  }
+  throw new IoError(-r, "flock", join(dir, "lock"));
 }
 
 /** An open regular file or block device with positional, batched, mostly non-blocking I/O. */

@@ -14,7 +14,7 @@ import { GatewayServer } from "../gateway/server.js";
 import { FaultSwitch } from "../gateway/faults.js";
 import { TrackingMirror } from "../gateway/mirror.js";
 import { FAULT_FILE, StateWriter, loadSources, prepareStateDir } from "../gateway/state.js";
-import { tuneMallocForServers } from "../blockio/index.js";
+import { lockStateDir, tuneMallocForServers } from "../blockio/index.js";
 import { positiveInt } from "./serve.js";
 
 export const GATEWAY_HELP = `Usage: blockfork gateway --volume PATH [options]
@@ -162,6 +162,7 @@ export async function gateway(argv: string[]): Promise<number> {
     }
     stateDir = resolve(cfg.stateDir ?? `${resolve(cfg.volume)}.gateway`);
     prepareStateDir(stateDir);
+    lockStateDir(stateDir);
     const identity = { name: cfg.name, size: volume.size };
     gw = new Gateway(volume, log, loadSources(stateDir, identity));
     gw.attachState(new StateWriter(stateDir, identity, () => gw.snapshots()));

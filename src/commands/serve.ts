@@ -22,7 +22,7 @@ import { join } from "node:path";
 import { checkBlockSizes, DEFAULT_BLOCK_SIZES, ExportRegistry, type BlockSizes } from "../nbd/exports.js";
 import { NbdServer, parseListen } from "../nbd/server.js";
 import type { TlsSettings } from "../nbd/handshake.js";
-import { tuneMallocForServers } from "../blockio/index.js";
+import { lockStateDir, tuneMallocForServers } from "../blockio/index.js";
 
 export const SERVE_HELP = `Usage: blockfork serve --volume PATH [options]
 
@@ -424,6 +424,8 @@ interface Parts {
   admin: AdminServer | null;
   server: NbdServer | null;
   journal: Journal | null;
+  /** The state directory's lock (lockStateDir), held until exit. */
+  stateLock?: number;
 }
 
 async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
@@ -438,6 +440,8 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
     }
     stateDir = `${resolve(cfg.volume)}.blockfork`;
   }
+  // Before anything in it is opened: one server per state directory.
+  if (stateDir !== undefined) parts.stateLock = lockStateDir(stateDir);
   if (cfg.pit !== null) {
     parts.journal = await Journal.open({
       dir: join(stateDir!, "journal"),

@@ -6,7 +6,7 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { BIN, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 import { run } from "../helpers/run.js";
@@ -239,6 +239,34 @@ void test("a volume that another blockfork serves or gateways is refused (flock)
   servers.push(again);
   const info = await run("nbdinfo", ["--size", again.uri]);
   assert.equal(info.stdout.trim(), String(8 * 1024 * 1024));
+});
+
+void test("a state directory that another blockfork uses is refused before anything in it is opened", async () => {
+  // A second serve used to open (and recover) the journal of the running one before it found the
+  // admin socket taken: recovery cleared the header of the record being appended as if torn.
+  const dir = tmp();
+  const state = join(dir, "state");
+  const srv = await startServer({ size: "8M", args: ["--pit", "--state-dir", state] });
+  servers.push(srv);
+  await run("nbdsh", ["-u", srv.uri, "-c", "h.pwrite(b'x' * 65536, 0); h.flush()"]);
+  const journal = join(state, "journal");
+  const files = (): string =>
+    readdirSync(journal)
+      .sort()
+      .map((f) => `${f}:${sha256(join(journal, f))}`)
+      .join(" ");
+  const before = files();
+  const other = join(dir, "other.img");
+  await usageError(
+    serveArgs(dir, ["--volume", other, "--size", "8M", "--pit", "--state-dir", state]),
+    /the state directory .*state is in use by another blockfork process .*stop that process first, or give another --state-dir/,
+  );
+  await usageError(
+    ["gateway", "--volume", other, "--listen", "127.0.0.1:0", "--state-dir", state],
+    /is in use by another blockfork process/,
+  );
+  assert.equal(files(), before, "the refused server changed the running one's journal");
+  assert.doesNotMatch(srv.log(), /torn/);
 });
 
 void test("the banner prints nbd URIs and client command lines; TCP listening works", async () => {
