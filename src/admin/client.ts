@@ -4,6 +4,7 @@
 import { request } from "node:http";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
+import { UsageError } from "../errors.js";
 
 /** Nothing answers on the admin socket (a runtime failure, exit status 1, not a usage error). */
 export class NoProxyError extends Error {
@@ -48,18 +49,25 @@ export function adminCall(
           }
         }
       });
+      let ended = false;
       res.on("end", () => {
+        ended = true;
         try {
           const body = buf.trim() ? (JSON.parse(buf) as unknown) : last;
-          if ((res.statusCode ?? 500) >= 400) {
-            const msg =
-              (body as { error?: { message?: string } } | undefined)?.error?.message ??
-              `status ${res.statusCode}`;
-            reject(new Error(msg));
+          // A streamed answer that failed midway ends with an error line (its status was 200).
+          const error = (body as { error?: { code?: string; message?: string } } | undefined)?.error;
+          if ((res.statusCode ?? 500) >= 400 || error !== undefined) {
+            const msg = error?.message ?? `status ${res.statusCode}`;
+            reject(error?.code === "ERR_USAGE" ? new UsageError(msg) : new Error(msg));
           } else resolve(body);
         } catch (e) {
           reject(e);
         }
+      });
+      // Cut off before the end (the proxy stopped or was killed): neither 'end' nor an error of
+      // the request says so, and the caller would wait for nothing.
+      res.on("close", () => {
+        if (!ended) reject(new Error("the proxy closed the connection before it answered (did it stop?)"));
       });
     });
     req.on("error", (e: NodeJS.ErrnoException) => {

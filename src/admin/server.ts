@@ -13,6 +13,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { unlinkSync } from "node:fs";
 import type { Logger } from "../log.js";
 import { clearStaleSocket } from "../util/unix-socket.js";
+import { UsageError } from "../errors.js";
 
 /** What `GET /snapshots` answers (and `blockfork snapshots --json` prints). */
 export interface SnapshotsReport {
@@ -32,7 +33,11 @@ export interface SnapshotsReport {
 export interface AdminHandlers {
   status(): unknown;
   tracking(limit: number): unknown;
-  verify(repair: boolean, progress: (done: number, total: number) => void): Promise<unknown>;
+  verify(
+    repair: boolean,
+    progress: (done: number, total: number) => void,
+    signal: AbortSignal,
+  ): Promise<unknown>;
   resync(full: boolean): Promise<unknown>;
   mark(name: string): unknown;
   snapshots(): SnapshotsReport;
@@ -42,6 +47,9 @@ export interface AdminHandlers {
 export class AdminServer {
   private server: Server | null = null;
   private path = "";
+  /** Requests being handled (close() waits for them) and what tells long ones to stop. */
+  private readonly running = new Set<Promise<void>>();
+  private readonly stopping = new AbortController();
 
   constructor(
     private readonly handlers: AdminHandlers,
@@ -51,7 +59,11 @@ export class AdminServer {
   /** Listen on a unix socket path. */
   async listen(path: string): Promise<void> {
     await clearStaleSocket(path);
-    const server = createServer((req, res) => void this.handle(req, res));
+    const server = createServer((req, res) => {
+      const p = this.handle(req, res);
+      this.running.add(p);
+      void p.finally(() => this.running.delete(p));
+    });
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
       server.listen(path, resolve);
@@ -74,12 +86,16 @@ export class AdminServer {
       if (req.method === "POST" && url.pathname === "/verify") {
         res.writeHead(200, { "content-type": "application/x-ndjson" });
         let last = 0;
-        const result = await this.handlers.verify(url.searchParams.get("repair") === "1", (done, total) => {
-          const now = Date.now();
-          if (now - last < 200 && done < total) return;
-          last = now;
-          res.write(JSON.stringify({ progress: { done, total } }) + "\n");
-        });
+        const result = await this.handlers.verify(
+          url.searchParams.get("repair") === "1",
+          (done, total) => {
+            const now = Date.now();
+            if (now - last < 200 && done < total) return;
+            last = now;
+            res.write(JSON.stringify({ progress: { done, total } }) + "\n");
+          },
+          this.stopping.signal,
+        );
         res.end(JSON.stringify({ result }) + "\n");
         return;
       }
@@ -95,18 +111,29 @@ export class AdminServer {
       });
     } catch (e) {
       this.log.warn(`admin ${req.method} ${url.pathname}: ${(e as Error).message}`);
-      if (!res.headersSent) send(500, { error: { code: "ERR_ADMIN", message: (e as Error).message } });
-      else res.end(JSON.stringify({ error: { code: "ERR_ADMIN", message: (e as Error).message } }) + "\n");
+      // A usage error (a bad bookmark name, a command this proxy cannot do) is the caller's: 400
+      // ERR_USAGE, which the client turns back into one (exit status 2).
+      const usage = e instanceof UsageError;
+      const error = { code: usage ? "ERR_USAGE" : "ERR_ADMIN", message: (e as Error).message };
+      if (!res.headersSent) send(usage ? 400 : 500, { error });
+      else res.end(JSON.stringify({ error }) + "\n");
     }
   }
 
-  /** Stop listening and remove the socket. */
+  /**
+   * Stop listening, stop a running verify (its client gets an error line saying why) and wait for
+   * every request being handled, then close the connections and remove the socket. The proxy calls
+   * it first when it shuts down, before it stops what the handlers use (link, tracking log).
+   */
   async close(): Promise<void> {
     const s = this.server;
     if (!s) return;
     this.server = null;
+    const closed = new Promise<void>((r) => s.close(() => r()));
+    this.stopping.abort();
+    await Promise.allSettled([...this.running]);
     s.closeAllConnections();
-    await new Promise<void>((r) => s.close(() => r()));
+    await closed;
     try {
       unlinkSync(this.path);
     } catch {

@@ -42,13 +42,24 @@ block dirty first (a complete copy to the secondary).
 Exit status: 0 when the link streams again; 1 on failure; 2 on a usage error.
 `;
 
-function stateDirArg(argv: string[], extra: Record<string, { type: "string" | "boolean" }>) {
+/**
+ * --state-dir and the command's options; `names` positionals allowed (mark's NAME), more are a
+ * usage error (`resync ... full` must not run a partial resync and exit 0).
+ */
+function stateDirArg(argv: string[], extra: Record<string, { type: "string" | "boolean" }>, names = 0) {
   const { values, positionals } = parseArgs({
     args: argv,
     strict: true,
     allowPositionals: true,
     options: { "state-dir": { type: "string" }, json: { type: "boolean" }, ...extra },
   });
+  if (positionals.length > names) {
+    const stray = positionals
+      .slice(names)
+      .map((p) => JSON.stringify(p))
+      .join(" ");
+    throw new UsageError(`unexpected argument ${stray}: options start with -- (see --help)`);
+  }
   const dir = values["state-dir"];
   if (typeof dir !== "string")
     throw new UsageError("--state-dir DIR is required (the proxy's state directory)");
@@ -229,7 +240,17 @@ export async function resyncCommand(argv: string[]): Promise<number> {
   const { dir, values } = stateDirArg(argv, { full: { type: "boolean" }, "no-wait": { type: "boolean" } });
   const started = (await adminCall(dir, "POST", `/resync${values.full ? "?full=1" : ""}`)) as {
     dirtyBytes: number;
+    state: string;
+    lastError?: string;
   };
+  if (started.state === "tracking") {
+    // The proxy checked the gateway when asked (see the admin handler): this is that check.
+    process.stdout.write(
+      `the gateway is not reachable (${started.lastError ?? "no answer"}); the proxy keeps tracking ` +
+        `${formatBytes(started.dirtyBytes)} dirty and resyncs when it returns\n`,
+    );
+    return 1;
+  }
   process.stdout.write(`resync started: ${formatBytes(started.dirtyBytes)} dirty\n`);
   if (values["no-wait"]) return 0;
   for (;;) {
@@ -296,7 +317,7 @@ function offlineSnapshots(dir: string): SnapshotsReport {
 
 /** blockfork mark NAME */
 export async function mark(argv: string[]): Promise<number> {
-  const { dir, positionals } = stateDirArg(argv, {});
+  const { dir, positionals } = stateDirArg(argv, {}, 1);
   if (positionals.length !== 1) throw new UsageError("blockfork mark takes one NAME");
   const r = (await adminCall(dir, "POST", `/mark?name=${encodeURIComponent(positionals[0])}`)) as {
     name: string;

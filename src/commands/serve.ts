@@ -344,11 +344,23 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       "replication",
       "tracking-mirror",
       "sync-timeout",
+      "queue-size",
+      "queue-age",
+      "resync-rate",
+      "resync-concurrency",
+      "track-granularity",
+      "al-extents",
     ] as const) {
       if (values[o] !== undefined) throw new UsageError(`--${o} needs --gateway URL`);
     }
     if (values["assume-clean"] === true) throw new UsageError("--assume-clean needs --gateway URL");
     if (values["no-update-stream"] === true) throw new UsageError("--no-update-stream needs --gateway URL");
+  }
+  // bin/blockfork.js sets UV_THREADPOOL_SIZE from it before Node starts its pool; here it is
+  // only checked, so that a bad value is an error instead of the default.
+  if (values.threads !== undefined) {
+    const t = positiveInt(values.threads, "--threads");
+    if (t > 1024) throw new UsageError(`--threads must be at most 1024, got ${t}`);
   }
   const pitOn =
     values.pit === true ||
@@ -600,9 +612,17 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
         extents: extentsJson(extents),
       };
     },
-    verify: async (repair, progress) => {
+    verify: async (repair, progress, signal) => {
       const { tracking, link } = needLink();
-      return verify(parts.base, tracking, link, repair, progress);
+      if (link.state === "tracking") {
+        // Verify compares with the secondary: with the gateway away it could only fail midway.
+        const why = link.status().lastError;
+        throw new Error(
+          `the gateway link is tracking${why ? ` (${why})` : ""}; verify needs the gateway: ` +
+            "run it once `blockfork status` shows the link resyncing or streaming",
+        );
+      }
+      return verify(parts.base, tracking, link, repair, progress, signal);
     },
     mark: (name) => {
       if (!parts.journal) throw new UsageError("this proxy has no --pit journal");
@@ -635,8 +655,18 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
         link.markStale(0, tracking.map.volumeSize); // updates in flight must not clear any block
         await tracking.persist(true);
       }
+      const probes = link.probes;
       link.requestResync();
-      return { started: true, dirtyBytes: tracking.map.dirtyBytes, state: link.state };
+      // While tracking that checks the gateway at once: answer with that check's outcome, not the
+      // last one's (which may be 30 s old).
+      for (let waited = 0; link.state === "tracking" && link.probes === probes && waited < 5000; waited += 50)
+        await new Promise((r) => setTimeout(r, 50));
+      return {
+        started: true,
+        dirtyBytes: tracking.map.dirtyBytes,
+        state: link.state,
+        lastError: link.status().lastError,
+      };
     },
   };
 }
@@ -644,6 +674,9 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
 async function shutdown(parts: Parts, log: Logger): Promise<number> {
   let status = 0;
   const server = parts.server!;
+  // First the admin endpoint: a verify in progress stops (its client is told why) before the link
+  // and the tracking log it uses are stopped and closed below.
+  await parts.admin?.close();
   const quiet = await server.quiesce();
   if (!quiet) log.warn("some requests were still in flight after 30 s; closing anyway");
   try {
@@ -674,7 +707,6 @@ async function shutdown(parts: Parts, log: Logger): Promise<number> {
     await parts.journal.close();
     log.info("journal closed");
   }
-  await parts.admin?.close();
   await parts.base.close();
   log.info("stopped");
   return status;

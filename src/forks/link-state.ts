@@ -36,6 +36,8 @@ export type LinkEvent =
 export type LinkAction =
   | { type: "probe" }
   | { type: "stopProbe" }
+  /** Check the gateway now, starting the backoff over (a resync asked for while tracking). */
+  | { type: "probeNow" }
   | { type: "dropQueue" }
   | { type: "startResync" }
   | { type: "stopResync" }
@@ -140,6 +142,21 @@ export function step(s: LinkState, e: LinkEvent, now: number): [LinkState, LinkA
             { type: "stopProbe" },
             { type: "startResync" },
             { type: "log", level: "info", message: "gateway link: gateway is back, resyncing dirty blocks" },
+          ],
+        ];
+      }
+      if (e.type === "resyncRequested") {
+        // Someone asks for a resync now (blockfork resync): do not leave it to the backoff, which
+        // may be up to 30 s away; if the gateway answers, "healthy" starts the resync.
+        return [
+          s,
+          [
+            { type: "probeNow" },
+            {
+              type: "log",
+              level: "info",
+              message: "gateway link: resync requested; checking the gateway now",
+            },
           ],
         ];
       }

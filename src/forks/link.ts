@@ -347,6 +347,8 @@ export class GatewayLink {
     this.perform(actions);
   }
   private failures = 0;
+  /** Health checks finished (answered or failed): lets a caller wait for a fresh one. */
+  probes = 0;
 
   private perform(actions: LinkAction[]): void {
     for (const a of actions) {
@@ -356,6 +358,11 @@ export class GatewayLink {
           break;
         case "stopProbe":
           this.stopProbe();
+          break;
+        case "probeNow":
+          this.stopProbe();
+          this.failures = 0;
+          this.startProbe();
           break;
         case "dropQueue":
           this.dropQueue();
@@ -956,10 +963,12 @@ export class GatewayLink {
           this.closeStream();
           return;
         }
+        this.probes++;
         this.dispatch({ type: "healthy" });
         return;
       } catch (e) {
         this.lastError = `health check: ${(e as Error).message}`;
+        this.probes++;
         if (this.s.name === "starting") this.dispatch({ type: "unhealthy", reason: this.lastError });
       }
       if (!this.probing) return;

@@ -27,13 +27,35 @@ export type VerifyProgress = (done: number, total: number) => void;
 
 const STEP_BLOCKS = 256;
 
-/** Compare primary and secondary; with `repair`, mark differing blocks dirty and resync them. */
+/**
+ * Read `view` from the primary at `offset` and ask the gateway for the checksums of the same range,
+ * at once; settles when both have (a gateway answer that fails while the read runs is not left
+ * without a handler: that took the whole proxy down).
+ */
+async function both(
+  primary: Volume,
+  link: GatewayLink,
+  view: Buffer,
+  offset: number,
+  g: number,
+  signal: AbortSignal | undefined,
+): Promise<string[]> {
+  if (signal?.aborted) throw new Error("verify stopped: the proxy is shutting down");
+  const [, sums] = await Promise.all([primary.read(view, offset), link.checksums(offset, view.length, g)]);
+  return sums;
+}
+
+/**
+ * Compare primary and secondary; with `repair`, mark differing blocks dirty and resync them.
+ * `signal` stops it between steps (the proxy shutting down).
+ */
 export async function verify(
   primary: Volume,
   tracking: TrackingLog,
   link: GatewayLink,
   repair: boolean,
   progress?: VerifyProgress,
+  signal?: AbortSignal,
 ): Promise<VerifyResult> {
   const map = tracking.map;
   const g = map.granularity;
@@ -52,10 +74,8 @@ export async function verify(
   for (let b0 = 0; b0 < map.blocks; b0 += STEP_BLOCKS) {
     const offset = b0 * g;
     const length = Math.min(STEP_BLOCKS * g, map.volumeSize - offset);
-    const remote = link.checksums(offset, length, g);
+    const sums = await both(primary, link, buf.subarray(0, length), offset, g, signal);
     const view = buf.subarray(0, length);
-    await primary.read(view, offset);
-    const sums = await remote;
     for (let i = 0; i * g < length; i++) {
       const b = b0 + i;
       result.blocks++;
@@ -79,10 +99,8 @@ export async function verify(
   for (const b of bad) {
     const offset = b * g;
     const length = Math.min(g, map.volumeSize - offset);
-    const remote = link.checksums(offset, length, g);
     const view = buf.subarray(0, length);
-    await primary.read(view, offset);
-    const [sum] = await remote;
+    const [sum] = await both(primary, link, view, offset, g, signal);
     const local = createHash("sha256").update(view).digest("hex");
     if (local !== sum && !map.isDirty(b)) confirmed.push(b);
     else if (local !== sum) result.skippedBlocks++;

@@ -145,12 +145,41 @@ void describe("replication admin: verify and resync", () => {
       // A resync cannot run without the gateway: the command says so and exits 1.
       const rs = await cli(["resync", "--state-dir", pair.stateDir], 30_000);
       assert.equal(rs.code, 1, rs.stdout + rs.stderr);
-      assert.match(rs.stdout, /the gateway is not reachable .*keeps tracking and resyncs when it returns/);
+      assert.match(rs.stdout, /the gateway is not reachable .*keeps tracking .*resyncs when it returns/);
+      // Neither can verify: it says why (it used to take the whole proxy down with an unhandled
+      // rejection of its gateway request), and the proxy serves on.
+      const v = await cli(["verify", "--state-dir", pair.stateDir], 30_000);
+      assert.equal(v.code, 1, v.stdout + v.stderr);
+      assert.match(v.stderr, /the gateway link is tracking .*verify needs the gateway/);
+      assert.equal((await pair.status()).link?.state, "tracking");
+      // Long enough for the link's health checks to back off to 5 s apart.
+      await new Promise((r) => setTimeout(r, 6000));
     } finally {
       await pair.restartGateway();
     }
+    // Asked right after the gateway returned, a resync checks the gateway at once instead of
+    // reporting the last (failed) check and leaving it to the backoff.
+    const rs = await cli(["resync", "--state-dir", pair.stateDir], 30_000);
+    assert.equal(rs.code, 0, rs.stdout + rs.stderr);
+    assert.match(rs.stdout, /resync complete: .*; streaming/);
     await pair.waitSynced();
     await assertIdentical(pair, "after the outage of the tracking show test");
+  });
+
+  void test("stray arguments and a bad bookmark name are usage errors (exit 2)", async () => {
+    for (const args of [
+      ["resync", "--state-dir", pair.stateDir, "full"],
+      ["verify", "--state-dir", pair.stateDir, "repair"],
+      ["status", "--state-dir", pair.stateDir, "extra"],
+    ]) {
+      const r = await cli(args);
+      assert.equal(r.code, 2, `${args.join(" ")}: ${r.stdout}${r.stderr}`);
+      assert.match(r.stderr, /unexpected argument "(full|repair|extra)"/);
+    }
+    // Without --pit the proxy cannot mark: the proxy's usage error is the caller's (exit 2, not 1).
+    const m = await cli(["mark", "x", "--state-dir", pair.stateDir]);
+    assert.equal(m.code, 2, m.stdout + m.stderr);
+    assert.match(m.stderr, /no --pit journal/);
   });
 
   void test("status, tracking, verify and resync without a running proxy: exit 1, saying so", async () => {
@@ -319,7 +348,7 @@ void describe("replication configuration", () => {
         20_000,
       );
       assert.equal(busy.code, 2, busy.stderr);
-      assert.match(busy.stderr, /in use by another process/);
+      assert.match(busy.stderr, /the state directory .* is in use by another blockfork process/);
     } finally {
       const r = await first.stop();
       assert.deepEqual(r, { code: 0, signal: null }, first.log());
@@ -445,5 +474,30 @@ void describe("replication configuration", () => {
     } finally {
       await pair.stop();
     }
+  });
+});
+
+void describe("replication admin: a proxy stopped during verify", () => {
+  let pair: Pair;
+  before(async () => {
+    pair = await startPair({ size: "4G" });
+  });
+  after(async () => {
+    await pair.stop();
+  });
+
+  void test("SIGTERM while verify runs: the proxy exits 0, verify exits 1 saying it stopped", async () => {
+    const v = cli(["verify", "--state-dir", pair.stateDir], 60_000);
+    await new Promise((r) => setTimeout(r, 700));
+    const stopped = await pair.killProxy("SIGTERM");
+    const r = await v;
+    assert.deepEqual(stopped, { code: 0, signal: null }, pair.proxyLog());
+    assert.doesNotMatch(pair.proxyLog(), /Uncaught|triggerUncaughtException|ClientClosedError/);
+    assert.equal(r.code, 1, r.stdout + r.stderr);
+    assert.match(r.stderr, /verify stopped: the proxy is shutting down|the proxy closed the connection/);
+    // It shut down cleanly: the next start does not report a crash.
+    await pair.restartProxy();
+    await pair.waitSynced();
+    assert.doesNotMatch(pair.proxyLog(), /did not shut down cleanly/);
   });
 });

@@ -125,9 +125,16 @@ void describe("link state machine: tracking", () => {
     assert.deepEqual(kinds(actions), ["stopProbe", "startResync", "log:info"]);
   });
 
-  void test("tracking ignores every failure kind, unhealthy, resyncDone and resyncRequested", () => {
+  void test("tracking --resyncRequested--> tracking: check the gateway now (probe restarted, backoff over)", () => {
+    const s0 = at("tracking", { reason: "down", outages: 3 });
+    const [s, actions] = step(s0, { type: "resyncRequested" }, T0 + 5);
+    assert.equal(s, s0);
+    assert.deepEqual(kinds(actions), ["probeNow", "log:info"]);
+  });
+
+  void test("tracking ignores every failure kind, unhealthy and resyncDone", () => {
     for (const e of EVENTS) {
-      if (e.type === "healthy" || e.type === "stop") continue;
+      if (e.type === "healthy" || e.type === "stop" || e.type === "resyncRequested") continue;
       const s0 = at("tracking", { reason: "down", outages: 1 });
       const [s, actions] = step(s0, e, T0 + 1);
       assert.equal(s, s0, `tracking + ${e.type} must keep the very same state`);
