@@ -1,7 +1,7 @@
 // `blockfork serve`: serve a primary volume over NBD.
 
 import { parseArgs } from "node:util";
-import { readFileSync, mkdirSync } from "node:fs";
+import { fstatSync, readFileSync, mkdirSync } from "node:fs";
 import { basename, dirname, extname, resolve } from "node:path";
 import { createSecureContext, DEFAULT_CIPHERS, type TLSSocket } from "node:tls";
 import { Logger, parseLogLevel } from "../log.js";
@@ -23,6 +23,7 @@ import { checkBlockSizes, DEFAULT_BLOCK_SIZES, ExportRegistry, type BlockSizes }
 import { NbdServer, parseListen } from "../nbd/server.js";
 import type { TlsSettings } from "../nbd/handshake.js";
 import { lockStateDir, tuneMallocForServers } from "../blockio/index.js";
+import { claimStateDir } from "../util/volume-identity.js";
 
 export const SERVE_HELP = `Usage: blockfork serve --volume PATH [options]
 
@@ -453,7 +454,18 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
     stateDir = `${resolve(cfg.volume)}.blockfork`;
   }
   // Before anything in it is opened: one server per state directory.
-  if (stateDir !== undefined) parts.stateLock = lockStateDir(stateDir);
+  if (stateDir !== undefined) {
+    parts.stateLock = lockStateDir(stateDir);
+    const st = fstatSync(base.file.fd);
+    const bdev = base.file.isBlockDevice;
+    claimStateDir(stateDir, {
+      path: resolve(cfg.volume),
+      size: base.size,
+      dev: bdev ? st.rdev : st.dev,
+      ino: bdev ? 0 : st.ino,
+      blockDevice: bdev,
+    });
+  }
   if (cfg.pit !== null) {
     parts.journal = await Journal.open({
       dir: join(stateDir!, "journal"),

@@ -6,7 +6,16 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { BIN, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 import { run } from "../helpers/run.js";
@@ -246,8 +255,9 @@ void test("a state directory that another blockfork uses is refused before anyth
   // admin socket taken: recovery cleared the header of the record being appended as if torn.
   const dir = tmp();
   const state = join(dir, "state");
-  const srv = await startServer({ size: "8M", args: ["--pit", "--state-dir", state] });
+  const srv = await startServer({ size: "8M", keepDir: true, args: ["--pit", "--state-dir", state] });
   servers.push(srv);
+  dirs.push(srv.dir);
   await run("nbdsh", ["-u", srv.uri, "-c", "h.pwrite(b'x' * 65536, 0); h.flush()"]);
   const journal = join(state, "journal");
   const files = (): string =>
@@ -267,6 +277,25 @@ void test("a state directory that another blockfork uses is refused before anyth
   );
   assert.equal(files(), before, "the refused server changed the running one's journal");
   assert.doesNotMatch(srv.log(), /torn/);
+
+  // Stopped, the directory still belongs to its volume: another volume of the same size is refused
+  // (its snapshots would have served the first volume's before-images), the same file moved is not.
+  assert.deepEqual(await srv.stop(), { code: 0, signal: null }, srv.log());
+  await usageError(
+    serveArgs(dir, ["--volume", other, "--pit", "--state-dir", state]),
+    /the state directory .*state belongs to the volume .*disk\.img, not .*other\.img: .*Give the state directory of .*other\.img, or a new one/,
+  );
+  const moved = join(dir, "moved.img");
+  renameSync(srv.volume, moved);
+  const again = await startServer({
+    volume: moved,
+    size: null,
+    dir: tmp(),
+    args: ["--pit", "--state-dir", state],
+  });
+  servers.push(again);
+  const info = await run("nbdinfo", ["--size", again.uri]);
+  assert.equal(info.stdout.trim(), String(8 * 1024 * 1024));
 });
 
 void test("the banner prints nbd URIs and client command lines; TCP listening works", async () => {

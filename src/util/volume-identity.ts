@@ -1,0 +1,79 @@
+// Which volume a state directory belongs to: STATE-DIR/volume.json, written at the first start and
+// checked at every later one, before the tracking log and the journal are opened. Both describe
+// one volume's blocks: a journal of another volume would serve snapshots of data that volume never
+// held, and a tracking log of another one would call blocks clean that differ on the secondary.
+// The tracking log also records the size; the journal records nothing about its volume.
+//
+// A volume is the same when the size matches and either the path or the file's identity (device
+// and inode: the file was moved or is reached by another path) does. A moved volume updates the
+// record. Nothing here can tell a file whose contents were replaced in place (same inode).
+//
+// volume.json: {"version": 1, "path": "/abs/path", "size": N, "dev": D, "ino": I, "blockDevice": B}
+
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { UsageError } from "../errors.js";
+import { writeFileAtomicSync } from "./atomic.js";
+
+export const VOLUME_FILE = "volume.json";
+
+/** The identity of a volume as stat(2) sees it. */
+export interface VolumeIdentity {
+  path: string;
+  size: number;
+  /** st_dev and st_ino of a regular file; st_rdev (and 0) of a block device. */
+  dev: number;
+  ino: number;
+  blockDevice: boolean;
+}
+
+function parse(text: string): VolumeIdentity | null {
+  try {
+    const j = JSON.parse(text) as Partial<VolumeIdentity> & { version?: number };
+    if (
+      j.version === 1 &&
+      typeof j.path === "string" &&
+      Number.isSafeInteger(j.size) &&
+      Number.isSafeInteger(j.dev) &&
+      Number.isSafeInteger(j.ino) &&
+      typeof j.blockDevice === "boolean"
+    )
+      return { path: j.path, size: j.size!, dev: j.dev!, ino: j.ino!, blockDevice: j.blockDevice };
+  } catch {
+    // not ours: below
+  }
+  return null;
+}
+
+/**
+ * Check that `dir` belongs to `vol` (recording it at the first use); throws UsageError with what to
+ * do when it belongs to another volume.
+ */
+export function claimStateDir(dir: string, vol: VolumeIdentity): void {
+  const file = join(dir, VOLUME_FILE);
+  const write = (): void => writeFileAtomicSync(file, JSON.stringify({ version: 1, ...vol }, null, 2) + "\n");
+  if (!existsSync(file)) {
+    write();
+    return;
+  }
+  const had = parse(readFileSync(file, "utf8"));
+  if (had === null) {
+    throw new UsageError(
+      `${file} is not a blockfork volume record; give --state-dir a directory of blockfork's own`,
+    );
+  }
+  const sameFile = had.blockDevice === vol.blockDevice && had.dev === vol.dev && had.ino === vol.ino;
+  if (had.size === vol.size && (had.path === vol.path || sameFile)) {
+    if (had.path !== vol.path || !sameFile) write(); // moved, or a new device number: keep it current
+    return;
+  }
+  const what =
+    had.size !== vol.size
+      ? `belongs to a volume of ${had.size} bytes, not ${vol.size} (${had.path})`
+      : `belongs to the volume ${had.path}, not ${vol.path}`;
+  throw new UsageError(
+    `the state directory ${dir} ${what}: its tracking log and journal describe that volume's ` +
+      `blocks. Give the state directory of ${vol.path}, or a new one (a new tracking log resyncs ` +
+      "the whole volume; a new journal starts empty)",
+  );
+}
