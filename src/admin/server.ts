@@ -10,7 +10,7 @@
 //   GET  /snapshots          the journal's window, size and bookmarks
 
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
-import { unlinkSync } from "node:fs";
+import { chmodSync, unlinkSync } from "node:fs";
 import type { Logger } from "../log.js";
 import { clearStaleSocket } from "../util/unix-socket.js";
 import { UsageError } from "../errors.js";
@@ -68,6 +68,8 @@ export class AdminServer {
       server.once("error", reject);
       server.listen(path, resolve);
     });
+    // Whoever can connect can resync, verify --repair or mark: the owner only, whatever the umask.
+    chmodSync(path, 0o600);
     this.server = server;
     this.path = path;
   }
@@ -81,7 +83,10 @@ export class AdminServer {
     try {
       if (req.method === "GET" && url.pathname === "/status") return send(200, this.handlers.status());
       if (req.method === "GET" && url.pathname === "/tracking") {
-        return send(200, this.handlers.tracking(Number(url.searchParams.get("limit") ?? 1000)));
+        const limit = Number(url.searchParams.get("limit") ?? 1000);
+        if (!Number.isSafeInteger(limit) || limit <= 0)
+          throw new UsageError("limit must be a positive integer");
+        return send(200, this.handlers.tracking(limit));
       }
       if (req.method === "POST" && url.pathname === "/verify") {
         res.writeHead(200, { "content-type": "application/x-ndjson" });

@@ -7,7 +7,8 @@
 // requests finish; the caller flushes the volumes; then every connection is closed gracefully.
 
 import { createServer, type Server, type Socket } from "node:net";
-import { unlinkSync } from "node:fs";
+import { existsSync, unlinkSync } from "node:fs";
+import { dirname } from "node:path";
 import { clearStaleSocket } from "../util/unix-socket.js";
 import type { Duplex } from "node:stream";
 import type { Logger } from "../log.js";
@@ -75,7 +76,12 @@ export class NbdServer {
         const where = "path" in ep ? ep.path : `${ep.host}:${ep.port}`;
         if (e.code === "EADDRINUSE")
           reject(new UsageError(`${where} is in use; stop the other server or listen elsewhere`));
-        else if (e.code === "EADDRNOTAVAIL" || e.code === "EACCES" || e.code === "ENOTFOUND") {
+        else if ("path" in ep && !existsSync(dirname(ep.path))) {
+          // Node reports a missing directory as EACCES.
+          reject(
+            new UsageError(`cannot listen on ${where}: the directory ${dirname(ep.path)} does not exist`),
+          );
+        } else if (e.code === "EADDRNOTAVAIL" || e.code === "EACCES" || e.code === "ENOTFOUND") {
           reject(new UsageError(`cannot listen on ${where}: ${e.code}`));
         } else reject(e);
       });

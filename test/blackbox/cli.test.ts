@@ -212,6 +212,21 @@ void test("other bad option values exit 2", async () => {
   await usageError([...base, "--handshake-timeout", "1.5"], /--handshake-timeout/);
   await usageError([...base, "--log-level", "loud"], /--log-level/);
   await usageError([...base, "--tls", "maybe"], /--tls/);
+  await usageError(
+    [
+      "serve",
+      "--listen",
+      "none",
+      "--volume",
+      join(dir, "v.img"),
+      "--size",
+      "1M",
+      "--socket",
+      join(dir, "no", "s.sock"),
+    ],
+    /cannot listen on .*: the directory .*no does not exist/,
+  );
+  await usageError([...base, "--threads", "0"], /--threads must be a positive integer/);
 });
 
 void test("a directory as the volume exits 2 with a message", async () => {
@@ -259,6 +274,8 @@ void test("a state directory that another blockfork uses is refused before anyth
   servers.push(srv);
   dirs.push(srv.dir);
   await run("nbdsh", ["-u", srv.uri, "-c", "h.pwrite(b'x' * 65536, 0); h.flush()"]);
+  // Whoever can connect to the admin socket can resync or mark: the owner only, whatever the umask.
+  assert.equal(statSync(join(state, "admin.sock")).mode & 0o777, 0o600);
   const journal = join(state, "journal");
   const files = (): string =>
     readdirSync(journal)
