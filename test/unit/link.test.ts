@@ -638,14 +638,12 @@ void describe("GatewayLink: what the gateway answers", () => {
       await r.close();
     }
   });
+
   void test("POST: a gateway restarted when everything it acknowledged was durable is still a failure (its boot id changed), then a resync", async () => {
     // Its watermarks then look right, but a restarted gateway has also forgotten which updates
     // above its durableThrough it had applied out of order: a POST that undici held back and
     // sends to the new process can land behind a newer update of the same blocks, and the seqs
     // lost leave a gap that holds durableThrough back for good. Only the boot id tells.
-    // The gateway keeps its state (sources.json) in a state directory and its secondary survives
-    // the restart (as the page cache does a kill -9): the restarted gateway resumes at its
-    // durableThrough, below the seq it had acknowledged. Over POST undici reconnects silently.
     const { gw, restart } = await restartableGateway();
     const r = await syncedRig({ gw, updateStream: false, flushIntervalMs: 1000 });
     try {
