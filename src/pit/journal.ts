@@ -52,7 +52,7 @@ import { existsSync, fdatasyncSync, readFileSync, writeSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { BlockFile, isCached, syncDir } from "../blockio/index.js";
-import { errnoName, errnoOf } from "../errors.js";
+import { errnoName, errnoOf, UsageError } from "../errors.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import { DONE } from "../util/done.js";
 import type { Logger } from "../log.js";
@@ -1172,10 +1172,10 @@ export class Journal {
   /** Record a named point in time (now by default); durable when it returns. */
   mark(name: string, ts = journalNow()): number {
     if (!/^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$/.test(name)) {
-      throw new Error(`bookmark name "${name}" must be 1-64 letters, digits, '.', '_', ':' or '-'`);
+      throw new UsageError(`bookmark name "${name}" must be 1-64 letters, digits, '.', '_', ':' or '-'`);
     }
     if (/^\d{4}-\d{2}-\d{2}/.test(name)) {
-      throw new Error(
+      throw new UsageError(
         `bookmark name "${name}" reads as a time (snap@${name} would mean that time); choose another`,
       );
     }
