@@ -1241,6 +1241,7 @@ void describe("GatewayLink: verify, mirror, stop", () => {
       await waitFor("tracking", () => r.link.state === "tracking");
       const first = await pollDoc(doc, (d) => d.linkState === "tracking");
       assert.ok(first !== null, "no mirror document after the link went to tracking");
+      assert.equal(first.linkState, "tracking", "the mirror's document does not say the link tracks");
       assert.ok(
         first.extents.some((e) => e.offset === 3 * G),
         `the write that found the gateway down is in the mirror: ${JSON.stringify(first.extents)}`,
