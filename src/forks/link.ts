@@ -91,6 +91,14 @@ export interface LinkOptions {
   /** Bytes per second for resync (0: unlimited). */
   resyncRate: number;
   resyncChunkBytes: number;
+  /**
+   * At most this many blocks with a resync update not yet durable (each is an entry of the seq
+   * table until the gateway's flush clears it). A hole is copied as a ZERO update of a few dozen
+   * bytes, so the queue's byte bound alone let a resync of a large sparse volume reserve every
+   * block at once: 16M Map entries (1.4 GB) for 1 TiB, and past 2^24 blocks (2 TiB at 64 KiB) a
+   * RangeError from V8 on every attempt.
+   */
+  resyncPendingBlocks: number;
   /** Send batches over an update stream when the gateway offers one (default true); else POST. */
   updateStream?: boolean;
   /** Base URL of a tracking mirror (a gateway): PUT /v1/tracking/{volumeId}. */
@@ -112,6 +120,8 @@ export const LINK_DEFAULTS = {
   resyncConcurrency: 8,
   resyncRate: 0,
   resyncChunkBytes: 4 * 1024 * 1024,
+  // 256K entries: about 20 MB of table; 16 GiB of volume at 64 KiB per flush interval.
+  resyncPendingBlocks: 256 * 1024,
   mirrorIntervalMs: 1000,
 };
 
@@ -1075,10 +1085,12 @@ export class GatewayLink {
               // Resync keeps to half the async queue's bytes, counting the ranges it is still
               // reading: client writes have the other half, so the resync alone never sends the
               // link over its bound.
+              // And to resyncPendingBlocks blocks not yet durable, whatever their updates weigh.
               while (
                 inflight.size >= this.o.resyncConcurrency ||
                 (inflight.size > 0 && this.queued + reading + length > this.o.queueBytes / 2) ||
-                this.queued > this.o.queueBytes / 2
+                this.queued > this.o.queueBytes / 2 ||
+                this.lastSeq.seqCount >= this.o.resyncPendingBlocks
               ) {
                 if (inflight.size > 0) await Promise.race(inflight);
                 else await new Promise((r) => setTimeout(r, 5));

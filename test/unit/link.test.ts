@@ -26,6 +26,7 @@ import { FAULT_FILE, loadSources, prepareStateDir, StateWriter } from "../../src
 import { KIND } from "../../src/gateway/records.js";
 import { GatewayLink, LINK_DEFAULTS, type LinkOptions } from "../../src/forks/link.js";
 import { forkVolume } from "../../src/forks/fork.js";
+import type { SeqTable } from "../../src/forks/seq-table.js";
 import { verify } from "../../src/forks/verify.js";
 import { TrackingLog } from "../../src/tracking/log.js";
 import { IoError, NotSupportedError } from "../../src/errors.js";
@@ -343,6 +344,31 @@ function pattern(n: number, seed: number): Buffer {
 }
 
 void describe("GatewayLink: start and streaming", () => {
+  void test("a resync of holes keeps to resyncPendingBlocks blocks not yet durable (ZERO updates weigh nearly nothing)", async () => {
+    // Over the queue's byte bound alone, a resync of a sparse volume reserved every block at once
+    // (one seq-table entry each): 1.4 GB for 1 TiB, and a RangeError past 2^24 blocks.
+    const gw = await startGateway();
+    await gw.volume.write(Buffer.alloc(SIZE, 0xaa), 0, false);
+    const r = await startRig({ gw, resyncPendingBlocks: 16, resyncChunkBytes: 4 * G });
+    try {
+      await r.primary.mem.write(randomBytes(3 * G), 100 * G, false);
+      const table = (r.link as unknown as { lastSeq: SeqTable }).lastSeq;
+      let peak = 0;
+      const set = table.set.bind(table);
+      table.set = (b: number, seq: number): void => {
+        set(b, seq);
+        peak = Math.max(peak, table.seqCount);
+      };
+      r.link.start();
+      await waitSynced(r);
+      assertIdentical(r, "after the resync of a mostly sparse volume");
+      // The bound is checked before each range of at most resyncChunkBytes (4 blocks here).
+      assert.ok(peak > 0 && peak <= 16 + 4, `${peak} blocks were pending at once (bound 16)`);
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("a new log resyncs the whole volume once: data as writes, holes as zeroes", async () => {
     const gw = await startGateway();
     // The secondary holds garbage everywhere; the primary has two islands of data.
