@@ -9,7 +9,7 @@ import { UsageError } from "../errors.js";
 import { parseSize, formatSize } from "../util/size.js";
 import { FileVolume } from "../volume/file.js";
 import { buildPrimaryStack, type PrimaryStackOptions } from "../stack.js";
-import { TrackingLog } from "../tracking/log.js";
+import { DEFAULT_REGION, TrackingLog } from "../tracking/log.js";
 import { extentsJson } from "../tracking/dirty-map.js";
 import { GatewayLink, LINK_DEFAULTS } from "../forks/link.js";
 import { verify } from "../forks/verify.js";
@@ -315,6 +315,11 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       : undefined;
     if (granularity !== undefined && (granularity < 4096 || (granularity & (granularity - 1)) !== 0)) {
       throw new UsageError("--track-granularity must be a power of two of at least 4K");
+    }
+    if (granularity !== undefined && granularity > DEFAULT_REGION) {
+      throw new UsageError(
+        `--track-granularity must be at most ${DEFAULT_REGION / 1024 / 1024}M (an activity-log region)`,
+      );
     }
     replication = {
       url: gatewayUrl(values.gateway, "--gateway"),

@@ -199,7 +199,10 @@ export class TrackingLog {
       for (let i = 0; i < n; i++) {
         const r = al.readUInt32BE(4 + 12 * i);
         const t = al.readDoubleBE(8 + 12 * i);
+        // First dirtied: the time the activity log recorded. Last dirtied: writes after that
+        // were not recorded, so now, the only bound known (the crash came before it).
         map.markBlocks(r * map.blocksPerRegion, map.blocksPerRegion, t || now);
+        map.markBlocks(r * map.blocksPerRegion, map.blocksPerRegion, now);
       }
       recovery.alRegions = n;
       recovery.crashed = n > 0 || !meta.cleanShutdown;

@@ -321,6 +321,12 @@ void describe("replication configuration", () => {
         ["--gateway", "http://127.0.0.1:9", "--sync-timeout", "0"],
         /--sync-timeout must be a positive integer/,
       ],
+      [
+        ["--gateway", "http://127.0.0.1:9", "--track-granularity", "8M"],
+        /--track-granularity must be at most 4M \(an activity-log region\)/,
+      ],
+      [["--queue-size", "1G"], /--queue-size needs --gateway URL/],
+      [["--al-extents", "8"], /--al-extents needs --gateway URL/],
     ];
     for (const [extra, message] of cases) {
       const r = await cli(serveArgs([...extra, "--state-dir", join(dir, "st-bad")]), 20_000);
