@@ -423,11 +423,6 @@ export class BlockFile {
     );
   }
 
-  /** The failure that makes every sync of this file fail (see syncFailure), or null. */
-  get failedSync(): IoError | null {
-    return this.syncFailure;
-  }
-
   private inlineSafe(offset: number, length: number): boolean {
     if (this.inlineOffUntil !== 0) {
       if (performance.now() < this.inlineOffUntil) return false;

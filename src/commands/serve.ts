@@ -533,7 +533,6 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
   parts.server = server;
 
   if (stateDir !== undefined) {
-    mkdirSync(stateDir, { recursive: true });
     parts.admin = new AdminServer(adminHandlers(cfg, parts), log.child("admin"));
     await parts.admin.listen(adminSocket(stateDir));
   }

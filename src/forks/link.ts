@@ -357,8 +357,11 @@ export class GatewayLink {
     this.perform(actions);
   }
   private failures = 0;
+  private probesDone = 0;
   /** Health checks finished (answered or failed): lets a caller wait for a fresh one. */
-  probes = 0;
+  get probes(): number {
+    return this.probesDone;
+  }
 
   private perform(actions: LinkAction[]): void {
     for (const a of actions) {
@@ -973,12 +976,12 @@ export class GatewayLink {
           this.closeStream();
           return;
         }
-        this.probes++;
+        this.probesDone++;
         this.dispatch({ type: "healthy" });
         return;
       } catch (e) {
         this.lastError = `health check: ${(e as Error).message}`;
-        this.probes++;
+        this.probesDone++;
         if (this.s.name === "starting") this.dispatch({ type: "unhealthy", reason: this.lastError });
       }
       if (!this.probing) return;

@@ -44,7 +44,6 @@ import {
   openSync,
   readdirSync,
   readSync,
-  renameSync,
   rmSync,
   writeFileSync,
 } from "node:fs";
@@ -54,6 +53,7 @@ import { join } from "node:path";
 import { BlockFile, isCached, syncDir } from "../blockio/index.js";
 import { errnoName, errnoOf, UsageError } from "../errors.js";
 import { acquire, release } from "../util/buffer-pool.js";
+import { writeFileAtomicSync } from "../util/atomic.js";
 import { DONE } from "../util/done.js";
 import type { Logger } from "../log.js";
 import { journalNow, seedJournalClock } from "./clock.js";
@@ -1156,17 +1156,7 @@ export class Journal {
   }
 
   private saveBookmarks(): void {
-    const p = this.bookmarksPath();
-    const tmp = `${p}.tmp`;
-    writeFileSync(tmp, JSON.stringify(Object.fromEntries(this.bookmarks), null, 1));
-    const fd = openSync(tmp, "r+");
-    try {
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-    renameSync(tmp, p);
-    syncDir(this.dir);
+    writeFileAtomicSync(this.bookmarksPath(), JSON.stringify(Object.fromEntries(this.bookmarks), null, 1));
   }
 
   /** Record a named point in time (now by default); durable when it returns. */

@@ -133,49 +133,21 @@ interface TestGateway {
 }
 
 async function startGateway(size = SIZE, token: string | null = null): Promise<TestGateway> {
-  const stateDir = scratch();
-  prepareStateDir(stateDir);
-  const volume = new SecondaryVolume(size);
-  const identity = { name: "sec", size };
-  const gateway = new Gateway(volume, quiet);
-  gateway.attachState(new StateWriter(stateDir, identity, () => gateway.snapshots()));
-  const faults = new FaultSwitch(join(stateDir, FAULT_FILE), quiet);
-  const mirror = new TrackingMirror(stateDir);
-  const server = new GatewayServer({
-    gateway,
-    name: "sec",
-    path: "memory",
-    token,
-    faults,
-    mirror,
-    log: quiet,
-  });
-  const addr = await server.listen("127.0.0.1", 0);
-  return {
-    url: `http://127.0.0.1:${addr.port}`,
-    volume,
-    gateway,
-    faults,
-    mirror,
-    setFault: (f) => faults.set({ delayMs: 0, probability: 1, ...f }),
-    async close() {
-      faults.set({ mode: "none", delayMs: 0, probability: 1 });
-      await server.quiesce(2000);
-      server.closeAll();
-      await mirror.settle();
-    },
-  };
+  return (await restartableGateway(size, token)).gw;
 }
 
 /**
  * A gateway that can be restarted on its port, keeping its state directory and its secondary (as
  * the page cache keeps a file across a kill -9): the new process resumes at its durableThrough.
  */
-async function restartableGateway(): Promise<{ gw: TestGateway; restart: () => Promise<void> }> {
+async function restartableGateway(
+  size = SIZE,
+  token: string | null = null,
+): Promise<{ gw: TestGateway; restart: () => Promise<void> }> {
   const stateDir = scratch();
   prepareStateDir(stateDir);
-  const volume = new SecondaryVolume(SIZE);
-  const identity = { name: "sec", size: SIZE };
+  const volume = new SecondaryVolume(size);
+  const identity = { name: "sec", size };
   const boot = async (port: number) => {
     const gateway = new Gateway(volume, quiet, loadSources(stateDir, identity));
     gateway.attachState(new StateWriter(stateDir, identity, () => gateway.snapshots()));
@@ -185,7 +157,7 @@ async function restartableGateway(): Promise<{ gw: TestGateway; restart: () => P
       gateway,
       name: "sec",
       path: "memory",
-      token: null,
+      token,
       faults,
       mirror,
       log: quiet,
@@ -208,6 +180,7 @@ async function restartableGateway(): Promise<{ gw: TestGateway; restart: () => P
     },
     setFault: (f) => g.faults.set({ delayMs: 0, probability: 1, ...f }),
     async close() {
+      g.faults.set({ mode: "none", delayMs: 0, probability: 1 });
       await g.server.quiesce(2000);
       g.server.closeAll();
       await g.mirror.settle();
@@ -221,6 +194,19 @@ async function restartableGateway(): Promise<{ gw: TestGateway; restart: () => P
       g = await boot(g.port);
     },
   };
+}
+
+/**
+ * A rig over POST (flushes a second apart) to a restartableGateway(), once a first write was made
+ * durable and clean.
+ */
+async function restartablePostRig(): Promise<{ r: Rig; restart: () => Promise<void> }> {
+  const { gw, restart } = await restartableGateway();
+  const r = await syncedRig({ gw, updateStream: false, flushIntervalMs: 1000 });
+  await r.fork.write(pattern(4096, 1), 0, false);
+  const flushes = gw.gateway.counters.flushes;
+  await waitFor("a flush", () => gw.gateway.counters.flushes > flushes && r.tracking.map.dirtyBlocks === 0);
+  return { r, restart };
 }
 
 /** A proxy side: tracking log, link, fork filter over the primary. */
@@ -639,19 +625,12 @@ void describe("GatewayLink: what the gateway answers", () => {
     // The gateway keeps its state (sources.json) in a state directory and its secondary survives
     // the restart (as the page cache does a kill -9): the restarted gateway resumes at its
     // durableThrough, below the seq it had acknowledged. Over POST undici reconnects silently.
-    const { gw, restart } = await restartableGateway();
-    const r = await syncedRig({ gw, updateStream: false, flushIntervalMs: 1000 });
+    const { r, restart } = await restartablePostRig();
     try {
-      await r.fork.write(pattern(4096, 1), 0, false);
-      const flushes = gw.gateway.counters.flushes;
-      await waitFor(
-        "a flush",
-        () => gw.gateway.counters.flushes > flushes && r.tracking.map.dirtyBlocks === 0,
-      );
       // The next flush is a second away: a write acknowledged (applied), then the gateway restarts.
       await r.fork.write(pattern(4096, 2), 1 * G, false);
       const seq = r.link.status().seq;
-      await waitFor("acknowledged", () => Number(gw.gateway.sourceStatus()[0].appliedThrough) >= seq, 500);
+      await waitFor("acknowledged", () => Number(r.gw.gateway.sourceStatus()[0].appliedThrough) >= seq, 500);
       await restart();
       for (let i = 0; i < 5; i++) await r.fork.write(pattern(4096, 3 + i), (2 + i) * G, false);
       await waitFor("an outage", () => r.link.status().outages >= 1, 5000);
@@ -670,15 +649,8 @@ void describe("GatewayLink: what the gateway answers", () => {
     // above its durableThrough it had applied out of order: a POST that undici held back and
     // sends to the new process can land behind a newer update of the same blocks, and the seqs
     // lost leave a gap that holds durableThrough back for good. Only the boot id tells.
-    const { gw, restart } = await restartableGateway();
-    const r = await syncedRig({ gw, updateStream: false, flushIntervalMs: 1000 });
+    const { r, restart } = await restartablePostRig();
     try {
-      await r.fork.write(pattern(4096, 1), 0, false);
-      const flushes = gw.gateway.counters.flushes;
-      await waitFor(
-        "a flush",
-        () => gw.gateway.counters.flushes > flushes && r.tracking.map.dirtyBlocks === 0,
-      );
       // Everything is durable and clean: the gateway restarts, then the proxy writes on.
       const outages = r.link.status().outages;
       await restart();

@@ -90,26 +90,28 @@ unsafe fn num(env: napi_env, v: napi_value) -> Option<f64> {
     Some(d)
 }
 
-/// A byte offset or length from JS: a whole number in [0, 2^53]. NaN, fractions, negatives and
+/// A byte offset or length: a whole number in [0, 2^53]. NaN, fractions, negatives and
 /// infinities are refused (an `as i64` would turn NaN into 0 and keep -1, which preadv2 and
 /// pwritev2 read as "the file position").
-unsafe fn pos(env: napi_env, v: napi_value) -> Option<i64> {
-    let d = num(env, v)?;
-    if d.is_finite() && d >= 0.0 && d.fract() == 0.0 && d <= 9007199254740992.0 {
-        Some(d as i64)
-    } else {
-        None
-    }
+fn is_pos(d: f64) -> bool {
+    d.is_finite() && d >= 0.0 && d.fract() == 0.0 && d <= 9007199254740992.0
 }
 
-/// A file descriptor from JS: a whole number in [0, i32::MAX].
+/// A file descriptor: a whole number in [0, i32::MAX].
+fn is_fd(d: f64) -> bool {
+    is_pos(d) && d <= i32::MAX as f64
+}
+
+/// An offset or length from JS (see is_pos).
+unsafe fn pos(env: napi_env, v: napi_value) -> Option<i64> {
+    let d = num(env, v)?;
+    is_pos(d).then_some(d as i64)
+}
+
+/// A file descriptor from JS (see is_fd).
 unsafe fn fd_arg(env: napi_env, v: napi_value) -> Option<i32> {
     let d = num(env, v)?;
-    if d.is_finite() && d >= 0.0 && d.fract() == 0.0 && d <= i32::MAX as f64 {
-        Some(d as i32)
-    } else {
-        None
-    }
+    is_fd(d).then_some(d as i32)
 }
 
 /// `n` f64s at `p` (Node gives a null pointer for an empty typed array, which
@@ -478,14 +480,7 @@ unsafe extern "C" fn submit(env: napi_env, info: napi_callback_info) -> napi_val
         let kind = d[0] as u32;
         // fd, offset, length and flags as fd_arg() and pos() take them; an operation with any
         // other is answered EINVAL (through the batch's results, like any failed operation).
-        let whole =
-            |x: f64| x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x <= 9007199254740992.0;
-        let kind = if whole(d[1])
-            && d[1] <= i32::MAX as f64
-            && whole(d[2])
-            && whole(d[3])
-            && whole(d[4])
-        {
+        let kind = if is_fd(d[1]) && is_pos(d[2]) && is_pos(d[3]) && is_pos(d[4]) {
             kind
         } else {
             OP_INVALID
