@@ -535,6 +535,11 @@ export function syncDir(dir: string): void {
   }
 }
 
+/** False once cachestat(2) turned out missing (Linux before 6.5): isCached then always says no. */
+export function cacheVisible(): boolean {
+  return cachestatWorks;
+}
+
 /**
  * True when every page of [offset, offset+length) of `fd` is in the page cache (cachestat(2),
  * Linux 6.5+; false on older kernels), so that sending it cannot block on the disk.

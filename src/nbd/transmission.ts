@@ -453,6 +453,14 @@ export class Transmission implements RequestSink {
     }
     if (this.zeroCopyFd >= 0 && this.zeroCopy(req)) return;
     if (this.zeroCopyFd >= 0 && this.lentRead(req)) return;
+    if (this.zeroCopyFd >= 0) {
+      // Refused for pieces not in the page cache? Read just those, then lend after all.
+      const warming = this.vol.warmPieces?.(req.offset, req.length);
+      if (warming) {
+        await warming;
+        if (this.lentRead(req)) return;
+      }
+    }
     const hdr = this.structured ? STRUCTURED_REPLY_SIZE + 8 : SIMPLE_REPLY_SIZE;
     const pooled = acquire(hdr + req.length);
     const buf = pooled.subarray(0, hdr + req.length);

@@ -119,6 +119,8 @@ interface Segment {
   lastTs: number;
   /** Until when (ms, monotonic) the written bytes are taken to be in the page cache. */
   residentUntil: number;
+  /** Until when (ms, monotonic) the segment is taken to be partly evicted: images checked one by one. */
+  partialUntil: number;
   /** Commit rounds whose fdatasync of this segment is in flight (retention must not close it). */
   syncing: number;
   /**
@@ -474,6 +476,7 @@ export class Journal {
           firstEntry,
           lastTs: this.index.length > firstEntry ? this.index.tsAt(this.index.length - 1) : 0,
           residentUntil: 0,
+          partialUntil: 0,
           syncing: 0,
           fresh: false,
         });
@@ -647,6 +650,7 @@ export class Journal {
       firstEntry: this.index.length,
       lastTs: 0,
       residentUntil: 0,
+      partialUntil: 0,
       syncing: 0,
       fresh: true,
     };
@@ -1026,17 +1030,21 @@ export class Journal {
   }
 
   /**
-   * Where entry i's image lies, for a lent read (read when the socket has room): its segment
-   * file's descriptor (the offset there is `index.off[i]`), -1 for a zero image, or -2 when its
-   * segment is gone, the journal is closed, or its bytes are not all in the page cache (reading
-   * them could wait for the disk on the event loop). A segment's written bytes are checked whole
-   * (cachestat) and the answer is kept for a second (bytes appended meanwhile were just written,
-   * so cached); a page evicted within that second costs one blocking read. `now` is
-   * performance.now() (one clock read per caller's batch). Called per journal block of a lent
-   * read, so the last segment looked up is remembered.
+   * Where bytes [within, within+length) of entry i's image lie, for a lent read (read when the
+   * socket has room): its segment file's descriptor (the image starts at `index.off[i]` there), -1
+   * for a zero image, or -2 when its segment is gone, the journal is closed, or those bytes are not
+   * all in the page cache (reading them could wait for the disk on the event loop). A segment's
+   * written bytes are checked whole (cachestat) and the answer is kept for a second (bytes
+   * appended meanwhile were just written, so cached; a page evicted within that second costs one
+   * blocking read). When the segment is not wholly cached (a page of it was evicted: memory
+   * pressure, or a host that reclaims cold page cache on its own), each image's own bytes are
+   * checked instead, so that one evicted page does not make every image of a 64 MiB segment
+   * unlendable. `now` is performance.now() (one clock read per caller's batch). Called per
+   * journal block of a lent read, so the last segment looked up is remembered.
    */
-  residentFd(i: number, now: number): number {
-    if (this.index.offAt(i) < 0) return -1;
+  residentFd(i: number, now: number, within: number, length: number): number {
+    const off = this.index.offAt(i);
+    if (off < 0) return -1;
     if (this.closed) return -2;
     const n = this.index.segAt(i);
     let seg = this.lastSeg;
@@ -1046,11 +1054,17 @@ export class Journal {
       this.lastSeg = seg;
       this.lastSegNo = n;
     }
-    if (now >= seg.residentUntil) {
-      if (!isCached(seg.file.fd, 0, seg.size)) return -2;
-      seg.residentUntil = now + RESIDENT_MS;
+    if (now >= seg.residentUntil && now >= seg.partialUntil) {
+      if (isCached(seg.file.fd, 0, seg.size)) seg.residentUntil = now + RESIDENT_MS;
+      else seg.partialUntil = now + RESIDENT_MS;
     }
-    return seg.file.fd;
+    if (now < seg.residentUntil || isCached(seg.file.fd, off + within, length)) return seg.file.fd;
+    return -2;
+  }
+
+  /** Whether entry i's image can still be read (a zero image, or its segment is kept). */
+  hasImage(i: number): boolean {
+    return !this.closed && (this.index.offAt(i) < 0 || this.segments.has(this.index.segAt(i)));
   }
 
   /** Hear about entries appended (from, to); (-1, -1) when the journal stops. */

@@ -20,6 +20,11 @@
 //   first copied into memory (synchronously: the primary still holds the old contents), and the
 //   NBD layer sends that copy instead. The same happens to every lease when the journal stops or
 //   the view closes (segments may be dropped once unpinned).
+// - A piece not in the page cache is not lent (copying it into the socket would wait for the disk
+//   on the event loop). The NBD layer then asks warmPieces to read just the missing pieces on the
+//   I/O pool and lends after that; only if they are still missing is the read copied the ordinary
+//   way, piece by piece. Pages go missing at random on hosts that reclaim cold page cache on
+//   their own (DAMON pageout: docs/BENCHMARKS.md), and a 1 MiB read holds dozens of journal images.
 // - Not sendfile: sendfile(2) hands the kernel references to page-cache pages that it holds until
 //   the client has read them, so a primary block overwritten after its piece was "sent" would
 //   reach the snapshot's reader with the new contents. Journal pieces could go by reference, but
@@ -27,7 +32,7 @@
 //   than the copy saves (measured: copying every piece took less CPU, server and client).
 
 import { constants } from "node:os";
-import { isCached, readPiecesSync } from "../blockio/index.js";
+import { cacheVisible, isCached, readPiecesSync } from "../blockio/index.js";
 import { IoError, ReadOnlyError } from "../errors.js";
 import { allFinished, DONE } from "../util/done.js";
 import type { Extent, PieceLease, Volume, VolumeCaps } from "../volume/volume.js";
@@ -210,7 +215,7 @@ export class SnapshotView implements Volume {
       let at = range.offset + (pos - offset);
       if (e < 0) stop = Math.min(this.map.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
       else {
-        fd = this.journal.residentFd(e, now);
+        fd = this.journal.residentFd(e, now, pos - b * j, stop - pos);
         if (fd === -2) return null;
         at = this.journal.index.offAt(e) + (pos - b * j);
       }
@@ -236,6 +241,46 @@ export class SnapshotView implements Volume {
     };
     this.leases.add(lease);
     return lease;
+  }
+
+  /**
+   * Bring into the page cache what lendPieces refused for not being cached (journal images and
+   * primary runs), so that the read can be lent after all: resolves once they are read (failures
+   * included: the ordinary read then reports them), or null when nothing is missing or the view
+   * cannot lend at all. Only the missing pieces are read, on the I/O pool; their bytes are
+   * discarded (the lent read copies them from the page cache, once).
+   */
+  warmPieces(offset: number, length: number): Promise<void> | null {
+    // Without cachestat nothing ever looks cached: reading pieces in would not make them lend.
+    if (this.broken || this.closed || !cacheVisible()) return null;
+    const range = this.primary.fileRange?.(offset, length);
+    if (!range) return null;
+    const j = this.j;
+    const end = offset + length;
+    const now = performance.now();
+    const reads: Promise<void>[] = [];
+    let pos = offset;
+    while (pos < end) {
+      const b = Math.floor(pos / j);
+      const e = this.entry(b);
+      let stop = Math.min((b + 1) * j, end);
+      let p: Promise<void> = DONE;
+      if (e < 0) {
+        stop = Math.min(this.map.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
+        if (!isCached(range.fd, range.offset + (pos - offset), stop - pos))
+          p = this.primary.read(Buffer.allocUnsafe(stop - pos), pos);
+      } else if (this.journal.residentFd(e, now, pos - b * j, stop - pos) === -2) {
+        if (!this.journal.hasImage(e)) return null;
+        p = this.journal.readImage(e, Buffer.allocUnsafe(stop - pos), pos - b * j);
+      }
+      if (p !== DONE) reads.push(p);
+      pos = stop;
+    }
+    if (reads.length === 0) return null;
+    return allFinished(reads).then(
+      () => undefined,
+      () => undefined,
+    );
   }
 
   /** Copy every unsent lease that covers block b (the primary is about to change it). */

@@ -127,6 +127,11 @@ export interface Volume {
    */
   lendPieces?(offset: number, length: number): PieceLease | null;
   /**
+   * Optional, with lendPieces: bring into the page cache what lendPieces refused for not being
+   * cached, so that asking again may lend; null when there is nothing to bring in.
+   */
+  warmPieces?(offset: number, length: number): Promise<void> | null;
+  /**
    * Optional: a handle for one client session (an NBD connection). Filters with per-session state
    * (the PIT journal's partial journals) implement it; pass-through filters forward it. Leaving it
    * undefined means every session shares this handle.
