@@ -144,7 +144,9 @@ run_pit() {
   : > "$BF_FORK_LOG"
   steal_begin
   "$BENCH" -t "blockfork=$BF" -t "blockfork-pit=$BF --pit --state-dir {DIR}/state" \
-    -t "blockfork-pit-gateway=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR} --pit" -t nbdkit-file \
+    -t "blockfork-pit-gateway=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR} --pit" \
+    -t "blockfork-pit-gw-shm=$ROOT/scripts/bench-targets/fork.sh {SOCK} {FILE} {DIR} --secondary-on-shm --pit" \
+    -t nbdkit-file \
     -w randwrite-qd32,seqwrite -o "$out" "$@" | tee "$out.log"
   table_section "$out" "$@"
   bash scripts/bench-snapshot.sh "$OUTBASE/snapshot" | tee "$OUTBASE/snapshot.log"
