@@ -23,7 +23,8 @@ export type LinkStateName = "starting" | "streaming" | "tracking" | "resyncing" 
 /** Something that happened to the link. */
 export type LinkEvent =
   | { type: "healthy" }
-  | { type: "unhealthy"; reason: string }
+  /** `refused`: the gateway answered but refuses this proxy (token, size, volume): not an outage. */
+  | { type: "unhealthy"; reason: string; refused?: boolean }
   | { type: "failure"; reason: string }
   | { type: "overflow"; reason: string }
   | { type: "syncTimeout"; reason: string }
@@ -41,7 +42,7 @@ export type LinkAction =
   | { type: "dropQueue" }
   | { type: "startResync" }
   | { type: "stopResync" }
-  | { type: "log"; level: "info" | "warn"; message: string };
+  | { type: "log"; level: "info" | "warn" | "error"; message: string };
 
 /** The machine's state. */
 export interface LinkState {
@@ -111,11 +112,17 @@ export function step(s: LinkState, e: LinkEvent, now: number): [LinkState, LinkA
         return [
           { ...s, name: "tracking", since: now, reason: e.reason },
           [
-            {
-              type: "log",
-              level: "warn",
-              message: `gateway link: gateway not reachable (${e.reason}); tracking`,
-            },
+            e.refused === true
+              ? {
+                  type: "log",
+                  level: "error",
+                  message: `gateway link: the gateway refuses this proxy (${e.reason}); tracking until that is fixed`,
+                }
+              : {
+                  type: "log",
+                  level: "warn",
+                  message: `gateway link: gateway not reachable (${e.reason}); tracking`,
+                },
           ],
         ];
       }

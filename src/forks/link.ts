@@ -202,7 +202,25 @@ export interface LinkStatus {
   mirror: string | null;
 }
 
-class HttpError extends Error {}
+class HttpError extends Error {
+  constructor(
+    message: string,
+    readonly status: number,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * The gateway answered but will not take this proxy's updates until someone changes a setting:
+ * wrong token (401/403), wrong volume (404), a request it finds malformed (400), another size.
+ * Not an outage: said loudly, and retried (a fixed gateway is picked up without a restart).
+ */
+class RefusedError extends Error {}
+
+function refusal(e: unknown): boolean {
+  return e instanceof RefusedError || (e instanceof HttpError && [400, 401, 403, 404].includes(e.status));
+}
 
 /** `writing` counts a covering write as 1 + COVER (at most COVER - 1 writes in progress on a block). */
 const COVER = 2 ** 24;
@@ -387,7 +405,8 @@ export class GatewayLink {
           this.resyncToken++;
           break;
         case "log":
-          if (a.level === "warn") this.log.warn(a.message);
+          if (a.level === "error") this.log.error(a.message);
+          else if (a.level === "warn") this.log.warn(a.message);
           else this.log.info(a.message);
           this.mirrorDirty = true;
           break;
@@ -743,7 +762,7 @@ export class GatewayLink {
         // not JSON: keep the text
       }
       const hint = res.statusCode === 401 ? " (check --gateway-token-file)" : "";
-      throw new HttpError(`${method} ${path} answered ${res.statusCode} ${detail}${hint}`);
+      throw new HttpError(`${method} ${path} answered ${res.statusCode} ${detail}${hint}`, res.statusCode);
     }
     return text ? (JSON.parse(text) as unknown) : {};
   }
@@ -967,9 +986,15 @@ export class GatewayLink {
         const h = (await this.call("GET", "/v1/health")) as { ok?: boolean; volume?: string; size?: number };
         if (!h.ok || typeof h.volume !== "string") throw new Error("health check answered without a volume");
         if (h.size !== undefined && h.size !== this.tracking.meta.volumeSize) {
-          throw new Error(`the secondary is ${h.size} bytes, the primary ${this.tracking.meta.volumeSize}`);
+          throw new RefusedError(
+            `the secondary is ${h.size} bytes, the primary ${this.tracking.meta.volumeSize}: ` +
+              `give the gateway a secondary of the primary's size`,
+          );
         }
         this.volumeName = encodeURIComponent(h.volume);
+        // The health check needs no token: check it now, or a wrong token would show up only as
+        // a refused update stream and then as failing batches, as if the gateway kept going down.
+        await this.call("GET", "/v1/status");
         if (!this.probing) return;
         await this.openStream();
         if (!this.probing) {
@@ -982,7 +1007,15 @@ export class GatewayLink {
       } catch (e) {
         this.lastError = `health check: ${(e as Error).message}`;
         this.probesDone++;
-        if (this.s.name === "starting") this.dispatch({ type: "unhealthy", reason: this.lastError });
+        const refused = refusal(e);
+        if (this.s.name === "starting") this.dispatch({ type: "unhealthy", reason: this.lastError, refused });
+        else if (refused) {
+          this.log.limited(
+            "error",
+            `link refused ${this.lastError}`,
+            `gateway link: the gateway refuses this proxy (${this.lastError}); tracking until that is fixed`,
+          );
+        }
       }
       if (!this.probing) return;
       delay = Math.min(delay * 2, 5000);

@@ -65,6 +65,17 @@ void describe("link state machine: the start", () => {
     assert.deepEqual(kinds(actions), ["stopProbe", "startResync", "log:info"]);
   });
 
+  void test("starting --unhealthy (refused)--> tracking, said as an error: not an outage", () => {
+    const reason = "health check: GET /v1/status answered 401 ERR_AUTH: wrong token";
+    const [s, actions] = step(at("starting"), { type: "unhealthy", reason, refused: true }, T0 + 7);
+    assert.equal(s.name, "tracking");
+    const log = actions.find((a) => a.type === "log");
+    assert.ok(log !== undefined && log.type === "log");
+    assert.equal(log.level, "error");
+    assert.match(log.message, /refuses this proxy .*401.*tracking until that is fixed/);
+    assert.doesNotMatch(log.message, /not reachable/);
+  });
+
   void test("starting --unhealthy--> tracking with the reason; the probe keeps running", () => {
     const [s, actions] = step(at("starting"), { type: "unhealthy", reason: "connect ECONNREFUSED" }, T0 + 7);
     assert.equal(s.name, "tracking");

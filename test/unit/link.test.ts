@@ -569,11 +569,16 @@ void describe("GatewayLink: outages", () => {
         () => r.link.state === "tracking" && /401/.test(r.link.status().reason),
       );
       assert.match(r.link.status().reason, /check --gateway-token-file/);
-      // Health needs no token, so the probe succeeds and the next resync is refused again. The
-      // design says tracking probes "with backoff": over 3 s that is a handful of attempts, not
-      // one per round trip.
+      // Health needs no token; the probe checks the token too (GET /v1/status), so the link is
+      // refused there and never starts a resync that a 401 would end ("gateway is back", then
+      // failing batches, as if the gateway kept going down). It keeps probing with backoff.
+      assert.match(r.link.status().reason, /GET \/v1\/status answered 401/);
       const o0 = r.link.status().outages;
+      const seen = new Set<string>();
+      const sampler = setInterval(() => seen.add(r.link.state), 10);
       await new Promise((res) => setTimeout(res, 3000));
+      clearInterval(sampler);
+      assert.deepEqual([...seen], ["tracking"], "the link never left tracking");
       const attempts = r.link.status().outages - o0;
       assert.ok(attempts <= 10, `the link fell to tracking ${attempts} times in 3 s (no backoff)`);
     } finally {
