@@ -108,6 +108,22 @@ export function transmissionFlags(caps: VolumeCaps, structured: boolean): number
 }
 
 /** The client broke a MUST of the protocol: the connection ends. */
+/** Client strings are decoded strictly: a name that is not UTF-8 must not match another one. */
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
+/** A client string (export name, meta context query): UTF-8 without NUL (proto.md), or null. */
+function clientString(data: Buffer, start: number, end: number): string | null {
+  let text: string;
+  try {
+    text = strictUtf8.decode(data.subarray(start, end));
+  } catch {
+    return null;
+  }
+  return text.includes("\0") ? null : text;
+}
+
+const NOT_A_STRING = "is not UTF-8 without NUL bytes (proto.md's rule for strings)";
+
 export class HandshakeAbort extends Error {
   readonly code = "ERR_NBD_HANDSHAKE";
 }
@@ -234,7 +250,8 @@ class Negotiation {
 
   private async exportName(data: Buffer): Promise<Negotiated> {
     if (data.length > MAX_STRING) throw new HandshakeAbort("EXPORT_NAME longer than 4096 bytes");
-    const name = data.toString("utf8");
+    const name = clientString(data, 0, data.length);
+    if (name === null) throw new HandshakeAbort(`EXPORT_NAME: the name ${NOT_A_STRING}`);
     const opened = await this.ctx.registry.open(name, this.ctx.client);
     if (!isOpen(opened)) throw new HandshakeAbort(`EXPORT_NAME "${name}": ${opened.message}`);
     const blockStatus = this.metaSelected && this.metaExport === name;
@@ -314,7 +331,8 @@ class Negotiation {
     if (nameLen > data.length - 6)
       throw new OptionError(REP.ERR_INVALID, "INFO/GO name length exceeds the data");
     if (nameLen > MAX_STRING) throw new OptionError(REP.ERR_INVALID, "export name longer than 4096 bytes");
-    const name = data.toString("utf8", 4, 4 + nameLen);
+    const name = clientString(data, 4, 4 + nameLen);
+    if (name === null) throw new OptionError(REP.ERR_INVALID, `the export name ${NOT_A_STRING}`);
     const nInfo = data.readUInt16BE(4 + nameLen);
     if (data.length !== 6 + nameLen + 2 * nInfo) {
       throw new OptionError(REP.ERR_INVALID, "INFO/GO length does not match its information requests");
@@ -323,7 +341,11 @@ class Negotiation {
     for (let i = 0; i < nInfo; i++) requested.add(data.readUInt16BE(6 + nameLen + 2 * i));
 
     const opened = await this.ctx.registry.open(name, this.ctx.client);
-    if (!isOpen(opened)) throw new OptionError(REP.ERR_UNKNOWN, opened.message);
+    if (!isOpen(opened)) {
+      // The client may not show the message (nbdinfo prints only the error's errno): log it.
+      this.log.info(`export ${JSON.stringify(name)} refused: ${opened.message}`);
+      throw new OptionError(REP.ERR_UNKNOWN, opened.message);
+    }
     const flags = transmissionFlags(opened.volume.caps(), this.structured);
     this.reply(option, REP.INFO, encodeInfoExport(opened.volume.size, flags));
     if (requested.has(INFO.NAME)) this.reply(option, REP.INFO, encodeInfoString(INFO.NAME, opened.name));
@@ -351,7 +373,8 @@ class Negotiation {
     if (nameLen > MAX_STRING || 4 + nameLen + 4 > data.length) {
       throw new OptionError(REP.ERR_INVALID, "bad export name length");
     }
-    const name = data.toString("utf8", 4, 4 + nameLen);
+    const name = clientString(data, 4, 4 + nameLen);
+    if (name === null) throw new OptionError(REP.ERR_INVALID, `the export name ${NOT_A_STRING}`);
     let at = 4 + nameLen;
     const nQueries = data.readUInt32BE(at);
     at += 4;
@@ -364,7 +387,9 @@ class Negotiation {
       if (qLen > MAX_STRING || at + qLen > data.length) {
         throw new OptionError(REP.ERR_INVALID, "query runs past the option data");
       }
-      queries.push(data.toString("utf8", at, at + qLen));
+      const q = clientString(data, at, at + qLen);
+      if (q === null) throw new OptionError(REP.ERR_INVALID, `a query ${NOT_A_STRING}`);
+      queries.push(q);
       at += qLen;
     }
     if (at !== data.length) throw new OptionError(REP.ERR_INVALID, "trailing bytes after the queries");

@@ -282,7 +282,8 @@ export function writeStructuredHeader(
 
 /** UTF-8 bytes of `text`, cut to at most `max` bytes at a character boundary. */
 export function utf8Capped(text: string, max = MAX_STRING): Buffer {
-  const b = Buffer.from(text, "utf8");
+  // Strings the server sends must not hold NUL (proto.md); a message may quote client input.
+  const b = Buffer.from(text.includes("\0") ? text.replaceAll("\0", "\\0") : text, "utf8");
   if (b.length <= max) return b;
   let end = max;
   while (end > 0 && (b[end] & 0xc0) === 0x80) end--; // do not split a multi-byte character

@@ -5,6 +5,7 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { MemoryVolume } from "../../src/volume/memory.js";
+import { utf8Capped } from "../../src/nbd/wire.js";
 import {
   infoRequestData,
   isOptionError,
@@ -290,6 +291,36 @@ void describe("INFO and GO", () => {
     assert.ok(msg.includes("nope"), `message names the export: ${msg}`);
     assertErrorReply(await c.option(OPT.INFO, infoRequestData("Disk")), OPT.INFO, REP.ERR_UNKNOWN);
     await assertUsable(c);
+  });
+
+  void test("an export name that is not UTF-8, or holds a NUL: ERR_INVALID, and the session continues", async () => {
+    // proto.md: strings are UTF-8 and MUST NOT contain NUL. Decoded loosely, "disk\xff" and
+    // "disk\xfe" would both become "disk\ufffd" and name the same export.
+    const c = await opened();
+    const raw = (name: Buffer): Buffer => {
+      const d = Buffer.alloc(4 + name.length + 2);
+      d.writeUInt32BE(name.length, 0);
+      name.copy(d, 4);
+      return d;
+    };
+    for (const name of [Buffer.from("disk\0"), Buffer.from([0x64, 0xff]), Buffer.from([0xc3])]) {
+      for (const opt of [OPT.INFO, OPT.GO]) {
+        const msg = assertErrorReply(await c.option(opt, raw(name)), opt, REP.ERR_INVALID);
+        assert.match(msg, /not UTF-8 without NUL/);
+        assert.ok(!Buffer.from(msg).includes(0), "no NUL in the server's message");
+      }
+    }
+    await c.option(OPT.STRUCTURED_REPLY);
+    for (const d of [metaContextData("disk\0", ["base:allocation"]), metaContextData("disk", ["base:\0"])]) {
+      assertErrorReply(await c.option(OPT.LIST_META_CONTEXT, d), OPT.LIST_META_CONTEXT, REP.ERR_INVALID);
+    }
+    await assertUsable(c, true);
+  });
+
+  void test("server strings never carry a NUL, even quoting one", () => {
+    const b = utf8Capped('no export named "a\0b"');
+    assert.ok(!b.includes(0), `NUL in ${JSON.stringify(b.toString())}`);
+    assert.equal(b.toString(), 'no export named "a\\0b"');
   });
 
   void test("an export name over 4096 bytes: ERR_INVALID", async () => {
