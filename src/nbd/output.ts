@@ -22,6 +22,12 @@
 //   addon resumes once it has gone (the lease stays valid until then). If its lender copied it
 //   meanwhile (`lease.data`), the copy is sent instead. Leases still queued when the connection
 //   ends are released by discard().
+// - Both kinds read their data only while they send it, after the reply's header has gone, so a
+//   read error can come up mid-reply. With structured replies the header is an OFFSET_DATA chunk
+//   without DONE and `tail` ends the reply: a NONE chunk with DONE once the data has gone, or, on
+//   a read error, the rest of the chunk as zeroes and then an ERROR chunk with DONE (proto.md: a
+//   chunk once begun is completed, and a chunk may be final only when no error can follow). A
+//   simple reply cannot report an error after its header: the connection is closed instead.
 // - Direct sends: when libuv has nothing queued for the socket, a run of replies is sent with one
 //   non-blocking send(2) from here, skipping the stream's write request and callback (a few µs per
 //   reply at queue depth 1); what the socket does not take is written through libuv, in order.
@@ -35,6 +41,14 @@ import type { Duplex } from "node:stream";
 import { acquire, release } from "../util/buffer-pool.js";
 import { readFullySync, readPiecesSync, sendHeaderAndFile, sendNow, sendPieces } from "../blockio/index.js";
 import type { PieceLease } from "../volume/volume.js";
+import { nbdErrorOf } from "./errors.js";
+import {
+  encodeErrorChunk,
+  REPLY_FLAG_DONE,
+  REPLY_TYPE,
+  STRUCTURED_REPLY_SIZE,
+  writeStructuredHeader,
+} from "./wire.js";
 
 /** A reusable reply buffer. */
 export class Slab {
@@ -63,6 +77,21 @@ interface Segment {
   lease?: PieceLease;
   /** Bytes of a lent read (header included) already sent. */
   sent?: number;
+  /** Structured replies: what ends the reply once the data has gone, or fails it (see above). */
+  tail?: ReplyTail;
+}
+
+/** The end of a structured read reply whose data is read while it is sent. */
+export interface ReplyTail {
+  cookieHi: number;
+  cookieLo: number;
+}
+
+/** A NONE chunk with DONE: the end of a reply whose last chunk could not be marked final. */
+function doneChunk(t: ReplyTail): Buffer {
+  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_SIZE);
+  writeStructuredHeader(b, 0, REPLY_FLAG_DONE, REPLY_TYPE.NONE, t.cookieHi, t.cookieLo, 0);
+  return b;
 }
 
 /** Builds and sends replies for one connection. */
@@ -181,13 +210,13 @@ export class OutputQueue {
   }
 
   /** Queue `header` followed by `length` bytes of file `fd` at `offset`, sent with sendfile. */
-  pushFile(header: Buffer, fd: number, offset: number, length: number): void {
-    this.pushZeroCopy(header, fd, offset, length, undefined);
+  pushFile(header: Buffer, fd: number, offset: number, length: number, tail?: ReplyTail): void {
+    this.pushZeroCopy(header, fd, offset, length, undefined, tail);
   }
 
   /** Queue `header` followed by a lent read, sent piece by piece (see PieceLease.copyFd). */
-  pushLease(header: Buffer, lease: PieceLease): void {
-    this.pushZeroCopy(header, -1, 0, lease.length, lease);
+  pushLease(header: Buffer, lease: PieceLease, tail?: ReplyTail): void {
+    this.pushZeroCopy(header, -1, 0, lease.length, lease, tail);
   }
 
   private pushZeroCopy(
@@ -196,6 +225,7 @@ export class OutputQueue {
     offset: number,
     length: number,
     lease: PieceLease | undefined,
+    tail: ReplyTail | undefined,
   ): void {
     if (this.sockFd < 0) throw new Error("zero-copy segment on a connection without a socket descriptor");
     const s: Segment = {
@@ -210,6 +240,7 @@ export class OutputQueue {
       length,
     };
     if (lease !== undefined) s.lease = lease;
+    if (tail !== undefined) s.tail = tail;
     this.segments.push(s);
     this.unflushed += header.length + length;
   }
@@ -305,7 +336,10 @@ export class OutputQueue {
       return;
     }
     this.zeroCopyBytes += Math.max(0, sent - hlen);
-    if (sent === total) return;
+    if (sent === total) {
+      if (s.tail) this.writeBuffer(doneChunk(s.tail), null);
+      return;
+    }
     // The socket filled up: the rest of this reply goes through libuv, ahead of everything after it.
     const rest = total - sent;
     const pooled = acquire(rest);
@@ -319,11 +353,39 @@ export class OutputQueue {
     try {
       readFullySync(s.fd, buf.subarray(at), s.offset + dataStart);
     } catch (e) {
+      this.readFailed(s, buf, at, pooled, e);
+      return;
+    }
+    this.writeBuffer(buf, pooled);
+    if (s.tail) this.writeBuffer(doneChunk(s.tail), null);
+  }
+
+  /**
+   * The rest of a reply's data (`buf` from `at` on, pooled, and `more` bytes after it) could not
+   * be read. Structured: the chunk is completed with zeroes and the read fails with an ERROR
+   * chunk; simple: the connection
+   * ends (the client has the header, and a simple reply has no way to take it back).
+   */
+  private readFailed(s: Segment, buf: Buffer, at: number, pooled: Buffer, e: unknown, more = 0): void {
+    s.lease?.release();
+    if (!s.tail) {
       release(pooled);
       this.fail(e);
       return;
     }
+    buf.fill(0, at);
     this.writeBuffer(buf, pooled);
+    if (more > 0) this.writeBuffer(Buffer.alloc(more), null);
+    const why = e instanceof Error ? e.message : String(e);
+    this.writeBuffer(
+      encodeErrorChunk(
+        s.tail.cookieHi,
+        s.tail.cookieLo,
+        nbdErrorOf(e),
+        `read failed while it was sent: ${why}`,
+      ),
+      null,
+    );
   }
 
   /**
@@ -342,6 +404,7 @@ export class OutputQueue {
       const data = lease.data.subarray(Math.max(0, sent - hlen));
       const buf = sent < hlen ? Buffer.concat([s.buf.subarray(sent), data]) : data;
       this.writeBuffer(buf, null);
+      if (s.tail) this.writeBuffer(doneChunk(s.tail), null);
       return true;
     }
     const r = sendPieces(
@@ -359,6 +422,7 @@ export class OutputQueue {
     sent += r;
     if (sent === total) {
       lease.release();
+      if (s.tail) this.writeBuffer(doneChunk(s.tail), null);
       return true;
     }
     // The socket is full: a copied bridge through libuv (still consistent: nothing can change the
@@ -373,9 +437,8 @@ export class OutputQueue {
     try {
       readPiecesSync(lease.pieces, Math.max(0, sent - hlen), buf.subarray(at));
     } catch (e) {
-      release(pooled);
-      lease.release();
-      this.fail(e);
+      // The chunk must be completed: the rest of the lease after this bridge goes as zeroes too.
+      this.readFailed(s, buf, at, pooled, e, total - sent - n);
       return true;
     }
     sent += n;
@@ -383,6 +446,7 @@ export class OutputQueue {
     const finished = sent === total;
     if (finished) lease.release();
     this.writeBuffer(buf, pooled);
+    if (finished && s.tail) this.writeBuffer(doneChunk(s.tail), null);
     return finished;
   }
 

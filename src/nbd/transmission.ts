@@ -30,7 +30,7 @@ import { RequestReceiver, type PayloadHold, type RequestSink } from "./receiver.
 import { plainSocketFd } from "../util/onread.js";
 import { commandName } from "./commands.js";
 import { nbdErrorOf } from "./errors.js";
-import { OutputQueue } from "./output.js";
+import { OutputQueue, type ReplyTail } from "./output.js";
 import { validateRequest, type Rejection, type ValidationContext } from "./validate.js";
 import { BASE_ALLOCATION_ID } from "./handshake.js";
 import { statusDescriptors } from "./status.js";
@@ -480,8 +480,9 @@ export class Transmission implements RequestSink {
     const range = this.vol.fileRange?.(req.offset, req.length);
     if (!range || !isCached(range.fd, range.offset, req.length)) return false;
     const header = Buffer.allocUnsafe(this.structured ? STRUCTURED_REPLY_SIZE + 8 : SIMPLE_REPLY_SIZE);
-    this.readHeader(header, 0, req);
-    this.out.pushFile(header, range.fd, range.offset, req.length);
+    // Not final: the data is read while it is sent, and an error may come up (output.ts).
+    this.readHeader(header, 0, req, 0);
+    this.out.pushFile(header, range.fd, range.offset, req.length, this.tailOf(req));
     return true;
   }
 
@@ -490,17 +491,22 @@ export class Transmission implements RequestSink {
     const lease = this.vol.lendPieces?.(req.offset, req.length);
     if (!lease) return false;
     const header = Buffer.allocUnsafe(this.structured ? STRUCTURED_REPLY_SIZE + 8 : SIMPLE_REPLY_SIZE);
-    this.readHeader(header, 0, req);
-    this.out.pushLease(header, lease);
+    this.readHeader(header, 0, req, 0);
+    this.out.pushLease(header, lease, this.tailOf(req));
     return true;
   }
 
-  private readHeader(buf: Buffer, at: number, req: Request): void {
+  /** How a structured reply whose data is read while it is sent ends (see output.ts). */
+  private tailOf(req: Request): ReplyTail | undefined {
+    return this.structured ? { cookieHi: req.cookieHi, cookieLo: req.cookieLo } : undefined;
+  }
+
+  private readHeader(buf: Buffer, at: number, req: Request, flags = REPLY_FLAG_DONE): void {
     if (this.structured) {
       writeStructuredHeader(
         buf,
         at,
-        REPLY_FLAG_DONE,
+        flags,
         REPLY_TYPE.OFFSET_DATA,
         req.cookieHi,
         req.cookieLo,

@@ -37,6 +37,7 @@ import {
 import { acquire, release } from "../../src/util/buffer-pool.js";
 import { OutputQueue } from "../../src/nbd/output.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
+import type { PieceLease } from "../../src/volume/volume.js";
 import { binding } from "../../src/blockio/native.js";
 
 const E = constants.errno;
@@ -731,6 +732,87 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
       p.close();
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  /**
+   * A structured reply whose data fails to read while it is sent: the client gets the chunk
+   * completed with zeroes, then an ERROR chunk with DONE, and the connection goes on (proto.md:
+   * the data chunk was not final). `push` queues the reply, whose data is `length` bytes.
+   */
+  async function failedStructuredRead(
+    push: (q: OutputQueue, dir: string) => void,
+    length: number,
+  ): Promise<{ data: Buffer; error: Buffer; next: Buffer }> {
+    const dir = mkdtempSync(join(tmpdir(), "blockfork-send-"));
+    const p = await socketPair(dir);
+    try {
+      setSendBuffer(p.fd, 16 * KiB);
+      p.client.pause();
+      const q = new OutputQueue(p.server, p.fd);
+      push(q, dir);
+      q.pushSmall(Buffer.from("next reply"));
+      assert.doesNotThrow(() => q.flush());
+      assert.ok(!p.server.destroyed, "the connection goes on");
+      const hdr = 16;
+      const errLen = 20 + 6 + 40; // at least: header, error, message length, a message
+      p.client.resume();
+      const got = await receive(p, hdr + length + errLen);
+      const all = Buffer.concat([got, await receive(p, 0)]);
+      const errAt = hdr + length;
+      const msgLen = all.readUInt16BE(errAt + 24);
+      const next = errAt + 26 + msgLen;
+      const rest =
+        all.length >= next + 10 ? all : Buffer.concat([all, await receive(p, next + 10 - all.length)]);
+      return {
+        data: rest.subarray(hdr, errAt),
+        error: rest.subarray(errAt, next),
+        next: rest.subarray(next, next + 10),
+      };
+    } finally {
+      p.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  function assertErrorChunk(error: Buffer, cookie: number): void {
+    assert.equal(error.readUInt32BE(0), 0x668e33ef, "a structured reply chunk");
+    assert.equal(error.readUInt16BE(4), 1, "DONE");
+    assert.equal(error.readUInt16BE(6), 0x8001, "NBD_REPLY_TYPE_ERROR");
+    assert.equal(error.readUInt32BE(12), cookie);
+    assert.equal(error.readUInt32BE(20), 5, "EIO");
+    assert.match(error.subarray(26).toString(), /read failed while it was sent/);
+  }
+
+  void test("structured: a file reply whose rest cannot be read is completed with zeroes and failed with an ERROR chunk", async () => {
+    const file = randomBytes(256 * KiB);
+    const { data, error, next } = await failedStructuredRead((q, dir) => {
+      writeFileSync(join(dir, "f"), file);
+      const fd = openSync(join(dir, "f"), "r");
+      closeSync(fd); // sendfile fails at once: the header goes, then the rest cannot be read
+      q.pushFile(Buffer.from("HEADER-16-BYTES!"), fd, 0, 256 * KiB, { cookieHi: 0, cookieLo: 77 });
+    }, 256 * KiB);
+    assert.ok(data.equals(Buffer.alloc(256 * KiB)), "the chunk is completed with zeroes");
+    assertErrorChunk(error, 77);
+    assert.equal(next.toString(), "next reply");
+  });
+
+  void test("structured: a lent reply whose pieces cannot be read is completed with zeroes and failed with an ERROR chunk", async () => {
+    let released = 0;
+    const { data, error, next } = await failedStructuredRead((q) => {
+      const lease: PieceLease = {
+        offset: 0,
+        length: 100 * KiB,
+        pieces: Float64Array.from([1_000_000, 0, 100 * KiB]), // not an open descriptor
+        copyFd: -2,
+        data: null,
+        release: () => void released++,
+      };
+      q.pushLease(Buffer.from("HEADER-16-BYTES!"), lease, { cookieHi: 0, cookieLo: 78 });
+    }, 100 * KiB);
+    assert.ok(data.equals(Buffer.alloc(100 * KiB)), "the chunk is completed with zeroes");
+    assertErrorChunk(error, 78);
+    assert.equal(next.toString(), "next reply");
+    assert.equal(released, 1, "the lease was released once");
   });
 
   /** Read `n` bytes from the client side of `p`, then stop listening. */

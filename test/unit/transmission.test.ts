@@ -295,6 +295,11 @@ function assemble(chunks: Chunk[], offset: number, length: number): Buffer {
       const n = ch.payload.readUInt32BE(8);
       assert.ok(n > 0 && at >= 0 && at + n <= length, "OFFSET_HOLE inside the request");
       for (let i = at; i < at + n; i++) covered[i] += 1;
+    } else if (ch.type === T.NONE) {
+      // Ends a reply whose data chunk could not be final (proto.md: NONE only with DONE, no payload).
+      assert.equal(ch.flags & 1, 1, "a NONE chunk carries DONE");
+      assert.equal(ch.payload.length, 0);
+      assert.equal(ch, chunks[chunks.length - 1], "the NONE chunk is the last");
     } else {
       assert.fail(`unexpected chunk type ${ch.type} in a successful read`);
     }
