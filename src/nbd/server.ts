@@ -209,7 +209,11 @@ export class NbdServer {
   async quiesce(timeoutMs = 30_000): Promise<boolean> {
     this.stopping = true;
     for (const s of this.servers) s.close();
-    for (const c of this.conns) if (c.tx === null) c.socket.destroy();
+    // Clients still haggling get a moment in which each option is answered NBD_REP_ERR_SHUTDOWN
+    // (proto.md: SHOULD), so they learn why rather than seeing a reset; then they are dropped.
+    for (const c of this.conns) {
+      if (c.tx === null) setTimeout(() => c.tx === null && c.socket.destroy(), HAGGLE_GRACE_MS).unref();
+    }
     const waits = [...this.conns].filter((c) => c.tx !== null).map((c) => c.tx!.quiesce());
     return withTimeout(
       Promise.all(waits).then(() => true),
@@ -238,6 +242,9 @@ export class NbdServer {
     }
   }
 }
+
+/** How long a client still haggling when the server quiesces may go on hearing ERR_SHUTDOWN (ms). */
+const HAGGLE_GRACE_MS = 1000;
 
 /** `p`, or `fallback` after `ms`. The timer is not unref'd: it keeps the process alive while it waits. */
 function withTimeout<T>(p: Promise<T>, ms: number, fallback: T): Promise<T> {

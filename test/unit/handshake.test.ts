@@ -39,6 +39,7 @@ const REP = {
   ERR_POLICY: 0x80000002,
   ERR_INVALID: 0x80000003,
   ERR_UNKNOWN: 0x80000006,
+  ERR_SHUTDOWN: 0x80000007,
   ERR_TOO_BIG: 0x80000009,
 };
 const INFO_EXPORT = 0,
@@ -513,6 +514,25 @@ void describe("STRUCTURED_REPLY and metadata contexts", () => {
 });
 
 void describe("other options and limits", () => {
+  void test("shutdown while a client haggles: its options get ERR_SHUTDOWN, then closeAll closes it", async () => {
+    const own = await startTestServer({ exports: [{ name: "d", volume: new MemoryVolume(1024 * 1024) }] });
+    try {
+      const c = await own.connect();
+      await c.greeting();
+      c.sendClientFlags(3);
+      const list = await c.option(OPT.LIST);
+      assert.equal(list[list.length - 1].type, REP.ACK);
+      const quiesced = own.server.quiesce(1000);
+      assertErrorReply(await c.option(OPT.LIST), OPT.LIST, REP.ERR_SHUTDOWN);
+      assertErrorReply(await c.option(OPT.GO, infoRequestData("")), OPT.GO, REP.ERR_SHUTDOWN);
+      assert.equal(await quiesced, true, "a haggling client does not hold up the quiesce");
+      await own.server.closeAll(1000);
+      assert.equal((await c.readToEnd()).length, 0, "closed after closeAll");
+    } finally {
+      await own.stop();
+    }
+  });
+
   void test("unknown and unsupported options: ERR_UNSUP, and the session continues", async () => {
     const c = await opened();
     for (const opt of [OPT.PEEK_EXPORT, OPT.EXTENDED_HEADERS, 12, 99, 0x7fffffff, 0xffffffff]) {
