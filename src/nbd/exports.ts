@@ -57,6 +57,9 @@ export interface StaticExport {
 }
 
 /** Check block size constraints against proto.md's rules; throws UsageError with what is wrong. */
+/** The largest maximum block size `--block-size` may advertise. */
+export const MAX_BLOCK_LIMIT = 64 * 1024 * 1024;
+
 export function checkBlockSizes(b: BlockSizes, exportSize: number): void {
   const pow2 = (n: number): boolean => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
   if (!pow2(b.minimum) || b.minimum > 65536) {
@@ -76,7 +79,13 @@ export function checkBlockSizes(b: BlockSizes, exportSize: number): void {
       `maximum block size ${b.maximum} must be a multiple of the minimum and at least min(preferred, export size)`,
     );
   }
-  if (b.maximum > 0xffffffff) throw new UsageError(`maximum block size ${b.maximum} does not fit in 32 bits`);
+  // A request's data is held in memory, and a structured reply's chunk length (8 + data) is 32
+  // bits: past 4 GiB - 8 a read could not even be described. nbdkit caps requests at 64 MiB too.
+  if (b.maximum > MAX_BLOCK_LIMIT) {
+    throw new UsageError(
+      `maximum block size ${b.maximum} is over ${MAX_BLOCK_LIMIT} (64 MiB), the largest request blockfork takes`,
+    );
+  }
   if (exportSize % b.minimum !== 0) {
     throw new UsageError(
       `export size ${exportSize} is not a multiple of the minimum block size ${b.minimum}`,

@@ -167,7 +167,12 @@ void describe("checkBlockSizes", () => {
     ok(4096, 4096, 32 * MiB);
     // A tiny export: the maximum need only reach the export size.
     ok(1, 4096, 1024, 1024);
-    ok(1, 4096, 0xffffffff);
+    ok(1, 4096, 64 * MiB);
+  });
+
+  void test("the maximum is at most 64 MiB (a request's data is held in memory; 4 GiB - 8 is not even describable)", () => {
+    bad(1, 4096, 64 * MiB + 1);
+    bad(1, 4096, 0xffffffff);
   });
 
   void test("minimum must be a power of two up to 64 KiB", () => {
