@@ -363,8 +363,8 @@ export class OutputQueue {
   /**
    * The rest of a reply's data (`buf` from `at` on, pooled, and `more` bytes after it) could not
    * be read. Structured: the chunk is completed with zeroes and the read fails with an ERROR
-   * chunk; simple: the connection
-   * ends (the client has the header, and a simple reply has no way to take it back).
+   * chunk; simple: the connection ends (the client has the header, and a simple reply has no
+   * way to take it back).
    */
   private readFailed(s: Segment, buf: Buffer, at: number, pooled: Buffer, e: unknown, more = 0): void {
     s.lease?.release();
