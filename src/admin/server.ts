@@ -6,7 +6,8 @@
 //   GET  /tracking?limit=N   dirty extents with timestamps
 //   POST /verify?repair=1    compare primary and secondary; NDJSON progress lines, then the result
 //   POST /resync?full=1      start a resync now (full: mark every block dirty first)
-//   POST /mark?name=NAME     bookmark the current point in time (PIT journal)
+//   POST /mark?name=NAME     bookmark the current point in time (PIT journal); &replace=1 moves
+//                            an existing bookmark (without it, an existing name is refused)
 //   GET  /snapshots          the journal's window, size and bookmarks
 
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
@@ -39,7 +40,7 @@ export interface AdminHandlers {
     signal: AbortSignal,
   ): Promise<unknown>;
   resync(full: boolean): Promise<unknown>;
-  mark(name: string): unknown;
+  mark(name: string, replace: boolean): unknown;
   snapshots(): SnapshotsReport;
 }
 
@@ -105,7 +106,10 @@ export class AdminServer {
         return;
       }
       if (req.method === "POST" && url.pathname === "/mark") {
-        return send(200, this.handlers.mark(url.searchParams.get("name") ?? ""));
+        return send(
+          200,
+          this.handlers.mark(url.searchParams.get("name") ?? "", url.searchParams.get("replace") === "1"),
+        );
       }
       if (req.method === "GET" && url.pathname === "/snapshots") return send(200, this.handlers.snapshots());
       if (req.method === "POST" && url.pathname === "/resync") {

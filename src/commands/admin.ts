@@ -277,14 +277,16 @@ export async function resyncCommand(argv: string[]): Promise<number> {
   }
 }
 
-export const MARK_HELP = `Usage: blockfork mark NAME --state-dir DIR
+export const MARK_HELP = `Usage: blockfork mark NAME --state-dir DIR [--replace]
 
 Bookmark the current point in time of a running proxy with a PIT journal (--pit). The bookmark is
 served as the read-only export snap@NAME and listed by NBD_OPT_LIST (nbdinfo --list). It shows the
 volume at exactly that time, with every write completed before it (not rounded down to the merge
 window, as snap@<time> is): sync or freeze the filesystem first, then mark.
-NAME: 1-64 letters, digits, '.', '_', ':' or '-'.
-Exit status: 0; 1 when no proxy answers or the journal is stopped; 2 on a usage error.
+NAME: 1-64 letters, digits, '.', '_', ':' or '-'. A NAME already bookmarked is refused (the earlier
+point would be lost); --replace moves that bookmark to now.
+Exit status: 0; 1 when no proxy answers or the journal is stopped; 2 on a usage error (a NAME
+already bookmarked without --replace).
 `;
 
 export const SNAPSHOTS_HELP = `Usage: blockfork snapshots --state-dir DIR [--json]
@@ -317,9 +319,10 @@ function offlineSnapshots(dir: string): SnapshotsReport {
 
 /** blockfork mark NAME */
 export async function mark(argv: string[]): Promise<number> {
-  const { dir, positionals } = stateDirArg(argv, {}, 1);
+  const { dir, values, positionals } = stateDirArg(argv, { replace: { type: "boolean" } }, 1);
   if (positionals.length !== 1) throw new UsageError("blockfork mark takes one NAME");
-  const r = (await adminCall(dir, "POST", `/mark?name=${encodeURIComponent(positionals[0])}`)) as {
+  const replace = values.replace === true ? "&replace=1" : "";
+  const r = (await adminCall(dir, "POST", `/mark?name=${encodeURIComponent(positionals[0])}${replace}`)) as {
     name: string;
     time: string;
     export: string;

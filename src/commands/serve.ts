@@ -640,9 +640,9 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
       }
       return verify(parts.base, tracking, link, repair, progress, signal);
     },
-    mark: (name) => {
+    mark: (name, replace) => {
       if (!parts.journal) throw new UsageError("this proxy has no --pit journal");
-      const ts = parts.journal.mark(name);
+      const ts = parts.journal.mark(name, undefined, { replace });
       return { name, time: new Date(ts).toISOString(), export: `snap@${name}` };
     },
     snapshots: () => {

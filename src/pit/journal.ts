@@ -1173,14 +1173,24 @@ export class Journal {
     writeFileAtomicSync(this.bookmarksPath(), JSON.stringify(Object.fromEntries(this.bookmarks), null, 1));
   }
 
-  /** Record a named point in time (now by default); durable when it returns. */
-  mark(name: string, ts = journalNow()): number {
+  /**
+   * Record a named point in time (now by default); durable when it returns. A name already taken
+   * is a usage error unless `replace` is set (moving it loses the earlier point's bookmark).
+   */
+  mark(name: string, ts = journalNow(), opts: { replace?: boolean } = {}): number {
     if (!/^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$/.test(name)) {
       throw new UsageError(`bookmark name "${name}" must be 1-64 letters, digits, '.', '_', ':' or '-'`);
     }
     if (/^\d{4}-\d{2}-\d{2}/.test(name)) {
       throw new UsageError(
         `bookmark name "${name}" reads as a time (snap@${name} would mean that time); choose another`,
+      );
+    }
+    const had = this.bookmarks.get(name);
+    if (had !== undefined && !opts.replace) {
+      throw new UsageError(
+        `bookmark "${name}" exists (at ${new Date(had).toISOString()}); pass --replace to move it ` +
+          "to now, or choose another name",
       );
     }
     const w = this.window();

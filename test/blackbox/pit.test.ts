@@ -29,6 +29,7 @@ import {
   py,
   recordPoint,
   REP_ERR_UNKNOWN,
+  sleep,
   snapshots,
   snapUri,
   type Background,
@@ -474,5 +475,23 @@ void describe("PIT command line and bookmark names", () => {
     const go = await goReply(srv.sock, "snap@2020-01-01");
     assert.equal(go.type, REP_ERR_UNKNOWN, `snap@2020-01-01: reply 0x${go.type.toString(16)} ${go.message}`);
     assert.match(go.message, RANGE_RE, "snap@2020-01-01 is read as a time outside the window");
+  });
+
+  void test("mark refuses a name already taken (exit 2, saying when); --replace moves it", async () => {
+    const timeOf = async (name: string) =>
+      (await snapshots(stateDir)).bookmarks.find((b) => b.name === name)?.time ?? null;
+    const first = await blockfork(["mark", "kept", "--state-dir", stateDir]);
+    assert.equal(first.code, 0, first.stderr);
+    const t1 = await timeOf("kept");
+    assert.ok(t1 !== null);
+    await sleep(20);
+    const again = await blockfork(["mark", "kept", "--state-dir", stateDir]);
+    assert.equal(again.code, 2, again.stdout + again.stderr);
+    assert.match(again.stderr, new RegExp(`bookmark "kept" exists \\(at ${t1}\\); pass --replace`));
+    assert.equal(await timeOf("kept"), t1, "the refused mark moved the bookmark");
+    const moved = await blockfork(["mark", "kept", "--replace", "--state-dir", stateDir]);
+    assert.equal(moved.code, 0, moved.stderr);
+    const t2 = await timeOf("kept");
+    assert.ok(t2 !== null && Date.parse(t2) > Date.parse(t1), `${t1} -> ${t2}`);
   });
 });

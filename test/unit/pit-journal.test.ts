@@ -1134,7 +1134,16 @@ void describe("Journal: bookmarks", () => {
     assert.ok(t >= t0 && t <= journalNow());
     const given = journalNow() - 1;
     assert.equal(j.mark("given", given), given);
-    assert.equal(j.mark("before", t + 1), t + 1, "marking a name again moves it");
+    assert.throws(
+      () => j.mark("before", t + 1),
+      (e: Error & { code?: string }) =>
+        e.code === "ERR_USAGE" &&
+        e.message.includes(`bookmark "before" exists (at ${new Date(t).toISOString()})`) &&
+        e.message.includes("--replace"),
+      "marking a name again without replace must be refused",
+    );
+    assert.equal(j.listBookmarks().get("before"), t, "a refused mark moved the bookmark");
+    assert.equal(j.mark("before", t + 1, { replace: true }), t + 1, "replace moves it");
     const file = JSON.parse(readFileSync(join(dir, "bookmarks.json"), "utf8")) as Record<string, number>;
     assert.deepEqual(file, { before: t + 1, given });
     await j.close();
