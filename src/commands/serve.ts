@@ -78,7 +78,7 @@ Replication (forked writes to a gateway; see docs/gateway-api.md)
 
 Point-in-time snapshots (before-images journaled under --state-dir; see docs/pit-journal.md)
   --pit                    journal before-images; serve read-only exports snap@<ISO-8601 time>
-                           and snap@<bookmark> (blockfork mark NAME)
+                           (without a zone: UTC) and snap@<bookmark> (blockfork mark NAME)
   --pit-retention DURATION keep points in time this long (default 24h; 90s, 30m, 7d ...)
   --pit-max-bytes SIZE     and at most this much journal (default 10G)
   --pit-window MS          merge window: snapshots exist at its boundaries (default 1000)

@@ -16,10 +16,16 @@ const PREFIX = "snap@";
  */
 export const SETTLE_TIMEOUT_MS = 30_000;
 
-/** Parse what follows "snap@": an ISO-8601 time, or a bookmark name. */
-function parseTime(text: string): number | null {
+/** A date-time with no zone (no Z, no offset): Date.parse would read it in local time. */
+const ZONELESS = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?$/;
+
+/**
+ * Parse what follows "snap@" as an ISO-8601 time (ms), or null (then it names a bookmark). A time
+ * without a zone is UTC, as a date alone is: the server's own zone must not change the point.
+ */
+export function parseSnapTime(text: string): number | null {
   if (!/^\d{4}-\d{2}-\d{2}/.test(text)) return null;
-  const t = Date.parse(text);
+  const t = Date.parse(ZONELESS.test(text) ? `${text}Z` : text);
   return Number.isNaN(t) ? null : t;
 }
 
@@ -67,7 +73,7 @@ export class SnapshotProvider implements ExportProvider {
 
   open(name: string): Promise<OpenExport | ExportRefusal> {
     const target = name.slice(PREFIX.length);
-    let t = parseTime(target);
+    let t = parseSnapTime(target);
     let point: number;
     if (t === null) {
       const b = this.journal.listBookmarks().get(target);

@@ -20,7 +20,7 @@ import { Journal } from "../../src/pit/journal.js";
 import { journalNow } from "../../src/pit/clock.js";
 import { journalVolume } from "../../src/pit/filter.js";
 import { SnapshotView } from "../../src/pit/snapshot.js";
-import { SnapshotProvider } from "../../src/pit/provider.js";
+import { parseSnapTime, SnapshotProvider } from "../../src/pit/provider.js";
 import { Gate } from "../helpers/gate.js";
 import { BlockFile, isCached } from "../../src/blockio/index.js";
 import { BlockMap, DENSE_AT } from "../../src/pit/blockmap.js";
@@ -1198,5 +1198,27 @@ void describe("capture slabs", () => {
         await nextTurn();
       }
     });
+  });
+});
+
+void describe("snap@<time>", () => {
+  void test("a date-time without a zone is UTC, as a date alone is, whatever the server's zone", () => {
+    const saved = process.env.TZ;
+    process.env.TZ = "Europe/Berlin";
+    try {
+      // The guard: in this zone Date.parse reads a zone-less date-time an hour off UTC.
+      assert.equal(Date.parse("2026-11-23T17:02:12"), Date.UTC(2026, 10, 23, 16, 2, 12));
+      assert.equal(parseSnapTime("2026-11-23T17:02:12"), Date.UTC(2026, 10, 23, 17, 2, 12));
+      assert.equal(parseSnapTime("2026-11-23T17:02:12.250"), Date.UTC(2026, 10, 23, 17, 2, 12, 250));
+      assert.equal(parseSnapTime("2026-11-23T17:02"), Date.UTC(2026, 10, 23, 17, 2));
+      assert.equal(parseSnapTime("2026-11-23"), Date.UTC(2026, 10, 23));
+      assert.equal(parseSnapTime("2026-11-23T17:02:12Z"), Date.UTC(2026, 10, 23, 17, 2, 12));
+      assert.equal(parseSnapTime("2026-11-23T17:02:12+01:00"), Date.UTC(2026, 10, 23, 16, 2, 12));
+      assert.equal(parseSnapTime("before-upgrade"), null);
+      assert.equal(parseSnapTime("2026-13-45T99:00:00"), null);
+    } finally {
+      if (saved === undefined) delete process.env.TZ;
+      else process.env.TZ = saved;
+    }
   });
 });
