@@ -76,7 +76,8 @@ Replication (forked writes to a gateway; see docs/gateway-api.md)
   --al-extents N           activity-log regions of 4 MiB kept hot (default 1024): after a crash
                            at most N x 4 MiB are resynced
 
-Point-in-time snapshots (before-images journaled under --state-dir; see docs/pit-journal.md)
+Point-in-time snapshots (before-images journaled under --state-dir; see docs/pit-journal.md;
+the --pit-* options need --pit)
   --pit                    journal before-images; serve read-only exports snap@<ISO-8601 time>
                            (without a zone: UTC) and snap@<bookmark> (blockfork mark NAME)
   --pit-retention DURATION keep points in time this long (default 24h; 90s, 30m, 7d ...)
@@ -368,12 +369,13 @@ export function parseServeArgs(argv: string[]): ServeConfig {
     const t = positiveInt(values.threads, "--threads");
     if (t > 1024) throw new UsageError(`--threads must be at most 1024, got ${t}`);
   }
-  const pitOn =
-    values.pit === true ||
-    values["pit-retention"] !== undefined ||
-    values["pit-max-bytes"] !== undefined ||
-    values["pit-window"] !== undefined;
-  const pit = pitOn
+  if (values.pit !== true) {
+    // As the --gateway-only options: one of them alone must not turn the journal on unasked.
+    for (const o of ["pit-retention", "pit-max-bytes", "pit-window"] as const) {
+      if (values[o] !== undefined) throw new UsageError(`--${o} needs --pit`);
+    }
+  }
+  const pit = values.pit
     ? {
         retentionMs: values["pit-retention"]
           ? parseDuration(values["pit-retention"], "--pit-retention")

@@ -38,7 +38,7 @@ async function serverWith(args: string[]): Promise<{ srv: ServerHandle; dir: str
   const dir = scratchDir("blockfork-pit-ret-");
   cleanups.push(() => Promise.resolve(rmSync(dir, { recursive: true, force: true })));
   const stateDir = join(dir, "state");
-  const srv = await startServer({ dir, size: "64M", args: ["--state-dir", stateDir, ...args] });
+  const srv = await startServer({ dir, size: "64M", args: ["--pit", "--state-dir", stateDir, ...args] });
   cleanups.push(async () => {
     const r = await srv.stop();
     assert.deepEqual(r, { code: 0, signal: null }, `server exit:\n${srv.log()}`);

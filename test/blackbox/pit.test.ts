@@ -438,10 +438,14 @@ void describe("PIT command line and bookmark names", () => {
     const vol = join(dir, "other.img");
     for (const [args, msg] of [
       [["--pit", "--read-only"], /--pit journals changes; a --read-only server makes none/],
-      [["--pit-window", "0"], /--pit-window must be a positive integer/],
-      [["--pit-window", "abc"], /--pit-window must be a positive integer/],
-      [["--pit-retention", "soon"], /--pit-retention "soon" is not a duration/],
-      [["--pit-max-bytes", "lots"], /--pit-max-bytes/],
+      [["--pit", "--pit-window", "0"], /--pit-window must be a positive integer/],
+      [["--pit", "--pit-window", "abc"], /--pit-window must be a positive integer/],
+      [["--pit", "--pit-retention", "soon"], /--pit-retention "soon" is not a duration/],
+      [["--pit", "--pit-max-bytes", "lots"], /--pit-max-bytes/],
+      // Without --pit they must not turn the journal on unasked (as --replication without --gateway).
+      [["--pit-window", "500"], /--pit-window needs --pit/],
+      [["--pit-retention", "1h"], /--pit-retention needs --pit/],
+      [["--pit-max-bytes", "1G"], /--pit-max-bytes needs --pit/],
     ] as [string[], RegExp][]) {
       const r = await blockfork([
         "serve",
