@@ -158,6 +158,16 @@ function readConfigFile(file: string, what: string): Buffer {
   }
 }
 
+/** The token in --gateway-token-file, refused as the gateway refuses its --token-file. */
+function gatewayToken(file: string): string {
+  const token = readConfigFile(file, "gateway token file").toString("utf8").trim();
+  if (token === "") throw new UsageError(`--gateway-token-file ${file} is empty; put the token in it`);
+  if (/\s/.test(token)) {
+    throw new UsageError(`the token in --gateway-token-file ${file} contains white space; use one word`);
+  }
+  return token;
+}
+
 function loadPsk(file: string): Map<string, Buffer> {
   const keys = new Map<string, Buffer>();
   for (const [i, raw] of readConfigFile(file, "PSK file").toString("utf8").split("\n").entries()) {
@@ -324,9 +334,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
     }
     replication = {
       url: gatewayUrl(values.gateway, "--gateway"),
-      token: values["gateway-token-file"]
-        ? readConfigFile(values["gateway-token-file"], "gateway token file").toString("utf8").trim()
-        : undefined,
+      token: values["gateway-token-file"] ? gatewayToken(values["gateway-token-file"]) : undefined,
       ca: values["gateway-ca"] ? readConfigFile(values["gateway-ca"], "gateway CA file") : undefined,
       mode,
       mirror: values["tracking-mirror"]

@@ -304,6 +304,11 @@ void describe("replication configuration", () => {
   ];
 
   void test("bad options exit 2 with a message", async () => {
+    // As the gateway's --token-file: an empty token (or two words) can never match the gateway's.
+    const emptyToken = join(dir, "empty-token");
+    writeFileSync(emptyToken, "\n");
+    const twoWordToken = join(dir, "two-words");
+    writeFileSync(twoWordToken, "a b\n");
     const cases: [string[], RegExp][] = [
       [
         ["--gateway", "http://127.0.0.1:9", "--replication", "bogus"],
@@ -314,6 +319,14 @@ void describe("replication configuration", () => {
       [
         ["--gateway", "http://127.0.0.1:9", "--gateway-token-file", join(dir, "missing-token")],
         /cannot read the gateway token file .*missing-token/,
+      ],
+      [
+        ["--gateway", "http://127.0.0.1:9", "--gateway-token-file", emptyToken],
+        /--gateway-token-file .*empty-token is empty; put the token in it/,
+      ],
+      [
+        ["--gateway", "http://127.0.0.1:9", "--gateway-token-file", twoWordToken],
+        /the token in --gateway-token-file .*two-words contains white space/,
       ],
       [["--replication", "sync"], /--replication needs --gateway URL/],
       [["--no-update-stream"], /--no-update-stream needs --gateway URL/],
