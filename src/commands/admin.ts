@@ -294,7 +294,8 @@ export const SNAPSHOTS_HELP = `Usage: blockfork snapshots --state-dir DIR [--jso
 Show the points in time a proxy can serve (snap@<ISO-8601 time> within the window, in steps of the
 merge window), its bookmarks (snap@NAME), and the journal's size. With no proxy running, the journal
 in DIR/journal is read directly (the window then ends at the last journaled change).
-Exit status: 0; 1 when no proxy answers; 2 on a usage error.
+Exit status: 0 (also when no proxy answers and the journal is read directly); 1 on failure; 2 on
+a usage error or when no proxy answers and DIR holds no journal.
 `;
 
 /** The same summary read from the journal directory itself, when no proxy runs. */
