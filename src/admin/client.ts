@@ -74,7 +74,9 @@ export function adminCall(
       if (e.code === "ENOENT" || e.code === "ECONNREFUSED") {
         reject(
           new NoProxyError(
-            `no proxy is running with --state-dir ${stateDir} (nothing answers on ${adminSocket(stateDir)})`,
+            `no proxy is running with --state-dir ${stateDir} (nothing answers on ${adminSocket(stateDir)}); ` +
+              "a serve started without --gateway, --pit or --state-dir has no state directory and no admin " +
+              "socket at all",
           ),
         );
       } else reject(e);

@@ -205,6 +205,11 @@ void describe("replication admin: verify and resync", () => {
       ]) {
         const r = await cli(args);
         assert.match(r.stderr, /no proxy is running with --state-dir/, args.join(" "));
+        assert.match(
+          r.stderr,
+          /without --gateway, --pit or --state-dir has no state directory/,
+          args.join(" "),
+        );
         assert.equal(r.stdout, "", args.join(" "));
         assert.equal(
           r.code,
