@@ -66,7 +66,7 @@ function stateDirArg(argv: string[], extra: Record<string, { type: "string" | "b
   return { dir, values: values as Record<string, string | boolean | undefined>, positionals };
 }
 
-interface Status {
+export interface Status {
   volume: { path: string; name: string; size: number };
   nbd: { connections: number };
   link: {
@@ -105,6 +105,12 @@ export async function status(argv: string[]): Promise<number> {
     process.stdout.write(JSON.stringify(s, null, 2) + "\n");
     return 0;
   }
+  process.stdout.write(statusText(s));
+  return 0;
+}
+
+/** The text `blockfork status` prints for a proxy's status document. */
+export function statusText(s: Status): string {
   const lines = [
     `volume    ${s.volume.path} (${formatSize(s.volume.size)}), export "${s.volume.name}", ${s.nbd.connections} NBD connections`,
   ];
@@ -120,7 +126,9 @@ export async function status(argv: string[]): Promise<number> {
     lines.push(
       `queue     ${l.queue.updates} updates, ${formatSize(l.queue.bytes)}, oldest ${l.queue.oldestMs} ms; seq ${l.seq}, durable through ${l.durableThrough}`,
     );
-    if (l.lastError) lines.push(`error     ${l.lastError}`);
+    // The link keeps its last failure after it recovers, with no time of its own: shown only while
+    // the link is not streaming (then it is why), never as if it were current.
+    if (l.lastError && l.state !== "streaming") lines.push(`error     ${l.lastError}`);
     if (l.resync.running || l.state === "resyncing") {
       lines.push(
         `resync    ${progressText(l.resync.doneBytes, l.resync.totalBytes, l.resync.bytesPerSecond, l.resync.etaSeconds)}`,
@@ -134,8 +142,7 @@ export async function status(argv: string[]): Promise<number> {
         (t.firstDirtied ? `, first ${t.firstDirtied}, last ${t.lastDirtied}` : ""),
     );
   }
-  process.stdout.write(lines.join("\n") + "\n");
-  return 0;
+  return lines.join("\n") + "\n";
 }
 
 function progressText(done: number, total: number, rate: number, eta: number | null): string {

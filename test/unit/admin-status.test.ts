@@ -1,0 +1,38 @@
+// The text of `blockfork status`: the link's last failure is shown while it is why the link is not
+// streaming, and not after the link recovered (it carries no time of its own).
+
+import { describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { statusText, type Status } from "../../src/commands/admin.js";
+
+function doc(state: string, lastError: string): Status {
+  return {
+    volume: { path: "/v/p.img", name: "p", size: 64 << 20 },
+    nbd: { connections: 1 },
+    link: {
+      gateway: "http://127.0.0.1:7070",
+      mode: "async",
+      state,
+      since: "2026-11-23T17:00:00.000Z",
+      reason: "",
+      outages: 1,
+      queue: { updates: 0, bytes: 0, oldestMs: 0 },
+      transport: state === "streaming" ? "stream" : null,
+      lastError,
+      seq: 10,
+      durableThrough: 10,
+      resync: { running: false, totalBytes: 0, doneBytes: 0, bytesPerSecond: 0, etaSeconds: null },
+    },
+    tracking: null,
+  };
+}
+
+void describe("blockfork status text", () => {
+  void test("the last error is shown while the link tracks, not once it streams again", () => {
+    const err = "health check: connect ECONNREFUSED 127.0.0.1:7070";
+    assert.match(statusText(doc("tracking", err)), /^error {5}health check: connect ECONNREFUSED/m);
+    const recovered = statusText(doc("streaming", err));
+    assert.doesNotMatch(recovered, /ECONNREFUSED/, recovered);
+    assert.match(recovered, /^link {6}streaming since 2026-11-23T17:00:00.000Z/m);
+  });
+});
