@@ -83,8 +83,22 @@ export async function main(argv: string[]): Promise<number> {
     const usage =
       (e instanceof BlockforkError && e.code === "ERR_USAGE") ||
       (typeof err.code === "string" && err.code.startsWith("ERR_PARSE_ARGS"));
-    process.stderr.write(`blockfork ${name}: ${err.message}\n`);
-    if (usage) process.stderr.write(`(see "blockfork ${name} --help")\n`);
+    const hint = `(see "blockfork ${name} --help")`;
+    const unknown = unknownOption(err);
+    if (unknown !== null) process.stderr.write(`blockfork ${name}: unknown option ${unknown} ${hint}\n`);
+    else {
+      process.stderr.write(`blockfork ${name}: ${err.message}\n`);
+      if (usage) process.stderr.write(`${hint}\n`);
+    }
     return usage ? 2 : 1;
   }
+}
+
+/**
+ * The option node:util parseArgs refused as unknown, or null. Its own message is about how to pass
+ * a positional argument that starts with '-', quoted unevenly: not what a mistyped option needs.
+ */
+function unknownOption(err: Error & { code?: string }): string | null {
+  if (err.code !== "ERR_PARSE_ARGS_UNKNOWN_OPTION") return null;
+  return /^Unknown option '([^']+)'/.exec(err.message)?.[1] ?? null;
 }

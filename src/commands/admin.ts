@@ -58,7 +58,7 @@ function stateDirArg(argv: string[], extra: Record<string, { type: "string" | "b
       .slice(names)
       .map((p) => JSON.stringify(p))
       .join(" ");
-    throw new UsageError(`unexpected argument ${stray}: options start with -- (see --help)`);
+    throw new UsageError(`unexpected argument ${stray}: options start with --`);
   }
   const dir = values["state-dir"];
   if (typeof dir !== "string")

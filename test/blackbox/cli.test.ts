@@ -124,12 +124,12 @@ void test("serve --help mentions every option", async () => {
     assert.match(r.stdout, new RegExp(`(^|\\s)${o}(\\s|$)`, "m"), `serve --help lacks ${o}`);
   assert.match(r.stdout, /Exit status/);
   // Every option the help names is accepted by the parser (no option documented but refused):
-  // an unknown one is refused with "Unknown option", so --help's list must not trigger that.
+  // an unknown one is refused with "unknown option", so --help's list must not trigger that.
   const dir = tmp();
   for (const o of options.filter((x) => !["--volume", "--read-only", "--no-inline-writes"].includes(x))) {
     const e = await blockfork(["serve", "--volume", join(dir, "none.img"), o, "1x/bad"]);
     assert.notEqual(e.code, 0, `${o} with a bad value and a missing volume: exit 0\n${e.stderr}`);
-    assert.doesNotMatch(e.stderr, /Unknown option/, `${o} is documented but not accepted`);
+    assert.doesNotMatch(e.stderr, /unknown option/i, `${o} is documented but not accepted`);
   }
 });
 
@@ -143,6 +143,34 @@ void test("unknown command and unknown option exit 2 naming them", async () => {
     /--frobnicate/,
   );
   assert.equal(existsSync(join(dir, "a.img")), false, "a rejected command line must not create the volume");
+});
+
+void test("unknown options of every command: one line naming the option and its --help, exit 2", async () => {
+  const dir = tmp();
+  for (const args of [
+    ["resync", "--bogus", "--state-dir", dir],
+    ["status", "--bogus"],
+    ["mark", "x", "-q", "--state-dir", dir],
+    ["gateway", "--bogus"],
+    ["serve", "--bogus"],
+  ]) {
+    const r = await blockfork(args);
+    assert.equal(r.code, 2, `${args.join(" ")}: exit ${r.code}\n${r.stderr}`);
+    const opt = args.find((a) => a.startsWith("-") && a !== "--state-dir")!;
+    assert.equal(
+      r.stderr,
+      `blockfork ${args[0]}: unknown option ${opt} (see "blockfork ${args[0]} --help")\n`,
+    );
+  }
+  // A usage error says where the help is once, not twice.
+  const m = await usageError(["mark", "a", "b", "--state-dir", dir], /unexpected argument "b"/);
+  assert.equal(m.stderr.split("--help").length - 1, 1, m.stderr);
+  // The gateway's example address is the gateway's port, not NBD's.
+  const g = await usageError(
+    ["gateway", "--volume", join(dir, "g.img"), "--size", "1M", "--listen", "localhost"],
+    /--listen "localhost" is not HOST:PORT \(for example 127\.0\.0\.1:7070\)/,
+  );
+  assert.doesNotMatch(g.stderr, /10809/);
 });
 
 void test("missing --volume exits 2", async () => {
