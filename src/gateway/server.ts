@@ -376,7 +376,10 @@ export class GatewayServer {
         "ERR_AUTH",
         auth === undefined
           ? "missing Authorization header: send Authorization: Bearer <token> (the gateway's --token-file)"
-          : "wrong token: send Authorization: Bearer <token> with the content of the gateway's --token-file",
+          : m === null
+            ? "the Authorization header must be 'Authorization: Bearer <token>' (the Bearer scheme, a " +
+              "space, then the content of the gateway's --token-file)"
+            : "wrong token: send Authorization: Bearer <token> with the content of the gateway's --token-file",
         { headers: { "WWW-Authenticate": 'Bearer realm="blockfork gateway"' } },
       );
     }

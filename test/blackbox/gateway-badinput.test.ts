@@ -121,6 +121,10 @@ void describe("authentication", () => {
       headers: { Authorization: gw.token! },
     });
     expectError(noScheme, 401, "ERR_AUTH", "token without Bearer");
+    // Not "wrong token": the token may be right, the scheme is missing.
+    const noSchemeMsg = noScheme.json<{ error: { message: string } }>().error.message;
+    assert.match(noSchemeMsg, /must be 'Authorization: Bearer <token>'/);
+    assert.doesNotMatch(noSchemeMsg, /wrong token/);
     const updates = await c.updates(NAME, ID, [w(1, 0, Buffer.alloc(512, 1))], { token: "nope" });
     expectError(updates, 401, "ERR_AUTH", "updates with a wrong token");
     await nothingApplied("updates with a wrong token");
