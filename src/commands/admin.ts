@@ -79,6 +79,7 @@ export interface Status {
     queue: { updates: number; bytes: number; oldestMs: number };
     transport: "stream" | "post" | null;
     lastError: string;
+    lastErrorAt?: number;
     seq: number;
     durableThrough: number;
     resync: {
@@ -128,7 +129,10 @@ export function statusText(s: Status): string {
     );
     // The link keeps its last failure after it recovers, with no time of its own: shown only while
     // the link is not streaming (then it is why), never as if it were current.
-    if (l.lastError && l.state !== "streaming") lines.push(`error     ${l.lastError}`);
+    if (l.lastError && l.state !== "streaming") {
+      const at = l.lastErrorAt ? ` (at ${new Date(l.lastErrorAt).toISOString()})` : "";
+      lines.push(`error     ${l.lastError}${at}`);
+    }
     if (l.resync.running || l.state === "resyncing") {
       lines.push(
         `resync    ${progressText(l.resync.doneBytes, l.resync.totalBytes, l.resync.bytesPerSecond, l.resync.etaSeconds)}`,

@@ -198,6 +198,8 @@ export interface LinkStatus {
   /** How batches travel while the link sends: the update stream, POST requests, or null (not sending). */
   transport: "stream" | "post" | null;
   lastError: string;
+  /** When lastError happened (ms since the epoch), 0 when there is none. */
+  lastErrorAt: number;
   resync: ResyncProgress;
   mirror: string | null;
 }
@@ -282,7 +284,15 @@ export class GatewayLink {
   private stream: UpdateStream | null = null;
   /** The last attempt to open a stream failed with this (logged once per different reason). */
   private streamRefused = "";
-  private lastError = "";
+  private lastErrorText = "";
+  private lastErrorAt = 0;
+  private get lastError(): string {
+    return this.lastErrorText;
+  }
+  private set lastError(text: string) {
+    this.lastErrorText = text;
+    this.lastErrorAt = Date.now();
+  }
   private probing = false;
   private probeTimer: NodeJS.Timeout | null = null;
   private timers: NodeJS.Timeout[] = [];
@@ -1408,6 +1418,7 @@ export class GatewayLink {
       inflightBatches: this.batches,
       transport: sends(this.s.name) ? (this.stream !== null ? "stream" : "post") : null,
       lastError: this.lastError,
+      lastErrorAt: this.lastErrorAt,
       resync: { ...this.progress, running: this.resyncRunning },
       mirror: this.o.mirror ?? null,
     };

@@ -1,5 +1,5 @@
 // The text of `blockfork status`: the link's last failure is shown while it is why the link is not
-// streaming, and not after the link recovered (it carries no time of its own).
+// streaming, with the time it happened, and not after the link recovered.
 
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -34,5 +34,11 @@ void describe("blockfork status text", () => {
     const recovered = statusText(doc("streaming", err));
     assert.doesNotMatch(recovered, /ECONNREFUSED/, recovered);
     assert.match(recovered, /^link {6}streaming since 2026-11-23T17:00:00.000Z/m);
+  });
+
+  void test("the last error says when it happened", () => {
+    const d = doc("tracking", "health check: connect ECONNREFUSED 127.0.0.1:7070");
+    d.link!.lastErrorAt = Date.parse("2026-11-23T17:01:02.003Z");
+    assert.match(statusText(d), /^error {5}health check: .* \(at 2026-11-23T17:01:02.003Z\)$/m);
   });
 });
