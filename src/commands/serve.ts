@@ -37,8 +37,8 @@ Volume
                            also answers to "" (the default export)
   --description TEXT       shown by nbdinfo and NBD_OPT_LIST
   --read-only              refuse every write, trim and zero with EPERM
-  --block-size MIN,PREF,MAX  advertised block sizes (default 1,4096,33554432); requests not
-                           aligned to MIN, or longer than MAX, get EINVAL
+  --block-size MIN,PREF,MAX  advertised block sizes (default 1,4096,33554432; MAX at most
+                           64M); requests not aligned to MIN, or longer than MAX, get EINVAL
 
 Network
   --listen HOST:PORT       TCP address (default 127.0.0.1:10809; "none" for no TCP listener)
