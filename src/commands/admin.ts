@@ -127,8 +127,8 @@ export function statusText(s: Status): string {
     lines.push(
       `queue     ${l.queue.updates} updates, ${formatSize(l.queue.bytes)}, oldest ${l.queue.oldestMs} ms; seq ${l.seq}, durable through ${l.durableThrough}`,
     );
-    // The link keeps its last failure after it recovers, with no time of its own: shown only while
-    // the link is not streaming (then it is why), never as if it were current.
+    // The link keeps its last failure after it recovers: shown, with its time, only while the
+    // link is not streaming (then it is why), never as if it were current.
     if (l.lastError && l.state !== "streaming") {
       const at = l.lastErrorAt ? ` (at ${new Date(l.lastErrorAt).toISOString()})` : "";
       lines.push(`error     ${l.lastError}${at}`);
