@@ -384,9 +384,8 @@ class Negotiation {
         throw new OptionError(REP.ERR_INVALID, "query list runs past the option data");
       const qLen = data.readUInt32BE(at);
       at += 4;
-      if (qLen > MAX_STRING || at + qLen > data.length) {
-        throw new OptionError(REP.ERR_INVALID, "query runs past the option data");
-      }
+      if (qLen > MAX_STRING) throw new OptionError(REP.ERR_INVALID, "a query longer than 4096 bytes");
+      if (at + qLen > data.length) throw new OptionError(REP.ERR_INVALID, "query runs past the option data");
       const q = clientString(data, at, at + qLen);
       if (q === null) throw new OptionError(REP.ERR_INVALID, `a query ${NOT_A_STRING}`);
       queries.push(q);

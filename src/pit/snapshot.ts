@@ -128,7 +128,7 @@ export class SnapshotView implements Volume {
       zero: false,
       fastZero: false,
       extents: true,
-      cache: false,
+      cache: true,
       multiConn: true,
       rotational: false,
     };
@@ -345,8 +345,9 @@ export class SnapshotView implements Volume {
   flush(): Promise<void> {
     return DONE;
   }
-  cache(): Promise<void> {
-    return DONE;
+  /** NBD_CMD_CACHE: read in whatever of the range is not in the page cache (see warmPieces). */
+  cache(offset: number, length: number): Promise<void> {
+    return this.warmPieces(offset, length) ?? DONE;
   }
 
   /**

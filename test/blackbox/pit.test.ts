@@ -254,6 +254,7 @@ void describe("PIT snapshots against reference images", () => {
     assert.match(snap, /is_read_only: true/);
     assert.match(snap, /can_trim: false/);
     assert.match(snap, /can_zero: false/);
+    assert.match(snap, /can_cache: true/);
     const prim = list.stdout.slice(
       list.stdout.indexOf('export="disk"'),
       list.stdout.indexOf('export="snap@'),
@@ -280,8 +281,10 @@ void describe("PIT snapshots against reference images", () => {
         server_error(h, errno.EPERM, h.trim, 4096, 0)
         server_error(h, errno.EPERM, h.zero, 4096, 0)
         server_error(h, errno.EPERM, h.zero, 65536, 8192, nbd.CMD_FLAG_NO_HOLE)
-        # The connection goes on: reads and flush work.
+        # The connection goes on: reads, CACHE and flush work.
         h.pread(4096, 0)
+        assert h.can_cache() == 1
+        h.cache(1048576, 0)
         h.flush()
         h.shutdown()
         `,

@@ -593,6 +593,14 @@ void describe("SnapshotView over the journal filter", () => {
       firstDiff(lentBytes(a), ref.subarray(0, 64 * KiB)),
     );
     a.release();
+    // NBD_CMD_CACHE does the same: evict again, CACHE, and the read lends.
+    execFileSync("dd", [`if=${path}`, ...dd, "status=none"]);
+    assert.equal(view.lendPieces(0, 64 * KiB), null, "evicted again");
+    assert.equal(view.caps().cache, true, "a snapshot advertises CACHE");
+    await view.cache(0, 64 * KiB);
+    const c = view.lendPieces(0, 64 * KiB);
+    assert.ok(c !== null, "after CACHE the read lends");
+    c.release();
     await view.close();
     assert.equal(view.warmPieces(0, 64 * KiB), null, "a closed view brings nothing in");
     await r.close();
