@@ -251,6 +251,14 @@ export class SnapshotView implements Volume {
    * discarded (the lent read copies them from the page cache, once).
    */
   warmPieces(offset: number, length: number): Promise<void> | null {
+    return this.warm(offset, length, false);
+  }
+
+  /**
+   * warmPieces, or for NBD_CMD_CACHE (`advise`) with the primary's runs only advised
+   * (posix_fadvise WILLNEED, no buffer: a CACHE may cover 32 MiB) and journal images read.
+   */
+  private warm(offset: number, length: number, advise: boolean): Promise<void> | null {
     // Without cachestat nothing ever looks cached: reading pieces in would not make them lend.
     if (this.broken || this.closed || !cacheVisible()) return null;
     const range = this.primary.fileRange?.(offset, length);
@@ -267,8 +275,11 @@ export class SnapshotView implements Volume {
       let p: Promise<void> = DONE;
       if (e < 0) {
         stop = Math.min(this.map.nextMapped(b + 1, Math.ceil(end / j)) * j, end);
-        if (!isCached(range.fd, range.offset + (pos - offset), stop - pos))
-          p = this.primary.read(Buffer.allocUnsafe(stop - pos), pos);
+        if (!isCached(range.fd, range.offset + (pos - offset), stop - pos)) {
+          p = advise
+            ? this.primary.cache(pos, stop - pos)
+            : this.primary.read(Buffer.allocUnsafe(stop - pos), pos);
+        }
       } else if (this.journal.residentFd(e, now, pos - b * j, stop - pos) === -2) {
         if (!this.journal.hasImage(e)) return null;
         p = this.journal.readImage(e, Buffer.allocUnsafe(stop - pos), pos - b * j);
@@ -345,9 +356,9 @@ export class SnapshotView implements Volume {
   flush(): Promise<void> {
     return DONE;
   }
-  /** NBD_CMD_CACHE: read in whatever of the range is not in the page cache (see warmPieces). */
+  /** NBD_CMD_CACHE: bring in whatever of the range is not in the page cache (see warm). */
   cache(offset: number, length: number): Promise<void> {
-    return this.warmPieces(offset, length) ?? DONE;
+    return this.warm(offset, length, true) ?? DONE;
   }
 
   /**
