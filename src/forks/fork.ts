@@ -109,9 +109,16 @@ class ForkVolume extends FilterVolume {
     data: Buffer | null,
     apply: () => Promise<void>,
     hold: WriteHold | null = null,
+    waited = false,
   ): Promise<void> {
     const failure = this.tracking.error;
     if (failure) return Promise.reject(new IoError(constants.errno.EIO, "tracking log", failure.message));
+    if (this.mode === "sync" && !waited) {
+      // Not while the link is still starting: the write would be acknowledged unsent, unsaid.
+      const started = this.link.whenStarted();
+      if (started !== null)
+        return started.then(() => this.change(kind, offset, length, data, apply, hold, true));
+    }
     const ticket = this.link.beginWrite(offset, length); // before marking: it looks at what was dirty
     this.tracking.map.mark(offset, length);
     const active = this.tracking.activate(offset, length);

@@ -368,10 +368,46 @@ export class GatewayLink {
     for (const t of this.timers) t.unref();
   }
 
+  /** Sync-mode writes waiting for the link's first health check (see whenStarted). */
+  private startWaiters: (() => void)[] = [];
+
+  /**
+   * Sync mode: a write that arrives while the link is still starting (its first health check and
+   * update stream not done) waits for that, at most --sync-timeout, so that it is sent like any
+   * other instead of being acknowledged from the primary alone without a word. Null when the
+   * link is not starting. After the timeout the write goes on (its blocks tracked), and that is
+   * logged, as a sync timeout is.
+   */
+  whenStarted(): Promise<void> | null {
+    if (this.s.name !== "starting" || this.stopped) return null;
+    return new Promise((resolve) => {
+      const waiter = (): void => {
+        clearTimeout(timer);
+        resolve();
+      };
+      const timer = setTimeout(() => {
+        this.startWaiters = this.startWaiters.filter((w) => w !== waiter);
+        this.log.limited(
+          "warn",
+          "sync starting",
+          `gateway link: a sync write waited ${this.o.syncTimeoutMs} ms (--sync-timeout) for the link's ` +
+            "first health check; acknowledged from the primary alone, its blocks tracked for resync",
+        );
+        resolve();
+      }, this.o.syncTimeoutMs);
+      this.startWaiters.push(waiter);
+    });
+  }
+
   private dispatch(e: LinkEvent): void {
     const before = this.s.name;
     const [next, actions] = step(this.s, e, Date.now());
     this.s = next;
+    if (before === "starting" && next.name !== "starting" && this.startWaiters.length > 0) {
+      const waiters = this.startWaiters;
+      this.startWaiters = [];
+      for (const w of waiters) w();
+    }
     // Consecutive outages back the probing off: a gateway that answers health checks but fails
     // every update (a wrong token, a full disk) must not make the link flap in a tight loop. An
     // async queue overflow is no failure of the gateway (it answered everything; the writers
@@ -1436,6 +1472,9 @@ export class GatewayLink {
     await Promise.race([finish(), new Promise((r) => setTimeout(r, timeoutMs))]);
     await this.mirrorNow().catch(() => {});
     this.stopped = true;
+    const waiters = this.startWaiters;
+    this.startWaiters = [];
+    for (const w of waiters) w();
     this.dispatch({ type: "stop" });
     for (const t of this.timers) clearInterval(t);
     this.stopProbe();

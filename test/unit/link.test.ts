@@ -672,6 +672,29 @@ void describe("GatewayLink: what the gateway answers", () => {
 });
 
 void describe("GatewayLink: sync mode", () => {
+  void test("a write while the link is still starting waits for it, and is on the secondary when it completes", async () => {
+    // The health check is not slowed, the token check and the stream upgrade are: the link stays
+    // starting for about a second. A write then used to be acknowledged at once, unsent (found
+    // by a replication chaos campaign).
+    const gw = await startGateway();
+    gw.setFault({ mode: "slow", delayMs: 400 });
+    const r = await startRig({ gw, mode: "sync", syncTimeoutMs: 5000 });
+    try {
+      r.link.start();
+      assert.equal(r.link.state, "starting");
+      const data = randomBytes(8192);
+      const w = r.fork.write(data, 3 * G, false);
+      await sleep(100);
+      assert.equal(r.link.state, "starting", "still starting (the test needs it to be)");
+      await w;
+      assert.notEqual(r.link.state, "starting");
+      assert.deepEqual(bytes(gw.volume, 3 * G, data.length), data, "the write is on the secondary");
+    } finally {
+      gw.setFault({ mode: "none" });
+      await r.close();
+    }
+  });
+
   void test("a write completes once the gateway applied it; a slow gateway costs --sync-timeout, then tracking", async () => {
     const r = await syncedRig({ mode: "sync", syncTimeoutMs: 500 });
     try {
