@@ -130,23 +130,13 @@ export function parseGatewayArgs(argv: string[]): GatewayConfig {
     size: values.size !== undefined ? parseSize(values.size, "--size") : undefined,
     name,
     stateDir: values["state-dir"],
-    listen: gatewayListen(values.listen ?? "127.0.0.1:7070"),
+    listen: parseListen(values.listen ?? "127.0.0.1:7070", "127.0.0.1:7070"),
     token,
     tls,
     maxStreams:
       values["max-streams"] !== undefined ? positiveInt(values["max-streams"], "--max-streams") : 64,
     log: Logger.create(lvl),
   };
-}
-
-/** --listen for the gateway: parseListen's rule, with the gateway's port (not NBD's) as example. */
-function gatewayListen(text: string): { host: string; port: number } {
-  try {
-    return parseListen(text);
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e;
-    throw new UsageError(`--listen "${text}" is not HOST:PORT (for example 127.0.0.1:7070)`);
-  }
 }
 
 /** Run `blockfork gateway`; resolves with the exit status. */

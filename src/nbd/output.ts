@@ -337,7 +337,7 @@ export class OutputQueue {
     }
     this.zeroCopyBytes += Math.max(0, sent - hlen);
     if (sent === total) {
-      if (s.tail) this.writeBuffer(doneChunk(s.tail), null);
+      this.endReply(s);
       return;
     }
     // The socket filled up: the rest of this reply goes through libuv, ahead of everything after it.
@@ -357,6 +357,11 @@ export class OutputQueue {
       return;
     }
     this.writeBuffer(buf, pooled);
+    this.endReply(s);
+  }
+
+  /** A structured reply whose data has all gone: its NONE chunk with DONE (see the notes above). */
+  private endReply(s: Segment): void {
     if (s.tail) this.writeBuffer(doneChunk(s.tail), null);
   }
 
@@ -404,7 +409,7 @@ export class OutputQueue {
       const data = lease.data.subarray(Math.max(0, sent - hlen));
       const buf = sent < hlen ? Buffer.concat([s.buf.subarray(sent), data]) : data;
       this.writeBuffer(buf, null);
-      if (s.tail) this.writeBuffer(doneChunk(s.tail), null);
+      this.endReply(s);
       return true;
     }
     const r = sendPieces(
@@ -422,7 +427,7 @@ export class OutputQueue {
     sent += r;
     if (sent === total) {
       lease.release();
-      if (s.tail) this.writeBuffer(doneChunk(s.tail), null);
+      this.endReply(s);
       return true;
     }
     // The socket is full: a copied bridge through libuv (still consistent: nothing can change the
@@ -446,7 +451,7 @@ export class OutputQueue {
     const finished = sent === total;
     if (finished) lease.release();
     this.writeBuffer(buf, pooled);
-    if (finished && s.tail) this.writeBuffer(doneChunk(s.tail), null);
+    if (finished) this.endReply(s);
     return finished;
   }
 

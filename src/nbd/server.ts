@@ -38,11 +38,11 @@ interface Conn {
 }
 
 /** Parse "HOST:PORT" / "[v6]:PORT" for --listen. */
-export function parseListen(text: string): { host: string; port: number } {
+export function parseListen(text: string, example = "127.0.0.1:10809"): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(text);
   const port = m ? Number(m[3]) : NaN;
   if (!m || !Number.isInteger(port) || port < 0 || port > 65535) {
-    throw new UsageError(`--listen "${text}" is not HOST:PORT (for example 127.0.0.1:10809)`);
+    throw new UsageError(`--listen "${text}" is not HOST:PORT (for example ${example})`);
   }
   return { host: m[1] ?? (m[2] || "127.0.0.1"), port };
 }
