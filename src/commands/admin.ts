@@ -95,6 +95,8 @@ export interface Status {
     granularity: number;
     firstDirtied: string | null;
     lastDirtied: string | null;
+    /** Set when the tracking log failed and the proxy runs from memory (see src/tracking/log.ts). */
+    degraded?: { since: string; reason: string } | null;
   } | null;
 }
 
@@ -145,6 +147,12 @@ export function statusText(s: Status): string {
       `dirty     ${formatSize(t.dirtyBytes)} at ${formatSize(t.granularity)} granularity` +
         (t.firstDirtied ? `, first ${t.firstDirtied}, last ${t.lastDirtied}` : ""),
     );
+    if (t.degraded) {
+      lines.push(
+        `tracking  FAILED at ${t.degraded.since} (${t.degraded.reason}): running from memory; ` +
+          "the next start resyncs the whole volume",
+      );
+    }
   }
   return lines.join("\n") + "\n";
 }

@@ -587,7 +587,12 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
 function describeRecovery(t: TrackingLog, log: Logger): void {
   const r = t.recovery;
   const dirty = t.map.dirtyBytes;
-  if (r.newLog)
+  if (r.fullResync)
+    log.warn(
+      `tracking: the log could not be written in an earlier run (from ${r.fullResync.since}: ` +
+        `${r.fullResync.reason}); everything (${dirty} bytes) will be resynced`,
+    );
+  else if (r.newLog)
     log.info(`tracking: new log (generation ${t.meta.generation}); the first resync copies ${dirty} bytes`);
   else if (r.gatewayChanged)
     log.warn(`tracking: the gateway changed; everything (${dirty} bytes) will be resynced`);
@@ -624,6 +629,7 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
               firstDirtied: first ? new Date(first).toISOString() : null,
               lastDirtied: last ? new Date(last).toISOString() : null,
               recovery: t.recovery,
+              degraded: t.degraded,
             }
           : null,
       };
@@ -719,7 +725,12 @@ async function shutdown(parts: Parts, log: Logger): Promise<number> {
   if (parts.tracking) {
     try {
       await parts.tracking.close();
-      log.info(`tracking log saved (${parts.tracking.map.dirtyBytes} bytes dirty)`);
+      const d = parts.tracking.degraded;
+      if (d) {
+        log.warn(
+          `tracking log not saved (it failed at ${d.since}: ${d.reason}); the next start resyncs the whole volume`,
+        );
+      } else log.info(`tracking log saved (${parts.tracking.map.dirtyBytes} bytes dirty)`);
     } catch (e) {
       log.error(`saving the tracking log failed: ${(e as Error).message}`);
       status = 1;

@@ -24,9 +24,30 @@
 //   region the AL no longer covers); likewise a persist still in flight at close.
 // - Generations: each open bumps `generation` (the gateway API's X-Blockfork-Generation); sequence
 //   numbers restart at 1 in each generation, so nothing about them needs persisting.
+// - When the log cannot be written (the state directory's disk full, an I/O error), the proxy must
+//   neither lose the rule above nor fail the primary's writes for it (a replication problem is not
+//   a reason to stop the volume; the journal behaves the same way). So a small file beside the
+//   database, `full-resync`, is written full of zeroes at every open, which allocates its blocks
+//   while there is room; a failure overwrites it in place with a mark (no allocation, so it works
+//   on a full disk) and syncs it. From then on every block counts as durably dirty: the log stops
+//   writing, writes no longer wait for the activity log, the in-memory map goes on serving the
+//   link, and the next open that finds the mark takes every block as dirty (a full resync, as
+//   DRBD does when it loses its metadata) and clears the mark only once that is durable. Only if
+//   the mark itself cannot be written are writes refused, as before: then nothing durable would
+//   say what the secondary lacks.
 
 import { randomBytes } from "node:crypto";
-import { mkdirSync } from "node:fs";
+import {
+  closeSync,
+  constants as fsc,
+  fdatasyncSync,
+  fsyncSync,
+  mkdirSync,
+  openSync,
+  readSync,
+  writeSync,
+} from "node:fs";
+import { join } from "node:path";
 import { Level } from "level";
 import type { Logger } from "../log.js";
 import { UsageError } from "../errors.js";
@@ -41,6 +62,42 @@ export const DEFAULT_REGION = 4 * 1024 * 1024;
 /** Default number of active regions (4 GiB hot at 4 MiB). */
 export const DEFAULT_AL_EXTENTS = 1024;
 const PERSIST_INTERVAL_MS = 5000;
+/** The full-resync mark's file in the state directory, its size, and how a set mark begins. */
+export const FULL_RESYNC_FILE = "full-resync";
+const MARK_SIZE = 4096;
+const MARK_MAGIC = "blockfork full-resync 1\n";
+
+/** What a set full-resync mark says: when the log failed and why. */
+export interface FullResyncMark {
+  since: string;
+  reason: string;
+}
+
+/** Read the full-resync mark in `dir`: null when the file is absent or holds no mark. */
+export function readFullResyncMark(dir: string): FullResyncMark | null {
+  let fd: number;
+  try {
+    fd = openSync(join(dir, FULL_RESYNC_FILE), "r");
+  } catch (e) {
+    if ((e as { code?: string }).code === "ENOENT") return null;
+    throw e;
+  }
+  try {
+    const b = Buffer.alloc(MARK_SIZE);
+    const n = readSync(fd, b, 0, MARK_SIZE, 0);
+    const text = b.subarray(0, n).toString("latin1");
+    if (!text.startsWith(MARK_MAGIC)) return null;
+    const line = text.slice(MARK_MAGIC.length, text.indexOf("\n", MARK_MAGIC.length));
+    try {
+      const m = JSON.parse(line) as Partial<FullResyncMark>;
+      return { since: String(m.since ?? "?"), reason: String(m.reason ?? "?") };
+    } catch {
+      return { since: "?", reason: "(unreadable)" };
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
 
 /** What the log records about itself. */
 export interface TrackingMeta {
@@ -79,6 +136,8 @@ export interface RecoveryReport {
   /** Regions marked dirty because they were in the activity log at the crash. */
   alRegions: number;
   gatewayChanged: boolean;
+  /** The full-resync mark found (a run before could not write the log): everything is dirty. */
+  fullResync: FullResyncMark | null;
 }
 
 type Db = Level<string, Buffer>;
@@ -103,6 +162,11 @@ export class TrackingLog {
   private timer: NodeJS.Timeout | null = null;
   private closed = false;
   private failure: Error | null = null;
+  /** Set when the full-resync mark was written after a failure: writes go on (see the notes). */
+  private degradedMark: FullResyncMark | null = null;
+  /** The full-resync mark's file, open and allocated (-1: it could not be prepared). */
+  private markFd = -1;
+  private readonly dir: string;
   /** The last db write issued (see "Writes to the db land in the order..."). */
   private dbTail: Promise<void> = Promise.resolve();
   private readonly readOnly: boolean;
@@ -121,6 +185,7 @@ export class TrackingLog {
     this.log = opts.log;
     this.capacity = opts.alExtents ?? DEFAULT_AL_EXTENTS;
     this.readOnly = opts.readOnly === true;
+    this.dir = opts.dir;
   }
 
   /** Open (or create) the log; recover after a crash. Throws UsageError on a geometry mismatch. */
@@ -150,7 +215,13 @@ export class TrackingLog {
     const stored = await db.get("meta");
     const now = Date.now();
     let meta: TrackingMeta;
-    const recovery: RecoveryReport = { newLog: false, crashed: false, alRegions: 0, gatewayChanged: false };
+    const recovery: RecoveryReport = {
+      newLog: false,
+      crashed: false,
+      alRegions: 0,
+      gatewayChanged: false,
+      fullResync: readFullResyncMark(opts.dir),
+    };
     if (stored === undefined) {
       meta = {
         format: TRACKING_FORMAT,
@@ -209,7 +280,10 @@ export class TrackingLog {
     } else if (!meta.cleanShutdown) {
       recovery.crashed = true;
     }
-    if (recovery.newLog && opts.assumeClean) {
+    if (recovery.fullResync !== null) {
+      // A run before this one could not write the log: nothing it says is complete.
+      map.markAll(now);
+    } else if (recovery.newLog && opts.assumeClean) {
       opts.log.warn("tracking: new log with --assume-clean: the secondary is taken to equal the primary");
     } else if (recovery.newLog) {
       // A new log knows nothing about the secondary: everything must be copied once.
@@ -229,6 +303,8 @@ export class TrackingLog {
       for (const c of map.changed) batch.put(chunkKey(c), map.encodeChunk(c));
       await batch.write({ sync: true });
       map.changed.clear();
+      // Only now (every block the mark asked for is durably dirty) may the mark be cleared.
+      t.prepareMark();
       t.timer = setInterval(() => void t.persist().catch((e: Error) => t.fail(e)), PERSIST_INTERVAL_MS);
       t.timer.unref();
     }
@@ -240,9 +316,46 @@ export class TrackingLog {
     return this.active.size;
   }
 
-  /** A failure of the log's storage (writes depending on the log fail while it stands). */
+  /**
+   * A failure of the log's storage that writes must fail for: only when the full-resync mark
+   * could not be written either (see the notes). null while the log works or runs degraded.
+   */
   get error(): Error | null {
-    return this.failure;
+    return this.degradedMark === null ? this.failure : null;
+  }
+
+  /** Set when the log failed and runs from memory: the next open resyncs everything. */
+  get degraded(): FullResyncMark | null {
+    return this.degradedMark;
+  }
+
+  /**
+   * Write the mark's file full of zeroes and keep it open: this allocates its blocks now, so that
+   * fail() can overwrite it in place on a full disk. Run once the log has opened; it also clears a
+   * mark found at open, whose blocks the open has just made durably dirty.
+   */
+  private prepareMark(): void {
+    const path = join(this.dir, FULL_RESYNC_FILE);
+    let fd = -1;
+    try {
+      fd = openSync(path, fsc.O_RDWR | fsc.O_CREAT, 0o644);
+      const zero = Buffer.alloc(MARK_SIZE);
+      if (writeSync(fd, zero, 0, MARK_SIZE, 0) !== MARK_SIZE) throw new Error("short write");
+      fdatasyncSync(fd);
+      const dfd = openSync(this.dir, "r");
+      try {
+        fsyncSync(dfd); // the file's name, when it is new
+      } finally {
+        closeSync(dfd);
+      }
+      this.markFd = fd;
+    } catch (e) {
+      if (fd >= 0) closeSync(fd);
+      this.log.warn(
+        `tracking: cannot prepare ${path} (${(e as Error).message}): should the tracking log fail, ` +
+          "writes will be refused instead of going on with a full resync at the next start",
+      );
+    }
   }
 
   /**
@@ -250,7 +363,7 @@ export class TrackingLog {
    * common case: no I/O); otherwise the promise of the next AL transaction.
    */
   activate(offset: number, length: number): Promise<void> {
-    if (this.failure) return Promise.reject(this.failure);
+    if (this.failure) return this.degradedMark !== null ? DONE : Promise.reject(this.failure);
     const rs = this.map.regionSize;
     const r0 = Math.floor(offset / rs);
     const r1 = Math.floor((offset + length - 1) / rs);
@@ -293,7 +406,11 @@ export class TrackingLog {
         if (chosen.size > 0) await this.commit(chosen, keep);
       } catch (e) {
         this.fail(e as Error);
-        for (const w of this.waiters) w.reject(this.failure!);
+        // Degraded: the mark makes every block durably dirty, so the writes may go on.
+        for (const w of this.waiters) {
+          if (this.degradedMark !== null) w.resolve();
+          else w.reject(this.failure!);
+        }
         this.waiters = [];
         break;
       }
@@ -348,7 +465,7 @@ export class TrackingLog {
 
   /** Write the bitmap chunks changed since the last persist (no sync: the AL covers a crash). */
   async persist(sync = false): Promise<void> {
-    if (this.readOnly || this.closed || this.map.changed.size === 0) return;
+    if (this.readOnly || this.closed || this.failure || this.map.changed.size === 0) return;
     const batch = this.db.batch();
     const chunks = [...this.map.changed];
     this.map.changed.clear();
@@ -371,6 +488,24 @@ export class TrackingLog {
   private fail(e: Error): void {
     if (this.failure) return;
     this.failure = e;
+    if (this.markFd >= 0) {
+      const mark: FullResyncMark = { since: new Date().toISOString(), reason: e.message.slice(0, 1000) };
+      try {
+        const b = Buffer.alloc(MARK_SIZE);
+        b.write(MARK_MAGIC + JSON.stringify(mark) + "\n", "latin1");
+        if (writeSync(this.markFd, b, 0, MARK_SIZE, 0) !== MARK_SIZE) throw new Error("short write");
+        fdatasyncSync(this.markFd);
+        this.degradedMark = mark;
+        this.log.error(
+          `tracking log failed: ${e.message}. Writes go on and so does replication, from memory; ` +
+            `the full-resync mark is set, so the next start resyncs the whole volume. ` +
+            `Free space in ${this.dir} (or fix its disk) and restart the proxy to leave this state`,
+        );
+        return;
+      } catch (e2) {
+        this.log.error(`tracking: cannot set the full-resync mark either: ${(e2 as Error).message}`);
+      }
+    }
     this.log.error(
       `tracking log failed: ${e.message}; writes are refused until the proxy restarts (check the state directory's disk)`,
     );
@@ -392,6 +527,10 @@ export class TrackingLog {
     }
     await this.dbTail; // a failed lazy persist still in flight must be over before the db closes
     this.closed = true;
+    if (this.markFd >= 0) {
+      closeSync(this.markFd);
+      this.markFd = -1;
+    }
     await this.db.close();
   }
 }

@@ -50,7 +50,14 @@ export interface ProxyStatus {
     source: string;
     firstDirtied: string | null;
     lastDirtied: string | null;
-    recovery: { newLog: boolean; crashed: boolean; alRegions: number; gatewayChanged: boolean };
+    recovery: {
+      newLog: boolean;
+      crashed: boolean;
+      alRegions: number;
+      gatewayChanged: boolean;
+      fullResync: { since: string; reason: string } | null;
+    };
+    degraded: { since: string; reason: string } | null;
   } | null;
 }
 
@@ -83,6 +90,8 @@ export interface PairOptions {
   waitSynced?: boolean;
   /** Directory of the primary (default: the pair's scratch directory). */
   primaryDir?: string;
+  /** The proxy's --state-dir (default: state/ in the pair's scratch directory). */
+  stateDir?: string;
 }
 
 /** A gateway and a proxy forking to it. */
@@ -126,7 +135,7 @@ export async function startPair(opts: PairOptions = {}): Promise<Pair> {
   const size = opts.size ?? "128M";
   const primary = join(opts.primaryDir ?? dir, "prim.img");
   const secondary = join(dir, "sec.img");
-  const stateDir = join(dir, "state");
+  const stateDir = opts.stateDir ?? join(dir, "state");
   const gwStateDir = join(dir, "gw-state");
   let port = 0;
   let token: string | undefined;

@@ -8,11 +8,17 @@
 import { after, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Level } from "level";
-import { TrackingLog, DEFAULT_GRANULARITY, DEFAULT_REGION } from "../../src/tracking/log.js";
+import {
+  TrackingLog,
+  DEFAULT_GRANULARITY,
+  DEFAULT_REGION,
+  FULL_RESYNC_FILE,
+  readFullResyncMark,
+} from "../../src/tracking/log.js";
 import { Logger } from "../../src/log.js";
 import { DONE } from "../../src/util/done.js";
 
@@ -155,7 +161,13 @@ void describe("TrackingLog: new, clean close, reopen", () => {
     const before = Date.now();
     const t = await open(dir);
     try {
-      assert.deepEqual(t.recovery, { newLog: true, crashed: false, alRegions: 0, gatewayChanged: false });
+      assert.deepEqual(t.recovery, {
+        newLog: true,
+        crashed: false,
+        alRegions: 0,
+        gatewayChanged: false,
+        fullResync: null,
+      });
       assert.equal(t.map.dirtyBytes, SIZE);
       assert.equal(t.map.dirtyBlocks, SIZE / G);
       assert.equal(t.meta.generation, 1);
@@ -193,7 +205,13 @@ void describe("TrackingLog: new, clean close, reopen", () => {
 
     const u = await open(dir);
     try {
-      assert.deepEqual(u.recovery, { newLog: false, crashed: false, alRegions: 0, gatewayChanged: false });
+      assert.deepEqual(u.recovery, {
+        newLog: false,
+        crashed: false,
+        alRegions: 0,
+        gatewayChanged: false,
+        fullResync: null,
+      });
       assert.equal(u.meta.generation, 2);
       assert.equal(u.meta.source, source);
       assert.deepEqual(dirtyList(u), bits);
@@ -236,6 +254,38 @@ void describe("TrackingLog: new, clean close, reopen", () => {
       assert.equal(t.meta.gateway, "http://127.0.0.1:7171");
     } finally {
       await t.close();
+    }
+  });
+
+  void test("a full-resync mark (a run that could not write the log): everything dirty, then the mark is cleared", async () => {
+    const dir = await cleanLog();
+    const file = join(dir, FULL_RESYNC_FILE);
+    assert.equal(readFileSync(file).length, 4096, "every open leaves the mark's file allocated");
+    assert.equal(readFullResyncMark(dir), null);
+    const mark = { since: "2026-11-23T23:00:00.000Z", reason: "IO error: No space left on device" };
+    const b = Buffer.alloc(4096);
+    b.write("blockfork full-resync 1\n" + JSON.stringify(mark) + "\n", "latin1");
+    writeFileSync(file, b);
+    assert.deepEqual(readFullResyncMark(dir), mark);
+    const t = await open(dir);
+    try {
+      assert.deepEqual(t.recovery.fullResync, mark);
+      assert.equal(
+        t.map.dirtyBytes,
+        SIZE,
+        "a clean stored map does not count: the mark says it is incomplete",
+      );
+      assert.equal(readFullResyncMark(dir), null, "cleared once the all-dirty map is stored");
+      assert.deepEqual(readFileSync(file), Buffer.alloc(4096));
+    } finally {
+      await t.close();
+    }
+    const t2 = await open(dir);
+    try {
+      assert.equal(t2.recovery.fullResync, null);
+      assert.equal(t2.map.dirtyBytes, SIZE, "the dirty bits were stored before the mark was cleared");
+    } finally {
+      await t2.close();
     }
   });
 });
