@@ -217,26 +217,30 @@ export class Gateway {
     });
   }
 
-  /** Turn an I/O error into the API error (507 for a full disk, else 500) and remember it for health. */
-  private ioFailure(err: unknown, what: string): HttpError {
+  /**
+   * Turn an I/O error into the API error (507 for a full disk, else 500) and remember it for health.
+   * `stateDir`: the failure was in the gateway's state directory, not on the secondary.
+   */
+  private ioFailure(err: unknown, what: string, stateDir?: string): HttpError {
     const errno = errnoOf(err);
     const detail = err instanceof Error ? err.message : String(err);
+    const where = stateDir === undefined ? "on the secondary" : `in the state directory ${stateDir}`;
     this.counters.errors++;
     this.lastFailure = { at: Date.now(), message: `${what} failed: ${detail}` };
-    this.log.limited("error", `io ${what}`, `${what} on the secondary failed: ${detail}`);
+    this.log.limited("error", `io ${what}`, `${what} ${where} failed: ${detail}`);
     if (errno === E.ENOSPC || errno === E.EDQUOT) {
-      return new HttpError(
-        507,
-        "ERR_NO_SPACE",
-        `the secondary's storage is full (${errnoName(errno)}: ${detail}); nothing of this request ` +
-          `was acknowledged; free space on the gateway's volume`,
-        { cause: err },
-      );
+      const full =
+        stateDir === undefined
+          ? `the secondary's storage is full (${errnoName(errno)}: ${detail}); nothing of this request ` +
+            `was acknowledged; free space on the gateway's volume`
+          : `the gateway's state directory ${stateDir} is full (${errnoName(errno)}: ${detail}); ` +
+            `nothing of this request was acknowledged; free space there`;
+      return new HttpError(507, "ERR_NO_SPACE", full, { cause: err });
     }
     return new HttpError(
       500,
       "ERR_IO",
-      `${what} on the secondary failed (${detail}); nothing of this request was acknowledged`,
+      `${what} ${where} failed (${detail}); nothing of this request was acknowledged`,
       { cause: err },
     );
   }
@@ -283,7 +287,7 @@ export class Gateway {
       try {
         await this.state.save();
       } catch (e) {
-        throw this.ioFailure(e, "writing the state file");
+        throw this.ioFailure(e, "writing the state file", this.state.dir);
       }
     }
     this.lastFailure = null;

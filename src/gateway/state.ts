@@ -127,7 +127,8 @@ export class StateWriter {
   private next: Promise<void> | null = null;
 
   constructor(
-    private readonly dir: string,
+    /** The state directory. */
+    readonly dir: string,
     private readonly volume: VolumeIdentity,
     private readonly sources: () => Iterable<[string, SourceSnapshot]>,
   ) {}

@@ -2,7 +2,9 @@
 // mounted for the test (root needed) with a filler file taking half of it. A batch that does not
 // fit answers 507 ERR_NO_SPACE and acknowledges nothing; the gateway keeps serving health (503
 // with the reason, then 200 once a write succeeds), status and writes that need no new space; once
-// the filler is removed, the same batch resent applies.
+// the filler is removed, the same batch resent applies. Then the gateway's --state-dir on a full
+// tmpfs of its own: updates still apply, a flush answers 507 naming the state directory (not the
+// secondary), health says why, and once space is freed the flush succeeds.
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -93,5 +95,49 @@ void describe("gateway on a full disk", () => {
     assert.ok(d.body.every((b) => b === 11));
     const exit = await gw.stop();
     assert.deepEqual(exit, { code: 0, signal: null }, gw.log());
+  });
+});
+
+void describe("gateway with its state directory on a full disk", () => {
+  void test("updates apply, a flush answers 507 naming the state directory, health says why; freed, the flush succeeds", async () => {
+    const stateMnt = join(dir, "statefs");
+    mkdirSync(stateMnt);
+    execFileSync("mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", stateMnt]);
+    try {
+      const stateDir = join(stateMnt, "state");
+      const g = await startGateway({ dir, volume: join(dir, "sec2.img"), stateDir });
+      try {
+        const c = g.client;
+        try {
+          execFileSync("dd", ["if=/dev/zero", `of=${join(stateMnt, "filler")}`, "bs=4k"], {
+            stdio: "ignore",
+          });
+        } catch {
+          // dd stops at ENOSPC: that is the point
+        }
+        const up = await c.updates("sec2", ID, [w(1, 0, Buffer.alloc(MiB, 1))]);
+        assert.equal(up.status, 200, "applying updates needs no room in the state directory");
+        const fl = await c.flush("sec2", ID);
+        assert.equal(fl.status, 507, fl.body.toString());
+        const err = fl.json<{ error: { code: string; message: string } }>().error;
+        assert.equal(err.code, "ERR_NO_SPACE");
+        assert.match(err.message, new RegExp(`state directory ${stateDir} is full .*free space there`));
+        assert.doesNotMatch(err.message, /secondary's storage/);
+        const health = await c.request("GET", "/health");
+        assert.equal(health.status, 503);
+        assert.match(health.json<{ reason: string }>().reason, /writing the state file failed: .*ENOSPC/);
+        assert.match(g.log(), /writing the state file in the state directory .* failed: .*ENOSPC/);
+
+        rmSync(join(stateMnt, "filler"));
+        const again = await c.flush("sec2", ID);
+        assert.equal(again.status, 200, again.body.toString());
+        assert.equal(again.json<{ durableThrough: number }>().durableThrough, 1);
+        assert.equal((await c.request("GET", "/health")).status, 200);
+      } finally {
+        await g.stop("SIGKILL");
+      }
+    } finally {
+      execFileSync("umount", [stateMnt]);
+    }
   });
 });
