@@ -85,7 +85,7 @@ export function readFullResyncMark(dir: string): FullResyncMark | null {
   try {
     const b = Buffer.alloc(MARK_SIZE);
     const n = readSync(fd, b, 0, MARK_SIZE, 0);
-    const text = b.subarray(0, n).toString("latin1");
+    const text = b.subarray(0, n).toString("utf8");
     if (!text.startsWith(MARK_MAGIC)) return null;
     const line = text.slice(MARK_MAGIC.length, text.indexOf("\n", MARK_MAGIC.length));
     try {
@@ -492,7 +492,7 @@ export class TrackingLog {
       const mark: FullResyncMark = { since: new Date().toISOString(), reason: e.message.slice(0, 1000) };
       try {
         const b = Buffer.alloc(MARK_SIZE);
-        b.write(MARK_MAGIC + JSON.stringify(mark) + "\n", "latin1");
+        b.write(MARK_MAGIC + JSON.stringify(mark) + "\n", "utf8");
         if (writeSync(this.markFd, b, 0, MARK_SIZE, 0) !== MARK_SIZE) throw new Error("short write");
         fdatasyncSync(this.markFd);
         this.degradedMark = mark;

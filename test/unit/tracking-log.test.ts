@@ -264,7 +264,7 @@ void describe("TrackingLog: new, clean close, reopen", () => {
     assert.equal(readFullResyncMark(dir), null);
     const mark = { since: "2026-11-23T23:00:00.000Z", reason: "IO error: No space left on device" };
     const b = Buffer.alloc(4096);
-    b.write("blockfork full-resync 1\n" + JSON.stringify(mark) + "\n", "latin1");
+    b.write("blockfork full-resync 1\n" + JSON.stringify(mark) + "\n", "utf8");
     writeFileSync(file, b);
     assert.deepEqual(readFullResyncMark(dir), mark);
     const t = await open(dir);
