@@ -2,10 +2,11 @@
 
 import { parseArgs } from "node:util";
 import { fstatSync, readFileSync, mkdirSync } from "node:fs";
+import { constants as osConstants } from "node:os";
 import { basename, dirname, extname, resolve } from "node:path";
 import { createSecureContext, DEFAULT_CIPHERS, type TLSSocket } from "node:tls";
 import { Logger, parseLogLevel } from "../log.js";
-import { UsageError } from "../errors.js";
+import { errnoOf, UsageError } from "../errors.js";
 import { parseSize, formatSize } from "../util/size.js";
 import { FileVolume } from "../volume/file.js";
 import { buildPrimaryStack, type PrimaryStackOptions } from "../stack.js";
@@ -470,15 +471,18 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
   }
   // Before anything in it is opened: one server per state directory.
   if (stateDir !== undefined) {
-    parts.stateLock = lockStateDir(stateDir);
+    const dir = stateDir;
     const st = fstatSync(base.file.fd);
     const bdev = base.file.isBlockDevice;
-    claimStateDir(stateDir, {
-      path: resolve(cfg.volume),
-      size: base.size,
-      dev: bdev ? st.rdev : st.dev,
-      ino: bdev ? 0 : st.ino,
-      blockDevice: bdev,
+    inStateDir(dir, () => {
+      parts.stateLock = lockStateDir(dir);
+      claimStateDir(dir, {
+        path: resolve(cfg.volume),
+        size: base.size,
+        dev: bdev ? st.rdev : st.dev,
+        ino: bdev ? 0 : st.ino,
+        blockDevice: bdev,
+      });
     });
   }
   if (cfg.pit !== null) {
@@ -489,6 +493,8 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
       retentionMs: cfg.pit.retentionMs,
       maxBytes: cfg.pit.maxBytes,
       log: log.child("journal"),
+    }).catch((e: unknown) => {
+      throw stateDirFull(e, stateDir!);
     });
   }
   let fork: PrimaryStackOptions["fork"];
@@ -501,6 +507,8 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
       alExtents: rep.alExtents,
       assumeClean: rep.assumeClean,
       log: log.child("tracking"),
+    }).catch((e: unknown) => {
+      throw stateDirFull(e, stateDir!);
     });
     parts.tracking = tracking;
     describeRecovery(tracking, log);
@@ -582,6 +590,34 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
     process.on("SIGINT", onSignal);
     process.on("SIGTERM", onSignal);
   });
+}
+
+/**
+ * A full disk under the state directory while it is set up: the error names the directory and
+ * what to do (LevelDB and plain writes alike only said ENOSPC). Other errors pass unchanged.
+ */
+const { ENOSPC, EDQUOT } = osConstants.errno;
+
+function stateDirFull(e: unknown, dir: string): unknown {
+  const msg = e instanceof Error ? e.message : String(e);
+  const cause = (e as { cause?: unknown } | null)?.cause;
+  const text = `${msg} ${cause instanceof Error ? cause.message : ""}`;
+  const n = errnoOf(e);
+  if (n === ENOSPC || n === EDQUOT || /no space left on device|ENOSPC|quota exceeded|EDQUOT/i.test(text)) {
+    const why = cause instanceof Error && cause.message !== msg ? `${msg}: ${cause.message}` : msg;
+    return new Error(
+      `the state directory ${dir} is on a full disk (${why}): free space there, or give another --state-dir`,
+    );
+  }
+  return e;
+}
+
+function inStateDir(dir: string, fn: () => void): void {
+  try {
+    fn();
+  } catch (e) {
+    throw stateDirFull(e, dir);
+  }
 }
 
 function describeRecovery(t: TrackingLog, log: Logger): void {

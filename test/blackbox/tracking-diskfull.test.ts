@@ -9,7 +9,8 @@
 //   the proxy with `--al-extents 2` (the stored activity log covers at most 2 of the 16 regions
 //   written). After the filler is removed, the restart finds the full-resync mark, resyncs the
 //   whole volume, clears the mark, and the secondary equals the primary (sha256). Without the mark
-//   the blocks outside those 2 regions would stay stale on the secondary.
+//   the blocks outside those 2 regions would stay stale on the secondary;
+// - a start on a full disk exits 1 naming the state directory and what to do.
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
@@ -122,5 +123,16 @@ void test("a full state directory: writes and replication go on, and a crash the
     readFullResyncMark(stateDir),
     null,
     "the mark is cleared once the log holds everything as dirty",
+  );
+
+  // Starting on a full disk: exit 1, naming the directory and what to do (it said only ENOSPC).
+  await p.killProxy("SIGTERM");
+  await run("dd", ["if=/dev/zero", `of=${join(mnt, "filler")}`, "bs=4k"], { allowFailure: true });
+  const args = ["--volume", p.primary, "--socket", join(dir, "late.sock"), "--listen", "none"];
+  const r = await cli(["serve", ...args, "--gateway", p.url, "--state-dir", stateDir], 30_000);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(
+    r.stderr,
+    /the state directory .*statefs\/state is on a full disk \(.*(No space left on device|ENOSPC).*\): free space there, or give another --state-dir/,
   );
 });
