@@ -40,7 +40,7 @@ export interface AdminHandlers {
     signal: AbortSignal,
   ): Promise<unknown>;
   resync(full: boolean): Promise<unknown>;
-  mark(name: string, replace: boolean): unknown;
+  mark(name: string, replace: boolean): Promise<unknown>;
   snapshots(): SnapshotsReport;
 }
 
@@ -108,7 +108,10 @@ export class AdminServer {
       if (req.method === "POST" && url.pathname === "/mark") {
         return send(
           200,
-          this.handlers.mark(url.searchParams.get("name") ?? "", url.searchParams.get("replace") === "1"),
+          await this.handlers.mark(
+            url.searchParams.get("name") ?? "",
+            url.searchParams.get("replace") === "1",
+          ),
         );
       }
       if (req.method === "GET" && url.pathname === "/snapshots") return send(200, this.handlers.snapshots());

@@ -304,9 +304,11 @@ volume at exactly that time, with every write completed before it (not rounded d
 window, as snap@<time> is): sync or freeze the filesystem first, then mark.
 NAME: 1-64 letters, digits, '.', '_', ':' or '-'. A NAME already bookmarked is refused (the earlier
 point would be lost); --replace moves that bookmark to now.
-Exit status: 0; 1 when no proxy answers, the journal is stopped, or no point in time exists yet
-(within the first merge window of a new or restarted journal: the message says when the first one
-is; mark again then); 2 on a usage error (a NAME already bookmarked without --replace).
+Within the first merge window of a new or restarted journal no point in time exists yet: mark
+waits for the first one (a second by default) and records the bookmark then.
+Exit status: 0; 1 when no proxy answers, the journal is stopped, or the first point in time is
+more than 10 s away (a --pit-window over 10 s: the message says when; mark again then); 2 on a
+usage error (a NAME already bookmarked without --replace).
 `;
 
 export const SNAPSHOTS_HELP = `Usage: blockfork snapshots --state-dir DIR [--json]

@@ -17,6 +17,7 @@ import { verify } from "../forks/verify.js";
 import { AdminServer, type AdminHandlers } from "../admin/server.js";
 import { adminSocket } from "../admin/client.js";
 import { Journal } from "../pit/journal.js";
+import { journalNow } from "../pit/clock.js";
 import { SnapshotProvider } from "../pit/provider.js";
 import { parseDuration } from "../util/duration.js";
 import { join } from "node:path";
@@ -592,6 +593,9 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
   });
 }
 
+/** `blockfork mark` waits at most this long for a new journal's first point in time. */
+const MARK_WAIT_MAX_MS = 10_000;
+
 /**
  * A full disk under the state directory while it is set up: the error names the directory and
  * what to do (LevelDB and plain writes alike only said ENOSPC). Other errors pass unchanged.
@@ -692,9 +696,16 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
       }
       return verify(parts.base, tracking, link, repair, progress, signal);
     },
-    mark: (name, replace) => {
-      if (!parts.journal) throw new UsageError("this proxy has no --pit journal");
-      const ts = parts.journal.mark(name, undefined, { replace });
+    mark: async (name, replace) => {
+      const j = parts.journal;
+      if (!j) throw new UsageError("this proxy has no --pit journal");
+      // Within the first merge window of a new or restarted journal no point exists yet: wait for
+      // the first one (a second by default) rather than refuse; the bookmark is then that moment.
+      const first = j.firstPointAt();
+      if (first !== null && first - journalNow() <= MARK_WAIT_MAX_MS) {
+        await new Promise((r) => setTimeout(r, first - journalNow() + 1));
+      }
+      const ts = j.mark(name, undefined, { replace });
       return { name, time: new Date(ts).toISOString(), export: `snap@${name}` };
     },
     snapshots: () => {

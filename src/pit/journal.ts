@@ -993,6 +993,15 @@ export class Journal {
 
   // ---- reading
 
+  /**
+   * When the first point in time of a running journal will exist, if it does not yet (within the
+   * first merge window of a new or restarted journal); null when one exists or the journal stopped.
+   */
+  firstPointAt(): number | null {
+    if (this.stoppedAt !== null) return null;
+    return this.earliestTs > journalNow() ? this.earliestTs : null;
+  }
+
   /** The available points in time. */
   window(): JournalWindow {
     const now = journalNow();

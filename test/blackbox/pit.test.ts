@@ -11,7 +11,7 @@
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
@@ -500,5 +500,62 @@ void describe("PIT command line and bookmark names", () => {
     assert.equal(moved.code, 0, moved.stderr);
     const t2 = await timeOf("kept");
     assert.ok(t2 !== null && Date.parse(t2) > Date.parse(t1), `${t1} -> ${t2}`);
+  });
+});
+
+void describe("mark in the first merge window of a new journal", () => {
+  void test("waits for the first point in time instead of refusing; snap@ that bookmark is exact", async () => {
+    const FW = 6000;
+    const d = scratchDir("blockfork-pit-first-");
+    const sd = join(d, "state");
+    // Start just after a window boundary: the first window then lasts most of FW from the start.
+    await pastBoundary(FW);
+    const s = await startServer({
+      dir: d,
+      size: "16M",
+      args: ["--pit", "--state-dir", sd, "--pit-window", `${FW}`],
+    });
+    try {
+      await py(
+        s.uri,
+        `
+        h = connect()
+        h.pwrite(b"A" * MiB, 0)
+        h.flush()
+        h.shutdown()
+        `,
+      );
+      const before = await snapshots(sd);
+      assert.equal(before.earliest, null, "still in the first merge window: no point exists yet");
+      const t0 = Date.now();
+      const r = await blockfork(["mark", "first", "--state-dir", sd]);
+      const waited = Date.now() - t0;
+      assert.equal(r.code, 0, r.stdout + r.stderr);
+      const m = /^bookmark "first" at (\S+Z): export snap@first\n$/.exec(r.stdout);
+      assert.ok(m, r.stdout);
+      const after = await snapshots(sd);
+      assert.ok(
+        after.earliest !== null && Date.parse(m[1]) >= Date.parse(after.earliest),
+        `${m[1]} vs ${after.earliest}`,
+      );
+      assert.ok(waited > 100 && waited < FW + 2000, `mark took ${waited} ms`);
+      await py(
+        s.uri,
+        `
+        h = connect()
+        h.pwrite(b"B" * MiB, 0)
+        h.flush()
+        h.shutdown()
+        `,
+      );
+      const want = createHash("sha256")
+        .update(Buffer.alloc(MiB, "A"))
+        .update(Buffer.alloc(15 * MiB))
+        .digest("hex");
+      assert.equal(await exportSha(snapUri(s, "first")), want, "snap@first holds A, not the later B");
+    } finally {
+      await s.stop();
+      rmSync(d, { recursive: true, force: true });
+    }
   });
 });
