@@ -596,12 +596,12 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
 /** `blockfork mark` waits at most this long for a new journal's first point in time. */
 const MARK_WAIT_MAX_MS = 10_000;
 
+const { ENOSPC, EDQUOT } = osConstants.errno;
+
 /**
  * A full disk under the state directory while it is set up: the error names the directory and
  * what to do (LevelDB and plain writes alike only said ENOSPC). Other errors pass unchanged.
  */
-const { ENOSPC, EDQUOT } = osConstants.errno;
-
 function stateDirFull(e: unknown, dir: string): unknown {
   const msg = e instanceof Error ? e.message : String(e);
   const cause = (e as { cause?: unknown } | null)?.cause;

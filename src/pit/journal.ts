@@ -37,23 +37,14 @@
 //   restart records its earliest exact point in the state file (before its first image), so a
 //   later process start does not offer the points before or during the gap either.
 
-import {
-  closeSync,
-  fsyncSync,
-  mkdirSync,
-  openSync,
-  readdirSync,
-  readSync,
-  rmSync,
-  writeFileSync,
-} from "node:fs";
+import { closeSync, mkdirSync, openSync, readdirSync, readSync, rmSync } from "node:fs";
 import { existsSync, fdatasyncSync, readFileSync, writeSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { BlockFile, isCached, syncDir } from "../blockio/index.js";
 import { errnoName, errnoOf, UsageError } from "../errors.js";
 import { acquire, release } from "../util/buffer-pool.js";
-import { writeFileAtomicSync } from "../util/atomic.js";
+import { allocateInPlace, writeFileAtomicSync, writeInPlace } from "../util/atomic.js";
 import { DONE } from "../util/done.js";
 import type { Logger } from "../log.js";
 import { journalNow, seedJournalClock } from "./clock.js";
@@ -104,6 +95,9 @@ export const JOURNAL_DEFAULTS = {
 };
 
 const RETENTION_INTERVAL_MS = 2000;
+/** The state file: JSON padded with spaces to 4 KiB, overwritten in place (see openStateFile). */
+const STATE_SIZE = 4096;
+const STATE_PAD = 0x20;
 const RESTART_INTERVAL_MS = 5000;
 /** Commit rounds in flight at once (each holds a pool thread in fdatasync). */
 const MAX_ROUNDS = 4;
@@ -554,15 +548,7 @@ export class Journal {
    */
   private openStateFile(): void {
     const path = join(this.dir, "state");
-    if (!existsSync(path)) {
-      writeFileSync(path, Buffer.alloc(4096, 0x20));
-      const fd = openSync(path, "r+");
-      try {
-        fsyncSync(fd);
-      } finally {
-        closeSync(fd);
-      }
-    }
+    allocateInPlace(path, STATE_SIZE, STATE_PAD);
     const st = parseState(readFileSync(path, "utf8"), path);
     // A restart after a stop moved the earliest exact point past the gap: the segments cannot
     // tell (the first one still begins before the gap).
@@ -582,15 +568,7 @@ export class Journal {
 
   private writeState(st: JournalState): boolean {
     try {
-      const text = Buffer.alloc(4096, 0x20);
-      text.write(JSON.stringify(st));
-      const fd = openSync(join(this.dir, "state"), "r+");
-      try {
-        writeSync(fd, text, 0, text.length, 0);
-        fdatasyncSync(fd);
-      } finally {
-        closeSync(fd);
-      }
+      writeInPlace(join(this.dir, "state"), JSON.stringify(st), STATE_SIZE, STATE_PAD);
       return true;
     } catch {
       return false;

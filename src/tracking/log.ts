@@ -37,21 +37,13 @@
 //   say what the secondary lacks.
 
 import { randomBytes } from "node:crypto";
-import {
-  closeSync,
-  constants as fsc,
-  fdatasyncSync,
-  fsyncSync,
-  mkdirSync,
-  openSync,
-  readSync,
-  writeSync,
-} from "node:fs";
+import { closeSync, mkdirSync, openSync, readSync } from "node:fs";
 import { join } from "node:path";
 import { Level } from "level";
 import type { Logger } from "../log.js";
 import { UsageError } from "../errors.js";
 import { DONE } from "../util/done.js";
+import { allocateInPlace, writeInPlace } from "../util/atomic.js";
 import { DirtyMap, type DirtyGeometry } from "./dirty-map.js";
 
 export const TRACKING_FORMAT = 1;
@@ -164,8 +156,8 @@ export class TrackingLog {
   private failure: Error | null = null;
   /** Set when the full-resync mark was written after a failure: writes go on (see the notes). */
   private degradedMark: FullResyncMark | null = null;
-  /** The full-resync mark's file, open and allocated (-1: it could not be prepared). */
-  private markFd = -1;
+  /** The full-resync mark's file is allocated and clear (prepareMark), so fail() can set it. */
+  private markReady = false;
   private readonly dir: string;
   /** The last db write issued (see "Writes to the db land in the order..."). */
   private dbTail: Promise<void> = Promise.resolve();
@@ -330,27 +322,17 @@ export class TrackingLog {
   }
 
   /**
-   * Write the mark's file full of zeroes and keep it open: this allocates its blocks now, so that
-   * fail() can overwrite it in place on a full disk. Run once the log has opened; it also clears a
-   * mark found at open, whose blocks the open has just made durably dirty.
+   * Allocate the mark's file, so that fail() can overwrite it in place on a full disk, and clear
+   * it. Run once the log has opened: a mark found at open is cleared only now, once the open has
+   * made every block durably dirty.
    */
   private prepareMark(): void {
     const path = join(this.dir, FULL_RESYNC_FILE);
-    let fd = -1;
     try {
-      fd = openSync(path, fsc.O_RDWR | fsc.O_CREAT, 0o644);
-      const zero = Buffer.alloc(MARK_SIZE);
-      if (writeSync(fd, zero, 0, MARK_SIZE, 0) !== MARK_SIZE) throw new Error("short write");
-      fdatasyncSync(fd);
-      const dfd = openSync(this.dir, "r");
-      try {
-        fsyncSync(dfd); // the file's name, when it is new
-      } finally {
-        closeSync(dfd);
-      }
-      this.markFd = fd;
+      allocateInPlace(path, MARK_SIZE, 0);
+      writeInPlace(path, "", MARK_SIZE, 0);
+      this.markReady = true;
     } catch (e) {
-      if (fd >= 0) closeSync(fd);
       this.log.warn(
         `tracking: cannot prepare ${path} (${(e as Error).message}): should the tracking log fail, ` +
           "writes will be refused instead of going on with a full resync at the next start",
@@ -488,13 +470,15 @@ export class TrackingLog {
   private fail(e: Error): void {
     if (this.failure) return;
     this.failure = e;
-    if (this.markFd >= 0) {
+    if (this.markReady) {
       const mark: FullResyncMark = { since: new Date().toISOString(), reason: e.message.slice(0, 1000) };
       try {
-        const b = Buffer.alloc(MARK_SIZE);
-        b.write(MARK_MAGIC + JSON.stringify(mark) + "\n", "utf8");
-        if (writeSync(this.markFd, b, 0, MARK_SIZE, 0) !== MARK_SIZE) throw new Error("short write");
-        fdatasyncSync(this.markFd);
+        writeInPlace(
+          join(this.dir, FULL_RESYNC_FILE),
+          MARK_MAGIC + JSON.stringify(mark) + "\n",
+          MARK_SIZE,
+          0,
+        );
         this.degradedMark = mark;
         this.log.error(
           `tracking log failed: ${e.message}. Writes go on and so does replication, from memory; ` +
@@ -527,10 +511,6 @@ export class TrackingLog {
     }
     await this.dbTail; // a failed lazy persist still in flight must be over before the db closes
     this.closed = true;
-    if (this.markFd >= 0) {
-      closeSync(this.markFd);
-      this.markFd = -1;
-    }
     await this.db.close();
   }
 }

@@ -9,11 +9,11 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { KIND, type UpdateRecord } from "../../src/gateway/records.js";
 import { startGateway, type GatewayHandle, unboot } from "../helpers/gateway.js";
-import { scratchDir } from "../helpers/server.js";
+import { mountTmpfs, scratchDir } from "../helpers/server.js";
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -22,22 +22,19 @@ const ID = { source: "f011", generation: 1, size: SIZE };
 
 let dir: string;
 let mnt: string;
-let mounted = false;
+let unmount: (() => void) | undefined;
 let gw: GatewayHandle | undefined;
 
 before(() => {
-  if (process.getuid?.() !== 0) throw new Error("this test mounts a tmpfs: run it as root (npm test does)");
   dir = scratchDir("blockfork-gw-full-");
   mnt = join(dir, "mnt");
-  mkdirSync(mnt);
-  execFileSync("mount", ["-t", "tmpfs", "-o", "size=16m", "tmpfs", mnt]);
-  mounted = true;
+  unmount = mountTmpfs(mnt, "16m");
   writeFileSync(join(mnt, "filler"), Buffer.alloc(8 * MiB, 1));
 });
 
 after(async () => {
   await gw?.stop("SIGKILL");
-  if (mounted) execFileSync("umount", [mnt]);
+  unmount?.();
   rmSync(dir, { recursive: true, force: true });
 });
 
@@ -101,8 +98,7 @@ void describe("gateway on a full disk", () => {
 void describe("gateway with its state directory on a full disk", () => {
   void test("updates apply, a flush answers 507 naming the state directory, health says why; freed, the flush succeeds", async () => {
     const stateMnt = join(dir, "statefs");
-    mkdirSync(stateMnt);
-    execFileSync("mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", stateMnt]);
+    const unmountState = mountTmpfs(stateMnt, "1m");
     try {
       const stateDir = join(stateMnt, "state");
       const g = await startGateway({ dir, volume: join(dir, "sec2.img"), stateDir });
@@ -137,7 +133,7 @@ void describe("gateway with its state directory on a full disk", () => {
         await g.stop("SIGKILL");
       }
     } finally {
-      execFileSync("umount", [stateMnt]);
+      unmountState();
     }
   });
 });

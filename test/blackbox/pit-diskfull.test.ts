@@ -12,9 +12,9 @@
 
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdirSync, rmSync } from "node:fs";
+import { rmSync } from "node:fs";
 import { join } from "node:path";
-import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
+import { mountTmpfs, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 import { run } from "../helpers/run.js";
 import {
   blockfork,
@@ -54,9 +54,8 @@ async function fullDiskSetup(): Promise<Setup> {
   const dir = scratchDir("blockfork-pit-full-");
   cleanups.push(() => Promise.resolve(rmSync(dir, { recursive: true, force: true })));
   const fs = join(dir, "statefs");
-  mkdirSync(fs);
-  await run("mount", ["-t", "tmpfs", "-o", "size=48M", "tmpfs", fs]);
-  cleanups.push(() => run("umount", [fs]));
+  const unmount = mountTmpfs(fs, "48M");
+  cleanups.push(() => Promise.resolve(unmount()));
   const filler = join(fs, "filler");
   await run("dd", ["if=/dev/zero", `of=${filler}`, "bs=1M", "count=24", "status=none"]);
   const stateDir = join(fs, "state");

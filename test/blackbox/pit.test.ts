@@ -503,6 +503,11 @@ void describe("PIT command line and bookmark names", () => {
   });
 });
 
+/** Write the first MiB of `srv`'s volume full of `letter`, then FLUSH. */
+async function fillFirstMiB(srv: ServerHandle, letter: string): Promise<void> {
+  await py(srv.uri, `h = connect()\nh.pwrite(b"${letter}" * MiB, 0)\nh.flush()\nh.shutdown()\n`);
+}
+
 void describe("mark in the first merge window of a new journal", () => {
   void test("waits for the first point in time instead of refusing; snap@ that bookmark is exact", async () => {
     const FW = 6000;
@@ -516,15 +521,7 @@ void describe("mark in the first merge window of a new journal", () => {
       args: ["--pit", "--state-dir", sd, "--pit-window", `${FW}`],
     });
     try {
-      await py(
-        s.uri,
-        `
-        h = connect()
-        h.pwrite(b"A" * MiB, 0)
-        h.flush()
-        h.shutdown()
-        `,
-      );
+      await fillFirstMiB(s, "A");
       const before = await snapshots(sd);
       assert.equal(before.earliest, null, "still in the first merge window: no point exists yet");
       const t0 = Date.now();
@@ -539,15 +536,7 @@ void describe("mark in the first merge window of a new journal", () => {
         `${m[1]} vs ${after.earliest}`,
       );
       assert.ok(waited > 100 && waited < FW + 2000, `mark took ${waited} ms`);
-      await py(
-        s.uri,
-        `
-        h = connect()
-        h.pwrite(b"B" * MiB, 0)
-        h.flush()
-        h.shutdown()
-        `,
-      );
+      await fillFirstMiB(s, "B");
       const want = createHash("sha256")
         .update(Buffer.alloc(MiB, "A"))
         .update(Buffer.alloc(15 * MiB))

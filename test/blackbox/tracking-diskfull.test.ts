@@ -14,11 +14,10 @@
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
-import { mkdirSync, rmSync, statfsSync } from "node:fs";
+import { rmSync, statfsSync } from "node:fs";
 import { join } from "node:path";
 import { readFullResyncMark } from "../../src/tracking/log.js";
-import { scratchDir } from "../helpers/server.js";
+import { mountTmpfs, scratchDir } from "../helpers/server.js";
 import { nbdsh, run } from "../helpers/run.js";
 import { cli, sha256File, startPair, type Pair } from "../helpers/replication.js";
 
@@ -26,21 +25,18 @@ const MiB = 1024 * 1024;
 
 let dir: string;
 let mnt: string;
-let mounted = false;
+let unmount: (() => void) | undefined;
 let pair: Pair | undefined;
 
 before(() => {
-  if (process.getuid?.() !== 0) throw new Error("this test mounts a tmpfs: run it as root (npm test does)");
   dir = scratchDir("blockfork-track-full-");
   mnt = join(dir, "statefs");
-  mkdirSync(mnt);
-  execFileSync("mount", ["-t", "tmpfs", "-o", "size=8m", "tmpfs", mnt]);
-  mounted = true;
+  unmount = mountTmpfs(mnt, "8m");
 });
 
 after(async () => {
   await pair?.stop();
-  if (mounted) execFileSync("umount", [mnt]);
+  unmount?.();
   rmSync(dir, { recursive: true, force: true });
 });
 

@@ -2,7 +2,7 @@
 // Every server a test starts is stopped by the test (or by the after() hook this registers).
 
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { isAbsolute, join, resolve } from "node:path";
@@ -66,6 +66,18 @@ export interface StartOptions {
 }
 
 /** Make a scratch directory under the system tmpdir. */
+/**
+ * Mount a tmpfs of `size` ("8m") at `path` (created if needed), for tests that fill a disk; root
+ * only (npm test runs as root). Returns the unmount, which the test must call.
+ */
+export function mountTmpfs(path: string, size: string): () => void {
+  if (process.getuid?.() !== 0)
+    throw new Error(`mounting a tmpfs at ${path} needs root (npm test runs as root)`);
+  mkdirSync(path, { recursive: true });
+  execFileSync("mount", ["-t", "tmpfs", "-o", `size=${size}`, "tmpfs", path]);
+  return () => execFileSync("umount", [path]);
+}
+
 export function scratchDir(prefix = "blockfork-test-"): string {
   return mkdtempSync(join(tmpdir(), prefix));
 }
