@@ -23,6 +23,7 @@ declare -A PKGS=(
   [qemu-system-x86]=/usr/bin/qemu-system-x86_64
   [busybox-static]=/bin/busybox
   [iproute2]=/usr/bin/ss
+  [libfaketime]=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
 )
 # nbdkit is /usr/sbin/nbdkit on some releases, /usr/bin/nbdkit on others
 have() { [ -e "$1" ] || { [ "$1" = /usr/sbin/nbdkit ] && [ -e /usr/bin/nbdkit ]; }; }

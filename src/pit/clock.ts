@@ -1,20 +1,100 @@
-// One monotonic clock for every timestamp of the journal: milliseconds since the epoch with
-// microsecond resolution (performance.timeOrigin + performance.now(), which does not jump with
-// the wall clock), never repeating and never going backwards, also across restarts (seeded with
-// the last timestamp found in the journal).
+// The journal's clock: every timestamp of the journal (before-images, bookmarks, the window) comes
+// from here. A timestamp is the wall clock in milliseconds since the epoch, with microsecond
+// resolution, because that is what `snap@<ISO-8601 time>` names; and it is strictly increasing,
+// within a process and across restarts (seeded with the newest timestamp found in the journal), so
+// that entries of all sessions order correctly.
+//
+// Notes on the design
+// - Resolution: Date.now() has whole milliseconds, so the fraction comes from the monotonic clock:
+//   t = anchor + performance.now(), the anchor mapping the monotonic clock onto the wall clock.
+//   Both run at the same rate (NTP slews both), so the mapping holds until the wall clock is
+//   *stepped*.
+// - Following the wall clock: a step (settimeofday, an NTP step such as chrony's makestep at boot,
+//   a host resumed after a suspend) moves the wall clock and not the monotonic one. Each reading
+//   checks the mapped time against Date.now() and re-anchors when they differ by more than
+//   STEP_MS. (Until 24 Nov the journal used the monotonic clock alone from process start: a proxy
+//   started before the clock was set stamped the wrong time for the rest of its life, and snap@T
+//   showed the volume at another time than T, or was refused as in the future.)
+// - Never backwards: after a backward step the timestamps hold just above the newest one (1 µs
+//   apart) until the wall clock passes it again. The journal keeps one timeline: a wall time that
+//   occurred twice names its first occurrence, and the writes made while the clock catches up fall
+//   into the merge window being held.
+// - Steps of REPORT_MS or more are reported to listeners (the journal logs them), outside the
+//   caller's stack.
 
 import { performance } from "node:perf_hooks";
 
-let last = 0;
+/** A wall-clock step larger than this (ms) re-anchors the clock. */
+export const STEP_MS = 5;
+/** A wall-clock step this large (ms) or larger is reported. */
+export const REPORT_MS = 1000;
 
-/** The next timestamp: strictly greater than every earlier one. */
+/** A step of the wall clock: `by` ms (negative: backwards), seen at wall time `at`. */
+export interface ClockStep {
+  at: number;
+  by: number;
+  /** After a backward step: the timestamp the journal holds at until the wall clock reaches it. */
+  holdUntil: number | null;
+}
+
+/** A journal clock over the given wall clock (ms) and monotonic clock (ms, fractional). */
+export class JournalClock {
+  private anchor: number;
+  private last = 0;
+  private readonly listeners = new Set<(s: ClockStep) => void>();
+
+  constructor(
+    private readonly wall: () => number = Date.now,
+    private readonly mono: () => number = () => performance.now(),
+  ) {
+    this.anchor = wall() + 0.5 - mono();
+  }
+
+  /** The next timestamp: strictly greater than every earlier one. */
+  now(): number {
+    const m = this.mono();
+    let t = this.anchor + m;
+    const w = this.wall(); // the true wall time lies in [w, w + 1)
+    if (t < w - STEP_MS || t > w + 1 + STEP_MS) {
+      const by = w + 0.5 - t;
+      this.anchor = w + 0.5 - m;
+      t = this.anchor + m;
+      if (Math.abs(by) >= REPORT_MS && this.listeners.size > 0) {
+        const step: ClockStep = { at: t, by, holdUntil: t <= this.last ? this.last : null };
+        queueMicrotask(() => {
+          for (const l of this.listeners) l(step);
+        });
+      }
+    }
+    this.last = t > this.last ? t : this.last + 0.001;
+    return this.last;
+  }
+
+  /** Never hand out a timestamp at or below `ts` (the newest one already in the journal). */
+  seed(ts: number): void {
+    if (ts > this.last) this.last = ts;
+  }
+
+  /** Hear about steps of the wall clock of REPORT_MS or more. */
+  onStep(l: (s: ClockStep) => void): () => void {
+    this.listeners.add(l);
+    return () => this.listeners.delete(l);
+  }
+}
+
+const clock = new JournalClock();
+
+/** The next timestamp of the process's journal clock. */
 export function journalNow(): number {
-  const t = performance.timeOrigin + performance.now();
-  last = t > last ? t : last + 0.001;
-  return last;
+  return clock.now();
 }
 
 /** Never hand out a timestamp at or below `ts` (the newest one already in the journal). */
 export function seedJournalClock(ts: number): void {
-  if (ts > last) last = ts;
+  clock.seed(ts);
+}
+
+/** Hear about steps of the wall clock (see JournalClock.onStep). */
+export function onClockStep(l: (s: ClockStep) => void): () => void {
+  return clock.onStep(l);
 }

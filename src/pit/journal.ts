@@ -16,7 +16,8 @@
 //   entries, and its writers wake, only after every earlier round is durable too.
 // - Sources: each client session (an NBD connection) stages into its own partial journal, so
 //   sessions do not contend; a commit flushes every partial journal into the primary journal (the
-//   segment files), ordering entries by timestamp. Timestamps come from one monotonic clock.
+//   segment files), ordering entries by timestamp. Timestamps come from one clock (clock.ts):
+//   the wall clock, which snap@T names, to the microsecond, following its steps, never going back.
 // - Merging: time is cut into merge windows (1 s by default). Within a window only the first
 //   before-image of a block is kept; other sessions writing the block in the same window are
 //   recorded as contributing sources (a bitmask of session slots; merge notes for images already
@@ -47,7 +48,7 @@ import { acquire, release } from "../util/buffer-pool.js";
 import { allocateInPlace, writeFileAtomicSync, writeInPlace } from "../util/atomic.js";
 import { DONE } from "../util/done.js";
 import type { Logger } from "../log.js";
-import { journalNow, seedJournalClock } from "./clock.js";
+import { journalNow, onClockStep, REPORT_MS, seedJournalClock, type ClockStep } from "./clock.js";
 import {
   decodeRecord,
   decodeSegmentHeader,
@@ -317,6 +318,7 @@ export class Journal {
   /** Times of the bookmarks taken by this process, ascending: merge windows end there. */
   private cuts: number[] = [];
   private timers: NodeJS.Timeout[] = [];
+  private unhearClock: (() => void) | null = null;
   private closed = false;
   private droppedBytes = 0;
 
@@ -377,6 +379,7 @@ export class Journal {
     }
     j.timers.push(setInterval(() => j.enforceRetention(), RETENTION_INTERVAL_MS));
     for (const t of j.timers) t.unref();
+    j.unhearClock = onClockStep((s) => j.clockStepped(s));
     return j;
   }
 
@@ -480,6 +483,13 @@ export class Journal {
       }
     }
     seedJournalClock(lastTs);
+    if (repair && lastTs > Date.now() + REPORT_MS) {
+      this.log.warn(
+        `journal: its newest entry (${new Date(lastTs).toISOString()}) is later than the wall clock ` +
+          `(${new Date().toISOString()}): was the clock set back? Timestamps hold at that entry until ` +
+          "the clock reaches it; a time passed twice names its first occurrence",
+      );
+    }
     // Exact points exist from the first window that began after the journal did.
     this.earliestTs = this.windowCeil(created || journalNow());
     if (names.length > 0) {
@@ -959,6 +969,23 @@ export class Journal {
     this.stoppedAt = null;
   }
 
+  /** Log a step of the wall clock (the journal's timestamps follow it; see clock.ts). */
+  private clockStepped(s: ClockStep): void {
+    const secs = (Math.abs(s.by) / 1000).toFixed(1);
+    if (s.holdUntil === null) {
+      this.log.warn(
+        `journal: the wall clock ${s.by > 0 ? "jumped forward" : "went back"} ${secs} s ` +
+          `(set, corrected by NTP, or resumed from a pause); timestamps follow it from ${new Date(s.at).toISOString()}`,
+      );
+    } else {
+      this.log.warn(
+        `journal: the wall clock went back ${secs} s (set, or corrected by NTP); timestamps hold at ` +
+          `${new Date(s.holdUntil).toISOString()} until the clock reaches it again: changes made meanwhile ` +
+          "fall into that merge window, and a time passed twice names its first occurrence",
+      );
+    }
+  }
+
   /** Undo newSegment (a restart that could not record itself). */
   private dropNewest(seg: Segment): void {
     if (this.order[this.order.length - 1] !== seg.number) return;
@@ -1210,6 +1237,7 @@ export class Journal {
     await this.doneTail;
     this.closed = true;
     for (const t of this.timers) clearInterval(t);
+    this.unhearClock?.();
     for (const s of this.segments.values()) s.file.close();
     this.lastSeg = null;
   }
