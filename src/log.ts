@@ -60,7 +60,7 @@ export class Logger {
   limited(level: LogLevel, key: string, msg: string): void {
     const n = LEVELS.indexOf(level);
     if (n > this.sink.level) return;
-    const now = Date.now();
+    const now = performance.now(); // monotonic: a step of the wall clock must not mute a key for its length
     let s = this.sink.limits.get(key);
     if (!s || now - s.windowStart >= 1000) {
       if (s && s.suppressed > 0) this.emit(n, level, `(${s.suppressed} more "${key}" messages suppressed)`);

@@ -95,7 +95,7 @@ export class AdminServer {
         const result = await this.handlers.verify(
           url.searchParams.get("repair") === "1",
           (done, total) => {
-            const now = Date.now();
+            const now = performance.now();
             if (now - last < 200 && done < total) return;
             last = now;
             res.write(JSON.stringify({ progress: { done, total } }) + "\n");

@@ -216,11 +216,11 @@ export async function tracking(argv: string[]): Promise<number> {
 export async function verifyCommand(argv: string[]): Promise<number> {
   const { dir, values } = stateDirArg(argv, { repair: { type: "boolean" } });
   const repair = values.repair === true;
-  const started = Date.now();
+  const started = performance.now();
   const r = (await adminCall(dir, "POST", `/verify${repair ? "?repair=1" : ""}`, (line) => {
     const p = (line as { progress?: { done: number; total: number } }).progress;
     if (p) {
-      const secs = (Date.now() - started) / 1000;
+      const secs = (performance.now() - started) / 1000;
       bar(p.done, p.total, progressText(p.done, p.total, secs > 0 ? p.done / secs : 0, null));
     }
   })) as {

@@ -139,6 +139,7 @@ interface Pending {
   size: number;
   b0: number;
   b1: number;
+  /** When it was queued (ms, monotonic: performance.now()). */
   at: number;
   waiter: (() => void) | null;
   resync: boolean;
@@ -618,7 +619,7 @@ export class GatewayLink {
       size: RECORD_HEADER + dataBytes,
       b0,
       b1,
-      at: Date.now(),
+      at: performance.now(),
       waiter: null,
       resync,
       slab: null,
@@ -982,7 +983,9 @@ export class GatewayLink {
   /** Periodic: flush applied updates, enforce bounds. */
   private tick(): void {
     if (!sends(this.s.name)) return;
-    const now = Date.now();
+    // Ages and timeouts on the monotonic clock: a step of the wall clock must neither hold a sync
+    // write past --sync-timeout nor drop the link for a queue that only seems old.
+    const now = performance.now();
     const oldest = this.queue[0];
     if (this.o.mode === "sync") {
       let first = oldest?.at ?? now;
@@ -990,7 +993,7 @@ export class GatewayLink {
       if (now - first > this.o.syncTimeoutMs) {
         this.dispatch({
           type: "syncTimeout",
-          reason: `a sync write waited ${now - first} ms for the gateway (--sync-timeout ${this.o.syncTimeoutMs} ms)`,
+          reason: `a sync write waited ${Math.round(now - first)} ms for the gateway (--sync-timeout ${this.o.syncTimeoutMs} ms)`,
         });
         return;
       }
@@ -1007,7 +1010,7 @@ export class GatewayLink {
       if (client !== undefined && now - client.at > this.o.queueAgeMs) {
         this.dispatch({
           type: "overflow",
-          reason: `oldest queued update is ${now - client.at} ms old (gateway too slow)`,
+          reason: `oldest queued update is ${Math.round(now - client.at)} ms old (gateway too slow)`,
         });
         return;
       }
@@ -1122,7 +1125,7 @@ export class GatewayLink {
     const token = ++this.resyncToken;
     const map = this.tracking.map;
     const g = map.granularity;
-    const started = Date.now();
+    const started = performance.now();
     this.resyncRunning = true;
     this.progress = {
       running: true,
@@ -1132,13 +1135,13 @@ export class GatewayLink {
       pageCacheBytes: 0,
       bytesPerSecond: 0,
       etaSeconds: null,
-      startedAt: new Date(started).toISOString(),
+      startedAt: new Date().toISOString(),
       finishedAt: null,
     };
     if (this.progress.totalBytes > 0) this.log.info(`resync: ${this.progress.totalBytes} bytes dirty`);
     const alive = (): boolean => token === this.resyncToken && !this.stopped && this.s.name === "resyncing";
     let bucket = 0;
-    let bucketAt = Date.now();
+    let bucketAt = performance.now();
     // The first copy that failed (a primary read error): the ranges in flight never reject (an
     // unhandled rejection would end the process), they record it here and the pass rethrows it.
     let failure: Error | null = null;
@@ -1180,7 +1183,7 @@ export class GatewayLink {
                 check();
               }
               if (this.o.resyncRate > 0) {
-                const now = Date.now();
+                const now = performance.now();
                 bucket = Math.max(0, bucket - ((now - bucketAt) / 1000) * this.o.resyncRate);
                 bucketAt = now;
                 if (bucket > this.o.resyncRate / 10)
@@ -1232,7 +1235,7 @@ export class GatewayLink {
       this.progress.running = false;
       this.progress.finishedAt = new Date().toISOString();
       this.log.info(
-        `resync: done, ${this.progress.doneBytes} bytes in ${((Date.now() - started) / 1000).toFixed(1)} s, ` +
+        `resync: done, ${this.progress.doneBytes} bytes in ${((performance.now() - started) / 1000).toFixed(1)} s, ` +
           `${this.progress.pass} pass(es)`,
       );
       this.dispatch({ type: "resyncDone" });
@@ -1254,12 +1257,12 @@ export class GatewayLink {
   }
 
   private updateRate(started: number): void {
-    const secs = (Date.now() - started) / 1000;
+    const secs = (performance.now() - started) / 1000;
     const p = this.progress;
     p.bytesPerSecond = secs > 0 ? Math.round(p.doneBytes / secs) : 0;
     const left = Math.max(0, p.totalBytes - p.doneBytes);
     p.etaSeconds = p.bytesPerSecond > 0 ? Math.round(left / p.bytesPerSecond) : null;
-    const now = Date.now();
+    const now = performance.now();
     if (now - this.progressLogged >= 5000 && p.totalBytes > 0) {
       this.progressLogged = now;
       const pct = Math.min(100, (100 * p.doneBytes) / p.totalBytes).toFixed(1);
@@ -1269,7 +1272,7 @@ export class GatewayLink {
       );
     }
   }
-  private progressLogged = Date.now();
+  private progressLogged = performance.now();
 
   /**
    * Copy one dirty range from the primary. For each run of blocks that no client write is changing
@@ -1449,7 +1452,7 @@ export class GatewayLink {
       queue: {
         updates: this.queue.length,
         bytes: this.queued,
-        oldestMs: oldest ? Date.now() - oldest.at : 0,
+        oldestMs: oldest ? Math.round(performance.now() - oldest.at) : 0,
       },
       inflightBatches: this.batches,
       transport: sends(this.s.name) ? (this.stream !== null ? "stream" : "post") : null,

@@ -59,7 +59,7 @@ export async function verify(
 ): Promise<VerifyResult> {
   const map = tracking.map;
   const g = map.granularity;
-  const started = Date.now();
+  const started = performance.now();
   const result: VerifyResult = {
     checkedBytes: 0,
     blocks: 0,
@@ -125,6 +125,6 @@ export async function verify(
     link.requestResync();
     result.repaired = true;
   }
-  result.seconds = (Date.now() - started) / 1000;
+  result.seconds = (performance.now() - started) / 1000;
   return result;
 }

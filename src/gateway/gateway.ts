@@ -226,7 +226,7 @@ export class Gateway {
     const detail = err instanceof Error ? err.message : String(err);
     const where = stateDir === undefined ? "on the secondary" : `in the state directory ${stateDir}`;
     this.counters.errors++;
-    this.lastFailure = { at: Date.now(), message: `${what} failed: ${detail}` };
+    this.lastFailure = { at: performance.now(), message: `${what} failed: ${detail}` };
     this.log.limited("error", `io ${what}`, `${what} ${where} failed: ${detail}`);
     if (errno === E.ENOSPC || errno === E.EDQUOT) {
       const full =
@@ -353,7 +353,7 @@ export class Gateway {
       return { ok: false, reason: `${this.syncBroken}; restart the gateway once its storage is healthy` };
     }
     const f = this.lastFailure;
-    if (f && Date.now() - f.at < FAILING_HOLD_MS) {
+    if (f && performance.now() - f.at < FAILING_HOLD_MS) {
       return { ok: false, reason: `the secondary is failing: ${f.message}` };
     }
     return { ok: true };

@@ -104,7 +104,7 @@ export class GatewayServer {
   private readonly server: Server;
   private readonly log: Logger;
   private readonly tokenHash: Buffer | null;
-  private readonly started = Date.now();
+  private readonly started = performance.now();
   /**
    * Names this process (like an NFS server's write verifier): a restart loses what was applied
    * but not made durable, and the idempotency state of updates above each durableThrough. A proxy
@@ -441,7 +441,7 @@ export class GatewayServer {
           fault: this.opts.faults.describe(),
           health: g.health(),
           boot: this.boot,
-          uptime: Math.floor((Date.now() - this.started) / 1000),
+          uptime: Math.floor((performance.now() - this.started) / 1000),
         });
         return Promise.resolve();
       },

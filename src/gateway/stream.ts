@@ -82,7 +82,7 @@ export class StreamSession {
   private closed = false;
   private paused = false;
   /** When the last byte arrived, and the check for a stalled frame. */
-  private lastByteAt = Date.now();
+  private lastByteAt = performance.now();
   private readonly stallTimer: NodeJS.Timeout;
 
   constructor(
@@ -106,7 +106,7 @@ export class StreamSession {
     this.stallTimer = setInterval(
       () => {
         const partial = this.body !== null || this.hdrFill > 0;
-        if (partial && !this.paused && Date.now() - this.lastByteAt > stallMs) {
+        if (partial && !this.paused && performance.now() - this.lastByteAt > stallMs) {
           this.o.log.warn(
             `update stream of source ${this.o.id.source}: a frame got no byte for ${stallMs / 1000} s; ` +
               "closing the connection",
@@ -153,7 +153,7 @@ export class StreamSession {
   };
 
   private readonly onRead = (nread: number, buf: Buffer): boolean => {
-    this.lastByteAt = Date.now();
+    this.lastByteAt = performance.now();
     if (this.ending) return true; // after the end: read (to see the proxy's FIN) and drop
     if (this.readIntoBody) {
       this.bodyFill += nread;
@@ -164,7 +164,7 @@ export class StreamSession {
 
   /** Parse bytes: frame headers, body bytes (copied into the body buffer). */
   private feed(bytes: Buffer): void {
-    this.lastByteAt = Date.now();
+    this.lastByteAt = performance.now();
     let at = 0;
     while (at < bytes.length && !this.ending) {
       if (this.body === null) {

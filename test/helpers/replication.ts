@@ -92,6 +92,8 @@ export interface PairOptions {
   primaryDir?: string;
   /** The proxy's --state-dir (default: state/ in the pair's scratch directory). */
   stateDir?: string;
+  /** Extra environment of the proxy. */
+  proxyEnv?: NodeJS.ProcessEnv;
 }
 
 /** A gateway and a proxy forking to it. */
@@ -256,7 +258,7 @@ export async function startPair(opts: PairOptions = {}): Promise<Pair> {
       args.push("--gateway-token-file", file);
     }
     args.push(...(opts.proxyArgs ?? []));
-    return startServer({ dir, keepDir: true, volume: primary, size, args });
+    return startServer({ dir, keepDir: true, volume: primary, size, args, env: opts.proxyEnv });
   };
 
   try {
