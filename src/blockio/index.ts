@@ -74,6 +74,28 @@ const enum Op {
 }
 const SYSCALL = ["pread", "pwrite", "fdatasync", "fallocate", "lseek", "posix_fadvise", "pwrite(zeroes)"];
 
+/**
+ * The error of a failed read of [offset, offset+length) of `fd`. An EIO of a regular file that now
+ * ends before the range is a read past the end: a volume never reads past its size, so the file
+ * was cut short under us (truncated by another program), and the message says so.
+ */
+function readError(errno: number, syscall: string, fd: number, offset: number, length: number): IoError {
+  let detail = `offset ${offset}, length ${length}`;
+  if (errno === E.EIO) {
+    try {
+      const st = fstatSync(fd);
+      if (st.isFile() && offset + length > st.size) {
+        detail +=
+          `: past the end of the file, which is now ${st.size} bytes ` +
+          "(was it truncated by another program? the volume keeps the size it was opened with)";
+      }
+    } catch {
+      // the descriptor is gone: the plain error
+    }
+  }
+  return new IoError(errno, syscall, detail);
+}
+
 /** fallocate modes (linux/falloc.h). */
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
@@ -148,8 +170,13 @@ function submit(ops: Pending[]): void {
     for (let i = 0; i < n; i++) {
       const r = results[i];
       const op = ops[i];
-      if (r < 0) op.reject(new IoError(-r, SYSCALL[op.kind], `offset ${op.offset}, length ${op.length}`));
-      else op.resolve(r);
+      if (r < 0) {
+        op.reject(
+          op.kind === Op.Read
+            ? readError(-r, "pread", op.fd, op.offset, op.length)
+            : new IoError(-r, SYSCALL[op.kind], `offset ${op.offset}, length ${op.length}`),
+        );
+      } else op.resolve(r);
     }
   });
 }
@@ -357,14 +384,14 @@ export class BlockFile {
         this.fastReads = false;
         this.cachedReads = cachestatWorks;
       } else if (r !== -E.EAGAIN && r !== 0)
-        return Promise.reject(new IoError(-r, "pread", `offset ${offset}`));
+        return Promise.reject(readError(-r, "pread", this.fd, offset, buf.length));
     } else if (
       buf.length <= INLINE_MAX &&
       (this.memoryBacked || (this.cachedReads && isCached(this.fd, offset, buf.length)))
     ) {
       const r = binding.readInline(this.fd, buf, offset);
       if (r === buf.length) return DONE;
-      if (r < 0) return Promise.reject(new IoError(-r, "pread", `offset ${offset}`));
+      if (r < 0) return Promise.reject(readError(-r, "pread", this.fd, offset, buf.length));
       // Short (end of file): the pool read below says so the usual way.
     }
     const rest = done === 0 ? buf : buf.subarray(done);
@@ -495,7 +522,7 @@ export class BlockFile {
     if (!this.mayHaveHoles && !this.isBlockDevice) return [{ length, flags: 0 }];
     const out = this.extentsOut;
     const n = binding.extentsSync(this.fd, offset, length, out.subarray(0, 2 * Math.min(max, 1024)));
-    if (n < 0) throw new IoError(-n, "lseek(SEEK_DATA)", `offset ${offset}`);
+    if (n < 0) throw readError(-n, "lseek(SEEK_DATA)", this.fd, offset, length);
     const list: Extent[] = [];
     for (let i = 0; i < n; i++) list.push({ length: out[2 * i], flags: out[2 * i + 1] });
     return list;
@@ -596,6 +623,7 @@ export function sendPieces(
 /**
  * Fill `buf` from `fd` at `offset` on the JS thread, for ranges that were in the page cache a
  * moment ago (cachestat): non-blocking reads, and a blocking read for whatever was evicted since.
+ * Throws an IoError for a read error, and EIO for the end of the file (the file was cut short).
  */
 export function readFullySync(fd: number, buf: Buffer, offset: number): void {
   let done = 0;
@@ -606,10 +634,7 @@ export function readFullySync(fd: number, buf: Buffer, offset: number): void {
       continue;
     }
     const n = readSync(fd, buf, done, buf.length - done, offset + done);
-    if (n <= 0) {
-      buf.fill(0, done); // past the end of the file: cannot happen for the files we read
-      return;
-    }
+    if (n <= 0) throw readError(E.EIO, "pread", fd, offset + done, buf.length - done);
     done += n;
   }
 }

@@ -1,6 +1,7 @@
 // Black-box abuse of `blockfork serve` over its unix socket with raw bytes: wrong magic, truncated
 // messages, oversized, out-of-range, misaligned and unknown requests, writes to a read-only export,
-// stalled handshakes, thousands of idle connections and the connection limit. After every abuse
+// stalled handshakes, thousands of idle connections and the connection limit, and a volume file
+// truncated by another program while it is served (reads past its new end: EIO). After every abuse
 // the process must still be alive and serve a well-behaved client correctly, and it must shut down
 // cleanly at the end (exit status 0).
 
@@ -8,7 +9,7 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { BIN, scratchDir, startServer, waitForSocket, type ServerHandle } from "../helpers/server.js";
 import { run } from "../helpers/run.js";
@@ -591,6 +592,66 @@ void describe("--max-connections 100", () => {
       for (const c of [...greeted, ...refused, ...extra]) c.destroy();
     }
     await sleep(300);
+    await healthy(srv);
+  });
+});
+
+void describe("a volume file truncated under the server", () => {
+  let srv: ServerHandle;
+  let dir: string;
+  const HALF = SIZE / 2;
+  const content = randomBytes(HALF);
+  const EIO = 5;
+  before(async () => {
+    dir = scratchDir();
+    const volume = join(dir, "cut.img");
+    writeFileSync(volume, content);
+    truncateSync(volume, SIZE); // data, then a hole: large reads look for holes (SEEK_DATA)
+    srv = await startServer({ volume, size: null });
+    truncateSync(volume, HALF); // another program cuts the file in half
+  });
+  after(async () => {
+    await stopClean(srv);
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** The NBD error of a structured reply (0 when it has no error chunk). */
+  async function structuredError(
+    c: RawClient,
+    offset: number,
+    length: number,
+    cookie: bigint,
+  ): Promise<number> {
+    c.request({ type: CMD.READ, cookie, offset, length });
+    const chunks = await c.structuredReply(15_000);
+    for (const ch of chunks) assert.equal(ch.cookie, cookie);
+    const err = chunks.find((ch) => (ch.type & 0x8000) !== 0);
+    return err === undefined ? 0 : err.payload.readUInt32BE(0);
+  }
+
+  void test("reads past the new end are EIO on every read path (not zeroes), and the log says why", async () => {
+    const s = await RawClient.connect(srv.sock);
+    await s.handshake({ structured: true });
+    // small (pread) and large (SEEK_DATA first: what was a hole is gone, not zeroes) reads,
+    // wholly past the end and across it
+    assert.equal(await structuredError(s, HALF + MiB, 4096, 1n), EIO, "4 KiB past the end");
+    assert.equal(await structuredError(s, HALF + MiB, MiB, 2n), EIO, "1 MiB past the end");
+    assert.equal(await structuredError(s, HALF - MiB, 2 * MiB, 3n), EIO, "2 MiB across the end");
+    assert.equal(await structuredError(s, HALF - 4096, 4096, 4n), 0, "the last block before the end");
+    await s.disconnect();
+
+    const c = await session(srv);
+    assert.equal(await errorOf(c, { type: CMD.READ, cookie: 5n, offset: HALF + MiB, length: 4096 }), EIO);
+    assert.deepEqual(await c.readAt(HALF - 4096, 4096, 6n), content.subarray(HALF - 4096, HALF));
+    await c.disconnect();
+
+    assert.ok(
+      await logMatches(
+        srv,
+        /past the end of the file, which is now 33554432 bytes \(was it truncated by another program\?/,
+      ),
+      `the log does not explain the EIO:\n${srv.log()}`,
+    );
     await healthy(srv);
   });
 });

@@ -168,7 +168,9 @@ pub fn write_zeroes(fd: c_int, offset: i64, len: i64, dsync: bool) -> i64 {
 
 /// Map [offset, offset+len) into runs of data and holes with SEEK_DATA/SEEK_HOLE, writing
 /// (length, flags) pairs of f64 into `out` (room for `max` pairs). Returns the number of pairs.
-/// Where the file system cannot tell (EINVAL, e.g. block devices), everything is data.
+/// Where the file system cannot tell (EINVAL, e.g. block devices), everything is data. A range
+/// that reaches past the end of the file is -EIO, as a read of it is (see read_full): a volume
+/// never asks past its size, so the file was cut short under us, and what was there is not a hole.
 pub fn extents(fd: c_int, offset: i64, len: i64, out: *mut f64, max: usize) -> i64 {
     let end = offset + len;
     let mut pos = offset;
@@ -183,7 +185,11 @@ pub fn extents(fd: c_int, offset: i64, len: i64, out: *mut f64, max: usize) -> i
         if data < 0 {
             let e = errno();
             if e == ENXIO {
-                // No data at or after pos: the rest is a hole (also beyond end of file).
+                // No data at or after pos: the rest is a hole, if it is inside the file.
+                let size = unsafe { lseek64(fd, 0, SEEK_END) };
+                if size >= 0 && end > size {
+                    return -(EIO as i64);
+                }
                 emit(end - pos, EXTENT_HOLE_ZERO, &mut n);
                 break;
             }

@@ -13,6 +13,7 @@ pub const RWF_NOWAIT: c_int = 0x08;
 
 pub const SEEK_DATA: c_int = 3;
 pub const SEEK_HOLE: c_int = 4;
+pub const SEEK_END: c_int = 2;
 
 pub const POSIX_FADV_WILLNEED: c_int = 3;
 
