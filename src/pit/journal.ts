@@ -1193,7 +1193,11 @@ export class Journal {
    */
   mark(name: string, ts = journalNow(), opts: { replace?: boolean } = {}): number {
     if (!/^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$/.test(name)) {
-      throw new UsageError(`bookmark name "${name}" must be 1-64 letters, digits, '.', '_', ':' or '-'`);
+      const shown = name.length > 72 ? `${name.slice(0, 64)}..." (${name.length} characters)` : `${name}"`;
+      throw new UsageError(
+        `bookmark name "${shown} must be 1-64 letters, digits, '.', '_', ':' or '-', ` +
+          "beginning with a letter or digit",
+      );
     }
     if (/^\d{4}-\d{2}-\d{2}/.test(name)) {
       throw new UsageError(

@@ -1112,6 +1112,12 @@ void describe("Journal: bookmarks", () => {
     for (const bad of ["", "-x", ".x", "a b", "a/b", "snap@x", "x".repeat(65), "é", "a\n"]) {
       assert.throws(() => j.mark(bad), /must be 1-64 letters/, `"${bad}" accepted`);
     }
+    assert.throws(() => j.mark("-x"), /beginning with a letter or digit/);
+    assert.throws(
+      () => j.mark("y".repeat(5000)),
+      (e: Error) => e.message.includes('..." (5000 characters) must be') && e.message.length < 300,
+      "a long name is shown cut short",
+    );
     for (const good of ["a", "before", "A.b_c:d-9", "9", "x".repeat(64)]) {
       assert.ok(j.mark(good) > 0, `"${good}" refused`);
     }
