@@ -323,6 +323,11 @@ export function parseServeArgs(argv: string[]): ServeConfig {
     const mode = values.replication ?? "async";
     if (mode !== "async" && mode !== "sync")
       throw new UsageError(`--replication must be async or sync, not "${mode}"`);
+    if (mode === "async" && values["sync-timeout"] !== undefined) {
+      throw new UsageError(
+        "--sync-timeout needs --replication sync (an async write never waits for the gateway)",
+      );
+    }
     const granularity = values["track-granularity"]
       ? parseSize(values["track-granularity"], "--track-granularity")
       : undefined;

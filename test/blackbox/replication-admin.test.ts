@@ -336,8 +336,12 @@ void describe("replication configuration", () => {
       [["--replication", "sync"], /--replication needs --gateway URL/],
       [["--no-update-stream"], /--no-update-stream needs --gateway URL/],
       [
-        ["--gateway", "http://127.0.0.1:9", "--sync-timeout", "0"],
+        ["--gateway", "http://127.0.0.1:9", "--replication", "sync", "--sync-timeout", "0"],
         /--sync-timeout must be a positive integer/,
+      ],
+      [
+        ["--gateway", "http://127.0.0.1:9", "--sync-timeout", "3000"],
+        /--sync-timeout needs --replication sync \(an async write never waits for the gateway\)/,
       ],
       [
         ["--gateway", "http://127.0.0.1:9", "--track-granularity", "8M"],
