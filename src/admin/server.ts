@@ -26,6 +26,8 @@ export interface SnapshotsReport {
   segments: number;
   entries: number;
   bookmarks: { name: string; time: string | null; export: string }[];
+  /** Wall times that passed twice (the clock went back): snap@ one of them is refused. */
+  passedTwice: { from: string; to: string }[];
   /** Read from the journal files, no proxy running. */
   offline?: true;
 }

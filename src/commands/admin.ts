@@ -314,7 +314,8 @@ usage error (a NAME already bookmarked without --replace).
 export const SNAPSHOTS_HELP = `Usage: blockfork snapshots --state-dir DIR [--json]
 
 Show the points in time a proxy can serve (snap@<ISO-8601 time> within the window, in steps of the
-merge window), its bookmarks (snap@NAME), and the journal's size. With no proxy running, the journal
+merge window), its bookmarks (snap@NAME), the journal's size, and the ranges of time that passed
+twice because the wall clock went back (snap@ a time in one is refused: use a bookmark). With no proxy running, the journal
 in DIR/journal is read directly (the window then ends at the last journaled change).
 Exit status: 0 (also when no proxy answers and the journal is read directly); 1 on failure; 2 on
 a usage error or when no proxy answers and DIR holds no journal.
@@ -336,6 +337,7 @@ function offlineSnapshots(dir: string): SnapshotsReport {
     segments: s.segments,
     entries: s.entries,
     bookmarks: [...s.bookmarks].map(([name, ts]) => ({ name, time: iso(ts), export: `snap@${name}` })),
+    passedTwice: s.passedTwice.map(([from, to]) => ({ from: iso(from)!, to: iso(to)! })),
     offline: true,
   };
 }
@@ -378,6 +380,9 @@ export async function snapshots(argv: string[]): Promise<number> {
   ];
   if (s.bookmarks.length === 0) lines.push("bookmarks none (blockfork mark NAME)");
   for (const b of s.bookmarks) lines.push(`bookmark  ${b.export.padEnd(24)} ${b.time}`);
+  for (const r of s.passedTwice ?? []) {
+    lines.push(`twice     ${r.from} .. ${r.to} (the clock went back: snap@ these times is refused)`);
+  }
   process.stdout.write(lines.join("\n") + "\n");
   return 0;
 }

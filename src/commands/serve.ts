@@ -730,6 +730,10 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
           time: new Date(ts).toISOString(),
           export: `snap@${name}`,
         })),
+        passedTwice: j.passedTwice().map(([from, to]) => ({
+          from: new Date(from).toISOString(),
+          to: new Date(to).toISOString(),
+        })),
       };
     },
     resync: async (full) => {

@@ -16,9 +16,10 @@
 //   started before the clock was set stamped the wrong time for the rest of its life, and snap@T
 //   showed the volume at another time than T, or was refused as in the future.)
 // - Never backwards: after a backward step the timestamps hold just above the newest one (1 µs
-//   apart) until the wall clock passes it again. The journal keeps one timeline: a wall time that
-//   occurred twice names its first occurrence, and the writes made while the clock catches up fall
-//   into the merge window being held.
+//   apart) until the wall clock passes it again. The journal keeps one timeline, and the writes
+//   made while the clock catches up fall into the merge window being held. The wall times between
+//   the new time and the old one pass twice, so snap@ one of them could mean either: the journal
+//   records those ranges and refuses them (Journal.clockStepped).
 // - Steps of REPORT_MS or more are reported to listeners (the journal logs them), outside the
 //   caller's stack.
 

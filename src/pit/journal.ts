@@ -85,6 +85,8 @@ export interface JournalSummary {
   segments: number;
   entries: number;
   bookmarks: Map<string, number>;
+  /** Wall times that passed twice (see Journal.passedTwice). */
+  passedTwice: [number, number][];
 }
 
 export const JOURNAL_DEFAULTS = {
@@ -319,6 +321,10 @@ export class Journal {
   private cuts: number[] = [];
   private timers: NodeJS.Timeout[] = [];
   private unhearClock: (() => void) | null = null;
+  /** Wall times that passed twice (the clock went back), [from, to], oldest first: snap@ refuses them. */
+  private passedTwiceRanges: [number, number][] = [];
+  /** Opened with the wall clock behind the newest entry: the times between pass twice. */
+  private behindAtStart: [number, number] | null = null;
   private closed = false;
   private droppedBytes = 0;
 
@@ -348,6 +354,7 @@ export class Journal {
     const st = existsSync(statePath) ? parseState(readFileSync(statePath, "utf8"), statePath) : {};
     const stopped = typeof st.stoppedAt === "number";
     if (typeof st.earliest === "number") j.earliestTs = Math.max(j.earliestTs, st.earliest);
+    if (Array.isArray(st.passedTwice)) j.passedTwiceRanges = st.passedTwice;
     j.loadBookmarks();
     const last = j.index.length > j.index.first ? j.index.tsAt(j.index.length - 1) : null;
     const summary: JournalSummary = {
@@ -359,6 +366,7 @@ export class Journal {
       segments: j.order.length,
       entries: j.index.length - j.index.first,
       bookmarks: j.listBookmarks(),
+      passedTwice: j.passedTwice(),
     };
     for (const s of j.segments.values()) s.file.close();
     return summary;
@@ -369,6 +377,13 @@ export class Journal {
     mkdirSync(j.dir, { recursive: true });
     j.recover(true);
     j.openStateFile();
+    if (j.behindAtStart !== null) {
+      j.passedTwiceRanges.push(j.behindAtStart);
+      j.trimPassedTwice();
+      if (!j.writeState(j.stoppedAt !== null ? { stoppedAt: j.stoppedAt.ts } : { earliest: j.earliestTs })) {
+        throw new Error(`${join(j.dir, "state")}: cannot record the wall clock's step back`);
+      }
+    }
     j.loadBookmarks();
     if (j.order.length === 0) {
       // A new journal: exact points from the first window after its first segment was created
@@ -483,12 +498,14 @@ export class Journal {
       }
     }
     seedJournalClock(lastTs);
-    if (repair && lastTs > Date.now() + REPORT_MS) {
+    const wall = Date.now();
+    if (repair && lastTs > wall + REPORT_MS) {
       this.log.warn(
         `journal: its newest entry (${new Date(lastTs).toISOString()}) is later than the wall clock ` +
-          `(${new Date().toISOString()}): was the clock set back? Timestamps hold at that entry until ` +
-          "the clock reaches it; a time passed twice names its first occurrence",
+          `(${new Date(wall).toISOString()}): was the clock set back? Timestamps hold at that entry until ` +
+          "the clock reaches it; snap@ a time that passes twice is refused (use a bookmark)",
       );
+      this.behindAtStart = [wall, lastTs];
     }
     // Exact points exist from the first window that began after the journal did.
     this.earliestTs = this.windowCeil(created || journalNow());
@@ -560,6 +577,7 @@ export class Journal {
     const path = join(this.dir, "state");
     allocateInPlace(path, STATE_SIZE, STATE_PAD);
     const st = parseState(readFileSync(path, "utf8"), path);
+    if (Array.isArray(st.passedTwice)) this.passedTwiceRanges = st.passedTwice;
     // A restart after a stop moved the earliest exact point past the gap: the segments cannot
     // tell (the first one still begins before the gap).
     if (typeof st.earliest === "number") this.earliestTs = Math.max(this.earliestTs, st.earliest);
@@ -577,6 +595,7 @@ export class Journal {
   }
 
   private writeState(st: JournalState): boolean {
+    if (this.passedTwiceRanges.length > 0) st = { ...st, passedTwice: this.passedTwiceRanges };
     try {
       writeInPlace(join(this.dir, "state"), JSON.stringify(st), STATE_SIZE, STATE_PAD);
       return true;
@@ -969,9 +988,23 @@ export class Journal {
     this.stoppedAt = null;
   }
 
-  /** Log a step of the wall clock (the journal's timestamps follow it; see clock.ts). */
+  /**
+   * Log a step of the wall clock (the journal's timestamps follow it; see clock.ts). A step back
+   * makes the wall times from the new time to the old one pass twice: snap@ one of them could mean
+   * either passing, so they are recorded (durably, in the state file) and refused.
+   */
   private clockStepped(s: ClockStep): void {
+    if (this.closed) return;
     const secs = (Math.abs(s.by) / 1000).toFixed(1);
+    if (s.by < 0) {
+      const to = Math.max(s.at - s.by, s.holdUntil ?? 0);
+      this.passedTwiceRanges.push([s.at, to]);
+      this.trimPassedTwice();
+      const saved = this.writeState(
+        this.stoppedAt !== null ? { stoppedAt: this.stoppedAt.ts } : { earliest: this.earliestTs },
+      );
+      if (!saved) this.log.error("journal: cannot record the wall clock's step back in its state file");
+    }
     if (s.holdUntil === null) {
       this.log.warn(
         `journal: the wall clock ${s.by > 0 ? "jumped forward" : "went back"} ${secs} s ` +
@@ -980,8 +1013,8 @@ export class Journal {
     } else {
       this.log.warn(
         `journal: the wall clock went back ${secs} s (set, or corrected by NTP); timestamps hold at ` +
-          `${new Date(s.holdUntil).toISOString()} until the clock reaches it again: changes made meanwhile ` +
-          "fall into that merge window, and a time passed twice names its first occurrence",
+          `${new Date(s.holdUntil).toISOString()} until the clock reaches it again (changes made meanwhile ` +
+          "fall into that merge window); snap@ a time that passes twice is refused (use a bookmark)",
       );
     }
   }
@@ -1024,6 +1057,23 @@ export class Journal {
       windowMs: this.windowMs,
       stopped: null,
     };
+  }
+
+  /** Ranges of wall time [from, to] that passed twice (the clock went back), oldest first. */
+  passedTwice(): [number, number][] {
+    return this.passedTwiceRanges.map((r) => [r[0], r[1]]);
+  }
+
+  /** The range of wall time that passed twice and holds `ts`, or null. */
+  passedTwiceAt(ts: number): [number, number] | null {
+    for (const r of this.passedTwiceRanges) if (ts >= r[0] && ts <= r[1]) return [r[0], r[1]];
+    return null;
+  }
+
+  /** Forget ranges before the earliest point in time, and all but the newest MAX_PASSED_TWICE. */
+  private trimPassedTwice(): void {
+    const r = this.passedTwiceRanges.filter((x) => x[1] >= this.earliestTs);
+    this.passedTwiceRanges = r.slice(Math.max(0, r.length - MAX_PASSED_TWICE));
   }
 
   /** The start of the merge window containing `ts` (what snap@ts shows). */
@@ -1288,7 +1338,12 @@ interface JournalState {
   stoppedAt?: number;
   /** Exact points in time exist from this window start on (set when a stop ended). */
   earliest?: number;
+  /** Wall times that passed twice (the clock went back): [from, to] pairs, oldest first. */
+  passedTwice?: [number, number][];
 }
+
+/** At most this many ranges of wall time that passed twice are kept (the newest). */
+const MAX_PASSED_TWICE = 32;
 
 function parseState(text: string, path: string): JournalState {
   const t = text.trim();

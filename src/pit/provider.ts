@@ -85,7 +85,19 @@ export class SnapshotProvider implements ExportProvider {
       t = b;
       // A bookmark ends the merge window it is taken in (Journal.mark): it shows its own time.
       point = b;
-    } else point = this.journal.pointOf(t);
+    } else {
+      const twice = this.journal.passedTwiceAt(t);
+      if (twice !== null) {
+        const iso = (x: number): string => new Date(x).toISOString();
+        return Promise.resolve({
+          message:
+            `${name}: the wall clock went back, so the times from ${iso(twice[0])} to ${iso(twice[1])} ` +
+            "passed twice and this one could mean either; name a bookmark, or a time outside that range; " +
+            this.range(),
+        });
+      }
+      point = this.journal.pointOf(t);
+    }
     if (!this.inWindow(t, point)) {
       return Promise.resolve({ message: `${name} is outside the journal's window; ${this.range()}` });
     }

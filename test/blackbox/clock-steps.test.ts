@@ -6,9 +6,12 @@
 //   in the skipped hour shows the volume before them and snap@T after the step shows them (a clock
 //   read from the monotonic clock alone lags an hour: both are refused as in the future).
 // - Back an hour: timestamps hold at the newest one until the wall clock reaches it, so the writes
-//   made meanwhile change no earlier point in time: every recorded point keeps its sha256.
-// - Restarted with the clock an hour behind the journal's newest entry: the same hold (the clock is
-//   seeded with that entry), and a warning.
+//   made meanwhile change no earlier point in time: the point before the steps keeps its sha256.
+//   The wall times of the coming hour (B's among them) pass twice, so snap@ them is refused with
+//   NBD_REP_ERR_UNKNOWN naming the range (`blockfork snapshots` lists it); the bookmark taken at
+//   B still shows B.
+// - Restarted with the clock still an hour behind the journal's newest entry: the same hold (the
+//   clock is seeded with that entry), a warning, the range kept (state file) and one more.
 // Each step is logged.
 // The fork (`serve --gateway --replication sync`): the clock set back an hour while a sync write
 // waits for a gateway that does not answer; the write still completes after about --sync-timeout
@@ -20,7 +23,19 @@ import { randomBytes } from "node:crypto";
 import { rmSync } from "node:fs";
 import { join } from "node:path";
 import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
-import { exportSha, MiB, pastBoundary, py, sleep, snapUri, waitForLog } from "../helpers/pit.js";
+import {
+  exportSha,
+  goReply,
+  mark,
+  MiB,
+  pastBoundary,
+  py,
+  REP_ERR_UNKNOWN,
+  sleep,
+  snapshots,
+  snapUri,
+  waitForLog,
+} from "../helpers/pit.js";
 import { fakeClock, type FakeClock } from "../helpers/faketime.js";
 import { startPair, type Pair } from "../helpers/replication.js";
 import { nbdsh } from "../helpers/run.js";
@@ -46,6 +61,15 @@ void describe("journal timestamps follow steps of the wall clock", () => {
     return { t, sha: await exportSha(srv.uri) };
   }
 
+  const stateDir = (): string => join(dir, "state");
+
+  /** snap@t is refused as a time that passed twice, naming the range. */
+  async function assertTwice(t: number, what: string): Promise<void> {
+    const r = await goReply(srv.sock, `snap@${new Date(t).toISOString()}`);
+    assert.equal(r.type, REP_ERR_UNKNOWN, `${what}: ${r.message}`);
+    assert.match(r.message, /the wall clock went back, so the times from \S+ to \S+ passed twice/, what);
+  }
+
   async function assertPoints(points: [string, { t: number; sha: string }][], when: string): Promise<void> {
     for (const [name, p] of points) {
       assert.equal(await exportSha(snapUri(srv, new Date(p.t).toISOString())), p.sha, `snap@${name} ${when}`);
@@ -63,7 +87,7 @@ void describe("journal timestamps follow steps of the wall clock", () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
-  void test("forward an hour, back, restarted behind: every point stays exact, steps are logged", async () => {
+  void test("forward an hour, back, restarted behind: points exact, times passed twice refused, steps logged", async () => {
     await pastBoundary(1000);
     await sleep(1000); // the journal's first point exists
     await fill("A", 0);
@@ -72,6 +96,7 @@ void describe("journal timestamps follow steps of the wall clock", () => {
     await clock.set(HOUR);
     await fill("B", MiB);
     const b = await point();
+    await mark(stateDir(), "b");
     // A time in the skipped hour: after A, before B.
     await assertPoints(
       [
@@ -81,32 +106,31 @@ void describe("journal timestamps follow steps of the wall clock", () => {
       "after the step forward",
     );
     await waitForLog(srv, /journal: the wall clock jumped forward 3600\.\d s/);
+    assert.deepEqual((await snapshots(stateDir())).passedTwice, [], "a step forward repeats no time");
 
+    // Back an hour: the wall times from now to an hour on (B's among them) will pass again.
     await clock.set(0);
     await fill("C", 2 * MiB); // stamped at the held time, after every earlier point
     await waitForLog(srv, /journal: the wall clock went back 3600\.\d s .*timestamps hold at/);
     await fill("D", 3 * MiB);
-    await assertPoints(
-      [
-        ["A", a],
-        ["B", b],
-      ],
-      "after the step back",
-    );
+    await assertPoints([["A", a]], "after the step back");
+    await assertTwice(b.t, "B's time after the step back");
+    assert.equal(await exportSha(snapUri(srv, "b")), b.sha, "snap@b (the bookmark) after the step back");
+    const twice = (await snapshots(stateDir())).passedTwice;
+    assert.equal(twice.length, 1, JSON.stringify(twice));
+    assert.ok(Date.parse(twice[0].from) <= b.t && b.t <= Date.parse(twice[0].to), JSON.stringify(twice));
     assert.notEqual(await exportSha(srv.uri), b.sha, "C and D reached the primary");
 
+    // Restarted still about an hour behind the journal's newest entry (held since the step back):
+    // that range is kept, another is added; A's time is before both.
     await srv.stop();
-    await clock.set(-HOUR);
     srv = await start();
     await waitForLog(srv, /journal: its newest entry .* is later than the wall clock/);
     await fill("E", 0);
-    await assertPoints(
-      [
-        ["A", a],
-        ["B", b],
-      ],
-      "after the restart",
-    );
+    await assertPoints([["A", a]], "after the restart");
+    await assertTwice(b.t, "B's time after the restart");
+    assert.equal(await exportSha(snapUri(srv, "b")), b.sha, "snap@b (the bookmark) after the restart");
+    assert.equal((await snapshots(stateDir())).passedTwice.length, 2);
   });
 });
 

@@ -7,7 +7,8 @@
 // entry, and the same data), a torn or corrupted tail of the last segment ignored on reopen, a stop
 // recorded in the state file, and a journal of another block size refused. Commit rounds overlap
 // (the next appends and syncs while one's fdatasync is in flight, at most 4 at once) and finish in
-// order: held fdatasyncs released last-first wake nobody until the first one is done.
+// order: held fdatasyncs released last-first wake nobody until the first one is done. Steps of
+// the wall clock back: the range of time that passes twice is recorded, kept and capped.
 
 import { after, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -29,7 +30,7 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { EntryIndex, Journal, type JournalOptions } from "../../src/pit/journal.js";
-import { journalNow } from "../../src/pit/clock.js";
+import { journalNow, type ClockStep } from "../../src/pit/clock.js";
 import {
   decodeRecord,
   decodeSegmentHeader,
@@ -1213,5 +1214,33 @@ void describe("Journal: bookmarks", () => {
       },
     );
     await j.close();
+  });
+});
+
+void describe("Journal: wall time that passed twice", () => {
+  /** What the clock reports to the journal (clock.ts) when the wall clock went back `by` ms at `at`. */
+  const stepBack = (j: Journal, at: number, by: number): void =>
+    (j as unknown as { clockStepped(s: ClockStep): void }).clockStepped({ at, by: -by, holdUntil: at + by });
+
+  void test("a step back is recorded, refused by time, kept across a reopen, at most 32 kept", async () => {
+    const { j, dir, lines } = await openJournal({ windowMs: 50 });
+    const now = journalNow();
+    assert.deepEqual(j.passedTwice(), []);
+    stepBack(j, now, 60_000);
+    assert.ok(
+      lines.some((l) =>
+        /the wall clock went back 60\.0 s .*snap@ a time that passes twice is refused/.test(l),
+      ),
+    );
+    assert.deepEqual(j.passedTwiceAt(now + 30_000), [now, now + 60_000]);
+    assert.equal(j.passedTwiceAt(now - 1), null);
+    assert.equal(j.passedTwiceAt(now + 60_001), null);
+    await j.close();
+    const again = await openJournal({ dir, windowMs: 50 });
+    assert.deepEqual(again.j.passedTwice(), [[now, now + 60_000]], "kept in the state file");
+    for (let i = 1; i <= 40; i++) stepBack(again.j, now + i * 100_000, 1000);
+    const kept = again.j.passedTwice();
+    assert.equal(kept.length, 32);
+    assert.deepEqual(kept[31], [now + 4_000_000, now + 4_001_000], "the newest are kept");
   });
 });
