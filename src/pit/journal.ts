@@ -1197,6 +1197,7 @@ export class Journal {
     rmSync(seg.path, { force: true });
     this.droppedBytes += seg.size;
     this.expireBookmarks("with the oldest segment");
+    this.trimPassedTwice(); // in memory; the state file is trimmed when next written or reopened
     this.log.info(
       `journal: dropped segment ${n}; points in time from ${new Date(this.earliestTs).toISOString()}`,
     );
