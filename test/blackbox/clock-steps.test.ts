@@ -47,8 +47,9 @@ void describe("journal timestamps follow steps of the wall clock", () => {
   let srv: ServerHandle;
   let clock: FakeClock;
 
+  const stateDir = (): string => join(dir, "state");
   const start = (): Promise<ServerHandle> =>
-    startServer({ dir, size: "4M", args: ["--pit", "--state-dir", join(dir, "state")], env: clock.env });
+    startServer({ dir, size: "4M", args: ["--pit", "--state-dir", stateDir()], env: clock.env });
 
   async function fill(letter: string, at: number): Promise<void> {
     await py(srv.uri, `h = connect()\nh.pwrite(b"${letter}" * MiB, ${at})\nh.flush()\nh.shutdown()\n`);
@@ -60,8 +61,6 @@ void describe("journal timestamps follow steps of the wall clock", () => {
     const t = clock.now();
     return { t, sha: await exportSha(srv.uri) };
   }
-
-  const stateDir = (): string => join(dir, "state");
 
   /** snap@t is refused as a time that passed twice, naming the range. */
   async function assertTwice(t: number, what: string): Promise<void> {
