@@ -15,8 +15,8 @@
 //   STEP_MS. (Until 24 Nov the journal used the monotonic clock alone from process start: a proxy
 //   started before the clock was set stamped the wrong time for the rest of its life, and snap@T
 //   showed the volume at another time than T, or was refused as in the future.)
-// - Never backwards: after a backward step the timestamps hold just above the newest one (1 µs
-//   apart) until the wall clock passes it again. The journal keeps one timeline, and the writes
+// - Never backwards: after a backward step the timestamps hold just above the time the wall clock
+//   had reached (or the newest timestamp, if later), 1 µs apart, until the wall clock passes it. The journal keeps one timeline, and the writes
 //   made while the clock catches up fall into the merge window being held. The wall times between
 //   the new time and the old one pass twice, so snap@ one of them could mean either: the journal
 //   records those ranges and refuses them (Journal.clockStepped).
@@ -57,9 +57,13 @@ export class JournalClock {
     let t = this.anchor + m;
     const w = this.wall(); // the true wall time lies in [w, w + 1)
     if (t < w - STEP_MS || t > w + 1 + STEP_MS) {
+      const before = t; // the wall time just before the step
       const by = w + 0.5 - t;
       this.anchor = w + 0.5 - m;
       t = this.anchor + m;
+      // Back: hold at the time the clock had reached (not at an older last stamp of an idle
+      // journal), so that the journal's time stops where the wall clock left off.
+      if (by < 0 && before > this.last) this.last = before;
       if (Math.abs(by) >= REPORT_MS && this.listeners.size > 0) {
         const step: ClockStep = { at: t, by, holdUntil: t <= this.last ? this.last : null };
         queueMicrotask(() => {

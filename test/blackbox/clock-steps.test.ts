@@ -5,8 +5,9 @@
 // - Forward an hour: writes after the step are stamped with the new wall time, so snap@T for a time
 //   in the skipped hour shows the volume before them and snap@T after the step shows them (a clock
 //   read from the monotonic clock alone lags an hour: both are refused as in the future).
-// - Back an hour: timestamps hold at the newest one until the wall clock reaches it, so the writes
-//   made meanwhile change no earlier point in time: the point before the steps keeps its sha256.
+// - Back an hour: timestamps hold where the wall clock had got to until it gets there again, so
+//   the writes made meanwhile change no earlier point in time: the point before the steps keeps
+//   its sha256.
 //   The wall times of the coming hour (B's among them) pass twice, so snap@ them is refused with
 //   NBD_REP_ERR_UNKNOWN naming the range (`blockfork snapshots` lists it); the bookmark taken at
 //   B still shows B.

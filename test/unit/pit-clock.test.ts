@@ -1,8 +1,9 @@
 // src/pit/clock.ts driven with scripted wall and monotonic clocks: timestamps carry the wall
 // clock's time with the monotonic clock's fraction, are strictly increasing, follow a forward step
-// of the wall clock (which the monotonic clock does not see), hold above the newest timestamp after
-// a backward step until the wall clock reaches it, and report steps of a second or more (not
-// smaller ones) to listeners. Plus the process clock against Date.now().
+// of the wall clock (which the monotonic clock does not see), hold at the time the wall clock had
+// reached after a backward step (also when no timestamp was taken for a while) until it gets there
+// again, and report steps of a second or more (not smaller ones) to listeners. Plus the process
+// clock against Date.now().
 
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -65,29 +66,32 @@ void describe("JournalClock", () => {
     assert.equal(steps.length, 1, "re-anchored once, not at every reading");
   });
 
-  void test("holds after a backward step until the wall clock reaches the newest timestamp", async () => {
+  void test("holds after a backward step at the time the clock had reached, until it gets there again", async () => {
     const { clock, c, pass } = clocks(T0);
     const steps: ClockStep[] = [];
     clock.onStep((s) => steps.push(s));
     pass(60_000);
     const newest = clock.now();
-    c.wall -= 30_000; // set back half a minute
-    pass(1);
-    let prev = newest;
+    pass(10_000); // idle: no timestamp for 10 s
+    c.wall -= 30_000; // then set back half a minute
+    const reached = newest + 10_000; // where the wall clock had got to
+    let prev = 0;
     for (let i = 0; i < 100; i++) {
       const t = clock.now();
-      assert.ok(t > prev && t - prev < 0.0011, "held just above the newest timestamp");
+      if (i === 0) assert.ok(Math.abs(t - reached) <= 1, `held at ${t - newest} ms after the newest stamp`);
+      else assert.ok(t > prev && t - prev < 0.0011, "1 µs apart while held");
       prev = t;
     }
     await ticks();
     assert.equal(steps.length, 1);
     assert.ok(Math.abs(steps[0].by + 30_000) <= 1);
-    assert.equal(steps[0].holdUntil, newest);
+    assert.ok(steps[0].holdUntil !== null && Math.abs(steps[0].holdUntil - reached) <= 1);
+    assert.ok(Math.abs(steps[0].at - (reached - 30_000)) <= 1, "the new wall time");
     pass(29_000);
-    assert.ok(clock.now() - newest < 1, "still held 1 s before the clock catches up");
+    assert.ok(clock.now() - reached < 1, "still held 1 s before the clock catches up");
     pass(2_000);
     const t = clock.now();
-    assert.ok(Math.abs(t - (T0 + 60_000 - 30_000 + 1 + 31_000)) <= 1, "follows the wall clock again");
+    assert.ok(Math.abs(t - (reached + 1_000)) <= 1, "follows the wall clock again");
   });
 
   void test("small steps re-anchor silently; a step under STEP_MS is taken as rounding", async () => {
