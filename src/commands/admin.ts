@@ -315,8 +315,9 @@ export const SNAPSHOTS_HELP = `Usage: blockfork snapshots --state-dir DIR [--jso
 
 Show the points in time a proxy can serve (snap@<ISO-8601 time> within the window, in steps of the
 merge window), its bookmarks (snap@NAME), the journal's size, and the ranges of time that passed
-twice because the wall clock went back (snap@ a time in one is refused: use a bookmark). With no proxy running, the journal
-in DIR/journal is read directly (the window then ends at the last journaled change).
+twice because the wall clock went back (snap@ a time in one is refused: use a bookmark). With no
+proxy running, the journal in DIR/journal is read directly (the window then ends at the last
+journaled change).
 Exit status: 0 (also when no proxy answers and the journal is read directly); 1 on failure; 2 on
 a usage error or when no proxy answers and DIR holds no journal.
 `;
