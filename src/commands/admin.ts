@@ -331,7 +331,9 @@ function offlineSnapshots(dir: string): SnapshotsReport {
   const iso = (t: number | null): string | null => (t === null ? null : new Date(t).toISOString());
   return {
     earliest: s.entries > 0 || s.earliest !== null ? iso(s.earliest) : null,
-    latest: new Date(s.latest ?? Date.now()).toISOString(),
+    // Nothing changed after the last entry; when that came before the first point (all changes in
+    // the first merge window), the first point is the only one, not an empty window.
+    latest: new Date(Math.max(s.latest ?? Date.now(), s.earliest ?? 0)).toISOString(),
     windowMs: s.windowMs,
     stopped: s.stopped ? { at: "?", reason: "the journal was stopped when the proxy ended" } : null,
     journalBytes: s.bytes,
