@@ -7,7 +7,7 @@
 // same window). Then: bookmarks (`blockfork mark`, snap@NAME, NBD_OPT_LIST through nbdinfo
 // --list), EPERM for every write-type command on a snapshot, BLOCK_STATUS on snapshots, times
 // outside the window refused with NBD_REP_ERR_UNKNOWN and a message naming the available range,
-// and `blockfork snapshots` (text and JSON).
+// and `blockfork snapshots` (text and JSON, also with no proxy running).
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -542,6 +542,34 @@ void describe("mark in the first merge window of a new journal", () => {
         .update(Buffer.alloc(15 * MiB))
         .digest("hex");
       assert.equal(await exportSha(snapUri(s, "first")), want, "snap@first holds A, not the later B");
+    } finally {
+      await s.stop();
+      rmSync(d, { recursive: true, force: true });
+    }
+  });
+});
+
+void describe("blockfork snapshots with no proxy, after changes only in the first merge window", () => {
+  void test("the window is the first point in time, not one that ends before it begins", async () => {
+    const FW = 6000;
+    const d = scratchDir("blockfork-pit-offline-");
+    const sd = join(d, "state");
+    await pastBoundary(FW); // the first window then lasts most of FW from the start
+    const s = await startServer({
+      dir: d,
+      size: "16M",
+      args: ["--pit", "--state-dir", sd, "--pit-window", `${FW}`],
+    });
+    try {
+      await fillFirstMiB(s, "A");
+      assert.equal((await snapshots(sd)).earliest, null, "still in the first merge window");
+      await s.stop();
+      const offline = await snapshots(sd);
+      assert.ok(offline.offline === true && offline.entries > 0, JSON.stringify(offline));
+      assert.ok(
+        offline.earliest !== null && Date.parse(offline.latest) >= Date.parse(offline.earliest),
+        `window ${offline.earliest} .. ${offline.latest}`,
+      );
     } finally {
       await s.stop();
       rmSync(d, { recursive: true, force: true });
