@@ -377,12 +377,8 @@ export class Journal {
     mkdirSync(j.dir, { recursive: true });
     j.recover(true);
     j.openStateFile();
-    if (j.behindAtStart !== null) {
-      j.passedTwiceRanges.push(j.behindAtStart);
-      j.trimPassedTwice();
-      if (!j.writeState(j.stoppedAt !== null ? { stoppedAt: j.stoppedAt.ts } : { earliest: j.earliestTs })) {
-        throw new Error(`${join(j.dir, "state")}: cannot record the wall clock's step back`);
-      }
+    if (j.behindAtStart !== null && !j.recordPassedTwice(j.behindAtStart)) {
+      throw new Error(`${join(j.dir, "state")}: cannot record the wall clock's step back`);
     }
     j.loadBookmarks();
     if (j.order.length === 0) {
@@ -996,14 +992,8 @@ export class Journal {
   private clockStepped(s: ClockStep): void {
     if (this.closed) return;
     const secs = (Math.abs(s.by) / 1000).toFixed(1);
-    if (s.by < 0) {
-      const to = Math.max(s.at - s.by, s.holdUntil ?? 0);
-      this.passedTwiceRanges.push([s.at, to]);
-      this.trimPassedTwice();
-      const saved = this.writeState(
-        this.stoppedAt !== null ? { stoppedAt: this.stoppedAt.ts } : { earliest: this.earliestTs },
-      );
-      if (!saved) this.log.error("journal: cannot record the wall clock's step back in its state file");
+    if (s.by < 0 && !this.recordPassedTwice([s.at, Math.max(s.at - s.by, s.holdUntil ?? 0)])) {
+      this.log.error("journal: cannot record the wall clock's step back in its state file");
     }
     if (s.holdUntil === null) {
       this.log.warn(
@@ -1068,6 +1058,15 @@ export class Journal {
   passedTwiceAt(ts: number): [number, number] | null {
     for (const r of this.passedTwiceRanges) if (ts >= r[0] && ts <= r[1]) return [r[0], r[1]];
     return null;
+  }
+
+  /** Add a range of wall time that passed twice and store it in the state file (false: not stored). */
+  private recordPassedTwice(range: [number, number]): boolean {
+    this.passedTwiceRanges.push(range);
+    this.trimPassedTwice();
+    return this.writeState(
+      this.stoppedAt !== null ? { stoppedAt: this.stoppedAt.ts } : { earliest: this.earliestTs },
+    );
   }
 
   /** Forget ranges before the earliest point in time, and all but the newest MAX_PASSED_TWICE. */

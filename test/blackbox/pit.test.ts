@@ -508,18 +508,28 @@ async function fillFirstMiB(srv: ServerHandle, letter: string): Promise<void> {
   await py(srv.uri, `h = connect()\nh.pwrite(b"${letter}" * MiB, 0)\nh.flush()\nh.shutdown()\n`);
 }
 
+/** The merge window of the first-window tests. */
+const FW = 6000;
+
+/**
+ * A new 16 MiB volume with a journal of FW windows, started just after a window boundary: its
+ * first window then lasts most of FW from the start.
+ */
+async function startInFirstWindow(prefix: string): Promise<{ d: string; sd: string; s: ServerHandle }> {
+  const d = scratchDir(prefix);
+  const sd = join(d, "state");
+  await pastBoundary(FW);
+  const s = await startServer({
+    dir: d,
+    size: "16M",
+    args: ["--pit", "--state-dir", sd, "--pit-window", `${FW}`],
+  });
+  return { d, sd, s };
+}
+
 void describe("mark in the first merge window of a new journal", () => {
   void test("waits for the first point in time instead of refusing; snap@ that bookmark is exact", async () => {
-    const FW = 6000;
-    const d = scratchDir("blockfork-pit-first-");
-    const sd = join(d, "state");
-    // Start just after a window boundary: the first window then lasts most of FW from the start.
-    await pastBoundary(FW);
-    const s = await startServer({
-      dir: d,
-      size: "16M",
-      args: ["--pit", "--state-dir", sd, "--pit-window", `${FW}`],
-    });
+    const { d, sd, s } = await startInFirstWindow("blockfork-pit-first-");
     try {
       await fillFirstMiB(s, "A");
       const before = await snapshots(sd);
@@ -551,15 +561,7 @@ void describe("mark in the first merge window of a new journal", () => {
 
 void describe("blockfork snapshots with no proxy, after changes only in the first merge window", () => {
   void test("the window is the first point in time, not one that ends before it begins", async () => {
-    const FW = 6000;
-    const d = scratchDir("blockfork-pit-offline-");
-    const sd = join(d, "state");
-    await pastBoundary(FW); // the first window then lasts most of FW from the start
-    const s = await startServer({
-      dir: d,
-      size: "16M",
-      args: ["--pit", "--state-dir", sd, "--pit-window", `${FW}`],
-    });
+    const { d, sd, s } = await startInFirstWindow("blockfork-pit-offline-");
     try {
       await fillFirstMiB(s, "A");
       assert.equal((await snapshots(sd)).earliest, null, "still in the first merge window");
