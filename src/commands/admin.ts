@@ -82,6 +82,8 @@ export interface Status {
     lastErrorAt?: number;
     seq: number;
     durableThrough: number;
+    /** The secondary as the gateway last reported it (null: not known). */
+    secondary?: string | null;
     resync: {
       running: boolean;
       totalBytes: number;
@@ -129,6 +131,16 @@ export function statusText(s: Status): string {
     lines.push(
       `queue     ${l.queue.updates} updates, ${formatSize(l.queue.bytes)}, oldest ${l.queue.oldestMs} ms; seq ${l.seq}, durable through ${l.durableThrough}`,
     );
+    if (l.secondary) {
+      lines.push(
+        `secondary ${l.secondary}` +
+          (l.secondary === "consistent"
+            ? " (a crash-consistent image of the primary, as the gateway last reported)"
+            : l.secondary === "inconsistent"
+              ? " (the gateway says: not a usable image until a resync finishes)"
+              : " (the gateway has not been told yet)"),
+      );
+    }
     // The link keeps its last failure after it recovers: shown, with its time, only while the
     // link is not streaming (then it is why), never as if it were current.
     if (l.lastError && l.state !== "streaming") {

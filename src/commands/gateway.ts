@@ -13,7 +13,7 @@ import { Gateway } from "../gateway/gateway.js";
 import { GatewayServer } from "../gateway/server.js";
 import { FaultSwitch } from "../gateway/faults.js";
 import { TrackingMirror } from "../gateway/mirror.js";
-import { FAULT_FILE, StateWriter, loadSources, prepareStateDir } from "../gateway/state.js";
+import { FAULT_FILE, StateWriter, loadSecondary, loadSources, prepareStateDir } from "../gateway/state.js";
 import { lockStateDir, tuneMallocForServers } from "../blockio/index.js";
 import { positiveInt } from "./serve.js";
 
@@ -29,9 +29,12 @@ Volume
                            must equal the primary's size: proxies send theirs with every batch
   --name NAME              volume name in the API paths (/v1/volumes/NAME/...; default: the file
                            name without extension)
-  --state-dir DIR          idempotency state (sources.json), the fault trigger file "fault" and
-                           the tracking-mirror documents (default: PATH.gateway next to the volume;
-                           required for a block device)
+  --state-dir DIR          idempotency state and the secondary's consistency (sources.json), the
+                           fault trigger file "fault" and the tracking-mirror documents (default:
+                           PATH.gateway next to the volume; required for a block device)
+
+Whether the secondary is a crash-consistent image of the primary (usable for a failover) is in
+GET /v1/status ("secondary": consistent, inconsistent with why and since when, or unknown).
 
 Network
   --listen HOST:PORT       TCP address (default 127.0.0.1:7070; port 0 picks a free port, printed
@@ -165,7 +168,16 @@ export async function gateway(argv: string[]): Promise<number> {
     lockStateDir(stateDir);
     const identity = { name: cfg.name, size: volume.size };
     gw = new Gateway(volume, log, loadSources(stateDir, identity));
-    gw.attachState(new StateWriter(stateDir, identity, () => gw.snapshots()));
+    const previous = loadSecondary(stateDir);
+    gw.attachState(
+      new StateWriter(
+        stateDir,
+        identity,
+        () => gw.snapshots(),
+        () => ({ running: gw.running, secondary: gw.secondary }),
+      ),
+    );
+    await gw.start(previous);
     mirror = new TrackingMirror(stateDir);
     server = new GatewayServer({
       gateway: gw,
@@ -233,6 +245,7 @@ async function shutdown(
   const quiet = await server.quiesce();
   if (!quiet) log.warn("some requests were still in flight after 30 s; closing anyway");
   await mirror.settle();
+  gw.stop();
   try {
     await gw.syncAll();
     log.info("volume flushed (fdatasync) and state written");

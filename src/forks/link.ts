@@ -45,6 +45,14 @@
 //   has an update in flight; then the link streams. On a
 //   plain-socket update stream, ranges the page cache holds go by sendfile (no read, no copy;
 //   see copyRange for why contents newer than the read are fine).
+// - The secondary's consistency (docs/gateway-api.md; the gateway keeps the state): with a gateway
+//   that lists the "consistency" feature, every update sent before a resync has finished (resync
+//   copies, and client writes sent meanwhile) is flagged RESYNC, so the gateway records its
+//   secondary inconsistent before applying it. When a resync finishes, every dirty block has an
+//   update in flight, so the secondary will be a crash-consistent image once every seq up to the
+//   last one reserved (`inSync`) is durable: later flushes carry that claim until the gateway
+//   confirms it. A failure, an out-of-band mark (verify --repair, resync --full, a failed primary
+//   write) or a block left STALE by a write from an earlier epoch voids the claim.
 // - Sync mode: a client write completes when the gateway has applied it, or after syncTimeoutMs
 //   when the link gives up (the write stays dirty and the link tracks: sync mode degrades, it never
 //   fails a write the primary accepted).
@@ -54,7 +62,7 @@ import type { Logger } from "../log.js";
 import type { TrackingLog } from "../tracking/log.js";
 import { extentsJson } from "../tracking/dirty-map.js";
 import type { PieceLease, Volume, WriteHold } from "../volume/volume.js";
-import { encodeHeader, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/records.js";
+import { encodeHeader, FLAG_RESYNC, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/records.js";
 import { acquire, release, Slab } from "../util/buffer-pool.js";
 import { UpdateStream, type BodyPart } from "./stream-client.js";
 import { isCached } from "../blockio/index.js";
@@ -203,6 +211,11 @@ export interface LinkStatus {
   lastErrorAt: number;
   resync: ResyncProgress;
   mirror: string | null;
+  /**
+   * The secondary as the gateway last reported it: "consistent", "inconsistent", "unknown", or
+   * null (not reached yet, or a gateway without the "consistency" feature).
+   */
+  secondary: string | null;
 }
 
 class HttpError extends Error {
@@ -280,6 +293,13 @@ export class GatewayLink {
   private appliedSeen = 0;
   /** The gateway process (its `boot`) that answered first in this epoch, or null. */
   private bootSeen: string | null = null;
+  /** The gateway lists the "consistency" feature: flag RESYNC updates, send in-sync claims. */
+  private consistency = false;
+  /** The in-sync claim (see the notes at the top): every seq up to it; null while there is none. */
+  private inSync: number | null = null;
+  /** The gateway confirmed the claim (its flush answered `secondary: consistent`). */
+  private inSyncConfirmed = false;
+  private secondary: string | null = null;
   private flushing: Promise<void> | null = null;
   /** The update stream of this epoch, or null (POST). */
   private stream: UpdateStream | null = null;
@@ -543,12 +563,18 @@ export class GatewayLink {
       return null;
     }
     const seq = this.reserve(offset, length);
+    let stale = false;
     if (ticket.epoch !== this.epoch || !ticket.sending) {
       const [b0, b1] = this.tracking.map.blockRange(offset, length);
       for (let b = b0; b <= b1; b++) this.lastSeq.set(b, STALE);
+      stale = true;
     } else if (ticket.stale !== null) {
       for (const b of ticket.stale) this.lastSeq.set(b, STALE);
+      stale = true;
     }
+    // A STALE block needs a resync copy: a resync running copies it (it ends only when none is
+    // left); a streaming link starts one (the block would otherwise wait for the next outage).
+    if (stale && this.s.name === "streaming") this.requestResync();
     const p = this.enqueue(kind, offset, length, data, false, seq, null, null, hold);
     if (this.o.mode === "async" && this.queued > this.o.queueBytes) {
       this.dispatch({ type: "overflow", reason: `queue over ${this.o.queueBytes} bytes (gateway too slow)` });
@@ -612,6 +638,7 @@ export class GatewayLink {
   ): Promise<void> | null {
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
     const dataBytes = file !== null ? file.length : data === null ? 0 : data.length;
+    const flags = this.consistency && (resync || this.inSync === null) ? FLAG_RESYNC : 0;
     const pending: Pending = {
       seq,
       ord: this.enqueued++,
@@ -632,7 +659,7 @@ export class GatewayLink {
     };
     if (file !== null) {
       pending.head = Buffer.allocUnsafe(RECORD_HEADER);
-      encodeHeader(pending.head, 0, kind, seq, this.period, offset, length);
+      encodeHeader(pending.head, 0, kind, seq, this.period, offset, length, flags);
       pending.file = file;
     } else if (dataBytes < OWN_BUFFER_MIN) {
       let slab = this.slab;
@@ -642,7 +669,7 @@ export class GatewayLink {
       }
       pending.slab = slab;
       pending.start = slab.used;
-      encodeHeader(slab.buf, slab.used, kind, seq, this.period, offset, length);
+      encodeHeader(slab.buf, slab.used, kind, seq, this.period, offset, length, flags);
       if (data !== null) slab.buf.set(data, slab.used + RECORD_HEADER);
       slab.used += pending.size;
       slab.refs++;
@@ -650,7 +677,7 @@ export class GatewayLink {
       pending.pooled = null;
     } else {
       pending.head = Buffer.allocUnsafe(RECORD_HEADER);
-      encodeHeader(pending.head, 0, kind, seq, this.period, offset, length);
+      encodeHeader(pending.head, 0, kind, seq, this.period, offset, length, flags);
       if (pooled !== null) pending.data = data;
       else if (hold !== null && hold.retain()) {
         pending.kept = hold; // the client's buffer stays as it is until done(): no copy
@@ -791,8 +818,9 @@ export class GatewayLink {
     body?: Buffer | Buffer[],
     type?: string,
     length?: number,
+    extra?: Record<string, string>,
   ): Promise<unknown> {
-    const headers = this.headers();
+    const headers = extra === undefined ? this.headers() : { ...this.headers(), ...extra };
     if (type) headers["content-type"] = type;
     if (length !== undefined) headers["content-length"] = String(length);
     // undici writes an iterable body chunk by chunk (its type declarations only list single buffers).
@@ -913,6 +941,7 @@ export class GatewayLink {
     this.unflushed = [];
     this.appliedSeen = 0;
     this.bootSeen = null;
+    this.inSync = null;
     this.lastSeq.clear();
     // Writes in progress cover nothing in the new epoch.
     for (const [b, v] of this.writing) if (v >= COVER) this.writing.set(b, v % COVER);
@@ -926,13 +955,26 @@ export class GatewayLink {
     // Every update the gateway said it applied before this flush is sent: the flush makes durable
     // at least up to the highest appliedThrough it answered (the gateway captures it at the start).
     const applied = this.appliedSeen;
+    // The claim goes with the boot it was made in: a gateway restarted since must not take it.
+    const claim =
+      this.inSync !== null && this.bootSeen !== null
+        ? { "x-blockfork-in-sync": String(this.inSync), "x-blockfork-boot": this.bootSeen }
+        : undefined;
     this.flushing = (async () => {
       try {
-        const r = (await this.call("POST", `/v1/volumes/${this.volumeName}/flush`)) as {
+        const r = (await this.call(
+          "POST",
+          `/v1/volumes/${this.volumeName}/flush`,
+          undefined,
+          undefined,
+          undefined,
+          claim,
+        )) as {
           durableThrough?: number;
           stale?: boolean;
           generation?: number;
           boot?: string;
+          secondary?: unknown;
         };
         if (epoch !== this.epoch) return;
         if (r.stale === true) throw new Error(this.staleMessage("a flush", r.generation));
@@ -950,6 +992,14 @@ export class GatewayLink {
         }
         this.durableThrough = d;
         this.clearDurable(d, covered);
+        if (this.consistency && typeof r.secondary === "string") {
+          if (r.secondary !== this.secondary) {
+            const level = r.secondary === "consistent" ? "info" : "debug";
+            this.log[level](`gateway link: the gateway reports its secondary ${r.secondary}`);
+          }
+          this.secondary = r.secondary;
+          if (claim !== undefined && r.secondary === "consistent") this.inSyncConfirmed = true;
+        }
       } catch (e) {
         if (epoch === this.epoch) this.failed(`flush failed: ${(e as Error).message}`);
       } finally {
@@ -1015,7 +1065,13 @@ export class GatewayLink {
         return;
       }
     }
-    if (this.unflushed.length > 0 && !this.flushing && now - this.lastFlush >= this.o.flushIntervalMs) {
+    // Nothing to flush but an unconfirmed claim: one flush a period carries it.
+    const claim = this.inSync !== null && !this.inSyncConfirmed && now - this.lastFlush >= this.o.periodMs;
+    if (
+      (this.unflushed.length > 0 || claim) &&
+      !this.flushing &&
+      now - this.lastFlush >= this.o.flushIntervalMs
+    ) {
       this.lastFlush = now;
       void this.flushNow();
     }
@@ -1032,7 +1088,13 @@ export class GatewayLink {
     const once = async (): Promise<void> => {
       if (!this.probing || this.stopped) return;
       try {
-        const h = (await this.call("GET", "/v1/health")) as { ok?: boolean; volume?: string; size?: number };
+        const h = (await this.call("GET", "/v1/health")) as {
+          ok?: boolean;
+          volume?: string;
+          size?: number;
+          features?: unknown;
+          secondary?: unknown;
+        };
         if (!h.ok || typeof h.volume !== "string") throw new Error("health check answered without a volume");
         if (h.size !== undefined && h.size !== this.tracking.meta.volumeSize) {
           throw new RefusedError(
@@ -1041,6 +1103,8 @@ export class GatewayLink {
           );
         }
         this.volumeName = encodeURIComponent(h.volume);
+        this.consistency = Array.isArray(h.features) && h.features.includes("consistency");
+        this.secondary = this.consistency && typeof h.secondary === "string" ? h.secondary : null;
         // The health check needs no token: check it now, or a wrong token would show up only as
         // a refused update stream and then as failing batches, as if the gateway kept going down.
         await this.call("GET", "/v1/status");
@@ -1238,6 +1302,11 @@ export class GatewayLink {
         `resync: done, ${this.progress.doneBytes} bytes in ${((performance.now() - started) / 1000).toFixed(1)} s, ` +
           `${this.progress.pass} pass(es)`,
       );
+      // Every dirty block has an update in flight, all of them up to the last seq reserved.
+      if (this.consistency) {
+        this.inSync = this.seq - 1;
+        this.inSyncConfirmed = false;
+      }
       this.dispatch({ type: "resyncDone" });
     } catch (e) {
       if (alive()) this.failed(`resync failed: ${(e as Error).message}`);
@@ -1401,6 +1470,7 @@ export class GatewayLink {
    * is over the range or over the covered blocks, whichever is smaller (--full is the whole volume).
    */
   markStale(offset: number, length: number): void {
+    this.inSync = null;
     const [b0, b1] = this.tracking.map.blockRange(offset, length);
     if (b1 - b0 + 1 <= this.lastSeq.seqCount + this.writing.size) {
       for (let b = b0; b <= b1; b++) {
@@ -1420,6 +1490,7 @@ export class GatewayLink {
 
   /** Blocks were marked dirty out of band (verify --repair): copy them now if the link streams. */
   requestResync(): void {
+    this.inSync = null; // blocks were marked dirty that nothing covers: the claim no longer holds
     this.dispatch({ type: "resyncRequested" });
   }
 
@@ -1460,6 +1531,7 @@ export class GatewayLink {
       lastErrorAt: this.lastErrorAt,
       resync: { ...this.progress, running: this.resyncRunning },
       mirror: this.o.mirror ?? null,
+      secondary: this.secondary,
     };
   }
 

@@ -15,15 +15,30 @@
 //   fdatasync it waits for starts after the call), then durableThrough = the captured values, then
 //   sources.json (group-committed too). Every update counted in appliedThrough had completed its
 //   write before the capture, so the fdatasync covers it.
+// - The secondary's consistency (as DRBD's disk states): `consistent` when it is a crash-consistent
+//   image of the primary (every write up to some point, in order, none after), `inconsistent` when
+//   it may not be, `unknown` before any proxy said. It becomes inconsistent, and that is durable
+//   in sources.json before the update that causes it is applied, when
+//     - a batch holds a record flagged RESYNC (resync copies leave write order; client writes sent
+//       before the resync finished come after writes the secondary never got),
+//     - a floor abandons seqs while later ones are applied (a gap under applied writes),
+//     - the gateway starts after an unclean stop (updates applied after the last flush may be
+//       partly on disk: write-back is not in write order), or an fdatasync failed.
+//   It becomes consistent on a flush that carries the proxy's claim `X-Blockfork-In-Sync: S`
+//   (every block where primary and secondary differ has an update with seq <= S, and every later
+//   update comes in write order), once the flush made every seq <= S durable, and only if nothing
+//   since the claim was made undid it: the claim's boot is this process's, no RESYNC record above
+//   S was applied, no seq at or above the claim's floor was abandoned, and the inconsistency is
+//   the claiming source's (or nobody's).
 
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { constants } from "node:os";
 import { errnoName, errnoOf } from "../errors.js";
 import type { Logger } from "../log.js";
 import { DONE } from "../util/done.js";
 import type { Volume } from "../volume/volume.js";
 import { HttpError } from "./http.js";
-import { KIND, type UpdateRecord } from "./records.js";
+import { FLAG_RESYNC, KIND, type UpdateRecord } from "./records.js";
 import { Sequencer, type BatchPlan, type SourceSnapshot } from "./sequencer.js";
 import type { StateWriter } from "./state.js";
 
@@ -49,6 +64,22 @@ export interface BatchResult {
   durableThrough: number;
   stale?: true;
   generation?: number;
+}
+
+/** What is known of the secondary as an image of the primary (see the notes at the top). */
+export interface SecondaryState {
+  state: "consistent" | "inconsistent" | "unknown";
+  /** When it became so (ISO time). */
+  since: string;
+  reason: string;
+  /** The source whose in-sync claim can make it consistent; null: any source's. */
+  source: string | null;
+}
+
+/** A proxy's claim on a flush: in sync through `seq` (X-Blockfork-In-Sync), made in `boot`. */
+export interface InSyncClaim {
+  seq: number;
+  boot: string;
 }
 
 /** Counters reported by status. */
@@ -96,13 +127,91 @@ export class Gateway {
    */
   private syncBroken: string | null = null;
   private state: StateWriter | null = null;
+  private secondaryState: SecondaryState = {
+    state: "unknown",
+    since: new Date().toISOString(),
+    reason: "no proxy has said yet that this secondary is in sync with its primary",
+    source: null,
+  };
+  /** Between start() and stop(): sources.json says `running`, so a crash shows at the next start. */
+  running = false;
 
   constructor(
     readonly volume: Volume,
     private readonly log: Logger,
     persisted: Map<string, SourceSnapshot> = new Map(),
+    /** This process's boot id (the HTTP replies' `boot`): an in-sync claim made in another is void. */
+    readonly boot = randomBytes(8).toString("hex"),
   ) {
     for (const [id, snap] of persisted) this.sources.set(id, new Source(id, new Sequencer(snap)));
+  }
+
+  /** What is known of the secondary as an image of the primary. */
+  get secondary(): SecondaryState {
+    return this.secondaryState;
+  }
+
+  /**
+   * Take up the state the last run left (sources.json's `secondary` and `running`) and persist
+   * `running`. A run that did not stop cleanly may have left updates it applied after its last
+   * flush partly on disk: the secondary is then inconsistent until a proxy resyncs them.
+   */
+  async start(previous: { secondary: SecondaryState | null; running: boolean | null }): Promise<void> {
+    if (previous.secondary !== null) this.secondaryState = previous.secondary;
+    else if (previous.running !== null || this.sources.size > 0) {
+      this.secondaryState = {
+        ...this.secondaryState,
+        reason: "the state directory was written by a gateway that did not record consistency",
+      };
+    }
+    if (previous.running === true && this.secondaryState.state !== "inconsistent") {
+      this.setSecondary(
+        "inconsistent",
+        "the gateway did not stop cleanly (killed or crashed): updates it applied after its last " +
+          "flush may be partly on disk, until a proxy resyncs them",
+        null,
+      );
+    }
+    this.running = true;
+    if (this.state) {
+      try {
+        await this.state.save();
+      } catch (e) {
+        throw new Error(
+          `cannot write the state file in the state directory ${this.state.dir} (${(e as Error).message}); ` +
+            "free space there (or fix its file system) and start the gateway again",
+          { cause: e },
+        );
+      }
+    }
+  }
+
+  /** A clean stop: sources.json says not running (written by the final syncAll). */
+  stop(): void {
+    this.running = false;
+  }
+
+  private setSecondary(state: SecondaryState["state"], reason: string, source: string | null): void {
+    this.secondaryState = { state, since: new Date().toISOString(), reason, source };
+    const text = `secondary ${state.toUpperCase()}: ${reason}`;
+    if (state === "consistent") this.log.info(text);
+    else this.log.warn(`${text}; do not fail over to it before it is consistent again`);
+  }
+
+  /**
+   * Record the secondary inconsistent, durably, before what makes it so is applied. A failure to
+   * persist that is the request's failure (nothing of it is applied).
+   */
+  private async inconsistent(reason: string, source: string | null): Promise<void> {
+    if (this.secondaryState.state === "inconsistent") return;
+    this.setSecondary("inconsistent", reason, source);
+    if (this.state) {
+      try {
+        await this.state.save();
+      } catch (e) {
+        throw this.ioFailure(e, "writing the state file", this.state.dir);
+      }
+    }
   }
 
   /** Where flushes persist the state (set once, by the command). */
@@ -133,15 +242,27 @@ export class Gateway {
     return s;
   }
 
-  /** Bring the source to the request's generation; false when the request's generation is stale. */
-  private admit(s: Source, id: Identity): boolean {
+  /**
+   * Bring the source to the request's generation and floor; false when the request's generation
+   * is stale. A floor that leaves a gap under applied updates makes the secondary inconsistent.
+   */
+  private async admit(s: Source, id: Identity): Promise<boolean> {
     const before = s.seq.generation;
     const g = s.seq.checkGeneration(id.generation);
     if (g === "stale") return false;
     if (g === "reset") {
       this.log.info(`source ${s.id}: generation ${before} -> ${id.generation}, idempotency state reset`);
     }
-    if (id.floor !== null) s.seq.raiseFloor(id.floor);
+    if (id.floor !== null) {
+      const through = s.seq.appliedThrough;
+      if (s.seq.raiseFloor(id.floor) === "gap") {
+        await this.inconsistent(
+          `source ${s.id} abandoned updates after seq ${through} (floor ${id.floor}) that later ` +
+            `applied ones came after, until it resyncs their blocks`,
+          s.id,
+        );
+      }
+    }
     return true;
   }
 
@@ -155,7 +276,7 @@ export class Gateway {
       return Promise.reject(e);
     }
     return s.serialize(async () => {
-      if (!this.admit(s, id)) {
+      if (!(await this.admit(s, id))) {
         this.counters.stale += records.length;
         return {
           applied: 0,
@@ -167,6 +288,17 @@ export class Gateway {
         };
       }
       const plan = s.seq.plan(records);
+      if (this.secondaryState.state !== "inconsistent") {
+        for (const u of plan.updates) {
+          if (((u.record.flags ?? 0) & FLAG_RESYNC) !== 0) {
+            await this.inconsistent(
+              `source ${s.id} is resyncing: blocks arrive out of write order until it is done`,
+              s.id,
+            );
+            break;
+          }
+        }
+      }
       await this.write(plan);
       s.seq.commit(plan);
       const c = this.counters;
@@ -249,15 +381,49 @@ export class Gateway {
    * FLUSH for one source: fdatasync (shared with concurrent flushes), then durableThrough and
    * sources.json. Resolves with the source's durableThrough.
    */
-  async flush(id: Identity): Promise<{ durableThrough: number; stale?: true; generation?: number }> {
+  async flush(
+    id: Identity,
+    claim: InSyncClaim | null = null,
+  ): Promise<{ durableThrough: number; secondary: string; stale?: true; generation?: number }> {
     const s = this.source(id);
     if (id.generation !== s.seq.generation || id.floor !== null) {
       // A generation change or a floor changes state that batches in flight rely on: in line.
-      const ok = await s.serialize(() => Promise.resolve(this.admit(s, id)));
-      if (!ok) return { durableThrough: 0, stale: true, generation: s.seq.generation };
+      const ok = await s.serialize(() => this.admit(s, id));
+      if (!ok) {
+        return {
+          durableThrough: 0,
+          secondary: this.secondaryState.state,
+          stale: true,
+          generation: s.seq.generation,
+        };
+      }
     }
     await this.syncAll();
-    return { durableThrough: s.seq.durableThrough };
+    if (claim !== null && this.secondaryState.state !== "consistent" && this.claimHolds(s, id, claim)) {
+      this.setSecondary("consistent", `in sync with source ${s.id} through seq ${claim.seq}`, s.id);
+      if (this.state) {
+        try {
+          await this.state.save();
+        } catch (e) {
+          throw this.ioFailure(e, "writing the state file", this.state.dir);
+        }
+      }
+    }
+    return { durableThrough: s.seq.durableThrough, secondary: this.secondaryState.state };
+  }
+
+  /** Whether an in-sync claim, checked after its flush's fdatasync, proves the secondary consistent. */
+  private claimHolds(s: Source, id: Identity, claim: InSyncClaim): boolean {
+    const q = s.seq;
+    const owner = this.secondaryState.source;
+    return (
+      claim.boot === this.boot &&
+      q.generation === id.generation &&
+      q.durableThrough >= claim.seq &&
+      q.resyncMax <= claim.seq &&
+      q.abandonedMax < (id.floor ?? 1) &&
+      (owner === null || owner === s.id)
+    );
   }
 
   /** fdatasync the secondary and persist every source's new durableThrough. */
@@ -273,6 +439,8 @@ export class Gateway {
     } catch (e) {
       const err = this.ioFailure(e, "fdatasync");
       this.syncBroken = `an fdatasync of the secondary failed (${e instanceof Error ? e.message : String(e)})`;
+      // Best effort: the state directory is usually on other storage, and shutdown writes it too.
+      this.inconsistent(`${this.syncBroken}: updates applied before it may be lost`, null).catch(() => {});
       this.log.error(
         `${this.syncBroken}: updates applied before it may be lost, so no flush succeeds until the ` +
           "gateway restarts (fix the secondary's storage, then restart the gateway; proxies resync)",

@@ -6,7 +6,7 @@
 // Record layout (big-endian):
 //   0  u32 magic 0x42465550 ("BFUP")    24 u64 offset in bytes
 //   4  u8  kind (1 WRITE, 2 ZERO, 3 TRIM) 32 u32 length in bytes (> 0)
-//   5  u8  flags (0)                    36 u32 reserved (0)
+//   5  u8  flags (bit 0 RESYNC)         36 u32 reserved (0)
 //   6  u16 reserved (0)                 40 data (WRITE only: `length` bytes)
 //   8  u64 seq                          16 u64 period
 //
@@ -22,6 +22,15 @@ export type UpdateKind = (typeof KIND)[keyof typeof KIND];
 
 const KIND_NAMES = ["", "WRITE", "ZERO", "TRIM"];
 
+/**
+ * Record flags. RESYNC: the update belongs to a resync (a copy of a dirty block, or a client write
+ * sent before the resync finished), so applying it may leave the secondary between two write
+ * orders: the gateway records the secondary as inconsistent before it applies one. Other bits are
+ * refused.
+ */
+export const FLAG_RESYNC = 1;
+const KNOWN_FLAGS = FLAG_RESYNC;
+
 /** One update: a WRITE carries `data` (length bytes); ZERO and TRIM carry none. */
 export interface UpdateRecord {
   kind: UpdateKind;
@@ -30,6 +39,8 @@ export interface UpdateRecord {
   offset: number;
   length: number;
   data: Buffer | null;
+  /** FLAG_RESYNC or 0 (0 when not given). */
+  flags?: number;
 }
 
 /** Why a body was refused: `code` is the API error code (ERR_MALFORMED or ERR_RANGE). */
@@ -84,6 +95,7 @@ export function encodeHeader(
   period: number,
   offset: number,
   length: number,
+  flags = 0,
 ): void {
   if (!Number.isSafeInteger(seq) || seq < 0)
     throw new RangeError(`record seq ${seq} is not a u64 below 2^53`);
@@ -101,7 +113,7 @@ export function encodeHeader(
   // is checked above.
   putU32(out, at, RECORD_MAGIC);
   out[at + 4] = kind;
-  out[at + 5] = 0;
+  out[at + 5] = flags & KNOWN_FLAGS;
   out[at + 6] = 0;
   out[at + 7] = 0;
   putU64(out, at + 8, seq);
@@ -116,7 +128,7 @@ export function encodeUpdates(records: readonly UpdateRecord[]): Buffer {
   const out = Buffer.allocUnsafe(encodedSize(records));
   let at = 0;
   for (const r of records) {
-    encodeHeader(out, at, r.kind, r.seq, r.period, r.offset, r.length);
+    encodeHeader(out, at, r.kind, r.seq, r.period, r.offset, r.length, r.flags ?? 0);
     at += RECORD_HEADER;
     if (r.kind === KIND.WRITE) {
       if (!r.data || r.data.length !== r.length) {
@@ -155,7 +167,8 @@ export function parseUpdates(buf: Buffer, volumeSize: number): UpdateRecord[] {
     if (kind !== KIND.WRITE && kind !== KIND.ZERO && kind !== KIND.TRIM) {
       throw malformed(at, `unknown kind ${kind} (1 WRITE, 2 ZERO, 3 TRIM)`);
     }
-    if (buf[at + 5] !== 0) throw malformed(at, `flags ${buf[at + 5]} must be 0`);
+    const flags = buf[at + 5];
+    if ((flags & ~KNOWN_FLAGS) !== 0) throw malformed(at, `unknown flags 0x${flags.toString(16)} (1 RESYNC)`);
     if (buf.readUInt16BE(at + 6) !== 0 || buf.readUInt32BE(at + 36) !== 0) {
       throw malformed(at, "reserved fields must be 0");
     }
@@ -200,7 +213,7 @@ export function parseUpdates(buf: Buffer, volumeSize: number): UpdateRecord[] {
       data = buf.subarray(at, at + length);
       at += length;
     }
-    records.push({ kind, seq, period, offset, length, data });
+    records.push({ kind, seq, period, offset, length, data, flags });
   }
   return records;
 }

@@ -22,8 +22,12 @@
 //   written whole, and A simply advances.
 // - Generations only grow. A newer generation resets the state; an older one is stale.
 // - durableThrough is set by the gateway after an fdatasync; after a restart A starts there.
+// - For the secondary's consistency (gateway.ts): `resyncMax` is the highest seq applied from a
+//   record flagged RESYNC, `abandonedMax` the highest seq a floor counted done without it ever
+//   arriving. A floor that abandons seqs while later ones are applied ("above") leaves the
+//   secondary holding writes without some that came before them: raiseFloor() says "gap".
 
-import type { UpdateRecord } from "./records.js";
+import { FLAG_RESYNC, type UpdateRecord } from "./records.js";
 
 /** A part of a record's range to write: `dataStart` is where it starts in the record's data. */
 export interface Piece {
@@ -67,6 +71,10 @@ export class Sequencer {
   durableThrough = 0;
   floor = 0;
   lastPeriod = 0;
+  /** The highest seq of this generation applied from a record flagged RESYNC (0: none). */
+  resyncMax = 0;
+  /** The highest seq of this generation a floor counted done without it arriving (0: none). */
+  abandonedMax = 0;
   private above = new Set<number>();
   private recent: Recent[] = [];
 
@@ -75,6 +83,7 @@ export class Sequencer {
     this.durableThrough = init.durableThrough;
     this.appliedThrough = init.durableThrough;
     this.raiseFloor(init.floor);
+    this.abandonedMax = 0; // what the floor passed over was abandoned in an earlier life
   }
 
   /** Applied updates waiting above a gap. */
@@ -101,6 +110,8 @@ export class Sequencer {
     this.durableThrough = 0;
     this.floor = 0;
     this.lastPeriod = 0;
+    this.resyncMax = 0;
+    this.abandonedMax = 0;
     this.above.clear();
     this.recent = [];
     return "reset";
@@ -111,16 +122,29 @@ export class Sequencer {
     return seq <= this.appliedThrough || seq < this.floor || this.above.has(seq);
   }
 
-  /** Every seq below `floor` that has not arrived never will: count them as done. */
-  raiseFloor(floor: number): void {
-    if (floor <= this.floor) return;
+  /**
+   * Every seq below `floor` that has not arrived never will: count them as done. Returns "gap"
+   * when some of them were abandoned while a later seq is applied (the secondary then holds
+   * writes without some that came before them), "abandoned" when seqs were abandoned with none
+   * applied after them, "none" when nothing was abandoned.
+   */
+  raiseFloor(floor: number): "none" | "abandoned" | "gap" {
+    if (floor <= this.floor) return "none";
     this.floor = floor;
+    let result: "none" | "abandoned" | "gap" = "none";
     if (floor - 1 > this.appliedThrough) {
+      // appliedThrough + 1 never arrived (advance() would have taken it), so it is abandoned, and
+      // every seq in `above` is later than it.
+      result = this.above.size > 0 ? "gap" : "abandoned";
+      let last = floor - 1;
+      while (this.above.has(last)) last--;
+      if (last > this.abandonedMax) this.abandonedMax = last;
       this.appliedThrough = floor - 1;
       for (const s of this.above) if (s <= this.appliedThrough) this.above.delete(s);
       this.advance();
       this.prune();
     }
+    return result;
   }
 
   /** Decide what of a batch to apply. `records` may be in any order; the state is not changed. */
@@ -151,6 +175,7 @@ export class Sequencer {
     for (const { record } of plan.updates) {
       const seq = record.seq;
       if (record.period > this.lastPeriod) this.lastPeriod = record.period;
+      if ((record.flags ?? 0) & FLAG_RESYNC && seq > this.resyncMax) this.resyncMax = seq;
       if (seq === this.appliedThrough + 1) {
         this.appliedThrough = seq;
         this.advance();

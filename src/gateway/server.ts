@@ -21,11 +21,11 @@ import {
 import { createServer as createHttpsServer } from "node:https";
 import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
-import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
+import { createHash, timingSafeEqual } from "node:crypto";
 import type { Logger } from "../log.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import { FaultSpecError, FaultSwitch, faultFromJson } from "./faults.js";
-import type { Gateway, Identity } from "./gateway.js";
+import type { Gateway, Identity, InSyncClaim } from "./gateway.js";
 import { badRequest, errorBody, HttpError, readBody, sendError, sendJson } from "./http.js";
 import { checkTrackingDoc, checkVolumeId, type TrackingMirror } from "./mirror.js";
 import { parseUpdates, RecordError } from "./records.js";
@@ -40,6 +40,12 @@ export const MAX_DATA = 32 * 1024 * 1024;
 export const MAX_CHECKSUM_BLOCKS = 65536;
 /** Largest PUT /v1/fault body. */
 const MAX_FAULT_BODY = 64 * 1024;
+/**
+ * What this gateway understands beyond version 1's first form, in /v1/health: "consistency" means
+ * records flagged RESYNC and the flush's X-Blockfork-In-Sync claim (a proxy sends neither to a
+ * gateway that does not list it).
+ */
+export const FEATURES = ["consistency"];
 export const UPDATES_TYPE = "application/vnd.blockfork.updates";
 
 /** What the server serves and how. */
@@ -110,8 +116,11 @@ export class GatewayServer {
    * but not made durable, and the idempotency state of updates above each durableThrough. A proxy
    * that sees it change within one run of its link treats the link as failed and resyncs, since a
    * POST that undici held back may reach the new process, behind newer updates the old one applied.
+   * (Gateway.boot: new at every start.)
    */
-  readonly boot = randomBytes(8).toString("hex");
+  get boot(): string {
+    return this.opts.gateway.boot;
+  }
   private readonly size: number;
   private readonly routes = new Map<string, Route>();
   private inFlight = 0;
@@ -385,6 +394,22 @@ export class GatewayServer {
     }
   }
 
+  /**
+   * A flush's X-Blockfork-In-Sync (the proxy's claim: in sync through that seq) and
+   * X-Blockfork-Boot (the gateway boot its link saw when it made the claim); null without a claim.
+   */
+  private inSyncClaim(req: IncomingMessage): InSyncClaim | null {
+    const seq = intParam(header(req, "x-blockfork-in-sync"), "X-Blockfork-In-Sync");
+    if (seq === undefined) return null;
+    const boot = header(req, "x-blockfork-boot");
+    if (boot === undefined || !/^[0-9a-f]{16}$/.test(boot)) {
+      throw badRequest(
+        "X-Blockfork-In-Sync needs X-Blockfork-Boot: the 16 hex digits of the gateway's boot id the claim was made with",
+      );
+    }
+    return { seq, boot };
+  }
+
   /** The identity headers of update and flush requests (400 when missing or wrong). */
   private identity(req: IncomingMessage): Identity {
     const source = header(req, "x-blockfork-source");
@@ -426,8 +451,16 @@ export class GatewayServer {
     r("health", {
       GET: (_req, res) => {
         const h = g.health();
-        if (h.ok) sendJson(res, 200, { ok: true, volume: this.opts.name, size: this.size, boot: this.boot });
-        else sendJson(res, 503, { ok: false, reason: h.reason });
+        if (h.ok) {
+          sendJson(res, 200, {
+            ok: true,
+            volume: this.opts.name,
+            size: this.size,
+            boot: this.boot,
+            features: FEATURES,
+            secondary: g.secondary.state,
+          });
+        } else sendJson(res, 503, { ok: false, reason: h.reason });
         return Promise.resolve();
       },
     });
@@ -436,6 +469,7 @@ export class GatewayServer {
       GET: (_req, res) => {
         sendJson(res, 200, {
           volume: { name: this.opts.name, size: this.size, path: this.opts.path },
+          secondary: g.secondary,
           sources: g.sourceStatus(),
           counters: g.counters,
           fault: this.opts.faults.describe(),
@@ -543,7 +577,7 @@ export class GatewayServer {
         if (header(req, "transfer-encoding") !== undefined || (cl !== undefined && cl !== "0")) {
           throw badRequest("flush takes an empty body");
         }
-        sendJson(res, 200, { ...(await g.flush(id)), boot: this.boot });
+        sendJson(res, 200, { ...(await g.flush(id, this.inSyncClaim(req))), boot: this.boot });
       },
     });
 

@@ -10,13 +10,19 @@
 //
 // sources.json:
 //   {"version": 1, "volume": {"name": "...", "size": N}, "savedAt": "ISO time",
-//    "sources": [{"source": "hex", "generation": G, "durableThrough": D, "floor": F}, ...]}
+//    "sources": [{"source": "hex", "generation": G, "durableThrough": D, "floor": F}, ...],
+//    "running": true|false, "secondary": {"state": "consistent"|"inconsistent"|"unknown",
+//    "since": "ISO time", "reason": "...", "source": "hex"|null}}
+// `running` is true from the gateway's start to its clean stop; `secondary` is what is known of
+// the secondary as an image of the primary (gateway.ts). Files written before those two fields
+// existed load as "unknown".
 
 import { mkdirSync, readFileSync } from "node:fs";
 import { open, rename, unlink } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { UsageError } from "../errors.js";
 import type { SourceSnapshot } from "./sequencer.js";
+import type { SecondaryState } from "./gateway.js";
 
 export const STATE_FILE = "sources.json";
 export const FAULT_FILE = "fault";
@@ -119,6 +125,37 @@ export function loadSources(dir: string, volume: VolumeIdentity): Map<string, So
 }
 
 /**
+ * sources.json's `secondary` and `running` (null when absent: no file, or an older one). The file
+ * was checked by loadSources(); a malformed `secondary` is a UsageError.
+ */
+export function loadSecondary(dir: string): { secondary: SecondaryState | null; running: boolean | null } {
+  const path = join(dir, STATE_FILE);
+  let doc: { secondary?: Partial<SecondaryState> | null; running?: unknown };
+  try {
+    doc = JSON.parse(readFileSync(path, "utf8")) as typeof doc;
+  } catch {
+    return { secondary: null, running: null };
+  }
+  const running = typeof doc.running === "boolean" ? doc.running : null;
+  if (doc.secondary === undefined) return { secondary: null, running };
+  const x = doc.secondary;
+  if (
+    typeof x !== "object" ||
+    x === null ||
+    (x.state !== "consistent" && x.state !== "inconsistent" && x.state !== "unknown") ||
+    typeof x.since !== "string" ||
+    typeof x.reason !== "string" ||
+    (x.source !== null && typeof x.source !== "string")
+  ) {
+    throw new UsageError(
+      `${path} has a malformed "secondary" entry ${JSON.stringify(doc.secondary).slice(0, 200)}; ` +
+        `remove that entry to start with the secondary's consistency unknown`,
+    );
+  }
+  return { secondary: { state: x.state, since: x.since, reason: x.reason, source: x.source }, running };
+}
+
+/**
  * Writes sources.json with group commit: save() resolves after a write that started at or after
  * the call; calls made while a write runs share the one write that follows it.
  */
@@ -131,6 +168,8 @@ export class StateWriter {
     readonly dir: string,
     private readonly volume: VolumeIdentity,
     private readonly sources: () => Iterable<[string, SourceSnapshot]>,
+    /** `running` and `secondary` (gateway.ts); left out when not given. */
+    private readonly more: () => { running: boolean; secondary: SecondaryState } | null = () => null,
   ) {}
 
   save(): Promise<void> {
@@ -146,7 +185,13 @@ export class StateWriter {
 
   private start(): Promise<void> {
     const list = [...this.sources()].map(([source, s]) => ({ source, ...s }));
-    const doc = { version: 1, volume: this.volume, savedAt: new Date().toISOString(), sources: list };
+    const doc = {
+      version: 1,
+      volume: this.volume,
+      savedAt: new Date().toISOString(),
+      sources: list,
+      ...this.more(),
+    };
     const p = writeFileAtomic(join(this.dir, STATE_FILE), JSON.stringify(doc, null, 1) + "\n");
     this.running = p;
     const clear = (): void => {

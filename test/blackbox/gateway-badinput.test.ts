@@ -215,7 +215,7 @@ void describe("malformed and out-of-range bodies", () => {
       ],
       ["truncated record (data)", (b) => b.subarray(0, b.length - 1)],
       ["truncated record (header)", (b) => b.subarray(0, 552 + 20)],
-      ["flags", (b) => ((b[5] = 1), b)],
+      ["unknown flags", (b) => ((b[5] = 2), b)],
       ["seq 0", () => encodeUpdates([w(0, 0, Buffer.alloc(1))])],
       ["seq twice", () => encodeUpdates([w(1, 0, Buffer.alloc(1)), w(1, 0, Buffer.alloc(1))])],
     ];

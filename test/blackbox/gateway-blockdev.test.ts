@@ -70,7 +70,13 @@ void describe("gateway on a loop device", () => {
     gw = await startGateway({ dir, volume: dev, size: null, stateDir: join(dir, "state") });
     const c = gw.client;
     const health = await c.request("GET", "/health");
-    assert.deepEqual(unboot(health.json()), { ok: true, volume: dev.slice(5), size: SIZE });
+    assert.deepEqual(unboot(health.json()), {
+      ok: true,
+      volume: dev.slice(5),
+      size: SIZE,
+      features: ["consistency"],
+      secondary: "unknown",
+    });
     const name = dev.slice("/dev/".length);
     const id = { source: "b10c", generation: 1, size: SIZE };
     const a = randomBytes(MiB);
@@ -81,7 +87,7 @@ void describe("gateway on a loop device", () => {
       { kind: KIND.TRIM, seq: 4, period: 0, offset: 8 * MiB + 65536 + 100, length: 1000, data: null },
     ]);
     assert.equal(r.status, 200, r.body.toString());
-    assert.deepEqual(unboot((await c.flush(name, id)).json()), { durableThrough: 4 });
+    assert.deepEqual(unboot((await c.flush(name, id)).json()), { durableThrough: 4, secondary: "unknown" });
     const want = Buffer.from(a);
     want.fill(0, 4096, 4096 + 8192);
     want.fill(0, 65536 + 100, 65536 + 1100);

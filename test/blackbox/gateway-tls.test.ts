@@ -65,7 +65,7 @@ async function exercise(gw: GatewayHandle): Promise<void> {
     { kind: KIND.WRITE, seq: 1, period: 0, offset: 4096, length: 8192, data },
   ]);
   assert.equal(u.status, 200, u.body.toString());
-  assert.deepEqual(unboot((await c.flush(NAME, id)).json()), { durableThrough: 1 });
+  assert.deepEqual(unboot((await c.flush(NAME, id)).json()), { durableThrough: 1, secondary: "unknown" });
   assert.deepEqual((await c.data(NAME, 4096, 8192)).body, data);
   assert.equal((await c.request("GET", "/status", { token: "wrong" })).status, 401);
 }

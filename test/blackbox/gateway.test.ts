@@ -217,7 +217,7 @@ void describe("gateway: updates, flush, status, checksums", () => {
     await ok(c.updates(NAME, id, [w(4, 12 * MiB, randomBytes(4096))]), "b4");
     const f = await c.flush(NAME, id);
     assert.equal(f.status, 200, f.body.toString());
-    assert.deepEqual(unboot(f.json()), { durableThrough: 2 });
+    assert.deepEqual(unboot(f.json()), { durableThrough: 2, secondary: "unknown" });
     const r = await c.updates(NAME, id, [w(3, 12 * MiB, randomBytes(10))]);
     assert.deepEqual(unboot(r.json()), { applied: 1, duplicates: 0, appliedThrough: 4, durableThrough: 2 });
     // Several flushes at once all answer, and cover everything applied before them.
@@ -278,7 +278,13 @@ void describe("gateway: updates, flush, status, checksums", () => {
     assert.equal(st.fault.mode, "none");
     assert.ok(Number.isInteger(st.uptime) && st.uptime >= 0);
     const h = await c.request("GET", "/health");
-    assert.deepEqual(unboot(h.json()), { ok: true, volume: NAME, size: SIZE });
+    assert.deepEqual(unboot(h.json()), {
+      ok: true,
+      volume: NAME,
+      size: SIZE,
+      features: ["consistency"],
+      secondary: "unknown",
+    });
   });
 
   void test("a floor header makes abandoned seqs count as done", async () => {
@@ -446,7 +452,10 @@ void describe("gateway: state across restarts and shutdown", () => {
     const id = newSource();
     let gw = await start({ dir });
     await ok(gw.client.updates(NAME, id, [w(1, 0, randomBytes(512)), w(2, 512, randomBytes(512))]), "1-2");
-    assert.deepEqual(unboot((await gw.client.flush(NAME, id)).json()), { durableThrough: 2 });
+    assert.deepEqual(unboot((await gw.client.flush(NAME, id)).json()), {
+      durableThrough: 2,
+      secondary: "unknown",
+    });
     await ok(gw.client.updates(NAME, id, [w(3, 1024, randomBytes(512))]), "3");
     assert.equal((await gw.stop("SIGKILL")).signal, "SIGKILL");
 

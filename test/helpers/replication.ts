@@ -40,6 +40,8 @@ export interface ProxyStatus {
       bytesPerSecond: number;
     };
     mirror: string | null;
+    /** The secondary as the gateway last reported it. */
+    secondary: string | null;
   } | null;
   tracking: {
     dirtyBytes: number;

@@ -12,8 +12,8 @@ import { constants, tmpdir } from "node:os";
 import { join } from "node:path";
 import { Gateway, MAX_SOURCES, type Identity } from "../../src/gateway/gateway.js";
 import { HttpError } from "../../src/gateway/http.js";
-import { KIND, type UpdateRecord } from "../../src/gateway/records.js";
-import { loadSources, StateWriter, STATE_FILE } from "../../src/gateway/state.js";
+import { FLAG_RESYNC, KIND, type UpdateRecord } from "../../src/gateway/records.js";
+import { loadSecondary, loadSources, StateWriter, STATE_FILE } from "../../src/gateway/state.js";
 import { IoError, UsageError } from "../../src/errors.js";
 import { Logger } from "../../src/log.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
@@ -117,10 +117,11 @@ void describe("Gateway.applyBatch", () => {
     assert.equal(gw.counters.stale, 2);
     assert.deepEqual(await gw.flush({ ...ID, generation: 4 }), {
       durableThrough: 0,
+      secondary: "unknown",
       stale: true,
       generation: 5,
     });
-    assert.deepEqual(await gw.flush({ ...ID, generation: 5 }), { durableThrough: 1 });
+    assert.deepEqual(await gw.flush({ ...ID, generation: 5 }), { durableThrough: 1, secondary: "unknown" });
     // A newer generation starts over at seq 1.
     const n = await gw.applyBatch({ ...ID, generation: 6 }, [w(1, 0, Buffer.alloc(512, 6))]);
     assert.equal(n.applied, 1);
@@ -253,6 +254,111 @@ void describe("flush and the state file", () => {
       writeFileSync(join(dir, STATE_FILE), text);
       assert.throws(() => loadSources(dir, ident), UsageError, text);
     }
+  });
+});
+
+void describe("the secondary's consistency", () => {
+  const A: Identity = { source: "aa", generation: 1, floor: 1 };
+  const B: Identity = { source: "bb", generation: 1, floor: 1 };
+  const resync = (seq: number, offset: number): UpdateRecord => ({
+    ...w(seq, offset, Buffer.alloc(512, seq)),
+    flags: FLAG_RESYNC,
+  });
+
+  void test("a RESYNC record makes it inconsistent, durably, before the record is applied", async () => {
+    const dir = scratch();
+    const v = new MemoryVolume(1 << 20);
+    const gw = new Gateway(v, log);
+    const ident = { name: "sec", size: 1 << 20 };
+    let seen: string | null = null;
+    // Record what the state file said when the write reached the volume.
+    const write = v.write.bind(v);
+    v.write = (buf: Buffer, offset: number, fua: boolean) => {
+      seen ??= (JSON.parse(readFileSync(join(dir, STATE_FILE), "utf8")) as { secondary: { state: string } })
+        .secondary.state;
+      return write(buf, offset, fua);
+    };
+    gw.attachState(
+      new StateWriter(
+        dir,
+        ident,
+        () => gw.snapshots(),
+        () => ({ running: gw.running, secondary: gw.secondary }),
+      ),
+    );
+    await gw.start({ secondary: null, running: null });
+    assert.equal(gw.secondary.state, "unknown");
+    await gw.applyBatch(A, [w(1, 0, Buffer.alloc(512, 1))]);
+    assert.equal(gw.secondary.state, "unknown", "an ordinary update changes nothing");
+    await gw.applyBatch(A, [resync(2, 4096)]);
+    assert.equal(seen, "unknown");
+    assert.equal(gw.secondary.state, "inconsistent");
+    assert.match(gw.secondary.reason, /source aa is resyncing/);
+    assert.equal(gw.secondary.source, "aa");
+    const onDisk = loadSecondary(dir);
+    assert.equal(onDisk.secondary?.state, "inconsistent");
+    assert.equal(onDisk.running, true);
+  });
+
+  void test("a claim makes it consistent only when it holds", async () => {
+    const gw = new Gateway(new MemoryVolume(1 << 20), log);
+    await gw.start({ secondary: null, running: null });
+    await gw.applyBatch(A, [resync(1, 0), w(2, 4096, Buffer.alloc(512, 2))]);
+    assert.equal(gw.secondary.state, "inconsistent");
+    const claim = (seq: number, boot = gw.boot) => ({ seq, boot });
+    // Not durable through the claim yet: seq 4 never arrived.
+    assert.equal((await gw.flush(A, claim(4))).secondary, "inconsistent", "durable below the claim");
+    assert.equal((await gw.flush(A, claim(2, "0123456789abcdef"))).secondary, "inconsistent", "another boot");
+    assert.equal((await gw.flush(B, claim(0))).secondary, "inconsistent", "another source's claim");
+    await gw.applyBatch(A, [resync(3, 8192)]);
+    assert.equal((await gw.flush(A, claim(2))).secondary, "inconsistent", "a RESYNC record above the claim");
+    const r = await gw.flush(A, claim(3));
+    assert.equal(r.secondary, "consistent");
+    assert.match(gw.secondary.reason, /in sync with source aa through seq 3/);
+    // A floor that abandons seqs under applied ones: inconsistent again.
+    await gw.applyBatch(A, [w(5, 0, Buffer.alloc(512, 5))]);
+    await gw.applyBatch({ ...A, floor: 6 }, [w(6, 0, Buffer.alloc(512, 6))]);
+    assert.equal(gw.secondary.state, "inconsistent");
+    assert.match(gw.secondary.reason, /abandoned updates after seq 3 \(floor 6\)/);
+    assert.equal(
+      (await gw.flush(A, claim(6))).secondary,
+      "inconsistent",
+      "a claim made before the floor moved",
+    );
+    assert.equal((await gw.flush({ ...A, floor: 6 }, claim(6))).secondary, "consistent");
+    // A newer generation of the source resets what the claim is checked against.
+    await gw.applyBatch({ ...A, generation: 2 }, [resync(1, 0)]);
+    assert.equal((await gw.flush({ ...A, generation: 2 }, claim(1))).secondary, "consistent");
+  });
+
+  void test("an unclean stop makes it inconsistent at the next start, until a claim", async () => {
+    const gw = new Gateway(new MemoryVolume(1 << 20), log);
+    const since = "2026-01-01T00:00:00.000Z";
+    await gw.start({
+      secondary: { state: "consistent", since, reason: "in sync", source: "aa" },
+      running: true,
+    });
+    assert.equal(gw.secondary.state, "inconsistent");
+    assert.match(gw.secondary.reason, /did not stop cleanly/);
+    assert.equal(gw.secondary.source, null, "any source's claim ends it");
+    assert.equal((await gw.flush(B, { seq: 0, boot: gw.boot })).secondary, "consistent");
+    // A clean stop keeps the state as it was.
+    const clean = new Gateway(new MemoryVolume(1 << 20), log);
+    await clean.start({
+      secondary: { state: "consistent", since, reason: "in sync", source: "aa" },
+      running: false,
+    });
+    assert.deepEqual(clean.secondary, { state: "consistent", since, reason: "in sync", source: "aa" });
+  });
+
+  void test("a malformed secondary entry in the state file is refused, saying what to do", () => {
+    const dir = scratch();
+    writeFileSync(
+      join(dir, STATE_FILE),
+      '{"version": 1, "volume": {"size": 4096}, "sources": [], "secondary": {"state": "fine"}}',
+    );
+    assert.throws(() => loadSecondary(dir), /malformed "secondary" entry .*remove that entry/);
+    assert.deepEqual(loadSecondary(scratch()), { secondary: null, running: null }, "no file");
   });
 });
 

@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import {
   encodeUpdates,
   encodedSize,
+  FLAG_RESYNC,
   KIND,
   parseUpdates,
   RecordError,
@@ -83,13 +84,16 @@ void describe("parseUpdates", () => {
   void test("round trip; data are views into the body", () => {
     const recs: UpdateRecord[] = [
       write(1, 0, Buffer.alloc(4096, 1), 3),
-      { kind: KIND.ZERO, seq: 2, period: 3, offset: 8192, length: 4096, data: null },
+      { kind: KIND.ZERO, seq: 2, period: 3, offset: 8192, length: 4096, data: null, flags: FLAG_RESYNC },
       write(3, SIZE - 512, Buffer.alloc(512, 2), 4),
       { kind: KIND.TRIM, seq: 4, period: 4, offset: 0, length: SIZE, data: null },
     ];
     const body = encodeUpdates(recs);
     const got = parseUpdates(body, SIZE);
-    assert.deepEqual(got, recs);
+    assert.deepEqual(
+      got,
+      recs.map((r) => ({ ...r, flags: r.flags ?? 0 })),
+    );
     assert.equal(got[0].data!.buffer, body.buffer, "WRITE data should be a view, not a copy");
     assert.equal(got[0].data!.byteOffset, body.byteOffset + 40);
   });
@@ -128,10 +132,20 @@ void describe("parseUpdates", () => {
     }
   });
 
-  void test("flags and reserved fields must be 0", () => {
-    const f = ok();
-    f[5] = 1;
-    refuses(f, "ERR_MALFORMED", /flags 1/);
+  void test("flags other than RESYNC and reserved fields must be 0", () => {
+    for (const bad of [2, 0x80, 0xff]) {
+      const f = ok();
+      f[5] = bad;
+      refuses(f, "ERR_MALFORMED", new RegExp(`unknown flags 0x${bad.toString(16)}`));
+    }
+    const resync = ok();
+    resync[5] = FLAG_RESYNC;
+    assert.equal(parseUpdates(resync, 1 << 30)[0].flags, FLAG_RESYNC, "RESYNC is parsed");
+    assert.equal(parseUpdates(ok(), 1 << 30)[0].flags, 0);
+    const round = encodeUpdates([
+      { kind: KIND.ZERO, seq: 7, period: 0, offset: 0, length: 4096, data: null, flags: FLAG_RESYNC },
+    ]);
+    assert.equal(round[5], FLAG_RESYNC, "encoded");
     const r1 = ok();
     r1[7] = 1;
     refuses(r1, "ERR_MALFORMED", /reserved/);

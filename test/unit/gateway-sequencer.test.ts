@@ -6,7 +6,7 @@
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { Sequencer, type BatchPlan } from "../../src/gateway/sequencer.js";
-import { KIND, type UpdateRecord } from "../../src/gateway/records.js";
+import { FLAG_RESYNC, KIND, type UpdateRecord } from "../../src/gateway/records.js";
 
 function w(seq: number, offset: number, length: number, period = 0): UpdateRecord {
   return { kind: KIND.WRITE, seq, period, offset, length, data: Buffer.alloc(length, seq & 0xff) };
@@ -161,6 +161,25 @@ void describe("Sequencer", () => {
     s.raiseFloor(4);
     assert.equal(s.floor, 10);
     assert.equal(s.appliedThrough, 12);
+  });
+
+  void test("floor: says whether it abandoned seqs under applied ones (a gap) or only after them", () => {
+    const s = fresh();
+    assert.equal(s.raiseFloor(1), "none", "nothing below 1");
+    apply(s, [w(1, 0, 10), w(2, 0, 10)]);
+    assert.equal(s.raiseFloor(3), "none", "1 and 2 arrived");
+    assert.equal(s.raiseFloor(5), "abandoned", "3 and 4 never came, nothing after them applied");
+    assert.equal(s.abandonedMax, 4);
+    apply(s, [w(7, 0, 10), w(9, 0, 10)]);
+    assert.equal(s.raiseFloor(9), "gap", "5, 6 and 8 abandoned under 7 and 9");
+    assert.equal(s.abandonedMax, 8);
+    assert.equal(s.appliedThrough, 9);
+    apply(s, [{ ...w(10, 0, 10), flags: FLAG_RESYNC }, w(11, 0, 10)]);
+    assert.equal(s.resyncMax, 10, "the highest RESYNC record applied");
+    const again = new Sequencer({ generation: 1, durableThrough: 3, floor: 9 });
+    assert.equal(again.abandonedMax, 0, "a floor from the state file abandons nothing now");
+    assert.equal(s.checkGeneration(2), "reset");
+    assert.deepEqual([s.abandonedMax, s.resyncMax], [0, 0]);
   });
 
   void test("generations: a newer one resets, an older one is stale", () => {
