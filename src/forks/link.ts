@@ -299,6 +299,12 @@ export class GatewayLink {
   private inSync: number | null = null;
   /** The gateway confirmed the claim (its flush answered `secondary: consistent`). */
   private inSyncConfirmed = false;
+  /**
+   * A resync of this process began with every block dirty (a new tracking log, another gateway,
+   * resync --full): the map has held every difference since, whoever wrote the secondary before,
+   * so the claim may end an inconsistency another source left (X-Blockfork-In-Sync-Whole).
+   */
+  private wholeCopy = false;
   private secondary: string | null = null;
   private flushing: Promise<void> | null = null;
   /** The update stream of this epoch, or null (POST). */
@@ -958,7 +964,11 @@ export class GatewayLink {
     // The claim goes with the boot it was made in: a gateway restarted since must not take it.
     const claim =
       this.inSync !== null && this.bootSeen !== null
-        ? { "x-blockfork-in-sync": String(this.inSync), "x-blockfork-boot": this.bootSeen }
+        ? {
+            "x-blockfork-in-sync": String(this.inSync),
+            "x-blockfork-boot": this.bootSeen,
+            ...(this.wholeCopy ? { "x-blockfork-in-sync-whole": "1" } : {}),
+          }
         : undefined;
     this.flushing = (async () => {
       try {
@@ -1190,6 +1200,7 @@ export class GatewayLink {
     const map = this.tracking.map;
     const g = map.granularity;
     const started = performance.now();
+    if (map.dirtyBlocks === map.blocks) this.wholeCopy = true;
     this.resyncRunning = true;
     this.progress = {
       running: true,

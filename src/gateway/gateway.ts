@@ -29,7 +29,8 @@
 //   update comes in write order), once the flush made every seq <= S durable, and only if nothing
 //   since the claim was made undid it: the claim's boot is this process's, no RESYNC record above
 //   S was applied, no seq at or above the claim's floor was abandoned, and the inconsistency is
-//   the claiming source's (or nobody's).
+//   the claiming source's (or nobody's), unless the claimant copied the whole volume since it
+//   started (X-Blockfork-In-Sync-Whole: its map then holds every difference, whoever made it).
 
 import { createHash, randomBytes } from "node:crypto";
 import { constants } from "node:os";
@@ -80,6 +81,8 @@ export interface SecondaryState {
 export interface InSyncClaim {
   seq: number;
   boot: string;
+  /** X-Blockfork-In-Sync-Whole: the claimant copied the whole volume since it started. */
+  whole?: boolean;
 }
 
 /** Counters reported by status. */
@@ -422,7 +425,7 @@ export class Gateway {
       q.durableThrough >= claim.seq &&
       q.resyncMax <= claim.seq &&
       q.abandonedMax < (id.floor ?? 1) &&
-      (owner === null || owner === s.id)
+      (owner === null || owner === s.id || claim.whole === true)
     );
   }
 

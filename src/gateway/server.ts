@@ -407,7 +407,10 @@ export class GatewayServer {
         "X-Blockfork-In-Sync needs X-Blockfork-Boot: the 16 hex digits of the gateway's boot id the claim was made with",
       );
     }
-    return { seq, boot };
+    const whole = header(req, "x-blockfork-in-sync-whole");
+    if (whole !== undefined && whole !== "1")
+      throw badRequest('X-Blockfork-In-Sync-Whole must be "1" when given');
+    return { seq, boot, whole: whole === "1" };
   }
 
   /** The identity headers of update and flush requests (400 when missing or wrong). */

@@ -326,6 +326,10 @@ void describe("the secondary's consistency", () => {
       "a claim made before the floor moved",
     );
     assert.equal((await gw.flush({ ...A, floor: 6 }, claim(6))).secondary, "consistent");
+    // Another source's claim ends it only when that source copied the whole volume.
+    await gw.applyBatch(A, [resync(7, 0)]);
+    assert.equal((await gw.flush(B, claim(0))).secondary, "inconsistent", "another source's claim");
+    assert.equal((await gw.flush(B, { ...claim(0), whole: true })).secondary, "consistent", "a whole copy");
     // A newer generation of the source resets what the claim is checked against.
     await gw.applyBatch({ ...A, generation: 2 }, [resync(1, 0)]);
     assert.equal((await gw.flush({ ...A, generation: 2 }, claim(1))).secondary, "consistent");
