@@ -165,7 +165,18 @@ export class NbdServer {
       setTimeout(() => socket.destroy(), 2000).unref();
       return;
     }
-    if (this.stopping) {
+    // The socket may be gone by now: the handshake deadline (or the client) closed it while the
+    // export was opening (a snap@ open waits for changes in flight to settle). Its close event has
+    // fired already, so a Transmission on it would never finish and the export (a snapshot, which
+    // holds back the journal's retention) would never be released.
+    if (this.stopping || socket.destroyed || neg.stream.destroyed) {
+      if (!this.stopping) {
+        log.limited(
+          "warn",
+          "opened late",
+          `export "${neg.export.name}" opened after the connection closed; released`,
+        );
+      }
       neg.export.release();
       socket.destroy();
       return;

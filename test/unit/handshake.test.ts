@@ -657,6 +657,48 @@ void describe("handshake deadline", () => {
     }
   });
 
+  void test("an export that opens after the deadline closed the connection is released", async () => {
+    // A provider whose open outlasts the deadline, as a snap@ open waiting for changes in flight
+    // does: the export it returns must be released (a snapshot holds back journal retention).
+    let released = 0;
+    let opened = 0;
+    slow.registry.addProvider({
+      owns: (name) => name.startsWith("late@"),
+      list: () => [],
+      open: async (name) => {
+        await new Promise((r) => setTimeout(r, 800));
+        opened++;
+        return {
+          name,
+          description: "",
+          volume: new MemoryVolume(DISK_SIZE),
+          blockSizes: { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 },
+          release: () => void released++,
+        };
+      },
+    });
+    for (const how of ["GO", "EXPORT_NAME"]) {
+      const c = await slow.connect();
+      await c.greeting();
+      c.sendClientFlags(3);
+      if (how === "GO") c.sendOption(OPT.GO, infoRequestData("late@1"));
+      else c.sendOption(OPT.EXPORT_NAME, Buffer.from("late@1"));
+      await c.expectClosed(3000);
+      const deadline = Date.now() + 3000;
+      while (opened < (how === "GO" ? 1 : 2) && Date.now() < deadline)
+        await new Promise((r) => setTimeout(r, 20));
+      await new Promise((r) => setTimeout(r, 50));
+      assert.equal(released, opened, `${how}: every export opened after the close was released`);
+      assert.equal(slow.server.connectionCount, 0, `${how}: no connection left`);
+      c.destroy();
+    }
+    assert.equal(opened, 2);
+    assert.ok(
+      slow.log.some((l) => /opened after the connection closed; released/.test(l)),
+      slow.log.join("\n"),
+    );
+  });
+
   void test("the deadline ends with the handshake: an idle session in transmission stays open", async () => {
     const c = await slow.connect();
     await c.handshake();
