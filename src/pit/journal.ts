@@ -619,6 +619,23 @@ export class Journal {
     return lo > 0 && c[lo - 1] > grid ? c[lo - 1] : grid;
   }
 
+  /**
+   * The end of the merge window holding `ts`: the next grid point, or the first bookmark cut
+   * after `ts` when that comes first. The first point in time after it.
+   */
+  private windowEnd(ts: number): number {
+    const grid = Math.floor(ts / this.windowMs) * this.windowMs + this.windowMs;
+    const c = this.cuts;
+    let lo = 0;
+    let hi = c.length; // the first cut > ts is at lo
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (c[mid] <= ts) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo < c.length && c[lo] < grid ? c[lo] : grid;
+  }
+
   private windowCeil(ts: number): number {
     return Math.ceil(ts / this.windowMs) * this.windowMs;
   }
@@ -1191,7 +1208,10 @@ export class Journal {
     let newest = 0;
     for (let i = this.index.first; i < next; i++) newest = Math.max(newest, this.index.tsAt(i));
     this.index.dropBelow(next);
-    if (newest > 0) this.earliestTs = Math.max(this.earliestTs, this.windowFloor(newest) + this.windowMs);
+    // The first point after the window of the newest dropped entry. (Not windowFloor + windowMs:
+    // from a bookmark's cut that lands inside a later window, a time no snap@ can open, and it
+    // expired bookmarks taken after the dropped window had ended.)
+    if (newest > 0) this.earliestTs = Math.max(this.earliestTs, this.windowEnd(newest));
     seg.file.close();
     rmSync(seg.path, { force: true });
     this.droppedBytes += seg.size;

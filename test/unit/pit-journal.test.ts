@@ -984,6 +984,48 @@ void describe("Journal: retention", () => {
     await j.close();
   });
 
+  void test("after a bookmark's cut, the earliest point is the end of the dropped window, and later bookmarks stay", async () => {
+    const W = 1000;
+    const { j } = await openJournal({
+      windowMs: W,
+      segmentBytes: SMALL_SEG,
+      maxBytes: (SMALL_SEG * 3) / 4,
+    });
+    // A window g after the first point, entered late (600 ms in), so that a bookmark there plus W
+    // lies well inside the next window.
+    let g = 0;
+    for (;;) {
+      const now = journalNow();
+      g = Math.floor(now / W) * W;
+      const into = now - g;
+      if (j.window().earliest !== null && g >= j.window().earliest! && into >= 600 && into < 700) break;
+      await sleep(into < 600 ? 600 - into : W - into + 600);
+    }
+    j.mark("cut");
+    await commitImages(
+      j,
+      Array.from({ length: 10 }, (_, i) => i),
+    ); // segment 1: after the cut, window g
+    await sleep(g + W + 100 - journalNow());
+    const victim = j.mark("victim"); // in the next window, before cut + W
+    assert.ok(victim > g + W && victim < j.listBookmarks().get("cut")! + W, "the test's timing is off");
+    await commitImages(
+      j,
+      Array.from({ length: 10 }, (_, i) => 100 + i),
+    ); // segment 2
+    assert.equal(j.segmentCount, 2);
+    j.enforceRetention();
+    assert.equal(j.segmentCount, 1, "segment 1 dropped");
+    assert.equal(
+      j.window().earliest,
+      g + W,
+      "the earliest point is the end of the window segment 1 ended in",
+    );
+    assert.equal(j.listBookmarks().get("victim"), victim, "a bookmark after that point stays");
+    assert.equal(j.listBookmarks().has("cut"), false, "the bookmark before it expired");
+    await j.close();
+  });
+
   void test("a segment whose fdatasync is still in flight is not dropped until it is done", async () => {
     const { j, dir } = await openJournal({ windowMs: 60_000, segmentBytes: SMALL_SEG, maxBytes: 1 });
     // Hold the first fdatasync from here on (round A's, of segment 1); the others pass.
