@@ -16,17 +16,80 @@ const PREFIX = "snap@";
  */
 export const SETTLE_TIMEOUT_MS = 30_000;
 
-/** A date-time with no zone (no Z, no offset): Date.parse would read it in local time. */
-const ZONELESS = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?$/;
+/**
+ * ISO 8601's extended format, as far as a point in time needs it: a date, optionally a time
+ * (hh, hh:mm, hh:mm:ss, with a fraction after "." or ","; "T", "t" or a space between), and with
+ * a time optionally a zone (Z, +hh, +hh:mm, +hhmm). Parsed here, not by Date.parse: that reads
+ * many near-misses ("2026-11-23 1:02", a trailing space, "5:02 pm") in the server's local zone
+ * and rolls impossible dates over ("2026-02-30" is March 2nd), each a different point than the
+ * one asked for.
+ */
+const ISO_TIME =
+  /^(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2})(?::(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?)?$/;
+
+const MONTHS = [
+  "January",
+  "February",
+  "March",
+  "April",
+  "May",
+  "June",
+  "July",
+  "August",
+  "September",
+  "October",
+  "November",
+  "December",
+];
+
+const ISO_FORMS =
+  "use YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]], with Z or +hh:mm for a zone (without one: UTC)";
 
 /**
- * Parse what follows "snap@" as an ISO-8601 time (ms), or null (then it names a bookmark). A time
+ * Parse an ISO-8601 time to ms since the epoch, or say what is wrong with it (a string). A time
  * without a zone is UTC, as a date alone is: the server's own zone must not change the point.
+ * A fraction finer than 1 ms is cut to the ms; a leap second (ss = 60) is the start of the next
+ * minute, and 24:00 the start of the next day.
  */
-export function parseSnapTime(text: string): number | null {
+export function parseIsoTime(text: string): number | string {
+  const m = ISO_TIME.exec(text);
+  if (m === null) return `"${text.slice(0, 64)}" is not an ISO-8601 time: ${ISO_FORMS}`;
+  const [year, month, day] = [Number(m[1]), Number(m[2]), Number(m[3])];
+  const [hour, minute, second] = [Number(m[4] ?? 0), Number(m[5] ?? 0), Number(m[6] ?? 0)];
+  const frac = m[7] ?? "";
+  if (month < 1 || month > 12) return `${m[1]}-${m[2]}-${m[3]}: there is no month ${month}`;
+  const days = new Date(Date.UTC(2000, month, 0)).getUTCDate() - (month === 2 && !leap(year) ? 1 : 0);
+  if (day < 1 || day > days) {
+    return `${m[1]}-${m[2]}-${m[3]}: there is no such day (${MONTHS[month - 1]} ${year} has ${days} days)`;
+  }
+  const midnight = hour === 24 && minute === 0 && second === 0 && /^0*$/.test(frac);
+  if ((hour > 23 && !midnight) || minute > 59 || second > 60) {
+    return `"${text.slice(0, 64)}": the time of day is out of range (hh 00-23, mm 00-59, ss 00-60)`;
+  }
+  let offsetMin = 0;
+  if (m[9] !== undefined) {
+    const oh = Number(m[10]);
+    const om = Number(m[11] ?? 0);
+    if (oh > 23 || om > 59) return `"${text.slice(0, 64)}": the zone offset is out of range`;
+    offsetMin = (m[9] === "-" ? -1 : 1) * (oh * 60 + om);
+  }
+  const d = new Date(0);
+  d.setUTCFullYear(year, month - 1, day); // years 0-99 too, unlike Date.UTC
+  d.setUTCHours(hour, minute, second, Number((frac + "000").slice(0, 3)));
+  return d.getTime() - offsetMin * 60_000;
+}
+
+function leap(y: number): boolean {
+  return (y % 4 === 0 && y % 100 !== 0) || y % 400 === 0;
+}
+
+/**
+ * Parse what follows "snap@" as an ISO-8601 time (ms), or null: it does not begin with a date, so
+ * it names a bookmark (bookmark names never begin with one). A string says why a time is invalid.
+ */
+export function parseSnapTime(text: string): number | string | null {
   if (!/^\d{4}-\d{2}-\d{2}/.test(text)) return null;
-  const t = Date.parse(ZONELESS.test(text) ? `${text}Z` : text);
-  return Number.isNaN(t) ? null : t;
+  return parseIsoTime(text);
 }
 
 /** Serves snap@... names from a journal over the primary. */
@@ -73,13 +136,16 @@ export class SnapshotProvider implements ExportProvider {
 
   open(name: string): Promise<OpenExport | ExportRefusal> {
     const target = name.slice(PREFIX.length);
-    let t = parseSnapTime(target);
+    const parsed = parseSnapTime(target);
+    if (typeof parsed === "string")
+      return Promise.resolve({ message: `${name}: ${parsed}; ${this.range()}` });
+    let t = parsed;
     let point: number;
     if (t === null) {
       const b = this.journal.listBookmarks().get(target);
       if (b === undefined) {
         return Promise.resolve({
-          message: `${name}: no bookmark "${target}" and not an ISO-8601 time; ${this.range()}`,
+          message: `${name}: no bookmark "${target}" (and not an ISO-8601 time); ${this.range()}`,
         });
       }
       t = b;

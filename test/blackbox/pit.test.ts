@@ -355,9 +355,22 @@ void describe("PIT snapshots against reference images", () => {
     // Unknown bookmarks and garbage.
     const nb = await goReply(srv.sock, "snap@nosuch");
     assert.equal(nb.type, REP_ERR_UNKNOWN);
-    assert.match(nb.message, /no bookmark "nosuch" and not an ISO-8601 time; available: /);
+    assert.match(nb.message, /no bookmark "nosuch" \(and not an ISO-8601 time\); available: /);
     const junk = await goReply(srv.sock, "snap@2026-13-45T99:00:00Z");
     assert.equal(junk.type, REP_ERR_UNKNOWN);
+    assert.match(junk.message, /there is no month 13; available: /);
+    // Near-misses that Date.parse would read in the server's zone, or roll over to another day,
+    // name what is wrong instead of opening another point in time.
+    const today = s.earliest.slice(0, 10);
+    for (const [t, why] of [
+      [`${today} 1:02:03`, /is not an ISO-8601 time: use YYYY-MM-DD/],
+      [`${today}T23:59:59 `, /is not an ISO-8601 time/],
+      ["2026-02-30T00:00:04Z", /2026-02-30: there is no such day \(February 2026 has 28 days\)/],
+    ] as const) {
+      const r = await goReply(srv.sock, `snap@${t}`);
+      assert.equal(r.type, REP_ERR_UNKNOWN, `snap@${t} opened`);
+      assert.match(r.message, why, r.message);
+    }
     // What a real client shows (libnbd prints the server's message in its debug output).
     const info = await run("nbdinfo", [snapUri(srv, "2001-01-01T00:00:00Z")], {
       allowFailure: true,

@@ -1221,8 +1221,53 @@ void describe("snap@<time>", () => {
       assert.equal(parseSnapTime("2026-11-23"), Date.UTC(2026, 10, 23));
       assert.equal(parseSnapTime("2026-11-23T17:02:12Z"), Date.UTC(2026, 10, 23, 17, 2, 12));
       assert.equal(parseSnapTime("2026-11-23T17:02:12+01:00"), Date.UTC(2026, 10, 23, 16, 2, 12));
-      assert.equal(parseSnapTime("before-upgrade"), null);
-      assert.equal(parseSnapTime("2026-13-45T99:00:00"), null);
+      assert.equal(parseSnapTime("before-upgrade"), null, "a bookmark name");
+      assert.match(String(parseSnapTime("2026-13-45T99:00:00")), /no month 13/);
+    } finally {
+      if (saved === undefined) delete process.env.TZ;
+      else process.env.TZ = saved;
+    }
+  });
+
+  void test("strict ISO 8601: near-misses are refused with why, never read in the server's zone or rolled over", () => {
+    const saved = process.env.TZ;
+    process.env.TZ = "Asia/Kolkata";
+    try {
+      // Each of these Date.parse reads in local time (5:30 off) or rolls over to another day.
+      for (const [text, why] of [
+        ["2026-11-23 1:02:12", /not an ISO-8601 time/],
+        ["2026-11-23 17:02:12 ", /not an ISO-8601 time/],
+        ["2026-11-23 5:02 pm", /not an ISO-8601 time/],
+        ["2026-11-23 (x) 17:02", /not an ISO-8601 time/],
+        ["2026-11-23,17:02", /not an ISO-8601 time/],
+        ["2026-11-23 ", /not an ISO-8601 time/],
+        ["2026-02-30T00:00:04Z", /no such day \(February 2026 has 28 days\)/],
+        ["2026-04-31", /April 2026 has 30 days/],
+        ["2026-11-23T25:00", /time of day is out of range/],
+        ["2026-11-23T17:60", /time of day is out of range/],
+        ["2026-11-23T24:00:01", /time of day is out of range/],
+        ["2026-11-23T17:02+24:00", /zone offset is out of range/],
+        ["2026-11-23Z", /not an ISO-8601 time/],
+      ] as const) {
+        assert.equal(typeof Date.parse(text) === "number", true);
+        const r = parseSnapTime(text);
+        assert.equal(typeof r, "string", `${JSON.stringify(text)} gave ${String(r)}`);
+        assert.match(r as string, why, text);
+      }
+      const ok: [string, number][] = [
+        ["2024-02-29", Date.UTC(2024, 1, 29)],
+        ["2000-02-29T12:00Z", Date.UTC(2000, 1, 29, 12)],
+        ["2026-11-23T17", Date.UTC(2026, 10, 23, 17)],
+        ["2026-11-23t17:02:12z", Date.UTC(2026, 10, 23, 17, 2, 12)],
+        ["2026-11-23 17:02:12,5", Date.UTC(2026, 10, 23, 17, 2, 12, 500)],
+        ["2026-11-23T17:02:12.123456789Z", Date.UTC(2026, 10, 23, 17, 2, 12, 123)],
+        ["2026-11-23T17:02:12+0530", Date.UTC(2026, 10, 23, 11, 32, 12)],
+        ["2026-11-23T17:02:12-03", Date.UTC(2026, 10, 23, 20, 2, 12)],
+        ["2016-12-31T23:59:60Z", Date.UTC(2017, 0, 1)],
+        ["2026-11-23T24:00", Date.UTC(2026, 10, 24)],
+        ["0099-01-01", Date.parse("0099-01-01T00:00:00Z")],
+      ];
+      for (const [text, ms] of ok) assert.equal(parseSnapTime(text), ms, text);
     } finally {
       if (saved === undefined) delete process.env.TZ;
       else process.env.TZ = saved;
