@@ -1008,7 +1008,9 @@ export class GatewayLink {
             this.log[level](`gateway link: the gateway reports its secondary ${r.secondary}`);
           }
           this.secondary = r.secondary;
-          if (claim !== undefined && r.secondary === "consistent") this.inSyncConfirmed = true;
+          // Claims go on (one a period) while the gateway says anything but consistent: it may
+          // have seen a gap meanwhile (a batch overtaken on POST), which the claim then ends.
+          this.inSyncConfirmed = r.secondary === "consistent";
         }
       } catch (e) {
         if (epoch === this.epoch) this.failed(`flush failed: ${(e as Error).message}`);

@@ -100,6 +100,8 @@ export const MAX_SOURCES = 1024;
 
 class Source {
   private tail: Promise<unknown> = Promise.resolve();
+  /** Since when (ISO time) updates of this source are applied above a gap; null: none are. */
+  gapSince: string | null = null;
   constructor(
     readonly id: string,
     readonly seq: Sequencer,
@@ -149,9 +151,29 @@ export class Gateway {
     for (const [id, snap] of persisted) this.sources.set(id, new Source(id, new Sequencer(snap)));
   }
 
-  /** What is known of the secondary as an image of the primary. */
+  /**
+   * What is known of the secondary as an image of the primary. While updates of a source are
+   * applied above a gap (a batch overtook another: POST requests on several connections, or a
+   * batch failed and later ones applied), the secondary is not a write-order prefix until the gap
+   * fills (or its floor comes and makes it a lasting inconsistency). Written as such into
+   * sources.json too, so a restart in that state starts inconsistent.
+   */
   get secondary(): SecondaryState {
-    return this.secondaryState;
+    const st = this.secondaryState;
+    if (st.state === "inconsistent") return st;
+    for (const src of this.sources.values()) {
+      if (src.gapSince !== null) {
+        return {
+          state: "inconsistent",
+          since: src.gapSince,
+          reason:
+            `source ${src.id} has ${src.seq.outOfOrder} update(s) applied above seq ` +
+            `${src.seq.appliedThrough + 1}, which has not arrived: not a write-order image until it does`,
+          source: src.id,
+        };
+      }
+    }
+    return st;
   }
 
   /**
@@ -251,20 +273,23 @@ export class Gateway {
    */
   private async admit(s: Source, id: Identity): Promise<boolean> {
     const before = s.seq.generation;
+    const gapBefore = s.seq.outOfOrder > 0;
+    const through = s.seq.appliedThrough;
     const g = s.seq.checkGeneration(id.generation);
     if (g === "stale") return false;
+    let gap = false;
     if (g === "reset") {
       this.log.info(`source ${s.id}: generation ${before} -> ${id.generation}, idempotency state reset`);
+      gap = gapBefore; // the new generation will never send what the old one left missing
     }
-    if (id.floor !== null) {
-      const through = s.seq.appliedThrough;
-      if (s.seq.raiseFloor(id.floor) === "gap") {
-        await this.inconsistent(
-          `source ${s.id} abandoned updates after seq ${through} (floor ${id.floor}) that later ` +
-            `applied ones came after, until it resyncs their blocks`,
-          s.id,
-        );
-      }
+    if (id.floor !== null && s.seq.raiseFloor(id.floor) === "gap") gap = true;
+    if (s.seq.outOfOrder === 0) s.gapSince = null;
+    if (gap) {
+      await this.inconsistent(
+        `source ${s.id} abandoned updates after seq ${through} that later applied ones came ` +
+          `after, until it resyncs their blocks`,
+        s.id,
+      );
     }
     return true;
   }
@@ -304,6 +329,8 @@ export class Gateway {
       }
       await this.write(plan);
       s.seq.commit(plan);
+      if (s.seq.outOfOrder === 0) s.gapSince = null;
+      else s.gapSince ??= new Date().toISOString();
       const c = this.counters;
       c.updates += plan.updates.length;
       for (const u of plan.updates) c.bytes += u.record.length;
@@ -395,7 +422,7 @@ export class Gateway {
       if (!ok) {
         return {
           durableThrough: 0,
-          secondary: this.secondaryState.state,
+          secondary: this.secondary.state,
           stale: true,
           generation: s.seq.generation,
         };
@@ -412,7 +439,7 @@ export class Gateway {
         }
       }
     }
-    return { durableThrough: s.seq.durableThrough, secondary: this.secondaryState.state };
+    return { durableThrough: s.seq.durableThrough, secondary: this.secondary.state };
   }
 
   /** Whether an in-sync claim, checked after its flush's fdatasync, proves the secondary consistent. */
