@@ -1,7 +1,7 @@
 // `blockfork gateway`: apply the updates a proxy forwards to a secondary volume (docs/gateway-api.md).
 
 import { parseArgs } from "node:util";
-import { mkdirSync, readFileSync } from "node:fs";
+import { fstatSync, mkdirSync, readFileSync } from "node:fs";
 import { basename, dirname, extname, join, resolve } from "node:path";
 import { createSecureContext } from "node:tls";
 import { Logger, parseLogLevel } from "../log.js";
@@ -13,7 +13,15 @@ import { Gateway } from "../gateway/gateway.js";
 import { GatewayServer } from "../gateway/server.js";
 import { FaultSwitch } from "../gateway/faults.js";
 import { TrackingMirror } from "../gateway/mirror.js";
-import { FAULT_FILE, StateWriter, loadSecondary, loadSources, prepareStateDir } from "../gateway/state.js";
+import {
+  FAULT_FILE,
+  StateWriter,
+  loadSecondary,
+  loadSources,
+  prepareStateDir,
+  secondaryId,
+} from "../gateway/state.js";
+import { claimStateDir } from "../util/volume-identity.js";
 import { lockStateDir, tuneMallocForServers } from "../blockio/index.js";
 import { positiveInt } from "./serve.js";
 
@@ -166,9 +174,40 @@ export async function gateway(argv: string[]): Promise<number> {
     stateDir = resolve(cfg.stateDir ?? `${resolve(cfg.volume)}.gateway`);
     prepareStateDir(stateDir);
     lockStateDir(stateDir);
+    const st = fstatSync(volume.file.fd, { bigint: true });
+    const bdev = volume.file.isBlockDevice;
+    const claim = claimStateDir(
+      stateDir,
+      {
+        path: resolve(cfg.volume),
+        size: volume.size,
+        dev: Number(bdev ? st.rdev : st.dev),
+        ino: bdev ? 0 : Number(st.ino),
+        blockDevice: bdev,
+        ...(bdev ? {} : { birth: st.birthtimeNs.toString() }),
+      },
+      {
+        holds: "its idempotency state and the secondary's id and consistency describe that volume",
+        fresh: "(proxies then resync the whole volume to it)",
+      },
+    );
     const identity = { name: cfg.name, size: volume.size };
     gw = new Gateway(volume, log, loadSources(stateDir, identity));
+    gw.secondaryId = secondaryId(stateDir, claim !== "same");
     const previous = loadSecondary(stateDir);
+    if (claim === "replaced") {
+      log.warn(
+        `${resolve(cfg.volume)} is another file than the secondary this state directory described ` +
+          `(replaced at the same path): it is a new secondary (id ${gw.secondaryId}), which proxies resync whole`,
+      );
+      previous.secondary = {
+        state: "unknown",
+        since: new Date().toISOString(),
+        reason: "a new secondary file replaced the one this state directory described",
+        source: null,
+      };
+      previous.running = false;
+    }
     gw.attachState(
       new StateWriter(
         stateDir,

@@ -57,6 +57,7 @@
 //   when the link gives up (the write stays dirty and the link tracks: sync mode degrades, it never
 //   fails a write the primary accepted).
 
+import { randomBytes } from "node:crypto";
 import { Pool } from "undici";
 import type { Logger } from "../log.js";
 import type { TrackingLog } from "../tracking/log.js";
@@ -264,6 +265,10 @@ export class GatewayLink {
   private readonly mirrorPool: Pool | null;
   private volumeName: string | null = null;
   private seq = 1;
+  /** This process, to the gateway (X-Blockfork-Incarnation): a generation is one process's. */
+  private readonly incarnation = randomBytes(8).toString("hex");
+  /** A change of the tracking log's meta being stored; the link sends nothing before it is. */
+  private pendingMeta: Promise<void> = Promise.resolve();
   private floor = 1;
   private period = 1;
   private epoch = 0;
@@ -813,6 +818,7 @@ export class GatewayLink {
       "x-blockfork-generation": String(this.tracking.meta.generation),
       "x-blockfork-volume-size": String(this.tracking.meta.volumeSize),
       "x-blockfork-floor": String(this.floor),
+      "x-blockfork-incarnation": this.incarnation,
     };
     if (this.o.token) h.authorization = `Bearer ${this.o.token}`;
     return h;
@@ -866,11 +872,12 @@ export class GatewayLink {
       if (epoch !== this.epoch) return; // the link was reset meanwhile: this answer means nothing now
       const a = answer as {
         stale?: boolean;
+        reused?: boolean;
         generation?: number;
         appliedThrough?: number;
         boot?: string;
       } | null;
-      if (a?.stale === true) throw new Error(this.staleMessage("a batch", a.generation));
+      if (a?.stale === true) throw this.generationTaken("a batch", a.generation, a.reused === true);
       this.checkBoot(a?.boot);
       if (typeof a?.appliedThrough === "number" && a.appliedThrough > this.appliedSeen)
         this.appliedSeen = a.appliedThrough;
@@ -914,12 +921,29 @@ export class GatewayLink {
       );
   }
 
-  /** Why an answer saying `stale` is a failure. */
-  private staleMessage(what: string, theirs: number | undefined): string {
-    return (
-      `the gateway refused ${what} as stale: it holds generation ${theirs ?? "?"} of this source, ` +
-      `newer than ours (${this.tracking.meta.generation}); is another proxy using a copy of this ` +
-      `tracking log? Nothing was applied`
+  /**
+   * The gateway refused an answer as stale: it holds a newer generation of this source, or this
+   * generation from another process. Another process has used this tracking log's sequence space:
+   * the state directory was restored from a copy (a backup, a VM snapshot), or a second proxy runs
+   * with a copy of it. Either way the map no longer describes the secondary, so: a generation
+   * above the gateway's, every block dirty (a whole-volume resync), stored before anything is sent
+   * again (the link fails now, and a link sends only after a new probe). Returns the link's error.
+   */
+  private generationTaken(what: string, theirs: number | undefined, reused: boolean): Error {
+    const ours = this.tracking.meta.generation;
+    const next = Math.max(ours, theirs ?? 0) + 1;
+    const why = reused
+      ? `it holds generation ${ours} of this source from another process`
+      : `it holds generation ${theirs ?? "?"} of this source, newer than ours (${ours})`;
+    this.log.error(
+      `gateway link: the gateway refused ${what} as stale (nothing applied): ${why}. This state ` +
+        `directory's tracking log was restored from a copy, or another proxy runs with a copy of it; ` +
+        `it no longer describes the secondary: moving to generation ${next} and resyncing the whole volume`,
+    );
+    this.markStale(0, this.tracking.map.volumeSize);
+    this.pendingMeta = this.tracking.updateMeta({ generation: next }, true);
+    return new Error(
+      `the gateway refused ${what} as stale (${why}); resyncing the whole volume as generation ${next}`,
     );
   }
 
@@ -982,12 +1006,13 @@ export class GatewayLink {
         )) as {
           durableThrough?: number;
           stale?: boolean;
+          reused?: boolean;
           generation?: number;
           boot?: string;
           secondary?: unknown;
         };
         if (epoch !== this.epoch) return;
-        if (r.stale === true) throw new Error(this.staleMessage("a flush", r.generation));
+        if (r.stale === true) throw this.generationTaken("a flush", r.generation, r.reused === true);
         this.checkBoot(r.boot);
         const d = Number(r.durableThrough ?? 0);
         if (d < applied) {
@@ -1106,6 +1131,7 @@ export class GatewayLink {
           size?: number;
           features?: unknown;
           secondary?: unknown;
+          secondaryId?: unknown;
         };
         if (!h.ok || typeof h.volume !== "string") throw new Error("health check answered without a volume");
         if (h.size !== undefined && h.size !== this.tracking.meta.volumeSize) {
@@ -1120,6 +1146,9 @@ export class GatewayLink {
         // The health check needs no token: check it now, or a wrong token would show up only as
         // a refused update stream and then as failing batches, as if the gateway kept going down.
         await this.call("GET", "/v1/status");
+        if (typeof h.secondaryId === "string" && /^[0-9a-f]{16}$/.test(h.secondaryId))
+          this.checkSecondary(h.secondaryId);
+        await this.pendingMeta; // a whole-volume resync is stored before anything is sent
         if (!this.probing) return;
         await this.openStream();
         if (!this.probing) {
@@ -1152,6 +1181,28 @@ export class GatewayLink {
       this.probeTimer = setTimeout(() => void once(), first);
       this.probeTimer.unref();
     }
+  }
+
+  /**
+   * The gateway's secondary must be the one this tracking log describes. Another one (the gateway
+   * restarted over a re-provisioned or swapped volume, or another gateway at the same URL) holds
+   * none of what was replicated: every block is marked dirty, as DRBD does a full sync when the
+   * peer's data generation is unknown to it. A log that never met the gateway records the id.
+   */
+  private checkSecondary(id: string): void {
+    const known = this.tracking.meta.secondary;
+    if (known === id) return;
+    if (known === undefined) {
+      this.log.info(`gateway link: the gateway's secondary is ${id}`);
+      this.pendingMeta = this.tracking.updateMeta({ secondary: id }, false);
+      return;
+    }
+    this.log.error(
+      `gateway link: the gateway serves another secondary (${id}, not ${known}, which this tracking ` +
+        `log describes: re-provisioned, swapped, or another gateway at ${this.o.url}); resyncing the whole volume`,
+    );
+    this.markStale(0, this.tracking.map.volumeSize);
+    this.pendingMeta = this.tracking.updateMeta({ secondary: id }, true);
   }
 
   /** Open the update stream for the next epoch (or leave the link on POST, saying why once). */

@@ -55,15 +55,21 @@ export interface Identity {
   generation: number;
   /** X-Blockfork-Floor, when given. */
   floor: number | null;
+  /** X-Blockfork-Incarnation (the proxy process), when given. */
+  incarnation?: string | null;
 }
 
-/** The answer to a batch. `stale`: the batch came from an older generation and was not applied. */
+/**
+ * The answer to a batch. `stale`: the batch came from an older generation, or (`reused` too) from
+ * another process with the same generation, and was not applied.
+ */
 export interface BatchResult {
   applied: number;
   duplicates: number;
   appliedThrough: number;
   durableThrough: number;
   stale?: true;
+  reused?: true;
   generation?: number;
 }
 
@@ -140,6 +146,8 @@ export class Gateway {
   };
   /** Between start() and stop(): sources.json says `running`, so a crash shows at the next start. */
   running = false;
+  /** The secondary's id (state.ts secondaryId(); /v1/health): new for every new secondary. */
+  secondaryId = "";
 
   constructor(
     readonly volume: Volume,
@@ -260,7 +268,15 @@ export class Gateway {
             `source ${id.source} is refused: stop the gateway and remove ${"sources.json"} from its state directory to forget old proxies`,
         );
       }
-      s = new Source(id.source, new Sequencer({ generation: id.generation, durableThrough: 0, floor: 0 }));
+      s = new Source(
+        id.source,
+        new Sequencer({
+          generation: id.generation,
+          durableThrough: 0,
+          floor: 0,
+          ...(id.incarnation ? { incarnation: id.incarnation } : {}),
+        }),
+      );
       this.sources.set(id.source, s);
       this.log.info(`new source ${id.source} (generation ${id.generation})`);
     }
@@ -271,12 +287,21 @@ export class Gateway {
    * Bring the source to the request's generation and floor; false when the request's generation
    * is stale. A floor that leaves a gap under applied updates makes the secondary inconsistent.
    */
-  private async admit(s: Source, id: Identity): Promise<boolean> {
+  private async admit(s: Source, id: Identity): Promise<"ok" | "stale" | "reused"> {
     const before = s.seq.generation;
     const gapBefore = s.seq.outOfOrder > 0;
     const through = s.seq.appliedThrough;
-    const g = s.seq.checkGeneration(id.generation);
-    if (g === "stale") return false;
+    const g = s.seq.checkGeneration(id.generation, id.incarnation ?? null);
+    if (g === "reused") {
+      this.log.limited(
+        "error",
+        `reused ${s.id}`,
+        `source ${s.id}: generation ${id.generation} comes from another process than before (a copy ` +
+          `of the proxy's state directory?): refused as stale, nothing applied`,
+      );
+      return "reused";
+    }
+    if (g === "stale") return "stale";
     let gap = false;
     if (g === "reset") {
       this.log.info(`source ${s.id}: generation ${before} -> ${id.generation}, idempotency state reset`);
@@ -291,7 +316,7 @@ export class Gateway {
         s.id,
       );
     }
-    return true;
+    return "ok";
   }
 
   /** Apply a parsed, checked batch. Rejects with HttpError 500/507 when a write fails. */
@@ -304,7 +329,8 @@ export class Gateway {
       return Promise.reject(e);
     }
     return s.serialize(async () => {
-      if (!(await this.admit(s, id))) {
+      const admitted = await this.admit(s, id);
+      if (admitted !== "ok") {
         this.counters.stale += records.length;
         return {
           applied: 0,
@@ -312,6 +338,7 @@ export class Gateway {
           appliedThrough: 0,
           durableThrough: 0,
           stale: true,
+          ...(admitted === "reused" ? { reused: true as const } : {}),
           generation: s.seq.generation,
         };
       }
@@ -414,12 +441,31 @@ export class Gateway {
   async flush(
     id: Identity,
     claim: InSyncClaim | null = null,
-  ): Promise<{ durableThrough: number; secondary: string; stale?: true; generation?: number }> {
+  ): Promise<{
+    durableThrough: number;
+    secondary: string;
+    stale?: true;
+    reused?: true;
+    generation?: number;
+  }> {
     const s = this.source(id);
-    if (id.generation !== s.seq.generation || id.floor !== null) {
+    if (
+      id.generation !== s.seq.generation ||
+      id.floor !== null ||
+      (id.incarnation ?? null) !== s.seq.incarnation
+    ) {
       // A generation change or a floor changes state that batches in flight rely on: in line.
-      const ok = await s.serialize(() => this.admit(s, id));
-      if (!ok) {
+      const admitted = await s.serialize(() => this.admit(s, id));
+      if (admitted !== "ok") {
+        if (admitted === "reused") {
+          return {
+            durableThrough: 0,
+            secondary: this.secondary.state,
+            stale: true,
+            reused: true,
+            generation: s.seq.generation,
+          };
+        }
         return {
           durableThrough: 0,
           secondary: this.secondary.state,

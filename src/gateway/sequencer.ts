@@ -20,7 +20,10 @@
 // - In-order traffic (the common case: every new seq above everything in `recent`, records not
 //   overlapping one another, whatever the order of their offsets) skips the sweep: each record is
 //   written whole, and A simply advances.
-// - Generations only grow. A newer generation resets the state; an older one is stale.
+// - Generations only grow. A newer generation resets the state; an older one is stale. The same
+//   generation from another process of the source (its incarnation differs: a copy of the proxy's
+//   state directory restored from a backup, or run twice) is "reused": its seqs would collide with
+//   the ones already applied, so nothing of it is applied either.
 // - durableThrough is set by the gateway after an fdatasync; after a restart A starts there.
 // - For the secondary's consistency (gateway.ts): `resyncMax` is the highest seq applied from a
 //   record flagged RESYNC, `abandonedMax` the highest seq a floor counted done without it ever
@@ -53,6 +56,8 @@ export interface SourceSnapshot {
   generation: number;
   durableThrough: number;
   floor: number;
+  /** The process (X-Blockfork-Incarnation) that sent this generation; absent: not known. */
+  incarnation?: string;
 }
 
 interface Recent {
@@ -62,11 +67,13 @@ interface Recent {
 }
 
 /** How a request's generation compares with the source's. */
-export type GenerationCheck = "current" | "reset" | "stale";
+export type GenerationCheck = "current" | "reset" | "stale" | "reused";
 
 /** The idempotency state of one source. */
 export class Sequencer {
   generation: number;
+  /** The process that sends this generation (null: not known, e.g. an older proxy). */
+  incarnation: string | null;
   appliedThrough = 0;
   durableThrough = 0;
   floor = 0;
@@ -80,6 +87,7 @@ export class Sequencer {
 
   constructor(init: SourceSnapshot) {
     this.generation = init.generation;
+    this.incarnation = init.incarnation ?? null;
     this.durableThrough = init.durableThrough;
     this.appliedThrough = init.durableThrough;
     this.raiseFloor(init.floor);
@@ -98,14 +106,28 @@ export class Sequencer {
 
   /** The state to persist. */
   snapshot(): SourceSnapshot {
-    return { generation: this.generation, durableThrough: this.durableThrough, floor: this.floor };
+    const snap: SourceSnapshot = {
+      generation: this.generation,
+      durableThrough: this.durableThrough,
+      floor: this.floor,
+    };
+    if (this.incarnation !== null) snap.incarnation = this.incarnation;
+    return snap;
   }
 
-  /** Compare a request's generation: a newer one resets the state, an older one is stale. */
-  checkGeneration(generation: number): GenerationCheck {
-    if (generation === this.generation) return "current";
+  /**
+   * Compare a request's generation (and the process sending it, when it says): a newer one resets
+   * the state, an older one is stale, the same one from another process is reused.
+   */
+  checkGeneration(generation: number, incarnation: string | null = null): GenerationCheck {
+    if (generation === this.generation) {
+      if (incarnation === null) return "current";
+      if (this.incarnation === null) this.incarnation = incarnation;
+      return incarnation === this.incarnation ? "current" : "reused";
+    }
     if (generation < this.generation) return "stale";
     this.generation = generation;
+    this.incarnation = incarnation;
     this.appliedThrough = 0;
     this.durableThrough = 0;
     this.floor = 0;

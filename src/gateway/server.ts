@@ -442,7 +442,18 @@ export class GatewayServer {
       );
     }
     const floor = intParam(header(req, "x-blockfork-floor"), "X-Blockfork-Floor") ?? null;
-    return { source: source.toLowerCase(), generation, floor };
+    const incarnation = header(req, "x-blockfork-incarnation");
+    if (incarnation !== undefined && !/^[0-9a-fA-F]{1,64}$/.test(incarnation)) {
+      throw badRequest(
+        `X-Blockfork-Incarnation must be 1 to 64 hex digits, not ${JSON.stringify(incarnation.slice(0, 80))}`,
+      );
+    }
+    return {
+      source: source.toLowerCase(),
+      generation,
+      floor,
+      incarnation: incarnation === undefined ? null : incarnation.toLowerCase(),
+    };
   }
 
   private defineRoutes(): void {
@@ -462,6 +473,7 @@ export class GatewayServer {
             boot: this.boot,
             features: FEATURES,
             secondary: g.secondary.state,
+            secondaryId: g.secondaryId,
           });
         } else sendJson(res, 503, { ok: false, reason: h.reason });
         return Promise.resolve();
@@ -471,7 +483,7 @@ export class GatewayServer {
     r("status", {
       GET: (_req, res) => {
         sendJson(res, 200, {
-          volume: { name: this.opts.name, size: this.size, path: this.opts.path },
+          volume: { name: this.opts.name, size: this.size, path: this.opts.path, id: g.secondaryId },
           secondary: g.secondary,
           sources: g.sourceStatus(),
           counters: g.counters,

@@ -10,14 +10,17 @@
 //
 // sources.json:
 //   {"version": 1, "volume": {"name": "...", "size": N}, "savedAt": "ISO time",
-//    "sources": [{"source": "hex", "generation": G, "durableThrough": D, "floor": F}, ...],
+//    "sources": [{"source": "hex", "generation": G, "durableThrough": D, "floor": F,
+//                 "incarnation": "hex" (the proxy process that sent generation G)}, ...],
 //    "running": true|false, "secondary": {"state": "consistent"|"inconsistent"|"unknown",
 //    "since": "ISO time", "reason": "...", "source": "hex"|null}}
 // `running` is true from the gateway's start to its clean stop; `secondary` is what is known of
 // the secondary as an image of the primary (gateway.ts). Files written before those two fields
 // existed load as "unknown".
 
+import { randomBytes } from "node:crypto";
 import { mkdirSync, readFileSync } from "node:fs";
+import { writeFileAtomicSync } from "../util/atomic.js";
 import { open, rename, unlink } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { UsageError } from "../errors.js";
@@ -25,6 +28,8 @@ import type { SourceSnapshot } from "./sequencer.js";
 import type { SecondaryState } from "./gateway.js";
 
 export const STATE_FILE = "sources.json";
+/** The secondary's id (16 hex digits): new for every new secondary, reported by /v1/health. */
+export const SECONDARY_ID_FILE = "secondary-id";
 export const FAULT_FILE = "fault";
 export const MIRROR_DIR = "mirror";
 
@@ -37,6 +42,26 @@ export function prepareStateDir(dir: string): void {
       `cannot create the state directory ${dir}: ${(e as Error).message}; give --state-dir`,
     );
   }
+}
+
+/**
+ * The secondary's id: read from the state directory, or made and stored when `fresh` (a new
+ * secondary: a new state directory, or another file at the volume's path) or none is stored yet.
+ * A proxy whose tracking log knows another id resyncs the whole volume.
+ */
+export function secondaryId(dir: string, fresh: boolean): string {
+  const path = join(dir, SECONDARY_ID_FILE);
+  if (!fresh) {
+    try {
+      const id = readFileSync(path, "utf8").trim();
+      if (/^[0-9a-f]{16}$/.test(id)) return id;
+    } catch {
+      // none yet: made below
+    }
+  }
+  const id = randomBytes(8).toString("hex");
+  writeFileAtomicSync(path, id + "\n");
+  return id;
 }
 
 let tmpCounter = 0;
@@ -110,16 +135,29 @@ export function loadSources(dir: string, volume: VolumeIdentity): Map<string, So
   }
   const out = new Map<string, SourceSnapshot>();
   for (const s of d.sources as unknown[]) {
-    const e = s as { source?: unknown; generation?: unknown; durableThrough?: unknown; floor?: unknown };
+    const e = s as {
+      source?: unknown;
+      generation?: unknown;
+      durableThrough?: unknown;
+      floor?: unknown;
+      incarnation?: unknown;
+    };
     if (
       typeof e.source !== "string" ||
       !isCount(e.generation) ||
       !isCount(e.durableThrough) ||
-      !isCount(e.floor)
+      !isCount(e.floor) ||
+      (e.incarnation !== undefined && typeof e.incarnation !== "string")
     ) {
       throw new UsageError(`${path} has a malformed source entry ${JSON.stringify(s)}; ${fix}`);
     }
-    out.set(e.source, { generation: e.generation, durableThrough: e.durableThrough, floor: e.floor });
+    const snap: SourceSnapshot = {
+      generation: e.generation,
+      durableThrough: e.durableThrough,
+      floor: e.floor,
+    };
+    if (typeof e.incarnation === "string") snap.incarnation = e.incarnation;
+    out.set(e.source, snap);
   }
   return out;
 }

@@ -102,6 +102,11 @@ export interface TrackingMeta {
   generation: number;
   /** The gateway the map is relative to. */
   gateway: string;
+  /**
+   * The secondary the map is relative to: the id its gateway reports (health `secondaryId`, new
+   * for every new secondary). Absent until the gateway was first reached (or in an older log).
+   */
+  secondary?: string;
   created: string;
   cleanShutdown: boolean;
 }
@@ -301,6 +306,28 @@ export class TrackingLog {
       t.timer.unref();
     }
     return t;
+  }
+
+  /**
+   * Change the meta (the generation, the secondary's id) and, with `markAll`, mark every block
+   * dirty first: all in one synced batch. For when the map stops describing the secondary (another
+   * secondary behind the gateway, a generation another process used).
+   */
+  async updateMeta(patch: { generation?: number; secondary?: string }, markAll: boolean): Promise<void> {
+    if (markAll) this.map.markAll();
+    Object.assign(this.meta, patch);
+    if (this.readOnly || this.closed || this.failure) return;
+    const batch = this.db.batch();
+    batch.put("meta", Buffer.from(JSON.stringify(this.meta)));
+    const chunks = [...this.map.changed];
+    this.map.changed.clear();
+    for (const c of chunks) batch.put(chunkKey(c), this.map.encodeChunk(c));
+    try {
+      await this.writeInOrder(batch, true);
+    } catch (e) {
+      for (const c of chunks) this.map.changed.add(c);
+      this.fail(e as Error);
+    }
   }
 
   /** Regions currently in the activity log. */

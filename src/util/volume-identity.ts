@@ -25,6 +25,11 @@ export interface VolumeIdentity {
   dev: number;
   ino: number;
   blockDevice: boolean;
+  /**
+   * The file's birth time in ns (statx), when recorded: a file deleted and made anew often gets
+   * the same inode number back, never the same birth time.
+   */
+  birth?: string;
 }
 
 function parse(text: string): VolumeIdentity | null {
@@ -36,25 +41,51 @@ function parse(text: string): VolumeIdentity | null {
       Number.isSafeInteger(j.size) &&
       Number.isSafeInteger(j.dev) &&
       Number.isSafeInteger(j.ino) &&
-      typeof j.blockDevice === "boolean"
+      typeof j.blockDevice === "boolean" &&
+      (j.birth === undefined || typeof j.birth === "string")
     )
-      return { path: j.path, size: j.size!, dev: j.dev!, ino: j.ino!, blockDevice: j.blockDevice };
+      return {
+        path: j.path,
+        size: j.size!,
+        dev: j.dev!,
+        ino: j.ino!,
+        blockDevice: j.blockDevice,
+        ...(j.birth !== undefined ? { birth: j.birth } : {}),
+      };
   } catch {
     // not ours: below
   }
   return null;
 }
 
+/** What the state directory held, and what to tell someone who gave the wrong one. */
+export interface ClaimTexts {
+  /** "its tracking log and journal describe that volume's blocks" */
+  holds: string;
+  /** What a new state directory means, e.g. "(a new tracking log resyncs the whole volume)". */
+  fresh: string;
+}
+
+const PROXY_TEXTS: ClaimTexts = {
+  holds: "its tracking log and journal describe that volume's blocks",
+  fresh: "(a new tracking log resyncs the whole volume; a new journal starts empty)",
+};
+
 /**
  * Check that `dir` belongs to `vol` (recording it at the first use); throws UsageError with what to
- * do when it belongs to another volume.
+ * do when it belongs to another volume. Returns "new" at the first use, "same" for the same file
+ * (maybe moved), "replaced" for another file at the recorded path (same size, another inode).
  */
-export function claimStateDir(dir: string, vol: VolumeIdentity): void {
+export function claimStateDir(
+  dir: string,
+  vol: VolumeIdentity,
+  texts: ClaimTexts = PROXY_TEXTS,
+): "new" | "same" | "replaced" {
   const file = join(dir, VOLUME_FILE);
   const write = (): void => writeFileAtomicSync(file, JSON.stringify({ version: 1, ...vol }, null, 2) + "\n");
   if (!existsSync(file)) {
     write();
-    return;
+    return "new";
   }
   const had = parse(readFileSync(file, "utf8"));
   if (had === null) {
@@ -62,18 +93,21 @@ export function claimStateDir(dir: string, vol: VolumeIdentity): void {
       `${file} is not a blockfork volume record; give --state-dir a directory of blockfork's own`,
     );
   }
-  const sameFile = had.blockDevice === vol.blockDevice && had.dev === vol.dev && had.ino === vol.ino;
+  const sameFile =
+    had.blockDevice === vol.blockDevice &&
+    had.dev === vol.dev &&
+    had.ino === vol.ino &&
+    (had.birth === undefined || vol.birth === undefined || had.birth === vol.birth);
   if (had.size === vol.size && (had.path === vol.path || sameFile)) {
     if (had.path !== vol.path || !sameFile) write(); // moved, or a new device number: keep it current
-    return;
+    return sameFile ? "same" : "replaced";
   }
   const what =
     had.size !== vol.size
       ? `belongs to a volume of ${had.size} bytes, not ${vol.size} (${had.path})`
       : `belongs to the volume ${had.path}, not ${vol.path}`;
   throw new UsageError(
-    `the state directory ${dir} ${what}: its tracking log and journal describe that volume's ` +
-      `blocks. Give the state directory of ${vol.path}, or a new one (a new tracking log resyncs ` +
-      "the whole volume; a new journal starts empty)",
+    `the state directory ${dir} ${what}: ${texts.holds}. Give the state directory of ` +
+      `${vol.path}, or a new one ${texts.fresh}`,
   );
 }

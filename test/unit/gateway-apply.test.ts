@@ -300,6 +300,35 @@ void describe("the secondary's consistency", () => {
     assert.equal(onDisk.running, true);
   });
 
+  void test("a generation reused by another process is refused as stale, nothing applied", async () => {
+    const v = new MemoryVolume(1 << 20);
+    const gw = new Gateway(v, log);
+    const one = { ...A, incarnation: "0001" };
+    await gw.applyBatch(one, [w(1, 0, Buffer.alloc(512, 1))]);
+    const r = await gw.applyBatch({ ...A, incarnation: "0002" }, [
+      w(1, 0, Buffer.alloc(512, 2)),
+      w(2, 0, Buffer.alloc(512, 2)),
+    ]);
+    assert.deepEqual(r, {
+      applied: 0,
+      duplicates: 2,
+      appliedThrough: 0,
+      durableThrough: 0,
+      stale: true,
+      reused: true,
+      generation: 1,
+    });
+    assert.equal((await readBack(v, 0, 1))[0], 1, "nothing of it applied");
+    const f = await gw.flush({ ...A, incarnation: "0002" });
+    assert.equal(f.reused, true);
+    assert.equal(
+      (await gw.applyBatch({ ...one, generation: 2, incarnation: "0002" }, [w(1, 0, Buffer.alloc(512, 3))]))
+        .applied,
+      1,
+      "a newer generation is taken",
+    );
+  });
+
   void test("a claim makes it consistent only when it holds", async () => {
     const gw = new Gateway(new MemoryVolume(1 << 20), log);
     await gw.start({ secondary: null, running: null });

@@ -182,6 +182,20 @@ void describe("Sequencer", () => {
     assert.deepEqual([s.abandonedMax, s.resyncMax], [0, 0]);
   });
 
+  void test("generations: the same one from another process is reused; its snapshot keeps the process", () => {
+    const s = new Sequencer({ generation: 3, durableThrough: 5, floor: 0 });
+    assert.equal(s.checkGeneration(3, "aaaa"), "current", "an unknown process is adopted");
+    assert.equal(s.checkGeneration(3, "aaaa"), "current");
+    assert.equal(s.checkGeneration(3, null), "current", "a proxy that does not say is not checked");
+    assert.equal(s.checkGeneration(3, "bbbb"), "reused");
+    assert.equal(s.appliedThrough, 5, "a reused generation changes nothing");
+    assert.deepEqual(s.snapshot(), { generation: 3, durableThrough: 5, floor: 0, incarnation: "aaaa" });
+    assert.equal(s.checkGeneration(4, "bbbb"), "reset");
+    assert.equal(s.incarnation, "bbbb");
+    const again = new Sequencer(s.snapshot());
+    assert.equal(again.checkGeneration(4, "cccc"), "reused", "after a restart of the gateway too");
+  });
+
   void test("generations: a newer one resets, an older one is stale", () => {
     const s = fresh(5);
     apply(s, [w(1, 0, 10), w(2, 0, 10), w(4, 0, 10)]);
