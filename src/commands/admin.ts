@@ -84,6 +84,9 @@ export interface Status {
     durableThrough: number;
     /** The secondary as the gateway last reported it (null: not known). */
     secondary?: string | null;
+    mirror?: string | null;
+    mirrorError?: string;
+    mirrorErrorAt?: number;
     resync: {
       running: boolean;
       totalBytes: number;
@@ -139,6 +142,14 @@ export function statusText(s: Status): string {
             : l.secondary === "inconsistent"
               ? " (the gateway says: not a usable image until a resync finishes)"
               : " (the gateway has not been told yet)"),
+      );
+    }
+    if (l.mirror) {
+      lines.push(
+        `mirror    ${l.mirror}` +
+          (l.mirrorError
+            ? `: FAILING (${l.mirrorError}, at ${new Date(l.mirrorErrorAt ?? 0).toISOString()})`
+            : ""),
       );
     }
     // The link keeps its last failure after it recovers: shown, with its time, only while the

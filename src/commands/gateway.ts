@@ -213,7 +213,7 @@ export async function gateway(argv: string[]): Promise<number> {
         stateDir,
         identity,
         () => gw.snapshots(),
-        () => ({ running: gw.running, secondary: gw.secondary }),
+        () => ({ running: gw.running, secondary: gw.secondary, owner: gw.owner }),
       ),
     );
     await gw.start(previous);

@@ -66,6 +66,11 @@ Replication (forked writes to a gateway; see docs/gateway-api.md)
   --state-dir DIR          tracking log and admin socket (default: PATH.blockfork for files;
                            required for block devices)
   --tracking-mirror URL    while the gateway is down, send the dirty extents to this gateway too
+  --tracking-mirror-token-file F
+                           bearer token for the tracking mirror (default: the gateway's)
+  --gateway-takeover       take the gateway's secondary over when another proxy owns it (a gateway
+                           takes updates from one proxy): only when that proxy is gone for good;
+                           this one then resyncs the whole volume
   --no-update-stream       send batches as POST requests instead of on an upgraded update stream
   --sync-timeout MS        sync mode: give up on the gateway after MS (default 5000)
   --queue-size SIZE        async mode: queue bound before the link tracks (default 64M)
@@ -131,6 +136,8 @@ interface ReplicationConfig {
   alExtents: number;
   assumeClean: boolean;
   updateStream: boolean;
+  takeover: boolean;
+  mirrorToken: string | undefined;
 }
 
 function gatewayUrl(text: string, what: string): string {
@@ -285,6 +292,8 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       "track-granularity": { type: "string" },
       "al-extents": { type: "string" },
       "assume-clean": { type: "boolean", default: false },
+      "gateway-takeover": { type: "boolean", default: false },
+      "tracking-mirror-token-file": { type: "string" },
       "no-update-stream": { type: "boolean", default: false },
       pit: { type: "boolean", default: false },
       "pit-retention": { type: "string" },
@@ -358,7 +367,13 @@ export function parseServeArgs(argv: string[]): ServeConfig {
       alExtents: values["al-extents"] ? positiveInt(values["al-extents"], "--al-extents") : 1024,
       assumeClean: values["assume-clean"] === true,
       updateStream: values["no-update-stream"] !== true,
+      takeover: values["gateway-takeover"] === true,
+      mirrorToken: values["tracking-mirror-token-file"]
+        ? gatewayToken(values["tracking-mirror-token-file"])
+        : undefined,
     };
+    if (replication.mirrorToken !== undefined && replication.mirror === undefined)
+      throw new UsageError("--tracking-mirror-token-file needs --tracking-mirror URL");
   } else {
     for (const o of [
       "gateway-token-file",
@@ -377,6 +392,9 @@ export function parseServeArgs(argv: string[]): ServeConfig {
     }
     if (values["assume-clean"] === true) throw new UsageError("--assume-clean needs --gateway URL");
     if (values["no-update-stream"] === true) throw new UsageError("--no-update-stream needs --gateway URL");
+    if (values["gateway-takeover"] === true) throw new UsageError("--gateway-takeover needs --gateway URL");
+    if (values["tracking-mirror-token-file"] !== undefined)
+      throw new UsageError("--tracking-mirror-token-file needs --gateway URL");
   }
   // bin/blockfork.js sets UV_THREADPOOL_SIZE from it before Node starts its pool; here it is
   // only checked, so that a bad value is an error instead of the default.
@@ -530,7 +548,9 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
       resyncRate: rep.resyncRate,
       resyncConcurrency: rep.resyncConcurrency,
       updateStream: rep.updateStream,
+      takeover: rep.takeover,
       ...(rep.mirror !== undefined ? { mirror: rep.mirror } : {}),
+      ...(rep.mirrorToken !== undefined ? { mirrorToken: rep.mirrorToken } : {}),
       log: log.child("link"),
     });
     parts.link = link;

@@ -112,6 +112,13 @@ export interface LinkOptions {
   updateStream?: boolean;
   /** Base URL of a tracking mirror (a gateway): PUT /v1/tracking/{volumeId}. */
   mirror?: string;
+  /** The mirror's bearer token (default: the gateway's). */
+  mirrorToken?: string;
+  /**
+   * Take the gateway's secondary over when another proxy (source) owns it (`--gateway-takeover`):
+   * it resyncs the whole volume. Without it such a gateway refuses this proxy (409).
+   */
+  takeover?: boolean;
   mirrorIntervalMs: number;
   log: Logger;
 }
@@ -212,6 +219,9 @@ export interface LinkStatus {
   lastErrorAt: number;
   resync: ResyncProgress;
   mirror: string | null;
+  /** The tracking mirror's last failure ("" when its last PUT succeeded) and when (ms, 0: none). */
+  mirrorError: string;
+  mirrorErrorAt: number;
   /**
    * The secondary as the gateway last reported it: "consistent", "inconsistent", "unknown", or
    * null (not reached yet, or a gateway without the "consistency" feature).
@@ -236,7 +246,9 @@ class HttpError extends Error {
 class RefusedError extends Error {}
 
 function refusal(e: unknown): boolean {
-  return e instanceof RefusedError || (e instanceof HttpError && [400, 401, 403, 404].includes(e.status));
+  return (
+    e instanceof RefusedError || (e instanceof HttpError && [400, 401, 403, 404, 409].includes(e.status))
+  );
 }
 
 /** `writing` counts a covering write as 1 + COVER (at most COVER - 1 writes in progress on a block). */
@@ -267,6 +279,10 @@ export class GatewayLink {
   private seq = 1;
   /** This process, to the gateway (X-Blockfork-Incarnation): a generation is one process's. */
   private readonly incarnation = randomBytes(8).toString("hex");
+  /** The gateway's secondary belongs to another source and --gateway-takeover takes it over. */
+  private takingOver = false;
+  private mirrorError = "";
+  private mirrorErrorAt = 0;
   /** A change of the tracking log's meta being stored; the link sends nothing before it is. */
   private pendingMeta: Promise<void> = Promise.resolve();
   private floor = 1;
@@ -820,6 +836,7 @@ export class GatewayLink {
       "x-blockfork-floor": String(this.floor),
       "x-blockfork-incarnation": this.incarnation,
     };
+    if (this.takingOver) h["x-blockfork-takeover"] = "1";
     if (this.o.token) h.authorization = `Bearer ${this.o.token}`;
     return h;
   }
@@ -881,6 +898,7 @@ export class GatewayLink {
       this.checkBoot(a?.boot);
       if (typeof a?.appliedThrough === "number" && a.appliedThrough > this.appliedSeen)
         this.appliedSeen = a.appliedThrough;
+      this.takingOver = false; // applied: the gateway names this proxy the owner now
       for (const p of batch) {
         this.unflushed.push(p.seq, p.b0, p.b1);
         if (p.resync) this.progress.doneBytes += p.length;
@@ -1026,6 +1044,7 @@ export class GatewayLink {
           );
         }
         this.durableThrough = d;
+        this.takingOver = false;
         this.clearDurable(d, covered);
         if (this.consistency && typeof r.secondary === "string") {
           if (r.secondary !== this.secondary) {
@@ -1132,6 +1151,7 @@ export class GatewayLink {
           features?: unknown;
           secondary?: unknown;
           secondaryId?: unknown;
+          owner?: unknown;
         };
         if (!h.ok || typeof h.volume !== "string") throw new Error("health check answered without a volume");
         if (h.size !== undefined && h.size !== this.tracking.meta.volumeSize) {
@@ -1148,6 +1168,7 @@ export class GatewayLink {
         await this.call("GET", "/v1/status");
         if (typeof h.secondaryId === "string" && /^[0-9a-f]{16}$/.test(h.secondaryId))
           this.checkSecondary(h.secondaryId);
+        if (typeof h.owner === "string") this.checkOwner(h.owner);
         await this.pendingMeta; // a whole-volume resync is stored before anything is sent
         if (!this.probing) return;
         await this.openStream();
@@ -1203,6 +1224,34 @@ export class GatewayLink {
     );
     this.markStale(0, this.tracking.map.volumeSize);
     this.pendingMeta = this.tracking.updateMeta({ secondary: id }, true);
+  }
+
+  /**
+   * The gateway's secondary takes updates from one proxy (source) only. Another's: refused (a
+   * RefusedError: said loudly, retried), or with --gateway-takeover taken over: every block is
+   * marked dirty (the secondary holds the other primary's data) and requests say so until the
+   * gateway names this proxy the owner.
+   */
+  private checkOwner(owner: string): void {
+    const me = this.tracking.meta.source;
+    if (owner === me) {
+      this.takingOver = false;
+      return;
+    }
+    if (this.o.takeover !== true) {
+      throw new RefusedError(
+        `the gateway's secondary is the replica of another proxy (source ${owner}; this one is ` +
+          `${me}). If that proxy is gone for good, restart this one with --gateway-takeover ` +
+          `(it resyncs the whole volume)`,
+      );
+    }
+    if (this.takingOver) return;
+    this.log.warn(
+      `gateway link: taking the secondary over from source ${owner} (--gateway-takeover); resyncing the whole volume`,
+    );
+    this.takingOver = true;
+    this.markStale(0, this.tracking.map.volumeSize);
+    this.pendingMeta = this.tracking.updateMeta({}, true);
   }
 
   /** Open the update stream for the next epoch (or leave the link on POST, saying why once). */
@@ -1502,7 +1551,8 @@ export class GatewayLink {
         extents: extentsJson(extents),
       };
       const headers: Record<string, string> = { "content-type": "application/json" };
-      if (this.o.token) headers.authorization = `Bearer ${this.o.token}`;
+      const token = this.o.mirrorToken ?? this.o.token;
+      if (token) headers.authorization = `Bearer ${token}`;
       const res = await this.mirrorPool.request({
         method: "PUT",
         path: `/v1/tracking/${this.tracking.meta.source}`,
@@ -1510,10 +1560,16 @@ export class GatewayLink {
         body: JSON.stringify(doc),
       });
       await res.body.text();
-      if (res.statusCode !== 200) throw new Error(`answered ${res.statusCode}`);
+      if (res.statusCode !== 200) {
+        const hint = res.statusCode === 401 ? " (check --tracking-mirror-token-file)" : "";
+        throw new Error(`PUT answered ${res.statusCode}${hint}`);
+      }
       this.mirrorSentClean = this.s.name === "streaming" && doc.dirtyBytes === 0;
+      this.mirrorError = "";
     } catch (e) {
       this.mirrorDirty = true;
+      this.mirrorError = (e as Error).message;
+      this.mirrorErrorAt = Date.now();
       this.log.limited(
         "warn",
         "tracking mirror",
@@ -1595,6 +1651,8 @@ export class GatewayLink {
       lastErrorAt: this.lastErrorAt,
       resync: { ...this.progress, running: this.resyncRunning },
       mirror: this.o.mirror ?? null,
+      mirrorError: this.mirrorError,
+      mirrorErrorAt: this.mirrorErrorAt,
       secondary: this.secondary,
     };
   }

@@ -15,6 +15,12 @@
 //   fdatasync it waits for starts after the call), then durableThrough = the captured values, then
 //   sources.json (group-committed too). Every update counted in appliedThrough had completed its
 //   write before the capture, so the fdatasync covers it.
+// - One writer: a secondary is the replica of one primary, so it takes updates (and flushes, and
+//   update streams) from one source, its owner: the first that writes, recorded durably in
+//   sources.json before its first update applies. Another source is refused with 409 ERR_OWNER
+//   (as DRBD refuses a second primary), unless it asks to take the secondary over
+//   (X-Blockfork-Takeover: 1, `serve --gateway-takeover`, after which it resyncs the whole volume);
+//   the old owner is refused from then on, so it knows its replica is gone.
 // - The secondary's consistency (as DRBD's disk states): `consistent` when it is a crash-consistent
 //   image of the primary (every write up to some point, in order, none after), `inconsistent` when
 //   it may not be, `unknown` before any proxy said. It becomes inconsistent, and that is durable
@@ -57,6 +63,15 @@ export interface Identity {
   floor: number | null;
   /** X-Blockfork-Incarnation (the proxy process), when given. */
   incarnation?: string | null;
+  /** X-Blockfork-Takeover: 1: take the secondary over from the source that writes it now. */
+  takeover?: boolean;
+}
+
+/** The one source whose updates the secondary takes (see the notes at the top). */
+export interface Owner {
+  source: string;
+  /** When it became the owner (ISO time). */
+  since: string;
 }
 
 /**
@@ -148,6 +163,8 @@ export class Gateway {
   running = false;
   /** The secondary's id (state.ts secondaryId(); /v1/health): new for every new secondary. */
   secondaryId = "";
+  /** The source whose updates the secondary takes (null: none yet). */
+  owner: Owner | null = null;
 
   constructor(
     readonly volume: Volume,
@@ -169,7 +186,10 @@ export class Gateway {
   get secondary(): SecondaryState {
     const st = this.secondaryState;
     if (st.state === "inconsistent") return st;
+    // The owner's gaps (a source that lost the secondary will never fill its own; the owner that
+    // took it over resyncs the whole volume, which makes it inconsistent until done).
     for (const src of this.sources.values()) {
+      if (this.owner !== null && src.id !== this.owner.source) continue;
       if (src.gapSince !== null) {
         return {
           state: "inconsistent",
@@ -189,7 +209,12 @@ export class Gateway {
    * `running`. A run that did not stop cleanly may have left updates it applied after its last
    * flush partly on disk: the secondary is then inconsistent until a proxy resyncs them.
    */
-  async start(previous: { secondary: SecondaryState | null; running: boolean | null }): Promise<void> {
+  async start(previous: {
+    secondary: SecondaryState | null;
+    running: boolean | null;
+    owner?: Owner | null;
+  }): Promise<void> {
+    this.owner = previous.owner ?? null;
     if (previous.secondary !== null) this.secondaryState = previous.secondary;
     else if (previous.running !== null || this.sources.size > 0) {
       this.secondaryState = {
@@ -319,6 +344,42 @@ export class Gateway {
     return "ok";
   }
 
+  /**
+   * Refuse a source that is not the owner (409 ERR_OWNER), unless it takes the secondary over;
+   * with `claim`, make it the owner (durably) when there is none or it takes over.
+   */
+  async admitOwner(id: Identity, claim: boolean): Promise<void> {
+    const o = this.owner;
+    if (o !== null && o.source === id.source) return;
+    this.checkOwner(id);
+    if (!claim) return;
+    this.owner = { source: id.source, since: new Date().toISOString() };
+    if (o === null) this.log.info(`source ${id.source} owns the secondary`);
+    else this.log.warn(`source ${id.source} took the secondary over from source ${o.source}`);
+    if (this.state) {
+      try {
+        await this.state.save();
+      } catch (e) {
+        this.owner = o;
+        throw this.ioFailure(e, "writing the state file", this.state.dir);
+      }
+    }
+  }
+
+  /** Throw 409 ERR_OWNER when `id` is not the owner and does not take the secondary over. */
+  checkOwner(id: Identity): void {
+    const o = this.owner;
+    if (o !== null && o.source !== id.source && id.takeover !== true) {
+      throw new HttpError(
+        409,
+        "ERR_OWNER",
+        `this secondary is the replica of source ${o.source} (since ${o.since}); another proxy's ` +
+          `updates would overwrite it. If that proxy is gone for good (its state directory lost), ` +
+          `start this one with --gateway-takeover: it takes the secondary over and resyncs the whole volume`,
+      );
+    }
+  }
+
   /** Apply a parsed, checked batch. Rejects with HttpError 500/507 when a write fails. */
   applyBatch(id: Identity, records: UpdateRecord[]): Promise<BatchResult> {
     if (this.syncBroken !== null) return Promise.reject(this.brokenSync());
@@ -329,6 +390,7 @@ export class Gateway {
       return Promise.reject(e);
     }
     return s.serialize(async () => {
+      await this.admitOwner(id, true);
       const admitted = await this.admit(s, id);
       if (admitted !== "ok") {
         this.counters.stale += records.length;
@@ -448,7 +510,9 @@ export class Gateway {
     reused?: true;
     generation?: number;
   }> {
+    if (this.syncBroken !== null) throw this.brokenSync();
     const s = this.source(id);
+    await this.admitOwner(id, true);
     if (
       id.generation !== s.seq.generation ||
       id.floor !== null ||

@@ -18,7 +18,8 @@ export type ApiCode =
   | "ERR_IO"
   | "ERR_FAULT"
   | "ERR_UNAVAILABLE"
-  | "ERR_NO_SPACE";
+  | "ERR_NO_SPACE"
+  | "ERR_OWNER";
 
 /** A request that ends in an error reply: HTTP status, API code, and a message saying what to do. */
 export class HttpError extends Error {

@@ -448,11 +448,15 @@ export class GatewayServer {
         `X-Blockfork-Incarnation must be 1 to 64 hex digits, not ${JSON.stringify(incarnation.slice(0, 80))}`,
       );
     }
+    const takeover = header(req, "x-blockfork-takeover");
+    if (takeover !== undefined && takeover !== "1")
+      throw badRequest('X-Blockfork-Takeover must be "1" when given');
     return {
       source: source.toLowerCase(),
       generation,
       floor,
       incarnation: incarnation === undefined ? null : incarnation.toLowerCase(),
+      takeover: takeover === "1",
     };
   }
 
@@ -474,6 +478,7 @@ export class GatewayServer {
             features: FEATURES,
             secondary: g.secondary.state,
             secondaryId: g.secondaryId,
+            owner: g.owner?.source ?? null,
           });
         } else sendJson(res, 503, { ok: false, reason: h.reason });
         return Promise.resolve();
@@ -485,6 +490,7 @@ export class GatewayServer {
         sendJson(res, 200, {
           volume: { name: this.opts.name, size: this.size, path: this.opts.path, id: g.secondaryId },
           secondary: g.secondary,
+          owner: g.owner,
           sources: g.sourceStatus(),
           counters: g.counters,
           fault: this.opts.faults.describe(),
@@ -545,6 +551,7 @@ export class GatewayServer {
           );
         }
         const id = this.identity(req);
+        g.checkOwner(id);
         const max = this.opts.maxStreams ?? 64;
         if (this.sessions.size >= max) {
           throw new HttpError(

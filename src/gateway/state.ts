@@ -12,6 +12,7 @@
 //   {"version": 1, "volume": {"name": "...", "size": N}, "savedAt": "ISO time",
 //    "sources": [{"source": "hex", "generation": G, "durableThrough": D, "floor": F,
 //                 "incarnation": "hex" (the proxy process that sent generation G)}, ...],
+//    "owner": {"source": "hex", "since": "ISO time"} | null (the one source whose updates apply),
 //    "running": true|false, "secondary": {"state": "consistent"|"inconsistent"|"unknown",
 //    "since": "ISO time", "reason": "...", "source": "hex"|null}}
 // `running` is true from the gateway's start to its clean stop; `secondary` is what is known of
@@ -25,7 +26,7 @@ import { open, rename, unlink } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { UsageError } from "../errors.js";
 import type { SourceSnapshot } from "./sequencer.js";
-import type { SecondaryState } from "./gateway.js";
+import type { Owner, SecondaryState } from "./gateway.js";
 
 export const STATE_FILE = "sources.json";
 /** The secondary's id (16 hex digits): new for every new secondary, reported by /v1/health. */
@@ -166,16 +167,31 @@ export function loadSources(dir: string, volume: VolumeIdentity): Map<string, So
  * sources.json's `secondary` and `running` (null when absent: no file, or an older one). The file
  * was checked by loadSources(); a malformed `secondary` is a UsageError.
  */
-export function loadSecondary(dir: string): { secondary: SecondaryState | null; running: boolean | null } {
+export function loadSecondary(dir: string): {
+  secondary: SecondaryState | null;
+  running: boolean | null;
+  owner: Owner | null;
+} {
   const path = join(dir, STATE_FILE);
-  let doc: { secondary?: Partial<SecondaryState> | null; running?: unknown };
+  let doc: { secondary?: Partial<SecondaryState> | null; running?: unknown; owner?: Partial<Owner> | null };
   try {
     doc = JSON.parse(readFileSync(path, "utf8")) as typeof doc;
   } catch {
-    return { secondary: null, running: null };
+    return { secondary: null, running: null, owner: null };
   }
   const running = typeof doc.running === "boolean" ? doc.running : null;
-  if (doc.secondary === undefined) return { secondary: null, running };
+  let owner: Owner | null = null;
+  if (doc.owner !== undefined && doc.owner !== null) {
+    const o = doc.owner;
+    if (typeof o.source !== "string" || typeof o.since !== "string") {
+      throw new UsageError(
+        `${path} has a malformed "owner" entry ${JSON.stringify(o).slice(0, 200)}; remove that ` +
+          `entry to let the next proxy that writes own the secondary`,
+      );
+    }
+    owner = { source: o.source, since: o.since };
+  }
+  if (doc.secondary === undefined) return { secondary: null, running, owner };
   const x = doc.secondary;
   if (
     typeof x !== "object" ||
@@ -190,7 +206,11 @@ export function loadSecondary(dir: string): { secondary: SecondaryState | null; 
         `remove that entry to start with the secondary's consistency unknown`,
     );
   }
-  return { secondary: { state: x.state, since: x.since, reason: x.reason, source: x.source }, running };
+  return {
+    secondary: { state: x.state, since: x.since, reason: x.reason, source: x.source },
+    running,
+    owner,
+  };
 }
 
 /**
@@ -207,7 +227,11 @@ export class StateWriter {
     private readonly volume: VolumeIdentity,
     private readonly sources: () => Iterable<[string, SourceSnapshot]>,
     /** `running` and `secondary` (gateway.ts); left out when not given. */
-    private readonly more: () => { running: boolean; secondary: SecondaryState } | null = () => null,
+    private readonly more: () => {
+      running: boolean;
+      secondary: SecondaryState;
+      owner: Owner | null;
+    } | null = () => null,
   ) {}
 
   save(): Promise<void> {

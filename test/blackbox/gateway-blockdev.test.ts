@@ -70,12 +70,16 @@ void describe("gateway on a loop device", () => {
     gw = await startGateway({ dir, volume: dev, size: null, stateDir: join(dir, "state") });
     const c = gw.client;
     const health = await c.request("GET", "/health");
-    assert.deepEqual(unboot(health.json()), {
+    const hj = health.json<{ secondaryId: string }>();
+    assert.match(hj.secondaryId, /^[0-9a-f]{16}$/);
+    assert.deepEqual(unboot(hj), {
       ok: true,
       volume: dev.slice(5),
       size: SIZE,
       features: ["consistency"],
       secondary: "unknown",
+      secondaryId: hj.secondaryId,
+      owner: null,
     });
     const name = dev.slice("/dev/".length);
     const id = { source: "b10c", generation: 1, size: SIZE };

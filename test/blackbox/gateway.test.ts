@@ -46,8 +46,17 @@ async function start(opts: Parameters<typeof startGateway>[0] = {}): Promise<Gat
 
 let sourceCounter = 0;
 /** A new source identity (each test writes as its own proxy). */
+/**
+ * A new source of updates. The tests share one gateway and a secondary takes updates from one
+ * source at a time: each new one takes it over (its own test, "one writer", checks the refusal).
+ */
 function newSource(generation = 1): SourceIdent {
-  return { source: `0a${(++sourceCounter).toString(16).padStart(4, "0")}`, generation, size: SIZE };
+  return {
+    source: `0a${(++sourceCounter).toString(16).padStart(4, "0")}`,
+    generation,
+    size: SIZE,
+    takeover: true,
+  };
 }
 
 function w(seq: number, offset: number, data: Buffer, period = 1): UpdateRecord {
@@ -217,7 +226,8 @@ void describe("gateway: updates, flush, status, checksums", () => {
     await ok(c.updates(NAME, id, [w(4, 12 * MiB, randomBytes(4096))]), "b4");
     const f = await c.flush(NAME, id);
     assert.equal(f.status, 200, f.body.toString());
-    assert.deepEqual(unboot(f.json()), { durableThrough: 2, secondary: "unknown" });
+    // Seq 4 is applied and 3 is not: not a write-order image until 3 comes.
+    assert.deepEqual(unboot(f.json()), { durableThrough: 2, secondary: "inconsistent" });
     const r = await c.updates(NAME, id, [w(3, 12 * MiB, randomBytes(10))]);
     assert.deepEqual(unboot(r.json()), { applied: 1, duplicates: 0, appliedThrough: 4, durableThrough: 2 });
     // Several flushes at once all answer, and cover everything applied before them.
@@ -252,13 +262,16 @@ void describe("gateway: updates, flush, status, checksums", () => {
     const r = await c.request("GET", "/status");
     assert.equal(r.status, 200);
     const st = r.json<{
-      volume: { name: string; size: number; path: string };
+      volume: { name: string; size: number; path: string; id: string };
+      owner: { source: string; since: string };
       sources: Record<string, unknown>[];
       counters: Record<string, number>;
       fault: { mode: string };
       uptime: number;
     }>();
-    assert.deepEqual(st.volume, { name: NAME, size: SIZE, path: gw.volume });
+    assert.match(st.volume.id, /^[0-9a-f]{16}$/);
+    assert.deepEqual(st.volume, { name: NAME, size: SIZE, path: gw.volume, id: st.volume.id });
+    assert.equal(st.owner.source, id.source, "the source that wrote last took the secondary over");
     assert.deepEqual(
       st.sources.find((s) => s.source === id.source),
       {
@@ -283,7 +296,9 @@ void describe("gateway: updates, flush, status, checksums", () => {
       volume: NAME,
       size: SIZE,
       features: ["consistency"],
-      secondary: "unknown",
+      secondary: "inconsistent", // this source's seq 2 is applied above a gap (outOfOrder 1)
+      secondaryId: st.volume.id,
+      owner: id.source,
     });
   });
 
@@ -590,7 +605,7 @@ void describe("gateway: command line", () => {
     }
   });
 
-  void test("a state file written for another volume size is refused (exit 2)", async () => {
+  void test("a state directory of a volume of another size is refused (exit 2)", async () => {
     const dir = tmp();
     const gw = await start({ dir, size: "1M" });
     await ok(gw.client.flush(NAME, { source: "aa", generation: 1, size: MiB }), "flush");
@@ -598,6 +613,9 @@ void describe("gateway: command line", () => {
     rmSync(gw.volume);
     const r = await blockfork(["gateway", "--volume", gw.volume, "--size", "2M", "--listen", "127.0.0.1:0"]);
     assert.equal(r.code, 2, r.stderr);
-    assert.match(r.stderr, /written for a volume of 1048576 bytes/);
+    assert.match(
+      r.stderr,
+      /state directory .* belongs to a volume of 1048576 bytes, not 2097152 .*give the state directory of/i,
+    );
   });
 });

@@ -2,6 +2,10 @@
 // - The gateway restarted over another secondary (an empty file replacing the old one at the same
 //   path; then a new state directory as well): the proxy sees the new secondary id, resyncs the
 //   whole volume, and the files end equal. Before, it resynced nothing and called them in sync.
+// - A second proxy (another primary) pointed at the same gateway is refused (409): the secondary
+//   keeps the first one's data and the first goes on replicating. Restarted with
+//   --gateway-takeover it takes the secondary over and resyncs it whole; the first is then refused
+//   and says so, instead of calling a secondary it no longer owns in sync.
 // - The proxy's state directory restored from a copy (a backup taken two runs ago): the gateway
 //   refuses the reused generation, the proxy moves past it and resyncs the whole volume, and the
 //   files end equal. Before, the gateway dropped the new writes as duplicates and the proxy cleared
@@ -13,7 +17,8 @@ import { randomBytes } from "node:crypto";
 import { execFileSync } from "node:child_process";
 import { rmSync } from "node:fs";
 import { join } from "node:path";
-import { sha256File, startPair, writeThroughNbd } from "../helpers/replication.js";
+import { cli, sha256File, startPair, writeThroughNbd, type ProxyStatus } from "../helpers/replication.js";
+import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 
 const MiB = 1024 * 1024;
 
@@ -53,6 +58,71 @@ void describe("replication: the secondary the tracking log describes", () => {
       assert.equal(said.length, 2, pair.proxyLog().slice(-3000));
       assert.match(pair.proxyLog(), /resyncing the whole volume/);
     } finally {
+      await pair.stop();
+    }
+  });
+
+  void test("a second proxy at the same gateway is refused; with --gateway-takeover it takes the secondary over, and the first is refused", async () => {
+    const pair = await startPair({ size: "64M" });
+    const bDir = scratchDir("blockfork-second-");
+    let b: ServerHandle | null = null;
+    const bStatus = async (): Promise<ProxyStatus> => {
+      const r = await cli(["status", "--state-dir", join(bDir, "state"), "--json"]);
+      assert.equal(r.code, 0, r.stderr);
+      return JSON.parse(r.stdout) as ProxyStatus;
+    };
+    const startB = (extra: string[]): Promise<ServerHandle> =>
+      startServer({
+        dir: bDir,
+        keepDir: true,
+        volume: join(bDir, "b.img"),
+        size: "64M",
+        args: ["--gateway", pair.url, "--state-dir", join(bDir, "state"), ...extra],
+      });
+    try {
+      await writeThroughNbd(pair, 0, randomBytes(2 * MiB));
+      await pair.waitSynced();
+      execFileSync("dd", [
+        "if=/dev/urandom",
+        `of=${join(bDir, "b.img")}`,
+        "bs=1M",
+        "count=64",
+        "status=none",
+      ]);
+      b = await startB([]);
+      let st = await bStatus();
+      for (let i = 0; i < 100 && !/replica of another proxy/.test(st.link!.lastError); i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        st = await bStatus();
+      }
+      assert.notEqual(st.link!.state, "streaming");
+      assert.match(st.link!.lastError, /replica of another proxy .*--gateway-takeover/);
+      await writeThroughNbd(pair, 4 * MiB, randomBytes(64 * 1024));
+      await pair.waitSynced();
+      assert.equal(await sha256File(pair.secondary), await sha256File(pair.primary), "A still owns it");
+
+      await b.stop();
+      b = await startB(["--gateway-takeover"]);
+      for (let i = 0; i < 600; i++) {
+        st = await bStatus();
+        if (st.link!.state === "streaming" && st.tracking!.dirtyBytes === 0) break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.equal(st.link!.state, "streaming", JSON.stringify(st.link));
+      assert.match(b.log(), /taking the secondary over from source .*resyncing the whole volume/);
+      assert.equal(
+        await sha256File(pair.secondary),
+        await sha256File(join(bDir, "b.img")),
+        "B's replica now",
+      );
+      await writeThroughNbd(pair, 8 * MiB, randomBytes(64 * 1024));
+      const a = await pair.waitStatus("A refused", (s) => /replica of another proxy/.test(s.link!.lastError));
+      assert.notEqual(a.link!.state, "streaming");
+      assert.ok(a.tracking!.dirtyBytes > 0, "A keeps what it could not send dirty");
+      assert.match(pair.gw!.log(), /took the secondary over from source/);
+    } finally {
+      await b?.stop();
+      rmSync(bDir, { recursive: true, force: true });
       await pair.stop();
     }
   });

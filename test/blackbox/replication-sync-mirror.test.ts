@@ -6,6 +6,8 @@
 // - `--tracking-mirror URL` (a second gateway): while the main gateway is down, GET
 //   /v1/tracking/{volumeId} on the mirror (volumeId: status .tracking.source) has the dirty extents
 //   with timestamps, including writes made while the link tracks; after the resync it says 0 dirty.
+// - A mirror with a token of its own (`--tracking-mirror-token-file`) gets the extents; with the
+//   gateway's token instead, `blockfork status` shows the mirror FAILING with the 401 and the hint.
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -20,6 +22,8 @@ import {
   sha256File,
   sleep,
   startPair,
+  writeThroughNbd,
+  cli,
   type FioRun,
   type Pair,
 } from "../helpers/replication.js";
@@ -270,5 +274,50 @@ void describe("replication: tracking mirror", () => {
       await fio?.kill();
       if (!pair.gw) await pair.restartGateway();
     }
+  });
+});
+
+void describe("replication: a tracking mirror with a token of its own", () => {
+  void test("--tracking-mirror-token-file reaches it; without it, blockfork status shows the mirror failing", async () => {
+    const mirror = await startGateway({ size: "1M", token: true });
+    const tokenFile = join(mirror.dir, "token");
+    const url = mirror.url.replace(/\/v1$/, "");
+    for (const withToken of [true, false]) {
+      const pair = await startPair({
+        size: "64M",
+        token: true, // the main gateway's token differs from the mirror's
+        proxyArgs: [
+          "--tracking-mirror",
+          url,
+          ...(withToken ? ["--tracking-mirror-token-file", tokenFile] : []),
+        ],
+      });
+      try {
+        const source = (await pair.status()).tracking!.source;
+        await pair.killGateway("SIGKILL");
+        await writeThroughNbd(pair, 0, randomBytes(64 * 1024));
+        if (withToken) {
+          let r = await mirror.client.request("GET", `/tracking/${source}`);
+          for (let i = 0; i < 50 && (r.status !== 200 || r.json<MirrorDoc>().dirtyBytes === 0); i++) {
+            await sleep(100);
+            r = await mirror.client.request("GET", `/tracking/${source}`);
+          }
+          assert.equal(r.status, 200, r.body.toString());
+          assert.ok(r.json<MirrorDoc>().dirtyBytes > 0);
+        } else {
+          const st = await pair.waitStatus(
+            "the mirror failing",
+            (s) => (s.link!.mirrorError ?? "") !== "",
+            10_000,
+          );
+          assert.match(st.link!.mirrorError!, /PUT answered 401 \(check --tracking-mirror-token-file\)/);
+          const text = await cli(["status", "--state-dir", pair.stateDir]);
+          assert.match(text.stdout, new RegExp(`mirror +${url}: FAILING \\(PUT answered 401`));
+        }
+      } finally {
+        await pair.stop();
+      }
+    }
+    await mirror.stop();
   });
 });

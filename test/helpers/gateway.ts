@@ -146,6 +146,8 @@ export interface SourceIdent {
   /** X-Blockfork-Volume-Size. */
   size: number;
   floor?: number;
+  /** Send X-Blockfork-Takeover: 1 (take the secondary over from the source that owns it). */
+  takeover?: boolean;
 }
 
 /** Options of one request. */
@@ -165,6 +167,7 @@ export function identityHeaders(id: SourceIdent): Record<string, string> {
     "X-Blockfork-Volume-Size": String(id.size),
   };
   if (id.floor !== undefined) h["X-Blockfork-Floor"] = String(id.floor);
+  if (id.takeover === true) h["X-Blockfork-Takeover"] = "1";
   return h;
 }
 

@@ -40,6 +40,8 @@ export interface ProxyStatus {
       bytesPerSecond: number;
     };
     mirror: string | null;
+    mirrorError?: string;
+    mirrorErrorAt?: number;
     /** The secondary as the gateway last reported it. */
     secondary: string | null;
   } | null;

@@ -141,16 +141,20 @@ void describe("Gateway.applyBatch", () => {
     const v = new MemoryVolume(1 << 20);
     const gw = new Gateway(v, log);
     for (let i = 0; i < MAX_SOURCES; i++) {
-      await gw.applyBatch({ ...ID, source: i.toString(16).padStart(4, "0") }, [w(1, 0, Buffer.alloc(1, i))]);
+      await gw.applyBatch({ ...ID, source: i.toString(16).padStart(4, "0"), takeover: true }, [
+        w(1, 0, Buffer.alloc(1, i)),
+      ]);
     }
     await assert.rejects(
-      () => gw.applyBatch({ ...ID, source: "ffffff" }, [w(1, 512, Buffer.alloc(1, 7))]),
+      () => gw.applyBatch({ ...ID, source: "ffffff", takeover: true }, [w(1, 512, Buffer.alloc(1, 7))]),
       (e: unknown) => e instanceof HttpError && e.status === 503 && /1024 sources/.test(e.message),
     );
     await assert.rejects(() => gw.flush({ ...ID, source: "ffffff" }), HttpError);
     assert.equal((await readBack(v, 512, 1))[0], 0, "the refused source's write was applied");
     assert.equal([...gw.snapshots()].length, MAX_SOURCES);
-    const r = await gw.applyBatch({ ...ID, source: "0001" }, [w(2, 4096, Buffer.alloc(1, 9))]);
+    const r = await gw.applyBatch({ ...ID, source: "0001", takeover: true }, [
+      w(2, 4096, Buffer.alloc(1, 9)),
+    ]);
     assert.equal(r.applied, 1);
   });
 
@@ -188,7 +192,7 @@ void describe("flush and the state file", () => {
     v.flush = () =>
       failSync ? Promise.reject(new IoError(constants.errno.EIO, "fdatasync")) : Promise.resolve();
     const gw = new Gateway(v, log);
-    const other = { ...ID, source: "cd" };
+    const other = { ...ID, source: "cd", takeover: true };
     await gw.applyBatch(ID, [w(1, 0, Buffer.alloc(4096, 1))]);
     assert.equal((await gw.flush(ID)).durableThrough, 1);
     await gw.applyBatch(ID, [w(2, 0, Buffer.alloc(4096, 2))]);
@@ -222,7 +226,9 @@ void describe("flush and the state file", () => {
     const ident = { name: "sec", size: 1 << 20 };
     gw.attachState(new StateWriter(dir, ident, () => gw.snapshots()));
     await gw.applyBatch(ID, [w(1, 0, Buffer.alloc(4096, 1)), w(2, 4096, Buffer.alloc(4096, 2))]);
-    await gw.applyBatch({ ...ID, source: "cd" }, [w(1, 0, Buffer.alloc(1))]);
+    await gw.applyBatch({ ...ID, source: "cd", takeover: true }, [w(1, 0, Buffer.alloc(1))]);
+    // ID takes the secondary back (one writer at a time; both keep their idempotency state).
+    await gw.applyBatch({ ...ID, takeover: true }, []);
     const results = await Promise.all(Array.from({ length: 20 }, () => gw.flush(ID)));
     assert.ok(results.every((r) => r.durableThrough === 2));
     assert.ok(syncs <= 2, `20 concurrent flushes took ${syncs} fdatasyncs`);
@@ -258,8 +264,9 @@ void describe("flush and the state file", () => {
 });
 
 void describe("the secondary's consistency", () => {
-  const A: Identity = { source: "aa", generation: 1, floor: 1 };
-  const B: Identity = { source: "bb", generation: 1, floor: 1 };
+  // Each takes the secondary over when the other owns it: these tests are about consistency.
+  const A: Identity = { source: "aa", generation: 1, floor: 1, takeover: true };
+  const B: Identity = { source: "bb", generation: 1, floor: 1, takeover: true };
   const resync = (seq: number, offset: number): UpdateRecord => ({
     ...w(seq, offset, Buffer.alloc(512, seq)),
     flags: FLAG_RESYNC,
@@ -283,7 +290,7 @@ void describe("the secondary's consistency", () => {
         dir,
         ident,
         () => gw.snapshots(),
-        () => ({ running: gw.running, secondary: gw.secondary }),
+        () => ({ running: gw.running, secondary: gw.secondary, owner: gw.owner }),
       ),
     );
     await gw.start({ secondary: null, running: null });
@@ -410,7 +417,7 @@ void describe("the secondary's consistency", () => {
       '{"version": 1, "volume": {"size": 4096}, "sources": [], "secondary": {"state": "fine"}}',
     );
     assert.throws(() => loadSecondary(dir), /malformed "secondary" entry .*remove that entry/);
-    assert.deepEqual(loadSecondary(scratch()), { secondary: null, running: null }, "no file");
+    assert.deepEqual(loadSecondary(scratch()), { secondary: null, running: null, owner: null }, "no file");
   });
 });
 

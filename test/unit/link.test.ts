@@ -611,16 +611,26 @@ void describe("GatewayLink: outages", () => {
 });
 
 void describe("GatewayLink: what the gateway answers", () => {
-  void test("a batch answered 200 but stale (the gateway holds a newer generation) is a failure", async () => {
+  void test("a batch answered 200 but stale (the gateway holds a newer generation) is a failure, then a whole resync past it", async () => {
     const r = await syncedRig();
     try {
       // Another proxy with a copy of this tracking log moved the source to the next generation.
       const m = r.tracking.meta;
-      await r.gw.gateway.applyBatch({ source: m.source, generation: m.generation + 1, floor: null }, []);
+      const ours = m.generation;
+      await r.gw.gateway.applyBatch({ source: m.source, generation: ours + 1, floor: null }, []);
       await r.fork.write(pattern(4096, 1), 5 * G, false);
       await waitFor("tracking", () => r.link.state === "tracking", 3000);
-      assert.match(r.link.status().reason, /refused a batch as stale: .*generation/);
+      assert.match(
+        r.link.status().reason,
+        /refused a batch as stale \(it holds generation \d+ of this source, newer than ours \(\d+\)\); resyncing the whole volume as generation \d+/,
+      );
       assert.ok(r.tracking.map.isDirty(5), "the block the gateway did not apply stays dirty");
+      assert.equal(r.tracking.meta.generation, ours + 2, "a generation past the gateway's");
+      await waitFor(
+        "streaming",
+        () => r.link.state === "streaming" && r.tracking.map.dirtyBlocks === 0,
+        15_000,
+      );
     } finally {
       await r.close();
     }
