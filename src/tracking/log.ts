@@ -316,18 +316,7 @@ export class TrackingLog {
   async updateMeta(patch: { generation?: number; secondary?: string }, markAll: boolean): Promise<void> {
     if (markAll) this.map.markAll();
     Object.assign(this.meta, patch);
-    if (this.readOnly || this.closed || this.failure) return;
-    const batch = this.db.batch();
-    batch.put("meta", Buffer.from(JSON.stringify(this.meta)));
-    const chunks = [...this.map.changed];
-    this.map.changed.clear();
-    for (const c of chunks) batch.put(chunkKey(c), this.map.encodeChunk(c));
-    try {
-      await this.writeInOrder(batch, true);
-    } catch (e) {
-      for (const c of chunks) this.map.changed.add(c);
-      this.fail(e as Error);
-    }
+    await this.persist(true, true).catch((e: Error) => this.fail(e));
   }
 
   /** Regions currently in the activity log. */
@@ -472,10 +461,14 @@ export class TrackingLog {
     if (evicted.length > 0) this.log.debug(`activity log: ${adding.size} in, ${evicted.length} out`);
   }
 
-  /** Write the bitmap chunks changed since the last persist (no sync: the AL covers a crash). */
-  async persist(sync = false): Promise<void> {
-    if (this.readOnly || this.closed || this.failure || this.map.changed.size === 0) return;
+  /**
+   * Write the bitmap chunks changed since the last persist (no sync: the AL covers a crash), and
+   * with `meta` the meta too, in the same batch.
+   */
+  async persist(sync = false, meta = false): Promise<void> {
+    if (this.readOnly || this.closed || this.failure || (this.map.changed.size === 0 && !meta)) return;
     const batch = this.db.batch();
+    if (meta) batch.put("meta", Buffer.from(JSON.stringify(this.meta)));
     const chunks = [...this.map.changed];
     this.map.changed.clear();
     for (const c of chunks) batch.put(chunkKey(c), this.map.encodeChunk(c));
