@@ -8,7 +8,10 @@ import { join } from "node:path";
 import { sleep } from "./pit.js";
 
 export const LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
-/** libfaketime rereads its timestamp file at most this often (s). */
+/**
+ * libfaketime rereads its timestamp file when a clock call finds the last read more than this many
+ * whole seconds old (s): so up to 2 x CACHE_S after the file changes.
+ */
 const CACHE_S = 1;
 
 export interface FakeClock {
@@ -20,7 +23,7 @@ export interface FakeClock {
   now(): number;
   /** Step the server's wall clock to `ms` from the real one; resolves once the server sees it. */
   set(ms: number): Promise<void>;
-  /** Write the new offset without waiting for the server to see it (within about a second). */
+  /** Write the new offset without waiting for the server to see it (within about two seconds). */
   setNoWait(ms: number): void;
 }
 
@@ -48,7 +51,9 @@ export function fakeClock(dir: string): FakeClock {
     },
     async set(ms) {
       c.setNoWait(ms);
-      await sleep(CACHE_S * 1000 + 500);
+      // Not CACHE_S + a margin: a read at second X is redone only at a call in second X + 2, so a
+      // step written just after a read shows up to 2 s later (a 1.5 s wait failed now and then).
+      await sleep(2 * CACHE_S * 1000 + 500);
     },
   };
   return c;
