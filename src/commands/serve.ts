@@ -496,17 +496,29 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
   // Before anything in it is opened: one server per state directory.
   if (stateDir !== undefined) {
     const dir = stateDir;
-    const st = fstatSync(base.file.fd);
+    const st = fstatSync(base.file.fd, { bigint: true });
     const bdev = base.file.isBlockDevice;
     inStateDir(dir, () => {
       parts.stateLock = lockStateDir(dir);
-      claimStateDir(dir, {
+      const claim = claimStateDir(dir, {
         path: resolve(cfg.volume),
         size: base.size,
-        dev: bdev ? st.rdev : st.dev,
-        ino: bdev ? 0 : st.ino,
+        dev: Number(bdev ? st.rdev : st.dev),
+        ino: bdev ? 0 : Number(st.ino),
         blockDevice: bdev,
+        ...(bdev ? {} : { birth: st.birthtimeNs.toString() }),
       });
+      if (claim === "replaced") {
+        // Its tracking log and journal describe the file that was there before: a tracking log
+        // would call blocks clean that differ on the secondary, a journal would serve snapshots
+        // of blocks this file never held.
+        throw new UsageError(
+          `${resolve(cfg.volume)} is another file than the volume the state directory ${dir} ` +
+            "describes (replaced at the same path: another inode or birth time); its tracking log " +
+            "and journal describe the old file. Give a new --state-dir (a new tracking log resyncs " +
+            "the whole volume; a new journal starts empty), or move this one away",
+        );
+      }
     });
   }
   if (cfg.pit !== null) {

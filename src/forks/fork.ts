@@ -23,6 +23,13 @@
 // TRIM already left for the gateway; a resync copies the primary's unchanged data back) and from
 // then on trims are ignored on both sides: each keeps its data, and they stay equal.
 // Reads, extents, cache and the zero-copy hint pass through untouched.
+//
+// Overlapping changes in flight together (NBD allows them: fio randtrimwrite, a guest's block
+// layer): the primary may apply them in another order than their seqs, which the gateway follows,
+// so the two could end with different data and every block "clean". A change that overlaps
+// another whose primary operation has not completed marks the overlapped blocks STALE and asks
+// for a resync: the resync copies them from the primary once both are done (it skips blocks with
+// writes in progress), so the secondary ends with whatever the primary ended with.
 
 import { constants } from "node:os";
 import { IoError, NotSupportedError } from "../errors.js";
@@ -40,13 +47,15 @@ export function forkVolume(
   link: GatewayLink,
   mode: "async" | "sync",
 ): Volume {
-  return new ForkVolume(next, tracking, link, mode, { trimIgnored: false });
+  return new ForkVolume(next, tracking, link, mode, { trimIgnored: false, inFlight: new Set() });
 }
 
 /** What every session's ForkVolume shares. */
 interface ForkShared {
   /** The primary cannot make a range read as zeroes quickly: trims are ignored on both sides. */
   trimIgnored: boolean;
+  /** Changes whose primary operation is in flight: [start, end) byte ranges. */
+  inFlight: Set<{ start: number; end: number }>;
 }
 
 class ForkVolume extends FilterVolume {
@@ -141,6 +150,14 @@ class ForkVolume extends FilterVolume {
     ticket: WriteTicket,
     hold: WriteHold | null,
   ): Promise<void> {
+    const end = offset + length;
+    let raced = false;
+    for (const r of this.shared.inFlight) {
+      if (r.start < end && offset < r.end) {
+        raced = true;
+        break;
+      }
+    }
     let p: Promise<void>;
     try {
       p = apply();
@@ -148,13 +165,20 @@ class ForkVolume extends FilterVolume {
       p = Promise.reject(e);
     }
     const sent = this.link.submit(kind, offset, length, data, ticket, hold);
+    if (raced) this.link.raced(offset, length);
     if (p === DONE) {
       this.link.endWrite(offset, length, ticket);
       return sent === null || this.mode === "async" ? DONE : sent;
     }
+    const range = { start: offset, end };
+    this.shared.inFlight.add(range);
     const primary = p.then(
-      () => this.link.endWrite(offset, length, ticket),
+      () => {
+        this.shared.inFlight.delete(range);
+        this.link.endWrite(offset, length, ticket);
+      },
       (e: unknown) => {
+        this.shared.inFlight.delete(range);
         // Poison first: endWrite may clear blocks whose update is durable on the gateway.
         const active = this.link.poison(offset, length);
         this.link.endWrite(offset, length, ticket);

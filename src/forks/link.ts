@@ -251,6 +251,9 @@ function refusal(e: unknown): boolean {
   );
 }
 
+/** An idle link on POST looks at the gateway's health after this long without an answer (ms). */
+const IDLE_CHECK_MS = 5000;
+
 /** `writing` counts a covering write as 1 + COVER (at most COVER - 1 writes in progress on a block). */
 const COVER = 2 ** 24;
 
@@ -281,6 +284,11 @@ export class GatewayLink {
   private readonly incarnation = randomBytes(8).toString("hex");
   /** The gateway's secondary belongs to another source and --gateway-takeover takes it over. */
   private takingOver = false;
+  /** This process took the secondary over once: it does not again (two such proxies would fight). */
+  private tookOver = false;
+  /** When the gateway last answered (monotonic ms): an idle POST link checks it now and then. */
+  private lastContact = 0;
+  private checking = false;
   private mirrorError = "";
   private mirrorErrorAt = 0;
   /** A change of the tracking log's meta being stored; the link sends nothing before it is. */
@@ -899,6 +907,7 @@ export class GatewayLink {
       if (typeof a?.appliedThrough === "number" && a.appliedThrough > this.appliedSeen)
         this.appliedSeen = a.appliedThrough;
       this.takingOver = false; // applied: the gateway names this proxy the owner now
+      this.lastContact = performance.now();
       for (const p of batch) {
         this.unflushed.push(p.seq, p.b0, p.b1);
         if (p.resync) this.progress.doneBytes += p.length;
@@ -1045,6 +1054,7 @@ export class GatewayLink {
         }
         this.durableThrough = d;
         this.takingOver = false;
+        this.lastContact = performance.now();
         this.clearDurable(d, covered);
         if (this.consistency && typeof r.secondary === "string") {
           if (r.secondary !== this.secondary) {
@@ -1121,6 +1131,10 @@ export class GatewayLink {
         return;
       }
     }
+    // An idle link on POST hears of nothing (an update stream breaks when the gateway restarts,
+    // or ends when another proxy takes the secondary over): look at the gateway now and then.
+    if (this.stream === null && !this.checking && now - this.lastContact > IDLE_CHECK_MS)
+      void this.checkAlive();
     // Nothing to flush but an unconfirmed claim: one flush a period carries it.
     const claim = this.inSync !== null && !this.inSyncConfirmed && now - this.lastFlush >= this.o.periodMs;
     if (
@@ -1133,6 +1147,29 @@ export class GatewayLink {
     }
   }
   private lastFlush = 0;
+
+  /**
+   * An idle link's look at the gateway (GET /v1/health): another boot (it restarted: what it had
+   * not made durable may be lost) or another owner (a proxy took the secondary over) is a failure,
+   * as an unhealthy gateway is.
+   */
+  private async checkAlive(): Promise<void> {
+    this.checking = true;
+    const epoch = this.epoch;
+    try {
+      const h = (await this.call("GET", "/v1/health")) as { boot?: unknown; owner?: unknown };
+      if (epoch !== this.epoch) return;
+      this.lastContact = performance.now();
+      if (typeof h.boot === "string") this.checkBoot(h.boot);
+      if (typeof h.owner === "string" && h.owner !== this.tracking.meta.source) {
+        throw new Error(`another proxy (source ${h.owner}) took the gateway's secondary over`);
+      }
+    } catch (e) {
+      if (epoch === this.epoch) this.failed(`gateway check: ${(e as Error).message}`);
+    } finally {
+      this.checking = false;
+    }
+  }
 
   // ---- health
 
@@ -1152,6 +1189,7 @@ export class GatewayLink {
           secondary?: unknown;
           secondaryId?: unknown;
           owner?: unknown;
+          boot?: unknown;
         };
         if (!h.ok || typeof h.volume !== "string") throw new Error("health check answered without a volume");
         if (h.size !== undefined && h.size !== this.tracking.meta.volumeSize) {
@@ -1162,13 +1200,15 @@ export class GatewayLink {
         }
         this.volumeName = encodeURIComponent(h.volume);
         this.consistency = Array.isArray(h.features) && h.features.includes("consistency");
-        this.secondary = this.consistency && typeof h.secondary === "string" ? h.secondary : null;
         // The health check needs no token: check it now, or a wrong token would show up only as
         // a refused update stream and then as failing batches, as if the gateway kept going down.
         await this.call("GET", "/v1/status");
+        if (typeof h.owner === "string") this.checkOwner(h.owner);
         if (typeof h.secondaryId === "string" && /^[0-9a-f]{16}$/.test(h.secondaryId))
           this.checkSecondary(h.secondaryId);
-        if (typeof h.owner === "string") this.checkOwner(h.owner);
+        this.secondary = this.consistency && typeof h.secondary === "string" ? h.secondary : null;
+        if (typeof h.boot === "string") this.bootSeen = h.boot;
+        this.lastContact = performance.now();
         await this.pendingMeta; // a whole-volume resync is stored before anything is sent
         if (!this.probing) return;
         await this.openStream();
@@ -1238,14 +1278,20 @@ export class GatewayLink {
       this.takingOver = false;
       return;
     }
-    if (this.o.takeover !== true) {
+    if (this.o.takeover !== true || this.tookOver) {
+      this.secondary = null; // what the gateway says of its secondary is about another primary
       throw new RefusedError(
-        `the gateway's secondary is the replica of another proxy (source ${owner}; this one is ` +
-          `${me}). If that proxy is gone for good, restart this one with --gateway-takeover ` +
-          `(it resyncs the whole volume)`,
+        this.tookOver
+          ? `another proxy (source ${owner}) took the gateway's secondary over after this one ` +
+              `(${me}) had taken it with --gateway-takeover: two proxies with that option would take ` +
+              `it from each other for ever; this one stops replicating (restart it to take it again)`
+          : `the gateway's secondary is the replica of another proxy (source ${owner}; this one is ` +
+              `${me}). If that proxy is gone for good, restart this one with --gateway-takeover ` +
+              `(it resyncs the whole volume)`,
       );
     }
     if (this.takingOver) return;
+    this.tookOver = true;
     this.log.warn(
       `gateway link: taking the secondary over from source ${owner} (--gateway-takeover); resyncing the whole volume`,
     );
@@ -1606,6 +1652,16 @@ export class GatewayLink {
   /** A warning about this link's volume, in the link's log. */
   warn(message: string): void {
     this.log.warn(message);
+  }
+
+  /**
+   * A change to [offset, offset+length) was issued while another overlapping one was still in
+   * flight on the primary (fork.ts): their order on the primary may not be their seqs' order, so
+   * the blocks stay dirty until a resync copies what the primary ended with.
+   */
+  raced(offset: number, length: number): void {
+    this.markStale(offset, length);
+    if (this.s.name === "streaming") this.requestResync();
   }
 
   /** Blocks were marked dirty out of band (verify --repair): copy them now if the link streams. */

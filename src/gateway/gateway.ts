@@ -165,6 +165,8 @@ export class Gateway {
   secondaryId = "";
   /** The source whose updates the secondary takes (null: none yet). */
   owner: Owner | null = null;
+  /** Called when another source took the secondary over (the server ends the old one's streams). */
+  onTakeover: ((from: string) => void) | null = null;
 
   constructor(
     readonly volume: Volume,
@@ -355,7 +357,10 @@ export class Gateway {
     if (!claim) return;
     this.owner = { source: id.source, since: new Date().toISOString() };
     if (o === null) this.log.info(`source ${id.source} owns the secondary`);
-    else this.log.warn(`source ${id.source} took the secondary over from source ${o.source}`);
+    else {
+      this.log.warn(`source ${id.source} took the secondary over from source ${o.source}`);
+      this.onTakeover?.(o.source);
+    }
     if (this.state) {
       try {
         await this.state.save();
@@ -416,7 +421,21 @@ export class Gateway {
           }
         }
       }
-      await this.write(plan);
+      try {
+        await this.write(plan);
+      } catch (e) {
+        // Nothing of the batch is acknowledged, but the writes that succeeded are on the
+        // secondary: some updates without the ones before them (a full disk fails writes into
+        // holes and lets overwrites through). Best effort: the state directory may be full too.
+        if (plan.updates.length > 0) {
+          await this.inconsistent(
+            `a batch of source ${s.id} failed part-way (${(e as Error).message}): some of its ` +
+              "writes may be on the secondary without the others",
+            s.id,
+          ).catch(() => {});
+        }
+        throw e;
+      }
       s.seq.commit(plan);
       if (s.seq.outOfOrder === 0) s.gapSince = null;
       else s.gapSince ??= new Date().toISOString();

@@ -128,6 +128,8 @@ export class GatewayServer {
   /** Upgrade requests being checked: their socket and the bytes after the request head. */
   private readonly upgrades = new WeakMap<IncomingMessage, { socket: Duplex; head: Buffer }>();
   private readonly sessions = new Set<StreamSession>();
+  /** The source of each update stream (a takeover ends the old owner's). */
+  private readonly sessionSource = new WeakMap<StreamSession, string>();
   private stopping = false;
 
   constructor(private readonly opts: GatewayServerOptions) {
@@ -148,6 +150,11 @@ export class GatewayServer {
       this.onUpgrade(req, socket, head),
     );
     this.defineRoutes();
+    // A takeover ends the old owner's update streams: an idle proxy would otherwise go on calling
+    // a secondary it no longer owns its replica (its next probe is refused with 409).
+    opts.gateway.onTakeover = (from) => {
+      for (const s of this.sessions) if (this.sessionSource.get(s) === from) s.stop();
+    };
   }
 
   /** Listen; resolves with the bound address (port 0 picks a free port). */
@@ -584,6 +591,7 @@ export class GatewayServer {
           },
         );
         this.sessions.add(session);
+        this.sessionSource.set(session, id.source);
         if (this.stopping) session.stop();
         this.log.debug(`update stream from source ${id.source} (generation ${id.generation})`);
         // The response is not sent: end the request's bookkeeping without writing.

@@ -93,14 +93,16 @@ export function claimStateDir(
       `${file} is not a blockfork volume record; give --state-dir a directory of blockfork's own`,
     );
   }
+  // A regular file is the same when its inode (and birth time, when both are recorded) is: a
+  // new device number alone (a file system mounted again) does not make another file. A block
+  // device is known by its device number only.
+  const sameBirth = had.birth === undefined || vol.birth === undefined || had.birth === vol.birth;
   const sameFile =
     had.blockDevice === vol.blockDevice &&
-    had.dev === vol.dev &&
-    had.ino === vol.ino &&
-    (had.birth === undefined || vol.birth === undefined || had.birth === vol.birth);
+    (vol.blockDevice ? had.dev === vol.dev : had.ino === vol.ino && sameBirth);
   if (had.size === vol.size && (had.path === vol.path || sameFile)) {
-    if (had.path !== vol.path || !sameFile) write(); // moved, or a new device number: keep it current
-    return sameFile ? "same" : "replaced";
+    if (had.path !== vol.path || had.dev !== vol.dev || !sameFile || had.birth !== vol.birth) write(); // keep it current
+    return sameFile || vol.blockDevice ? "same" : "replaced";
   }
   const what =
     had.size !== vol.size

@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import {
+  copyFileSync,
   existsSync,
   mkdirSync,
   readdirSync,
@@ -341,6 +342,14 @@ void test("a state directory that another blockfork uses is refused before anyth
   servers.push(again);
   const info = await run("nbdinfo", ["--size", again.uri]);
   assert.equal(info.stdout.trim(), String(8 * 1024 * 1024));
+  // Another file at the same path (replaced: a new inode or birth time) is not the volume either.
+  assert.deepEqual(await again.stop(), { code: 0, signal: null }, again.log());
+  copyFileSync(moved, `${moved}.new`);
+  renameSync(`${moved}.new`, moved);
+  await usageError(
+    serveArgs(dir, ["--volume", moved, "--pit", "--state-dir", state]),
+    /is another file than the volume the state directory .*state describes \(replaced at the same path.*Give a new --state-dir/,
+  );
 });
 
 void test("the banner prints nbd URIs and client command lines; TCP listening works", async () => {

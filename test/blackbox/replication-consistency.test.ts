@@ -191,4 +191,21 @@ void describe("replication: the secondary's consistency at the gateway", () => {
       await pair.stop();
     }
   });
+
+  void test("POST transport, idle: a gateway killed and restarted is noticed without a write, resynced, consistent again", async () => {
+    const pair = await startPair({ size: "32M", proxyArgs: ["--no-update-stream"] });
+    try {
+      await waitSecondary(pair, "consistent", 10_000);
+      await pair.killGateway("SIGKILL");
+      await pair.restartGateway();
+      // No write follows: the idle link looks at the gateway's health, sees another boot, resyncs
+      // what it had not seen durable, and claims again.
+      await waitSecondary(pair, "consistent", 30_000);
+      const st = await pair.waitSynced();
+      assert.ok(st.link!.outages >= 1, "the restart was noticed");
+      assert.equal(await sha256File(pair.secondary), await sha256File(pair.primary));
+    } finally {
+      await pair.stop();
+    }
+  });
 });

@@ -115,8 +115,14 @@ void describe("replication: the secondary the tracking log describes", () => {
         await sha256File(join(bDir, "b.img")),
         "B's replica now",
       );
+      // A, idle, hears of it: the gateway ended its update stream, and its probe is refused.
+      let a = await pair.waitStatus("A refused", (s) =>
+        /took the gateway's secondary over|replica of another proxy/.test(s.link!.lastError),
+      );
+      assert.notEqual(a.link!.state, "streaming");
+      assert.equal(a.link!.secondary ?? null, null, "A does not show B's secondary as its own");
       await writeThroughNbd(pair, 8 * MiB, randomBytes(64 * 1024));
-      const a = await pair.waitStatus("A refused", (s) => /replica of another proxy/.test(s.link!.lastError));
+      a = await pair.status();
       assert.notEqual(a.link!.state, "streaming");
       assert.ok(a.tracking!.dirtyBytes > 0, "A keeps what it could not send dirty");
       assert.match(pair.gw!.log(), /took the secondary over from source/);

@@ -172,6 +172,13 @@ void describe("Gateway.applyBatch", () => {
         (e: unknown) => e instanceof HttpError && e.status === status && e.code === code,
       );
       assert.equal(gw.sourceStatus()[0].appliedThrough, 1, "nothing of the failed batch is committed");
+      assert.equal(
+        (await readBack(v, 0, 1))[0],
+        2,
+        "but seq 2's write reached the secondary (seq 3's did not)",
+      );
+      assert.equal(gw.secondary.state, "inconsistent", "a batch that failed part-way");
+      assert.match(gw.secondary.reason, /failed part-way/);
       assert.equal(gw.counters.errors, 1);
       assert.equal(gw.health().ok, false);
       v.failing = null;
