@@ -1,7 +1,7 @@
 // `blockfork gateway`: apply the updates a proxy forwards to a secondary volume (docs/gateway-api.md).
 
 import { parseArgs } from "node:util";
-import { fstatSync, mkdirSync, readFileSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
 import { basename, dirname, extname, join, resolve } from "node:path";
 import { createSecureContext } from "node:tls";
 import { Logger, parseLogLevel } from "../log.js";
@@ -21,7 +21,7 @@ import {
   prepareStateDir,
   secondaryId,
 } from "../gateway/state.js";
-import { claimStateDir } from "../util/volume-identity.js";
+import { claimStateDir, identityOf } from "../util/volume-identity.js";
 import { lockStateDir, tuneMallocForServers } from "../blockio/index.js";
 import { positiveInt } from "./serve.js";
 
@@ -174,18 +174,9 @@ export async function gateway(argv: string[]): Promise<number> {
     stateDir = resolve(cfg.stateDir ?? `${resolve(cfg.volume)}.gateway`);
     prepareStateDir(stateDir);
     lockStateDir(stateDir);
-    const st = fstatSync(volume.file.fd, { bigint: true });
-    const bdev = volume.file.isBlockDevice;
     const claim = claimStateDir(
       stateDir,
-      {
-        path: resolve(cfg.volume),
-        size: volume.size,
-        dev: Number(bdev ? st.rdev : st.dev),
-        ino: bdev ? 0 : Number(st.ino),
-        blockDevice: bdev,
-        ...(bdev ? {} : { birth: st.birthtimeNs.toString() }),
-      },
+      identityOf(resolve(cfg.volume), volume.file.fd, volume.file.isBlockDevice, volume.size),
       {
         holds: "its idempotency state and the secondary's id and consistency describe that volume",
         fresh: "(proxies then resync the whole volume to it)",

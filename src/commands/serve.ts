@@ -1,7 +1,7 @@
 // `blockfork serve`: serve a primary volume over NBD.
 
 import { parseArgs } from "node:util";
-import { fstatSync, readFileSync, mkdirSync } from "node:fs";
+import { readFileSync, mkdirSync } from "node:fs";
 import { constants as osConstants } from "node:os";
 import { basename, dirname, extname, resolve } from "node:path";
 import { createSecureContext, DEFAULT_CIPHERS, type TLSSocket } from "node:tls";
@@ -25,7 +25,7 @@ import { checkBlockSizes, DEFAULT_BLOCK_SIZES, ExportRegistry, type BlockSizes }
 import { NbdServer, parseListen } from "../nbd/server.js";
 import type { TlsSettings } from "../nbd/handshake.js";
 import { lockStateDir, tuneMallocForServers } from "../blockio/index.js";
-import { claimStateDir } from "../util/volume-identity.js";
+import { claimStateDir, identityOf } from "../util/volume-identity.js";
 
 export const SERVE_HELP = `Usage: blockfork serve --volume PATH [options]
 
@@ -496,18 +496,12 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
   // Before anything in it is opened: one server per state directory.
   if (stateDir !== undefined) {
     const dir = stateDir;
-    const st = fstatSync(base.file.fd, { bigint: true });
-    const bdev = base.file.isBlockDevice;
     inStateDir(dir, () => {
       parts.stateLock = lockStateDir(dir);
-      const claim = claimStateDir(dir, {
-        path: resolve(cfg.volume),
-        size: base.size,
-        dev: Number(bdev ? st.rdev : st.dev),
-        ino: bdev ? 0 : Number(st.ino),
-        blockDevice: bdev,
-        ...(bdev ? {} : { birth: st.birthtimeNs.toString() }),
-      });
+      const claim = claimStateDir(
+        dir,
+        identityOf(resolve(cfg.volume), base.file.fd, base.file.isBlockDevice, base.size),
+      );
       if (claim === "replaced") {
         // Its tracking log and journal describe the file that was there before: a tracking log
         // would call blocks clean that differ on the secondary, a journal would serve snapshots

@@ -10,7 +10,7 @@
 //
 // volume.json: {"version": 1, "path": "/abs/path", "size": N, "dev": D, "ino": I, "blockDevice": B}
 
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, fstatSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { UsageError } from "../errors.js";
 import { writeFileAtomicSync } from "./atomic.js";
@@ -56,6 +56,19 @@ function parse(text: string): VolumeIdentity | null {
     // not ours: below
   }
   return null;
+}
+
+/** The identity of the open volume `fd` at `path` (its size as the volume sees it). */
+export function identityOf(path: string, fd: number, blockDevice: boolean, size: number): VolumeIdentity {
+  const st = fstatSync(fd, { bigint: true });
+  return {
+    path,
+    size,
+    dev: Number(blockDevice ? st.rdev : st.dev),
+    ino: blockDevice ? 0 : Number(st.ino),
+    blockDevice,
+    ...(blockDevice ? {} : { birth: st.birthtimeNs.toString() }),
+  };
 }
 
 /** What the state directory held, and what to tell someone who gave the wrong one. */
