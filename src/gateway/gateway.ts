@@ -265,12 +265,16 @@ export class Gateway {
   private async inconsistent(reason: string, source: string | null): Promise<void> {
     if (this.secondaryState.state === "inconsistent") return;
     this.setSecondary("inconsistent", reason, source);
-    if (this.state) {
-      try {
-        await this.state.save();
-      } catch (e) {
-        throw this.ioFailure(e, "writing the state file", this.state.dir);
-      }
+    await this.saveState();
+  }
+
+  /** Write sources.json (group-committed); a failure is the request's (500, or 507 when full). */
+  private async saveState(): Promise<void> {
+    if (!this.state) return;
+    try {
+      await this.state.save();
+    } catch (e) {
+      throw this.ioFailure(e, "writing the state file", this.state.dir);
     }
   }
 
@@ -361,13 +365,11 @@ export class Gateway {
       this.log.warn(`source ${id.source} took the secondary over from source ${o.source}`);
       this.onTakeover?.(o.source);
     }
-    if (this.state) {
-      try {
-        await this.state.save();
-      } catch (e) {
-        this.owner = o;
-        throw this.ioFailure(e, "writing the state file", this.state.dir);
-      }
+    try {
+      await this.saveState();
+    } catch (e) {
+      this.owner = o;
+      throw e;
     }
   }
 
@@ -395,7 +397,7 @@ export class Gateway {
       return Promise.reject(e);
     }
     return s.serialize(async () => {
-      await this.admitOwner(id, true);
+      if (this.owner?.source !== id.source) await this.admitOwner(id, true); // (not per batch)
       const admitted = await this.admit(s, id);
       if (admitted !== "ok") {
         this.counters.stale += records.length;
@@ -531,7 +533,7 @@ export class Gateway {
   }> {
     if (this.syncBroken !== null) throw this.brokenSync();
     const s = this.source(id);
-    await this.admitOwner(id, true);
+    if (this.owner?.source !== id.source) await this.admitOwner(id, true);
     if (
       id.generation !== s.seq.generation ||
       id.floor !== null ||
@@ -540,19 +542,11 @@ export class Gateway {
       // A generation change or a floor changes state that batches in flight rely on: in line.
       const admitted = await s.serialize(() => this.admit(s, id));
       if (admitted !== "ok") {
-        if (admitted === "reused") {
-          return {
-            durableThrough: 0,
-            secondary: this.secondary.state,
-            stale: true,
-            reused: true,
-            generation: s.seq.generation,
-          };
-        }
         return {
           durableThrough: 0,
           secondary: this.secondary.state,
           stale: true,
+          ...(admitted === "reused" ? { reused: true as const } : {}),
           generation: s.seq.generation,
         };
       }
@@ -560,13 +554,7 @@ export class Gateway {
     await this.syncAll();
     if (claim !== null && this.secondaryState.state !== "consistent" && this.claimHolds(s, id, claim)) {
       this.setSecondary("consistent", `in sync with source ${s.id} through seq ${claim.seq}`, s.id);
-      if (this.state) {
-        try {
-          await this.state.save();
-        } catch (e) {
-          throw this.ioFailure(e, "writing the state file", this.state.dir);
-        }
-      }
+      await this.saveState();
     }
     return { durableThrough: s.seq.durableThrough, secondary: this.secondary.state };
   }
@@ -610,13 +598,7 @@ export class Gateway {
     for (const [seq, generation, through] of captured) {
       if (seq.generation === generation) seq.markDurable(through);
     }
-    if (this.state) {
-      try {
-        await this.state.save();
-      } catch (e) {
-        throw this.ioFailure(e, "writing the state file", this.state.dir);
-      }
-    }
+    await this.saveState();
     this.lastFailure = null;
   }
 

@@ -609,14 +609,21 @@ export class Journal {
     const grid = Math.floor(ts / this.windowMs) * this.windowMs;
     const c = this.cuts;
     if (c.length === 0 || c[c.length - 1] <= grid || c[0] > ts) return grid;
+    const n = this.cutsUpTo(ts); // the last cut <= ts is at n - 1
+    return n > 0 && c[n - 1] > grid ? c[n - 1] : grid;
+  }
+
+  /** How many bookmark cuts are at or before `ts` (binary search: `cuts` is sorted). */
+  private cutsUpTo(ts: number): number {
+    const c = this.cuts;
     let lo = 0;
-    let hi = c.length; // the last cut <= ts is at lo - 1
+    let hi = c.length;
     while (lo < hi) {
       const mid = (lo + hi) >>> 1;
       if (c[mid] <= ts) lo = mid + 1;
       else hi = mid;
     }
-    return lo > 0 && c[lo - 1] > grid ? c[lo - 1] : grid;
+    return lo;
   }
 
   /**
@@ -626,14 +633,8 @@ export class Journal {
   private windowEnd(ts: number): number {
     const grid = Math.floor(ts / this.windowMs) * this.windowMs + this.windowMs;
     const c = this.cuts;
-    let lo = 0;
-    let hi = c.length; // the first cut > ts is at lo
-    while (lo < hi) {
-      const mid = (lo + hi) >>> 1;
-      if (c[mid] <= ts) lo = mid + 1;
-      else hi = mid;
-    }
-    return lo < c.length && c[lo] < grid ? c[lo] : grid;
+    const n = this.cutsUpTo(ts); // the first cut > ts is at n
+    return n < c.length && c[n] < grid ? c[n] : grid;
   }
 
   private windowCeil(ts: number): number {
