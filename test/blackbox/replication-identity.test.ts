@@ -15,9 +15,10 @@ import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { execFileSync } from "node:child_process";
-import { rmSync } from "node:fs";
+import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { cli, sha256File, startPair, writeThroughNbd, type ProxyStatus } from "../helpers/replication.js";
+import { nbdsh } from "../helpers/run.js";
 import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 
 const MiB = 1024 * 1024;
@@ -126,6 +127,70 @@ void describe("replication: the secondary the tracking log describes", () => {
       assert.notEqual(a.link!.state, "streaming");
       assert.ok(a.tracking!.dirtyBytes > 0, "A keeps what it could not send dirty");
       assert.match(pair.gw!.log(), /took the secondary over from source/);
+    } finally {
+      await b?.stop();
+      rmSync(bDir, { recursive: true, force: true });
+      await pair.stop();
+    }
+  });
+
+  void test("two live proxies both started with --gateway-takeover take the secondary at most once each, not back and forth for ever", async () => {
+    // As when a supervisor restarts the old proxy with the same unit file while the new one runs.
+    const pair = await startPair({ size: "64M", proxyArgs: ["--gateway-takeover"] });
+    const bDir = scratchDir("blockfork-second-");
+    let b: ServerHandle | null = null;
+    try {
+      execFileSync("dd", [
+        "if=/dev/urandom",
+        `of=${join(bDir, "b.img")}`,
+        "bs=1M",
+        "count=64",
+        "status=none",
+      ]);
+      b = await startServer({
+        dir: bDir,
+        keepDir: true,
+        volume: join(bDir, "b.img"),
+        size: "64M",
+        args: ["--gateway", pair.url, "--state-dir", join(bDir, "state"), "--gateway-takeover"],
+      });
+      const bWrite = async (offset: number, data: Buffer): Promise<void> => {
+        const file = join(bDir, "data.bin");
+        writeFileSync(file, data);
+        await nbdsh(
+          b!.uri,
+          [
+            "import nbd, os",
+            "h = nbd.NBD()",
+            'h.connect_uri(os.environ["URI"])',
+            `h.pwrite(open(${JSON.stringify(file)}, "rb").read(), ${offset})`,
+            "h.flush()",
+            "h.shutdown()",
+          ].join("\n"),
+        );
+      };
+      // Both keep writing for a while; each write needs the secondary.
+      for (let i = 1; i <= 6; i++) {
+        await writeThroughNbd(pair, i * 64 * 1024, randomBytes(64 * 1024));
+        await bWrite(8 * MiB + i * 64 * 1024, randomBytes(64 * 1024));
+        await new Promise((r) => setTimeout(r, 1500));
+      }
+      await new Promise((r) => setTimeout(r, 3000));
+      const takeovers = (pair.gw!.log().match(/took the secondary over from source/g) ?? []).length;
+      // B takes it from A; A, which never took it from anyone, takes it back once; then B stops.
+      assert.ok(takeovers >= 1 && takeovers <= 2, `${takeovers} takeovers:\n${pair.gw!.log().slice(-3000)}`);
+      const settled = (pair.gw!.log().match(/took the secondary over from source/g) ?? []).length;
+      await new Promise((r) => setTimeout(r, 6000));
+      assert.equal(
+        (pair.gw!.log().match(/took the secondary over from source/g) ?? []).length,
+        settled,
+        "no more takeovers once settled",
+      );
+      const stopped = /took the gateway's secondary over after this one/;
+      assert.ok(
+        stopped.test(b.log()) || stopped.test(pair.proxyLog()),
+        `one of them says it stops replicating:\nA: ${pair.proxyLog().slice(-1500)}\nB: ${b.log().slice(-1500)}`,
+      );
     } finally {
       await b?.stop();
       rmSync(bDir, { recursive: true, force: true });
