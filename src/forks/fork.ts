@@ -25,11 +25,12 @@
 // Reads, extents, cache and the zero-copy hint pass through untouched.
 //
 // Overlapping changes in flight together (NBD allows them: fio randtrimwrite, a guest's block
-// layer): the primary may apply them in another order than their seqs, which the gateway follows,
-// so the two could end with different data and every block "clean". A change that overlaps
-// another whose primary operation has not completed marks the overlapped blocks STALE and asks
-// for a resync: the resync copies them from the primary once both are done (it skips blocks with
-// writes in progress), so the secondary ends with whatever the primary ended with.
+// layer): the primary could apply them in another order than their seqs, which the gateway follows,
+// so the two would end with different data and every block "clean". As DRBD and qemu's block layer
+// do with conflicting requests, a change that overlaps another whose primary operation has not
+// completed waits for it (and for every earlier overlapping one) before it is applied and sent:
+// the primary then applies overlapping changes in seq order, and the secondary ends the same. NBD
+// promises no order between requests in flight, so the wait changes nothing a client may rely on.
 
 import { constants } from "node:os";
 import { IoError, NotSupportedError } from "../errors.js";
@@ -54,8 +55,27 @@ export function forkVolume(
 interface ForkShared {
   /** The primary cannot make a range read as zeroes quickly: trims are ignored on both sides. */
   trimIgnored: boolean;
-  /** Changes whose primary operation is in flight: [start, end) byte ranges. */
-  inFlight: Set<{ start: number; end: number }>;
+  /** Changes whose primary operation is in flight or waiting: [start, end) byte ranges, and when
+   * the primary operation has settled. */
+  inFlight: Set<InFlight>;
+}
+
+interface InFlight {
+  start: number;
+  end: number;
+  /** Resolves (never rejects) when the change's primary operation has settled: made by the first
+   * change that waits for it. */
+  settled: Promise<void> | null;
+  settle: (() => void) | null;
+}
+
+function inFlight(start: number, end: number): InFlight {
+  return { start, end, settled: null, settle: null };
+}
+
+/** When `r`'s primary operation will have settled. */
+function settledOf(r: InFlight): Promise<void> {
+  return (r.settled ??= new Promise<void>((res) => (r.settle = res)));
 }
 
 class ForkVolume extends FilterVolume {
@@ -151,13 +171,29 @@ class ForkVolume extends FilterVolume {
     hold: WriteHold | null,
   ): Promise<void> {
     const end = offset + length;
-    let raced = false;
+    let before: Promise<void>[] | null = null;
     for (const r of this.shared.inFlight) {
-      if (r.start < end && offset < r.end) {
-        raced = true;
-        break;
-      }
+      if (r.start < end && offset < r.end) (before ??= []).push(settledOf(r));
     }
+    if (before === null) return this.issue(kind, offset, length, data, apply, ticket, hold, null);
+    // Wait for the overlapping changes. Registered now, so that a later change overlapping this one
+    // waits for it in turn.
+    const range = inFlight(offset, end);
+    this.shared.inFlight.add(range);
+    return Promise.all(before).then(() => this.issue(kind, offset, length, data, apply, ticket, hold, range));
+  }
+
+  /** Apply the change to the primary and hand it to the link: no overlapping change is in flight. */
+  private issue(
+    kind: UpdateKind,
+    offset: number,
+    length: number,
+    data: Buffer | null,
+    apply: () => Promise<void>,
+    ticket: WriteTicket,
+    hold: WriteHold | null,
+    waited: InFlight | null,
+  ): Promise<void> {
     let p: Promise<void>;
     try {
       p = apply();
@@ -165,20 +201,20 @@ class ForkVolume extends FilterVolume {
       p = Promise.reject(e);
     }
     const sent = this.link.submit(kind, offset, length, data, ticket, hold);
-    if (raced) this.link.raced(offset, length);
     if (p === DONE) {
+      if (waited) this.settled(waited);
       this.link.endWrite(offset, length, ticket);
       return sent === null || this.mode === "async" ? DONE : sent;
     }
-    const range = { start: offset, end };
-    this.shared.inFlight.add(range);
+    const range = waited ?? inFlight(offset, offset + length);
+    if (!waited) this.shared.inFlight.add(range);
     const primary = p.then(
       () => {
-        this.shared.inFlight.delete(range);
+        this.settled(range);
         this.link.endWrite(offset, length, ticket);
       },
       (e: unknown) => {
-        this.shared.inFlight.delete(range);
+        this.settled(range);
         // Poison first: endWrite may clear blocks whose update is durable on the gateway.
         const active = this.link.poison(offset, length);
         this.link.endWrite(offset, length, ticket);
@@ -191,6 +227,12 @@ class ForkVolume extends FilterVolume {
     );
     if (sent === null || this.mode === "async") return primary;
     return Promise.all([primary, sent]).then(() => undefined);
+  }
+
+  /** `r`'s primary operation has settled: changes waiting for it may go. */
+  private settled(r: InFlight): void {
+    this.shared.inFlight.delete(r);
+    r.settle?.();
   }
 
   override async flush(): Promise<void> {

@@ -1654,16 +1654,6 @@ export class GatewayLink {
     this.log.warn(message);
   }
 
-  /**
-   * A change to [offset, offset+length) was issued while another overlapping one was still in
-   * flight on the primary (fork.ts): their order on the primary may not be their seqs' order, so
-   * the blocks stay dirty until a resync copies what the primary ended with.
-   */
-  raced(offset: number, length: number): void {
-    this.markStale(offset, length);
-    if (this.s.name === "streaming") this.requestResync();
-  }
-
   /** Blocks were marked dirty out of band (verify --repair): copy them now if the link streams. */
   requestResync(): void {
     this.inSync = null; // blocks were marked dirty that nothing covers: the claim no longer holds

@@ -1014,6 +1014,38 @@ void describe("GatewayLink: writes racing the link", () => {
     }
   });
 
+  void test("overlapping changes in flight together reach the primary one after the other, in seq order: no resync, the sides end equal", async () => {
+    // NBD lets a client have overlapping writes in flight (fio randtrimwrite, a guest's block
+    // layer). Applied to the primary together, they could land in another order than their seqs,
+    // which the gateway follows. The fork holds the later one until the earlier one has settled.
+    const r = await syncedRig();
+    try {
+      const resyncBefore = r.link.status().resync.startedAt;
+      const gate = new Gate();
+      r.primary.writeGate = gate;
+      const w1 = r.fork.write(pattern(2 * G, 1), 0, false);
+      await waitFor("W1's primary write in progress", () => gate.waiting === 1);
+      const w2 = r.fork.write(pattern(G, 2), G / 2, false); // overlaps W1
+      const w3 = r.fork.zero(G, 4096, { fua: false, mayTrim: true }); // overlaps W1 and W2
+      const w4 = r.fork.write(pattern(4096, 4), 8 * G, false); // overlaps nothing
+      await waitFor("W4's primary write in progress", () => gate.waiting === 2);
+      await sleep(50);
+      assert.equal(gate.waiting, 2, "W2 and W3 wait for W1 before they reach the primary");
+      r.primary.writeGate = null;
+      gate.release();
+      await Promise.all([w1, w2, w3, w4]);
+      const want = Buffer.concat([pattern(2 * G, 1)]);
+      pattern(G, 2).copy(want, G / 2);
+      want.fill(0, G, G + 4096);
+      assert.ok(bytes(r.primary.mem, 0, 2 * G).equals(want), "the primary applied W1, W2, W3 in that order");
+      await waitSynced(r);
+      assertIdentical(r, "after overlapping changes in flight together");
+      assert.equal(r.link.status().resync.startedAt, resyncBefore, "no resync was needed");
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("a failed primary write: the update went out, but the block stays dirty until a resync (requested by the failure) copies the primary", async () => {
     const r = await syncedRig();
     try {
