@@ -36,8 +36,8 @@ Volume
   --size SIZE              create PATH as a sparse file of SIZE (1G, 512M, bytes) if it does not
                            exist; if it exists, SIZE must match (nothing is ever truncated)
   --name NAME              export name (default: the file name without extension); the export
-                           also answers to "" (the default export)
-  --description TEXT       shown by nbdinfo and NBD_OPT_LIST
+                           also answers to "" (the default export); at most 4096 bytes
+  --description TEXT       shown by nbdinfo and NBD_OPT_LIST; at most 4096 bytes
   --read-only              refuse every write, trim and zero with EPERM
   --block-size MIN,PREF,MAX  advertised block sizes (default 1,4096,33554432; MAX at most
                            64M); requests not aligned to MIN, or longer than MAX, get EINVAL

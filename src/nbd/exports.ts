@@ -103,6 +103,10 @@ export class ExportRegistry {
   addStatic(e: StaticExport, isDefault = false): void {
     if (Buffer.byteLength(e.name) > MAX_STRING)
       throw new UsageError(`export name longer than ${MAX_STRING} bytes`);
+    if (Buffer.byteLength(e.description) > MAX_STRING)
+      throw new UsageError(
+        `export description longer than ${MAX_STRING} bytes, the NBD limit for strings: shorten --description`,
+      );
     if (this.statics.has(e.name)) throw new UsageError(`export "${e.name}" is defined twice`);
     this.statics.set(e.name, e);
     if (isDefault || this.defaultName === undefined) this.defaultName = e.name;

@@ -4,7 +4,9 @@
 // Notes on the design
 // - One option at a time: the client must wait for our final reply before sending the next, so
 //   the loop reads a 16-byte option header, then its data, answers, repeats.
-// - Limits against abuse: at most MAX_OPTIONS options; option data over MAX_OPTION_DATA is
+// - Limits against abuse: at most MAX_OPTIONS options, plus OPTIONS_PER_LISTED for each export a
+//   LIST answered with (a client such as nbdinfo --list asks INFO and LIST_META_CONTEXT of every
+//   export it was given: that is not abuse); option data over MAX_OPTION_DATA is
 //   answered with NBD_REP_ERR_TOO_BIG after being read (discarded), and over HARD_OPTION_DATA the
 //   connection is dropped (reading it would be the attack). The whole handshake has a deadline
 //   (enforced by the caller, which destroys the socket).
@@ -43,6 +45,8 @@ import {
 } from "./wire.js";
 
 export const MAX_OPTIONS = 256;
+/** Options a client may send per export a LIST told it of, on top of MAX_OPTIONS. */
+export const OPTIONS_PER_LISTED = 4;
 export const MAX_OPTION_DATA = 64 * 1024;
 export const HARD_OPTION_DATA = 16 * 1024 * 1024;
 /** The id we give base:allocation in NBD_REP_META_CONTEXT. */
@@ -146,6 +150,8 @@ class Negotiation {
   private stream: Duplex;
   private reader: StreamReader;
   private tlsActive = false;
+  /** Options this client may send (MAX_OPTIONS, more once a LIST told it of many exports). */
+  private maxOptions = MAX_OPTIONS;
   private fixed = false;
   private noZeroes = false;
   private structured = false;
@@ -172,9 +178,9 @@ class Negotiation {
     this.noZeroes = (cflags & FLAG_C_NO_ZEROES) !== 0;
 
     for (let count = 1; ; count++) {
-      if (count > MAX_OPTIONS)
-        throw new HandshakeAbort(`more than ${MAX_OPTIONS} options; giving up on this client`);
       const head = await this.reader.read(16);
+      if (count > this.maxOptions)
+        throw new HandshakeAbort(`more than ${this.maxOptions} options; giving up on this client`);
       if (!head.subarray(0, 8).equals(IHAVEOPT))
         throw new HandshakeAbort("bad option magic (expected IHAVEOPT)");
       const option = head.readUInt32BE(8);
@@ -262,9 +268,12 @@ class Negotiation {
 
   private list(data: Buffer): undefined {
     if (data.length !== 0) throw new OptionError(REP.ERR_INVALID, "LIST takes no data");
-    for (const e of this.ctx.registry.list()) {
+    const exports = this.ctx.registry.list();
+    for (const e of exports) {
       this.reply(OPT.LIST, REP.SERVER, encodeServerReplyData(e.name, e.description));
     }
+    // Fixed, not cumulative: another LIST does not extend it further.
+    this.maxOptions = Math.max(this.maxOptions, MAX_OPTIONS + OPTIONS_PER_LISTED * exports.length);
     this.reply(OPT.LIST, REP.ACK);
     return undefined;
   }

@@ -153,7 +153,12 @@ export class NbdServer {
         log.limited("warn", "handshake abort", `handshake ended: ${e.message}`);
       else if (e instanceof StreamClosedError) log.debug(`closed during handshake: ${e.message}`);
       else throw e;
-      socket.destroy();
+      // The replies written so far go out first (destroy() would drop those still queued), then
+      // the client has 2 s to close; what it sends meanwhile is discarded.
+      socket.removeAllListeners("data");
+      socket.on("data", () => {});
+      socket.end();
+      setTimeout(() => socket.destroy(), 2000).unref();
       return;
     } finally {
       clearTimeout(timer);

@@ -225,6 +225,16 @@ void test("bad --block-size values exit 2", async () => {
   }
 });
 
+void test("an export name or description over 4096 bytes (the NBD limit for strings) exits 2", async () => {
+  const dir = tmp();
+  const base = serveArgs(dir, ["--volume", join(dir, "v.img"), "--size", "1M"]);
+  await usageError([...base, "--name", "n".repeat(4097)], /export name longer than 4096 bytes/);
+  await usageError(
+    [...base, "--description", "d".repeat(5000)],
+    /export description longer than 4096 bytes.*--description/,
+  );
+});
+
 void test("bad --listen values exit 2", async () => {
   const dir = tmp();
   const vol = join(dir, "v.img");

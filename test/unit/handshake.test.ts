@@ -606,6 +606,43 @@ void describe("other options and limits", () => {
   });
 });
 
+void describe("the option limit after a LIST of many exports", () => {
+  let many: TestServer;
+  const N = 200;
+  before(async () => {
+    many = await startTestServer({
+      exports: [{ name: "disk", volume: new MemoryVolume(DISK_SIZE) }],
+    });
+    many.registry.addProvider({
+      owns: (name) => name.startsWith("many@"),
+      list: () => Array.from({ length: N }, (_, i) => ({ name: `many@${i}`, description: "" })),
+      open: () => Promise.resolve({ message: "not today" }),
+    });
+  });
+  after(async () => {
+    await many.stop();
+  });
+
+  void test("a client may ask about every export a LIST told it of (nbdinfo --list): 256 + 4 per listed export, however many LISTs", async () => {
+    const c = await many.connect();
+    await c.greeting();
+    c.sendClientFlags(3);
+    for (let i = 0; i < 2; i++) {
+      const listed = await c.option(OPT.LIST, Buffer.alloc(0));
+      assert.equal(listed.length, N + 2, "disk, N snapshots, ACK");
+    }
+    // Sent in one go, exactly as many as the limit allows: every one is answered ...
+    const limit = 256 + 4 * (N + 1); // the LIST told of N + 1 exports
+    const one = optionBytes(OPT.LIST_META_CONTEXT, metaContextData("disk", []));
+    c.write(Buffer.concat(Array.from({ length: limit - 2 }, () => one)));
+    for (let i = 2; i < limit; i++) assert.ok(isOptionError((await c.optionReply()).type));
+    // ... and one more closes the connection: the second LIST did not extend the limit again.
+    c.write(one);
+    await c.expectClosed(3000);
+    assert.match(many.log.join("\n"), new RegExp(`more than ${limit} options`));
+  });
+});
+
 void describe("handshake deadline", () => {
   let slow: TestServer;
   before(async () => {
