@@ -61,7 +61,9 @@ export function validateRequest(req: Request, ctx: ValidationContext): Rejection
     const error = info.writes && req.type !== CMD.TRIM ? NBD_ERR.ENOSPC : NBD_ERR.EINVAL;
     return reject(
       error,
-      `${info.name} [${req.offset}, +${req.length}) is past the end of the export (${ctx.size})`,
+      // Offsets from 2^53 up are not exact as numbers: say so rather than print a rounded one.
+      `${info.name} [${Number.isSafeInteger(req.offset) ? req.offset : "2^53 or more"}, +${req.length}) ` +
+        `is past the end of the export (${ctx.size})`,
     );
   }
   if (ctx.minBlock > 1 && (req.offset % ctx.minBlock !== 0 || req.length % ctx.minBlock !== 0)) {

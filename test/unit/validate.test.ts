@@ -211,6 +211,9 @@ void describe("validateRequest", () => {
       assert.equal(verdict(req(WRITE, { offset: 2 ** 60, length: 1 }), huge), ENOSPC);
       // The end, not only the offset, must stay exact.
       assert.equal(verdict(req(READ, { offset: 2 ** 53 - 2, length: 4 }), huge), EINVAL);
+      // An offset no number holds exactly is not printed rounded.
+      const m = validateRequest(req(READ, { offset: 2 ** 64 - 1024, length: 1024 }), huge)!.message;
+      assert.match(m, /READ \[2\^53 or more, \+1024\)/);
     });
 
     void test("misalignment to minBlock > 1 is EINVAL", () => {
