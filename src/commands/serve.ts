@@ -88,7 +88,9 @@ the --pit-* options need --pit)
   --pit                    journal before-images; serve read-only exports snap@<ISO-8601 time>
                            (without a zone: UTC) and snap@<bookmark> (blockfork mark NAME)
   --pit-retention DURATION keep points in time this long (default 24h; 90s, 30m, 7d ...)
-  --pit-max-bytes SIZE     and at most this much journal (default 10G)
+  --pit-max-bytes SIZE     and at most this much journal (default 10G): an open snapshot holds
+                           back the age limit, but over this size one that reads the oldest
+                           segment is revoked (its reads fail with EIO)
   --pit-window MS          merge window: snapshots exist at its boundaries (default 1000)
 
 Performance and logs

@@ -98,6 +98,13 @@ export const JOURNAL_DEFAULTS = {
 };
 
 const RETENTION_INTERVAL_MS = 2000;
+/** An open snapshot's hold on the journal's segments (Journal.pin). */
+interface Pin {
+  seg: number;
+  label: string;
+  revoke: ((why: string) => void) | null;
+}
+
 /** The state file: JSON padded with spaces to 4 KiB, overwritten in place (see openStateFile). */
 const STATE_SIZE = 4096;
 const STATE_PAD = 0x20;
@@ -310,7 +317,8 @@ export class Journal {
   private doneTail: Promise<void> = Promise.resolve();
   private commitWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
   private readonly listeners = new Set<AppendListener>();
-  private readonly pins = new Map<object, number>();
+  /** Open snapshots: the first segment each reads from, and how to revoke it (see enforceRetention). */
+  private readonly pins = new Map<object, Pin>();
   /** Changes stamped but not yet applied to the primary (or failed), by merge window. */
   private readonly changes = new Map<number, { n: number; drained: (() => void)[] }>();
   private stoppedAt: { ts: number; reason: string } | null = null;
@@ -1154,10 +1162,20 @@ export class Journal {
     return () => this.listeners.delete(l);
   }
 
-  /** Keep segments holding entries from index `from` on (an open snapshot). */
-  pin(owner: object, from: number): void {
+  /**
+   * Keep segments holding entries from index `from` on (an open snapshot, named `label` in the
+   * log). When the journal is over --pit-max-bytes and this pin holds its oldest segment,
+   * `revoke` is called once: the owner must fail its reads from then on and unpin once no read
+   * of its is in flight (a segment's descriptor is closed when it is dropped).
+   */
+  pin(
+    owner: object,
+    from: number,
+    label = "a snapshot",
+    revoke: ((why: string) => void) | null = null,
+  ): void {
     const seg = from < this.index.length ? this.index.segAt(from) : (this.order[this.order.length - 1] ?? 0);
-    this.pins.set(owner, seg);
+    this.pins.set(owner, { seg, label, revoke });
   }
 
   unpin(owner: object): void {
@@ -1177,26 +1195,57 @@ export class Journal {
     return this.order.length;
   }
 
-  /** Drop the oldest sealed segments beyond the age or size limit. */
+  /**
+   * Drop the oldest sealed segments beyond the age or size limit. An open snapshot holds back the
+   * age limit for as long as it is open; not the size limit, which is what keeps the journal's
+   * disk from filling (a full disk would stop the journal and lose every point in time): over
+   * --pit-max-bytes, the snapshots that hold the oldest segment are revoked, as LVM invalidates
+   * a snapshot that overflows, and retention goes on once they have unpinned.
+   */
   enforceRetention(): void {
     const now = journalNow();
-    let minPinned = Infinity;
-    for (const s of this.pins.values()) minPinned = Math.min(minPinned, s);
+    const minPinned = (): number => {
+      let m = Infinity;
+      for (const p of this.pins.values()) m = Math.min(m, p.seg);
+      return m;
+    };
     while (this.order.length > 1) {
       const oldest = this.segments.get(this.order[0])!;
       const tooOld = oldest.lastTs > 0 && oldest.lastTs < now - this.o.retentionMs;
       const tooBig = this.bytes > this.o.maxBytes;
       if (!tooOld && !tooBig) break;
       if (oldest.syncing > 0) break; // a commit round is still syncing it: next time
-      if (oldest.number >= minPinned) {
-        this.log.limited(
-          "warn",
-          "retention pinned",
-          `journal: retention waits for an open snapshot (segment ${oldest.number})`,
-        );
-        break;
+      if (oldest.number >= minPinned()) {
+        if (tooBig) this.revokePins(oldest.number);
+        if (oldest.number >= minPinned()) {
+          this.log.limited(
+            "warn",
+            "retention pinned",
+            tooBig
+              ? `journal: over --pit-max-bytes; waiting for revoked snapshots' reads in flight (segment ${oldest.number})`
+              : `journal: retention waits for an open snapshot (segment ${oldest.number})`,
+          );
+          break;
+        }
       }
       this.dropOldest();
+    }
+  }
+
+  /** Revoke the open snapshots that hold segment `seg` (the oldest) while over --pit-max-bytes. */
+  private revokePins(seg: number): void {
+    for (const p of [...this.pins.values()]) {
+      if (p.seg > seg || p.revoke === null) continue;
+      const revoke = p.revoke;
+      p.revoke = null;
+      this.log.warn(
+        `journal: ${this.bytes} bytes, over --pit-max-bytes (${this.o.maxBytes}); revoking ${p.label}, ` +
+          `which holds the oldest segment (${seg}): its reads fail with EIO from now on`,
+      );
+      revoke(
+        `revoked: the journal reached --pit-max-bytes (${this.o.maxBytes} bytes) while this snapshot ` +
+          "held its oldest segment; open a later point in time",
+      );
     }
   }
 

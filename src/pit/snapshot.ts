@@ -56,6 +56,11 @@ export class SnapshotView implements Volume {
   private unsubscribe: (() => void) | null = null;
   private broken: string | null = null;
   private closed = false;
+  /** Journal reads in flight on the I/O pool: the view unpins only once none is (see releasePin). */
+  private journalReads = 0;
+  /** Unpin when journalReads drops to 0 (closed or revoked while reads were in flight). */
+  private unpinWhenIdle = false;
+  private pinned = false;
 
   constructor(
     private readonly journal: Journal,
@@ -85,7 +90,8 @@ export class SnapshotView implements Volume {
     const idx = this.journal.index;
     const from = idx.firstAtOrAfter(this.point);
     this.entryBase = from;
-    this.journal.pin(this, from);
+    this.journal.pin(this, from, `snapshot ${new Date(this.point).toISOString()}`, (why) => this.revoke(why));
+    this.pinned = true;
     this.addEntries(from, idx.length);
     this.unsubscribe = this.journal.subscribe((a, b) => {
       if (a < 0) {
@@ -94,6 +100,54 @@ export class SnapshotView implements Volume {
       } else this.addEntries(a, b);
     });
     return this.map.size;
+  }
+
+  /**
+   * The journal is over --pit-max-bytes and this view holds its oldest segment: reads fail from
+   * now on, what is lent is copied now (the segments it lies in may go), and the view unpins once
+   * its reads in flight are done.
+   */
+  private revoke(why: string): void {
+    if (this.closed) return;
+    this.broken = why;
+    try {
+      this.materializeAll();
+    } finally {
+      this.unsubscribe?.();
+      this.unsubscribe = null;
+      this.releasePin();
+    }
+  }
+
+  /**
+   * Unpin now, or once the journal reads in flight are done: a dropped segment's descriptor is
+   * closed, and a read still using it could meet another file that reused the number.
+   */
+  private releasePin(): void {
+    if (!this.pinned) return;
+    if (this.journalReads > 0) {
+      this.unpinWhenIdle = true;
+      return;
+    }
+    this.pinned = false;
+    this.journal.unpin(this);
+  }
+
+  /** Entry e's image (bytes from `within`) into buf, counted while in flight (releasePin). */
+  private image(e: number, buf: Buffer, within: number): Promise<void> {
+    const p = this.journal.readImage(e, buf, within);
+    if (p === DONE) return DONE;
+    this.journalReads++;
+    const done = (): void => {
+      if (--this.journalReads === 0 && this.unpinWhenIdle) {
+        this.unpinWhenIdle = false;
+        this.releasePin();
+      }
+    };
+    return p.then(done, (err: unknown) => {
+      done();
+      throw err;
+    });
   }
 
   private addEntries(from: number, to: number): void {
@@ -148,7 +202,7 @@ export class SnapshotView implements Volume {
         let p: Promise<void>;
         if (e >= 0) {
           const stop = Math.min((b + 1) * j, end);
-          p = this.journal.readImage(e, buf.subarray(pos - offset, stop - offset), pos - b * j);
+          p = this.image(e, buf.subarray(pos - offset, stop - offset), pos - b * j);
           pos = stop;
         } else {
           // A run of blocks that read from the primary.
@@ -189,7 +243,7 @@ export class SnapshotView implements Volume {
       if (e < 0) continue;
       const s = Math.max(b * j, from);
       const t = Math.min((b + 1) * j, to);
-      await this.journal.readImage(e, buf.subarray(s - base, t - base), s - b * j);
+      await this.image(e, buf.subarray(s - base, t - base), s - b * j);
     }
   }
 
@@ -282,7 +336,7 @@ export class SnapshotView implements Volume {
         }
       } else if (this.journal.residentFd(e, now, pos - b * j, stop - pos) === -2) {
         if (!this.journal.hasImage(e)) return null;
-        p = this.journal.readImage(e, Buffer.allocUnsafe(stop - pos), pos - b * j);
+        p = this.image(e, Buffer.allocUnsafe(stop - pos), pos - b * j);
       }
       if (p !== DONE) reads.push(p);
       pos = stop;
@@ -317,7 +371,11 @@ export class SnapshotView implements Volume {
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
+    // Not exact any more (the journal stopped, or the view was revoked): no answer, as for reads
+    // (the NBD layer answers a read over zero extents from them, without reading).
+    if (this.broken) throw new IoError(E.EIO, "snapshot extents", this.broken);
     const base = await this.primary.extents(offset, length);
+    if (this.broken) throw new IoError(E.EIO, "snapshot extents", this.broken);
     // Blocks from the journal are data (or zero for zero images); lay them over the primary's map.
     // Without zero images that changes nothing where the primary is all data.
     if (this.zeroImages === 0 && base.length === 1 && base[0].flags === 0) return base;
@@ -381,7 +439,7 @@ export class SnapshotView implements Volume {
     } finally {
       this.unsubscribe?.();
       this.unsubscribe = null;
-      this.journal.unpin(this);
+      this.releasePin();
     }
     return failed === null ? DONE : Promise.reject(failed);
   }

@@ -6,14 +6,18 @@
 //   window stay exact (sha256 against the reference images).
 // - By size (--pit-max-bytes 100M): `blockfork snapshots` shows the journal bounded (at most the
 //   limit, in at most two segments) and the earliest point moved; the points left stay exact.
+// - By size with a client idling on a snapshot that reads the oldest segment: the size limit still
+//   holds (that snapshot is revoked: its next read fails with EIO, the log says why); without
+//   revocation the journal grew past the limit for as long as the client stayed connected.
 
 import { after, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
+import { spawn } from "node:child_process";
 import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
-import { run } from "../helpers/run.js";
+import { run, SYSTEM_PATH } from "../helpers/run.js";
 import {
   blockfork,
   exportSha,
@@ -126,6 +130,67 @@ void describe("PIT retention", () => {
         );
       }
       assert.equal((await goReply(srv.sock, `snap@${earliest}`)).type, 1, "snap@<earliest> is refused");
+    },
+  );
+
+  void test(
+    "by size, with a client idling on a snapshot of the oldest segment: it is revoked (EIO), the journal stays bounded",
+    { timeout: 120_000 },
+    async () => {
+      const W = 200;
+      const { srv, dir, stateDir } = await serverWith(["--pit-max-bytes", "100M", "--pit-window", String(W)]);
+      await pastBoundary(W, 100);
+      const p0 = await recordPoint(srv, "empty", W);
+      await overwrite(srv, dir, 1);
+      // The client: reads once, idles until told, reads again and says how that went.
+      const go = join(dir, "go");
+      const holder = spawn(
+        "/usr/bin/python3",
+        [
+          "-c",
+          [
+            "import nbd, os, sys, time",
+            "h = nbd.NBD()",
+            "h.connect_uri(sys.argv[1])",
+            "h.pread(1 << 20, 0)",
+            "print('open', flush=True)",
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.1)",
+            "try:",
+            "    h.pread(1 << 20, 0)",
+            "    print('read ok', flush=True)",
+            "except nbd.Error as e:",
+            "    print('read failed', e.errno, flush=True)",
+          ].join("\n"),
+          snapUri(srv, p0.iso),
+          go,
+        ],
+        { env: { ...process.env, PATH: SYSTEM_PATH }, stdio: ["ignore", "pipe", "pipe"] },
+      );
+      let out = "";
+      holder.stdout.setEncoding("utf8").on("data", (d: string) => (out += d));
+      holder.stderr.setEncoding("utf8").on("data", (d: string) => (out += d));
+      const exited = new Promise<void>((r) => holder.once("close", () => r()));
+      cleanups.push(async () => {
+        holder.kill("SIGKILL");
+        await exited;
+      });
+      const deadline = Date.now() + 15_000;
+      while (!out.includes("open") && Date.now() < deadline) await sleep(100);
+      assert.match(out, /open/, "the client did not open snap@ the first point");
+      for (let k = 2; k <= 3; k++) await overwrite(srv, dir, k);
+      const s = await waitForSnapshots(
+        stateDir,
+        (x) => x.journalBytes <= 100 * MiB,
+        "the journal within 100M",
+      );
+      assert.ok(Date.parse(s.earliest!) > p0.ms, `earliest ${s.earliest}`);
+      assert.match(srv.log(), /revoking snapshot \S+, which holds the oldest segment/);
+      writeFileSync(go, "");
+      await exited;
+      assert.match(out, /read failed EIO/, out);
+      // The server goes on: a point still in the window opens and reads exactly.
+      const p3 = await recordPoint(srv, "pass3", W);
+      assert.equal(await exportSha(snapUri(srv, p3.iso)), p3.sha);
     },
   );
 

@@ -1095,13 +1095,9 @@ void describe("Journal: retention", () => {
     await j.close();
   });
 
-  void test("an open snapshot view pins its segments; closing it lets retention go on", async () => {
+  void test("an open snapshot view holds back the age limit; closing it lets retention go on", async () => {
     const W = 20;
-    const { j, dir, lines } = await openJournal({
-      windowMs: W,
-      segmentBytes: SMALL_SEG,
-      maxBytes: 100 * 1024,
-    });
+    const { j, dir, lines } = await openJournal({ windowMs: W, segmentBytes: SMALL_SEG });
     const primary = new MemoryVolume(VOLUME);
     await sleep(W + 5);
     await fill(j, 3, W);
@@ -1117,7 +1113,7 @@ void describe("Journal: retention", () => {
     assert.ok(pinnedSeg >= 4, `pinned segment ${pinnedSeg}`);
     const early = new SnapshotView(j, primary, j.window().earliest!, "early");
     early.open();
-    assert.ok(j.bytes > 100 * 1024);
+    (j as unknown as { o: { retentionMs: number } }).o.retentionMs = 1; // every sealed segment is too old
     j.enforceRetention();
     assert.equal(segmentFiles(dir)[0], "0000000001.seg", "a segment the early view reads was dropped");
     assert.ok(
@@ -1142,7 +1138,68 @@ void describe("Journal: retention", () => {
     assert.deepEqual(b, want);
     await late.close();
     j.enforceRetention();
-    assert.ok(j.bytes <= 100 * 1024);
+    assert.equal(j.segmentCount, 1, "only the newest segment is left");
+    await j.close();
+  });
+
+  void test("over --pit-max-bytes, the open snapshots that hold the oldest segment are revoked (reads fail with EIO), once their reads in flight are done", async () => {
+    const W = 20;
+    const { j, dir, lines } = await openJournal({ windowMs: W, segmentBytes: SMALL_SEG });
+    const primary = new MemoryVolume(VOLUME);
+    await sleep(W + 5);
+    await fill(j, 3, W);
+    const pointTs = journalNow();
+    const point = j.pointOf(pointTs);
+    await sleep(W - (pointTs % W) + 2);
+    await fill(j, 5, W, 100);
+    const late = new SnapshotView(j, primary, point, "late");
+    late.open();
+    const pinnedSeg = j.index.segAt(j.index.firstAtOrAfter(point));
+    const early = new SnapshotView(j, primary, j.window().earliest!, "early");
+    early.open();
+    // A read of the early view in flight on the pool when it is revoked: held here.
+    const internals = j as unknown as {
+      o: { maxBytes: number };
+      pins: Map<object, unknown>;
+      segments: Map<number, { size: number }>;
+      readImage: Journal["readImage"];
+    };
+    const realRead = internals.readImage.bind(j);
+    let releaseRead!: () => void;
+    const held = new Promise<void>((r) => (releaseRead = r));
+    internals.readImage = (i, buf, within) => {
+      internals.readImage = realRead;
+      return held.then(() => realRead(i, buf, within));
+    };
+    const inFlight = early.read(Buffer.alloc(BS), 0); // block 0: an image in segment 1
+    // The limit: what the late view's segments hold, so that it keeps them.
+    let keep = 0;
+    for (const [n, seg] of internals.segments) if (n >= pinnedSeg) keep += seg.size;
+    internals.o.maxBytes = keep;
+    j.enforceRetention();
+    assert.match(lines.join(""), /revoking snapshot .* which holds the oldest segment \(1\)/);
+    await assert.rejects(early.read(Buffer.alloc(BS), 0), {
+      code: "EIO",
+      message: /revoked: the journal reached --pit-max-bytes/,
+    });
+    await assert.rejects(early.extents(0, BS), { code: "EIO" }, "extents of a revoked view");
+    assert.equal(segmentFiles(dir)[0], "0000000001.seg", "segment 1 went while a read of it was in flight");
+    assert.ok(internals.pins.has(early), "the revoked view unpins only once its read is done");
+    releaseRead();
+    await assert.rejects(inFlight, { code: "EIO" }, "the read in flight fails too: the view was revoked");
+    assert.ok(!internals.pins.has(early));
+    j.enforceRetention();
+    assert.ok(j.bytes <= keep, `${j.bytes} bytes left, over ${keep}`);
+    assert.equal(
+      Number(segmentFiles(dir)[0].slice(0, 10)),
+      pinnedSeg,
+      "dropped down to the late view's segments",
+    );
+    assert.ok(internals.pins.has(late), "the late view holds no segment retention needs: not revoked");
+    const b = Buffer.alloc(BS);
+    await late.read(b, 100 * BS); // still reads (block 100 was first overwritten after its point)
+    await early.close();
+    await late.close();
     await j.close();
   });
 });
