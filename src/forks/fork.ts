@@ -180,7 +180,14 @@ class ForkVolume extends FilterVolume {
     // waits for it in turn.
     const range = inFlight(offset, end);
     this.shared.inFlight.add(range);
-    return Promise.all(before).then(() => this.issue(kind, offset, length, data, apply, ticket, hold, range));
+    return Promise.all(before).then(() => {
+      try {
+        return this.issue(kind, offset, length, data, apply, ticket, hold, range);
+      } catch (e) {
+        this.settled(range); // never leave later overlapping changes waiting for ever
+        throw e;
+      }
+    });
   }
 
   /** Apply the change to the primary and hand it to the link: no overlapping change is in flight. */
