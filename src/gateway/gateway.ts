@@ -392,6 +392,7 @@ export class Gateway {
     if (this.syncBroken !== null) return Promise.reject(this.brokenSync());
     let s: Source;
     try {
+      this.checkOwner(id); // before source(): a refused source leaves no state behind
       s = this.source(id);
     } catch (e) {
       return Promise.reject(e);
@@ -532,6 +533,7 @@ export class Gateway {
     generation?: number;
   }> {
     if (this.syncBroken !== null) throw this.brokenSync();
+    this.checkOwner(id); // before source(): a refused source leaves no state behind
     const s = this.source(id);
     if (this.owner?.source !== id.source) await this.admitOwner(id, true);
     if (

@@ -302,6 +302,29 @@ void describe("gateway: updates, flush, status, checksums", () => {
     });
   });
 
+  void test("a source that is not the owner: 409 ERR_OWNER to updates and flush, and no state kept for it", async () => {
+    const owner = newSource();
+    await ok(c.updates(NAME, owner, [w(1, 19 * MiB, randomBytes(512))]), "owner");
+    const sourcesNow = async (): Promise<string[]> =>
+      (await c.request("GET", "/status"))
+        .json<{ sources: { source: string }[] }>()
+        .sources.map((x) => x.source);
+    const before = await sourcesNow();
+    for (let i = 0; i < 20; i++) {
+      const other = { ...newSource(), takeover: false };
+      const u = await c.updates(NAME, other, [w(1, 19 * MiB, randomBytes(512))]);
+      assert.equal(u.status, 409, u.body.toString());
+      assert.equal(u.json<{ error: { code: string } }>().error.code, "ERR_OWNER");
+      const f = await c.flush(NAME, other);
+      assert.equal(f.status, 409, f.body.toString());
+    }
+    assert.deepEqual(
+      await sourcesNow(),
+      before,
+      "refused sources were kept (1024 of them block every new source)",
+    );
+  });
+
   void test("a floor header makes abandoned seqs count as done", async () => {
     const id = newSource();
     await ok(c.updates(NAME, id, [w(5, 17 * MiB, randomBytes(512))]), "5");
