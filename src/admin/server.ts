@@ -124,7 +124,12 @@ export class AdminServer {
         error: { code: "ERR_NOT_FOUND", message: `no admin route ${req.method} ${url.pathname}` },
       });
     } catch (e) {
-      this.log.warn(`admin ${req.method} ${url.pathname}: ${(e as Error).message}`);
+      // Limited: the caller hears the error, and a script polling a failing call must not flood the log.
+      this.log.limited(
+        "warn",
+        `admin ${url.pathname}`,
+        `admin ${req.method} ${url.pathname}: ${(e as Error).message}`,
+      );
       // A usage error (a bad bookmark name, a command this proxy cannot do) is the caller's: 400
       // ERR_USAGE, which the client turns back into one (exit status 2).
       const usage = e instanceof UsageError;

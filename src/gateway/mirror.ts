@@ -4,12 +4,16 @@
 // `<state-dir>/mirror/<volumeId>.json`, replaced atomically; PUTs for one id are written one at a
 // time, in arrival order, so the file ends with the last one.
 
+import { readdirSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { badRequest } from "./http.js";
+import { badRequest, HttpError } from "./http.js";
 import { MIRROR_DIR, writeFileAtomic } from "./state.js";
 
 const ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+/** Volumes whose documents a mirror keeps at most (as many as the sources a gateway keeps). */
+export const MAX_MIRRORED = 1024;
 
 /** Check a volume id from the path: it names a file, so it is kept to safe characters. */
 export function checkVolumeId(id: string): void {
@@ -51,14 +55,41 @@ export function checkTrackingDoc(id: string, doc: unknown): Record<string, unkno
 export class TrackingMirror {
   private readonly chains = new Map<string, Promise<void>>();
 
-  constructor(private readonly stateDir: string) {}
+  constructor(
+    private readonly stateDir: string,
+    private readonly maxVolumes = MAX_MIRRORED,
+  ) {}
 
   private path(id: string): string {
     return join(this.stateDir, MIRROR_DIR, `${id}.json`);
   }
 
-  /** Store the latest document for `id` (checked already). */
+  /** The ids with a stored document (read from the directory at the first PUT). */
+  private ids: Set<string> | null = null;
+
+  /** Store the latest document for `id` (checked already); 507 for a new id past the limit. */
   put(id: string, doc: Record<string, unknown>): Promise<void> {
+    if (this.ids === null) {
+      try {
+        const files = readdirSync(join(this.stateDir, MIRROR_DIR));
+        this.ids = new Set(files.filter((f) => f.endsWith(".json")).map((f) => f.slice(0, -5)));
+      } catch {
+        this.ids = new Set();
+      }
+    }
+    if (!this.ids.has(id)) {
+      if (this.ids.size >= this.maxVolumes) {
+        return Promise.reject(
+          new HttpError(
+            507,
+            "ERR_NO_SPACE",
+            `this mirror already keeps the tracking of ${this.maxVolumes} volumes (its limit): remove the ` +
+              `documents of volumes gone for good from ${join(this.stateDir, MIRROR_DIR)}, then retry`,
+          ),
+        );
+      }
+      this.ids.add(id);
+    }
     const text = JSON.stringify(doc) + "\n";
     const prev = this.chains.get(id) ?? Promise.resolve();
     const p = prev.then(

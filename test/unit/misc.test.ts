@@ -6,7 +6,19 @@ import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { Duplex } from "node:stream";
 import { constants, tmpdir } from "node:os";
-import { closeSync, ftruncateSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from "node:fs";
+import {
+  closeSync,
+  ftruncateSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
+import { TrackingMirror } from "../../src/gateway/mirror.js";
+import { HttpError } from "../../src/gateway/http.js";
+import { MIRROR_DIR } from "../../src/gateway/state.js";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { connect, createServer, type Socket } from "node:net";
@@ -998,5 +1010,37 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
       assert.equal(r, header.length + 100 * KiB, "header and the bytes that still exist");
       assert.ok((await receive(p, r)).equals(Buffer.concat([header, data.subarray(0, 100 * KiB)])));
     });
+  });
+});
+
+void describe("the gateway's tracking mirror", () => {
+  void test("keeps documents for a bounded number of volumes: a new one past the limit is 507, known ones still update, across a restart", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "bf-mirror-"));
+    try {
+      mkdirSync(join(dir, MIRROR_DIR));
+      const doc = (id: string, n: number): Record<string, unknown> => ({
+        volumeId: id,
+        extents: [],
+        dirtyBytes: n,
+      });
+      let m = new TrackingMirror(dir, 3);
+      for (const id of ["a", "b", "c"]) await m.put(id, doc(id, 1));
+      await assert.rejects(m.put("d", doc("d", 1)), (e: unknown) => {
+        assert.ok(e instanceof HttpError);
+        assert.equal(e.status, 507);
+        assert.match(e.message, /keeps the tracking of 3 volumes .*remove the documents/);
+        return true;
+      });
+      await m.put("b", doc("b", 2)); // a known volume still updates
+      assert.equal(JSON.parse((await m.get("b"))!).dirtyBytes, 2);
+      assert.equal(await m.get("d"), null);
+      m = new TrackingMirror(dir, 3); // a restarted gateway counts the files it finds
+      await assert.rejects(m.put("e", doc("e", 1)), { status: 507 });
+      rmSync(join(dir, MIRROR_DIR, "a.json"));
+      m = new TrackingMirror(dir, 3);
+      await m.put("e", doc("e", 1));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
