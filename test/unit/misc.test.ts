@@ -1032,7 +1032,7 @@ void describe("the gateway's tracking mirror", () => {
         return true;
       });
       await m.put("b", doc("b", 2)); // a known volume still updates
-      assert.equal(JSON.parse((await m.get("b"))!).dirtyBytes, 2);
+      assert.equal((JSON.parse((await m.get("b"))!) as { dirtyBytes: number }).dirtyBytes, 2);
       assert.equal(await m.get("d"), null);
       m = new TrackingMirror(dir, 3); // a restarted gateway counts the files it finds
       await assert.rejects(m.put("e", doc("e", 1)), { status: 507 });
