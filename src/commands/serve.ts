@@ -5,6 +5,7 @@ import { readFileSync, mkdirSync } from "node:fs";
 import { constants as osConstants } from "node:os";
 import { basename, dirname, extname, resolve } from "node:path";
 import { createSecureContext, DEFAULT_CIPHERS, type TLSSocket } from "node:tls";
+import { X509Certificate } from "node:crypto";
 import { Logger, parseLogLevel } from "../log.js";
 import { errnoOf, UsageError } from "../errors.js";
 import { parseSize, formatSize } from "../util/size.js";
@@ -169,6 +170,31 @@ function readConfigFile(file: string, what: string): Buffer {
   }
 }
 
+/**
+ * A CA file (PEM): refused unless it holds at least one certificate, every one of them valid PEM.
+ * Given a key, an empty file or anything else, TLS would verify against nothing: with --tls-ca
+ * every client certificate would then be refused or, worse, the mistake found only at run time.
+ */
+function readCaFile(file: string, option: string): Buffer {
+  const pem = readConfigFile(file, `${option} file`);
+  const blocks = pem
+    .toString("latin1")
+    .match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/g);
+  if (blocks === null) {
+    throw new UsageError(
+      `${option} ${file} holds no certificate (PEM, -----BEGIN CERTIFICATE-----); give the CA's certificate`,
+    );
+  }
+  for (const b of blocks) {
+    try {
+      new X509Certificate(b);
+    } catch (e) {
+      throw new UsageError(`${option} ${file}: a certificate in it cannot be read: ${(e as Error).message}`);
+    }
+  }
+  return pem;
+}
+
 /** The token in --gateway-token-file, refused as the gateway refuses its --token-file. */
 function gatewayToken(file: string): string {
   const token = readConfigFile(file, "gateway token file").toString("utf8").trim();
@@ -240,7 +266,7 @@ export function parseTls(values: TlsArgs): TlsSettings {
       ...(cert !== undefined
         ? { cert: readConfigFile(cert, "certificate"), key: readConfigFile(key!, "key") }
         : {}),
-      ...(ca !== undefined ? { ca: readConfigFile(ca, "CA file") } : {}),
+      ...(ca !== undefined ? { ca: readCaFile(ca, "--tls-ca") } : {}),
       ...(ciphers !== undefined ? { ciphers } : {}),
       minVersion: "TLSv1.2",
     });
@@ -353,7 +379,7 @@ export function parseServeArgs(argv: string[]): ServeConfig {
     replication = {
       url: gatewayUrl(values.gateway, "--gateway"),
       token: values["gateway-token-file"] ? gatewayToken(values["gateway-token-file"]) : undefined,
-      ca: values["gateway-ca"] ? readConfigFile(values["gateway-ca"], "gateway CA file") : undefined,
+      ca: values["gateway-ca"] ? readCaFile(values["gateway-ca"], "--gateway-ca") : undefined,
       mode,
       mirror: values["tracking-mirror"]
         ? gatewayUrl(values["tracking-mirror"], "--tracking-mirror")

@@ -316,6 +316,22 @@ class Negotiation {
       };
       const onSecure = (): void => {
         off();
+        // A TLSSocket made by hand (not by a tls.Server) checks nothing of the client's
+        // certificate: OpenSSL's verify callback in Node accepts every chain and leaves the verdict
+        // to JavaScript, which only tls.Server runs (onServerSocketSecure). So a certificate that
+        // does not chain to --tls-ca would be let in. Ask for the verdict here (fail closed).
+        if (tls.verifyClients === true) {
+          const why = clientCertError(secure);
+          if (why !== null) {
+            secure.destroy();
+            reject(
+              new HandshakeAbort(
+                `TLS handshake failed: client certificate refused: ${why} (it must chain to --tls-ca)`,
+              ),
+            );
+            return;
+          }
+        }
         resolve();
       };
       secure.once("secure", onSecure);
@@ -434,4 +450,19 @@ class Negotiation {
       tls: this.tlsActive,
     };
   }
+}
+
+/**
+ * Why the TLS client's certificate is not acceptable, or null when it chains to the CA. Node
+ * exposes OpenSSL's verdict only on the socket's handle (what tls.Server itself reads); without
+ * it, or without a certificate, the answer is a refusal.
+ */
+function clientCertError(secure: TLSSocket): string | null {
+  const cert = secure.getPeerCertificate();
+  if (!cert || Object.keys(cert).length === 0) return "none presented";
+  const handle = (secure as unknown as { _handle?: { verifyError?: () => Error | null } })._handle;
+  if (typeof handle?.verifyError !== "function")
+    return "this Node.js cannot tell whether it chains to the CA";
+  const e = handle.verifyError();
+  return e === null ? null : e.message;
 }

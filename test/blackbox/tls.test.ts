@@ -11,7 +11,9 @@ import { join } from "node:path";
 import { makeTestCerts, type TestCerts } from "../helpers/certs.js";
 import { BIN, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 import { nbdsh, run, type RunResult } from "../helpers/run.js";
-import { RawClient, infoRequestData, isOptionError } from "../helpers/raw-client.js";
+import { RawClient, infoRequestData, isOptionError, optionBytes } from "../helpers/raw-client.js";
+import { connect as tlsConnect, type TLSSocket } from "node:tls";
+import { connect as netConnect } from "node:net";
 
 const MiB = 1024 * 1024;
 const NBD_OPT_EXPORT_NAME = 1;
@@ -319,6 +321,64 @@ void describe("--tls-ca: client certificates", () => {
     assert.equal(counts(srv).exports, before.exports);
   });
 
+  void test("a certificate from another CA sent all the same is refused (libnbd sends only one the server's CA list names; this client does not pick)", async () => {
+    const before = counts(srv);
+    // By hand: greeting, flags, STARTTLS, then TLS with the rogue certificate, then GO.
+    const raw = netConnect(srv.sock);
+    let t: TLSSocket | null = null;
+    try {
+      const outcome = await new Promise<string>((resolve) => {
+        let buf = Buffer.alloc(0);
+        let stage = 0;
+        const onData = (d: Buffer): void => {
+          buf = Buffer.concat([buf, d]);
+          if (stage === 0 && buf.length >= 18) {
+            buf = buf.subarray(18);
+            stage = 1;
+            const flags = Buffer.alloc(4);
+            flags.writeUInt32BE(3);
+            raw.write(Buffer.concat([flags, optionBytes(NBD_OPT_STARTTLS)]));
+          }
+          if (stage === 1 && buf.length >= 20) {
+            if (buf.readUInt32BE(12) !== 1)
+              return resolve(`STARTTLS answered 0x${buf.readUInt32BE(12).toString(16)}`);
+            stage = 2;
+            raw.off("data", onData);
+            const sock = tlsConnect({
+              socket: raw,
+              rejectUnauthorized: false,
+              cert: readFileSync(join(certs.rogueClientDir, "client-cert.pem")),
+              key: readFileSync(join(certs.rogueClientDir, "client-key.pem")),
+            });
+            t = sock;
+            let got = Buffer.alloc(0);
+            sock.on("secureConnect", () => sock.write(optionBytes(NBD_OPT_GO, infoRequestData(""))));
+            sock.on("data", (x: Buffer) => {
+              got = Buffer.concat([got, x]);
+              if (got.length >= 20) resolve(`option reply 0x${got.readUInt32BE(12).toString(16)}`);
+            });
+            sock.on("error", (e) => resolve(`error: ${e.message}`));
+            sock.on("close", () => resolve("closed"));
+          }
+        };
+        raw.on("data", onData);
+        raw.on("error", (e) => resolve(`error: ${e.message}`));
+        raw.on("close", () => resolve("closed"));
+      });
+      assert.doesNotMatch(
+        outcome,
+        /option reply|STARTTLS/,
+        "the server answered GO over TLS with a rogue certificate",
+      );
+      await logSettles(srv, (x) => x.tlsFailed === before.tlsFailed + 1);
+      assert.equal(counts(srv).exports, before.exports);
+      assert.match(srv.log(), /client certificate refused: .*it must chain to --tls-ca/);
+    } finally {
+      (t as TLSSocket | null)?.destroy();
+      raw.destroy();
+    }
+  });
+
   void test("a client with a certificate from the CA gets in and moves data", async () => {
     const info = await nbdinfoJson(certUri(srv, certs.clientDir));
     assert.equal(info.TLS, true);
@@ -527,5 +587,23 @@ void describe("TLS configuration errors exit 2", () => {
 
   void test("--tls-ca without a certificate", async () => {
     await refuses(["--tls-ca", certs.caCert], /--tls-ca/);
+  });
+
+  void test("a CA file that holds no certificate (a key, an empty file): --tls-ca and --gateway-ca", async () => {
+    const dir = scratchDir("blockfork-tls-ca-");
+    try {
+      const empty = join(dir, "empty.pem");
+      writeFileSync(empty, "");
+      const x = ["--tls", "require", "--tls-cert", certs.serverCert, "--tls-key", certs.serverKey];
+      for (const bad of [certs.serverKey, empty]) {
+        await refuses([...x, "--tls-ca", bad], /--tls-ca .* holds no certificate/);
+        await refuses(
+          ["--gateway", "https://127.0.0.1:1", "--state-dir", join(dir, "st"), "--gateway-ca", bad],
+          /--gateway-ca .* holds no certificate/,
+        );
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
