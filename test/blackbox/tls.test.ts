@@ -357,7 +357,7 @@ void describe("--tls-ca: client certificates", () => {
               got = Buffer.concat([got, x]);
               if (got.length >= 20) resolve(`option reply 0x${got.readUInt32BE(12).toString(16)}`);
             });
-            sock.on("error", (e) => resolve(`error: ${e.message}`));
+            sock.on("error", (e: Error) => resolve(`error: ${e.message}`));
             sock.on("close", () => resolve("closed"));
           }
         };
