@@ -47,6 +47,14 @@ import {
 export const MAX_OPTIONS = 256;
 /** Options a client may send per export a LIST told it of, on top of MAX_OPTIONS. */
 export const OPTIONS_PER_LISTED = 4;
+/** Time added to the handshake deadline per export a LIST told the client of. */
+export const DEADLINE_PER_LISTED_MS = 500;
+/**
+ * Replies queued for a client that does not read them: past this, the next option is read only
+ * once the socket has drained (a client sending LISTs without reading would otherwise have the
+ * server buffer every reply: gigabytes with a few thousand bookmarks).
+ */
+const REPLY_QUEUE_LIMIT = 256 * 1024;
 export const MAX_OPTION_DATA = 64 * 1024;
 export const HARD_OPTION_DATA = 16 * 1024 * 1024;
 /** The id we give base:allocation in NBD_REP_META_CONTEXT. */
@@ -78,6 +86,13 @@ export interface HandshakeContext {
   tls: TlsSettings;
   log: Logger;
   shuttingDown(): boolean;
+  /**
+   * Give the handshake `ms` more than its deadline (not cumulative: the largest asked for counts).
+   * Asked after a LIST: a client may then ask INFO and LIST_META_CONTEXT of every export listed,
+   * at a round trip each (about 0.2 s each for libnbd over TCP, where its small writes wait for
+   * delayed ACKs).
+   */
+  extendDeadline?(ms: number): void;
 }
 
 /** The outcome of a successful handshake. */
@@ -178,6 +193,8 @@ class Negotiation {
     this.noZeroes = (cflags & FLAG_C_NO_ZEROES) !== 0;
 
     for (let count = 1; ; count++) {
+      const backlog = this.drained();
+      if (backlog) await backlog;
       const head = await this.reader.read(16);
       if (count > this.maxOptions)
         throw new HandshakeAbort(`more than ${this.maxOptions} options; giving up on this client`);
@@ -204,6 +221,23 @@ class Negotiation {
         this.reply(option, e.reply, utf8Capped(e.message));
       }
     }
+  }
+
+  /** Null, or a promise that settles once the replies queued are under REPLY_QUEUE_LIMIT again. */
+  private drained(): Promise<void> | null {
+    const s = this.stream;
+    if (s.writableLength <= REPLY_QUEUE_LIMIT || s.destroyed) return null;
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        s.off("drain", done);
+        s.off("close", done);
+        s.off("error", done);
+        resolve();
+      };
+      s.on("drain", done);
+      s.on("close", done);
+      s.on("error", done);
+    });
   }
 
   private reply(option: number, type: number, data?: Buffer): void {
@@ -272,8 +306,9 @@ class Negotiation {
     for (const e of exports) {
       this.reply(OPT.LIST, REP.SERVER, encodeServerReplyData(e.name, e.description));
     }
-    // Fixed, not cumulative: another LIST does not extend it further.
+    // Fixed, not cumulative: another LIST does not extend them further.
     this.maxOptions = Math.max(this.maxOptions, MAX_OPTIONS + OPTIONS_PER_LISTED * exports.length);
+    this.ctx.extendDeadline?.(DEADLINE_PER_LISTED_MS * exports.length);
     this.reply(OPT.LIST, REP.ACK);
     return undefined;
   }

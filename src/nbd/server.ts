@@ -131,14 +131,23 @@ export class NbdServer {
 
   private async run(conn: Conn, log: Logger): Promise<void> {
     const socket = conn.socket as Socket;
-    const timer = setTimeout(() => {
+    const started = performance.now();
+    let allowed = this.opts.handshakeTimeoutMs;
+    const expire = (): void => {
       log.limited(
         "warn",
         "handshake timeout",
-        `handshake not finished after ${this.opts.handshakeTimeoutMs / 1000} s; disconnecting`,
+        `handshake not finished after ${Math.round(allowed / 100) / 10} s; disconnecting`,
       );
       socket.destroy();
-    }, this.opts.handshakeTimeoutMs);
+    };
+    let timer = setTimeout(expire, allowed);
+    const extendDeadline = (ms: number): void => {
+      if (this.opts.handshakeTimeoutMs + ms <= allowed) return;
+      allowed = this.opts.handshakeTimeoutMs + ms;
+      clearTimeout(timer);
+      timer = setTimeout(expire, Math.max(0, started + allowed - performance.now()));
+    };
     let neg;
     try {
       neg = await negotiate(socket, {
@@ -147,6 +156,7 @@ export class NbdServer {
         tls: this.opts.tls,
         log,
         shuttingDown: () => this.stopping,
+        extendDeadline,
       });
     } catch (e) {
       if (e instanceof HandshakeAbort)

@@ -643,6 +643,44 @@ void describe("the option limit after a LIST of many exports", () => {
   });
 });
 
+void describe("a client that sends options without reading the replies", () => {
+  let big: TestServer;
+  const N = 2000;
+  before(async () => {
+    big = await startTestServer({
+      exports: [{ name: "disk", volume: new MemoryVolume(DISK_SIZE) }],
+      logLevel: "debug",
+    });
+    big.registry.addProvider({
+      owns: (name) => name.startsWith("many@"),
+      list: () => Array.from({ length: N }, (_, i) => ({ name: `many@${i}`, description: "" })),
+      open: () => Promise.resolve({ message: "not today" }),
+    });
+  });
+  after(async () => {
+    await big.stop();
+  });
+
+  void test("the server stops reading options while its replies pile up, and goes on once they are read", async () => {
+    const c = await big.connect();
+    await c.greeting();
+    c.sendClientFlags(3);
+    const LISTS = 300; // ~70 KB of replies each: 21 MB if the server buffered them all
+    c.socket.pause(); // reads nothing: the kernel's buffers fill, then the server's queue
+    c.write(Buffer.concat(Array.from({ length: LISTS }, () => optionBytes(OPT.LIST))));
+    await new Promise((r) => setTimeout(r, 500));
+    const handled = (): number => big.log.filter((l) => /option LIST \(0 bytes\)/.test(l)).length;
+    assert.ok(handled() < 60, `${handled()} LISTs answered to a client that reads nothing`);
+    c.socket.resume();
+    for (let i = 0; i < LISTS; i++) {
+      const replies = await c.optionReplies();
+      assert.equal(replies.length, N + 2, `LIST ${i}`);
+    }
+    assert.equal(handled(), LISTS);
+    c.destroy();
+  });
+});
+
 void describe("handshake deadline", () => {
   let slow: TestServer;
   before(async () => {
