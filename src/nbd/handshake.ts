@@ -47,7 +47,7 @@ import {
 export const MAX_OPTIONS = 256;
 /** Options a client may send per export a LIST told it of, on top of MAX_OPTIONS. */
 export const OPTIONS_PER_LISTED = 4;
-/** Time added to the handshake deadline per export a LIST told the client of. */
+/** Time added to the handshake deadline per export a LIST told the client of, earned per option. */
 export const DEADLINE_PER_LISTED_MS = 500;
 /**
  * Replies queued for a client that does not read them: past this, the next option is read only
@@ -88,9 +88,9 @@ export interface HandshakeContext {
   shuttingDown(): boolean;
   /**
    * Give the handshake `ms` more than its deadline (not cumulative: the largest asked for counts).
-   * Asked after a LIST: a client may then ask INFO and LIST_META_CONTEXT of every export listed,
-   * at a round trip each (about 0.2 s each for libnbd over TCP, where its small writes wait for
-   * delayed ACKs).
+   * Asked as a client goes on after a LIST: it may then ask INFO and LIST_META_CONTEXT of every
+   * export listed, at a round trip each (about 0.2 s each for libnbd over TCP, where its small
+   * writes wait for delayed ACKs).
    */
   extendDeadline?(ms: number): void;
 }
@@ -167,6 +167,10 @@ class Negotiation {
   private tlsActive = false;
   /** Options this client may send (MAX_OPTIONS, more once a LIST told it of many exports). */
   private maxOptions = MAX_OPTIONS;
+  /** More time the handshake may take after a LIST (DEADLINE_PER_LISTED_MS per export listed)... */
+  private listedMs = 0;
+  /** ...granted as the client goes on: DEADLINE_PER_LISTED_MS per option answered after it. */
+  private grantedMs = 0;
   private fixed = false;
   private noZeroes = false;
   private structured = false;
@@ -193,6 +197,11 @@ class Negotiation {
     this.noZeroes = (cflags & FLAG_C_NO_ZEROES) !== 0;
 
     for (let count = 1; ; count++) {
+      if (this.grantedMs < this.listedMs && count > 1) {
+        // Progress, not idling, earns the time: a client that stalls still meets the deadline.
+        this.grantedMs = Math.min(this.listedMs, this.grantedMs + DEADLINE_PER_LISTED_MS);
+        this.ctx.extendDeadline?.(this.grantedMs);
+      }
       const backlog = this.drained();
       if (backlog) await backlog;
       const head = await this.reader.read(16);
@@ -308,7 +317,7 @@ class Negotiation {
     }
     // Fixed, not cumulative: another LIST does not extend them further.
     this.maxOptions = Math.max(this.maxOptions, MAX_OPTIONS + OPTIONS_PER_LISTED * exports.length);
-    this.ctx.extendDeadline?.(DEADLINE_PER_LISTED_MS * exports.length);
+    this.listedMs = Math.max(this.listedMs, DEADLINE_PER_LISTED_MS * exports.length);
     this.reply(OPT.LIST, REP.ACK);
     return undefined;
   }

@@ -732,6 +732,34 @@ void describe("handshake deadline", () => {
     }
   });
 
+  void test("after a LIST, a client that goes on earns more time (0.5 s per option, up to 0.5 s per export listed); one that idles does not", async () => {
+    slow.registry.addProvider({
+      owns: (name) => name.startsWith("dl@"),
+      list: () => Array.from({ length: 20 }, (_, i) => ({ name: `dl@${i}`, description: "" })),
+      open: () => Promise.resolve({ message: "not today" }),
+    });
+    const busy = await slow.connect();
+    await busy.greeting();
+    busy.sendClientFlags(3);
+    await busy.option(OPT.LIST);
+    const t0 = Date.now();
+    for (let i = 0; i < 12; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      const r = await busy.option(OPT.INFO, infoRequestData(`dl@${i}`));
+      assert.ok(isOptionError(r[r.length - 1].type));
+    }
+    assert.ok(Date.now() - t0 > 1000, "the options took longer than the 300 ms deadline");
+    busy.destroy();
+    const idle = await slow.connect();
+    await idle.greeting();
+    idle.sendClientFlags(3);
+    await idle.option(OPT.LIST);
+    const t1 = Date.now();
+    await idle.expectClosed(5000); // not the 10 s that 20 exports could earn
+    assert.ok(Date.now() - t1 < 2000, `an idle client was kept ${Date.now() - t1} ms`);
+    idle.destroy();
+  });
+
   void test("an export that opens after the deadline closed the connection is released", async () => {
     // A provider whose open outlasts the deadline, as a snap@ open waiting for changes in flight
     // does: the export it returns must be released (a snapshot holds back journal retention).
