@@ -695,6 +695,12 @@ function describeRecovery(t: TrackingLog, log: Logger): void {
     log.info(`tracking: new log (generation ${t.meta.generation}); the first resync copies ${dirty} bytes`);
   else if (r.gatewayChanged)
     log.warn(`tracking: the gateway changed; everything (${dirty} bytes) will be resynced`);
+  else if (r.gatewayMoved)
+    log.warn(
+      `tracking: the gateway's URL changed (${r.gatewayMoved.from} -> ${t.meta.gateway}); the ` +
+        `secondary it serves decides: the same one (id ${t.meta.secondary}) resyncs the ${dirty} ` +
+        "bytes dirty, another one the whole volume",
+    );
   else if (r.crashed) {
     log.warn(
       `tracking: the proxy did not shut down cleanly; ${r.alRegions} activity-log regions taken as dirty, ` +

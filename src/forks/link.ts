@@ -286,6 +286,8 @@ export class GatewayLink {
   private takingOver = false;
   /** This process took the secondary over once: it does not again (two such proxies would fight). */
   private tookOver = false;
+  /** A moved gateway (tracking recovery) that reports no secondary id was handled. */
+  private movedChecked = false;
   /** When the gateway last answered (monotonic ms): an idle POST link checks it now and then. */
   private lastContact = 0;
   private checking = false;
@@ -1206,6 +1208,16 @@ export class GatewayLink {
         if (typeof h.owner === "string") this.checkOwner(h.owner);
         if (typeof h.secondaryId === "string" && /^[0-9a-f]{16}$/.test(h.secondaryId))
           this.checkSecondary(h.secondaryId);
+        else if (this.tracking.recovery.gatewayMoved !== null && !this.movedChecked) {
+          // The URL changed and this gateway cannot say which secondary it serves: assume another.
+          this.movedChecked = true;
+          this.log.error(
+            "gateway link: the gateway at the new URL does not report its secondary's id; " +
+              "resyncing the whole volume",
+          );
+          this.markStale(0, this.tracking.map.volumeSize);
+          this.pendingMeta = this.tracking.updateMeta({}, true);
+        }
         this.secondary = this.consistency && typeof h.secondary === "string" ? h.secondary : null;
         if (typeof h.boot === "string") this.bootSeen = h.boot;
         this.lastContact = performance.now();

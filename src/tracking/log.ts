@@ -133,6 +133,11 @@ export interface RecoveryReport {
   /** Regions marked dirty because they were in the activity log at the crash. */
   alRegions: number;
   gatewayChanged: boolean;
+  /**
+   * The gateway URL changed, but the log knows the secondary's id: nothing marked; the id the
+   * gateway reports decides (the same secondary: only what is dirty; another: everything).
+   */
+  gatewayMoved: { from: string } | null;
   /** The full-resync mark found (a run before could not write the log): everything is dirty. */
   fullResync: FullResyncMark | null;
 }
@@ -217,6 +222,7 @@ export class TrackingLog {
       crashed: false,
       alRegions: 0,
       gatewayChanged: false,
+      gatewayMoved: null,
       fullResync: readFullResyncMark(opts.dir),
     };
     if (stored === undefined) {
@@ -286,8 +292,14 @@ export class TrackingLog {
       // A new log knows nothing about the secondary: everything must be copied once.
       map.markAll(now);
     } else if (meta.gateway !== opts.gateway) {
-      map.markAll(now);
-      recovery.gatewayChanged = true;
+      // Another spelling of the same gateway (localhost for 127.0.0.1, a typo fixed) must not cost a
+      // whole resync: where the log knows the secondary's id, the link compares it with the one
+      // the gateway reports (as DRBD tells its peer by UUID, not by address).
+      if (meta.secondary !== undefined) recovery.gatewayMoved = { from: meta.gateway };
+      else {
+        map.markAll(now);
+        recovery.gatewayChanged = true;
+      }
     }
     const t = new TrackingLog(db, map, meta, recovery, opts);
     if (!opts.readOnly) {

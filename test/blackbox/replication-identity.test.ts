@@ -63,6 +63,29 @@ void describe("replication: the secondary the tracking log describes", () => {
     }
   });
 
+  void test("the same gateway under another URL (localhost for 127.0.0.1): no whole resync, its secondary id says it is the same", async () => {
+    const pair = await startPair({ size: "64M" });
+    try {
+      await writeThroughNbd(pair, 0, randomBytes(MiB));
+      await pair.waitSynced();
+      await pair.killProxy("SIGTERM");
+      const before = pair.proxyLog().length;
+      pair.url = pair.url.replace("127.0.0.1", "localhost");
+      await pair.restartProxy();
+      await writeThroughNbd(pair, 4 * MiB, randomBytes(64 * 1024));
+      await pair.waitSynced(60_000);
+      const log = pair.proxyLog().slice(before);
+      assert.match(log, /the gateway's URL changed \(http:\/\/127\.0\.0\.1:\d+ -> http:\/\/localhost:\d+\)/);
+      assert.doesNotMatch(log, /everything \(\d+ bytes\) will be resynced|resyncing the whole volume/, log);
+      for (const m of log.matchAll(/resync: (\d+) bytes dirty/g)) {
+        assert.ok(Number(m[1]) < 64 * MiB, `a resync of ${m[1]} bytes after a URL change:\n${log}`);
+      }
+      assert.equal(await sha256File(pair.secondary), await sha256File(pair.primary));
+    } finally {
+      await pair.stop();
+    }
+  });
+
   void test("a second proxy at the same gateway is refused; with --gateway-takeover it takes the secondary over, and the first is refused", async () => {
     const pair = await startPair({ size: "64M" });
     const bDir = scratchDir("blockfork-second-");

@@ -272,6 +272,7 @@ void describe("replication: the proxy killed mid-load", () => {
         crashed: false,
         alRegions: 0,
         gatewayChanged: false,
+        gatewayMoved: null,
         fullResync: null,
       });
       assert.equal(st.tracking!.generation, before.tracking!.generation + 1);

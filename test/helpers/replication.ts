@@ -59,6 +59,7 @@ export interface ProxyStatus {
       crashed: boolean;
       alRegions: number;
       gatewayChanged: boolean;
+      gatewayMoved: { from: string } | null;
       fullResync: { since: string; reason: string } | null;
     };
     degraded: { since: string; reason: string } | null;

@@ -166,6 +166,7 @@ void describe("TrackingLog: new, clean close, reopen", () => {
         crashed: false,
         alRegions: 0,
         gatewayChanged: false,
+        gatewayMoved: null,
         fullResync: null,
       });
       assert.equal(t.map.dirtyBytes, SIZE);
@@ -210,6 +211,7 @@ void describe("TrackingLog: new, clean close, reopen", () => {
         crashed: false,
         alRegions: 0,
         gatewayChanged: false,
+        gatewayMoved: null,
         fullResync: null,
       });
       assert.equal(u.meta.generation, 2);
@@ -240,6 +242,24 @@ void describe("TrackingLog: new, clean close, reopen", () => {
       assert.equal(t.meta.generation, 2);
       assert.equal(t.map.dirtyBlocks, 0, "a read-only open must not store its marks");
       assert.equal(t.recovery.crashed, false);
+    } finally {
+      await t.close();
+    }
+  });
+
+  void test("the gateway's URL changed where the log knows the secondary's id: nothing marked, the link decides", async () => {
+    const dir = scratch();
+    const first = await open(dir);
+    first.map.clearBlocks(0, first.map.blocks);
+    await first.updateMeta({ secondary: "00112233aabbccdd" }, false);
+    await first.close();
+    const t = await open(dir, { gateway: "http://localhost:7070" });
+    try {
+      assert.equal(t.recovery.gatewayChanged, false);
+      assert.deepEqual(t.recovery.gatewayMoved, { from: "http://127.0.0.1:7070" });
+      assert.equal(t.map.dirtyBytes, 0);
+      assert.equal(t.meta.gateway, "http://localhost:7070");
+      assert.equal(t.meta.secondary, "00112233aabbccdd");
     } finally {
       await t.close();
     }
