@@ -325,7 +325,7 @@ export class BlockFile {
       if (!Number.isSafeInteger(opts.size) || opts.size <= 0) {
         throw new UsageError(`cannot create ${path}: size must be a positive number of bytes`);
       }
-      const fd = openSync(path, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, 0o644);
+      const fd = openOrExplain(path, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, false);
       try {
         ftruncateSync(fd, opts.size);
         fsyncSync(fd);
@@ -346,7 +346,7 @@ export class BlockFile {
     }
     if (statSync(path).isDirectory())
       throw new UsageError(`${path} is a directory; give a file or a block device`);
-    const fd = openSync(path, readOnly ? fsc.O_RDONLY : fsc.O_RDWR);
+    const fd = openOrExplain(path, readOnly ? fsc.O_RDONLY : fsc.O_RDWR, readOnly);
     try {
       const st = fstatSync(fd);
       let size: number;
@@ -535,6 +535,27 @@ export class BlockFile {
     // Before the close: a mapping keeps the file, and the number may be reused for another.
     binding.mapForget(this.fd);
     closeSync(this.fd);
+  }
+}
+
+/**
+ * open(2) a volume; a file system mounted read-only or a permission refused is the operator's to
+ * fix: a UsageError (exit 2) saying what to do, not a bare errno (exit 1).
+ */
+function openOrExplain(path: string, flags: number, readOnly: boolean): number {
+  try {
+    return openSync(path, flags, 0o644);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === "EROFS" && !readOnly) {
+      throw new UsageError(
+        `${path} is on a read-only file system: serve it with --read-only, or remount the file system read-write`,
+      );
+    }
+    if (code === "EACCES" || code === "EPERM") {
+      throw new UsageError(`${path}: permission denied (${code}); check its owner and mode`);
+    }
+    throw e;
   }
 }
 

@@ -207,7 +207,9 @@ function bar(done: number, total: number, suffix: string): void {
 export async function tracking(argv: string[]): Promise<number> {
   const [sub, ...rest] = argv;
   if (sub !== "show")
-    throw new UsageError(`blockfork tracking takes the subcommand "show", not "${sub ?? ""}"`);
+    throw new UsageError(
+      sub === undefined ? `the subcommand "show" is missing` : `the subcommand is "show", not "${sub}"`,
+    );
   const { dir, values } = stateDirArg(rest, { limit: { type: "string" } });
   const limit = values.limit ? Number(values.limit) : 1000;
   if (!Number.isSafeInteger(limit) || limit <= 0) throw new UsageError("--limit must be a positive integer");
@@ -371,7 +373,7 @@ function offlineSnapshots(dir: string): SnapshotsReport {
 /** blockfork mark NAME */
 export async function mark(argv: string[]): Promise<number> {
   const { dir, values, positionals } = stateDirArg(argv, { replace: { type: "boolean" } }, 1);
-  if (positionals.length !== 1) throw new UsageError("blockfork mark takes one NAME");
+  if (positionals.length !== 1) throw new UsageError("give one bookmark NAME");
   const replace = values.replace === true ? "&replace=1" : "";
   const r = (await adminCall(dir, "POST", `/mark?name=${encodeURIComponent(positionals[0])}${replace}`)) as {
     name: string;

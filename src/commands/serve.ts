@@ -152,6 +152,13 @@ function gatewayUrl(text: string, what: string): string {
   }
   if (u.protocol !== "http:" && u.protocol !== "https:")
     throw new UsageError(`${what} must be http:// or https://`);
+  // Only scheme, host and port are used: anything else would be dropped without a word.
+  if ((u.pathname !== "/" && u.pathname !== "") || u.search !== "" || u.hash !== "")
+    throw new UsageError(`${what} "${text}" has a path, query or fragment; give http(s)://host:port only`);
+  if (u.username !== "" || u.password !== "")
+    throw new UsageError(
+      `${what} "${u.protocol}//...@${u.host}" has a user or password; tokens go in a token file (see --help)`,
+    );
   return u.origin;
 }
 

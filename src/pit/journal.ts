@@ -447,7 +447,9 @@ export class Journal {
         if (h.windowMs !== this.windowMs) {
           if (k === 0) {
             this.log.warn(
-              `journal: keeps its merge window of ${h.windowMs} ms (--pit-window ${this.windowMs} applies to new journals)`,
+              `journal: keeps its merge window of ${h.windowMs} ms, fixed when it was made (a merge ` +
+                `window of ${this.windowMs} ms, from --pit-window or its default, applies to new journals; ` +
+                `move ${this.dir} aside to begin one, losing its points in time)`,
             );
           }
           this.windowMs = h.windowMs;
@@ -959,7 +961,8 @@ export class Journal {
     }
     this.log.error(
       `JOURNAL STOPPED: ${e.message}. Primary writes continue WITHOUT before-images: no point in time is ` +
-        `available until the journal restarts (free space in ${this.dir}, or raise --pit-max-bytes; ` +
+        `available until the journal restarts (free space in ${this.dir}, or restart with a lower ` +
+        `--pit-max-bytes that this disk can hold; ` +
         `it retries every ${RESTART_INTERVAL_MS / 1000} s)`,
     );
     this.notify(-1, -1);

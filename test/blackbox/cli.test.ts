@@ -4,7 +4,7 @@
 
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import {
   copyFileSync,
@@ -18,7 +18,7 @@ import {
   writeFileSync,
 } from "node:fs";
 import { join } from "node:path";
-import { BIN, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
+import { BIN, mountTmpfs, scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 import { run } from "../helpers/run.js";
 
 const dirs: string[] = [];
@@ -232,6 +232,40 @@ void test("an export name or description over 4096 bytes (the NBD limit for stri
   await usageError(
     [...base, "--description", "d".repeat(5000)],
     /export description longer than 4096 bytes.*--description/,
+  );
+});
+
+void test("a volume on a read-only file system, a --gateway URL with a path or a user: exit 2 saying what to do", async () => {
+  const dir = tmp();
+  const ro = join(dir, "ro");
+  const unmount = mountTmpfs(ro, "4M");
+  try {
+    writeFileSync(join(ro, "v.img"), Buffer.alloc(1024 * 1024));
+    execFileSync("mount", ["-o", "remount,ro", ro]);
+    await usageError(
+      ["serve", "--volume", join(ro, "v.img"), "--socket", join(dir, "s.sock"), "--listen", "none"],
+      /read-only file system: serve it with --read-only/,
+    );
+    await usageError(
+      ["gateway", "--volume", join(ro, "v.img"), "--state-dir", join(dir, "gw"), "--listen", "127.0.0.1:0"],
+      /read-only file system/,
+    );
+  } finally {
+    unmount();
+  }
+  const base = serveArgs(dir, [
+    "--volume",
+    join(dir, "v.img"),
+    "--size",
+    "1M",
+    "--state-dir",
+    join(dir, "st"),
+  ]);
+  for (const url of ["http://127.0.0.1:7070/v1", "http://127.0.0.1:7070/?x=1"])
+    await usageError([...base, "--gateway", url], /has a path, query or fragment/);
+  await usageError(
+    [...base, "--gateway", "http://u:p@127.0.0.1:7070"],
+    /user or password; tokens go in a token file/,
   );
 });
 
