@@ -254,6 +254,28 @@ function refusal(e: unknown): boolean {
 /** An idle link on POST looks at the gateway's health after this long without an answer (ms). */
 const IDLE_CHECK_MS = 5000;
 
+/**
+ * An error's message, with what to do where the cause is a TLS mismatch the operator made: https://
+ * to a gateway that speaks plain HTTP (OpenSSL's "wrong version number", several lines of it),
+ * http:// to one that speaks TLS (it closes the connection), or a certificate not trusted.
+ */
+export function transportHint(e: unknown, url: string): string {
+  const err = e as { message?: string; code?: string; cause?: { code?: string; message?: string } };
+  const code = err.code ?? err.cause?.code ?? "";
+  const msg = String(err.message ?? e);
+  if (/wrong version number/i.test(msg) || code === "ERR_SSL_WRONG_VERSION_NUMBER")
+    return `TLS to a gateway that answers in plain HTTP: use http:// instead of https:// (${url})`;
+  if (
+    /^(UNABLE_TO_VERIFY_LEAF_SIGNATURE|UNABLE_TO_GET_ISSUER_CERT(_LOCALLY)?|DEPTH_ZERO_SELF_SIGNED_CERT|SELF_SIGNED_CERT_IN_CHAIN|CERT_HAS_EXPIRED|CERT_NOT_YET_VALID|ERR_TLS_CERT_ALTNAME_INVALID)$/.test(
+      code,
+    )
+  )
+    return `the gateway's TLS certificate is not trusted (${code}: ${msg.split("\n")[0]}): give the CA that signed it with --gateway-ca, or check the host name in --gateway`;
+  if (url.startsWith("http:") && /other side closed|socket hang up|ECONNRESET/i.test(msg))
+    return `${msg.split("\n")[0]} (does the gateway serve https? then use https:// in --gateway)`;
+  return msg;
+}
+
 /** `writing` counts a covering write as 1 + COVER (at most COVER - 1 writes in progress on a block). */
 const COVER = 2 ** 24;
 
@@ -1232,7 +1254,7 @@ export class GatewayLink {
         this.dispatch({ type: "healthy" });
         return;
       } catch (e) {
-        this.lastError = `health check: ${(e as Error).message}`;
+        this.lastError = `health check: ${transportHint(e, this.o.url)}`;
         this.probesDone++;
         const refused = refusal(e);
         if (this.s.name === "starting") this.dispatch({ type: "unhealthy", reason: this.lastError, refused });

@@ -13,10 +13,16 @@ import {
   mkdtempSync,
   openSync,
   rmSync,
+  readFileSync,
   writeFileSync,
   writeSync,
 } from "node:fs";
 import { TrackingMirror } from "../../src/gateway/mirror.js";
+import { createServer as createHttpServer } from "node:http";
+import { createServer as createHttpsServer } from "node:https";
+import { request as undiciRequest } from "undici";
+import { transportHint } from "../../src/forks/link.js";
+import { makeTestCerts } from "../helpers/certs.js";
 import { HttpError } from "../../src/gateway/http.js";
 import { MIRROR_DIR } from "../../src/gateway/state.js";
 import { join } from "node:path";
@@ -1040,6 +1046,45 @@ void describe("the gateway's tracking mirror", () => {
       m = new TrackingMirror(dir, 3);
       await m.put("e", doc("e", 1));
     } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+void describe("the gateway link's TLS hints", () => {
+  void test("https:// to plain HTTP, http:// to TLS, an untrusted certificate: each says what to change", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "bf-tlshint-"));
+    const plain = createHttpServer((_q, r) => r.end("ok"));
+    let tlsSrv: ReturnType<typeof createHttpsServer> | null = null;
+    try {
+      const certs = await makeTestCerts(join(dir, "certs"));
+      tlsSrv = createHttpsServer(
+        { cert: readFileSync(certs.serverCert), key: readFileSync(certs.serverKey) },
+        (_q, r) => r.end("ok"),
+      );
+      const listen = (s: {
+        listen: (p: number, h: string, cb: () => void) => void;
+        address: () => unknown;
+      }) =>
+        new Promise<number>((res) =>
+          s.listen(0, "127.0.0.1", () => res((s.address() as { port: number }).port)),
+        );
+      const p1 = await listen(plain);
+      const p2 = await listen(tlsSrv);
+      const hint = async (url: string): Promise<string> => {
+        try {
+          await (await undiciRequest(url)).body.text();
+        } catch (e) {
+          return transportHint(e, url);
+        }
+        throw new Error(`${url} answered`);
+      };
+      assert.match(await hint(`https://127.0.0.1:${p1}/`), /plain HTTP: use http:\/\/ instead of https:\/\//);
+      assert.match(await hint(`http://127.0.0.1:${p2}/`), /use https:\/\/ in --gateway/);
+      assert.match(await hint(`https://127.0.0.1:${p2}/`), /certificate is not trusted .*--gateway-ca/);
+    } finally {
+      plain.close();
+      tlsSrv?.close();
       rmSync(dir, { recursive: true, force: true });
     }
   });
