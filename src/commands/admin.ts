@@ -284,6 +284,7 @@ export async function resyncCommand(argv: string[]): Promise<number> {
   const { dir, values } = stateDirArg(argv, { full: { type: "boolean" }, "no-wait": { type: "boolean" } });
   const started = (await adminCall(dir, "POST", `/resync${values.full ? "?full=1" : ""}`)) as {
     dirtyBytes: number;
+    running?: boolean;
     state: string;
     lastError?: string;
   };
@@ -295,7 +296,11 @@ export async function resyncCommand(argv: string[]): Promise<number> {
     );
     return 1;
   }
-  process.stdout.write(`resync started: ${formatBytes(started.dirtyBytes)} dirty\n`);
+  process.stdout.write(
+    started.running === true
+      ? `a resync was running already: ${formatBytes(started.dirtyBytes)} dirty when asked\n`
+      : `resync started: ${formatBytes(started.dirtyBytes)} dirty\n`,
+  );
   if (values["no-wait"]) return 0;
   for (;;) {
     await new Promise((r) => setTimeout(r, 250));

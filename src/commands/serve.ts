@@ -811,6 +811,9 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
         await tracking.persist(true);
       }
       const probes = link.probes;
+      // What there is to copy as asked (a resync already running may have copied it by the answer).
+      const dirtyBytes = tracking.map.dirtyBytes;
+      const running = link.state === "resyncing";
       link.requestResync();
       // While tracking that checks the gateway at once: answer with that check's outcome, not the
       // last one's (which may be 30 s old).
@@ -818,7 +821,8 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
         await new Promise((r) => setTimeout(r, 50));
       return {
         started: true,
-        dirtyBytes: tracking.map.dirtyBytes,
+        running,
+        dirtyBytes: link.state === "tracking" ? tracking.map.dirtyBytes : dirtyBytes,
         state: link.state,
         lastError: link.status().lastError,
       };
