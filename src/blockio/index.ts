@@ -45,6 +45,7 @@ import { constants as osc } from "node:os";
 import { binding } from "./native.js";
 import { errnoOf, IoError, UsageError } from "../errors.js";
 import { DONE, noop } from "../util/done.js";
+import { stateDirAdvice } from "../util/dir-hint.js";
 
 const E = osc.errno;
 const PAGE = 4096;
@@ -228,9 +229,8 @@ export function lockStateDir(dir: string): number {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     fd = openSync(join(dir, "lock"), fsc.O_RDWR | fsc.O_CREAT, 0o600);
   } catch (e) {
-    throw new UsageError(
-      `cannot use ${dir} as the state directory: ${(e as Error).message}; give --state-dir a directory`,
-    );
+    const fix = stateDirAdvice(dir, e);
+    throw new UsageError(`cannot use ${dir} as the state directory (${(e as Error).message}): ${fix}`);
   }
   const r = binding.lockFd(fd, 1);
   if (r === 0) return fd;

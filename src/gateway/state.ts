@@ -25,6 +25,7 @@ import { writeFileAtomicSync } from "../util/atomic.js";
 import { open, rename, unlink } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { UsageError } from "../errors.js";
+import { stateDirAdvice } from "../util/dir-hint.js";
 import type { SourceSnapshot } from "./sequencer.js";
 import type { Owner, SecondaryState } from "./gateway.js";
 
@@ -40,7 +41,7 @@ export function prepareStateDir(dir: string): void {
     mkdirSync(join(dir, MIRROR_DIR), { recursive: true });
   } catch (e) {
     throw new UsageError(
-      `cannot create the state directory ${dir}: ${(e as Error).message}; give --state-dir`,
+      `cannot create the state directory ${dir} (${(e as Error).message}): ` + stateDirAdvice(dir, e),
     );
   }
 }

@@ -250,6 +250,27 @@ void test("a volume on a read-only file system, a --gateway URL with a path or a
       ["gateway", "--volume", join(ro, "v.img"), "--state-dir", join(dir, "gw"), "--listen", "127.0.0.1:0"],
       /read-only file system/,
     );
+    // A state directory there: the same, about --state-dir.
+    for (const sd of [ro, join(ro, "sd")]) {
+      await usageError(
+        serveArgs(dir, ["--volume", join(dir, "w.img"), "--size", "1M", "--pit", "--state-dir", sd]),
+        /read-only file system: give --state-dir a writable directory/,
+      );
+      await usageError(
+        [
+          "gateway",
+          "--volume",
+          join(dir, "g.img"),
+          "--size",
+          "1M",
+          "--state-dir",
+          sd,
+          "--listen",
+          "127.0.0.1:0",
+        ],
+        /read-only file system: give --state-dir a writable directory/,
+      );
+    }
   } finally {
     unmount();
   }
