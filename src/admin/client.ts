@@ -79,6 +79,13 @@ export function adminCall(
               "socket at all",
           ),
         );
+      } else if (e.code === "ENOTDIR") {
+        reject(
+          new UsageError(
+            `--state-dir ${stateDir} is not a directory: give the proxy's state directory (by default ` +
+              "the volume's path with .blockfork added), not the volume",
+          ),
+        );
       } else reject(e);
     });
     req.end();
