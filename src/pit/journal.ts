@@ -31,8 +31,9 @@
 //   data (24 bytes, not 4 KiB). A trim leaves such a block as it is, so it gets no entry at all
 //   (filter.ts): mkfs discarding a fresh volume adds nothing to the journal.
 // - Retention by age and by size drops the oldest sealed segments (never one an open snapshot
-//   still reads); the earliest available point moves to the first window after the newest dropped
-//   entry. A full disk (or any journal I/O error) never fails a primary write: the journal stops,
+//   still reads: past --pit-max-bytes the snapshots holding the oldest one are revoked first, so
+//   that an idle client cannot hold the size limit back); the earliest available point moves to
+//   the first window after the newest dropped entry. A full disk (or any journal I/O error) never fails a primary write: the journal stops,
 //   logs it loudly, and reports no available point in time (open snapshots fail their reads) until
 //   it restarts by itself once space returns; points from the restart on are exact again. The
 //   restart records its earliest exact point in the state file (before its first image), so a

@@ -9,7 +9,10 @@
 //   can gain an entry while its primary read is in flight (a write began meanwhile; the journal
 //   commits before-images before the primary changes), so after a primary read the map is checked
 //   again and such blocks are re-read from the journal.
-// - If the journal stops, the point is no longer exact: reads fail with EIO from then on.
+// - If the journal stops, the point is no longer exact: reads (and block status) fail with EIO
+//   from then on. The same when the journal revokes the view: over --pit-max-bytes, a view that
+//   holds the oldest segment gives it up (journal.ts enforceRetention), unpinning once its journal
+//   reads in flight are done, since a dropped segment's descriptor is closed.
 // - Lent reads (lendPieces): a large read is lent to the NBD layer as file pieces (primary runs,
 //   journal images) that the addon copies into the socket when it has room, maybe a while later:
 //   no reply-sized buffer, no trip through the libuv pool, and one copy per byte (sendmsg from

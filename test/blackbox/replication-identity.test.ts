@@ -15,13 +15,34 @@ import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { execFileSync } from "node:child_process";
-import { rmSync, writeFileSync } from "node:fs";
+import { existsSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { cli, sha256File, startPair, writeThroughNbd, type ProxyStatus } from "../helpers/replication.js";
+import {
+  cli,
+  sha256File,
+  startPair,
+  writeThroughNbd,
+  type Pair,
+  type ProxyStatus,
+} from "../helpers/replication.js";
 import { nbdsh } from "../helpers/run.js";
 import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 
 const MiB = 1024 * 1024;
+
+/** A second proxy at the pair's gateway: its own 64 MiB primary of random data, in bDir. */
+function secondProxy(pair: Pair, bDir: string, extra: string[]): Promise<ServerHandle> {
+  if (!existsSync(join(bDir, "b.img"))) {
+    execFileSync("dd", ["if=/dev/urandom", `of=${join(bDir, "b.img")}`, "bs=1M", "count=64", "status=none"]);
+  }
+  return startServer({
+    dir: bDir,
+    keepDir: true,
+    volume: join(bDir, "b.img"),
+    size: "64M",
+    args: ["--gateway", pair.url, "--state-dir", join(bDir, "state"), ...extra],
+  });
+}
 
 void describe("replication: the secondary the tracking log describes", () => {
   void test("the gateway back over another secondary (replaced file, then new state directory): a whole resync", async () => {
@@ -95,24 +116,10 @@ void describe("replication: the secondary the tracking log describes", () => {
       assert.equal(r.code, 0, r.stderr);
       return JSON.parse(r.stdout) as ProxyStatus;
     };
-    const startB = (extra: string[]): Promise<ServerHandle> =>
-      startServer({
-        dir: bDir,
-        keepDir: true,
-        volume: join(bDir, "b.img"),
-        size: "64M",
-        args: ["--gateway", pair.url, "--state-dir", join(bDir, "state"), ...extra],
-      });
+    const startB = (extra: string[]): Promise<ServerHandle> => secondProxy(pair, bDir, extra);
     try {
       await writeThroughNbd(pair, 0, randomBytes(2 * MiB));
       await pair.waitSynced();
-      execFileSync("dd", [
-        "if=/dev/urandom",
-        `of=${join(bDir, "b.img")}`,
-        "bs=1M",
-        "count=64",
-        "status=none",
-      ]);
       b = await startB([]);
       let st = await bStatus();
       for (let i = 0; i < 100 && !/replica of another proxy/.test(st.link!.lastError); i++) {
@@ -163,20 +170,7 @@ void describe("replication: the secondary the tracking log describes", () => {
     const bDir = scratchDir("blockfork-second-");
     let b: ServerHandle | null = null;
     try {
-      execFileSync("dd", [
-        "if=/dev/urandom",
-        `of=${join(bDir, "b.img")}`,
-        "bs=1M",
-        "count=64",
-        "status=none",
-      ]);
-      b = await startServer({
-        dir: bDir,
-        keepDir: true,
-        volume: join(bDir, "b.img"),
-        size: "64M",
-        args: ["--gateway", pair.url, "--state-dir", join(bDir, "state"), "--gateway-takeover"],
-      });
+      b = await secondProxy(pair, bDir, ["--gateway-takeover"]);
       const bWrite = async (offset: number, data: Buffer): Promise<void> => {
         const file = join(bDir, "data.bin");
         writeFileSync(file, data);
