@@ -251,18 +251,19 @@ async function modelRun(kind: "memory" | "file", seed: number): Promise<void> {
       // (null: the caller copies) a piece that is not in the page cache. This host reclaims cold
       // page cache on its own (DAMON pageout), so a page can go missing at any time; the NBD layer
       // then has warmPieces read it back and asks again, and so does this test. Only a page evicted
-      // again between the two calls (microseconds) leaves a refusal.
+      // again between the two calls (microseconds), on each try, leaves a refusal.
       let lends = 0;
       for (let i = 0; i < 20; i++) {
         const off = Math.floor(rnd() * (SIZE - 64 * KiB));
         const len = 1 + Math.floor(rnd() * 64 * KiB);
         let lease = v.lendPieces(off, len);
-        if (lease === null) {
+        // Up to three rounds of warm-then-lend: a page evicted again between the two calls is
+        // rare, twice in a row under load it happened (18 of 20 lent in a fresh-clone run).
+        for (let tries = 0; lease === null && tries < 3; tries++) {
           const warming = v.warmPieces(off, len);
-          if (warming !== null) {
-            await warming;
-            lease = v.lendPieces(off, len);
-          }
+          if (warming === null) break;
+          await warming;
+          lease = v.lendPieces(off, len);
         }
         if (lease === null) continue;
         lends++;
