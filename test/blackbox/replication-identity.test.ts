@@ -15,17 +15,17 @@ import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { execFileSync } from "node:child_process";
-import { existsSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import {
   cli,
   sha256File,
   startPair,
   writeThroughNbd,
+  writeToUri,
   type Pair,
   type ProxyStatus,
 } from "../helpers/replication.js";
-import { nbdsh } from "../helpers/run.js";
 import { scratchDir, startServer, type ServerHandle } from "../helpers/server.js";
 
 const MiB = 1024 * 1024;
@@ -171,25 +171,10 @@ void describe("replication: the secondary the tracking log describes", () => {
     let b: ServerHandle | null = null;
     try {
       b = await secondProxy(pair, bDir, ["--gateway-takeover"]);
-      const bWrite = async (offset: number, data: Buffer): Promise<void> => {
-        const file = join(bDir, "data.bin");
-        writeFileSync(file, data);
-        await nbdsh(
-          b!.uri,
-          [
-            "import nbd, os",
-            "h = nbd.NBD()",
-            'h.connect_uri(os.environ["URI"])',
-            `h.pwrite(open(${JSON.stringify(file)}, "rb").read(), ${offset})`,
-            "h.flush()",
-            "h.shutdown()",
-          ].join("\n"),
-        );
-      };
       // Both keep writing for a while; each write needs the secondary.
       for (let i = 1; i <= 6; i++) {
         await writeThroughNbd(pair, i * 64 * 1024, randomBytes(64 * 1024));
-        await bWrite(8 * MiB + i * 64 * 1024, randomBytes(64 * 1024));
+        await writeToUri(b.uri, bDir, 8 * MiB + i * 64 * 1024, randomBytes(64 * 1024));
         await new Promise((r) => setTimeout(r, 1500));
       }
       await new Promise((r) => setTimeout(r, 3000));

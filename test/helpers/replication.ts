@@ -281,11 +281,16 @@ export async function startPair(opts: PairOptions = {}): Promise<Pair> {
 }
 
 /** Write `data` at `offset` through the pair's proxy (nbdsh), then FLUSH. */
-export async function writeThroughNbd(pair: Pair, offset: number, data: Buffer): Promise<void> {
-  const file = join(pair.dir, `data-${Date.now()}.bin`);
+export function writeThroughNbd(pair: Pair, offset: number, data: Buffer): Promise<void> {
+  return writeToUri(pair.proxy!.uri, pair.dir, offset, data);
+}
+
+/** Write `data` at `offset` to the export at `uri` (nbdsh; the data staged in `dir`), then FLUSH. */
+export async function writeToUri(uri: string, dir: string, offset: number, data: Buffer): Promise<void> {
+  const file = join(dir, `data-${Date.now()}.bin`);
   writeFileSync(file, data);
   await nbdsh(
-    pair.proxy!.uri,
+    uri,
     [
       "import nbd, os",
       "h = nbd.NBD()",

@@ -1095,24 +1095,39 @@ void describe("Journal: retention", () => {
     await j.close();
   });
 
-  void test("an open snapshot view holds back the age limit; closing it lets retention go on", async () => {
+  /**
+   * A journal of 3 + 5 single-segment batches, a view "late" at a point inside the fourth batch's
+   * window (it needs segments 4.. only: pinnedSeg) and a view "early" at the earliest point.
+   */
+  async function twoViews(): Promise<{
+    j: Journal;
+    dir: string;
+    lines: string[];
+    point: number;
+    late: SnapshotView;
+    early: SnapshotView;
+    pinnedSeg: number;
+  }> {
     const W = 20;
     const { j, dir, lines } = await openJournal({ windowMs: W, segmentBytes: SMALL_SEG });
     const primary = new MemoryVolume(VOLUME);
     await sleep(W + 5);
     await fill(j, 3, W);
-    // A view at a point inside the fourth batch's window: it needs segments 4.. only.
     const pointTs = journalNow();
     const point = j.pointOf(pointTs);
     await sleep(W - (pointTs % W) + 2);
     await fill(j, 5, W, 100);
     const late = new SnapshotView(j, primary, point, "late");
     late.open();
-    const from = j.index.firstAtOrAfter(point);
-    const pinnedSeg = j.index.segAt(from);
+    const pinnedSeg = j.index.segAt(j.index.firstAtOrAfter(point));
     assert.ok(pinnedSeg >= 4, `pinned segment ${pinnedSeg}`);
     const early = new SnapshotView(j, primary, j.window().earliest!, "early");
     early.open();
+    return { j, dir, lines, point, late, early, pinnedSeg };
+  }
+
+  void test("an open snapshot view holds back the age limit; closing it lets retention go on", async () => {
+    const { j, dir, lines, point, late, early, pinnedSeg } = await twoViews();
     (j as unknown as { o: { retentionMs: number } }).o.retentionMs = 1; // every sealed segment is too old
     j.enforceRetention();
     assert.equal(segmentFiles(dir)[0], "0000000001.seg", "a segment the early view reads was dropped");
@@ -1143,20 +1158,7 @@ void describe("Journal: retention", () => {
   });
 
   void test("over --pit-max-bytes, the open snapshots that hold the oldest segment are revoked (reads fail with EIO), once their reads in flight are done", async () => {
-    const W = 20;
-    const { j, dir, lines } = await openJournal({ windowMs: W, segmentBytes: SMALL_SEG });
-    const primary = new MemoryVolume(VOLUME);
-    await sleep(W + 5);
-    await fill(j, 3, W);
-    const pointTs = journalNow();
-    const point = j.pointOf(pointTs);
-    await sleep(W - (pointTs % W) + 2);
-    await fill(j, 5, W, 100);
-    const late = new SnapshotView(j, primary, point, "late");
-    late.open();
-    const pinnedSeg = j.index.segAt(j.index.firstAtOrAfter(point));
-    const early = new SnapshotView(j, primary, j.window().earliest!, "early");
-    early.open();
+    const { j, dir, lines, late, early, pinnedSeg } = await twoViews();
     // A read of the early view in flight on the pool when it is revoked: held here.
     const internals = j as unknown as {
       o: { maxBytes: number };
