@@ -62,7 +62,7 @@ import { Pool } from "undici";
 import type { Logger } from "../log.js";
 import type { TrackingLog } from "../tracking/log.js";
 import { extentsJson } from "../tracking/dirty-map.js";
-import type { PieceLease, Volume, WriteHold } from "../volume/volume.js";
+import type { Extent, PieceLease, Volume, WriteHold } from "../volume/volume.js";
 import { encodeHeader, FLAG_RESYNC, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/records.js";
 import { acquire, release, Slab } from "../util/buffer-pool.js";
 import { UpdateStream, type BodyPart } from "./stream-client.js";
@@ -502,6 +502,8 @@ export class GatewayLink {
   }
   private failures = 0;
   private probesDone = 0;
+  /** The generation of the probe loop running (see startProbe). */
+  private probeGen = 0;
   /** Health checks finished (answered or failed): lets a caller wait for a fresh one. */
   get probes(): number {
     return this.probesDone;
@@ -621,6 +623,40 @@ export class GatewayLink {
       ticket.covers = false;
       return null;
     }
+    const before = this.queued;
+    // A write larger than a batch goes as several updates (consecutive seqs, a piece each): one
+    // update must fit in a batch and in the gateway's frame limit (MAX_STREAM_BODY).
+    const piece = data !== null && length > this.o.batchBytes ? this.o.batchBytes : length;
+    let p: Promise<void> | null = null;
+    const waits: Promise<void>[] = [];
+    for (let at = 0; at < length; at += piece) {
+      const n = Math.min(piece, length - at);
+      p = this.submitOne(
+        kind,
+        offset + at,
+        n,
+        data === null ? null : data.subarray(at, at + n),
+        ticket,
+        hold,
+      );
+      if (p !== null && piece < length) waits.push(p);
+    }
+    // One update alone in the queue is no overflow, however large (the largest request may be as
+    // large as the queue's bound): the queue is bounded by --queue-size plus one request.
+    if (this.o.mode === "async" && this.queued > this.o.queueBytes && before > 0) {
+      this.dispatch({ type: "overflow", reason: `queue over ${this.o.queueBytes} bytes (gateway too slow)` });
+    }
+    return waits.length > 0 ? Promise.all(waits).then(() => {}) : p;
+  }
+
+  private submitOne(
+    kind: UpdateKind,
+    offset: number,
+    length: number,
+    data: Buffer | null,
+    ticket: WriteTicket,
+    hold: WriteHold | null,
+  ): Promise<void> | null {
     const seq = this.reserve(offset, length);
     let stale = false;
     if (ticket.epoch !== this.epoch || !ticket.sending) {
@@ -634,11 +670,7 @@ export class GatewayLink {
     // A STALE block needs a resync copy: a resync running copies it (it ends only when none is
     // left); a streaming link starts one (the block would otherwise wait for the next outage).
     if (stale && this.s.name === "streaming") this.requestResync();
-    const p = this.enqueue(kind, offset, length, data, false, seq, null, null, hold);
-    if (this.o.mode === "async" && this.queued > this.o.queueBytes) {
-      this.dispatch({ type: "overflow", reason: `queue over ${this.o.queueBytes} bytes (gateway too slow)` });
-    }
-    return p;
+    return this.enqueue(kind, offset, length, data, false, seq, null, null, hold);
   }
 
   /**
@@ -1128,8 +1160,23 @@ export class GatewayLink {
     const now = performance.now();
     const oldest = this.queue[0];
     if (this.o.mode === "sync") {
-      let first = oldest?.at ?? now;
-      for (const b of this.sending) if (b[0] !== undefined && b[0].at < first) first = b[0].at;
+      // Only client updates count: a client waits for them. Resync copies have no waiter, and on
+      // a slow gateway they may take long by design (the resync makes progress all the same).
+      let first = now;
+      for (const p of this.queue) {
+        if (!p.resync) {
+          first = p.at;
+          break;
+        }
+      }
+      for (const b of this.sending) {
+        for (const p of b) {
+          if (!p.resync) {
+            if (p.at < first) first = p.at;
+            break;
+          }
+        }
+      }
       if (now - first > this.o.syncTimeoutMs) {
         this.dispatch({
           type: "syncTimeout",
@@ -1200,10 +1247,15 @@ export class GatewayLink {
   private startProbe(): void {
     if (this.probing) return;
     this.probing = true;
+    // Each loop has its own generation: a loop stopped and restarted (probeNow) while one of its
+    // checks is awaiting must not carry on beside the new one (two loops, and the old one's update
+    // stream left open at the gateway or replacing the new one's).
+    const gen = ++this.probeGen;
+    const live = (): boolean => this.probing && gen === this.probeGen && !this.stopped;
     let delay = 200;
     const first = this.failures === 0 ? 0 : Math.min(250 * 2 ** (this.failures - 1), 30_000);
     const once = async (): Promise<void> => {
-      if (!this.probing || this.stopped) return;
+      if (!live()) return;
       try {
         const h = (await this.call("GET", "/v1/health")) as {
           ok?: boolean;
@@ -1244,16 +1296,14 @@ export class GatewayLink {
         if (typeof h.boot === "string") this.bootSeen = h.boot;
         this.lastContact = performance.now();
         await this.pendingMeta; // a whole-volume resync is stored before anything is sent
-        if (!this.probing) return;
-        await this.openStream();
-        if (!this.probing) {
-          this.closeStream();
-          return;
-        }
+        if (!live()) return;
+        await this.openStream(live);
+        if (!live()) return;
         this.probesDone++;
         this.dispatch({ type: "healthy" });
         return;
       } catch (e) {
+        if (!live()) return; // another loop checks now
         this.lastError = `health check: ${transportHint(e, this.o.url)}`;
         this.probesDone++;
         const refused = refusal(e);
@@ -1266,7 +1316,7 @@ export class GatewayLink {
           );
         }
       }
-      if (!this.probing) return;
+      if (!live()) return;
       delay = Math.min(delay * 2, 5000);
       this.probeTimer = setTimeout(() => void once(), delay);
       this.probeTimer.unref();
@@ -1334,8 +1384,11 @@ export class GatewayLink {
     this.pendingMeta = this.tracking.updateMeta({}, true);
   }
 
-  /** Open the update stream for the next epoch (or leave the link on POST, saying why once). */
-  private async openStream(): Promise<void> {
+  /**
+   * Open the update stream for the next epoch (or leave the link on POST, saying why once). A
+   * stream opened for a probe loop that is no longer `live` is closed at once, never kept.
+   */
+  private async openStream(live: () => boolean): Promise<void> {
     this.closeStream();
     if (this.o.updateStream === false) return;
     let stream: UpdateStream;
@@ -1354,6 +1407,11 @@ export class GatewayLink {
       }
       return;
     }
+    if (!live()) {
+      stream.close();
+      return;
+    }
+    this.closeStream(); // another loop's, if one slipped in meanwhile
     this.streamRefused = "";
     const epoch = this.epoch;
     stream.onClosed = (reason) => {
@@ -1371,6 +1429,7 @@ export class GatewayLink {
 
   private stopProbe(): void {
     this.probing = false;
+    this.probeGen++;
     if (this.probeTimer) clearTimeout(this.probeTimer);
     this.probeTimer = null;
   }
@@ -1448,7 +1507,7 @@ export class GatewayLink {
                 bucket += length;
               }
               reading += length;
-              const p: Promise<void> = this.resyncRange(offset, length).then(
+              const p: Promise<void> = this.resyncRange(offset, length, alive).then(
                 () => {
                   reading -= length;
                   inflight.delete(p);
@@ -1544,12 +1603,14 @@ export class GatewayLink {
    * us skip its blocks, which stay dirty for the next pass. A run that is all hole (or zeroes) goes
    * as one ZERO update, anything else as one WRITE (one seq each: the gateway needs them gap-free).
    */
-  private async resyncRange(offset: number, length: number): Promise<void> {
+  private async resyncRange(offset: number, length: number, alive: () => boolean): Promise<void> {
     const g = this.tracking.map.granularity;
     const end = offset + length;
     let pos = offset;
     while (pos < end) {
-      if (!sends(this.s.name)) return;
+      // Not `sends()`: a copy of a resync the link gave up on (an outage, then a new resync, all
+      // within one copyRange) must reserve nothing in the new one, whose failures it cannot report.
+      if (!alive()) return;
       while (pos < end && this.writing.has(Math.floor(pos / g)))
         pos = Math.min((Math.floor(pos / g) + 1) * g, end);
       if (pos >= end) break;
@@ -1563,7 +1624,18 @@ export class GatewayLink {
   }
 
   private async copyRange(offset: number, length: number, seq: number): Promise<void> {
-    const extents = await this.primary.extents(offset, length);
+    // `seq` was reserved in this epoch: from here on, the copy is either queued in it or the link
+    // fails (the gateway needs every seq of an epoch, and the blocks point at this one). An epoch
+    // that ended meanwhile moved the floor above it: then the copy is simply forgotten.
+    const epoch = this.epoch;
+    let extents: Extent[];
+    try {
+      extents = await this.primary.extents(offset, length);
+    } catch (e) {
+      if (epoch === this.epoch) this.failed(`resync failed: ${(e as Error).message}`);
+      throw e;
+    }
+    if (epoch !== this.epoch) return;
     let zeroBytes = 0;
     for (const e of extents) if (e.flags & 2) zeroBytes += e.length;
     if (zeroBytes >= length) {
@@ -1578,7 +1650,6 @@ export class GatewayLink {
     if (this.stream?.zeroCopy === true) {
       const range = this.primary.fileRange?.(offset, length);
       if (range && isCached(range.fd, range.offset, length)) {
-        if (!sends(this.s.name)) return;
         void this.enqueue(
           KIND.WRITE,
           offset,
@@ -1598,9 +1669,10 @@ export class GatewayLink {
       await this.primary.read(buf, offset);
     } catch (e) {
       release(pooled);
+      if (epoch === this.epoch) this.failed(`resync failed: ${(e as Error).message}`);
       throw e;
     }
-    if (!sends(this.s.name)) {
+    if (epoch !== this.epoch) {
       release(pooled);
       return;
     }

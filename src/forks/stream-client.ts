@@ -9,9 +9,12 @@
 //   never copied in JS.
 // - ACKs come back in any order (they carry the batch id); in practice the gateway answers in
 //   order. A non-200 ACK rejects that batch with the gateway's JSON error, as a POST would.
-// - The stream has no per-request timeout of its own: a timer checks that the oldest batch in
-//   flight was answered within `timeoutMs`, else the connection is destroyed. Any end of the
-//   connection rejects every batch in flight and calls onClosed once: for the link, one failure.
+// - The stream has no per-request timeout of its own: a timer checks that the stream made progress
+//   within `timeoutMs` while batches are in flight (a batch answered, or a write of ours taken by
+//   the socket), else the connection is destroyed. Age alone would count the time a batch waits
+//   behind earlier ones in our own queue: a slow but moving link (a WAN) is not a stuck gateway.
+//   A gateway that stops reading stops both. Any end of the connection rejects every batch in
+//   flight and calls onClosed once: for the link, one failure.
 
 import type { Duplex } from "node:stream";
 import type { Dispatcher } from "undici";
@@ -49,6 +52,8 @@ export class UpdateStream {
   private readonly inFlight = new Map<number, InFlight>();
   private nextId = 1;
   private closed = false;
+  /** The last sign of life: a batch answered, or a write of ours completed. */
+  private progressAt = performance.now();
   private readonly timer: NodeJS.Timeout;
 
   /**
@@ -83,6 +88,7 @@ export class UpdateStream {
   ) {
     const fd = plainSocketFd(sock);
     this.out = new OutputQueue(sock, fd);
+    this.out.onSpace = () => (this.progressAt = performance.now());
     this.zeroCopy = fd >= 0;
     sock.on("data", (chunk: Buffer) => this.onData(chunk));
     sock.on("error", (e: Error & { code?: string }) =>
@@ -142,6 +148,7 @@ export class UpdateStream {
       const f = this.inFlight.get(a.id);
       if (f === undefined) continue;
       this.inFlight.delete(a.id);
+      this.progressAt = performance.now();
       if (a.status === 200) f.resolve(a.json);
       else {
         const err = (a.json as { error?: { code?: string; message?: string } } | null)?.error;
@@ -155,9 +162,11 @@ export class UpdateStream {
   private checkTimeout(): void {
     const first = this.inFlight.values().next();
     if (first.done === true) return;
-    const age = performance.now() - first.value.at;
+    const age = performance.now() - Math.max(first.value.at, this.progressAt);
     if (age > this.timeoutMs) {
-      this.end(`no acknowledgement of a batch within ${this.timeoutMs} ms (the gateway is stuck)`);
+      this.end(
+        `no progress on the update stream within ${this.timeoutMs} ms: no batch answered, nothing sent (the gateway is stuck)`,
+      );
     }
   }
 

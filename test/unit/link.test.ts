@@ -16,6 +16,7 @@ import { after, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
+import { connect, createServer, type AddressInfo, type Socket } from "node:net";
 import { constants, tmpdir } from "node:os";
 import { join } from "node:path";
 import { Gateway } from "../../src/gateway/gateway.js";
@@ -1388,6 +1389,187 @@ void describe("GatewayLink: verify, mirror, stop", () => {
       assert.equal(t.link.state, "stopped");
     } finally {
       await t.close();
+    }
+  });
+});
+
+/** A TCP relay in front of the gateway (a WAN, a far gateway), closed by `close()`. */
+async function relay(
+  target: string,
+  opts: { rate?: number; holdStreamUpgrade?: () => number },
+): Promise<{ url: string; upgrades: number; open: number; close(): void }> {
+  const port = Number(new URL(target).port);
+  const conns = new Set<Socket>();
+  const state = { url: "", upgrades: 0, open: 0, close: () => {} };
+  // Bytes go on at `rate` bytes per second in each direction (20 slices a second).
+  const pace = (src: Socket, dst: Socket): void => {
+    if (opts.rate === undefined) {
+      src.pipe(dst);
+      return;
+    }
+    const rate = opts.rate;
+    const q: Buffer[] = [];
+    let busy = false;
+    const next = (): void => {
+      let chunk = q.shift();
+      if (chunk === undefined) {
+        busy = false;
+        return;
+      }
+      busy = true;
+      const n = Math.max(1, Math.floor(rate / 20));
+      if (chunk.length > n) {
+        q.unshift(chunk.subarray(n));
+        chunk = chunk.subarray(0, n);
+      }
+      dst.write(chunk);
+      setTimeout(next, (chunk.length / rate) * 1000);
+    };
+    src.on("data", (d: Buffer) => {
+      q.push(d);
+      if (!busy) next();
+    });
+  };
+  const server = createServer((c) => {
+    const up = connect(port, "127.0.0.1");
+    conns.add(c).add(up);
+    let first = true;
+    c.once("data", (d: Buffer) => {
+      if (first && d.toString("latin1").startsWith("GET /v1/volumes/sec/stream")) {
+        state.upgrades++;
+        state.open++;
+        c.on("close", () => state.open--);
+        const hold = opts.holdStreamUpgrade?.() ?? 0;
+        if (hold > 0) {
+          c.pause();
+          setTimeout(() => {
+            up.write(d);
+            pace(c, up);
+            c.resume();
+          }, hold);
+          return;
+        }
+      }
+      first = false;
+      up.write(d);
+      pace(c, up);
+    });
+    pace(up, c);
+    const end = (): void => {
+      c.destroy();
+      up.destroy();
+    };
+    c.on("error", end).on("close", end);
+    up.on("error", end).on("close", end);
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  state.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  state.close = () => {
+    for (const s of conns) s.destroy();
+    server.close();
+  };
+  return state;
+}
+
+void describe("GatewayLink: found by a review (24 Nov)", () => {
+  void test("sync mode: resync copies over a slow gateway are no sync timeout (no client waits for them)", async () => {
+    const gw = await startGateway();
+    const r = await startRig({ gw, mode: "sync", syncTimeoutMs: 300, batchBytes: MiB });
+    try {
+      await r.primary.mem.write(randomBytes(SIZE), 0, false);
+      gw.setFault({ mode: "slow", delayMs: 200 });
+      r.link.start();
+      await waitSynced(r, 20_000);
+      assert.equal(r.link.status().outages, 0, `outages: ${r.link.status().lastError}`);
+      assertIdentical(r, "after a resync over a slow gateway");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a resync copy of a hole whose extents come back after the link dropped is not queued", async () => {
+    const r = await startRig({ mode: "sync", syncTimeoutMs: 1000 });
+    try {
+      const gate = new Gate();
+      r.primary.extentsGate = gate;
+      r.link.start();
+      await waitFor("the resync inside extents()", () => gate.waiting > 0);
+      r.gw.setFault({ mode: "error" });
+      r.primary.extentsGate = null;
+      void r.fork.write(pattern(4096, 3), SIZE - 4096, false);
+      await waitFor("tracking", () => r.link.state === "tracking");
+      r.gw.setFault({ mode: "down" });
+      gate.release();
+      await sleep(100);
+      assert.deepEqual(r.link.status().queue.updates, 0, "nothing is queued while the link tracks");
+      await sleep(1200); // an outage longer than the sync timeout: a stale copy would fire it
+      const outages = r.link.status().outages;
+      r.gw.setFault({ mode: "none" });
+      await waitSynced(r);
+      assert.equal(r.link.status().outages, outages, `no second outage: ${r.link.status().lastError}`);
+      assertIdentical(r, "after the outage");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a resync asked for while a health check opens the update stream leaves one stream, and uses it", async () => {
+    const gw = await startGateway();
+    let hold = 0;
+    const front = await relay(gw.url, { holdStreamUpgrade: () => hold });
+    const r = await syncedRig({ gw, url: front.url });
+    try {
+      gw.setFault({ mode: "down" });
+      void r.fork.write(pattern(4096, 1), 0, false);
+      await waitFor("tracking", () => r.link.state === "tracking");
+      hold = 700; // upgrades are slow (a far gateway)
+      const before = front.upgrades;
+      gw.setFault({ mode: "none" });
+      await waitFor("a health check opening the stream", () => front.upgrades > before);
+      r.link.requestResync(); // blockfork resync, a failed primary write while tracking
+      await waitSynced(r);
+      await sleep(1000);
+      assert.equal(r.link.status().transport, "stream", "the link streams (not POST)");
+      assert.equal(front.open, 1, "one update stream open at the gateway");
+    } finally {
+      await r.close();
+      front.close();
+    }
+  });
+
+  void test("a slow but moving link is no stuck gateway: batches queued behind others do not time out", async () => {
+    const gw = await startGateway();
+    const front = await relay(gw.url, { rate: 2 * MiB });
+    const r = await syncedRig(
+      { gw, url: front.url, batchBytes: 256 * KiB, maxBatches: 16, requestTimeoutMs: 1500 },
+      [0], // the region of the writes below is in the activity log: they go out at once
+    );
+    try {
+      // 4 MiB in batches of 256 KiB, 16 in flight: the last one sent waits 2 s behind the others
+      // on a 2 MiB/s link, while every batch is answered 1/8 s after the one before.
+      const writes: Promise<void>[] = [];
+      for (let i = 0; i < 64; i++) writes.push(r.fork.write(randomBytes(64 * KiB), i * G, false));
+      await Promise.all(writes);
+      await waitSynced(r, 20_000);
+      assert.equal(r.link.status().outages, 0, `outages: ${r.link.status().lastError}`);
+      assertIdentical(r, "after 4 MiB over a 2 MiB/s link");
+    } finally {
+      await r.close();
+      front.close();
+    }
+  });
+
+  void test("a write larger than a batch and the queue goes as several updates, without an overflow", async () => {
+    const r = await syncedRig({ batchBytes: MiB, queueBytes: 2 * MiB });
+    try {
+      const updates = r.gw.gateway.counters.updates;
+      await r.fork.write(randomBytes(5 * MiB + 4096), G, false);
+      await waitSynced(r);
+      assert.equal(r.link.status().outages, 0, `outages: ${r.link.status().lastError}`);
+      assert.ok(r.gw.gateway.counters.updates - updates >= 6, "sent as pieces of at most a batch");
+      assertIdentical(r, "after one large write");
+    } finally {
+      await r.close();
     }
   });
 });
