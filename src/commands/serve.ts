@@ -576,6 +576,7 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
       throw stateDirFull(e, stateDir!);
     });
     parts.tracking = tracking;
+    tracking.primaryFlush = () => base.flush();
     describeRecovery(tracking, log);
     const link = new GatewayLink(tracking, base, {
       ...LINK_DEFAULTS,
@@ -843,6 +844,7 @@ async function shutdown(parts: Parts, log: Logger): Promise<number> {
     log.info("volume flushed (fdatasync)");
   } catch (e) {
     log.error(`final flush failed: ${(e as Error).message}`);
+    parts.tracking?.primaryFailed(e as Error);
     status = 1;
   }
   if (parts.link) {

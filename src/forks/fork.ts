@@ -243,7 +243,13 @@ class ForkVolume extends FilterVolume {
   }
 
   override async flush(): Promise<void> {
-    await this.next.flush();
+    try {
+      await this.next.flush();
+    } catch (e) {
+      // Writes the primary acknowledged may be lost on its disk, and the gateway has them.
+      this.tracking.primaryFailed(e as Error);
+      throw e;
+    }
     if (this.mode === "sync") await this.link.flushGateway();
   }
 }

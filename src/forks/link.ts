@@ -594,7 +594,7 @@ export class GatewayLink {
     const last = this.lastSeq.get(b);
     if (last !== undefined && last <= d) {
       this.lastSeq.delete(b);
-      this.tracking.map.clearBlock(b);
+      this.tracking.clearBlock(b);
       this.mirrorDirty = true;
     }
   }

@@ -16,6 +16,14 @@
 //   the AL stops covering them.
 // - Everything else is lazy: changed bitmap chunks are written every few seconds (no sync) and at
 //   close; losing those writes in a crash only means blocks that were already clean are resynced.
+// - A cleared bit outside the AL must also hold after a crash of the *primary's* disk: the gateway
+//   made the update durable, but the primary's own write may still sit in its page cache, and a
+//   crash there loses it while the secondary keeps it (found by a power-cut simulator). So, as
+//   DRBD writes its AL transactions with a pre-flush, a batch that stores cleared bits of regions
+//   the AL no longer covers (an eviction; a lazy persist after such a clear; the close) runs after
+//   an fdatasync of the primary (`primaryFlush`), in the db's chain. Bits are encoded before that
+//   flush starts, so every clear it stores is of a primary write completed before it. A primary
+//   whose flush fails cannot say what it lost: the full-resync mark is set (primaryFailed).
 // - Concurrent activations share one batch (group commit); a batch in flight makes later ones wait.
 // - A clean close writes every chunk and an empty AL, and records cleanShutdown.
 // - Writes to the db land in the order their batches were encoded (one chain): LevelDB batches run
@@ -164,6 +172,13 @@ export class TrackingLog {
   private timer: NodeJS.Timeout | null = null;
   private closed = false;
   private failure: Error | null = null;
+  /**
+   * fdatasync of the primary, run before a batch that stores cleared bits outside the activity
+   * log (see the notes above); null: no primary to flush (tests, inspection).
+   */
+  primaryFlush: (() => Promise<void>) | null = null;
+  /** A bit of a region outside the activity log was cleared since the last batch that stored it. */
+  private coldCleared = false;
   /** Set when the full-resync mark was written after a failure: writes go on (see the notes). */
   private degradedMark: FullResyncMark | null = null;
   /** The full-resync mark's file is allocated and clear (prepareMark), so fail() can set it. */
@@ -467,7 +482,8 @@ export class TrackingLog {
       batch.put(chunkKey(c), this.map.encodeChunk(c));
       this.map.changed.delete(c);
     }
-    await this.writeInOrder(batch, true);
+    // The evicted regions' cleared bits become final here: their primary writes must be durable.
+    await this.writeInOrder(batch, true, evicted.length > 0);
     // Add the new regions; the others keep the uses activate() noted during the write.
     for (const r of adding) this.active.set(r, use);
     if (evicted.length > 0) this.log.debug(`activity log: ${adding.size} in, ${evicted.length} out`);
@@ -484,17 +500,34 @@ export class TrackingLog {
     const chunks = [...this.map.changed];
     this.map.changed.clear();
     for (const c of chunks) batch.put(chunkKey(c), this.map.encodeChunk(c));
+    const cold = this.coldCleared;
+    this.coldCleared = false;
     try {
-      await this.writeInOrder(batch, sync);
+      await this.writeInOrder(batch, sync, cold);
     } catch (e) {
       for (const c of chunks) this.map.changed.add(c);
+      if (cold) this.coldCleared = true;
       throw e;
     }
   }
 
-  /** Write `batch` (already encoded) after every batch issued before it. */
-  private writeInOrder(batch: ReturnType<Db["batch"]>, sync: boolean): Promise<void> {
-    const p = this.dbTail.then(() => batch.write({ sync }));
+  /**
+   * Write `batch` (already encoded) after every batch issued before it; with `flushFirst`, after
+   * an fdatasync of the primary (a failure of which sets the full-resync mark and fails the batch).
+   */
+  private writeInOrder(batch: ReturnType<Db["batch"]>, sync: boolean, flushFirst = false): Promise<void> {
+    const flush = flushFirst ? this.primaryFlush : null;
+    const p = this.dbTail.then(async () => {
+      if (flush !== null) {
+        try {
+          await flush();
+        } catch (e) {
+          this.primaryFailed(e as Error);
+          throw e;
+        }
+      }
+      await batch.write({ sync });
+    });
     this.dbTail = p.catch(() => {});
     return p;
   }
@@ -527,6 +560,27 @@ export class TrackingLog {
     );
   }
 
+  /**
+   * The gateway made block `b`'s newest update durable: clear it (noting a clear outside the
+   * activity log: the next batch storing it flushes the primary first).
+   */
+  clearBlock(b: number): void {
+    this.map.clearBlock(b);
+    if (!this.active.has(Math.floor(b / this.map.blocksPerRegion))) this.coldCleared = true;
+  }
+
+  /**
+   * The primary's flush failed: writes it had acknowledged may be lost on its disk while the
+   * gateway holds them, and nothing says which. Sets the full-resync mark (as any failure of the
+   * log: the next start copies the whole primary to the secondary, so the two agree again).
+   */
+  primaryFailed(e: Error): void {
+    if (this.readOnly || this.closed) return;
+    this.fail(
+      new Error(`the primary's flush failed (${e.message}): the secondary may hold writes the primary lost`),
+    );
+  }
+
   /** Persist everything, empty the activity log, mark a clean shutdown, close. */
   async close(): Promise<void> {
     if (this.closed) return;
@@ -538,7 +592,13 @@ export class TrackingLog {
       batch.put("al", encodeAl([]));
       this.meta.cleanShutdown = true;
       batch.put("meta", Buffer.from(JSON.stringify(this.meta)));
-      await this.writeInOrder(batch, true);
+      try {
+        // The empty AL stores every cleared bit as final: the primary's writes must be durable.
+        await this.writeInOrder(batch, true, true);
+      } catch (e) {
+        if (!this.failure) throw e;
+        // The primary's flush failed (the mark is set, see writeInOrder): nothing more to store.
+      }
       this.active.clear();
     }
     await this.dbTail; // a failed lazy persist still in flight must be over before the db closes

@@ -524,6 +524,54 @@ void describe("TrackingLog: crashes (a child process that never closes the log)"
     }
   });
 
+  void test("a batch storing bits cleared outside the AL flushes the primary first; a failed flush sets the full-resync mark", async () => {
+    // The gateway made a write durable, but the primary's copy may still be in its page cache: a
+    // cleared bit that the AL no longer covers must not be stored before the primary is durable,
+    // or a crash of the primary's disk leaves the secondary with a write the primary lost, with
+    // nothing dirty (found by a power-cut simulator with --al-extents 1).
+    const dir = await cleanLog();
+    const t = await open(dir, { alExtents: 1 });
+    const events: string[] = [];
+    t.primaryFlush = () => {
+      events.push("flush");
+      return Promise.resolve();
+    };
+    try {
+      t.map.mark(0, 4096);
+      await t.activate(0, 4096); // region 0 in
+      t.clearBlock(0); // the gateway made it durable: the primary's write may not be yet
+      events.length = 0;
+      t.map.mark(R, 4096);
+      await t.activate(R, 4096); // evicts region 0, storing its cleared bit
+      assert.deepEqual(events, ["flush"], "the eviction flushed the primary before its batch");
+      events.length = 0;
+      t.map.mark(2 * G, 4096); // region 0 again, not active: marked, evicts region 1 when active
+      await t.activate(2 * G, 4096);
+      events.length = 0;
+      t.clearBlock(R / G); // a bit of region 1, which the AL no longer covers
+      await t.persist();
+      assert.deepEqual(events, ["flush"], "a lazy persist of a bit cleared outside the AL flushes first");
+      events.length = 0;
+      t.clearBlock(2); // inside the AL: a crash resyncs the region anyway
+      await t.persist();
+      assert.deepEqual(events, [], "bits cleared inside the AL need no flush");
+      t.primaryFlush = () => Promise.reject(new Error("fdatasync failed: EIO"));
+      t.map.mark(5 * R, 4096);
+      await t.activate(5 * R, 4096); // evicts region 0: its flush fails
+      assert.ok(t.degraded !== null, "a failed primary flush leaves the log degraded");
+      assert.match(t.degraded.reason, /the primary's flush failed/);
+      assert.ok(readFullResyncMark(dir) !== null, "the full-resync mark is set");
+    } finally {
+      await t.close();
+    }
+    const u = await open(dir);
+    try {
+      assert.equal(u.map.dirtyBlocks, u.map.blocks, "the next start resyncs everything");
+    } finally {
+      await u.close();
+    }
+  });
+
   void test("persist(true) makes bits outside the AL survive a crash", async () => {
     const dir = await cleanLog();
     await child(dir, [{ op: "markOnly", offset: 7 * R, length: 1, time: 9 }, { op: "persist" }], "kill");
