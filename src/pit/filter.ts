@@ -117,6 +117,8 @@ class JournalVolume extends FilterVolume {
    */
   private change(offset: number, length: number, zeroes: boolean, apply: () => Promise<void>): Promise<void> {
     if (!this.journal.running) {
+      const refused = this.journal.unjournaledRefusal();
+      if (refused !== null) return Promise.reject(refused);
       // Unjournaled, but counted all the same: a view at the restart's first point must not
       // open before it has landed.
       const ts = journalNow();

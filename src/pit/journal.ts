@@ -37,14 +37,18 @@
 //   logs it loudly, and reports no available point in time (open snapshots fail their reads) until
 //   it restarts by itself once space returns; points from the restart on are exact again. The
 //   restart records its earliest exact point in the state file (before its first image), so a
-//   later process start does not offer the points before or during the gap either.
+//   later process start does not offer the points before or during the gap either. A stop that
+//   the state file cannot record (its disk fails) would let a later start offer points that the
+//   unjournaled writes changed: until it is recorded (retried at most once a second), changes are
+//   refused with EIO, as the tracking log refuses writes when not even its mark can be written.
 
+import { constants } from "node:os";
 import { closeSync, mkdirSync, openSync, readdirSync, readSync, rmSync } from "node:fs";
 import { existsSync, fdatasyncSync, readFileSync, writeSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { BlockFile, isCached, syncDir } from "../blockio/index.js";
-import { errnoName, errnoOf, UsageError } from "../errors.js";
+import { errnoName, errnoOf, IoError, UsageError } from "../errors.js";
 import { acquire, release } from "../util/buffer-pool.js";
 import { allocateInPlace, writeFileAtomicSync, writeInPlace } from "../util/atomic.js";
 import { DONE } from "../util/done.js";
@@ -323,6 +327,9 @@ export class Journal {
   /** Changes stamped but not yet applied to the primary (or failed), by merge window. */
   private readonly changes = new Map<number, { n: number; drained: (() => void)[] }>();
   private stoppedAt: { ts: number; reason: string } | null = null;
+  /** The stop is not in the state file yet: changes are refused until it is (see the notes). */
+  private stopUnrecorded = false;
+  private stopRetryAt = 0;
   /** Exact points in time exist from this window start on (moved by retention and restarts). */
   private earliestTs: number;
   private bookmarks = new Map<string, number>();
@@ -712,6 +719,28 @@ export class Journal {
   }
 
   /**
+   * With the journal not running: null when a change may go on unjournaled, else the error to fail
+   * it with (a stop the state file could not record yet; retried here at most once a second).
+   */
+  unjournaledRefusal(): IoError | null {
+    if (!this.stopUnrecorded) return null;
+    const now = performance.now();
+    if (now - this.stopRetryAt >= 1000 && this.stoppedAt !== null) {
+      this.stopRetryAt = now;
+      if (this.writeState({ stoppedAt: this.stoppedAt.ts })) {
+        this.stopUnrecorded = false;
+        this.log.warn("journal: the stop is recorded now; primary writes go on, without before-images");
+        return null;
+      }
+    }
+    return new IoError(
+      constants.errno.EIO,
+      "journal",
+      "the journal stopped and its state file cannot record it: writes are refused until it can",
+    );
+  }
+
+  /**
    * Does `block`, changed at `ts`, need a before-image? Not if it already has one in ts's merge
    * window (then `session` is recorded as a contributing source).
    */
@@ -861,8 +890,13 @@ export class Journal {
             if (failed !== null) this.stop(failed);
           }
         } finally {
-          // A stopped journal does not fail primary writes: they go on, unjournaled.
-          for (const w of waiters) w.resolve();
+          // A stopped journal does not fail primary writes: they go on, unjournaled (unless the
+          // stop could not be recorded: see unjournaledRefusal).
+          const refused = this.stoppedAt !== null ? this.unjournaledRefusal() : null;
+          for (const w of waiters) {
+            if (refused === null) w.resolve();
+            else w.reject(refused);
+          }
           if (this.commitWaiters.length > 0) this.scheduleRound();
         }
       },
@@ -958,10 +992,16 @@ export class Journal {
     this.stoppedAt = { ts: journalNow(), reason: `${code}: ${e.message}` };
     this.inWindow.clear();
     if (!this.writeState({ stoppedAt: this.stoppedAt.ts })) {
-      this.log.error("journal: could not record the stop in its state file either");
+      this.stopUnrecorded = true;
+      this.stopRetryAt = performance.now();
     }
+    const writes = this.stopUnrecorded
+      ? "Its state file cannot record the stop either, so primary writes are REFUSED (EIO) until it " +
+        "can (a restart would otherwise offer points in time that unjournaled writes changed; check " +
+        `the disk of ${this.dir})`
+      : "Primary writes continue WITHOUT before-images";
     this.log.error(
-      `JOURNAL STOPPED: ${e.message}. Primary writes continue WITHOUT before-images: no point in time is ` +
+      `JOURNAL STOPPED: ${e.message}. ${writes}: no point in time is ` +
         `available until the journal restarts (free space in ${this.dir}, or restart with a lower ` +
         `--pit-max-bytes that this disk can hold; ` +
         `it retries every ${RESTART_INTERVAL_MS / 1000} s)`,
@@ -1006,6 +1046,7 @@ export class Journal {
     }
     clearInterval(timer);
     this.earliestTs = Math.max(this.earliestTs, earliest);
+    this.stopUnrecorded = false; // the restart's record supersedes the stop's
     this.expireBookmarks("with the stop of the journal");
     this.log.warn(
       `journal restarted; points in time from ${new Date(this.earliestTs).toISOString()} on ` +

@@ -16,6 +16,7 @@ import { randomBytes } from "node:crypto";
 import {
   closeSync,
   existsSync,
+  mkdirSync,
   mkdtempSync,
   openSync,
   readdirSync,
@@ -906,6 +907,34 @@ void describe("Journal: reopen and torn tails", () => {
       assert.ok(e >= w.earliest, `reopen ${n + 1}: earliest ${e} is before the restart's ${w.earliest}`);
       await j2.close();
     }
+  });
+
+  void test("a stop the state file cannot record refuses changes (EIO) until it can: a restart must not offer the points it spoiled", async () => {
+    // Found with a failing disk: the journal stopped, could not write its state file, writes went
+    // on unjournaled, and after a restart snap@ a point before the stop served data written after.
+    const dir = scratch();
+    const { j, lines } = await openJournal({ dir });
+    await commitImages(j, [1]);
+    rmSync(join(dir, "state"));
+    mkdirSync(join(dir, "state")); // the state file cannot be written now
+    const internals = j as unknown as { stop(e: Error): void };
+    internals.stop(Object.assign(new Error("fdatasync failed: EIO"), { code: "EIO" }));
+    assert.equal(j.running, false);
+    assert.equal(j.unjournaledRefusal()?.code, "EIO", "a change is refused while the stop is unrecorded");
+    assert.ok(
+      lines.some((l) => /JOURNAL STOPPED.*cannot record the stop.*REFUSED/.test(l)),
+      lines.join(""),
+    );
+    rmSync(join(dir, "state"), { recursive: true });
+    writeFileSync(join(dir, "state"), Buffer.alloc(4096, 0x20));
+    assert.equal(j.unjournaledRefusal()?.code, "EIO", "retried at most once a second");
+    await sleep(1100);
+    assert.equal(j.unjournaledRefusal(), null, "recorded now: changes go on, unjournaled");
+    assert.match(readFileSync(join(dir, "state"), "utf8"), /stoppedAt/);
+    await j.close();
+    const { j: j2 } = await openJournal({ dir });
+    assert.equal(j2.window().earliest, null, "no point before the reopen is offered");
+    await j2.close();
   });
 
   void test("a sealed segment's entries stamped after the next segment began are garbage, not indexed", async () => {
