@@ -242,7 +242,13 @@ export class Transmission implements RequestSink {
   /** A request without payload. */
   request(req: Request): void {
     this.stats.requests++;
-    this.dispatch(req);
+    try {
+      this.dispatch(req);
+    } catch (e) {
+      // A volume must answer through its promise; one that throws instead (a bug) fails this
+      // request, not the process and every other client with it.
+      this.replyFailure(req, e);
+    }
   }
 
   checkWrite(req: Request): Rejection | null {
@@ -345,7 +351,12 @@ export class Transmission implements RequestSink {
   /** A WRITE with its payload; `hold` keeps the payload's memory until the volume is done with it. */
   write(req: Request, data: Buffer, hold: PayloadHold): void {
     this.stats.bytesWritten += data.length;
-    const p = this.vol.write(data, req.offset, (req.flags & CMD_FLAG.FUA) !== 0, hold);
+    let p: Promise<void>;
+    try {
+      p = this.vol.write(data, req.offset, (req.flags & CMD_FLAG.FUA) !== 0, hold);
+    } catch (e) {
+      p = Promise.reject(e); // see request()
+    }
     if (p === DONE) {
       hold.release();
       this.replyOk(req);

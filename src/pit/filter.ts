@@ -147,7 +147,13 @@ class JournalVolume extends FilterVolume {
       this.journal.endChange(ts);
     };
     let need: number[] | null = null;
-    for (let b = b0; b <= b1; b++) if (this.journal.needsImage(b, ts, this.session)) (need ??= []).push(b);
+    try {
+      for (let b = b0; b <= b1; b++) if (this.journal.needsImage(b, ts, this.session)) (need ??= []).push(b);
+    } catch (e) {
+      if (need !== null) this.journal.forgetImages(need, 0, ts);
+      unlock();
+      return Promise.reject(e);
+    }
     if (need === null) return settle(apply, unlock);
     const blocks = need;
     const progress = { durable: 0 };

@@ -110,6 +110,8 @@ interface Pin {
   revoke: ((why: string) => void) | null;
 }
 
+/** Blocks imaged in one merge window after which the window is cut short (see needsImage). */
+export const MAX_IN_WINDOW = 1 << 20;
 /** The state file: JSON padded with spaces to 4 KiB, overwritten in place (see openStateFile). */
 const STATE_SIZE = 4096;
 const STATE_PAD = 0x20;
@@ -745,7 +747,15 @@ export class Journal {
    * window (then `session` is recorded as a contributing source).
    */
   needsImage(block: number, ts: number, session: JournalSession): boolean {
-    const w = this.windowFloor(ts);
+    let w = this.windowFloor(ts);
+    if (w === this.windowStart && this.inWindow.size >= MAX_IN_WINDOW && ts > w) {
+      // The window has imaged MAX_IN_WINDOW blocks (a huge trim or write in a long window): end it
+      // at `ts`, as a bookmark would (every change stamped before ts has passed here already, and
+      // this one is stamped ts). Its blocks are imaged afresh from here on: more images, never
+      // fewer, and the map stays bounded (V8's Map also stops at 2^24 entries).
+      this.cuts.push(ts);
+      w = ts;
+    }
     if (w !== this.windowStart) {
       this.windowStart = w;
       this.inWindow.clear();

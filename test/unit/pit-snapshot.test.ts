@@ -17,7 +17,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { performance } from "node:perf_hooks";
-import { Journal } from "../../src/pit/journal.js";
+import { Journal, MAX_IN_WINDOW } from "../../src/pit/journal.js";
 import { journalNow } from "../../src/pit/clock.js";
 import { journalVolume } from "../../src/pit/filter.js";
 import { SnapshotView } from "../../src/pit/snapshot.js";
@@ -830,6 +830,48 @@ void describe("a large change journaled in pieces, with small writes going on", 
       }
     },
   );
+});
+
+void describe("huge changes in one merge window", () => {
+  // Found by a review: 19 trims of 4 GiB at once in a 300 s window imaged more blocks than V8's
+  // Map holds (2^24): needsImage threw synchronously, the process died, and where it did not,
+  // the throw left the blocks locked for good.
+  void test(
+    "a window that imaged MAX_IN_WINDOW blocks is cut short: the map stays bounded, every change completes",
+    { timeout: 120_000 },
+    async () => {
+      const blocks = MAX_IN_WINDOW + MAX_IN_WINDOW / 4;
+      const r = await rig("file", blocks * BS, 600_000);
+      const j = r.journal as unknown as { inWindow: Map<number, number>; cuts: number[] };
+      let most = 0;
+      const zero = r.stack.zero(0, blocks * BS, { mayTrim: false }); // a zero image per block
+      const watch = setInterval(() => (most = Math.max(most, j.inWindow.size)), 5);
+      await zero;
+      clearInterval(watch);
+      most = Math.max(most, j.inWindow.size);
+      assert.ok(most <= MAX_IN_WINDOW, `the window's map held ${most} blocks`);
+      assert.ok(j.cuts.length >= 1, "the window was cut");
+      await r.stack.write(randomBytes(BS), 0, false);
+    },
+  );
+
+  void test("a change whose imaging throws fails alone, and leaves its blocks unlocked", async () => {
+    const r = await rig("memory", MiB, 50);
+    const needsImage = r.journal.needsImage.bind(r.journal);
+    r.journal.needsImage = () => {
+      throw new RangeError("Map maximum size exceeded");
+    };
+    await assert.rejects(() => r.stack.write(randomBytes(BS), 0, false), RangeError);
+    r.journal.needsImage = needsImage;
+    const data = randomBytes(BS);
+    const done = r.stack.write(data, 0, false);
+    const late = setTimeout(() => assert.fail("a write to the block never completed: its lock leaked"), 5000);
+    await done;
+    clearTimeout(late);
+    const b = Buffer.alloc(BS);
+    await r.primary.read(b, 0);
+    assert.ok(b.equals(data));
+  });
 });
 
 void describe("SnapshotView: time to open over 1,000,000 journal entries", () => {
