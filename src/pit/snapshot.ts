@@ -390,15 +390,23 @@ export class SnapshotView implements Volume {
       if (last && last.flags === flags) last.length += len;
       else out.push({ length: len, flags });
     };
+    // Only the mapped blocks are visited (nextMapped skips a word of the bitset, or a whole chunk
+    // of 32768 blocks, at a time): a status request over a huge sparse range costs what the map
+    // holds there, not a step per block, which stalled every client for 30 ms per 4 GiB asked.
     let pos = offset;
     for (const e of base) {
       const stop = pos + e.length;
       while (pos < stop) {
         const b = Math.floor(pos / j);
-        const bEnd = Math.min((b + 1) * j, stop);
         const i = this.entry(b);
-        if (i < 0) push(bEnd - pos, e.flags);
-        else push(bEnd - pos, this.journal.index.offAt(i) < 0 ? 2 : 0);
+        if (i < 0) {
+          const next = Math.min(this.map.nextMapped(b + 1, Math.ceil(stop / j)) * j, stop);
+          push(next - pos, e.flags);
+          pos = next;
+          continue;
+        }
+        const bEnd = Math.min((b + 1) * j, stop);
+        push(bEnd - pos, this.journal.index.offAt(i) < 0 ? 2 : 0);
         pos = bEnd;
       }
     }
