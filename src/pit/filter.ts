@@ -116,17 +116,25 @@ class JournalVolume extends FilterVolume {
    * would then take its status from the primary and call it data.
    */
   private change(offset: number, length: number, zeroes: boolean, apply: () => Promise<void>): Promise<void> {
+    const b0 = Math.floor(offset / this.j);
+    const b1 = Math.floor((offset + length - 1) / this.j);
     if (!this.journal.running) {
       const refused = this.journal.unjournaledRefusal();
       if (refused !== null) return Promise.reject(refused);
-      // Unjournaled, but counted all the same: a view at the restart's first point must not
-      // open before it has landed.
-      const ts = journalNow();
-      this.journal.beginChange(ts);
-      return settle(apply, () => this.journal.endChange(ts));
+      // Unjournaled, but counted all the same (a view at the restart's first point must not open
+      // before it has landed), and under the blocks' locks: a change journaled after the restart
+      // must not capture a block before an unjournaled change stamped before the restart lands.
+      const go = (unlockBlocks: () => void): Promise<void> => {
+        const ts = journalNow();
+        this.journal.beginChange(ts);
+        return settle(apply, () => {
+          unlockBlocks();
+          this.journal.endChange(ts);
+        });
+      };
+      const held = this.locks.lock(b0, b1);
+      return typeof held === "function" ? go(held) : held.then(go);
     }
-    const b0 = Math.floor(offset / this.j);
-    const b1 = Math.floor((offset + length - 1) / this.j);
     const locked = this.locks.lock(b0, b1);
     if (typeof locked === "function") return this.locked(b0, b1, zeroes, apply, locked);
     return locked.then((unlock) => this.locked(b0, b1, zeroes, apply, unlock));

@@ -874,6 +874,65 @@ void describe("huge changes in one merge window", () => {
   });
 });
 
+void describe("a journal restart with an unjournaled change in flight", () => {
+  // Found by a review: a change made while the journal was stopped (disk full) and still in flight
+  // when it restarted took no block lock, so a change journaled after the restart captured the
+  // block before it landed, and snap@ the restart's first point lacked a change stamped before it.
+  void test("a change journaled after the restart waits for it: snap@ the first point holds it", async () => {
+    const W = 50;
+    const dir = scratch();
+    const primary = FileVolume.open(join(dir, "disk.img"), { create: true, size: MiB });
+    const journal = await Journal.open({ dir: join(dir, "journal"), volumeSize: MiB, windowMs: W, log });
+    cleanups.push(async () => {
+      await journal.close();
+      await primary.close();
+    });
+    const gate = new Gate();
+    let held = false;
+    class Slow extends FilterVolume {
+      override write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+        if (!held || offset !== 0) return this.next.write(buf, offset, fua);
+        return gate.pass().then(() => this.next.write(buf, offset, fua));
+      }
+    }
+    const stack = journalVolume(new Slow(primary), journal);
+    const provider = new SnapshotProvider(
+      journal,
+      primary,
+      { minimum: 1, preferred: 4096, maximum: 32 * MiB },
+      log,
+    );
+    await nextWindow(W);
+    const internals = journal as unknown as {
+      stop(e: Error): void;
+      tryRestart(t: NodeJS.Timeout): Promise<void>;
+      earliestTs: number;
+    };
+    internals.stop(Object.assign(new Error("No space left on device"), { code: "ENOSPC" }));
+    held = true;
+    const u = stack.write(Buffer.alloc(512, 0xaa), 0, false); // unjournaled, held on its way
+    await until(() => gate.waiting > 0);
+    const timer = setInterval(() => {}, 1e6);
+    await internals.tryRestart(timer);
+    clearInterval(timer);
+    assert.equal(journal.running, true);
+    const point = internals.earliestTs;
+    while (journalNow() < point + 2) await sleep(5);
+    const jw = stack.write(Buffer.alloc(512, 0xbb), 512, false); // journaled, same block
+    await sleep(20);
+    gate.release();
+    await Promise.all([u, jw]);
+    await nextWindow(W);
+    const o = await provider.open(`snap@${new Date(point).toISOString()}`);
+    assert.ok("volume" in o, `refused: ${(o as { message: string }).message}`);
+    const b = Buffer.alloc(1024);
+    await o.volume.read(b, 0);
+    assert.equal(b[0], 0xaa, "the change stamped before the point is in the snapshot");
+    assert.equal(b[512], 0, "the change stamped after the point is not");
+    await o.volume.close();
+  });
+});
+
 void describe("SnapshotView: time to open over 1,000,000 journal entries", () => {
   void test("view.open() over 1,000,000 entries takes under 1 s", { timeout: 120_000 }, async (t) => {
     const N = 1_000_000;
