@@ -20,14 +20,15 @@
 //   made while the clock catches up fall into the merge window being held. The wall times between
 //   the new time and the old one pass twice, so snap@ one of them could mean either: the journal
 //   records those ranges and refuses them (Journal.clockStepped).
-// - Steps of REPORT_MS or more are reported to listeners (the journal logs them), outside the
-//   caller's stack.
+// - Every step (more than STEP_MS) is reported to listeners, outside the caller's stack: the
+//   journal records every step back (a merge window may be as short as 1 ms) and logs those of
+//   REPORT_MS or more.
 
 import { performance } from "node:perf_hooks";
 
 /** A wall-clock step larger than this (ms) re-anchors the clock. */
 export const STEP_MS = 5;
-/** A wall-clock step this large (ms) or larger is reported. */
+/** A wall-clock step this large (ms) or larger is logged. */
 export const REPORT_MS = 1000;
 
 /** A step of the wall clock: `by` ms (negative: backwards), seen at wall time `at`. */
@@ -53,24 +54,57 @@ export class JournalClock {
 
   /** The next timestamp: strictly greater than every earlier one. */
   now(): number {
-    const m = this.mono();
+    let m = this.mono();
     let t = this.anchor + m;
     const w = this.wall(); // the true wall time lies in [w, w + 1)
     if (t < w - STEP_MS || t > w + 1 + STEP_MS) {
-      const before = t; // the wall time just before the step
-      const by = w + 0.5 - t;
-      this.anchor = w + 0.5 - m;
-      t = this.anchor + m;
-      // Back: hold at the time the clock had reached (not at an older last stamp of an idle
-      // journal), so that the journal's time stops where the wall clock left off.
-      if (by < 0 && before > this.last) this.last = before;
-      if (Math.abs(by) >= REPORT_MS && this.listeners.size > 0) {
-        const step: ClockStep = { at: t, by, holdUntil: t <= this.last ? this.last : null };
-        queueMicrotask(() => {
-          for (const l of this.listeners) l(step);
-        });
+      // A step, or only this thread preempted between the two readings (a loaded machine): read
+      // both again, the wall clock between two monotonic readings close together, before taking
+      // it for a step. A false step would re-anchor forward, then back: a range of time recorded
+      // as passed twice, and snap@ in it refused.
+      const again = this.paired();
+      if (again !== null) {
+        m = again.m;
+        t = this.anchor + m;
+        if (t >= again.w - STEP_MS && t <= again.w + 1 + STEP_MS) return this.stamp(t);
+        return this.stepped(m, t, again.w);
       }
+      return this.stepped(m, t, w);
     }
+    return this.stamp(t);
+  }
+
+  /** The wall clock read between two monotonic readings less than a millisecond apart, or null. */
+  private paired(): { m: number; w: number } | null {
+    for (let i = 0; i < 4; i++) {
+      const m0 = this.mono();
+      const w = this.wall();
+      const m1 = this.mono();
+      if (m1 - m0 < 1) return { m: m0, w };
+    }
+    return null;
+  }
+
+  /** Re-anchor on the wall clock `w` (read with monotonic `m`), tell the listeners, stamp. */
+  private stepped(m: number, t: number, w: number): number {
+    const before = t; // the wall time just before the step
+    const by = w + 0.5 - t;
+    this.anchor = w + 0.5 - m;
+    t = this.anchor + m;
+    // Back: hold at the time the clock had reached (not at an older last stamp of an idle
+    // journal), so that the journal's time stops where the wall clock left off.
+    if (by < 0 && before > this.last) this.last = before;
+    if (this.listeners.size > 0) {
+      const step: ClockStep = { at: t, by, holdUntil: t <= this.last ? this.last : null };
+      queueMicrotask(() => {
+        for (const l of this.listeners) l(step);
+      });
+    }
+    return this.stamp(t);
+  }
+
+  /** `t`, or just above the last stamp: never the same twice, never backwards. */
+  private stamp(t: number): number {
     this.last = t > this.last ? t : this.last + 0.001;
     return this.last;
   }
@@ -80,7 +114,7 @@ export class JournalClock {
     if (ts > this.last) this.last = ts;
   }
 
-  /** Hear about steps of the wall clock of REPORT_MS or more. */
+  /** Hear about steps of the wall clock (more than STEP_MS). */
   onStep(l: (s: ClockStep) => void): () => void {
     this.listeners.add(l);
     return () => this.listeners.delete(l);

@@ -1076,6 +1076,12 @@ export class Journal {
     if (s.by < 0 && !this.recordPassedTwice([s.at, Math.max(s.at - s.by, s.holdUntil ?? 0)])) {
       this.log.error("journal: cannot record the wall clock's step back in its state file");
     }
+    if (Math.abs(s.by) < REPORT_MS) {
+      // Recorded (a step back shorter than a second still makes windows of a short --pit-window
+      // pass twice), but not worth a warning.
+      this.log.debug(`journal: the wall clock stepped ${s.by.toFixed(1)} ms`);
+      return;
+    }
     if (s.holdUntil === null) {
       this.log.warn(
         `journal: the wall clock ${s.by > 0 ? "jumped forward" : "went back"} ${secs} s ` +
@@ -1135,9 +1141,9 @@ export class Journal {
     return this.passedTwiceRanges.map((r) => [r[0], r[1]]);
   }
 
-  /** The range of wall time that passed twice and holds `ts`, or null. */
-  passedTwiceAt(ts: number): [number, number] | null {
-    for (const r of this.passedTwiceRanges) if (ts >= r[0] && ts <= r[1]) return [r[0], r[1]];
+  /** A range of wall time that passed twice and meets [ts, to], or null. */
+  passedTwiceAt(ts: number, to = ts): [number, number] | null {
+    for (const r of this.passedTwiceRanges) if (r[0] <= to && r[1] >= ts) return [r[0], r[1]];
     return null;
   }
 

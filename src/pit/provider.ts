@@ -152,7 +152,9 @@ export class SnapshotProvider implements ExportProvider {
       // A bookmark ends the merge window it is taken in (Journal.mark): it shows its own time.
       point = b;
     } else {
-      const twice = this.journal.passedTwiceAt(t);
+      // Not only t: the window start it maps to (the point snap@t shows) must not have passed
+      // twice either, nor anything between them.
+      const twice = this.journal.passedTwiceAt(this.journal.pointOf(t), t);
       if (twice !== null) {
         const iso = (x: number): string => new Date(x).toISOString();
         return Promise.resolve({

@@ -1373,4 +1373,17 @@ void describe("Journal: wall time that passed twice", () => {
     assert.equal(kept.length, 32);
     assert.deepEqual(kept[31], [now + 4_000_000, now + 4_001_000], "the newest are kept");
   });
+
+  void test("a step back under a second is recorded too, and a window start in a range that passed twice is refused", async () => {
+    // Found by a review: steps under 1 s were not reported (a 100 ms window passes twice in a
+    // 600 ms step back), and only t itself was checked, not the window start snap@t shows.
+    const { j, lines } = await openJournal({ windowMs: 100 });
+    const now = journalNow();
+    stepBack(j, now, 600);
+    assert.deepEqual(j.passedTwice(), [[now, now + 600]]);
+    assert.ok(!lines.some((l) => /warn .*went back/.test(l)), "not worth a warning");
+    assert.deepEqual(j.passedTwiceAt(now - 50, now + 1000), [now, now + 600], "a range meeting [point, t]");
+    assert.equal(j.passedTwiceAt(now + 601, now + 1000), null);
+    await j.close();
+  });
 });
