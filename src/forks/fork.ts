@@ -128,6 +128,23 @@ class ForkVolume extends FilterVolume {
   }
 
   override zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    if (opts.fast === true) {
+      // A FAST_ZERO the primary may refuse must not reach the gateway first (the secondary would
+      // read zeroes where the primary keeps its data): refused at once when the primary is known
+      // to refuse it, else sent only once the primary has done it (fastZero).
+      if (this.next.cannotZeroFast?.(opts.mayTrim === true) === true)
+        return Promise.reject(new NotSupportedError("this storage cannot write zeroes faster than a write"));
+      return this.change(
+        KIND.ZERO,
+        offset,
+        length,
+        null,
+        () => this.next.zero(offset, length, opts),
+        null,
+        false,
+        true,
+      );
+    }
     return this.change(KIND.ZERO, offset, length, null, () => this.next.zero(offset, length, opts));
   }
 
@@ -139,6 +156,7 @@ class ForkVolume extends FilterVolume {
     apply: () => Promise<void>,
     hold: WriteHold | null = null,
     waited = false,
+    primaryFirst = false,
   ): Promise<void> {
     const failure = this.tracking.error;
     if (failure) return Promise.reject(new IoError(constants.errno.EIO, "tracking log", failure.message));
@@ -146,14 +164,14 @@ class ForkVolume extends FilterVolume {
       // Not while the link is still starting: the write would be acknowledged unsent, unsaid.
       const started = this.link.whenStarted();
       if (started !== null)
-        return started.then(() => this.change(kind, offset, length, data, apply, hold, true));
+        return started.then(() => this.change(kind, offset, length, data, apply, hold, true, primaryFirst));
     }
     const ticket = this.link.beginWrite(offset, length); // before marking: it looks at what was dirty
     this.tracking.map.mark(offset, length);
     const active = this.tracking.activate(offset, length);
-    if (active === DONE) return this.forward(kind, offset, length, data, apply, ticket, hold);
+    if (active === DONE) return this.forward(kind, offset, length, data, apply, ticket, hold, primaryFirst);
     return active.then(
-      () => this.forward(kind, offset, length, data, apply, ticket, hold),
+      () => this.forward(kind, offset, length, data, apply, ticket, hold, primaryFirst),
       (e: unknown) => {
         this.link.endWrite(offset, length, ticket);
         throw new IoError(constants.errno.EIO, "tracking log", (e as Error).message);
@@ -169,20 +187,22 @@ class ForkVolume extends FilterVolume {
     apply: () => Promise<void>,
     ticket: WriteTicket,
     hold: WriteHold | null,
+    primaryFirst: boolean,
   ): Promise<void> {
     const end = offset + length;
     let before: Promise<void>[] | null = null;
     for (const r of this.shared.inFlight) {
       if (r.start < end && offset < r.end) (before ??= []).push(settledOf(r));
     }
-    if (before === null) return this.issue(kind, offset, length, data, apply, ticket, hold, null);
+    if (before === null)
+      return this.issue(kind, offset, length, data, apply, ticket, hold, null, primaryFirst);
     // Wait for the overlapping changes. Registered now, so that a later change overlapping this one
     // waits for it in turn.
     const range = inFlight(offset, end);
     this.shared.inFlight.add(range);
     return Promise.all(before).then(() => {
       try {
-        return this.issue(kind, offset, length, data, apply, ticket, hold, range);
+        return this.issue(kind, offset, length, data, apply, ticket, hold, range, primaryFirst);
       } catch (e) {
         this.settled(range); // never leave later overlapping changes waiting for ever
         throw e;
@@ -200,6 +220,7 @@ class ForkVolume extends FilterVolume {
     ticket: WriteTicket,
     hold: WriteHold | null,
     waited: InFlight | null,
+    primaryFirst = false,
   ): Promise<void> {
     let p: Promise<void>;
     try {
@@ -207,6 +228,7 @@ class ForkVolume extends FilterVolume {
     } catch (e) {
       p = Promise.reject(e);
     }
+    if (primaryFirst) return this.afterPrimary(kind, offset, length, p, ticket, waited);
     const sent = this.link.submit(kind, offset, length, data, ticket, hold);
     if (p === DONE) {
       if (waited) this.settled(waited);
@@ -234,6 +256,47 @@ class ForkVolume extends FilterVolume {
     );
     if (sent === null || this.mode === "async") return primary;
     return Promise.all([primary, sent]).then(() => undefined);
+  }
+
+  /**
+   * A change sent to the gateway only once the primary has made it (a FAST_ZERO, which the primary
+   * may refuse): refused, it leaves both sides as they were and nothing is sent.
+   */
+  private afterPrimary(
+    kind: UpdateKind,
+    offset: number,
+    length: number,
+    p: Promise<void>,
+    ticket: WriteTicket,
+    waited: InFlight | null,
+  ): Promise<void> {
+    const range = waited ?? inFlight(offset, offset + length);
+    if (!waited) this.shared.inFlight.add(range);
+    return p.then(
+      () => {
+        const sent = this.link.submit(kind, offset, length, null, ticket);
+        this.settled(range);
+        this.link.endWrite(offset, length, ticket);
+        return sent === null || this.mode === "async" ? undefined : sent;
+      },
+      (e: unknown) => {
+        this.settled(range);
+        if (e instanceof NotSupportedError) {
+          // Both sides unchanged; the marks stay, and a resync copies those blocks (once: the
+          // primary now says it cannot, so later FAST_ZEROs are refused before anything is marked).
+          this.link.endWrite(offset, length, ticket);
+          this.link.requestResync();
+          throw e;
+        }
+        const active = this.link.poison(offset, length);
+        this.link.endWrite(offset, length, ticket);
+        if (active === DONE) throw e;
+        return active.then(
+          () => Promise.reject(e),
+          () => Promise.reject(e),
+        );
+      },
+    );
   }
 
   /** `r`'s primary operation has settled: changes waiting for it may go. */

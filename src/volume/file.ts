@@ -117,6 +117,12 @@ export class FileVolume implements Volume {
     await this.file.writeZeroes(offset, length, opts.fua === true);
   }
 
+  /** A fast zero would find no way that works here (see zeroFast): known after a first try. */
+  cannotZeroFast(mayTrim: boolean): boolean {
+    if (this.file.readOnly) return false; // refused as read-only, not as unsupported
+    return !(mayTrim && this.canPunch) && !(this.canZeroRange && !this.file.isBlockDevice);
+  }
+
   /** Try the fallocate ways of making zeroes; false when none works here. */
   private async zeroFast(offset: number, length: number, mayTrim: boolean, fast: boolean): Promise<boolean> {
     if (mayTrim && this.canPunch) {

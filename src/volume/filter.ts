@@ -32,6 +32,9 @@ export class FilterVolume implements Volume {
   zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
     return this.next.zero(offset, length, opts);
   }
+  cannotZeroFast(mayTrim: boolean): boolean {
+    return this.next.cannotZeroFast?.(mayTrim) ?? false;
+  }
   extents(offset: number, length: number): Promise<Extent[]> {
     return this.next.extents(offset, length);
   }

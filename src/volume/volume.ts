@@ -111,6 +111,13 @@ export interface Volume {
   flush(): Promise<void>;
   trim(offset: number, length: number, fua: boolean): Promise<void>;
   zero(offset: number, length: number, opts: ZeroOptions): Promise<void>;
+  /**
+   * Optional: true when a `fast` zero (with this `mayTrim`) is known to fail with
+   * NotSupportedError (an earlier attempt found out, or the storage cannot do it at all). Filters
+   * that would do work before the zero (journal a before-image, send it to a gateway) ask first:
+   * a refused FAST_ZERO must cost nothing (proto.md).
+   */
+  cannotZeroFast?(mayTrim: boolean): boolean;
   /** Runs covering a prefix of [offset, offset+length), at least one, summing to <= length. */
   extents(offset: number, length: number): Promise<Extent[]>;
   /**

@@ -1559,6 +1559,26 @@ void describe("GatewayLink: found by a review (24 Nov)", () => {
     }
   });
 
+  void test("a FAST_ZERO the primary refuses never reaches the gateway: the secondary keeps its data", async () => {
+    const r = await syncedRig({}, [0]);
+    try {
+      const data = pattern(64 * KiB, 9);
+      await r.fork.write(data, 0, false);
+      await waitSynced(r);
+      r.primary.noFastZero = true;
+      let zeroed = false;
+      const watch = setInterval(() => (zeroed ||= !bytes(r.gw.volume, 0, 64 * KiB).equals(data)), 1);
+      await assert.rejects(r.fork.zero(0, 64 * KiB, { mayTrim: false, fast: true }), NotSupportedError);
+      await sleep(300);
+      await waitSynced(r);
+      clearInterval(watch);
+      assert.equal(zeroed, false, "the secondary read zeroes where the primary kept its data");
+      assertIdentical(r, "after a refused FAST_ZERO");
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("a write larger than a batch and the queue goes as several updates, without an overflow", async () => {
     const r = await syncedRig({ batchBytes: MiB, queueBytes: 2 * MiB });
     try {

@@ -28,7 +28,8 @@ import { BlockMap, DENSE_AT } from "../../src/pit/blockmap.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
 import { FileVolume } from "../../src/volume/file.js";
 import { FilterVolume } from "../../src/volume/filter.js";
-import type { PieceLease, Volume } from "../../src/volume/volume.js";
+import type { PieceLease, Volume, ZeroOptions } from "../../src/volume/volume.js";
+import { NotSupportedError } from "../../src/errors.js";
 import { Logger } from "../../src/log.js";
 
 const BS = 4096;
@@ -854,6 +855,29 @@ void describe("huge changes in one merge window", () => {
       await r.stack.write(randomBytes(BS), 0, false);
     },
   );
+
+  void test("a FAST_ZERO the primary is known to refuse is refused before anything is journaled", async () => {
+    // Found by a hunt: each refused FAST_ZERO journaled its whole range first (32 MiB for a 32 MiB
+    // request), which could even push the journal over --pit-max-bytes and revoke snapshots.
+    class NoFastZero extends FilterVolume {
+      override zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+        if (opts.fast === true) return Promise.reject(new NotSupportedError("no fast zero here"));
+        return this.next.zero(offset, length, opts);
+      }
+      override cannotZeroFast(): boolean {
+        return true;
+      }
+    }
+    const dir = scratch();
+    const journal = await Journal.open({ dir, volumeSize: MiB, windowMs: 50, log });
+    cleanups.push(() => journal.close());
+    const stack = journalVolume(new NoFastZero(new MemoryVolume(MiB)), journal);
+    await stack.write(randomBytes(MiB), 0, false);
+    await nextWindow(50);
+    const entries = journal.index.length;
+    await assert.rejects(stack.zero(0, MiB, { mayTrim: false, fast: true }), NotSupportedError);
+    assert.equal(journal.index.length, entries, "nothing journaled for a refused FAST_ZERO");
+  });
 
   void test("a change whose imaging throws fails alone, and leaves its blocks unlocked", async () => {
     const r = await rig("memory", MiB, 50);
