@@ -690,12 +690,40 @@ export class GatewayLink {
     return active;
   }
 
-  /** Sync mode FLUSH: everything sent so far is durable on the secondary (unless the link fails). */
+  /**
+   * Sync mode FLUSH: everything sent so far is durable on the secondary, unless the link fails or
+   * the gateway takes longer than --sync-timeout, as for a sync write: then the link tracks and the
+   * FLUSH completes (found with the gateway stopped: each FLUSH waited 10 s for the flush request's
+   * own timeout, and queued FLUSHes one after the other, 20, 40, 60 s: past the kernel client's 30).
+   */
   async flushGateway(): Promise<void> {
     if (!sends(this.s.name)) return;
-    await this.settled();
-    if (!sends(this.s.name)) return;
-    await this.flushNow();
+    const epoch = this.epoch;
+    const started = performance.now();
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<void>((resolve) => {
+      timer = setTimeout(() => {
+        if (epoch === this.epoch && sends(this.s.name)) {
+          this.dispatch({
+            type: "syncTimeout",
+            reason:
+              `a sync FLUSH waited ${Math.round(performance.now() - started)} ms for the gateway ` +
+              `(--sync-timeout ${this.o.syncTimeoutMs} ms)`,
+          });
+        }
+        resolve();
+      }, this.o.syncTimeoutMs);
+    });
+    const flushed = (async (): Promise<void> => {
+      await this.settled();
+      if (epoch !== this.epoch || !sends(this.s.name)) return;
+      await this.flushNow();
+    })();
+    try {
+      await Promise.race([flushed, timedOut]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /**
@@ -1062,8 +1090,10 @@ export class GatewayLink {
   }
 
   private flushNow(): Promise<void> {
-    if (this.flushing) return this.flushing.then(() => this.flushNow());
     const epoch = this.epoch;
+    // After the one in flight; not at all if it failed the link (no flush to a gateway that is
+    // down: each would wait for its request timeout).
+    if (this.flushing) return this.flushing.then(() => (epoch === this.epoch ? this.flushNow() : undefined));
     const covered = this.unflushed.length;
     // Every update the gateway said it applied before this flush is sent: the flush makes durable
     // at least up to the highest appliedThrough it answered (the gateway captures it at the start).

@@ -1559,6 +1559,30 @@ void describe("GatewayLink: found by a review (24 Nov)", () => {
     }
   });
 
+  void test("sync mode: a FLUSH waits for a stuck gateway at most --sync-timeout, then the link tracks", async () => {
+    // Found with the kernel client in a VM: each FLUSH waited for the flush request's own 10 s
+    // timeout whatever --sync-timeout said, and FLUSHes queued behind it waited 20, 40, 60 s.
+    const r = await syncedRig({ mode: "sync", syncTimeoutMs: 300 }, [0]);
+    try {
+      await r.fork.write(pattern(4096, 5), 0, false);
+      r.gw.setFault({ mode: "slow", delayMs: 5000 });
+      const t0 = performance.now();
+      await Promise.all([r.fork.flush(), r.fork.flush(), r.fork.flush()]);
+      const took = performance.now() - t0;
+      assert.ok(took < 2000, `three FLUSHes took ${Math.round(took)} ms with --sync-timeout 300`);
+      assert.equal(r.link.state, "tracking");
+      assert.match(r.link.status().reason, /sync FLUSH waited/);
+      const t1 = performance.now();
+      await r.fork.flush();
+      assert.ok(performance.now() - t1 < 500, "a FLUSH while tracking does not wait for the gateway");
+      r.gw.setFault({ mode: "none" });
+      await waitSynced(r);
+      assertIdentical(r, "after the stuck gateway came back");
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("a FAST_ZERO the primary refuses never reaches the gateway: the secondary keeps its data", async () => {
     const r = await syncedRig({}, [0]);
     try {
