@@ -402,7 +402,13 @@ export class BlockFile {
   write(buf: Uint8Array, offset: number, fua = false): Promise<void> {
     if (fua) {
       if (this.syncFailure) return Promise.reject(this.syncFailure);
-      return queue.run(Op.Write, this.fd, offset, buf.length, 1, buf).then(noop, this.durableWriteFailed);
+      const durable = (): Promise<void> =>
+        queue.run(Op.Write, this.fd, offset, buf.length, 1, buf).then(noop, this.durableWriteFailed);
+      // A partial page the kernel must read first: read it here, so that an unreadable sector
+      // fails this write as a read error, not as a failed sync that would fail every later FLUSH
+      // (the EIO of an RWF_DSYNC write cannot say which step failed).
+      const pre = this.readPartialPages(offset, buf.length);
+      return pre === null ? durable() : pre.then(durable);
     }
     if (!fua && this.inlineWrites && buf.length <= INLINE_MAX && this.inlineSafe(offset, buf.length)) {
       const probing = this.probeUntil !== 0;
@@ -420,6 +426,24 @@ export class BlockFile {
       return Promise.reject(new IoError(r < 0 ? -r : E.EIO, "pwrite", `offset ${offset}`));
     }
     return queue.run(Op.Write, this.fd, offset, buf.length, 0, buf).then(noop);
+  }
+
+  /** Read the partial first and last pages of a write that are not cached; null when none. */
+  private readPartialPages(offset: number, length: number): Promise<void> | null {
+    // Out of range: the write itself refuses it (EINVAL).
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length)) return null;
+    const reads: Promise<void>[] = [];
+    const page = (at: number): void => {
+      if (at >= this.size || this.pageCached(at)) return;
+      reads.push(this.read(Buffer.allocUnsafe(Math.min(PAGE, this.size - at)), at));
+    };
+    const head = offset % PAGE;
+    if (head !== 0) page(offset - head);
+    const end = offset + length;
+    const tail = end % PAGE;
+    if (tail !== 0 && (head === 0 || Math.floor(end / PAGE) !== Math.floor(offset / PAGE))) page(end - tail);
+    if (reads.length === 0) return null;
+    return Promise.all(reads).then(noop);
   }
 
   /** Remember a failed sync (see syncFailure) and rethrow it. */
