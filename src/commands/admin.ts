@@ -102,6 +102,8 @@ export interface Status {
     lastDirtied: string | null;
     /** Set when the tracking log failed and the proxy runs from memory (see src/tracking/log.ts). */
     degraded?: { since: string; reason: string } | null;
+    /** The log failed and not even the full-resync mark could be written: writes are refused. */
+    failure?: string | null;
   } | null;
 }
 
@@ -135,10 +137,13 @@ export function statusText(s: Status): string {
       `queue     ${l.queue.updates} updates, ${formatSize(l.queue.bytes)}, oldest ${l.queue.oldestMs} ms; seq ${l.seq}, durable through ${l.durableThrough}`,
     );
     if (l.secondary) {
+      // While the link tracks, what the gateway said is from before the outage: the secondary
+      // lacks every dirty block since, and the gateway may have failed since (its disk).
+      const then = l.state === "tracking" ? ", before the link went down; it lacks what is dirty since" : "";
       lines.push(
         `secondary ${l.secondary}` +
           (l.secondary === "consistent"
-            ? " (a crash-consistent image of the primary, as the gateway last reported)"
+            ? ` (a crash-consistent image of the primary, as the gateway last reported${then})`
             : l.secondary === "inconsistent"
               ? " (the gateway says: not a usable image until a resync finishes)"
               : " (the gateway has not been told yet)"),
@@ -174,6 +179,11 @@ export function statusText(s: Status): string {
       lines.push(
         `tracking  FAILED at ${t.degraded.since} (${t.degraded.reason}): running from memory; ` +
           "the next start resyncs the whole volume",
+      );
+    } else if (t.failure) {
+      lines.push(
+        `tracking  FAILED (${t.failure}) and the full-resync mark could not be written either: ` +
+          "writes are refused (EIO) until the proxy restarts; check the state directory's disk",
       );
     }
   }

@@ -743,6 +743,7 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
               lastDirtied: last ? new Date(last).toISOString() : null,
               recovery: t.recovery,
               degraded: t.degraded,
+              failure: t.error?.message ?? null,
             }
           : null,
       };

@@ -531,6 +531,7 @@ export class GatewayLink {
           break;
         case "stopResync":
           this.resyncToken++;
+          this.progress.running = false; // the run given up says so (status showed it running on)
           break;
         case "log":
           if (a.level === "error") this.log.error(a.message);

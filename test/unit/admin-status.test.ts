@@ -41,4 +41,30 @@ void describe("blockfork status text", () => {
     d.link!.lastErrorAt = Date.parse("2026-11-23T17:01:02.003Z");
     assert.match(statusText(d), /^error {5}health check: .* \(at 2026-11-23T17:01:02.003Z\)$/m);
   });
+
+  void test("a secondary reported consistent before an outage is said to lack what is dirty since", () => {
+    const d = doc("tracking", "health check: connect ECONNREFUSED 127.0.0.1:7070");
+    d.link!.secondary = "consistent";
+    assert.match(
+      statusText(d),
+      /^secondary consistent \(.*before the link went down; it lacks what is dirty since\)$/m,
+    );
+    const s = doc("streaming", "");
+    s.link!.secondary = "consistent";
+    assert.doesNotMatch(statusText(s), /before the link went down/);
+  });
+
+  void test("a tracking log that failed without its full-resync mark says writes are refused", () => {
+    const d = doc("streaming", "");
+    d.tracking = {
+      dirtyBytes: 0,
+      granularity: 65536,
+      degraded: null,
+      failure: "IO error: fsync failed",
+    } as unknown as Status["tracking"];
+    assert.match(
+      statusText(d),
+      /^tracking {2}FAILED \(IO error: fsync failed\).*writes are refused \(EIO\)/m,
+    );
+  });
 });
