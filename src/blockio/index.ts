@@ -34,6 +34,7 @@ import {
   ftruncateSync,
   mkdirSync,
   openSync,
+  readFileSync,
   readSync,
   statSync,
   statfsSync,
@@ -245,6 +246,19 @@ export function lockStateDir(dir: string): number {
 }
 
 /** An open regular file or block device with positional, batched, mostly non-blocking I/O. */
+/** The kernel's read-only flag of the block device `rdev` (sysfs), false when it cannot tell. */
+function deviceReadOnly(rdev: number): boolean {
+  // Linux's dev_t (glibc's major() and minor()).
+  const d = BigInt(rdev);
+  const major = Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & ~0xfffn));
+  const minor = Number((d & 0xffn) | ((d >> 12n) & ~0xffn));
+  try {
+    return readFileSync(`/sys/dev/block/${major}:${minor}/ro`, "utf8").trim() === "1";
+  } catch {
+    return false;
+  }
+}
+
 export class BlockFile {
   readonly path: string;
   readonly fd: number;
@@ -353,6 +367,14 @@ export class BlockFile {
       if (st.isBlockDevice()) {
         size = binding.deviceSize(fd);
         if (size < 0) throw new IoError(-size, "ioctl(BLKGETSIZE64)", path);
+        // Root opens a read-only device (blockdev --setro, a write-protected disk) O_RDWR all the
+        // same, and every write then fails with EPERM: say so now instead.
+        if (!readOnly && deviceReadOnly(st.rdev)) {
+          throw new UsageError(
+            `${path} is a read-only block device: serve it with --read-only, or make it writable ` +
+              `(blockdev --setrw ${path})`,
+          );
+        }
       } else if (st.isFile()) {
         size = st.size;
       } else {

@@ -214,4 +214,15 @@ print(json.dumps({"size": size, "covered": covered, "flags": sorted(flags)}))
     }
     assert.equal(sha256(readRegion(dev, 0, SIZE)), before);
   });
+
+  void test("a read-only device (blockdev --setro) exits 2 naming --read-only, instead of serving writes that fail EPERM", async () => {
+    await run("blockdev", ["--setro", dev]);
+    try {
+      const r = await serveOnce([]);
+      assert.equal(r.code, 2, `exit ${r.code}\n${r.stderr}`);
+      assert.match(r.stderr, new RegExp(`${dev} is a read-only block device: serve it with --read-only`));
+    } finally {
+      await run("blockdev", ["--setrw", dev]);
+    }
+  });
 });
