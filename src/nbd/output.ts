@@ -100,6 +100,8 @@ export class OutputQueue {
   cur: Slab;
   /** Called after a socket write completed (room may have become available). */
   onSpace: (() => void) | null = null;
+  /** Called when a reply's data could not be read while it was sent (see readFailed). */
+  onReadError: ((e: unknown) => void) | null = null;
   /** Bytes of external buffers and file segments queued but not yet handed to the socket. */
   unflushed = 0;
   /** Bytes sent with sendfile (for stats). */
@@ -373,6 +375,7 @@ export class OutputQueue {
    */
   private readFailed(s: Segment, buf: Buffer, at: number, pooled: Buffer, e: unknown, more = 0): void {
     s.lease?.release();
+    this.onReadError?.(e);
     if (!s.tail) {
       release(pooled);
       this.fail(e);

@@ -185,6 +185,15 @@ export class Transmission implements RequestSink {
     }
     this.out = new OutputQueue(stream, this.zeroCopyFd);
     this.out.onSpace = this.onSpace;
+    this.out.onReadError = (e) => {
+      // The request was answered OK as far as its header goes; its data failed on the way.
+      this.stats.errors++;
+      this.log.limited(
+        "error",
+        "read failed while sent",
+        `READ failed while its reply was sent: ${e instanceof Error ? e.message : String(e)} (NBD error ${errnoName(nbdErrorOf(e))})`,
+      );
+    };
     this.finished = new Promise<void>((resolve) => (this.resolveFinished = resolve));
     stream.on("end", this.onPeerEnd);
     stream.on("close", this.onPeerClose);

@@ -772,6 +772,8 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
       setSendBuffer(p.fd, 16 * KiB);
       p.client.pause();
       const q = new OutputQueue(p.server, p.fd);
+      const seen: unknown[] = [];
+      q.onReadError = (e) => seen.push(e); // the connection logs and counts it
       push(q, dir);
       q.pushSmall(Buffer.from("next reply"));
       assert.doesNotThrow(() => q.flush());
@@ -786,6 +788,7 @@ void describe("sendPieces (lent reads) and setSendBuffer", () => {
       const next = errAt + 26 + msgLen;
       const rest =
         all.length >= next + 10 ? all : Buffer.concat([all, await receive(p, next + 10 - all.length)]);
+      assert.equal(seen.length, 1, "the read error is reported to the connection once");
       return {
         data: rest.subarray(hdr, errAt),
         error: rest.subarray(errAt, next),
