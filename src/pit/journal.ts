@@ -1272,7 +1272,9 @@ export class Journal {
     };
     while (this.order.length > 1) {
       const oldest = this.segments.get(this.order[0])!;
-      const tooOld = oldest.lastTs > 0 && oldest.lastTs < now - this.o.retentionMs;
+      // An empty sealed segment (a stop and restart can leave one) holds nothing to keep: without
+      // this, age retention stopped at it for good.
+      const tooOld = oldest.lastTs === 0 || oldest.lastTs < now - this.o.retentionMs;
       const tooBig = this.bytes > this.o.maxBytes;
       if (!tooOld && !tooBig) break;
       if (oldest.syncing > 0) break; // a commit round is still syncing it: next time
@@ -1325,6 +1327,9 @@ export class Journal {
     if (newest > 0) this.earliestTs = Math.max(this.earliestTs, this.windowEnd(newest));
     seg.file.close();
     rmSync(seg.path, { force: true });
+    // Durable in order: after a crash, never a newer segment gone and an older one back (a gap
+    // that recovery would take for continuous history).
+    syncDir(this.dir);
     this.droppedBytes += seg.size;
     this.expireBookmarks("with the oldest segment");
     this.trimPassedTwice(); // in memory; the state file is trimmed when next written or reopened

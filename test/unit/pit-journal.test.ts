@@ -909,6 +909,24 @@ void describe("Journal: reopen and torn tails", () => {
     }
   });
 
+  void test("age retention passes an empty sealed segment (left by a stop and restart) instead of stopping at it", async () => {
+    const W = 20;
+    const { j, dir } = await openJournal({ windowMs: W, segmentBytes: SMALL_SEG, retentionMs: 100 });
+    const internals = j as unknown as { stop(e: Error): void; tryRestart(t: NodeJS.Timeout): Promise<void> };
+    internals.stop(Object.assign(new Error("No space left on device"), { code: "ENOSPC" }));
+    const timer = setInterval(() => {}, 1e6);
+    await internals.tryRestart(timer); // segment 1 is sealed empty, 2 takes the images
+    clearInterval(timer);
+    for (let i = 0; i < 40; i++) await commitImages(j, [i]); // several segments
+    const before = segmentFiles(dir);
+    assert.ok(before.length >= 3 && before[0] === "0000000001.seg", before.join(" "));
+    await sleep(250);
+    j.enforceRetention();
+    const after = segmentFiles(dir);
+    assert.ok(!after.includes("0000000001.seg"), `the empty segment is still there: ${after.join(" ")}`);
+    assert.equal(after.length, 1, `segments past the age limit are dropped too: ${after.join(" ")}`);
+  });
+
   void test("a stop the state file cannot record refuses changes (EIO) until it can: a restart must not offer the points it spoiled", async () => {
     // Found with a failing disk: the journal stopped, could not write its state file, writes went
     // on unjournaled, and after a restart snap@ a point before the stop served data written after.
