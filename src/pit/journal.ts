@@ -44,7 +44,7 @@
 
 import { constants } from "node:os";
 import { closeSync, mkdirSync, openSync, readdirSync, readSync, rmSync } from "node:fs";
-import { existsSync, fdatasyncSync, readFileSync, writeSync } from "node:fs";
+import { existsSync, fdatasyncSync, fstatSync, readFileSync, writeSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { BlockFile, isCached, syncDir } from "../blockio/index.js";
@@ -67,6 +67,17 @@ import {
   SEGMENT_HEADER,
   type EntryToWrite,
 } from "./records.js";
+
+/**
+ * Segment size for a size limit: at most a sixteenth of it (4 MiB to 64 MiB), so that retention by
+ * size drops a small part of the history at a time, and a small --pit-max-bytes holds (with one
+ * 64 MiB segment under a 48M limit, the limit was passed until the first roll, and then the whole
+ * history went at once).
+ */
+export function segmentBytesFor(maxBytes: number): number {
+  const MiB = 1024 * 1024;
+  return Math.min(JOURNAL_DEFAULTS.segmentBytes, Math.max(4 * MiB, Math.floor(maxBytes / 16 / MiB) * MiB));
+}
 
 /** How to open a journal. */
 export interface JournalOptions {
@@ -350,7 +361,7 @@ export class Journal {
     this.o = {
       blockSize: opts.blockSize ?? JOURNAL_DEFAULTS.blockSize,
       windowMs: opts.windowMs ?? JOURNAL_DEFAULTS.windowMs,
-      segmentBytes: opts.segmentBytes ?? JOURNAL_DEFAULTS.segmentBytes,
+      segmentBytes: opts.segmentBytes ?? segmentBytesFor(opts.maxBytes ?? JOURNAL_DEFAULTS.maxBytes),
       retentionMs: opts.retentionMs ?? JOURNAL_DEFAULTS.retentionMs,
       maxBytes: opts.maxBytes ?? JOURNAL_DEFAULTS.maxBytes,
     };
@@ -475,10 +486,13 @@ export class Journal {
         const firstEntry = this.index.length;
         let pos = SEGMENT_HEADER;
         const hb = Buffer.alloc(RECORD_HEADER);
+        // The segment's own size, not this process's: it may have been written with another
+        // (segment size follows --pit-max-bytes).
+        const fileSize = fstatSync(fd).size;
         for (;;) {
           if (readSync(fd, hb, 0, RECORD_HEADER, pos) < RECORD_HEADER) break;
           const peek = peekRecord(hb, 0);
-          if (peek === null || peek.size > this.o.segmentBytes) break;
+          if (peek === null || peek.size > fileSize - pos) break;
           // Only the last segment can end in a torn record; older ones were fsynced before the
           // next began. Check every record of the last segment in full.
           const rec = Buffer.alloc(last ? peek.size : RECORD_HEADER + 24 * peek.count);

@@ -30,7 +30,7 @@ import {
 } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { EntryIndex, Journal, type JournalOptions } from "../../src/pit/journal.js";
+import { EntryIndex, Journal, segmentBytesFor, type JournalOptions } from "../../src/pit/journal.js";
 import { journalNow, type ClockStep } from "../../src/pit/clock.js";
 import {
   decodeRecord,
@@ -907,6 +907,20 @@ void describe("Journal: reopen and torn tails", () => {
       assert.ok(e >= w.earliest, `reopen ${n + 1}: earliest ${e} is before the restart's ${w.earliest}`);
       await j2.close();
     }
+  });
+
+  void test("segments are a sixteenth of --pit-max-bytes (4 to 64 MiB); a journal reopened with another segment size keeps every record", async () => {
+    const MiB = 1024 * 1024;
+    assert.equal(segmentBytesFor(10 * 1024 * MiB), 64 * MiB);
+    assert.equal(segmentBytesFor(48 * MiB), 4 * MiB);
+    assert.equal(segmentBytesFor(256 * MiB), 16 * MiB);
+    const { j, dir } = await openJournal({ segmentBytes: MiB });
+    const blocks = Array.from({ length: 200 }, (_, i) => i); // one record of about 800 KiB
+    await commitImages(j, blocks);
+    const n = j.index.length;
+    await j.close();
+    const again = await openJournal({ dir, segmentBytes: SMALL_SEG });
+    assert.equal(again.j.index.length, n, "records larger than this process's segment size are kept");
   });
 
   void test("age retention passes an empty sealed segment (left by a stop and restart) instead of stopping at it", async () => {
