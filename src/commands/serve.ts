@@ -73,7 +73,8 @@ Replication (forked writes to a gateway; see docs/gateway-api.md)
                            takes updates from one proxy): only when that proxy is gone for good;
                            this one then resyncs the whole volume
   --no-update-stream       send batches as POST requests instead of on an upgraded update stream
-  --sync-timeout MS        sync mode: give up on the gateway after MS (default 5000)
+  --sync-timeout MS        sync mode: a write or FLUSH waits for the gateway at most MS, then the
+                           link tracks and it completes (default 5000)
   --queue-size SIZE        async mode: queue bound before the link tracks (default 64M)
   --queue-age MS           async mode: oldest queued update before the link tracks (default 5000)
   --resync-rate SIZE       resync bandwidth per second (default: unlimited)
