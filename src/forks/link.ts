@@ -625,29 +625,27 @@ export class GatewayLink {
       return null;
     }
     const before = this.queued;
-    // A write larger than a batch goes as several updates (consecutive seqs, a piece each): one
-    // update must fit in a batch and in the gateway's frame limit (MAX_STREAM_BODY).
-    const piece = data !== null && length > this.o.batchBytes ? this.o.batchBytes : length;
-    let p: Promise<void> | null = null;
-    const waits: Promise<void>[] = [];
-    for (let at = 0; at < length; at += piece) {
-      const n = Math.min(piece, length - at);
-      p = this.submitOne(
-        kind,
-        offset + at,
-        n,
-        data === null ? null : data.subarray(at, at + n),
-        ticket,
-        hold,
-      );
-      if (p !== null && piece < length) waits.push(p);
+    let p: Promise<void> | null;
+    if (data === null || length <= this.o.batchBytes)
+      p = this.submitOne(kind, offset, length, data, ticket, hold);
+    else {
+      // A write larger than a batch goes as several updates (consecutive seqs, a piece each): one
+      // update must fit in a batch and in the gateway's frame limit (MAX_STREAM_BODY).
+      const piece = this.o.batchBytes;
+      const waits: Promise<void>[] = [];
+      for (let at = 0; at < length; at += piece) {
+        const n = Math.min(piece, length - at);
+        const w = this.submitOne(kind, offset + at, n, data.subarray(at, at + n), ticket, hold);
+        if (w !== null) waits.push(w);
+      }
+      p = waits.length > 0 ? Promise.all(waits).then(() => {}) : null;
     }
     // One update alone in the queue is no overflow, however large (the largest request may be as
     // large as the queue's bound): the queue is bounded by --queue-size plus one request.
     if (this.o.mode === "async" && this.queued > this.o.queueBytes && before > 0) {
       this.dispatch({ type: "overflow", reason: `queue over ${this.o.queueBytes} bytes (gateway too slow)` });
     }
-    return waits.length > 0 ? Promise.all(waits).then(() => {}) : p;
+    return p;
   }
 
   private submitOne(
