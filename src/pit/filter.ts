@@ -125,23 +125,37 @@ class JournalVolume extends FilterVolume {
     if (!this.journal.running) {
       const refused = this.journal.unjournaledRefusal();
       if (refused !== null) return Promise.reject(refused);
-      // Unjournaled, but counted all the same (a view at the restart's first point must not open
-      // before it has landed), and under the blocks' locks: a change journaled after the restart
-      // must not capture a block before an unjournaled change stamped before the restart lands.
-      const go = (unlockBlocks: () => void): Promise<void> => {
-        const ts = journalNow();
-        this.journal.beginChange(ts);
-        return settle(apply, () => {
-          unlockBlocks();
-          this.journal.endChange(ts);
-        });
-      };
-      const held = this.locks.lock(b0, b1);
-      return typeof held === "function" ? go(held) : held.then(go);
     }
-    const locked = this.locks.lock(b0, b1);
-    if (typeof locked === "function") return this.locked(b0, b1, zeroes, apply, locked);
-    return locked.then((unlock) => this.locked(b0, b1, zeroes, apply, unlock));
+    const held = this.locks.lock(b0, b1);
+    if (typeof held === "function") return this.withLock(b0, b1, zeroes, apply, held);
+    return held.then((unlock) => this.withLock(b0, b1, zeroes, apply, unlock));
+  }
+
+  /**
+   * The blocks' locks held: journaled, or, with the journal stopped, unjournaled but counted all
+   * the same (a view at the restart's first point must not open before it has landed) and under
+   * the locks (a change journaled after the restart must not capture a block before it lands).
+   * Whether the journal runs is decided here, as the change is stamped, not before the lock wait:
+   * a change that waited through a restart must be journaled.
+   */
+  private withLock(
+    b0: number,
+    b1: number,
+    zeroes: boolean,
+    apply: () => Promise<void>,
+    unlockBlocks: () => void,
+  ): Promise<void> {
+    if (this.journal.running) return this.locked(b0, b1, zeroes, apply, unlockBlocks);
+    const refused = this.journal.unjournaledRefusal();
+    if (refused !== null) {
+      unlockBlocks();
+      return Promise.reject(refused);
+    }
+    const key = this.journal.beginChange(journalNow());
+    return settle(apply, () => {
+      unlockBlocks();
+      this.journal.endChange(key);
+    });
   }
 
   private locked(
@@ -153,10 +167,10 @@ class JournalVolume extends FilterVolume {
   ): Promise<void> {
     const ts = journalNow();
     // In flight from its stamp until it reached the primary or failed (Journal.settled).
-    this.journal.beginChange(ts);
+    const key = this.journal.beginChange(ts);
     const unlock = (): void => {
       unlockBlocks();
-      this.journal.endChange(ts);
+      this.journal.endChange(key);
     };
     let need: number[] | null = null;
     try {

@@ -805,18 +805,22 @@ export class Journal {
    * A change of the primary stamped `ts` has begun (the filter, as it stamps it); endChange when
    * it has reached the primary or failed. One map lookup each: the write path stays cheap.
    */
-  beginChange(ts: number): void {
+  beginChange(ts: number): number {
     const w = this.windowFloor(ts);
     const c = this.changes.get(w);
     if (c === undefined) this.changes.set(w, { n: 1, drained: [] });
     else c.n++;
+    return w;
   }
 
-  endChange(ts: number): void {
-    const w = this.windowFloor(ts);
-    const c = this.changes.get(w);
+  /**
+   * The change counted under `key` (what beginChange returned: the window may have been cut since,
+   * see needsImage, so it is not recomputed from the stamp) has reached the primary or failed.
+   */
+  endChange(key: number): void {
+    const c = this.changes.get(key);
     if (c === undefined || --c.n > 0) return;
-    this.changes.delete(w);
+    this.changes.delete(key);
     for (const d of c.drained) d();
   }
 
