@@ -394,8 +394,9 @@ export class GatewayLink {
   private stopped = false;
   /** Updates enqueued so far (the next Pending's ord). */
   private enqueued = 0;
-  /** settled() calls waiting: for `left` more answers of updates with ord < `ord`. */
-  private readonly settleWaiters: { ord: number; left: number; resolve: () => void }[] = [];
+  /** settled() calls waiting: for `left` more answers of updates with ord < `ord` (client updates only: `clientOnly`). */
+  private readonly settleWaiters: { ord: number; left: number; clientOnly: boolean; resolve: () => void }[] =
+    [];
 
   constructor(
     private readonly tracking: TrackingLog,
@@ -714,7 +715,9 @@ export class GatewayLink {
       }, this.o.syncTimeoutMs);
     });
     const flushed = (async (): Promise<void> => {
-      await this.settled();
+      // Client updates only: resync copies have no client waiting, and on a slow gateway they
+      // would hold the FLUSH for up to half the queue (then time it out, dropping the link).
+      await this.settled(true);
       if (epoch !== this.epoch || !sends(this.s.name)) return;
       await this.flushNow();
     })();
@@ -899,18 +902,26 @@ export class GatewayLink {
    * (they were dropped). Updates enqueued later do not count: under steady writes the queue is
    * never empty, and a FLUSH or the end of a resync pass waiting for that would wait forever.
    */
-  private settled(): Promise<void> {
-    let left = this.queue.length;
-    for (const b of this.sending) left += b.length;
+  private settled(clientOnly = false): Promise<void> {
+    let left = 0;
+    if (!clientOnly) {
+      left = this.queue.length;
+      for (const b of this.sending) left += b.length;
+    } else {
+      for (const p of this.queue) if (!p.resync) left++;
+      for (const b of this.sending) for (const p of b) if (!p.resync) left++;
+    }
     if (left === 0) return Promise.resolve();
-    return new Promise<void>((resolve) => this.settleWaiters.push({ ord: this.enqueued, left, resolve }));
+    return new Promise<void>((resolve) =>
+      this.settleWaiters.push({ ord: this.enqueued, left, clientOnly, resolve }),
+    );
   }
 
   /** A batch was answered (in this epoch): wake the settled() calls it completes. */
   private answered(batch: Pending[]): void {
     for (let i = 0; i < this.settleWaiters.length;) {
       const w = this.settleWaiters[i];
-      for (const p of batch) if (p.ord < w.ord) w.left--;
+      for (const p of batch) if (p.ord < w.ord && (!w.clientOnly || !p.resync)) w.left--;
       if (w.left > 0) i++;
       else {
         this.settleWaiters.splice(i, 1);

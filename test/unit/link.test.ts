@@ -1583,6 +1583,29 @@ void describe("GatewayLink: found by a review (24 Nov)", () => {
     }
   });
 
+  void test("sync mode: a FLUSH during a resync over a slow gateway does not wait for the resync's copies", async () => {
+    const gw = await startGateway();
+    const r = await startRig({ gw, mode: "sync", syncTimeoutMs: 400, batchBytes: MiB });
+    try {
+      await r.primary.mem.write(randomBytes(SIZE), 0, false);
+      gw.setFault({ mode: "slow", delayMs: 200 });
+      r.link.start();
+      await waitFor(
+        "resync copies in flight",
+        () => r.link.state === "resyncing" && r.link.status().inflightBatches > 0,
+      );
+      const t0 = performance.now();
+      await r.fork.flush();
+      const took = performance.now() - t0;
+      assert.equal(r.link.state, "resyncing", `the FLUSH dropped the link: ${r.link.status().reason}`);
+      assert.ok(took < 400, `the FLUSH took ${Math.round(took)} ms`);
+      await waitSynced(r, 20_000);
+      assert.equal(r.link.status().outages, 0);
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("a FAST_ZERO the primary refuses never reaches the gateway: the secondary keeps its data", async () => {
     const r = await syncedRig({}, [0]);
     try {
