@@ -20,7 +20,8 @@
 //   made the update durable, but the primary's own write may still sit in its page cache, and a
 //   crash there loses it while the secondary keeps it (found by a power-cut simulator). So, as
 //   DRBD writes its AL transactions with a pre-flush, a batch that stores cleared bits of regions
-//   the AL no longer covers (an eviction; a lazy persist after such a clear; the close) runs after
+//   the AL no longer covers (an eviction of a region with clears since it was stored; a lazy
+//   persist after a clear outside the AL; the close) runs after
 //   an fdatasync of the primary (`primaryFlush`), in the db's chain. Bits are encoded before that
 //   flush starts, so every clear it stores is of a primary write completed before it. A primary
 //   whose flush fails cannot say what it lost: the full-resync mark is set (primaryFailed).
@@ -179,6 +180,8 @@ export class TrackingLog {
   primaryFlush: (() => Promise<void>) | null = null;
   /** A bit of a region outside the activity log was cleared since the last batch that stored it. */
   private coldCleared = false;
+  /** Regions with a bit cleared since their chunk was last stored (an eviction flushes only then). */
+  private readonly clearedRegions = new Set<number>();
   /** Set when the full-resync mark was written after a failure: writes go on (see the notes). */
   private degradedMark: FullResyncMark | null = null;
   /** The full-resync mark's file is allocated and clear (prepareMark), so fail() can set it. */
@@ -482,8 +485,12 @@ export class TrackingLog {
       batch.put(chunkKey(c), this.map.encodeChunk(c));
       this.map.changed.delete(c);
     }
-    // The evicted regions' cleared bits become final here: their primary writes must be durable.
-    await this.writeInOrder(batch, true, evicted.length > 0);
+    // The evicted regions' cleared bits become final here: their primary writes must be durable
+    // (the chunks written may hold bits cleared outside the AL too). No clear, no flush: an
+    // eviction while the link tracks clears nothing.
+    let cleared = this.coldCleared;
+    for (const r of evicted) if (this.clearedRegions.delete(r)) cleared = true;
+    await this.writeInOrder(batch, true, cleared);
     // Add the new regions; the others keep the uses activate() noted during the write.
     for (const r of adding) this.active.set(r, use);
     if (evicted.length > 0) this.log.debug(`activity log: ${adding.size} in, ${evicted.length} out`);
@@ -502,11 +509,12 @@ export class TrackingLog {
     for (const c of chunks) batch.put(chunkKey(c), this.map.encodeChunk(c));
     const cold = this.coldCleared;
     this.coldCleared = false;
+    this.clearedRegions.clear(); // every changed chunk is stored: the regions' clears with it
     try {
       await this.writeInOrder(batch, sync, cold);
     } catch (e) {
       for (const c of chunks) this.map.changed.add(c);
-      if (cold) this.coldCleared = true;
+      this.coldCleared = true; // the clears it held are not stored: the next batch flushes first
       throw e;
     }
   }
@@ -566,7 +574,9 @@ export class TrackingLog {
    */
   clearBlock(b: number): void {
     this.map.clearBlock(b);
-    if (!this.active.has(Math.floor(b / this.map.blocksPerRegion))) this.coldCleared = true;
+    const r = Math.floor(b / this.map.blocksPerRegion);
+    if (!this.active.has(r)) this.coldCleared = true;
+    else this.clearedRegions.add(r);
   }
 
   /**

@@ -555,9 +555,16 @@ void describe("TrackingLog: crashes (a child process that never closes the log)"
       t.clearBlock(2); // inside the AL: a crash resyncs the region anyway
       await t.persist();
       assert.deepEqual(events, [], "bits cleared inside the AL need no flush");
+      events.length = 0;
+      t.map.mark(6 * R, 4096);
+      await t.activate(6 * R, 4096); // evicts region 0, nothing cleared in it since stored
+      assert.deepEqual(events, [], "an eviction that stores no new clear needs no flush");
+      t.map.mark(7 * R, 4096);
+      await t.activate(7 * R, 4096); // region 7 in (evicts 6)
+      t.clearBlock(7 * BPR); // cleared in the AL
       t.primaryFlush = () => Promise.reject(new Error("fdatasync failed: EIO"));
       t.map.mark(5 * R, 4096);
-      await t.activate(5 * R, 4096); // evicts region 0: its flush fails
+      await t.activate(5 * R, 4096); // evicts region 7 with its clear: its flush fails
       assert.ok(t.degraded !== null, "a failed primary flush leaves the log degraded");
       assert.match(t.degraded.reason, /the primary's flush failed/);
       assert.ok(readFullResyncMark(dir) !== null, "the full-resync mark is set");
