@@ -1338,7 +1338,10 @@ export class GatewayLink {
         await this.pendingMeta; // a whole-volume resync is stored before anything is sent
         if (!live()) return;
         await this.openStream(live);
-        if (!live()) return;
+        if (!live()) {
+          this.closeStream(); // ours, installed just now: no later loop can have opened one yet
+          return;
+        }
         this.probesDone++;
         this.dispatch({ type: "healthy" });
         return;
