@@ -356,6 +356,8 @@ export class Journal {
   private behindAtStart: [number, number] | null = null;
   private closed = false;
   private droppedBytes = 0;
+  /** The newest drop by retention (see JournalState.dropped). */
+  private lastDrop: { segment: number; earliest: number } | null = null;
 
   private constructor(opts: JournalOptions) {
     this.o = {
@@ -611,6 +613,22 @@ export class Journal {
     // A restart after a stop moved the earliest exact point past the gap: the segments cannot
     // tell (the first one still begins before the gap).
     if (typeof st.earliest === "number") this.earliestTs = Math.max(this.earliestTs, st.earliest);
+    const d = st.dropped;
+    if (
+      d !== undefined &&
+      typeof d.segment === "number" &&
+      typeof d.earliest === "number" &&
+      typeof st.earliest === "number" &&
+      typeof st.stoppedAt !== "number" &&
+      this.order.length > 0 &&
+      this.order[0] === d.segment + 1
+    ) {
+      // The oldest segment is the one after the last drop recorded: exact points from where that
+      // drop left them (and from any later restart's point, which `earliest` holds: the drop wrote
+      // the earliest point then, and a later restart writes its own, later one).
+      this.earliestTs = Math.max(d.earliest, st.earliest);
+      this.lastDrop = d;
+    }
     if (typeof st.stoppedAt === "number") {
       // It stopped and the process ended before it restarted: nothing before now is exact.
       this.earliestTs = Math.max(this.earliestTs, this.windowCeil(journalNow()));
@@ -626,6 +644,7 @@ export class Journal {
 
   private writeState(st: JournalState): boolean {
     if (this.passedTwiceRanges.length > 0) st = { ...st, passedTwice: this.passedTwiceRanges };
+    if (this.lastDrop !== null) st = { ...st, dropped: this.lastDrop };
     try {
       writeInPlace(join(this.dir, "state"), JSON.stringify(st), STATE_SIZE, STATE_PAD);
       return true;
@@ -1348,6 +1367,9 @@ export class Journal {
     // Durable in order: after a crash, never a newer segment gone and an older one back (a gap
     // that recovery would take for continuous history).
     syncDir(this.dir);
+    // So that a restart offers the same earliest point (and the bookmarks from it) as now.
+    this.lastDrop = { segment: n, earliest: this.earliestTs };
+    if (this.stoppedAt === null) this.writeState({ earliest: this.earliestTs });
     this.droppedBytes += seg.size;
     this.expireBookmarks("with the oldest segment");
     this.trimPassedTwice(); // in memory; the state file is trimmed when next written or reopened
@@ -1494,6 +1516,12 @@ interface JournalState {
   earliest?: number;
   /** Wall times that passed twice (the clock went back): [from, to] pairs, oldest first. */
   passedTwice?: [number, number][];
+  /**
+   * The newest segment retention dropped, and the earliest point that left (the first window
+   * after its newest entry): a start whose oldest segment is the next one takes that point, which
+   * the segments alone cannot tell (they only know when the oldest was created, later).
+   */
+  dropped?: { segment: number; earliest: number };
 }
 
 /** At most this many ranges of wall time that passed twice are kept (the newest). */

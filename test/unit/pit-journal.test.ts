@@ -923,6 +923,36 @@ void describe("Journal: reopen and torn tails", () => {
     assert.equal(again.j.index.length, n, "records larger than this process's segment size are kept");
   });
 
+  void test("a restart offers the earliest point retention left, and the bookmarks from it", async () => {
+    // Found by a power-cut hunt: a bookmark taken after the newest dropped entry but before the
+    // oldest remaining segment was created was served, then silently refused after a restart
+    // (recovery could only take the oldest segment's creation time).
+    const W = 50;
+    const opts = { windowMs: W, segmentBytes: SMALL_SEG, maxBytes: SMALL_SEG };
+    const { j, dir } = await openJournal(opts);
+    await nextWindow(W);
+    await commitImages(
+      j,
+      Array.from({ length: 10 }, (_, i) => i),
+    ); // segment 1
+    await nextWindow(W);
+    const b = j.mark("b");
+    await sleep(3 * W);
+    await commitImages(
+      j,
+      Array.from({ length: 10 }, (_, i) => 10 + i),
+    ); // segment 2, created after b
+    j.enforceRetention(); // over maxBytes: segment 1 goes
+    assert.deepEqual(segmentFiles(dir), ["0000000002.seg"]);
+    const live = j.window().earliest!;
+    assert.ok(live <= b, `earliest ${live} after the bookmark ${b}`);
+    assert.ok(j.listBookmarks().has("b"));
+    await j.close();
+    const again = await openJournal({ dir, ...opts });
+    assert.equal(again.j.window().earliest, live, "the same earliest point after the restart");
+    assert.equal(again.j.listBookmarks().get("b"), b, "the bookmark survives the restart");
+  });
+
   void test("age retention passes an empty sealed segment (left by a stop and restart) instead of stopping at it", async () => {
     const W = 20;
     const { j, dir } = await openJournal({ windowMs: W, segmentBytes: SMALL_SEG, retentionMs: 100 });
