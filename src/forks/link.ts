@@ -233,6 +233,8 @@ class HttpError extends Error {
   constructor(
     message: string,
     readonly status: number,
+    /** The answer's JSON body, if it had one. */
+    readonly body: unknown = null,
   ) {
     super(message);
   }
@@ -961,14 +963,20 @@ export class GatewayLink {
     const text = await res.body.text();
     if (res.statusCode !== 200) {
       let detail = text.slice(0, 300);
+      let json: unknown = null;
       try {
         const j = JSON.parse(text) as { error?: { code?: string; message?: string } };
+        json = j;
         if (j.error) detail = `${j.error.code ?? ""}: ${j.error.message ?? ""}`;
       } catch {
         // not JSON: keep the text
       }
       const hint = res.statusCode === 401 ? " (check --gateway-token-file)" : "";
-      throw new HttpError(`${method} ${path} answered ${res.statusCode} ${detail}${hint}`, res.statusCode);
+      throw new HttpError(
+        `${method} ${path} answered ${res.statusCode} ${detail}${hint}`,
+        res.statusCode,
+        json,
+      );
     }
     return text ? (JSON.parse(text) as unknown) : {};
   }
@@ -1347,6 +1355,11 @@ export class GatewayLink {
         return;
       } catch (e) {
         if (!live()) return; // another loop checks now
+        // A gateway that is up but unhealthy says what its secondary is now (a failed disk makes
+        // it inconsistent): status must not go on showing what it said before.
+        const said =
+          e instanceof HttpError ? (e.body as { secondary?: unknown } | null)?.secondary : undefined;
+        if (this.consistency && typeof said === "string") this.secondary = said;
         this.lastError = `health check: ${transportHint(e, this.o.url)}`;
         this.probesDone++;
         const refused = refusal(e);

@@ -487,7 +487,7 @@ export class GatewayServer {
             secondaryId: g.secondaryId,
             owner: g.owner?.source ?? null,
           });
-        } else sendJson(res, 503, { ok: false, reason: h.reason });
+        } else sendJson(res, 503, { ok: false, reason: h.reason, secondary: g.secondary.state });
         return Promise.resolve();
       },
     });

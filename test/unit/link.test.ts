@@ -116,9 +116,15 @@ class PrimaryVolume implements Volume {
 /** The secondary: a MemoryVolume that counts the gateway's reads (checksums, data). */
 class SecondaryVolume extends MemoryVolume {
   reads = 0;
+  /** fdatasync fails with EIO while set (a failing disk). */
+  failFlush = false;
   override read(buf: Buffer, offset: number): Promise<void> {
     this.reads++;
     return super.read(buf, offset);
+  }
+  override flush(): Promise<void> {
+    if (this.failFlush) return Promise.reject(new IoError(constants.errno.EIO, "fdatasync", "injected"));
+    return super.flush();
   }
 }
 
@@ -1601,6 +1607,19 @@ void describe("GatewayLink: found by a review (24 Nov)", () => {
       assert.ok(took < 400, `the FLUSH took ${Math.round(took)} ms`);
       await waitSynced(r, 20_000);
       assert.equal(r.link.status().outages, 0);
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a gateway whose secondary failed says so in its 503 health answer, and status shows it", async () => {
+    const r = await syncedRig({}, [0]);
+    try {
+      assert.equal(r.link.status().secondary, "consistent");
+      r.gw.volume.failFlush = true;
+      await r.fork.write(pattern(4096, 3), 0, false);
+      await waitFor("tracking", () => r.link.state === "tracking");
+      await waitFor("the secondary inconsistent", () => r.link.status().secondary === "inconsistent");
     } finally {
       await r.close();
     }
