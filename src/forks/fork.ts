@@ -244,14 +244,7 @@ class ForkVolume extends FilterVolume {
       },
       (e: unknown) => {
         this.settled(range);
-        // Poison first: endWrite may clear blocks whose update is durable on the gateway.
-        const active = this.link.poison(offset, length);
-        this.link.endWrite(offset, length, ticket);
-        if (active === DONE) throw e;
-        return active.then(
-          () => Promise.reject(e),
-          () => Promise.reject(e),
-        );
+        return this.primaryFailed(offset, length, ticket, e);
       },
     );
     if (sent === null || this.mode === "async") return primary;
@@ -288,14 +281,23 @@ class ForkVolume extends FilterVolume {
           this.link.requestResync();
           throw e;
         }
-        const active = this.link.poison(offset, length);
-        this.link.endWrite(offset, length, ticket);
-        if (active === DONE) throw e;
-        return active.then(
-          () => Promise.reject(e),
-          () => Promise.reject(e),
-        );
+        return this.primaryFailed(offset, length, ticket, e);
       },
+    );
+  }
+
+  /**
+   * The primary operation failed with `e`: its blocks are dirty whatever the gateway acknowledges
+   * (poison first: endWrite may clear blocks whose update is durable on the gateway); the client
+   * hears of `e` once the marks are durable.
+   */
+  private primaryFailed(offset: number, length: number, ticket: WriteTicket, e: unknown): Promise<void> {
+    const active = this.link.poison(offset, length);
+    this.link.endWrite(offset, length, ticket);
+    if (active === DONE) return Promise.reject(e);
+    return active.then(
+      () => Promise.reject(e),
+      () => Promise.reject(e),
     );
   }
 
