@@ -63,6 +63,9 @@ export class NotSupportedError extends BlockforkError {
   }
 }
 
+/** Why a FAST_ZERO is refused: the storage would have to write the zeroes. */
+export const NO_FAST_ZERO = "this storage cannot write zeroes faster than a write";
+
 /** The server is shutting down and takes no new work. */
 export class ShutdownError extends BlockforkError {
   constructor(message = "the server is shutting down") {

@@ -33,7 +33,7 @@
 // promises no order between requests in flight, so the wait changes nothing a client may rely on.
 
 import { constants } from "node:os";
-import { IoError, NotSupportedError } from "../errors.js";
+import { IoError, NO_FAST_ZERO, NotSupportedError } from "../errors.js";
 import { DONE } from "../util/done.js";
 import type { TrackingLog } from "../tracking/log.js";
 import type { Volume, VolumeSession, WriteHold, ZeroOptions } from "../volume/volume.js";
@@ -133,7 +133,7 @@ class ForkVolume extends FilterVolume {
       // read zeroes where the primary keeps its data): refused at once when the primary is known
       // to refuse it, else sent only once the primary has done it (fastZero).
       if (this.next.cannotZeroFast?.(opts.mayTrim === true) === true)
-        return Promise.reject(new NotSupportedError("this storage cannot write zeroes faster than a write"));
+        return Promise.reject(new NotSupportedError(NO_FAST_ZERO));
       return this.change(
         KIND.ZERO,
         offset,

@@ -18,7 +18,7 @@
 // - With the journal stopped (disk full), changes pass straight through: primary writes never fail
 //   because of the journal.
 
-import { NotSupportedError } from "../errors.js";
+import { NO_FAST_ZERO, NotSupportedError } from "../errors.js";
 import { Slab } from "../util/buffer-pool.js";
 import { DONE } from "../util/done.js";
 import type { Volume, VolumeSession, ZeroOptions } from "../volume/volume.js";
@@ -106,7 +106,7 @@ class JournalVolume extends FilterVolume {
   override zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
     // A FAST_ZERO the primary is known to refuse is refused before anything is journaled.
     if (opts.fast === true && this.next.cannotZeroFast?.(opts.mayTrim === true) === true)
-      return Promise.reject(new NotSupportedError("this storage cannot write zeroes faster than a write"));
+      return Promise.reject(new NotSupportedError(NO_FAST_ZERO));
     return this.change(offset, length, opts.mayTrim === true, () => this.next.zero(offset, length, opts));
   }
 

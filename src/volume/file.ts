@@ -15,7 +15,7 @@ import {
   FALLOC_FL_ZERO_RANGE,
   type BlockFileOptions,
 } from "../blockio/index.js";
-import { errnoOf, NotSupportedError } from "../errors.js";
+import { errnoOf, NO_FAST_ZERO, NotSupportedError } from "../errors.js";
 import { constants } from "node:os";
 import { DONE, noop } from "../util/done.js";
 import {
@@ -113,7 +113,7 @@ export class FileVolume implements Volume {
       if (opts.fua) await this.flush();
       return;
     }
-    if (opts.fast) throw new NotSupportedError("this storage cannot write zeroes faster than a write");
+    if (opts.fast) throw new NotSupportedError(NO_FAST_ZERO);
     await this.file.writeZeroes(offset, length, opts.fua === true);
   }
 
