@@ -12,7 +12,8 @@
 //   checks probe the gateway with backoff.
 // - resyncing: the gateway is back; dirty blocks are copied from the primary while new updates
 //   stream too (and re-dirty what they touch). When a pass leaves no block dirty that is not
-//   covered by an update in flight, the link streams.
+//   covered by an update in flight, the link streams. Blocks the primary cannot read do not hold
+//   it back: they stay dirty, the driver retries them later, and resyncDone says which they are.
 // - starting: nothing is known about the gateway yet; after the first health check it resyncs
 //   (which finishes at once when nothing is dirty) or tracks.
 // Every failure of the gateway (send error, 5xx, timeout, queue overflow, a sync write not
@@ -28,7 +29,8 @@ export type LinkEvent =
   | { type: "failure"; reason: string }
   | { type: "overflow"; reason: string }
   | { type: "syncTimeout"; reason: string }
-  | { type: "resyncDone" }
+  /** `unreadable`: what the resync could not copy (blocks the primary failed to read), if any. */
+  | { type: "resyncDone"; unreadable?: string }
   /** Blocks were marked dirty out of band (verify --repair, a manual resync). */
   | { type: "resyncRequested" }
   | { type: "stop" };
@@ -175,7 +177,15 @@ export function step(s: LinkState, e: LinkEvent, now: number): [LinkState, LinkA
       if (e.type === "resyncDone") {
         return [
           { ...s, name: "streaming", since: now, reason: "" },
-          [{ type: "log", level: "info", message: "gateway link: resync complete, streaming" }],
+          [
+            e.unreadable === undefined
+              ? { type: "log", level: "info", message: "gateway link: resync complete, streaming" }
+              : {
+                  type: "log",
+                  level: "warn",
+                  message: `gateway link: resync complete but for ${e.unreadable}, streaming`,
+                },
+          ],
         ];
       }
       return [s, []];

@@ -45,6 +45,21 @@
 //   has an update in flight; then the link streams. On a
 //   plain-socket update stream, ranges the page cache holds go by sendfile (no read, no copy;
 //   see copyRange for why contents newer than the read are fine).
+// - Blocks the primary cannot read (a resync copy's read fails with EIO, ENODATA, EILSEQ or
+//   EBADMSG: a bad sector) are isolated, as DRBD confines a resync read error to its blocks: the
+//   range is read again block by block (tracking granularity), the readable blocks are copied as
+//   usual, and the others stay dirty and are remembered as UNREADABLE (in memory: a bitmap, the
+//   error and when). The seq reserved for the range is spent on the first readable run (or, when
+//   no whole block reads, a readable 4 KiB piece of one: the gateway needs every seq); the other
+//   readable blocks are left to the next pass. A resync run does not retry a block that failed in
+//   it (`skip`), so the run ends and the link streams; the next run retries them (any run: a
+//   failure's, `blockfork resync`, and one every unreadableRetryMs while there are any). An
+//   unreadable block is uncovered (no seq) or STALE, never cleared by an update that does not
+//   cover it whole; a client write that covers it whole is the exception: it replaces all of the
+//   block's dirtiness, so its acknowledgement clears the block (clearIfDurable drops it from the
+//   set too). While any is left the secondary is no crash-consistent image: no in-sync claim.
+//   Resync progress: bytes found unreadable in a run leave its totalBytes (unreadableBytes says how
+//   many), so a run that ends shows 100% and the ETA counts only what can be copied.
 // - The secondary's consistency (docs/gateway-api.md; the gateway keeps the state): with a gateway
 //   that lists the "consistency" feature, every update sent before a resync has finished (resync
 //   copies, and client writes sent meanwhile) is flagged RESYNC, so the gateway records its
@@ -58,10 +73,12 @@
 //   fails a write the primary accepted).
 
 import { randomBytes } from "node:crypto";
+import { constants } from "node:os";
 import { Pool } from "undici";
 import type { Logger } from "../log.js";
 import type { TrackingLog } from "../tracking/log.js";
 import { extentsJson } from "../tracking/dirty-map.js";
+import { BlockforkError, errnoOf } from "../errors.js";
 import type { Extent, PieceLease, Volume, WriteHold } from "../volume/volume.js";
 import { encodeHeader, FLAG_RESYNC, KIND, RECORD_HEADER, type UpdateKind } from "../gateway/records.js";
 import { acquire, release, Slab } from "../util/buffer-pool.js";
@@ -108,6 +125,8 @@ export interface LinkOptions {
    * RangeError from V8 on every attempt.
    */
   resyncPendingBlocks: number;
+  /** While blocks of the primary are unreadable, a resync retries them this often (ms). */
+  unreadableRetryMs: number;
   /** Send batches over an update stream when the gateway offers one (default true); else POST. */
   updateStream?: boolean;
   /** Base URL of a tracking mirror (a gateway): PUT /v1/tracking/{volumeId}. */
@@ -138,6 +157,7 @@ export const LINK_DEFAULTS = {
   resyncChunkBytes: 4 * 1024 * 1024,
   // 256K entries: about 20 MB of table; 16 GiB of volume at 64 KiB per flush interval.
   resyncPendingBlocks: 256 * 1024,
+  unreadableRetryMs: 60_000,
   mirrorIntervalMs: 1000,
 };
 
@@ -192,10 +212,27 @@ export interface ResyncProgress {
   doneBytes: number;
   /** Of doneBytes, those sent straight from the primary's page cache (sendfile). */
   pageCacheBytes: number;
+  /** Bytes this run found unreadable on the primary: taken out of totalBytes (not work left). */
+  unreadableBytes: number;
   bytesPerSecond: number;
   etaSeconds: number | null;
   startedAt: string | null;
   finishedAt: string | null;
+}
+
+/** Blocks of the primary a resync could not read: dirty, the secondary differs there. */
+export interface UnreadableStatus {
+  blocks: number;
+  bytes: number;
+  /** The first few runs of them, in volume order. */
+  ranges: { offset: number; length: number }[];
+  /** When a read of one first failed since there were none, and when one last failed (ISO). */
+  firstErrorAt: string | null;
+  lastErrorAt: string | null;
+  /** The last read error. */
+  error: string;
+  /** How often a resync retries them (ms). */
+  retryMs: number;
 }
 
 /** What `blockfork status` shows about a link. */
@@ -227,7 +264,30 @@ export interface LinkStatus {
    * null (not reached yet, or a gateway without the "consistency" feature).
    */
   secondary: string | null;
+  unreadable: UnreadableStatus;
 }
+
+/** Errnos of a read that the medium failed (a bad sector, a checksum mismatch under dm-integrity). */
+const MEDIA_ERRNOS = new Set(
+  [constants.errno.EIO, constants.errno.ENODATA, constants.errno.EILSEQ, constants.errno.EBADMSG].filter(
+    (n) => n !== undefined,
+  ),
+);
+
+/** A read error of the medium (not a bug, not a shutdown): its blocks are isolated, not fatal. */
+function mediaError(e: unknown): boolean {
+  const carries =
+    e instanceof BlockforkError ||
+    (typeof e === "object" && e !== null && typeof (e as { errno?: unknown }).errno === "number");
+  return carries && MEDIA_ERRNOS.has(errnoOf(e));
+}
+
+/** Piece size for finding a readable part of an unreadable block (a seq must go out). */
+const PIECE = 4096;
+/** At most this many pieces are tried (each failing read may take the disk seconds). */
+const PIECE_TRIES = 64;
+/** Runs of unreadable blocks shown by status and the log. */
+const SHOW_RANGES = 8;
 
 class HttpError extends Error {
   constructor(
@@ -292,6 +352,8 @@ export interface WriteTicket {
   /** The write is counted as covering its blocks in `writing` (until its submit sends nothing, it
    * ends, or the epoch changes). */
   covers: boolean;
+  /** Unreadable blocks it would make STALE but covers whole: its update may clear them. */
+  whole: number[] | null;
 }
 
 /** One gateway link. */
@@ -343,6 +405,21 @@ export class GatewayLink {
    * its primary write ends. One map for both keeps the write path at one get and one set a block.
    */
   private readonly writing = new Map<number, number>();
+  /** Blocks the primary could not read in a resync copy (see the notes at the top): a bitmap. */
+  private readonly unreadable: Uint32Array;
+  /** Of them, those that failed in the resync running now: it does not retry them. */
+  private readonly skip: Uint32Array;
+  private unreadableCount = 0;
+  private unreadableBytes = 0;
+  private unreadableFirstAt = 0;
+  private unreadableLastAt = 0;
+  private unreadableError = "";
+  /** When a resync last began (monotonic ms): the retry timer counts from it. */
+  private resyncBegan = 0;
+  /** The next resync run keeps `skip` (the last one failed on a range of which nothing reads). */
+  private skipCarry = false;
+  /** The last unreadable block left without a resync since: one makes the in-sync claim. */
+  private claimWanted = false;
   private durableThrough = 0;
   /** The highest appliedThrough the gateway answered in this epoch (a flush must not go below it). */
   private appliedSeen = 0;
@@ -386,6 +463,7 @@ export class GatewayLink {
     totalBytes: 0,
     doneBytes: 0,
     pageCacheBytes: 0,
+    unreadableBytes: 0,
     bytesPerSecond: 0,
     etaSeconds: null,
     startedAt: null,
@@ -408,6 +486,8 @@ export class GatewayLink {
     this.o = opts;
     this.log = opts.log;
     this.lastSeq = new SeqTable(tracking.map.blocks);
+    this.unreadable = new Uint32Array(Math.ceil(tracking.map.blocks / 32));
+    this.skip = new Uint32Array(this.unreadable.length);
     this.s = initialLinkState(Date.now());
     const connect = opts.ca ? { ca: opts.ca } : undefined;
     this.pool = new Pool(opts.url, {
@@ -559,6 +639,7 @@ export class GatewayLink {
     const map = this.tracking.map;
     const [b0, b1] = map.blockRange(offset, length);
     let stale: number[] | null = null;
+    let whole: number[] | null = null;
     for (let b = b0; b <= b1; b++) {
       const v = this.writing.get(b) ?? 0;
       this.writing.set(b, v + 1 + COVER);
@@ -568,10 +649,15 @@ export class GatewayLink {
         // that still covers (began on a clean or covered block in this epoch and will be sent, or
         // will mark it STALE itself). A write in progress that covers nothing does not count.
         const last = this.lastSeq.get(b);
-        if (last === STALE || (last === undefined && !busy)) (stale ??= []).push(b);
+        if (last === STALE || (last === undefined && !busy)) {
+          // An unreadable block no resync can copy: a write of all of it replaces its dirtiness.
+          if (this.unreadableCount > 0 && this.isUnreadable(b) && this.coversBlock(b, offset, length))
+            (whole ??= []).push(b);
+          else (stale ??= []).push(b);
+        }
       }
     }
-    return { epoch: this.epoch, sending: sends(this.s.name), stale, covers: true };
+    return { epoch: this.epoch, sending: sends(this.s.name), stale, covers: true, whole };
   }
 
   /** The client write to [offset, offset+length) of `ticket` reached the primary (or failed). */
@@ -600,7 +686,78 @@ export class GatewayLink {
       this.lastSeq.delete(b);
       this.tracking.clearBlock(b);
       this.mirrorDirty = true;
+      // A client write covered it whole: the secondary holds what the primary does there now.
+      if (this.unreadableCount > 0 && this.isUnreadable(b)) {
+        this.forgetUnreadable(b);
+        this.log.info(
+          `gateway link: unreadable block at offset ${b * this.tracking.map.granularity} was overwritten ` +
+            `whole and is on the secondary; ${this.unreadableCount} unreadable blocks left`,
+        );
+      }
     }
+  }
+
+  /** [offset, offset+length) covers all of block `b`. */
+  private coversBlock(b: number, offset: number, length: number): boolean {
+    const g = this.tracking.map.granularity;
+    return offset <= b * g && offset + length >= Math.min((b + 1) * g, this.tracking.map.volumeSize);
+  }
+
+  private isUnreadable(b: number): boolean {
+    return (this.unreadable[b >>> 5] & (1 << (b & 31))) !== 0;
+  }
+
+  private skipped(b: number): boolean {
+    return (this.skip[b >>> 5] & (1 << (b & 31))) !== 0;
+  }
+
+  private blockBytes(b: number): number {
+    const g = this.tracking.map.granularity;
+    return Math.min((b + 1) * g, this.tracking.map.volumeSize) - b * g;
+  }
+
+  /** Block `b` failed to read in this resync: unreadable, not retried until the next run. */
+  private rememberUnreadable(b: number, now: number): void {
+    this.skip[b >>> 5] |= 1 << (b & 31);
+    if (this.isUnreadable(b)) return;
+    this.unreadable[b >>> 5] |= 1 << (b & 31);
+    if (this.unreadableCount === 0) this.unreadableFirstAt = now;
+    this.unreadableCount++;
+    this.unreadableBytes += this.blockBytes(b);
+  }
+
+  /** Block `b` was read after all, or overwritten whole and cleared. */
+  private forgetUnreadable(b: number): void {
+    if (!this.isUnreadable(b)) return;
+    this.unreadable[b >>> 5] &= ~(1 << (b & 31));
+    this.skip[b >>> 5] &= ~(1 << (b & 31));
+    this.unreadableCount--;
+    this.unreadableBytes -= this.blockBytes(b);
+    if (this.unreadableCount === 0) this.claimWanted = true;
+  }
+
+  /** The first `max` runs of unreadable blocks, as byte ranges. */
+  private unreadableRanges(max: number): { offset: number; length: number }[] {
+    const out: { offset: number; length: number }[] = [];
+    if (this.unreadableCount === 0) return out;
+    const g = this.tracking.map.granularity;
+    const blocks = this.tracking.map.blocks;
+    let b = 0;
+    while (b < blocks && out.length < max) {
+      if (this.unreadable[b >>> 5] === 0) {
+        b = ((b >>> 5) + 1) << 5;
+        continue;
+      }
+      if (!this.isUnreadable(b)) {
+        b++;
+        continue;
+      }
+      let e = b;
+      while (e < blocks && this.isUnreadable(e)) e++;
+      out.push({ offset: b * g, length: Math.min(e * g, this.tracking.map.volumeSize) - b * g });
+      b = e;
+    }
+    return out;
   }
 
   /**
@@ -665,9 +822,26 @@ export class GatewayLink {
       const [b0, b1] = this.tracking.map.blockRange(offset, length);
       for (let b = b0; b <= b1; b++) this.lastSeq.set(b, STALE);
       stale = true;
-    } else if (ticket.stale !== null) {
-      for (const b of ticket.stale) this.lastSeq.set(b, STALE);
-      stale = true;
+    } else {
+      if (ticket.stale !== null) {
+        for (const b of ticket.stale) this.lastSeq.set(b, STALE);
+        stale = true;
+      }
+      if (ticket.whole !== null) {
+        // Unreadable blocks this piece covers whole take its seq (even over STALE); a block only
+        // split pieces cover is STALE, as for any partial write. Done ones leave the list, so a
+        // later piece does not make them STALE again.
+        const left: number[] = [];
+        for (const b of ticket.whole) {
+          if (this.coversBlock(b, offset, length)) this.lastSeq.set(b, seq);
+          else {
+            this.lastSeq.set(b, STALE);
+            left.push(b);
+          }
+        }
+        ticket.whole = left.length > 0 ? left : null;
+        if (left.length > 0) stale = true;
+      }
     }
     // A STALE block needs a resync copy: a resync running copies it (it ends only when none is
     // left); a streaming link starts one (the block would otherwise wait for the next outage).
@@ -1264,6 +1438,17 @@ export class GatewayLink {
       this.lastFlush = now;
       void this.flushNow();
     }
+    if (this.s.name === "streaming" && !this.resyncRunning) {
+      if (this.unreadableCount > 0 && now - this.resyncBegan >= this.o.unreadableRetryMs) {
+        // Blocks the primary could not read: try them again (a sector may heal, or be remapped).
+        this.requestResync();
+      } else if (this.claimWanted) {
+        // The last unreadable block left (overwritten whole): every difference is covered again,
+        // and a resync (with nothing to copy) makes the in-sync claim.
+        this.claimWanted = false;
+        if (this.consistency && this.inSync === null && this.unreadableCount === 0) this.requestResync();
+      }
+    }
   }
   private lastFlush = 0;
 
@@ -1499,18 +1684,37 @@ export class GatewayLink {
     const started = performance.now();
     if (map.dirtyBlocks === map.blocks) this.wholeCopy = true;
     this.resyncRunning = true;
+    // Every run tries the unreadable blocks again (once: a block that fails again is skipped),
+    // but the one after a run that a dead region failed.
+    if (!this.skipCarry) this.skip.fill(0);
+    this.skipCarry = false;
+    // One that is no longer dirty needs nothing (clearIfDurable forgets it; this is in case).
+    if (this.unreadableCount > 0)
+      for (const { offset, length } of this.unreadableRanges(Number.MAX_SAFE_INTEGER)) {
+        const [b0, b1] = map.blockRange(offset, length);
+        for (let b = b0; b <= b1; b++) if (!map.isDirty(b)) this.forgetUnreadable(b);
+      }
+    this.resyncBegan = started;
+    this.claimWanted = false;
+    const retrying = this.unreadableCount;
     this.progress = {
       running: true,
       pass: 0,
       totalBytes: map.dirtyBytes,
       doneBytes: 0,
       pageCacheBytes: 0,
+      unreadableBytes: 0,
       bytesPerSecond: 0,
       etaSeconds: null,
       startedAt: new Date().toISOString(),
       finishedAt: null,
     };
-    if (this.progress.totalBytes > 0) this.log.info(`resync: ${this.progress.totalBytes} bytes dirty`);
+    if (this.progress.totalBytes > 0) {
+      this.log.info(
+        `resync: ${this.progress.totalBytes} bytes dirty` +
+          (retrying > 0 ? `, of them ${retrying} blocks the primary could not read before (retried)` : ""),
+      );
+    }
     const alive = (): boolean => token === this.resyncToken && !this.stopped && this.s.name === "resyncing";
     let bucket = 0;
     let bucketAt = performance.now();
@@ -1588,12 +1792,13 @@ export class GatewayLink {
         if (!alive()) return;
         if (this.unflushed.length > 0) await this.flushNow();
         if (!alive()) return;
-        // Done when every dirty block has an update in flight (streaming clears it) or none is left.
+        // Done when every dirty block has an update in flight (streaming clears it) or none is left,
+        // but for the blocks the primary could not read in this run (retried by the next one).
         let left = false;
         for (const run of map.runs()) {
           for (let b = run.start; b < run.start + run.count; b++) {
             const last = this.lastSeq.get(b);
-            if (last === undefined || last === STALE) {
+            if ((last === undefined || last === STALE) && !this.skipped(b)) {
               left = true;
               break;
             }
@@ -1606,16 +1811,29 @@ export class GatewayLink {
       this.updateRate(started);
       this.progress.running = false;
       this.progress.finishedAt = new Date().toISOString();
+      const unreadable =
+        this.unreadableCount > 0
+          ? `${this.unreadableCount} blocks (${this.unreadableBytes} bytes) the primary cannot read, ` +
+            `which stay dirty and differ on the secondary (retried every ${Math.round(this.o.unreadableRetryMs / 1000)} s)`
+          : undefined;
       this.log.info(
         `resync: done, ${this.progress.doneBytes} bytes in ${((performance.now() - started) / 1000).toFixed(1)} s, ` +
-          `${this.progress.pass} pass(es)`,
+          `${this.progress.pass} pass(es)` +
+          (unreadable !== undefined ? `; not copied: ${unreadable}` : ""),
       );
-      // Every dirty block has an update in flight, all of them up to the last seq reserved.
-      if (this.consistency) {
+      if (retrying > 0 && this.unreadableCount < retrying) {
+        this.log.info(
+          `resync: ${retrying - this.unreadableCount} of ${retrying} blocks the primary could not read ` +
+            "before were read and copied",
+        );
+      }
+      // Every dirty block has an update in flight, all of them up to the last seq reserved; not
+      // so while blocks are unreadable: the secondary lacks them, it is no image of the primary.
+      if (this.consistency && this.unreadableCount === 0) {
         this.inSync = this.seq - 1;
         this.inSyncConfirmed = false;
       }
-      this.dispatch({ type: "resyncDone" });
+      this.dispatch(unreadable === undefined ? { type: "resyncDone" } : { type: "resyncDone", unreadable });
     } catch (e) {
       if (alive()) this.failed(`resync failed: ${(e as Error).message}`);
     } finally {
@@ -1626,9 +1844,12 @@ export class GatewayLink {
     }
   }
 
-  /** A dirty block that no update in flight covers and no client write is changing. */
+  /**
+   * A dirty block that no update in flight covers and no client write is changing (and that the
+   * primary did not fail to read in this run).
+   */
   private needsCopy(b: number): boolean {
-    if (!this.tracking.map.isDirty(b) || this.writing.has(b)) return false;
+    if (!this.tracking.map.isDirty(b) || this.writing.has(b) || this.skipped(b)) return false;
     const last = this.lastSeq.get(b);
     return last === undefined || last === STALE;
   }
@@ -1637,7 +1858,7 @@ export class GatewayLink {
     const secs = (performance.now() - started) / 1000;
     const p = this.progress;
     p.bytesPerSecond = secs > 0 ? Math.round(p.doneBytes / secs) : 0;
-    const left = Math.max(0, p.totalBytes - p.doneBytes);
+    const left = Math.max(0, p.totalBytes - p.doneBytes); // unreadable bytes left totalBytes
     p.etaSeconds = p.bytesPerSecond > 0 ? Math.round(left / p.bytesPerSecond) : null;
     const now = performance.now();
     if (now - this.progressLogged >= 5000 && p.totalBytes > 0) {
@@ -1675,6 +1896,11 @@ export class GatewayLink {
         stop = Math.min((Math.floor(stop / g) + 1) * g, end);
       const seq = this.reserve(pos, stop - pos, true);
       await this.copyRange(pos, stop - pos, seq);
+      if (this.unreadableCount > 0) {
+        // Unreadable blocks this copy read after all (a healed or remapped sector).
+        const [b0, b1] = this.tracking.map.blockRange(pos, stop - pos);
+        for (let b = b0; b <= b1; b++) if (this.isUnreadable(b) && !this.skipped(b)) this.forgetUnreadable(b);
+      }
       pos = stop;
     }
   }
@@ -1725,6 +1951,7 @@ export class GatewayLink {
       await this.primary.read(buf, offset);
     } catch (e) {
       release(pooled);
+      if (epoch === this.epoch && mediaError(e)) return this.isolate(offset, length, seq, epoch, e as Error);
       if (epoch === this.epoch) this.failed(`resync failed: ${(e as Error).message}`);
       throw e;
     }
@@ -1733,6 +1960,162 @@ export class GatewayLink {
       return;
     }
     void this.enqueue(KIND.WRITE, offset, length, buf, true, seq, pooled);
+  }
+
+  /**
+   * The read of a resync copy failed with a media error: read [offset, offset+length) again block
+   * by block, copy what reads, and leave the rest dirty as unreadable (see the notes at the top).
+   * `seq` was reserved for the whole range and must go out in this epoch: on the first readable
+   * run of blocks (their data read after it was reserved, as any copy's), else on a readable 4 KiB
+   * piece of an unreadable block (a partial copy: it clears nothing). Blocks outside that update
+   * lose `seq`: uncovered again, or STALE where a client write began on them since (it counted
+   * on this copy). Readable ones are copied by the next pass, with a seq of their own.
+   */
+  private async isolate(
+    offset: number,
+    length: number,
+    seq: number,
+    epoch: number,
+    first: Error,
+  ): Promise<void> {
+    const map = this.tracking.map;
+    const g = map.granularity;
+    const end = offset + length;
+    const [b0, b1] = map.blockRange(offset, length);
+    const pooled = acquire(length);
+    const buf = pooled.subarray(0, length);
+    const bad: number[] = [];
+    let error = first;
+    let runStart = -1; // the first readable run: [runStart, runEnd) blocks
+    let runEnd = -1;
+    let runOpen = false;
+    for (let b = b0; b <= b1; b++) {
+      const at = Math.max(offset, b * g);
+      const to = Math.min(end, (b + 1) * g);
+      try {
+        await this.primary.read(buf.subarray(at - offset, to - offset), at);
+      } catch (e) {
+        if (epoch !== this.epoch) break;
+        if (!mediaError(e)) {
+          release(pooled);
+          this.failed(`resync failed: ${(e as Error).message}`);
+          throw e;
+        }
+        error = e as Error;
+        bad.push(b);
+        runOpen = false;
+        continue;
+      }
+      if (runStart < 0) {
+        runStart = b;
+        runEnd = b + 1;
+        runOpen = true;
+      } else if (runOpen) runEnd = b + 1;
+    }
+    if (epoch !== this.epoch) {
+      release(pooled);
+      return;
+    }
+    // The update that carries seq: [from, to) in bytes.
+    let from = -1;
+    let to = -1;
+    if (runStart >= 0) {
+      from = Math.max(offset, runStart * g);
+      to = Math.min(end, runEnd * g);
+    } else {
+      for (let at = offset, tries = 0; at < end && from < 0 && tries < PIECE_TRIES; at += PIECE, tries++) {
+        const n = Math.min(PIECE, end - at);
+        try {
+          await this.primary.read(buf.subarray(at - offset, at - offset + n), at);
+          from = at;
+          to = at + n;
+        } catch (e) {
+          if (epoch !== this.epoch) break;
+          if (!mediaError(e)) {
+            release(pooled);
+            this.failed(`resync failed: ${(e as Error).message}`);
+            throw e;
+          }
+        }
+      }
+      if (epoch !== this.epoch) {
+        release(pooled);
+        return;
+      }
+      if (from < 0) {
+        // No piece of the range reads (a dead region): nothing can carry the seq, and the gateway
+        // waits for every one. The link fails (a new epoch abandons the seq); the resync after it
+        // skips these blocks (skipCarry) and so finishes; the retry timer tries them again.
+        release(pooled);
+        const now = Date.now();
+        for (const b of bad) this.rememberUnreadable(b, now);
+        this.unreadableLastAt = now;
+        this.unreadableError = error.message;
+        this.skipCarry = true;
+        const msg =
+          `resync failed: no ${PIECE}-byte piece of [${offset}, ${end}) of the primary can be read ` +
+          `(${error.message}); ` +
+          "its seq cannot be sent";
+        this.failed(msg);
+        throw new Error(msg);
+      }
+    }
+    // Blocks the update does not cover whole lose the seq reserved for them.
+    const [c0, c1] = runStart >= 0 ? [runStart, runEnd - 1] : [-1, -2];
+    for (let b = b0; b <= b1; b++) {
+      if (b >= c0 && b <= c1) continue;
+      const last = this.lastSeq.get(b);
+      if (last === seq && (this.writing.get(b) ?? 0) < COVER) this.lastSeq.delete(b);
+      else if (last !== undefined || (this.writing.get(b) ?? 0) >= COVER) this.lastSeq.set(b, STALE);
+    }
+    if (bad.length === 0) {
+      // Every block read on its own (a transient error): the range goes as one copy after all.
+      void this.enqueue(
+        KIND.WRITE,
+        from,
+        to - from,
+        buf.subarray(from - offset, to - offset),
+        true,
+        seq,
+        pooled,
+      );
+      return;
+    }
+    const now = Date.now();
+    let badBytes = 0;
+    for (const b of bad) {
+      const was = this.isUnreadable(b);
+      this.rememberUnreadable(b, now);
+      badBytes += this.blockBytes(b);
+      if (!was) this.mirrorDirty = true;
+    }
+    this.unreadableLastAt = now;
+    this.unreadableError = error.message;
+    this.progress.unreadableBytes += badBytes;
+    this.progress.totalBytes = Math.max(this.progress.doneBytes, this.progress.totalBytes - badBytes);
+    const ranges: string[] = [];
+    for (let i = 0; i < bad.length && ranges.length < SHOW_RANGES;) {
+      let j = i + 1;
+      while (j < bad.length && bad[j] === bad[j - 1] + 1) j++;
+      const a = Math.max(offset, bad[i] * g);
+      ranges.push(`[${a}, ${Math.min(end, bad[j - 1] * g + g)})`);
+      i = j;
+    }
+    this.log.warn(
+      `resync: ${bad.length} blocks (${badBytes} bytes) of the primary cannot be read: ${ranges.join(" ")}` +
+        `${ranges.length < bad.length ? " ..." : ""} (${error.message}); they stay dirty, the secondary ` +
+        `differs there, retried every ${Math.round(this.o.unreadableRetryMs / 1000)} s; ` +
+        `${this.unreadableCount} blocks unreadable in all`,
+    );
+    void this.enqueue(
+      KIND.WRITE,
+      from,
+      to - from,
+      buf.subarray(from - offset, to - offset),
+      true,
+      seq,
+      pooled,
+    );
   }
 
   // ---- tracking mirror
@@ -1862,6 +2245,15 @@ export class GatewayLink {
       mirrorError: this.mirrorError,
       mirrorErrorAt: this.mirrorErrorAt,
       secondary: this.secondary,
+      unreadable: {
+        blocks: this.unreadableCount,
+        bytes: this.unreadableBytes,
+        ranges: this.unreadableRanges(SHOW_RANGES),
+        firstErrorAt: this.unreadableCount > 0 ? new Date(this.unreadableFirstAt).toISOString() : null,
+        lastErrorAt: this.unreadableCount > 0 ? new Date(this.unreadableLastAt).toISOString() : null,
+        error: this.unreadableCount > 0 ? this.unreadableError : "",
+        retryMs: this.o.unreadableRetryMs,
+      },
     };
   }
 

@@ -170,6 +170,17 @@ void describe("link state machine: resyncing", () => {
     assert.deepEqual(kinds(actions), ["log:info"]);
   });
 
+  void test("resyncing --resyncDone with unreadable blocks--> streaming all the same, and a warning says what was not copied", () => {
+    const e = { type: "resyncDone", unreadable: "2 blocks (131072 bytes) the primary cannot read" } as const;
+    const [s, actions] = step(at("resyncing", { outages: 1 }), e, T0 + 4);
+    assert.deepEqual(s, { name: "streaming", since: T0 + 4, reason: "", outages: 1 });
+    assert.deepEqual(kinds(actions), ["log:warn"]);
+    assert.match(
+      (actions[0] as Extract<LinkAction, { type: "log" }>).message,
+      /resync complete but for 2 blocks \(131072 bytes\) the primary cannot read, streaming/,
+    );
+  });
+
   void test("resyncing ignores healthy, unhealthy and resyncRequested (the running resync covers it)", () => {
     for (const type of ["healthy", "unhealthy", "resyncRequested"]) {
       const e = EVENTS.find((x) => x.type === type)!;

@@ -62,6 +62,12 @@ class PrimaryVolume implements Volume {
   failNextWrite = false;
   /** Every read fails with EIO while set. */
   failReads = false;
+  /** Reads that touch one of these [start, end) byte ranges fail with EIO (bad sectors). */
+  badRanges: [number, number][] = [];
+  /** Every read fails with this while set (an error that is no media error). */
+  readFailure: Error | null = null;
+  /** Reads that failed on a bad range. */
+  badReads = 0;
   /**
    * Storage that can neither punch holes nor zero ranges (FileVolume on such a filesystem): trim
    * keeps the data, and a fast zero fails with NotSupportedError.
@@ -77,6 +83,13 @@ class PrimaryVolume implements Volume {
     const gate = this.readGate;
     if (gate) await gate.pass();
     if (this.failReads) throw new IoError(constants.errno.EIO, "pread", "injected read error");
+    if (this.readFailure) throw this.readFailure;
+    for (const [a, b] of this.badRanges) {
+      if (offset < b && offset + buf.length > a) {
+        this.badReads++;
+        throw new IoError(constants.errno.EIO, "pread", `offset ${offset}, length ${buf.length}: bad sector`);
+      }
+    }
     await this.mem.read(buf, offset);
   }
   async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
@@ -594,11 +607,12 @@ void describe("GatewayLink: outages", () => {
   });
   void test("a primary read error during resync: tracking with the reason, no unhandled rejection, then resync", async () => {
     // Node 20 ends the process on an unhandled rejection: a failed copy must end the resync
-    // (link to tracking, "resync failed: ...") and nothing else.
+    // (link to tracking, "resync failed: ...") and nothing else. Every read fails here, so not a
+    // piece of a range reads and its seq cannot be sent: the link fails, as before isolation.
     const unhandled: unknown[] = [];
     const onUnhandled = (e: unknown): void => void unhandled.push(e);
     process.on("unhandledRejection", onUnhandled);
-    const r = await startRig();
+    const r = await startRig({ unreadableRetryMs: 200 });
     try {
       await r.primary.mem.write(Buffer.alloc(SIZE, 7), 0, false); // data everywhere: the resync reads
       r.primary.failReads = true;
@@ -612,6 +626,145 @@ void describe("GatewayLink: outages", () => {
       assertIdentical(r, "after the read error cleared");
     } finally {
       process.off("unhandledRejection", onUnhandled);
+      await r.close();
+    }
+  });
+});
+
+void describe("GatewayLink: blocks of the primary that cannot be read", () => {
+  /** A rig whose primary holds data everywhere (a new log: all dirty) and fails reads of `bad`. */
+  async function badRig(bad: [number, number][], opts: Partial<LinkOptions> = {}): Promise<Rig> {
+    const r = await startRig(opts);
+    await r.primary.mem.write(randomBytes(SIZE), 0, false);
+    r.primary.badRanges = bad;
+    return r;
+  }
+
+  function dirtyList(r: Rig): number[] {
+    const out: number[] = [];
+    for (let b = 0; b < SIZE / G; b++) if (r.tracking.map.isDirty(b)) out.push(b);
+    return out;
+  }
+
+  void test("a resync read error is confined to its blocks: the rest is copied, the link streams, the bad blocks stay dirty and are reported", async () => {
+    // Block 5 has one bad 512-byte sector; blocks 9 and 10 are bad throughout.
+    const r = await badRig(
+      [
+        [5 * G + 1024, 5 * G + 1536],
+        [9 * G, 11 * G],
+      ],
+      { unreadableRetryMs: 60_000 },
+    );
+    try {
+      r.link.start();
+      await waitFor(
+        `streaming (state ${r.link.state}, reason ${r.link.status().reason})`,
+        () => r.link.state === "streaming",
+      );
+      await waitFor("only the bad blocks dirty", () => r.tracking.map.dirtyBlocks === 3);
+      assert.deepEqual(dirtyList(r), [5, 9, 10]);
+      assert.deepEqual(differing(r), [5, 9, 10], "every readable block reached the gateway");
+      const st = r.link.status();
+      assert.equal(st.outages, 0, `no outage: ${st.lastError}`);
+      assert.equal(st.unreadable.blocks, 3);
+      assert.equal(st.unreadable.bytes, 3 * G);
+      assert.deepEqual(st.unreadable.ranges, [
+        { offset: 5 * G, length: G },
+        { offset: 9 * G, length: 2 * G },
+      ]);
+      assert.match(st.unreadable.error, /EIO.*bad sector/);
+      assert.ok(st.unreadable.firstErrorAt !== null && st.unreadable.lastErrorAt !== null);
+      // Progress: the unreadable bytes are not work left, so the run ends at 100%.
+      assert.equal(st.resync.running, false);
+      assert.equal(st.resync.unreadableBytes, 3 * G);
+      assert.equal(st.resync.totalBytes, SIZE - 3 * G);
+      assert.equal(st.resync.doneBytes, st.resync.totalBytes);
+      // The secondary lacks those blocks: no in-sync claim, the gateway keeps saying inconsistent.
+      await sleep(300);
+      assert.equal(r.link.status().secondary, "inconsistent");
+      // Client writes stream again (and a partial write into a bad block leaves it dirty).
+      await r.fork.write(pattern(8192, 4), 100 * G, false);
+      await r.fork.write(pattern(4096, 5), 9 * G, false);
+      await waitFor("the write elsewhere cleared", () => !r.tracking.map.isDirty(100));
+      assert.deepEqual(bytes(r.gw.volume, 100 * G, 8192), pattern(8192, 4));
+      assert.deepEqual(dirtyList(r), [5, 9, 10]);
+      assert.equal(r.link.status().unreadable.blocks, 3);
+      assert.equal(r.link.state, "streaming");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("unreadable blocks are retried: by the timer, and once they read they are copied and cleared", async () => {
+    const r = await badRig([[7 * G, 7 * G + 4096]], { unreadableRetryMs: 300 });
+    try {
+      r.link.start();
+      await waitFor(
+        "streaming with block 7 unreadable",
+        () => r.link.status().unreadable.blocks === 1 && r.link.state === "streaming",
+      );
+      const reads = r.primary.badReads;
+      await waitFor("a retry", () => r.primary.badReads > reads);
+      assert.equal(r.link.status().unreadable.blocks, 1, "still unreadable while the sector is bad");
+      assert.deepEqual(dirtyList(r), [7]);
+      r.primary.badRanges = []; // the sector heals (remapped)
+      await waitSynced(r);
+      assertIdentical(r, "after the retry");
+      assert.equal(r.link.status().unreadable.blocks, 0);
+      assert.equal(r.link.status().outages, 0);
+      // Every difference is covered again: the in-sync claim is made and the gateway confirms it.
+      await waitFor("the secondary consistent", () => r.link.status().secondary === "consistent");
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a client write over a whole unreadable block clears it; a requested resync retries the others", async () => {
+    const r = await badRig(
+      [
+        [5 * G + 512, 5 * G + 1024],
+        [12 * G, 12 * G + 4096],
+      ],
+      { unreadableRetryMs: 60_000 },
+    );
+    try {
+      r.link.start();
+      await waitFor(
+        "streaming with 2 unreadable",
+        () => r.link.state === "streaming" && r.link.status().unreadable.blocks === 2,
+      );
+      await waitFor("only the bad blocks dirty", () => r.tracking.map.dirtyBlocks === 2);
+      // The write does not heal the sector (reads of it still fail), but it replaces the block.
+      await r.fork.write(pattern(G, 9), 5 * G, false);
+      await waitFor("block 5 cleared", () => !r.tracking.map.isDirty(5));
+      assert.deepEqual(bytes(r.gw.volume, 5 * G, G), pattern(G, 9));
+      const st = r.link.status();
+      assert.equal(st.unreadable.blocks, 1);
+      assert.deepEqual(st.unreadable.ranges, [{ offset: 12 * G, length: G }]);
+      assert.equal(st.outages, 0);
+      // blockfork resync: the other one is read again at once (60 s before the timer would).
+      r.primary.badRanges = [[5 * G + 512, 5 * G + 1024]];
+      r.link.requestResync();
+      await waitSynced(r);
+      assertIdentical(r, "after the write and the requested resync");
+      assert.equal(r.link.status().unreadable.blocks, 0);
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a read error that is no media error still fails the resync (tracking), as before", async () => {
+    const r = await badRig([]);
+    try {
+      r.primary.readFailure = new Error("the volume went away");
+      r.link.start();
+      await waitFor("tracking", () => r.link.state === "tracking");
+      assert.match(r.link.status().reason, /resync failed: the volume went away/);
+      assert.equal(r.link.status().unreadable.blocks, 0);
+      r.primary.readFailure = null;
+      await waitSynced(r);
+      assertIdentical(r, "after the error cleared");
+    } finally {
       await r.close();
     }
   });
