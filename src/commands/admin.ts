@@ -14,7 +14,8 @@ import { formatSize } from "../util/size.js";
 export const STATUS_HELP = `Usage: blockfork status --state-dir DIR [--json]
 
 Show a running proxy's replication state: the gateway link (streaming, tracking, resyncing), its
-queue, the dirty bytes of the tracking log with their time span, and resync progress.
+queue, the dirty bytes of the tracking log with their time span, resync progress, and the blocks
+of the primary a resync could not read (the secondary differs there).
 DIR is the proxy's --state-dir (default for a file volume: VOLUME.blockfork).
 Exit status: 0; 1 when no proxy answers on DIR/admin.sock; 2 on a usage error.
 `;
@@ -38,8 +39,10 @@ Exit status: 0 when both sides agree (or were repaired); 3 when mismatches were 
 export const RESYNC_HELP = `Usage: blockfork resync --state-dir DIR [--full] [--no-wait]
 
 Make a running proxy resync now and show a progress bar until it streams again. --full marks every
-block dirty first (a complete copy to the secondary).
-Exit status: 0 when the link streams again; 1 on failure; 2 on a usage error.
+block dirty first (a complete copy to the secondary). Blocks the primary cannot read are tried
+again; those that still fail stay dirty (the secondary differs there) and are listed.
+Exit status: 0 when the link streams again; 1 on failure, or when blocks of the primary could not
+be read (the link streams, the secondary differs there); 2 on a usage error.
 `;
 
 /**
@@ -91,8 +94,20 @@ export interface Status {
       running: boolean;
       totalBytes: number;
       doneBytes: number;
+      /** Bytes this run found unreadable on the primary (not in totalBytes). */
+      unreadableBytes?: number;
       bytesPerSecond: number;
       etaSeconds: number | null;
+    };
+    /** Blocks of the primary a resync could not read: dirty, the secondary differs there. */
+    unreadable?: {
+      blocks: number;
+      bytes: number;
+      ranges: { offset: number; length: number }[];
+      firstErrorAt: string | null;
+      lastErrorAt: string | null;
+      error: string;
+      retryMs: number;
     };
   } | null;
   tracking: {
@@ -164,10 +179,14 @@ export function statusText(s: Status): string {
       lines.push(`error     ${l.lastError}${at}`);
     }
     if (l.resync.running || l.state === "resyncing") {
+      const skipped = l.resync.unreadableBytes ?? 0;
       lines.push(
-        `resync    ${progressText(l.resync.doneBytes, l.resync.totalBytes, l.resync.bytesPerSecond, l.resync.etaSeconds)}`,
+        `resync    ${progressText(l.resync.doneBytes, l.resync.totalBytes, l.resync.bytesPerSecond, l.resync.etaSeconds)}` +
+          (skipped > 0 ? `; ${formatBytes(skipped)} unreadable on the primary, not counted` : ""),
       );
     }
+    const u = l.unreadable;
+    if (u && u.blocks > 0) lines.push(`unreadable ${unreadableText(u)}`);
   }
   if (s.tracking) {
     const t = s.tracking;
@@ -188,6 +207,17 @@ export function statusText(s: Status): string {
     }
   }
   return lines.join("\n") + "\n";
+}
+
+/** What the unreadable line says: how much, where, the error, when, and what happens to them. */
+function unreadableText(u: NonNullable<NonNullable<Status["link"]>["unreadable"]>): string {
+  const where = u.ranges.map((r) => `[${r.offset}, ${r.offset + r.length})`).join(" ");
+  const more = u.ranges.reduce((n, r) => n + r.length, 0) < u.bytes ? " ..." : "";
+  return (
+    `${u.blocks} blocks (${formatBytes(u.bytes)}) of the primary cannot be read; the secondary ` +
+    `differs there: ${where}${more} (${u.error}; first at ${u.firstErrorAt}, last at ${u.lastErrorAt}); ` +
+    `they stay dirty and are retried every ${Math.round(u.retryMs / 1000)} s`
+  );
 }
 
 function progressText(done: number, total: number, rate: number, eta: number | null): string {
@@ -323,6 +353,14 @@ export async function resyncCommand(argv: string[]): Promise<number> {
     );
     if (l.state === "streaming") {
       if (process.stderr.isTTY) process.stderr.write("\n");
+      const u = l.unreadable;
+      if (u && u.blocks > 0) {
+        // Streaming, but the secondary is not a copy of the primary: say so, and fail the command.
+        process.stdout.write(
+          `resync finished: ${formatBytes(l.resync.doneBytes)} copied; streaming, but ${unreadableText(u)}\n`,
+        );
+        return 1;
+      }
       process.stdout.write(`resync complete: ${formatBytes(l.resync.doneBytes)} copied; streaming\n`);
       return 0;
     }

@@ -1,5 +1,6 @@
 // The text of `blockfork status`: the link's last failure is shown while it is why the link is not
-// streaming, with the time it happened, and not after the link recovered.
+// streaming, with the time it happened, and not after the link recovered; blocks of the primary a
+// resync could not read are shown while there are any.
 
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -65,6 +66,46 @@ void describe("blockfork status text", () => {
     assert.match(
       statusText(d),
       /^tracking {2}FAILED \(IO error: fsync failed\).*writes are refused \(EIO\)/m,
+    );
+  });
+
+  void test("blocks of the primary a resync could not read: how many, where, the error, and that the secondary differs", () => {
+    const d = doc("streaming", "");
+    d.link!.unreadable = {
+      blocks: 3,
+      bytes: 3 * 65536,
+      ranges: [
+        { offset: 327680, length: 65536 },
+        { offset: 589824, length: 131072 },
+      ],
+      firstErrorAt: "2026-11-23T17:01:00.000Z",
+      lastErrorAt: "2026-11-23T17:02:00.000Z",
+      error: "pread failed: EIO (offset 589824, length 65536)",
+      retryMs: 60_000,
+    };
+    const text = statusText(d);
+    assert.match(
+      text,
+      /^unreadable 3 blocks \(192\.0 KiB\) of the primary cannot be read; the secondary differs there: \[327680, 393216\) \[589824, 720896\) \(pread failed: EIO .*; first at 2026-11-23T17:01:00.000Z, last at 2026-11-23T17:02:00.000Z\); they stay dirty and are retried every 60 s$/m,
+    );
+    assert.match(text, /^link {6}streaming since/m, "the link's state stays what it is");
+    d.link!.unreadable = { ...d.link!.unreadable, blocks: 0, bytes: 0, ranges: [] };
+    assert.doesNotMatch(statusText(d), /unreadable/);
+  });
+
+  void test("a resync running says how much it found unreadable, apart from its progress", () => {
+    const d = doc("resyncing", "");
+    d.link!.resync = {
+      running: true,
+      totalBytes: 1 << 20,
+      doneBytes: 1 << 20,
+      unreadableBytes: 65536,
+      bytesPerSecond: 1 << 20,
+      etaSeconds: 0,
+    };
+    assert.match(
+      statusText(d),
+      /^resync {4}1\.0 MiB of 1\.0 MiB \(100\.0%\), .*; 64\.0 KiB unreadable on the primary, not counted$/m,
     );
   });
 });
