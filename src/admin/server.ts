@@ -28,6 +28,11 @@ export interface SnapshotsReport {
   bookmarks: { name: string; time: string | null; export: string }[];
   /** Wall times that passed twice (the clock went back): snap@ one of them is refused. */
   passedTwice: { from: string; to: string }[];
+  /**
+   * The snapshot views open now (a running proxy): one per point, shared by the connections that
+   * opened it; broken: why it no longer serves its point (it stays until they close).
+   */
+  views?: { point: string; connections: number; journalBlocks: number; broken: string | null }[];
   /** Read from the journal files, no proxy running. */
   offline?: true;
 }

@@ -392,9 +392,10 @@ usage error (a NAME already bookmarked without --replace).
 export const SNAPSHOTS_HELP = `Usage: blockfork snapshots --state-dir DIR [--json]
 
 Show the points in time a proxy can serve (snap@<ISO-8601 time> within the window, in steps of the
-merge window), its bookmarks (snap@NAME), the journal's size, and the ranges of time that passed
-twice because the wall clock went back (snap@ a time in one is refused: use a bookmark). With no
-proxy running, the journal in DIR/journal is read directly (the window then ends at the last
+merge window), its bookmarks (snap@NAME), the journal's size, the ranges of time that passed twice
+because the wall clock went back (snap@ a time in one is refused: use a bookmark), and the snapshot
+views open (one per point, shared by every connection to it, with their connection counts). With
+no proxy running, the journal in DIR/journal is read directly (the window then ends at the last
 journaled change).
 Exit status: 0 (also when no proxy answers and the journal is read directly); 1 on failure; 2 on
 a usage error or when no proxy answers and DIR holds no journal.
@@ -463,6 +464,12 @@ export async function snapshots(argv: string[]): Promise<number> {
   for (const b of s.bookmarks) lines.push(`bookmark  ${b.export.padEnd(24)} ${b.time}`);
   for (const r of s.passedTwice ?? []) {
     lines.push(`twice     ${r.from} .. ${r.to} (the clock went back: snap@ these times is refused)`);
+  }
+  for (const v of s.views ?? []) {
+    lines.push(
+      `view      ${v.point}: ${v.connections} connection${v.connections === 1 ? "" : "s"}, ` +
+        `${v.journalBlocks} blocks from the journal${v.broken ? ` (broken: ${v.broken})` : ""}`,
+    );
   }
   process.stdout.write(lines.join("\n") + "\n");
   return 0;

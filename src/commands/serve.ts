@@ -513,6 +513,8 @@ interface Parts {
   admin: AdminServer | null;
   server: NbdServer | null;
   journal: Journal | null;
+  /** The snap@ exports (with --pit): their open views. */
+  snapshots?: SnapshotProvider;
   /** The state directory's lock (lockStateDir), held until exit. */
   stateLock?: number;
 }
@@ -609,7 +611,10 @@ async function run(cfg: ServeConfig, parts: Parts): Promise<number> {
     { name: cfg.name, description: cfg.description ?? base.description, volume, blockSizes: cfg.blockSizes },
     true,
   );
-  if (parts.journal) registry.addProvider(new SnapshotProvider(parts.journal, base, cfg.blockSizes, log));
+  if (parts.journal) {
+    parts.snapshots = new SnapshotProvider(parts.journal, base, cfg.blockSizes, log);
+    registry.addProvider(parts.snapshots);
+  }
   const server = new NbdServer({
     registry,
     tls: cfg.tls,
@@ -803,6 +808,12 @@ function adminHandlers(cfg: ServeConfig, parts: Parts): AdminHandlers {
         passedTwice: j.passedTwice().map(([from, to]) => ({
           from: new Date(from).toISOString(),
           to: new Date(to).toISOString(),
+        })),
+        views: (parts.snapshots?.openViews() ?? []).map((v) => ({
+          point: new Date(v.point).toISOString(),
+          connections: v.connections,
+          journalBlocks: v.journalBlocks,
+          broken: v.broken,
         })),
       };
     },

@@ -1,10 +1,12 @@
 // The exports registry: how NBD_OPT_LIST, INFO, GO and EXPORT_NAME find what to serve. It is its
 // own piece because exports are not only the primary: providers (the PIT snapshot views of later
 // issues, `snap@<time>`, `snap@<bookmark>`) answer for names they recognise, open views on demand
-// and are told when a connection lets go of one.
+// and are told when a connection lets go of one. NBD_OPT_INFO and the meta-context options only
+// ask what an export is (info): a provider may answer that without opening anything (a snapshot
+// view's pointer map costs up to a GiB), refusing exactly what open would refuse.
 
 import { UsageError } from "../errors.js";
-import type { Volume } from "../volume/volume.js";
+import type { Volume, VolumeCaps } from "../volume/volume.js";
 import { MAX_STRING } from "./wire.js";
 
 /** NBD block size constraints advertised with NBD_INFO_BLOCK_SIZE. */
@@ -28,6 +30,16 @@ export interface OpenExport {
   release(): void;
 }
 
+/** What NBD_OPT_INFO tells of an export, without opening it for a connection. */
+export interface ExportInfo {
+  /** Canonical name (NBD_INFO_NAME). */
+  name: string;
+  description: string;
+  size: number;
+  caps: VolumeCaps;
+  blockSizes: BlockSizes;
+}
+
 /** An entry of NBD_OPT_LIST. */
 export interface ExportListing {
   name: string;
@@ -44,6 +56,11 @@ export interface ExportProvider {
   /** True when this provider owns `name` (it then answers open() for it, success or refusal). */
   owns(name: string): boolean;
   open(name: string): Promise<OpenExport | ExportRefusal>;
+  /**
+   * What open(name) would serve, or its refusal (the same message), without opening it. Without
+   * this, info opens and releases at once.
+   */
+  info?(name: string): Promise<ExportInfo | ExportRefusal>;
   /** Entries to show in NBD_OPT_LIST. */
   list(): ExportListing[];
 }
@@ -143,6 +160,33 @@ export class ExportRegistry {
       };
     }
     for (const p of this.providers) if (p.owns(name)) return p.open(name);
+    return this.unknown(name);
+  }
+
+  /**
+   * What open(name) would serve (NBD_OPT_INFO, the meta-context options), or the same refusal,
+   * without opening a session or a view where the provider can say it without one.
+   */
+  async info(name: string): Promise<ExportInfo | ExportRefusal> {
+    const key = name === "" ? this.defaultName : name;
+    const s = key === undefined ? undefined : this.statics.get(key);
+    if (s) {
+      const { description, volume, blockSizes } = s;
+      return { name: s.name, description, size: volume.size, caps: volume.caps(), blockSizes };
+    }
+    for (const p of this.providers) {
+      if (!p.owns(name)) continue;
+      if (p.info) return p.info(name);
+      const opened = await p.open(name);
+      if (!isOpen(opened)) return opened;
+      opened.release();
+      const { description, volume, blockSizes } = opened;
+      return { name: opened.name, description, size: volume.size, caps: volume.caps(), blockSizes };
+    }
+    return this.unknown(name);
+  }
+
+  private unknown(name: string): ExportRefusal {
     const names = [...this.statics.keys()].map((n) => `"${n}"`).join(", ");
     return {
       message: `no export named "${name}" (this server has ${names || "none"}; NBD_OPT_LIST lists them)`,
@@ -151,6 +195,11 @@ export class ExportRegistry {
 }
 
 /** True when open() succeeded. */
-export function isOpen(r: OpenExport | ExportRefusal): r is OpenExport {
+export function isOpen(r: OpenExport | ExportInfo | ExportRefusal): r is OpenExport {
   return (r as OpenExport).volume !== undefined;
+}
+
+/** True when info() found the export. */
+export function isInfo(r: ExportInfo | ExportRefusal): r is ExportInfo {
+  return (r as ExportInfo).caps !== undefined;
 }

@@ -22,7 +22,7 @@ import { TLSSocket, type SecureContext } from "node:tls";
 import type { Socket } from "node:net";
 import type { Logger } from "../log.js";
 import type { VolumeCaps } from "../volume/volume.js";
-import { isOpen, type ExportRegistry, type OpenExport } from "./exports.js";
+import { isInfo, isOpen, type ExportRegistry, type OpenExport } from "./exports.js";
 import { StreamReader } from "./reader.js";
 import {
   encodeExportNameReply,
@@ -409,26 +409,30 @@ class Negotiation {
     const requested = new Set<number>();
     for (let i = 0; i < nInfo; i++) requested.add(data.readUInt16BE(6 + nameLen + 2 * i));
 
-    const opened = await this.ctx.registry.open(name, this.ctx.client);
-    if (!isOpen(opened)) {
+    // INFO only describes the export: a snapshot answers it without building its pointer map.
+    const opened =
+      option === OPT.INFO
+        ? await this.ctx.registry.info(name)
+        : await this.ctx.registry.open(name, this.ctx.client);
+    if ("message" in opened) {
       // The client may not show the message (nbdinfo prints only the error's errno): log it.
       this.log.info(`export ${JSON.stringify(name)} refused: ${opened.message}`);
       throw new OptionError(REP.ERR_UNKNOWN, opened.message);
     }
-    const flags = transmissionFlags(opened.volume.caps(), this.structured);
-    this.reply(option, REP.INFO, encodeInfoExport(opened.volume.size, flags));
-    if (requested.has(INFO.NAME)) this.reply(option, REP.INFO, encodeInfoString(INFO.NAME, opened.name));
-    if (requested.has(INFO.DESCRIPTION) && opened.description) {
-      this.reply(option, REP.INFO, encodeInfoString(INFO.DESCRIPTION, opened.description));
+    const info = isOpen(opened)
+      ? { ...opened, size: opened.volume.size, caps: opened.volume.caps() }
+      : opened;
+    const flags = transmissionFlags(info.caps, this.structured);
+    this.reply(option, REP.INFO, encodeInfoExport(info.size, flags));
+    if (requested.has(INFO.NAME)) this.reply(option, REP.INFO, encodeInfoString(INFO.NAME, info.name));
+    if (requested.has(INFO.DESCRIPTION) && info.description) {
+      this.reply(option, REP.INFO, encodeInfoString(INFO.DESCRIPTION, info.description));
     }
     // Always sent: the constraints are enforced whether or not the client asked.
-    const b = opened.blockSizes;
+    const b = info.blockSizes;
     this.reply(option, REP.INFO, encodeInfoBlockSize(b.minimum, b.preferred, b.maximum));
     this.reply(option, REP.ACK);
-    if (option === OPT.INFO) {
-      opened.release();
-      return undefined;
-    }
+    if (!isOpen(opened)) return undefined;
     const blockStatus = this.metaSelected && this.metaExport === name;
     return this.finish(opened, flags, blockStatus);
   }
@@ -464,9 +468,8 @@ class Negotiation {
     for (const q of queries) {
       if (!q.includes(":")) throw new OptionError(REP.ERR_INVALID, `query "${q}" has no namespace`);
     }
-    const opened = await this.ctx.registry.open(name, this.ctx.client);
-    if (!isOpen(opened)) throw new OptionError(REP.ERR_UNKNOWN, opened.message);
-    opened.release();
+    const known = await this.ctx.registry.info(name);
+    if (!isInfo(known)) throw new OptionError(REP.ERR_UNKNOWN, known.message);
 
     // base:allocation is the only context. LIST: no queries or "base:" list it; SET: only the
     // exact name selects it. Unknown namespaces and leaves are ignored, as the spec requires.

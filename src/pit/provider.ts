@@ -1,11 +1,28 @@
 // Snapshot exports: `snap@<ISO-8601 time>` and `snap@<bookmark>`, opened on demand by the NBD
 // handshake through the exports registry. NBD_OPT_LIST lists the bookmarks.
+//
+// - One view per point: every connection that opens a point (the merge-window start a time maps
+//   to, or a bookmark's time, so `snap@NAME` and `snap@<time>` of the same point share) gets the
+//   same SnapshotView, counted; the last release closes it (copies what is still lent, stops
+//   following the journal, unpins). A view's pointer map is its memory (up to about 1 GiB for a
+//   fully changed 1 TiB volume) and its build time, and nbdcopy or qemu open several connections
+//   at once. A view that broke (the journal stopped, or it was revoked over --pit-max-bytes) is
+//   never handed out again: the next open builds a new one, or is refused as it would be anyway.
+// - NBD_OPT_INFO (info) resolves the name exactly as open does, with the same refusals (one
+//   function, resolve), but builds and pins nothing: what it answers does not depend on the map.
 
-import type { BlockSizes, ExportListing, ExportProvider, ExportRefusal, OpenExport } from "../nbd/exports.js";
+import type {
+  BlockSizes,
+  ExportInfo,
+  ExportListing,
+  ExportProvider,
+  ExportRefusal,
+  OpenExport,
+} from "../nbd/exports.js";
 import type { Volume } from "../volume/volume.js";
 import type { Logger } from "../log.js";
 import type { Journal } from "./journal.js";
-import { SnapshotView } from "./snapshot.js";
+import { SNAPSHOT_CAPS, snapshotDescription, SnapshotView } from "./snapshot.js";
 
 const PREFIX = "snap@";
 
@@ -92,8 +109,31 @@ export function parseSnapTime(text: string): number | string | null {
   return parseIsoTime(text);
 }
 
+/** An open view and the connections that hold it. */
+interface SharedView {
+  view: SnapshotView;
+  refs: number;
+}
+
+/** An open snapshot view as `blockfork snapshots` shows it. */
+export interface OpenViewReport {
+  point: number;
+  /** Connections that hold it (NBD connections, after their GO). */
+  connections: number;
+  /** Blocks its pointer map reads from the journal. */
+  journalBlocks: number;
+  /** Why it no longer serves its point (it stays open until its connections close). */
+  broken: string | null;
+}
+
 /** Serves snap@... names from a journal over the primary. */
 export class SnapshotProvider implements ExportProvider {
+  /** The views new connections may share, by point. */
+  private readonly views = new Map<number, SharedView>();
+  /** Every view still open (shareable or not), for the report. */
+  private readonly live = new Set<SharedView>();
+  private built = 0;
+
   constructor(
     private readonly journal: Journal,
     private readonly primary: Volume,
@@ -134,7 +174,36 @@ export class SnapshotProvider implements ExportProvider {
     );
   }
 
+  /** Views built so far (a second connection to an open point builds none). */
+  get builds(): number {
+    return this.built;
+  }
+
+  /** Open `name` for a connection: the point's shared view, built if none serves it yet. */
   open(name: string): Promise<OpenExport | ExportRefusal> {
+    return this.resolve(name).then((r) => (typeof r === "number" ? this.openView(name, r) : r));
+  }
+
+  /** What open(name) would serve, or its refusal, without building or pinning a view. */
+  info(name: string): Promise<ExportInfo | ExportRefusal> {
+    return this.resolve(name).then((r) =>
+      typeof r === "number"
+        ? {
+            name,
+            description: snapshotDescription(name, r),
+            size: this.primary.size,
+            caps: { ...SNAPSHOT_CAPS },
+            blockSizes: this.blockSizes,
+          }
+        : r,
+    );
+  }
+
+  /**
+   * The point `name` shows, once every change stamped before it has reached the primary, or why
+   * it cannot be served. Both open and info go through here, so they refuse alike.
+   */
+  private resolve(name: string): Promise<number | ExportRefusal> {
     const target = name.slice(PREFIX.length);
     const parsed = parseSnapTime(target);
     if (typeof parsed === "string")
@@ -172,7 +241,7 @@ export class SnapshotProvider implements ExportProvider {
     // Changes stamped before the point but not yet applied to the primary belong in the view:
     // wait for them, or the view would read a block's older contents first and theirs later.
     const settled = this.journal.settled(point);
-    if (settled === null) return Promise.resolve(this.openView(name, point));
+    if (settled === null) return Promise.resolve(point);
     let timer: NodeJS.Timeout | undefined;
     const late = new Promise<false>((resolve) => {
       timer = setTimeout(() => resolve(false), this.settleTimeoutMs);
@@ -188,7 +257,7 @@ export class SnapshotProvider implements ExportProvider {
         };
       }
       return this.inWindow(t, point) // the journal may have stopped meanwhile
-        ? this.openView(name, point)
+        ? point
         : { message: `${name} is outside the journal's window; ${this.range()}` };
     });
   }
@@ -198,19 +267,53 @@ export class SnapshotProvider implements ExportProvider {
     return w.earliest !== null && point >= w.earliest && t <= w.latest;
   }
 
+  /** The point's view, shared: built when none is open or the open one broke. */
   private openView(name: string, point: number): OpenExport {
-    const view = new SnapshotView(this.journal, this.primary, point, name);
-    view.open();
+    let shared = this.views.get(point);
+    if (shared === undefined || shared.view.unusable !== null) {
+      const started = performance.now();
+      const view = new SnapshotView(this.journal, this.primary, point, name);
+      const mapped = view.open();
+      shared = { view, refs: 0 };
+      this.views.set(point, shared); // a broken one stays open (out of the map) for its holders
+      this.live.add(shared);
+      this.built++;
+      this.log?.info(
+        `${name}: built the view at ${new Date(point).toISOString()} (${mapped} blocks from the ` +
+          `journal, ${(performance.now() - started).toFixed(1)} ms); views open: ${this.live.size}`,
+      );
+    }
+    const s = shared;
+    s.refs++;
+    let released = false;
     return {
       name,
-      description: view.description,
-      volume: view,
+      description: snapshotDescription(name, point),
+      volume: s.view,
       blockSizes: this.blockSizes,
-      release: () =>
-        void view.close().catch((e: unknown) => {
+      release: () => {
+        if (released) return;
+        released = true;
+        if (--s.refs > 0) return;
+        if (this.views.get(point) === s) this.views.delete(point);
+        this.live.delete(s);
+        s.view.close().catch((e: unknown) => {
           // A lent reply could not be copied (a read error): it is read from the files when sent.
           this.log?.error(`${name}: closing the snapshot view: ${(e as Error).message}`);
-        }),
+        });
+      },
     };
+  }
+
+  /** The views open now, oldest point first. */
+  openViews(): OpenViewReport[] {
+    return [...this.live]
+      .map((s) => ({
+        point: s.view.point,
+        connections: s.refs,
+        journalBlocks: s.view.journalBlocks,
+        broken: s.view.unusable,
+      }))
+      .sort((a, b) => a.point - b.point);
   }
 }

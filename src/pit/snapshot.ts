@@ -9,6 +9,12 @@
 //   can gain an entry while its primary read is in flight (a write began meanwhile; the journal
 //   commits before-images before the primary changes), so after a primary read the map is checked
 //   again and such blocks are re-read from the journal.
+// - One view serves every connection to its point (SnapshotProvider counts them and closes the
+//   view at the last release): the map, the pin and the subscription are the view's, and so are
+//   the leases, whichever connection borrowed them. A connection that goes releases its own unsent
+//   leases (the NBD output queue's discard) before it lets go of the view, so the others' stay
+//   tracked and are copied when their blocks change, as ever; close, which copies what is left,
+//   runs only at the last release. A broken or closed view (unusable) is never shared again.
 // - If the journal stops, the point is no longer exact: reads (and block status) fail with EIO
 //   from then on. The same when the journal revokes the view: over --pit-max-bytes, a view that
 //   holds the oldest segment gives it up (journal.ts enforceRetention), unpinning once its journal
@@ -44,6 +50,25 @@ import type { Journal } from "./journal.js";
 
 const E = constants.errno;
 
+/** What a snapshot export can do (the same for every view: NBD_OPT_INFO answers it without one). */
+export const SNAPSHOT_CAPS: Readonly<VolumeCaps> = Object.freeze({
+  readOnly: true,
+  flush: true,
+  fua: false,
+  trim: false,
+  zero: false,
+  fastZero: false,
+  extents: true,
+  cache: true,
+  multiConn: true,
+  rotational: false,
+});
+
+/** The NBD description of `label` (an export name) showing the primary at `point`. */
+export function snapshotDescription(label: string, point: number): string {
+  return `${label}: the primary as it was at ${new Date(point).toISOString()} (read-only)`;
+}
+
 /** A snapshot of the primary at `point` (a merge-window start). */
 export class SnapshotView implements Volume {
   readonly size: number;
@@ -73,7 +98,16 @@ export class SnapshotView implements Volume {
   ) {
     this.size = primary.size;
     this.j = journal.blockSize;
-    this.description = `${label}: the primary as it was at ${new Date(point).toISOString()} (read-only)`;
+    this.description = snapshotDescription(label, point);
+  }
+
+  /**
+   * Why the view no longer serves its point (the journal stopped, or it was revoked over
+   * --pit-max-bytes; "closed" once closed), or null while it does: a view that is not null here
+   * is never handed to another connection.
+   */
+  get unusable(): string | null {
+    return this.closed ? "closed" : this.broken;
   }
 
   /**
@@ -177,18 +211,7 @@ export class SnapshotView implements Volume {
   }
 
   caps(): VolumeCaps {
-    return {
-      readOnly: true,
-      flush: true,
-      fua: false,
-      trim: false,
-      zero: false,
-      fastZero: false,
-      extents: true,
-      cache: true,
-      multiConn: true,
-      rotational: false,
-    };
+    return { ...SNAPSHOT_CAPS };
   }
 
   /** Read [offset, offset+buf.length): DONE when every piece was read inline (page cache). */

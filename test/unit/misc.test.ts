@@ -36,6 +36,7 @@ import {
   checkBlockSizes,
   DEFAULT_BLOCK_SIZES,
   ExportRegistry,
+  isInfo,
   isOpen,
   type ExportProvider,
   type OpenExport,
@@ -55,6 +56,7 @@ import {
 import { acquire, release } from "../../src/util/buffer-pool.js";
 import { OutputQueue } from "../../src/nbd/output.js";
 import { MemoryVolume } from "../../src/volume/memory.js";
+import type { Volume } from "../../src/volume/volume.js";
 import type { PieceLease } from "../../src/volume/volume.js";
 import { binding } from "../../src/blockio/native.js";
 
@@ -325,6 +327,66 @@ void describe("ExportRegistry", () => {
     assert.ok(isOpen(d));
     assert.equal(d.name, "disk");
     assert.deepEqual(opened, ["snap@2024-01-01T00:00:00Z"]);
+  });
+
+  void test("info: a static export without opening a session; a provider's info when it has one, else open and release", async () => {
+    const r = new ExportRegistry();
+    const disk: MemoryVolume & Pick<Volume, "openSession"> = vol(1);
+    let sessions = 0;
+    disk.openSession = () => {
+      sessions++;
+      return { volume: disk, close: () => {} };
+    };
+    r.addStatic({ name: "disk", description: "primary", volume: disk, blockSizes: bs });
+    const d = await r.info("");
+    assert.ok(isInfo(d));
+    assert.deepEqual(
+      { name: d.name, description: d.description, size: d.size, caps: d.caps },
+      { name: "disk", description: "primary", size: 4096, caps: disk.caps() },
+    );
+    assert.equal(sessions, 0, "INFO opened a session of the primary");
+    const calls: string[] = [];
+    const plain: ExportProvider = {
+      owns: (n) => n.startsWith("plain@"),
+      open: (n) => {
+        calls.push(`open ${n}`);
+        return Promise.resolve({
+          name: n,
+          description: "plain",
+          volume: vol(2),
+          blockSizes: bs,
+          release: () => calls.push(`release ${n}`),
+        });
+      },
+      list: () => [],
+    };
+    const cheap: ExportProvider = {
+      owns: (n) => n.startsWith("cheap@"),
+      open: (n) => {
+        calls.push(`open ${n}`);
+        return Promise.resolve({ message: "never" });
+      },
+      info: (n) => {
+        calls.push(`info ${n}`);
+        return Promise.resolve(n === "cheap@bad" ? { message: "no such point" } : { ...d, name: n });
+      },
+      list: () => [],
+    };
+    r.addProvider(plain);
+    r.addProvider(cheap);
+    const p = await r.info("plain@1");
+    assert.ok(isInfo(p));
+    assert.equal(p.size, 2 * 4096);
+    const c = await r.info("cheap@1");
+    assert.ok(isInfo(c));
+    assert.equal(c.name, "cheap@1");
+    const bad = await r.info("cheap@bad");
+    assert.ok(!isInfo(bad));
+    assert.equal(bad.message, "no such point");
+    assert.deepEqual(calls, ["open plain@1", "release plain@1", "info cheap@1", "info cheap@bad"]);
+    const none = await r.info("other");
+    assert.ok(!isInfo(none));
+    assert.equal(none.message, ((await r.open("other")) as { message: string }).message);
   });
 });
 
