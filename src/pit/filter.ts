@@ -11,6 +11,11 @@
 //   change of them in the window journals a before-image again (the journal keeps running: the
 //   write-ahead rule holds, and a read error is the client's to see, not a reason to stop).
 // - Blocks that read as zeroes get zero images: no data (large runs ask the extents first, so holes are not read).
+// - Large changes (a trim or zero over 1 MiB, anything over CAPTURE_BLOCKS) ask the extents before
+//   any per-block work: a trim skips holes whole (no mark, no image), and the rest is marked,
+//   captured and committed CAPTURE_BLOCKS at a time with a turn of the event loop between slices
+//   (lockedLarge), all under the change's block locks and before the primary changes. A trim of
+//   GiBs of holes marked (and unmarked) every block at once before: stalls of 100s of ms.
 // - Sessions: every client session (NBD connection) gets its own partial journal (openSession).
 // - Every change is counted in flight (Journal.beginChange/endChange, by the merge window of its
 //   stamp) until it has reached the primary or failed: a snapshot view at P opens only once the
@@ -172,6 +177,15 @@ class JournalVolume extends FilterVolume {
       unlockBlocks();
       this.journal.endChange(key);
     };
+    if (b1 - b0 >= CAPTURE_BLOCKS || (zeroes && (b1 - b0 + 1) * this.j > EXTENTS_MIN)) {
+      return this.lockedLarge(b0, b1, ts, zeroes).then(
+        () => settle(apply, unlock),
+        (e: unknown) => {
+          unlock();
+          throw e;
+        },
+      );
+    }
     let need: number[] | null = null;
     try {
       for (let b = b0; b <= b1; b++) if (this.journal.needsImage(b, ts, this.session)) (need ??= []).push(b);
@@ -182,10 +196,9 @@ class JournalVolume extends FilterVolume {
     }
     if (need === null) return settle(apply, unlock);
     const blocks = need;
-    const progress = { durable: 0 };
     let captured: Promise<void>;
     try {
-      captured = this.captureAll(blocks, ts, zeroes, progress);
+      captured = this.captureAll(blocks, ts, zeroes);
     } catch (e) {
       captured = Promise.reject(e);
     }
@@ -194,7 +207,7 @@ class JournalVolume extends FilterVolume {
       (e: unknown) => {
         // The change fails, the primary is unchanged; blocks whose images are not durable must
         // be imaged again by the next change in this window (write-ahead), so unmark them first.
-        this.journal.forgetImages(blocks, progress.durable, ts);
+        this.journal.forgetImages(blocks, 0, ts);
         unlock();
         throw e;
       },
@@ -202,36 +215,112 @@ class JournalVolume extends FilterVolume {
   }
 
   /**
-   * Journal the before-images of `blocks` (sorted) durably, at most CAPTURE_BLOCKS at a time: a
-   * trim of a whole large device must not hold its whole before-image in memory. A small change
-   * whose old blocks are all in the page cache is captured without an await (the common case: one
-   * promise for the commit, none for the reads).
+   * Journal the before-images of a large change's blocks [b0, b1] durably (a trim or zero of a
+   * whole device, stamped `ts`), with work in proportion to the data it must image, not to its
+   * length, and in slices that let the event loop run: the primary's extents are asked first, and
+   * for a trim (`zeroes`) its holes are skipped whole (a hole stays a hole: no mark, no image, as
+   * for a block that reads as zeroes; see change()); the other blocks are marked (needsImage),
+   * captured and committed at most CAPTURE_BLOCKS at a time, a slice after the other, each
+   * followed by a turn of the event loop. Marking a slice at a time is safe under the block locks
+   * (nobody else marks these blocks meanwhile; see Journal.needsImage for a window that moves on).
+   * On failure, the blocks marked since the last commit are unmarked (write-ahead: the next change
+   * in the window images them again).
    */
-  private captureAll(
-    blocks: number[],
-    ts: number,
-    zeroes: boolean,
-    progress: { durable: number },
-  ): Promise<void> {
-    if (blocks.length <= CAPTURE_BLOCKS) {
-      const p = this.capture(blocks, ts, zeroes);
-      return p === DONE ? this.journal.commit() : p.then(() => this.journal.commit());
-    }
-    return (async () => {
-      for (let i = 0; i < blocks.length; i += CAPTURE_BLOCKS) {
-        const slice = blocks.slice(i, i + CAPTURE_BLOCKS);
-        await this.capture(slice, ts, zeroes);
-        await this.journal.commit();
-        progress.durable = i + slice.length; // blocks[0, durable) have durable images
+  private async lockedLarge(b0: number, b1: number, ts: number, zeroes: boolean): Promise<void> {
+    const j = this.j;
+    const size = this.size;
+    /** Blocks marked since the last commit; of them, those to read and those imaged as holes. */
+    let marked: number[] = [];
+    let reads: number[] = [];
+    let holes: number[] = [];
+    /** Blocks looked at (needsImage) in this slice. */
+    let checked = 0;
+    /** Capture and commit the slice (or, when it marked nothing, just let the loop run). */
+    const flush = async (): Promise<void> => {
+      checked = 0;
+      if (marked.length === 0) return turn();
+      for (const b of holes) this.journal.stage(this.session, b, ts, null);
+      holes = [];
+      if (reads.length > 0) {
+        const p = this.capture(reads, ts, zeroes, 0, true);
+        reads = [];
+        if (p !== DONE) await p;
       }
-    })();
+      await this.journal.commit();
+      marked = [];
+    };
+    /** Blocks [first, first + count), data or wholly in a hole: mark those needing an image. */
+    const visit = async (first: number, count: number, hole: boolean): Promise<void> => {
+      if (hole && zeroes) return; // a hole stays a hole: no image, no mark (see change())
+      for (let b = first; b < first + count;) {
+        const stop = Math.min(first + count, b + CAPTURE_BLOCKS - checked);
+        checked += stop - b;
+        for (; b < stop; b++) {
+          if (!this.journal.needsImage(b, ts, this.session)) continue;
+          marked.push(b);
+          (hole ? holes : reads).push(b);
+        }
+        if (checked >= CAPTURE_BLOCKS) await flush();
+      }
+    };
+    let next = b0; // the first block not visited yet
+    /** The hole [hs, he) (bytes): visit the blocks before it as data, then those wholly in it. */
+    const hole = async (hs: number, he: number): Promise<void> => {
+      const first = Math.ceil(hs / j);
+      const stop = he >= size ? b1 + 1 : Math.min(b1 + 1, Math.floor(he / j));
+      if (stop <= first) return;
+      if (first > next) await visit(next, first - next, false);
+      await visit(first, stop - first, true);
+      next = stop;
+    };
+    try {
+      const end = Math.min((b1 + 1) * j, size);
+      let pos = b0 * j;
+      let holeAt = -1; // where the run of hole extents being gathered began
+      walk: while (pos < end) {
+        const list = await this.next.extents(pos, end - pos);
+        if (list.length === 0) break;
+        for (const e of list) {
+          if (!(e.length > 0)) break walk; // the rest is taken as data
+          const at = pos;
+          pos = Math.min(end, pos + e.length);
+          if (e.flags & 2) {
+            if (holeAt < 0) holeAt = at;
+          } else if (holeAt >= 0) {
+            await hole(holeAt, at);
+            holeAt = -1;
+          }
+          if (pos >= end) break;
+        }
+        await turn(); // one extents call at a time: a fragmented file needs many
+      }
+      if (holeAt >= 0) await hole(holeAt, pos);
+      if (next <= b1) await visit(next, b1 + 1 - next, false);
+      if (marked.length > 0) await flush();
+    } catch (e) {
+      // The change fails, the primary is unchanged: blocks whose images are not durable must be
+      // imaged again by the next change in this window (write-ahead), so unmark them first.
+      this.journal.forgetImages(marked, 0, ts);
+      throw e;
+    }
+  }
+
+  /**
+   * Journal the before-images of `blocks` (sorted, at most CAPTURE_BLOCKS: larger changes go
+   * through lockedLarge) durably. A small change whose old blocks are all in the page cache is
+   * captured without an await (the common case: one promise for the commit, none for the reads).
+   */
+  private captureAll(blocks: number[], ts: number, zeroes: boolean): Promise<void> {
+    const p = this.capture(blocks, ts, zeroes);
+    return p === DONE ? this.journal.commit() : p.then(() => this.journal.commit());
   }
 
   /**
    * Read the current contents of `blocks` (sorted) and stage them as before-images; for a trim,
-   * blocks that read as zeroes are left unimaged instead (see change()).
+   * blocks that read as zeroes are left unimaged instead (see change()). `known`: the blocks are
+   * data by the primary's extents already (lockedLarge), so they are read without asking again.
    */
-  private capture(blocks: number[], ts: number, zeroes: boolean, from = 0): Promise<void> {
+  private capture(blocks: number[], ts: number, zeroes: boolean, from = 0, known = false): Promise<void> {
     const j = this.j;
     for (let i = from; i < blocks.length;) {
       let k = i + 1;
@@ -240,7 +329,7 @@ class JournalVolume extends FilterVolume {
       // Blocks that read as zeroes need no data. A large run asks the primary's extents first so
       // holes are not read at all; a small one is just read and checked: SEEK_HOLE can cost time
       // in proportion to the rest of the file (tmpfs walks every page to the next hole).
-      if (count * j > EXTENTS_MIN) return this.captureLarge(blocks, ts, zeroes, i, k);
+      if (!known && count * j > EXTENTS_MIN) return this.captureLarge(blocks, ts, zeroes, i, k);
       const offset = blocks[i] * j;
       const length = Math.min(count * j, this.size - offset);
       const { data, holder } = imageBuffer(count * j);
@@ -250,7 +339,7 @@ class JournalVolume extends FilterVolume {
         return p.then(
           () => {
             this.stageRun(blocks[i], count, null, data, ts, zeroes, holder);
-            return this.capture(blocks, ts, zeroes, k);
+            return this.capture(blocks, ts, zeroes, k, known);
           },
           (e: unknown) => {
             holder.release();
@@ -404,6 +493,11 @@ function isZero(buf: Buffer, at: number, len: number): boolean {
     if (buf.compare(ZERO_BLOCK, 0, n, p, p + n) !== 0) return false;
   }
   return true;
+}
+
+/** A turn of the event loop (I/O callbacks, timers and other requests run in it). */
+function turn(): Promise<void> {
+  return new Promise<void>((r) => setImmediate(r));
 }
 
 /** Run `apply`, unlocking when it settles; DONE stays DONE. */

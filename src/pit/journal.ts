@@ -29,7 +29,8 @@
 //   after Tw" is a binary search followed by one forward scan.
 // - Zero images: a block that is a hole or reads as zeroes in the primary gets an entry without
 //   data (24 bytes, not 4 KiB). A trim leaves such a block as it is, so it gets no entry at all
-//   (filter.ts): mkfs discarding a fresh volume adds nothing to the journal.
+//   (filter.ts): mkfs discarding a fresh volume adds nothing to the journal, and the filter skips
+//   the holes of a large trim without marking them in the window (so it costs no step per block).
 // - Retention by age and by size drops the oldest sealed segments (never one an open snapshot
 //   still reads: past --pit-max-bytes the snapshots holding the oldest one are revoked first, so
 //   that an idle client cannot hold the size limit back); the earliest available point moves to
@@ -328,6 +329,8 @@ export class Journal {
    * first one imaged the block, each other one has a merge note).
    */
   private readonly inWindow = new Map<number, number>();
+  /** The newest stamp of a change (beginChange): a window is cut only at the newest (needsImage). */
+  private newestStamp = 0;
   /** Commit rounds: scheduled, in flight, the tail of their write phases and of their completions. */
   private roundScheduled = false;
   private roundsInFlight = 0;
@@ -778,14 +781,26 @@ export class Journal {
   /**
    * Does `block`, changed at `ts`, need a before-image? Not if it already has one in ts's merge
    * window (then `session` is recorded as a contributing source).
+   *
+   * A large change marks its blocks a slice at a time (filter.ts), under its block locks, so a
+   * change stamped later may have moved the window on, or filled it, in the meantime: then its
+   * blocks are imaged without a mark (an extra image of a block is harmless: a view takes the
+   * block's first entry at or after its point), and the newer window's map is left alone.
    */
   needsImage(block: number, ts: number, session: JournalSession): boolean {
     let w = this.windowFloor(ts);
-    if (w === this.windowStart && this.inWindow.size >= MAX_IN_WINDOW && ts > w) {
+    if (w < this.windowStart) return true; // the window ended while the change marked its blocks
+    if (
+      w === this.windowStart &&
+      this.inWindow.size >= MAX_IN_WINDOW &&
+      ts > w &&
+      ts >= this.newestStamp &&
+      (this.cuts.length === 0 || ts > this.cuts[this.cuts.length - 1])
+    ) {
       // The window has imaged MAX_IN_WINDOW blocks (a huge trim or write in a long window): end it
-      // at `ts`, as a bookmark would (every change stamped before ts has passed here already, and
-      // this one is stamped ts). Its blocks are imaged afresh from here on: more images, never
-      // fewer, and the map stays bounded (V8's Map also stops at 2^24 entries).
+      // at `ts`, as a bookmark would (no change is stamped after ts, so every change marking in
+      // this window is stamped before it). Its blocks are imaged afresh from here on: more images,
+      // never fewer, and the map stays bounded (V8's Map also stops at 2^24 entries).
       this.cuts.push(ts);
       w = ts;
     }
@@ -796,7 +811,9 @@ export class Journal {
     const have = this.inWindow.get(block);
     const bit = 1 << session.slot;
     if (have === undefined) {
-      this.inWindow.set(block, bit);
+      // A full window that cannot be cut at ts (a change stamped later marked in it): an image,
+      // unmarked, so the map stays bounded.
+      if (this.inWindow.size < MAX_IN_WINDOW) this.inWindow.set(block, bit);
       return true;
     }
     // One merge note per session and block in a window, not one per write.
@@ -825,6 +842,7 @@ export class Journal {
    * it has reached the primary or failed. One map lookup each: the write path stays cheap.
    */
   beginChange(ts: number): number {
+    if (ts > this.newestStamp) this.newestStamp = ts;
     const w = this.windowFloor(ts);
     const c = this.changes.get(w);
     if (c === undefined) this.changes.set(w, { n: 1, drained: [] });

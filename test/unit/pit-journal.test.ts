@@ -267,6 +267,31 @@ void describe("Journal: opening, windows and points", () => {
 });
 
 void describe("Journal: sessions, images and commits", () => {
+  void test("needsImage for a change stamped before the window moved on: an image, and the newer window's marks stay", async () => {
+    // A large change marks its blocks a slice at a time (filter.ts): a change stamped later, in
+    // the next window, may have marked blocks in the meantime. Before, the late call took the
+    // window back to the older one and emptied the map, so the newer window imaged its blocks twice.
+    const W = 200;
+    const { j } = await openJournal({ windowMs: W });
+    await nextWindow(W);
+    const a = j.openSession("a");
+    const old = journalNow();
+    j.endChange(j.beginChange(old));
+    await nextWindow(W);
+    const now = journalNow();
+    j.endChange(j.beginChange(now));
+    assert.equal(j.needsImage(5, now, a), true, "the first change of block 5 in the new window");
+    assert.equal(j.needsImage(7, old, a), true, "a block of the older change needs its image");
+    assert.equal(j.needsImage(7, old, a), true, "and is not marked (its window has ended)");
+    assert.equal(j.needsImage(5, journalNow(), a), false, "block 5 is still imaged in the new window");
+    j.forgetImages([5], 0, old); // the older change failing does not unmark the new window's blocks
+    assert.equal(
+      j.needsImage(5, journalNow(), a),
+      false,
+      "block 5 is still imaged after the old change failed",
+    );
+  });
+
   void test("needsImage: the first change of a block per window; other sessions become merge sources", async () => {
     const W = 1000;
     const { j, dir } = await openJournal({ windowMs: W });
