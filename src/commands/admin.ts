@@ -367,7 +367,8 @@ export async function resyncCommand(argv: string[]): Promise<number> {
     if (l.state === "tracking") {
       if (process.stderr.isTTY) process.stderr.write("\n");
       process.stdout.write(
-        `the gateway is not reachable (${l.lastError || l.reason}); the proxy keeps tracking and resyncs when it returns\n`,
+        `the resync did not finish: the link is tracking again (${l.lastError || l.reason}); the proxy ` +
+          "resyncs when the gateway answers again\n",
       );
       return 1;
     }

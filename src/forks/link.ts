@@ -420,6 +420,13 @@ export class GatewayLink {
   private skipCarry = false;
   /** The last unreadable block left without a resync since: one makes the in-sync claim. */
   private claimWanted = false;
+  /**
+   * No resync copy goes by sendfile until a resync run ends: one did and its pages could not be
+   * read. A read that fails can leave its pages in the page cache, where cachestat counts them,
+   * so the next copy would take the same path and fail the stream again (an outage each time);
+   * read with pread, the bad blocks are found and isolated instead.
+   */
+  private zeroCopyOff = false;
   private durableThrough = 0;
   /** The highest appliedThrough the gateway answered in this epoch (a flush must not go below it). */
   private appliedSeen = 0;
@@ -1657,7 +1664,17 @@ export class GatewayLink {
     const epoch = this.epoch;
     stream.onClosed = (reason) => {
       if (this.stream === stream) this.stream = null;
-      if (epoch === this.epoch && sends(this.s.name)) this.failed(`sending updates failed: ${reason}`);
+      const readError = stream.leaseReadError;
+      // A resync range sent from the primary's page cache could not be read (see zeroCopyOff).
+      if (readError !== null) this.zeroCopyOff = true;
+      if (epoch === this.epoch && sends(this.s.name)) {
+        this.failed(
+          readError !== null
+            ? `a resync copy sent from the primary's page cache could not be read (${readError.message}); ` +
+                "the next resync reads the primary instead"
+            : `sending updates failed: ${reason}`,
+        );
+      }
     };
     this.stream = stream;
   }
@@ -1833,6 +1850,7 @@ export class GatewayLink {
         this.inSync = this.seq - 1;
         this.inSyncConfirmed = false;
       }
+      this.zeroCopyOff = false; // what could not be read is known now (copies skip it)
       this.dispatch(unreadable === undefined ? { type: "resyncDone" } : { type: "resyncDone", unreadable });
     } catch (e) {
       if (alive()) this.failed(`resync failed: ${(e as Error).message}`);
@@ -1883,17 +1901,18 @@ export class GatewayLink {
   private async resyncRange(offset: number, length: number, alive: () => boolean): Promise<void> {
     const g = this.tracking.map.granularity;
     const end = offset + length;
+    if (this.unreadableCount > 0 && !(await this.probeUnreadable(offset, length, alive))) return;
+    /** Not copied now: a client write is changing it, or the probe found it unreadable still. */
+    const busy = (b: number): boolean => this.writing.has(b) || this.skipped(b);
     let pos = offset;
     while (pos < end) {
       // Not `sends()`: a copy of a resync the link gave up on (an outage, then a new resync, all
       // within one copyRange) must reserve nothing in the new one, whose failures it cannot report.
       if (!alive()) return;
-      while (pos < end && this.writing.has(Math.floor(pos / g)))
-        pos = Math.min((Math.floor(pos / g) + 1) * g, end);
+      while (pos < end && busy(Math.floor(pos / g))) pos = Math.min((Math.floor(pos / g) + 1) * g, end);
       if (pos >= end) break;
       let stop = pos;
-      while (stop < end && !this.writing.has(Math.floor(stop / g)))
-        stop = Math.min((Math.floor(stop / g) + 1) * g, end);
+      while (stop < end && !busy(Math.floor(stop / g))) stop = Math.min((Math.floor(stop / g) + 1) * g, end);
       const seq = this.reserve(pos, stop - pos, true);
       await this.copyRange(pos, stop - pos, seq);
       if (this.unreadableCount > 0) {
@@ -1903,6 +1922,55 @@ export class GatewayLink {
       }
       pos = stop;
     }
+  }
+
+  /** [offset, offset+length) holds a block the primary could not read. */
+  private overlapsUnreadable(offset: number, length: number): boolean {
+    if (this.unreadableCount === 0) return false;
+    const [b0, b1] = this.tracking.map.blockRange(offset, length);
+    for (let b = b0; b <= b1; b++) if (this.isUnreadable(b)) return true;
+    return false;
+  }
+
+  /**
+   * Read the blocks of [offset, offset+length) that were unreadable before, each on its own and
+   * before any seq is reserved for them: one that still fails is skipped by this run (no seq, so
+   * nothing the gateway would wait for, and no outage; a block of which not one piece reads could
+   * carry no seq). One that reads is copied as any other, right after (by pread, as the probe
+   * left its pages read). False when the resync ended meanwhile.
+   */
+  private async probeUnreadable(offset: number, length: number, alive: () => boolean): Promise<boolean> {
+    const map = this.tracking.map;
+    const g = map.granularity;
+    const [b0, b1] = map.blockRange(offset, length);
+    let pooled: Buffer | null = null;
+    try {
+      for (let b = b0; b <= b1; b++) {
+        if (!this.isUnreadable(b) || this.skipped(b) || this.writing.has(b)) continue;
+        const at = Math.max(offset, b * g);
+        const n = Math.min(offset + length, (b + 1) * g, map.volumeSize) - at;
+        pooled ??= acquire(g);
+        try {
+          await this.primary.read(pooled.subarray(0, n), at);
+        } catch (e) {
+          if (!alive()) return false;
+          if (!mediaError(e)) throw e;
+          const now = Date.now();
+          this.rememberUnreadable(b, now);
+          this.unreadableLastAt = now;
+          this.unreadableError = (e as Error).message;
+          // Not work left for this run (as in isolate): its progress ends at 100%.
+          const bytes = this.blockBytes(b);
+          this.progress.unreadableBytes += bytes;
+          this.progress.totalBytes = Math.max(this.progress.doneBytes, this.progress.totalBytes - bytes);
+          continue;
+        }
+        if (!alive()) return false;
+      }
+    } finally {
+      if (pooled !== null) release(pooled);
+    }
+    return alive();
   }
 
   private async copyRange(offset: number, length: number, seq: number): Promise<void> {
@@ -1929,7 +1997,7 @@ export class GatewayLink {
     // this moment (the kernel takes the pages when it sends them), which is fine: any write since
     // the seq was reserved has a higher seq and reaches the gateway on its own, which keeps the
     // newer data wherever they overlap.
-    if (this.stream?.zeroCopy === true) {
+    if (this.stream?.zeroCopy === true && !this.zeroCopyOff && !this.overlapsUnreadable(offset, length)) {
       const range = this.primary.fileRange?.(offset, length);
       if (range && isCached(range.fd, range.offset, length)) {
         void this.enqueue(

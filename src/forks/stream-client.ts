@@ -89,6 +89,7 @@ export class UpdateStream {
     const fd = plainSocketFd(sock);
     this.out = new OutputQueue(sock, fd);
     this.out.onSpace = () => (this.progressAt = performance.now());
+    this.out.onReadError = (e) => (this.leaseReadError ??= e instanceof Error ? e : new Error(String(e)));
     this.zeroCopy = fd >= 0;
     sock.on("data", (chunk: Buffer) => this.onData(chunk));
     sock.on("error", (e: Error & { code?: string }) =>
@@ -107,6 +108,13 @@ export class UpdateStream {
 
   /** File ranges can be sent from the page cache (a plain socket, not TLS). */
   readonly zeroCopy: boolean;
+
+  /**
+   * The first error reading a file range while it was sent (the stream then ends): the primary
+   * failed, not the gateway. The page cache can hold pages whose read failed, and cachestat
+   * counts them, so a range that looked cached can still fail here.
+   */
+  leaseReadError: Error | null = null;
 
   /**
    * Send one batch (`chunks` are its body, `bytes` long) with the given floor. Resolves with the

@@ -753,6 +753,63 @@ void describe("GatewayLink: blocks of the primary that cannot be read", () => {
     }
   });
 
+  // Found by a review (24 Nov): a retry of a block of which not one piece reads had nothing to
+  // carry the seq reserved for it, and failed the link at every retry (every 60 s, each
+  // `blockfork resync`, each partial write into it). Known-unreadable blocks are read first now,
+  // before any seq is reserved for them.
+  void test("retrying a wholly unreadable block costs no outage", async () => {
+    const r = await badRig([[9 * G, 10 * G]], { unreadableRetryMs: 200 });
+    try {
+      r.link.start();
+      await waitFor(
+        "streaming, 1 unreadable",
+        () => r.link.state === "streaming" && r.link.status().unreadable.blocks === 1,
+      );
+      const before = r.link.status().outages;
+      const reads = r.primary.badReads;
+      await sleep(1500); // about 7 retries
+      const st = r.link.status();
+      assert.ok(
+        r.primary.badReads > reads + 2,
+        `the block was retried (${r.primary.badReads - reads} reads)`,
+      );
+      assert.equal(st.outages, before, `retries failed the link: ${st.lastError}`);
+      assert.equal(st.state, "streaming");
+      assert.equal(st.unreadable.blocks, 1);
+      assert.deepEqual(dirtyList(r), [9]);
+      r.primary.badRanges = []; // healed
+      await waitSynced(r);
+      assertIdentical(r, "after it healed");
+      assert.equal(r.link.status().outages, before);
+    } finally {
+      await r.close();
+    }
+  });
+
+  void test("a partial client write into a wholly unreadable block costs no outage", async () => {
+    const r = await badRig([[9 * G, 10 * G]], { unreadableRetryMs: 600_000 });
+    try {
+      r.link.start();
+      await waitFor(
+        "streaming, 1 unreadable",
+        () => r.link.state === "streaming" && r.link.status().unreadable.blocks === 1,
+      );
+      const before = r.link.status().outages;
+      await r.fork.write(pattern(4096, 3), 9 * G + 8192, false);
+      await sleep(500);
+      await waitFor(
+        "no resync running",
+        () => r.link.state === "streaming" && !r.link.status().resync.running,
+      );
+      const st = r.link.status();
+      assert.equal(st.outages, before, `the write failed the link: ${st.lastError}`);
+      assert.equal(st.unreadable.blocks, 1);
+      assert.deepEqual(dirtyList(r), [9]);
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("a read error that is no media error still fails the resync (tracking), as before", async () => {
     const r = await badRig([]);
     try {
