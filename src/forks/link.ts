@@ -723,14 +723,22 @@ export class GatewayLink {
     return Math.min((b + 1) * g, this.tracking.map.volumeSize) - b * g;
   }
 
-  /** Block `b` failed to read in this resync: unreadable, not retried until the next run. */
-  private rememberUnreadable(b: number, now: number): void {
+  /** Block `b` failed to read (`error`) in this resync: unreadable, not retried until the next run. */
+  private rememberUnreadable(b: number, now: number, error: string): void {
     this.skip[b >>> 5] |= 1 << (b & 31);
+    this.unreadableLastAt = now;
+    this.unreadableError = error;
     if (this.isUnreadable(b)) return;
     this.unreadable[b >>> 5] |= 1 << (b & 31);
     if (this.unreadableCount === 0) this.unreadableFirstAt = now;
     this.unreadableCount++;
     this.unreadableBytes += this.blockBytes(b);
+  }
+
+  /** `bytes` found unreadable are no work left for the resync running: its progress ends at 100%. */
+  private leaveOut(bytes: number): void {
+    this.progress.unreadableBytes += bytes;
+    this.progress.totalBytes = Math.max(this.progress.doneBytes, this.progress.totalBytes - bytes);
   }
 
   /** Block `b` was read after all, or overwritten whole and cleared. */
@@ -1955,14 +1963,8 @@ export class GatewayLink {
         } catch (e) {
           if (!alive()) return false;
           if (!mediaError(e)) throw e;
-          const now = Date.now();
-          this.rememberUnreadable(b, now);
-          this.unreadableLastAt = now;
-          this.unreadableError = (e as Error).message;
-          // Not work left for this run (as in isolate): its progress ends at 100%.
-          const bytes = this.blockBytes(b);
-          this.progress.unreadableBytes += bytes;
-          this.progress.totalBytes = Math.max(this.progress.doneBytes, this.progress.totalBytes - bytes);
+          this.rememberUnreadable(b, Date.now(), (e as Error).message);
+          this.leaveOut(this.blockBytes(b));
           continue;
         }
         if (!alive()) return false;
@@ -2116,9 +2118,7 @@ export class GatewayLink {
         // skips these blocks (skipCarry) and so finishes; the retry timer tries them again.
         release(pooled);
         const now = Date.now();
-        for (const b of bad) this.rememberUnreadable(b, now);
-        this.unreadableLastAt = now;
-        this.unreadableError = error.message;
+        for (const b of bad) this.rememberUnreadable(b, now, error.message);
         this.skipCarry = true;
         const msg =
           `resync failed: no ${PIECE}-byte piece of [${offset}, ${end}) of the primary can be read ` +
@@ -2136,31 +2136,32 @@ export class GatewayLink {
       if (last === seq && (this.writing.get(b) ?? 0) < COVER) this.lastSeq.delete(b);
       else if (last !== undefined || (this.writing.get(b) ?? 0) >= COVER) this.lastSeq.set(b, STALE);
     }
-    if (bad.length === 0) {
-      // Every block read on its own (a transient error): the range goes as one copy after all.
-      void this.enqueue(
-        KIND.WRITE,
-        from,
-        to - from,
-        buf.subarray(from - offset, to - offset),
-        true,
-        seq,
-        pooled,
-      );
-      return;
-    }
+    // With no bad block (every block read on its own: a transient error) the range goes as one
+    // copy after all.
+    if (bad.length > 0) this.reportIsolated(bad, offset, end, error);
+    void this.enqueue(
+      KIND.WRITE,
+      from,
+      to - from,
+      buf.subarray(from - offset, to - offset),
+      true,
+      seq,
+      pooled,
+    );
+  }
+
+  /** Remember the `bad` blocks of [offset, end) as unreadable (`error`), and warn with their ranges. */
+  private reportIsolated(bad: number[], offset: number, end: number, error: Error): void {
+    const g = this.tracking.map.granularity;
     const now = Date.now();
     let badBytes = 0;
     for (const b of bad) {
       const was = this.isUnreadable(b);
-      this.rememberUnreadable(b, now);
+      this.rememberUnreadable(b, now, error.message);
       badBytes += this.blockBytes(b);
       if (!was) this.mirrorDirty = true;
     }
-    this.unreadableLastAt = now;
-    this.unreadableError = error.message;
-    this.progress.unreadableBytes += badBytes;
-    this.progress.totalBytes = Math.max(this.progress.doneBytes, this.progress.totalBytes - badBytes);
+    this.leaveOut(badBytes);
     const ranges: string[] = [];
     for (let i = 0; i < bad.length && ranges.length < SHOW_RANGES;) {
       let j = i + 1;
@@ -2174,15 +2175,6 @@ export class GatewayLink {
         `${ranges.length < bad.length ? " ..." : ""} (${error.message}); they stay dirty, the secondary ` +
         `differs there, retried every ${Math.round(this.o.unreadableRetryMs / 1000)} s; ` +
         `${this.unreadableCount} blocks unreadable in all`,
-    );
-    void this.enqueue(
-      KIND.WRITE,
-      from,
-      to - from,
-      buf.subarray(from - offset, to - offset),
-      true,
-      seq,
-      pooled,
     );
   }
 
