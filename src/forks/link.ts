@@ -2262,6 +2262,9 @@ export class GatewayLink {
   /** Blocks were marked dirty out of band (verify --repair): copy them now if the link streams. */
   requestResync(): void {
     this.inSync = null; // blocks were marked dirty that nothing covers: the claim no longer holds
+    // A resync running has skipped the blocks it found unreadable: asked again, it tries them
+    // again before it ends (`blockfork resync` would otherwise report them untried).
+    if (this.resyncRunning && this.unreadableCount > 0 && !this.skipCarry) this.skip.fill(0);
     this.dispatch({ type: "resyncRequested" });
   }
 

@@ -810,6 +810,35 @@ void describe("GatewayLink: blocks of the primary that cannot be read", () => {
     }
   });
 
+  // Found by a review (24 Nov): a resync asked for while one ran was not a retry of the blocks
+  // that run had already skipped, so `blockfork resync` listed them as tried.
+  void test("a resync asked for while one runs retries the blocks it skipped", async () => {
+    const r = await badRig([[9 * G, 10 * G]], { unreadableRetryMs: 600_000 });
+    try {
+      r.link.start();
+      await waitFor(
+        "streaming, 1 unreadable",
+        () => r.link.state === "streaming" && r.link.status().unreadable.blocks === 1,
+      );
+      // A run that skips block 9 (still bad) and is then held on block 30's copy (its extents).
+      const gate = new Gate();
+      r.primary.extentsGate = gate;
+      r.tracking.map.mark(30 * G, G);
+      const reads = r.primary.badReads;
+      r.link.requestResync();
+      await waitFor("block 9 tried and the run held", () => r.primary.badReads > reads && gate.waiting > 0);
+      r.primary.badRanges = []; // the sector heals
+      r.link.requestResync(); // blockfork resync, while the run goes on
+      r.primary.extentsGate = null;
+      gate.release();
+      await waitSynced(r);
+      assertIdentical(r, "after the resync asked for during the run");
+      assert.equal(r.link.status().unreadable.blocks, 0);
+    } finally {
+      await r.close();
+    }
+  });
+
   void test("a read error that is no media error still fails the resync (tracking), as before", async () => {
     const r = await badRig([]);
     try {
