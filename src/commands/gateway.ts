@@ -204,7 +204,7 @@ export async function gateway(argv: string[]): Promise<number> {
         stateDir,
         identity,
         () => gw.snapshots(),
-        () => ({ running: gw.running, secondary: gw.secondary, owner: gw.owner }),
+        () => ({ running: gw.running, secondary: gw.secondaryToRecord, owner: gw.owner }),
       ),
     );
     await gw.start(previous);

@@ -153,6 +153,16 @@ export class Gateway {
    */
   private syncBroken: string | null = null;
   private state: StateWriter | null = null;
+  /**
+   * Inconsistent, and recorded so with no consistent state on its way to the record: what makes
+   * it inconsistent needs no new record. While one is on its way it does (recordConsistent).
+   */
+  private get inconsistentAsRecorded(): boolean {
+    return this.secondaryState.state === "inconsistent" && this.recording === null;
+  }
+
+  /** A consistent state being written to sources.json before it is told (recordConsistent). */
+  private recording: { from: SecondaryState; next: SecondaryState } | null = null;
   private secondaryState: SecondaryState = {
     state: "unknown",
     since: new Date().toISOString(),
@@ -186,7 +196,20 @@ export class Gateway {
    * sources.json too, so a restart in that state starts inconsistent.
    */
   get secondary(): SecondaryState {
-    const st = this.secondaryState;
+    return this.view(this.secondaryState);
+  }
+
+  /**
+   * What sources.json records of the secondary: what is told, or the consistent state on its way
+   * to being told (recordConsistent), unless something changed the state meanwhile.
+   */
+  get secondaryToRecord(): SecondaryState {
+    const r = this.recording;
+    return this.view(r !== null && r.from === this.secondaryState ? r.next : this.secondaryState);
+  }
+
+  /** `st` as told: inconsistent while the owner's updates are applied above a gap. */
+  private view(st: SecondaryState): SecondaryState {
     if (st.state === "inconsistent") return st;
     // The owner's gaps (a source that lost the secondary will never fill its own; the owner that
     // took it over resyncs the whole volume, which makes it inconsistent until done).
@@ -252,10 +275,40 @@ export class Gateway {
   }
 
   private setSecondary(state: SecondaryState["state"], reason: string, source: string | null): void {
-    this.secondaryState = { state, since: new Date().toISOString(), reason, source };
-    const text = `secondary ${state.toUpperCase()}: ${reason}`;
-    if (state === "consistent") this.log.info(text);
+    this.publish({ state, since: new Date().toISOString(), reason, source });
+  }
+
+  private publish(st: SecondaryState): void {
+    this.secondaryState = st;
+    const text = `secondary ${st.state.toUpperCase()}: ${st.reason}`;
+    if (st.state === "consistent") this.log.info(text);
     else this.log.warn(`${text}; do not fail over to it before it is consistent again`);
+  }
+
+  /**
+   * Make the secondary consistent, recorded before it is told: sources.json gets it first, and
+   * only then do /v1/health, /status and the flush's answer say so (a failover tool that read
+   * "consistent" finds it so after a crash of the gateway too). A change meanwhile wins: a state
+   * made inconsistent is recorded after this (the writer's order) and stays; a claim that no
+   * longer `holds` is not told, and the record is written again.
+   */
+  private async recordConsistent(reason: string, source: string, holds: () => boolean): Promise<void> {
+    const rec = {
+      from: this.secondaryState,
+      next: { state: "consistent" as const, since: new Date().toISOString(), reason, source },
+    };
+    this.recording = rec;
+    try {
+      await this.saveState();
+    } finally {
+      if (this.recording === rec) this.recording = null;
+    }
+    if (this.secondaryState !== rec.from) return;
+    if (!holds()) {
+      await this.saveState();
+      return;
+    }
+    this.publish(rec.next);
   }
 
   /**
@@ -263,7 +316,7 @@ export class Gateway {
    * persist that is the request's failure (nothing of it is applied).
    */
   private async inconsistent(reason: string, source: string | null): Promise<void> {
-    if (this.secondaryState.state === "inconsistent") return;
+    if (this.inconsistentAsRecorded) return;
     this.setSecondary("inconsistent", reason, source);
     await this.saveState();
   }
@@ -413,7 +466,7 @@ export class Gateway {
         };
       }
       const plan = s.seq.plan(records);
-      if (this.secondaryState.state !== "inconsistent") {
+      if (!this.inconsistentAsRecorded) {
         for (const u of plan.updates) {
           if (((u.record.flags ?? 0) & FLAG_RESYNC) !== 0) {
             await this.inconsistent(
@@ -555,8 +608,9 @@ export class Gateway {
     }
     await this.syncAll();
     if (claim !== null && this.secondaryState.state !== "consistent" && this.claimHolds(s, id, claim)) {
-      this.setSecondary("consistent", `in sync with source ${s.id} through seq ${claim.seq}`, s.id);
-      await this.saveState();
+      await this.recordConsistent(`in sync with source ${s.id} through seq ${claim.seq}`, s.id, () =>
+        this.claimHolds(s, id, claim),
+      );
     }
     return { durableThrough: s.seq.durableThrough, secondary: this.secondary.state };
   }

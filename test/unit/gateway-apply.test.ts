@@ -270,6 +270,14 @@ void describe("flush and the state file", () => {
   });
 });
 
+/** Wait (polling, 5 s at most) until `cond` holds. */
+async function until(cond: () => boolean): Promise<void> {
+  for (let i = 0; !cond(); i++) {
+    if (i > 500) throw new Error("timed out waiting");
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
 void describe("the secondary's consistency", () => {
   // Each takes the secondary over when the other owns it: these tests are about consistency.
   const A: Identity = { source: "aa", generation: 1, floor: 1, takeover: true };
@@ -297,7 +305,7 @@ void describe("the secondary's consistency", () => {
         dir,
         ident,
         () => gw.snapshots(),
-        () => ({ running: gw.running, secondary: gw.secondary, owner: gw.owner }),
+        () => ({ running: gw.running, secondary: gw.secondaryToRecord, owner: gw.owner }),
       ),
     );
     await gw.start({ secondary: null, running: null });
@@ -312,6 +320,51 @@ void describe("the secondary's consistency", () => {
     const onDisk = loadSecondary(dir);
     assert.equal(onDisk.secondary?.state, "inconsistent");
     assert.equal(onDisk.running, true);
+  });
+
+  // Found by a CI run under load (24 Nov): the gateway said "consistent" (health, status, the
+  // flush's answer) before sources.json did, so a crash in between restarted it inconsistent after
+  // a failover tool had read consistent. Now the record comes first.
+  void test("consistent is recorded before it is told; a RESYNC record meanwhile keeps it inconsistent", async () => {
+    const dir = scratch();
+    const gw = new Gateway(new MemoryVolume(1 << 20), log);
+    const writer = new StateWriter(
+      dir,
+      { name: "sec", size: 1 << 20 },
+      () => gw.snapshots(),
+      () => ({ running: gw.running, secondary: gw.secondaryToRecord, owner: gw.owner }),
+    );
+    // Hold a save that records the consistent state, to look at what is told meanwhile.
+    let held: (() => void) | null = null;
+    const save = writer.save.bind(writer);
+    writer.save = () => {
+      if (gw.secondaryToRecord.state !== "consistent" || held !== null) return save();
+      return new Promise<void>((resolve) => (held = resolve)).then(save);
+    };
+    gw.attachState(writer);
+    await gw.start({ secondary: null, running: null });
+    await gw.applyBatch(A, [resync(1, 0), w(2, 4096, Buffer.alloc(512, 2))]);
+    const claim = { seq: 2, boot: gw.boot };
+    const flushed = gw.flush(A, claim);
+    await until(() => held !== null);
+    assert.equal(gw.secondary.state, "inconsistent", "told before it is recorded");
+    held!();
+    assert.equal((await flushed).secondary, "consistent");
+    assert.equal(loadSecondary(dir).secondary?.state, "consistent");
+
+    // Again, with a RESYNC record arriving while the consistent state is being recorded.
+    await gw.applyBatch(A, [resync(3, 8192)]);
+    await gw.flush(A, { seq: 3, boot: gw.boot });
+    held = null;
+    await gw.applyBatch(A, [resync(4, 0)]);
+    assert.equal(gw.secondary.state, "inconsistent");
+    const again = gw.flush(A, { seq: 4, boot: gw.boot });
+    await until(() => held !== null);
+    const batch = gw.applyBatch(A, [resync(5, 4096)]);
+    held!();
+    await Promise.all([again, batch]);
+    assert.equal(gw.secondary.state, "inconsistent", "a resync copy arrived after the claim");
+    assert.equal(loadSecondary(dir).secondary?.state, "inconsistent", "and the record says so");
   });
 
   void test("a generation reused by another process is refused as stale, nothing applied", async () => {
