@@ -124,6 +124,8 @@ interface Pin {
 
 /** Blocks imaged in one merge window after which the window is cut short (see needsImage). */
 export const MAX_IN_WINDOW = 1 << 20;
+/** Blocks per page of a large change's marks (Journal.bulk): 1 KiB of bitmasks per 1 MiB. */
+const MARK_PAGE = 256;
 /** The state file: JSON padded with spaces to 4 KiB, overwritten in place (see openStateFile). */
 const STATE_SIZE = 4096;
 const STATE_PAD = 0x20;
@@ -329,6 +331,15 @@ export class Journal {
    * first one imaged the block, each other one has a merge note).
    */
   private readonly inWindow = new Map<number, number>();
+  /**
+   * The marks of large changes (needsImage with `large`) in the current window, the same bitmasks
+   * in pages of MARK_PAGE blocks: marking GiBs costs a typed-array store per block, not a Map
+   * entry (a Map of half a million blocks rehashes for 20+ ms at once, and set and get were most
+   * of a 16 GiB zero write's time). A block is in one of the two, never both; `bulkMarks` counts
+   * the blocks marked here.
+   */
+  private readonly bulk = new Map<number, Uint32Array>();
+  private bulkMarks = 0;
   /** The newest stamp of a change (beginChange): a window is cut only at the newest (needsImage). */
   private newestStamp = 0;
   /** Commit rounds: scheduled, in flight, the tail of their write phases and of their completions. */
@@ -786,13 +797,14 @@ export class Journal {
    * change stamped later may have moved the window on, or filled it, in the meantime: then its
    * blocks are imaged without a mark (an extra image of a block is harmless: a view takes the
    * block's first entry at or after its point), and the newer window's map is left alone.
+   * `large`: the change is such a one; its marks go into pages (see `bulk`), not the map.
    */
-  needsImage(block: number, ts: number, session: JournalSession): boolean {
+  needsImage(block: number, ts: number, session: JournalSession, large = false): boolean {
     let w = this.windowFloor(ts);
     if (w < this.windowStart) return true; // the window ended while the change marked its blocks
     if (
       w === this.windowStart &&
-      this.inWindow.size >= MAX_IN_WINDOW &&
+      this.inWindow.size + this.bulkMarks >= MAX_IN_WINDOW &&
       ts > w &&
       ts >= this.newestStamp &&
       (this.cuts.length === 0 || ts > this.cuts[this.cuts.length - 1])
@@ -807,21 +819,48 @@ export class Journal {
     if (w !== this.windowStart) {
       this.windowStart = w;
       this.inWindow.clear();
+      this.bulk.clear();
+      this.bulkMarks = 0;
     }
-    const have = this.inWindow.get(block);
     const bit = 1 << session.slot;
+    let have = this.inWindow.get(block);
+    if (have === undefined && this.bulkMarks > 0) {
+      const page = this.bulk.get(Math.floor(block / MARK_PAGE));
+      const x = page === undefined ? 0 : page[block % MARK_PAGE];
+      if (x !== 0) {
+        // Marked by a large change: a merge note as below, the sources kept in its page.
+        if ((x & bit) === 0) {
+          page![block % MARK_PAGE] = x | bit;
+          session.merges.push({ block, ts, slot: session.slot });
+        }
+        return false;
+      }
+    }
     if (have === undefined) {
       // A full window that cannot be cut at ts (a change stamped later marked in it): an image,
       // unmarked, so the map stays bounded.
-      if (this.inWindow.size < MAX_IN_WINDOW) this.inWindow.set(block, bit);
+      if (this.inWindow.size + this.bulkMarks >= MAX_IN_WINDOW) return true;
+      if (!large) this.inWindow.set(block, bit);
+      else {
+        const n = Math.floor(block / MARK_PAGE);
+        let page = this.bulk.get(n);
+        if (page === undefined) this.bulk.set(n, (page = new Uint32Array(MARK_PAGE)));
+        page[block % MARK_PAGE] = bit;
+        this.bulkMarks++;
+      }
       return true;
     }
     // One merge note per session and block in a window, not one per write.
     if ((have & bit) === 0) {
-      this.inWindow.set(block, have | bit);
+      this.inWindow.set(block, (have |= bit));
       session.merges.push({ block, ts, slot: session.slot });
     }
     return false;
+  }
+
+  /** Blocks marked in the current merge window: in the map (small changes), in pages (large). */
+  windowMarks(): { map: number; paged: number } {
+    return { map: this.inWindow.size, paged: this.bulkMarks };
   }
 
   /**
@@ -834,7 +873,14 @@ export class Journal {
    */
   forgetImages(blocks: readonly number[], from: number, ts: number): void {
     if (this.windowFloor(ts) !== this.windowStart) return; // the window ended: already forgotten
-    for (let i = from; i < blocks.length; i++) this.inWindow.delete(blocks[i]);
+    for (let i = from; i < blocks.length; i++) {
+      const b = blocks[i];
+      if (this.inWindow.delete(b) || this.bulkMarks === 0) continue;
+      const page = this.bulk.get(Math.floor(b / MARK_PAGE));
+      if (page === undefined || page[b % MARK_PAGE] === 0) continue;
+      page[b % MARK_PAGE] = 0;
+      this.bulkMarks--;
+    }
   }
 
   /**
@@ -1056,6 +1102,8 @@ export class Journal {
     const code = errnoName(errnoOf(e));
     this.stoppedAt = { ts: journalNow(), reason: `${code}: ${e.message}` };
     this.inWindow.clear();
+    this.bulk.clear();
+    this.bulkMarks = 0;
     if (!this.writeState({ stoppedAt: this.stoppedAt.ts })) {
       this.stopUnrecorded = true;
       this.stopRetryAt = performance.now();
