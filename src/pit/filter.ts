@@ -13,8 +13,9 @@
 // - Blocks that read as zeroes get zero images: no data (large runs ask the extents first, so holes are not read).
 // - Large changes (a trim or zero over 1 MiB, anything over CAPTURE_BLOCKS) ask the extents before
 //   any per-block work: a trim skips holes whole (no mark, no image), and the rest is marked,
-//   captured and committed CAPTURE_BLOCKS at a time with a turn of the event loop between slices
-//   (lockedLarge), all under the change's block locks and before the primary changes. A trim of
+//   captured and committed CAPTURE_BLOCKS at a time (READ_BLOCKS of them read: a slice is one
+//   turn of synchronous work) with a turn of the event loop between slices (lockedLarge), all
+//   under the change's block locks and before the primary changes. A trim of
 //   GiBs of holes marked (and unmarked) every block at once before: stalls of 100s of ms.
 // - Sessions: every client session (NBD connection) gets its own partial journal (openSession).
 // - Every change is counted in flight (Journal.beginChange/endChange, by the merge window of its
@@ -31,8 +32,17 @@ import { FilterVolume } from "../volume/filter.js";
 import { journalNow } from "./clock.js";
 import type { Journal, JournalSession } from "./journal.js";
 
-/** Before-images read and committed per round for one large change (32 MiB at 4 KiB). */
+/**
+ * A large change's slice (lockedLarge): at most this many blocks looked at and imaged (entries:
+ * 192 KiB of them for zero images, 32 MiB of blocks at 4 KiB)...
+ */
 const CAPTURE_BLOCKS = 8192;
+/**
+ * ...and at most this many of them read from the primary (4 MiB at 4 KiB): a slice's reads, zero
+ * checks and record encoding run in one turn of the event loop, and 32 MiB of them stalled it
+ * for 30-90 ms.
+ */
+const READ_BLOCKS = 1024;
 
 /** A locked range of blocks and the promise its unlock resolves. */
 interface HeldRange {
@@ -220,9 +230,11 @@ class JournalVolume extends FilterVolume {
    * length, and in slices that let the event loop run: the primary's extents are asked first, and
    * for a trim (`zeroes`) its holes are skipped whole (a hole stays a hole: no mark, no image, as
    * for a block that reads as zeroes; see change()); the other blocks are marked (needsImage),
-   * captured and committed at most CAPTURE_BLOCKS at a time, a slice after the other, each
-   * followed by a turn of the event loop. Marking a slice at a time is safe under the block locks
-   * (nobody else marks these blocks meanwhile; see Journal.needsImage for a window that moves on).
+   * captured and committed at most CAPTURE_BLOCKS at a time (of them at most READ_BLOCKS read),
+   * a slice after the other, each followed by a turn of the event loop; the marks go into the
+   * journal's pages for large changes (needsImage's `large`), not its map. Marking a slice at a
+   * time is safe under the block locks (nobody else marks these blocks meanwhile; see
+   * Journal.needsImage for a window that moves on).
    * On failure, the blocks marked since the last commit are unmarked (write-ahead: the next change
    * in the window images them again).
    */
@@ -256,11 +268,16 @@ class JournalVolume extends FilterVolume {
         const stop = Math.min(first + count, b + CAPTURE_BLOCKS - checked);
         checked += stop - b;
         for (; b < stop; b++) {
-          if (!this.journal.needsImage(b, ts, this.session)) continue;
+          if (!this.journal.needsImage(b, ts, this.session, true)) continue;
           marked.push(b);
-          (hole ? holes : reads).push(b);
+          if (hole) holes.push(b);
+          else if (reads.push(b) >= READ_BLOCKS) {
+            b++;
+            break;
+          }
         }
-        if (checked >= CAPTURE_BLOCKS) await flush();
+        checked -= stop - b; // the blocks not looked at when the reads filled the slice
+        if (checked >= CAPTURE_BLOCKS || reads.length >= READ_BLOCKS) await flush();
       }
     };
     let next = b0; // the first block not visited yet

@@ -122,8 +122,15 @@ interface Pin {
   revoke: ((why: string) => void) | null;
 }
 
+/** Entries per chunk of the index (EntryIndex): 2.75 MiB of typed arrays. */
+const INDEX_SHIFT = 16;
+const INDEX_CHUNK = 1 << INDEX_SHIFT;
+const INDEX_MASK = INDEX_CHUNK - 1;
+
 /** Blocks imaged in one merge window after which the window is cut short (see needsImage). */
 export const MAX_IN_WINDOW = 1 << 20;
+/** Blocks per page of a large change's marks (Journal.bulk): 1 KiB of bitmasks per 1 MiB. */
+const MARK_PAGE = 256;
 /** The state file: JSON padded with spaces to 4 KiB, overwritten in place (see openStateFile). */
 const STATE_SIZE = 4096;
 const STATE_PAD = 0x20;
@@ -157,7 +164,7 @@ interface Segment {
 const RESIDENT_MS = 1000;
 
 /**
- * Append-only entry index in typed arrays (grows by doubling).
+ * Append-only entry index in typed arrays (grows by a chunk).
  *
  * Entries are appended in commit order, which is not quite timestamp order: a large change stamps
  * its before-images when it takes its block locks and may commit them in several rounds, after
@@ -166,85 +173,97 @@ const RESIDENT_MS = 1000;
  * so "where can the first entry at or after t be" is a binary search on it; callers skip the
  * older entries they meet after that position.
  *
- * Entry numbers are absolute and never reused. The arrays hold entries from `base` on: once
- * retention has dropped (moved `first` past) more entries than are left, and at least 64K, the
- * live ones move to the front and `base` follows, so memory follows the retained journal, not
- * everything the process ever journaled. Read entries through the *At methods.
+ * Entry numbers are absolute and never reused. The entries are kept in chunks of INDEX_CHUNK
+ * (one typed array per field and chunk), from entry `base` on: growing adds a chunk, never copies
+ * (doubling flat arrays copied them all at once: 120 ms with the loop stalled at 4M entries, which
+ * a 16 GiB zero write makes), and once retention has dropped (moved `first` past) whole chunks,
+ * they go and `base` follows, so memory follows the retained journal, not everything the process
+ * ever journaled. Read entries through the *At methods.
  */
 export class EntryIndex {
-  ts = new Float64Array(1024);
-  runMax = new Float64Array(1024);
-  block = new Float64Array(1024);
-  seg = new Uint32Array(1024);
-  off = new Float64Array(1024); // -1: zero image
-  sources = new Uint32Array(1024);
-  /** Entry numbers below this are no longer in the arrays (the arrays start with entry `base`). */
+  private tsC: Float64Array[] = [];
+  private runMaxC: Float64Array[] = [];
+  private blockC: Float64Array[] = [];
+  private segC: Uint32Array[] = [];
+  private offC: Float64Array[] = []; // -1: zero image
+  private sourcesC: Uint32Array[] = [];
+  /** Entry numbers below this are no longer kept (a multiple of INDEX_CHUNK). */
   base = 0;
   length = 0;
   /** Entries below this were dropped by retention. */
   first = 0;
 
+  /** Entries the chunks kept have room for (memory follows it). */
+  get capacity(): number {
+    return this.tsC.length * INDEX_CHUNK;
+  }
+
   push(ts: number, block: number, seg: number, off: number, sources: number): number {
-    if (this.length - this.base === this.ts.length) this.grow(this.ts.length * 2);
     const i = this.length++;
     const p = i - this.base;
-    this.ts[p] = ts;
-    this.runMax[p] = p > 0 && this.runMax[p - 1] > ts ? this.runMax[p - 1] : ts;
-    this.block[p] = block;
-    this.seg[p] = seg;
-    this.off[p] = off;
-    this.sources[p] = sources;
+    const c = p >>> INDEX_SHIFT;
+    const x = p & INDEX_MASK;
+    if (c === this.tsC.length) {
+      this.tsC.push(new Float64Array(INDEX_CHUNK));
+      this.runMaxC.push(new Float64Array(INDEX_CHUNK));
+      this.blockC.push(new Float64Array(INDEX_CHUNK));
+      this.segC.push(new Uint32Array(INDEX_CHUNK));
+      this.offC.push(new Float64Array(INDEX_CHUNK));
+      this.sourcesC.push(new Uint32Array(INDEX_CHUNK));
+    }
+    const before = p > 0 ? this.runMaxAt(i - 1) : ts;
+    this.tsC[c][x] = ts;
+    this.runMaxC[c][x] = before > ts ? before : ts;
+    this.blockC[c][x] = block;
+    this.segC[c][x] = seg;
+    this.offC[c][x] = off;
+    this.sourcesC[c][x] = sources;
     return i;
   }
 
   tsAt(i: number): number {
-    return this.ts[i - this.base];
+    const p = i - this.base;
+    return this.tsC[p >>> INDEX_SHIFT][p & INDEX_MASK];
+  }
+  private runMaxAt(i: number): number {
+    const p = i - this.base;
+    return this.runMaxC[p >>> INDEX_SHIFT][p & INDEX_MASK];
   }
   blockAt(i: number): number {
-    return this.block[i - this.base];
+    const p = i - this.base;
+    return this.blockC[p >>> INDEX_SHIFT][p & INDEX_MASK];
   }
   segAt(i: number): number {
-    return this.seg[i - this.base];
+    const p = i - this.base;
+    return this.segC[p >>> INDEX_SHIFT][p & INDEX_MASK];
   }
   offAt(i: number): number {
-    return this.off[i - this.base];
+    const p = i - this.base;
+    return this.offC[p >>> INDEX_SHIFT][p & INDEX_MASK];
   }
   sourcesAt(i: number): number {
-    return this.sources[i - this.base];
+    const p = i - this.base;
+    return this.sourcesC[p >>> INDEX_SHIFT][p & INDEX_MASK];
   }
   addSources(i: number, sources: number): void {
-    this.sources[i - this.base] |= sources;
+    const p = i - this.base;
+    this.sourcesC[p >>> INDEX_SHIFT][p & INDEX_MASK] |= sources;
   }
 
-  /** Retention dropped the entries below `first`: forget them, moving the rest when worth it. */
+  /** The chunk holding entry `i`: its arrays and i's place in them (for loops over many entries). */
+  chunkAt(i: number): { ts: Float64Array; block: Float64Array; off: Float64Array; at: number } {
+    const c = (i - this.base) >>> INDEX_SHIFT;
+    return { ts: this.tsC[c], block: this.blockC[c], off: this.offC[c], at: (i - this.base) & INDEX_MASK };
+  }
+
+  /** Retention dropped the entries below `first`: forget them, a whole chunk at a time. */
   dropBelow(first: number): void {
     this.first = first;
-    const dead = first - this.base;
-    const live = this.length - first;
-    if (dead < 65536 || dead < live) return;
-    const n = Math.max(1024, 2 ** Math.ceil(Math.log2(Math.max(1, live) * 2)));
-    this.grow(n, dead);
-    this.base = first;
-  }
-
-  /** Arrays of `n` slots holding the entries from physical slot `from` on. */
-  private grow(n: number, from = 0): void {
-    const end = this.length - this.base;
-    const g = <T extends Float64Array | Uint32Array>(a: T, make: (n: number) => T): T => {
-      if (n === a.length) {
-        a.copyWithin(0, from, end);
-        return a;
-      }
-      const b = make(n);
-      b.set(a.subarray(from, end));
-      return b;
-    };
-    this.ts = g(this.ts, (k) => new Float64Array(k));
-    this.runMax = g(this.runMax, (k) => new Float64Array(k));
-    this.block = g(this.block, (k) => new Float64Array(k));
-    this.seg = g(this.seg, (k) => new Uint32Array(k));
-    this.off = g(this.off, (k) => new Float64Array(k));
-    this.sources = g(this.sources, (k) => new Uint32Array(k));
+    const dead = Math.floor((first - this.base) / INDEX_CHUNK);
+    if (dead <= 0) return;
+    for (const a of [this.tsC, this.runMaxC, this.blockC, this.segC, this.offC, this.sourcesC])
+      a.splice(0, dead);
+    this.base += dead * INDEX_CHUNK;
   }
 
   /**
@@ -255,8 +274,8 @@ export class EntryIndex {
     let lo = this.first;
     let hi = this.length;
     while (lo < hi) {
-      const mid = (lo + hi) >>> 1;
-      if (this.runMax[mid - this.base] < t) lo = mid + 1;
+      const mid = Math.floor((lo + hi) / 2); // entry numbers pass 2^32 in a long run
+      if (this.runMaxAt(mid) < t) lo = mid + 1;
       else hi = mid;
     }
     return lo;
@@ -329,6 +348,15 @@ export class Journal {
    * first one imaged the block, each other one has a merge note).
    */
   private readonly inWindow = new Map<number, number>();
+  /**
+   * The marks of large changes (needsImage with `large`) in the current window, the same bitmasks
+   * in pages of MARK_PAGE blocks: marking GiBs costs a typed-array store per block, not a Map
+   * entry (a Map of half a million blocks rehashes for 20+ ms at once, and set and get were most
+   * of a 16 GiB zero write's time). A block is in one of the two, never both; `bulkMarks` counts
+   * the blocks marked here.
+   */
+  private readonly bulk = new Map<number, Uint32Array>();
+  private bulkMarks = 0;
   /** The newest stamp of a change (beginChange): a window is cut only at the newest (needsImage). */
   private newestStamp = 0;
   /** Commit rounds: scheduled, in flight, the tail of their write phases and of their completions. */
@@ -786,13 +814,14 @@ export class Journal {
    * change stamped later may have moved the window on, or filled it, in the meantime: then its
    * blocks are imaged without a mark (an extra image of a block is harmless: a view takes the
    * block's first entry at or after its point), and the newer window's map is left alone.
+   * `large`: the change is such a one; its marks go into pages (see `bulk`), not the map.
    */
-  needsImage(block: number, ts: number, session: JournalSession): boolean {
+  needsImage(block: number, ts: number, session: JournalSession, large = false): boolean {
     let w = this.windowFloor(ts);
     if (w < this.windowStart) return true; // the window ended while the change marked its blocks
     if (
       w === this.windowStart &&
-      this.inWindow.size >= MAX_IN_WINDOW &&
+      this.inWindow.size + this.bulkMarks >= MAX_IN_WINDOW &&
       ts > w &&
       ts >= this.newestStamp &&
       (this.cuts.length === 0 || ts > this.cuts[this.cuts.length - 1])
@@ -807,21 +836,48 @@ export class Journal {
     if (w !== this.windowStart) {
       this.windowStart = w;
       this.inWindow.clear();
+      this.bulk.clear();
+      this.bulkMarks = 0;
     }
-    const have = this.inWindow.get(block);
     const bit = 1 << session.slot;
+    let have = this.inWindow.get(block);
+    if (have === undefined && this.bulkMarks > 0) {
+      const page = this.bulk.get(Math.floor(block / MARK_PAGE));
+      const x = page === undefined ? 0 : page[block % MARK_PAGE];
+      if (x !== 0) {
+        // Marked by a large change: a merge note as below, the sources kept in its page.
+        if ((x & bit) === 0) {
+          page![block % MARK_PAGE] = x | bit;
+          session.merges.push({ block, ts, slot: session.slot });
+        }
+        return false;
+      }
+    }
     if (have === undefined) {
       // A full window that cannot be cut at ts (a change stamped later marked in it): an image,
       // unmarked, so the map stays bounded.
-      if (this.inWindow.size < MAX_IN_WINDOW) this.inWindow.set(block, bit);
+      if (this.inWindow.size + this.bulkMarks >= MAX_IN_WINDOW) return true;
+      if (!large) this.inWindow.set(block, bit);
+      else {
+        const n = Math.floor(block / MARK_PAGE);
+        let page = this.bulk.get(n);
+        if (page === undefined) this.bulk.set(n, (page = new Uint32Array(MARK_PAGE)));
+        page[block % MARK_PAGE] = bit;
+        this.bulkMarks++;
+      }
       return true;
     }
     // One merge note per session and block in a window, not one per write.
     if ((have & bit) === 0) {
-      this.inWindow.set(block, have | bit);
+      this.inWindow.set(block, (have |= bit));
       session.merges.push({ block, ts, slot: session.slot });
     }
     return false;
+  }
+
+  /** Blocks marked in the current merge window: in the map (small changes), in pages (large). */
+  windowMarks(): { map: number; paged: number } {
+    return { map: this.inWindow.size, paged: this.bulkMarks };
   }
 
   /**
@@ -834,7 +890,14 @@ export class Journal {
    */
   forgetImages(blocks: readonly number[], from: number, ts: number): void {
     if (this.windowFloor(ts) !== this.windowStart) return; // the window ended: already forgotten
-    for (let i = from; i < blocks.length; i++) this.inWindow.delete(blocks[i]);
+    for (let i = from; i < blocks.length; i++) {
+      const b = blocks[i];
+      if (this.inWindow.delete(b) || this.bulkMarks === 0) continue;
+      const page = this.bulk.get(Math.floor(b / MARK_PAGE));
+      if (page === undefined || page[b % MARK_PAGE] === 0) continue;
+      page[b % MARK_PAGE] = 0;
+      this.bulkMarks--;
+    }
   }
 
   /**
@@ -1056,6 +1119,8 @@ export class Journal {
     const code = errnoName(errnoOf(e));
     this.stoppedAt = { ts: journalNow(), reason: `${code}: ${e.message}` };
     this.inWindow.clear();
+    this.bulk.clear();
+    this.bulkMarks = 0;
     if (!this.writeState({ stoppedAt: this.stoppedAt.ts })) {
       this.stopUnrecorded = true;
       this.stopRetryAt = performance.now();
@@ -1236,7 +1301,7 @@ export class Journal {
 
   /**
    * Where bytes [within, within+length) of entry i's image lie, for a lent read (read when the
-   * socket has room): its segment file's descriptor (the image starts at `index.off[i]` there), -1
+   * socket has room): its segment file's descriptor (the image starts at `offAt(i)` there), -1
    * for a zero image, or -2 when its segment is gone, the journal is closed, or those bytes are not
    * all in the page cache (reading them could wait for the disk on the event loop). A segment's
    * written bytes are checked whole (cachestat) and the answer is kept for a second (bytes

@@ -191,16 +191,20 @@ export class SnapshotView implements Volume {
     const idx = this.journal.index;
     const map = this.map;
     const point = this.point;
-    const base = idx.base; // the arrays start at entry `base` (EntryIndex)
-    for (let i = from; i < to; i++) {
-      if (idx.ts[i - base] < point) continue; // a change from before the point, committed late
-      const b = idx.block[i - base];
-      if (!map.has(b)) {
-        // The primary is about to change this block: reads lent over it are copied now.
-        if (this.leases.size > 0) this.materializeOver(b);
-        map.add(b, i - this.entryBase);
-        this.version++;
-        if (idx.off[i - base] < 0) this.zeroImages++;
+    // A chunk of the index at a time (its arrays read directly: a view's open goes over them all).
+    for (let i = from; i < to;) {
+      const c = idx.chunkAt(i);
+      const stop = c.at + Math.min(to - i, c.ts.length - c.at);
+      for (let k = c.at; k < stop; k++, i++) {
+        if (c.ts[k] < point) continue; // a change from before the point, committed late
+        const b = c.block[k];
+        if (!map.has(b)) {
+          // The primary is about to change this block: reads lent over it are copied now.
+          if (this.leases.size > 0) this.materializeOver(b);
+          map.add(b, i - this.entryBase);
+          this.version++;
+          if (c.off[k] < 0) this.zeroImages++;
+        }
       }
     }
   }
