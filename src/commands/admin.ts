@@ -5,6 +5,7 @@ import { parseArgs } from "node:util";
 import { UsageError } from "../errors.js";
 import { adminCall, NoProxyError, proxyRunning } from "../admin/client.js";
 import type { SnapshotsReport } from "../admin/server.js";
+import type { UnreadableStatus } from "../forks/link.js";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { Journal } from "../pit/journal.js";
@@ -100,15 +101,7 @@ export interface Status {
       etaSeconds: number | null;
     };
     /** Blocks of the primary a resync could not read: dirty, the secondary differs there. */
-    unreadable?: {
-      blocks: number;
-      bytes: number;
-      ranges: { offset: number; length: number }[];
-      firstErrorAt: string | null;
-      lastErrorAt: string | null;
-      error: string;
-      retryMs: number;
-    };
+    unreadable?: UnreadableStatus;
   } | null;
   tracking: {
     dirtyBytes: number;
@@ -210,7 +203,7 @@ export function statusText(s: Status): string {
 }
 
 /** What the unreadable line says: how much, where, the error, when, and what happens to them. */
-function unreadableText(u: NonNullable<NonNullable<Status["link"]>["unreadable"]>): string {
+function unreadableText(u: UnreadableStatus): string {
   const where = u.ranges.map((r) => `[${r.offset}, ${r.offset + r.length})`).join(" ");
   const more = u.ranges.reduce((n, r) => n + r.length, 0) < u.bytes ? " ..." : "";
   return (

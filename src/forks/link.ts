@@ -2062,16 +2062,10 @@ export class GatewayLink {
     for (let b = b0; b <= b1; b++) {
       const at = Math.max(offset, b * g);
       const to = Math.min(end, (b + 1) * g);
-      try {
-        await this.primary.read(buf.subarray(at - offset, to - offset), at);
-      } catch (e) {
+      const failed = await this.isolationRead(buf.subarray(at - offset, to - offset), at, epoch, pooled);
+      if (failed !== null) {
         if (epoch !== this.epoch) break;
-        if (!mediaError(e)) {
-          release(pooled);
-          this.failed(`resync failed: ${(e as Error).message}`);
-          throw e;
-        }
-        error = e as Error;
+        error = failed;
         bad.push(b);
         runOpen = false;
         continue;
@@ -2095,18 +2089,12 @@ export class GatewayLink {
     } else {
       for (let at = offset, tries = 0; at < end && from < 0 && tries < PIECE_TRIES; at += PIECE, tries++) {
         const n = Math.min(PIECE, end - at);
-        try {
-          await this.primary.read(buf.subarray(at - offset, at - offset + n), at);
+        if (
+          (await this.isolationRead(buf.subarray(at - offset, at - offset + n), at, epoch, pooled)) === null
+        ) {
           from = at;
           to = at + n;
-        } catch (e) {
-          if (epoch !== this.epoch) break;
-          if (!mediaError(e)) {
-            release(pooled);
-            this.failed(`resync failed: ${(e as Error).message}`);
-            throw e;
-          }
-        }
+        } else if (epoch !== this.epoch) break;
       }
       if (epoch !== this.epoch) {
         release(pooled);
@@ -2148,6 +2136,23 @@ export class GatewayLink {
       seq,
       pooled,
     );
+  }
+
+  /**
+   * Read `buf` at `at` for an isolation in epoch `epoch`: null, or the error when it is a media
+   * error or the epoch ended meanwhile (the caller looks); any other error gives `pooled` back and
+   * fails the link, as a copy's read does.
+   */
+  private async isolationRead(buf: Buffer, at: number, epoch: number, pooled: Buffer): Promise<Error | null> {
+    try {
+      await this.primary.read(buf, at);
+      return null;
+    } catch (e) {
+      if (epoch !== this.epoch || mediaError(e)) return e instanceof Error ? e : new Error(String(e));
+      release(pooled);
+      this.failed(`resync failed: ${(e as Error).message}`);
+      throw e;
+    }
   }
 
   /** Remember the `bad` blocks of [offset, end) as unreadable (`error`), and warn with their ranges. */

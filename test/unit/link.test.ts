@@ -640,6 +640,15 @@ void describe("GatewayLink: blocks of the primary that cannot be read", () => {
     return r;
   }
 
+  /** Start the link and wait for its first resync to end, streaming with one block unreadable. */
+  async function startedWithOneUnreadable(r: Rig): Promise<void> {
+    r.link.start();
+    await waitFor(
+      "streaming, 1 unreadable",
+      () => r.link.state === "streaming" && r.link.status().unreadable.blocks === 1,
+    );
+  }
+
   function dirtyList(r: Rig): number[] {
     const out: number[] = [];
     for (let b = 0; b < SIZE / G; b++) if (r.tracking.map.isDirty(b)) out.push(b);
@@ -760,11 +769,7 @@ void describe("GatewayLink: blocks of the primary that cannot be read", () => {
   void test("retrying a wholly unreadable block costs no outage", async () => {
     const r = await badRig([[9 * G, 10 * G]], { unreadableRetryMs: 200 });
     try {
-      r.link.start();
-      await waitFor(
-        "streaming, 1 unreadable",
-        () => r.link.state === "streaming" && r.link.status().unreadable.blocks === 1,
-      );
+      await startedWithOneUnreadable(r);
       const before = r.link.status().outages;
       const reads = r.primary.badReads;
       await sleep(1500); // about 7 retries
@@ -789,11 +794,7 @@ void describe("GatewayLink: blocks of the primary that cannot be read", () => {
   void test("a partial client write into a wholly unreadable block costs no outage", async () => {
     const r = await badRig([[9 * G, 10 * G]], { unreadableRetryMs: 600_000 });
     try {
-      r.link.start();
-      await waitFor(
-        "streaming, 1 unreadable",
-        () => r.link.state === "streaming" && r.link.status().unreadable.blocks === 1,
-      );
+      await startedWithOneUnreadable(r);
       const before = r.link.status().outages;
       await r.fork.write(pattern(4096, 3), 9 * G + 8192, false);
       await sleep(500);
@@ -815,11 +816,7 @@ void describe("GatewayLink: blocks of the primary that cannot be read", () => {
   void test("a resync asked for while one runs retries the blocks it skipped", async () => {
     const r = await badRig([[9 * G, 10 * G]], { unreadableRetryMs: 600_000 });
     try {
-      r.link.start();
-      await waitFor(
-        "streaming, 1 unreadable",
-        () => r.link.state === "streaming" && r.link.status().unreadable.blocks === 1,
-      );
+      await startedWithOneUnreadable(r);
       // A run that skips block 9 (still bad) and is then held on block 30's copy (its extents).
       const gate = new Gate();
       r.primary.extentsGate = gate;
