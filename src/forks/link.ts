@@ -85,6 +85,7 @@ import { acquire, release, Slab } from "../util/buffer-pool.js";
 import { UpdateStream, type BodyPart } from "./stream-client.js";
 import { isCached } from "../blockio/index.js";
 import { SeqTable, STALE } from "./seq-table.js";
+import { BlockBits } from "../util/block-bits.js";
 import {
   initialLinkState,
   sends,
@@ -406,9 +407,9 @@ export class GatewayLink {
    */
   private readonly writing = new Map<number, number>();
   /** Blocks the primary could not read in a resync copy (see the notes at the top): a bitmap. */
-  private readonly unreadable: Uint32Array;
+  private readonly unreadable: BlockBits;
   /** Of them, those that failed in the resync running now: it does not retry them. */
-  private readonly skip: Uint32Array;
+  private readonly skip: BlockBits;
   private unreadableCount = 0;
   private unreadableBytes = 0;
   private unreadableFirstAt = 0;
@@ -493,8 +494,8 @@ export class GatewayLink {
     this.o = opts;
     this.log = opts.log;
     this.lastSeq = new SeqTable(tracking.map.blocks);
-    this.unreadable = new Uint32Array(Math.ceil(tracking.map.blocks / 32));
-    this.skip = new Uint32Array(this.unreadable.length);
+    this.unreadable = new BlockBits(tracking.map.blocks);
+    this.skip = new BlockBits(tracking.map.blocks);
     this.s = initialLinkState(Date.now());
     const connect = opts.ca ? { ca: opts.ca } : undefined;
     this.pool = new Pool(opts.url, {
@@ -711,11 +712,11 @@ export class GatewayLink {
   }
 
   private isUnreadable(b: number): boolean {
-    return (this.unreadable[b >>> 5] & (1 << (b & 31))) !== 0;
+    return this.unreadable.has(b);
   }
 
   private skipped(b: number): boolean {
-    return (this.skip[b >>> 5] & (1 << (b & 31))) !== 0;
+    return this.skip.has(b);
   }
 
   private blockBytes(b: number): number {
@@ -725,11 +726,11 @@ export class GatewayLink {
 
   /** Block `b` failed to read (`error`) in this resync: unreadable, not retried until the next run. */
   private rememberUnreadable(b: number, now: number, error: string): void {
-    this.skip[b >>> 5] |= 1 << (b & 31);
+    this.skip.add(b);
     this.unreadableLastAt = now;
     this.unreadableError = error;
     if (this.isUnreadable(b)) return;
-    this.unreadable[b >>> 5] |= 1 << (b & 31);
+    this.unreadable.add(b);
     if (this.unreadableCount === 0) this.unreadableFirstAt = now;
     this.unreadableCount++;
     this.unreadableBytes += this.blockBytes(b);
@@ -744,8 +745,8 @@ export class GatewayLink {
   /** Block `b` was read after all, or overwritten whole and cleared. */
   private forgetUnreadable(b: number): void {
     if (!this.isUnreadable(b)) return;
-    this.unreadable[b >>> 5] &= ~(1 << (b & 31));
-    this.skip[b >>> 5] &= ~(1 << (b & 31));
+    this.unreadable.delete(b);
+    this.skip.delete(b);
     this.unreadableCount--;
     this.unreadableBytes -= this.blockBytes(b);
     if (this.unreadableCount === 0) this.claimWanted = true;
@@ -757,20 +758,11 @@ export class GatewayLink {
     if (this.unreadableCount === 0) return out;
     const g = this.tracking.map.granularity;
     const blocks = this.tracking.map.blocks;
-    let b = 0;
-    while (b < blocks && out.length < max) {
-      if (this.unreadable[b >>> 5] === 0) {
-        b = ((b >>> 5) + 1) << 5;
-        continue;
-      }
-      if (!this.isUnreadable(b)) {
-        b++;
-        continue;
-      }
+    for (let b = this.unreadable.next(0); b >= 0 && out.length < max;) {
       let e = b;
       while (e < blocks && this.isUnreadable(e)) e++;
       out.push({ offset: b * g, length: Math.min(e * g, this.tracking.map.volumeSize) - b * g });
-      b = e;
+      b = this.unreadable.next(e);
     }
     return out;
   }
@@ -1711,7 +1703,7 @@ export class GatewayLink {
     this.resyncRunning = true;
     // Every run tries the unreadable blocks again (once: a block that fails again is skipped),
     // but the one after a run that a dead region failed.
-    if (!this.skipCarry) this.skip.fill(0);
+    if (!this.skipCarry) this.skip.clear();
     this.skipCarry = false;
     // One that is no longer dirty needs nothing (clearIfDurable forgets it; this is in case).
     if (this.unreadableCount > 0)
@@ -2269,7 +2261,7 @@ export class GatewayLink {
     this.inSync = null; // blocks were marked dirty that nothing covers: the claim no longer holds
     // A resync running has skipped the blocks it found unreadable: asked again, it tries them
     // again before it ends (`blockfork resync` would otherwise report them untried).
-    if (this.resyncRunning && this.unreadableCount > 0 && !this.skipCarry) this.skip.fill(0);
+    if (this.resyncRunning && this.unreadableCount > 0 && !this.skipCarry) this.skip.clear();
     this.dispatch({ type: "resyncRequested" });
   }
 

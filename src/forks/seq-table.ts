@@ -5,36 +5,37 @@
 // each (1.5 GiB for a 1 TiB volume at 64 KiB blocks), and V8 refuses a Map of more than 2^24
 // entries, so a larger volume would have thrown inside a write. The bits cost 2 MiB per TiB.
 
+import { BlockBits } from "../util/block-bits.js";
+
 /** The value of a block that needs a whole-block copy before it may be cleared. */
 export const STALE = Number.MAX_SAFE_INTEGER;
 
 export class SeqTable {
   private readonly seqs = new Map<number, number>();
-  private readonly stale: Uint32Array;
+  private readonly stale: BlockBits;
 
   constructor(blocks: number) {
-    this.stale = new Uint32Array(Math.ceil(blocks / 32));
+    this.stale = new BlockBits(blocks);
   }
 
   /** The block's newest seq, STALE, or undefined when nothing is recorded. */
   get(b: number): number | undefined {
-    if ((this.stale[b >>> 5] & (1 << (b & 31))) !== 0) return STALE;
+    if (this.stale.has(b)) return STALE;
     return this.seqs.get(b);
   }
 
   set(b: number, v: number): void {
-    const bit = 1 << (b & 31);
     if (v === STALE) {
-      this.stale[b >>> 5] |= bit;
+      this.stale.add(b);
       this.seqs.delete(b);
     } else {
-      this.stale[b >>> 5] &= ~bit;
+      this.stale.delete(b);
       this.seqs.set(b, v);
     }
   }
 
   delete(b: number): void {
-    this.stale[b >>> 5] &= ~(1 << (b & 31));
+    this.stale.delete(b);
     this.seqs.delete(b);
   }
 
@@ -43,7 +44,7 @@ export class SeqTable {
   }
 
   clear(): void {
-    this.stale.fill(0);
+    this.stale.clear();
     this.seqs.clear();
   }
 

@@ -1149,24 +1149,33 @@ void describe("stream: GatewayLink", () => {
    * "POST .../updates" line at all. The flush (always a POST, on both transports) is the control:
    * its line proves requests were being logged, so a missing POST .../updates line means something.
    */
-  async function run(updateStream: boolean | undefined): Promise<{ lines: string[]; gw: TestGateway }> {
-    const gw = await startGateway({ logLevel: "debug" });
-    const primary = new MemoryVolume(SIZE);
+  /** A new tracking log and an async link from `primary` to `gw` (flushes every 50 ms). */
+  async function linkTo(
+    gw: TestGateway,
+    primary: Volume,
+    more: Partial<LinkOptions> = {},
+  ): Promise<{ tracking: TrackingLog; link: GatewayLink }> {
     const tracking = await TrackingLog.open({
       dir: scratch(),
       volumeSize: SIZE,
       gateway: gw.url,
       log: quiet,
     });
-    const opts: LinkOptions = {
+    const link = new GatewayLink(tracking, primary, {
       ...LINK_DEFAULTS,
       url: gw.url,
       mode: "async",
       flushIntervalMs: 50,
       log: quiet,
-      ...(updateStream === undefined ? {} : { updateStream }),
-    };
-    const link = new GatewayLink(tracking, primary, opts);
+      ...more,
+    });
+    return { tracking, link };
+  }
+
+  async function run(updateStream: boolean | undefined): Promise<{ lines: string[]; gw: TestGateway }> {
+    const gw = await startGateway({ logLevel: "debug" });
+    const primary = new MemoryVolume(SIZE);
+    const { tracking, link } = await linkTo(gw, primary, updateStream === undefined ? {} : { updateStream });
     const fork = forkVolume(primary, tracking, link, "async");
     try {
       await primary.write(pattern(100 * KiB, 1), 1 * MiB + 512, false);
@@ -1236,19 +1245,7 @@ void describe("stream: GatewayLink", () => {
     }
     const gw = await startGateway({});
     const primary = new CachedButUnreadable(SIZE);
-    const tracking = await TrackingLog.open({
-      dir: scratch(),
-      volumeSize: SIZE,
-      gateway: gw.url,
-      log: quiet,
-    });
-    const link = new GatewayLink(tracking, primary, {
-      ...LINK_DEFAULTS,
-      url: gw.url,
-      mode: "async",
-      flushIntervalMs: 50,
-      log: quiet,
-    });
+    const { tracking, link } = await linkTo(gw, primary);
     try {
       await primary.write(pattern(SIZE, 3), 0, false); // data everywhere: no range is a hole
       link.start();

@@ -59,6 +59,7 @@ import { MemoryVolume } from "../../src/volume/memory.js";
 import type { Volume } from "../../src/volume/volume.js";
 import type { PieceLease } from "../../src/volume/volume.js";
 import { binding } from "../../src/blockio/native.js";
+import { BlockBits } from "../../src/util/block-bits.js";
 
 const E = constants.errno;
 const KiB = 1024;
@@ -1152,5 +1153,22 @@ void describe("the gateway link's TLS hints", () => {
       tlsSrv?.close();
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+void describe("BlockBits", () => {
+  void test("has, add, delete, clear, and next across words, at bit 31 and at the end", () => {
+    const bits = new BlockBits(100);
+    assert.equal(bits.next(0), -1);
+    for (const b of [0, 31, 32, 63, 64, 99]) bits.add(b);
+    assert.ok(bits.has(31) && bits.has(99) && !bits.has(30));
+    const found: number[] = [];
+    for (let b = bits.next(0); b >= 0; b = bits.next(b + 1)) found.push(b);
+    assert.deepEqual(found, [0, 31, 32, 63, 64, 99]);
+    assert.equal(bits.next(33), 63);
+    bits.delete(63);
+    assert.equal(bits.next(33), 64);
+    bits.clear();
+    assert.equal(bits.next(0), -1);
   });
 });
